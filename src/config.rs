@@ -1,0 +1,118 @@
+//! Every knob of the hub, with its default and its environment variable.
+//! `crier --help` prints this list; docs/API.md explains the limits.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::store::Retention;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "crier",
+    version,
+    about = "A Server-Sent Events broadcast hub: publish over HTTP, subscribe with EventSource or curl, resume exactly with Last-Event-ID."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Options for `serve`, also accepted without the subcommand.
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the hub (the default).
+    Serve(Config),
+}
+
+impl Cli {
+    /// The serve configuration, whether or not `serve` was spelled out.
+    pub fn into_config(self) -> Config {
+        match self.command {
+            Some(Command::Serve(config)) => config,
+            None => self.serve,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on (use 0.0.0.0:8080 to accept remote clients).
+    #[arg(long, env = "CRIER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Events retained per topic for replay.
+    #[arg(long, env = "CRIER_RETENTION_EVENTS", default_value_t = 1000)]
+    pub retention_events: usize,
+
+    /// How long events are retained for replay (e.g. 90s, 1h, 2days).
+    #[arg(long, env = "CRIER_RETENTION_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub retention_age: Duration,
+
+    /// Largest event payload accepted, in bytes (larger bodies get 413).
+    #[arg(long, env = "CRIER_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
+    pub max_event_bytes: usize,
+
+    /// Largest batch body accepted by POST /events, in bytes.
+    #[arg(long, env = "CRIER_MAX_BATCH_BYTES", default_value_t = 1024 * 1024)]
+    pub max_batch_bytes: usize,
+
+    /// Most events accepted in one batch.
+    #[arg(long, env = "CRIER_MAX_BATCH_EVENTS", default_value_t = 1000)]
+    pub max_batch_events: usize,
+
+    /// Longest topic name accepted, in bytes.
+    #[arg(long, env = "CRIER_MAX_TOPIC_LEN", default_value_t = 128)]
+    pub max_topic_len: usize,
+
+    /// Most topics in one subscription (GET /events?topic=..).
+    #[arg(long, env = "CRIER_MAX_TOPICS_PER_SUBSCRIPTION", default_value_t = 32)]
+    pub max_topics_per_subscription: usize,
+
+    /// Events a subscriber may fall behind the live feed before it is
+    /// disconnected (it then resumes from its Last-Event-ID).
+    #[arg(long, env = "CRIER_SUBSCRIBER_BACKLOG", default_value_t = 1024)]
+    pub subscriber_backlog: usize,
+
+    /// Send a heartbeat comment after a stream has been quiet this long.
+    #[arg(long, env = "CRIER_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Reconnection delay suggested to EventSource clients (`retry:`).
+    #[arg(long, env = "CRIER_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub retry: Duration,
+
+    /// Longest wait for in-flight requests on shutdown before exiting anyway.
+    #[arg(long, env = "CRIER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Origins allowed to read responses from a browser (CORS), comma
+    /// separated; `*` allows any. Empty disables CORS headers.
+    #[arg(
+        long,
+        env = "CRIER_CORS_ORIGINS",
+        default_value = "*",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+}
+
+impl Config {
+    pub fn retention(&self) -> Retention {
+        Retention {
+            max_events: self.retention_events,
+            max_age: self.retention_age,
+        }
+    }
+}
+
+impl Default for Config {
+    /// The documented defaults, as `crier serve` with no flags.
+    fn default() -> Config {
+        Cli::parse_from(["crier"]).into_config()
+    }
+}

@@ -1,0 +1,364 @@
+//! The domain's nouns: topics, event names, epochs, positions and stored
+//! events. Everything a client sends is parsed into these types once, at the
+//! edge, so the rest of the crate never sees an unchecked string.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// A topic name: 1 to `max_len` characters from `A-Z a-z 0-9 . _ - ~ :`.
+///
+/// The charset keeps names safe in a URL path segment, in a Redis key and in
+/// an SSE `id:` line without escaping, and it excludes `/` and `,`, which the
+/// event id format uses as separators.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(Arc<str>);
+
+impl Topic {
+    pub fn parse(name: &str, max_len: usize) -> Result<Topic, InvalidTopic> {
+        if name.is_empty() || name.len() > max_len {
+            return Err(InvalidTopic::Length { max_len });
+        }
+        if !name.bytes().all(is_topic_byte) {
+            return Err(InvalidTopic::Charset);
+        }
+        Ok(Topic(name.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn is_topic_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~' | b':')
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTopic {
+    #[error("a topic name has 1 to {max_len} characters")]
+    Length { max_len: usize },
+    #[error("a topic name may contain only A-Z a-z 0-9 . _ - ~ :")]
+    Charset,
+}
+
+/// The SSE event type a publisher chose (`event=NAME`).
+///
+/// 1 to 64 characters from `A-Z a-z 0-9 . _ - :`, so it can never carry a
+/// line break into the stream. `reset` is reserved for the hub's own control
+/// event.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct EventName(Arc<str>);
+
+/// The control event sent when a subscriber's position cannot be honoured.
+pub const RESET_EVENT: &str = "reset";
+const MAX_EVENT_NAME_LEN: usize = 64;
+
+impl EventName {
+    pub fn parse(name: &str) -> Result<EventName, InvalidEventName> {
+        let charset_ok = name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+        if name.is_empty() || name.len() > MAX_EVENT_NAME_LEN || !charset_ok {
+            return Err(InvalidEventName::Syntax);
+        }
+        if name == RESET_EVENT {
+            return Err(InvalidEventName::Reserved);
+        }
+        Ok(EventName(name.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEventName {
+    #[error("an event name has 1 to 64 characters from A-Z a-z 0-9 . _ - :")]
+    Syntax,
+    #[error("the event name `reset` is reserved for the hub's control event")]
+    Reserved,
+}
+
+/// Identifies one incarnation of a topic's history.
+///
+/// A topic's sequence starts again at 1 whenever its history is lost (the
+/// process restarted, or the topic expired and was created anew). Positions
+/// carry the epoch so that an old position is never replayed against new
+/// data. Written in base 36.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// A fresh, unpredictable epoch. 32 bits keep ids short; a collision
+    /// needs the same topic to be recreated with the same draw.
+    pub fn random() -> Epoch {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        Epoch(h.finish() & 0xffff_ffff)
+    }
+
+    fn parse(s: &str) -> Option<Epoch> {
+        if s.is_empty()
+            || s.len() > 13
+            || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'z'))
+        {
+            return None;
+        }
+        u64::from_str_radix(s, 36).ok().map(Epoch)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut digits = [0u8; 13];
+        let mut n = self.0;
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize];
+            n /= 36;
+            if n == 0 {
+                break;
+            }
+        }
+        f.write_str(std::str::from_utf8(&digits[i..]).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// A place in one topic's history: "everything up to and including `seq`".
+///
+/// Written `SEQ.EPOCH` (`57.kq3z1`); `SEQ` alone means "in whatever epoch is
+/// current", which is convenient for hand-written `lastEventId=57`, and `0`
+/// means "before the first event".
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Position {
+    pub seq: u64,
+    pub epoch: Option<Epoch>,
+}
+
+impl Position {
+    pub fn new(seq: u64, epoch: Epoch) -> Position {
+        Position {
+            seq,
+            epoch: Some(epoch),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Position> {
+        let (seq, epoch) = match s.split_once('.') {
+            Some((seq, epoch)) => (seq, Some(Epoch::parse(epoch)?)),
+            None => (s, None),
+        };
+        if seq.is_empty() || seq.len() > 20 || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Position {
+            seq: seq.parse().ok()?,
+            epoch,
+        })
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.epoch {
+            Some(epoch) => write!(f, "{}.{}", self.seq, epoch),
+            None => write!(f, "{}", self.seq),
+        }
+    }
+}
+
+/// Where a subscription stands in each of its topics, in the order of its
+/// (sorted) topic list. This is what a client sends back as `Last-Event-ID`.
+///
+/// Grammar: `[TOPIC "/"] POSITION ("," POSITION)*`. The optional topic prefix
+/// is how multi-topic streams say which topic an event belongs to; it is
+/// ignored when parsing.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Cursor(pub Vec<Position>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "expected {expected} comma-separated position(s) of the form SEQ or SEQ.EPOCH, optionally after `TOPIC/`"
+)]
+pub struct InvalidCursor {
+    pub expected: usize,
+}
+
+impl Cursor {
+    pub fn parse(s: &str, topics: usize) -> Result<Cursor, InvalidCursor> {
+        let err = InvalidCursor { expected: topics };
+        let list = match s.split_once('/') {
+            Some((prefix, list)) if !prefix.is_empty() && prefix.bytes().all(is_topic_byte) => list,
+            Some(_) => return Err(err),
+            None => s,
+        };
+        let positions = list
+            .split(',')
+            .map(Position::parse)
+            .collect::<Option<Vec<_>>>()
+            .ok_or(err.clone())?;
+        if positions.len() != topics {
+            return Err(err);
+        }
+        Ok(Cursor(positions))
+    }
+}
+
+/// One stored event, as every store hands it out.
+///
+/// The event is kept only in its encoded SSE form: `frame` is the complete
+/// frame for a single-topic stream (`id:` line first), and `body()` is the
+/// same bytes without the `id:` line, for streams that write their own id.
+/// Both are slices of one allocation shared by every subscriber.
+#[derive(Debug)]
+pub struct Event {
+    pub topic: Topic,
+    pub seq: u64,
+    pub epoch: Epoch,
+    frame: Bytes,
+    id_line_len: usize,
+}
+
+impl Event {
+    pub fn new(
+        topic: Topic,
+        seq: u64,
+        epoch: Epoch,
+        name: Option<&EventName>,
+        data: &str,
+    ) -> Event {
+        let id = Position::new(seq, epoch).to_string();
+        let (frame, id_line_len) = crate::sse::encode_event(&id, name.map(EventName::as_str), data);
+        Event {
+            topic,
+            seq,
+            epoch,
+            frame,
+            id_line_len,
+        }
+    }
+
+    pub fn position(&self) -> Position {
+        Position::new(self.seq, self.epoch)
+    }
+
+    /// The whole frame, including `id: SEQ.EPOCH`.
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
+    /// The frame without its `id:` line.
+    pub fn body(&self) -> Bytes {
+        self.frame.slice(self.id_line_len..)
+    }
+
+    /// Bytes this event holds in memory.
+    pub fn size(&self) -> usize {
+        self.frame.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_charset_and_length() {
+        assert!(Topic::parse("news.sport-1_a~b:c", 128).is_ok());
+        assert_eq!(
+            Topic::parse("", 128),
+            Err(InvalidTopic::Length { max_len: 128 })
+        );
+        assert_eq!(
+            Topic::parse("abc", 2),
+            Err(InvalidTopic::Length { max_len: 2 })
+        );
+        for bad in ["a/b", "a,b", "a b", "é", "a\nb", "a%20"] {
+            assert_eq!(
+                Topic::parse(bad, 128),
+                Err(InvalidTopic::Charset),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn event_names_cannot_inject_lines_or_spoof_reset() {
+        assert!(EventName::parse("update").is_ok());
+        assert_eq!(
+            EventName::parse("a\ndata: x"),
+            Err(InvalidEventName::Syntax)
+        );
+        assert_eq!(EventName::parse(""), Err(InvalidEventName::Syntax));
+        assert_eq!(
+            EventName::parse(&"a".repeat(65)),
+            Err(InvalidEventName::Syntax)
+        );
+        assert_eq!(EventName::parse("reset"), Err(InvalidEventName::Reserved));
+    }
+
+    #[test]
+    fn epoch_round_trips_in_base36() {
+        for n in [0, 35, 36, 0xffff_ffff, u64::MAX] {
+            assert_eq!(Epoch::parse(&Epoch(n).to_string()), Some(Epoch(n)));
+        }
+        assert_eq!(Epoch(36).to_string(), "10");
+        assert_eq!(Epoch::parse("ABC"), None);
+    }
+
+    #[test]
+    fn cursor_grammar() {
+        let e = Epoch(46655);
+        assert_eq!(
+            Cursor::parse("57.zzz", 1),
+            Ok(Cursor(vec![Position::new(57, e)]))
+        );
+        assert_eq!(
+            Cursor::parse("news/57.zzz,0,3", 3),
+            Ok(Cursor(vec![
+                Position::new(57, e),
+                Position::default(),
+                Position {
+                    seq: 3,
+                    epoch: None
+                }
+            ]))
+        );
+        for bad in [
+            "",
+            "x",
+            "-1",
+            "1.",
+            "1.A",
+            "1,2",
+            "/1",
+            "a b/1",
+            "1.2.3",
+            "99999999999999999999999",
+        ] {
+            assert!(Cursor::parse(bad, 1).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The HTTP face of the hub: thin axum handlers that parse a request into
+//! domain types, call the store or open a subscription, and map the result.
+
+mod error;
+mod publish;
+mod subscribe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse};
+use axum::routing::{MethodRouter, get};
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+pub use error::ApiError;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::store::Store;
+
+/// Everything a handler may touch; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Hub,
+    pub store: Arc<dyn Store>,
+    pub config: Arc<Config>,
+    /// Cancelled when the process shuts down; every open stream ends then.
+    pub shutdown: CancellationToken,
+}
+
+/// Builds the whole router. `main` serves it; tests serve the very same.
+pub fn app(state: AppState) -> Router {
+    let cors = cors_layer(&state.config.cors_origins);
+    let router = Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .route(
+            "/topics/{topic}",
+            get(subscribe::topic)
+                .post(publish::one)
+                .fallback(not_allowed("GET, POST")),
+        )
+        .route(
+            "/events",
+            get(subscribe::topics)
+                .post(publish::batch)
+                .fallback(not_allowed("GET, POST")),
+        )
+        .fallback(not_found)
+        .with_state(state);
+    let router = match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.layer(
+        TraceLayer::new_for_http()
+            .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+            .on_request(())
+            .on_response(
+                DefaultOnResponse::new()
+                    .level(Level::INFO)
+                    .latency_unit(tower_http::LatencyUnit::Micros),
+            ),
+    )
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("last-event-id"),
+            ])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+fn not_allowed(allow: &'static str) -> MethodRouter<AppState> {
+    axum::routing::any(move |method: Method| async move {
+        ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            allow,
+        }
+    })
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_owned())
+}
+
+/// The live demo page; compiled in so the binary is all a user needs.
+async fn index() -> Html<&'static str> {
+    Html(include_str!("../../static/index.html"))
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    let _ = state;
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+}

@@ -1,0 +1,143 @@
+//! `POST /topics/{topic}` and `POST /events`: validate, store, answer with
+//! the assigned ids. Nothing is answered `201` before it is stored.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AppState};
+use crate::event::{Event, EventName, Topic};
+use crate::store::NewEvent;
+
+/// What a publisher learns about each stored event.
+#[derive(Debug, Serialize)]
+pub struct Published {
+    topic: String,
+    /// The event's id as a single-topic stream writes it (`SEQ.EPOCH`).
+    id: String,
+    seq: u64,
+}
+
+impl From<&Event> for Published {
+    fn from(event: &Event) -> Published {
+        Published {
+            topic: event.topic.to_string(),
+            id: event.position().to_string(),
+            seq: event.seq,
+        }
+    }
+}
+
+pub async fn one(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let topic = super::subscribe::parse_topic(path, &state)?;
+    let mut name = None;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        if key == "event" {
+            name = Some(EventName::parse(&value)?);
+        }
+    }
+    let bytes = read_body(body, &headers, state.config.max_event_bytes).await?;
+    let data = String::from_utf8(bytes).map_err(|_| ApiError::NotUtf8)?;
+    let stored = state
+        .store
+        .append(vec![NewEvent { topic, name, data }])
+        .await?;
+    let published = stored
+        .first()
+        .map(|e| Published::from(&**e))
+        .ok_or_else(|| {
+            ApiError::Store(crate::store::StoreError::Unavailable(
+                "the store stored nothing".into(),
+            ))
+        })?;
+    Ok((StatusCode::CREATED, Json(published)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    topic: String,
+    data: serde_json::Value,
+    #[serde(default)]
+    event: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchPublished {
+    events: Vec<Published>,
+}
+
+pub async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<BatchPublished>), ApiError> {
+    let config = &state.config;
+    let bytes = read_body(body, &headers, config.max_batch_bytes).await?;
+    let items: Vec<BatchItem> =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedBatch(e.to_string()))?;
+    if items.len() > config.max_batch_events {
+        return Err(ApiError::BatchTooLong {
+            limit: config.max_batch_events,
+        });
+    }
+    let mut events = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let bad = |what: String| ApiError::MalformedBatch(format!("item {i}: {what}"));
+        let topic = Topic::parse(&item.topic, config.max_topic_len)
+            .map_err(|e| bad(format!("invalid topic `{}`: {e}", item.topic)))?;
+        let name = item
+            .event
+            .as_deref()
+            .map(EventName::parse)
+            .transpose()
+            .map_err(|e| bad(format!("invalid event name: {e}")))?;
+        let data = match item.data {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        if data.len() > config.max_event_bytes {
+            return Err(bad(format!(
+                "data is larger than the limit of {} bytes",
+                config.max_event_bytes
+            )));
+        }
+        events.push(NewEvent { topic, name, data });
+    }
+    let stored = state.store.append(events).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(BatchPublished {
+            events: stored.iter().map(|e| Published::from(&**e)).collect(),
+        }),
+    ))
+}
+
+/// Reads a request body of at most `limit` bytes, refusing larger ones
+/// before reading them when the client announced its length.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::UnreadableBody(e.to_string())),
+    }
+}

@@ -1,0 +1,162 @@
+//! `GET /topics/{topic}` and `GET /events?topic=…`: parse where the client
+//! wants to start, open a subscription, and stream it as `text/event-stream`.
+//! The `Accept` header is not required: `curl -N` users forget it.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::Response;
+use tokio_stream::StreamExt;
+
+use super::{ApiError, AppState};
+use crate::event::{Cursor, Topic};
+use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
+
+pub async fn topic(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let topic = parse_topic(path, &state)?;
+    let params = Params::parse(query.as_deref(), &state, false)?;
+    open(state, vec![topic], IdStyle::Single, params, &headers)
+}
+
+pub async fn topics(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let params = Params::parse(query.as_deref(), &state, true)?;
+    let mut topics = params.topics.clone();
+    topics.sort();
+    topics.dedup();
+    if topics.is_empty() {
+        return Err(ApiError::NoTopic);
+    }
+    open(state, topics, IdStyle::Multi, params, &headers)
+}
+
+pub(super) fn parse_topic(
+    path: Result<Path<String>, PathRejection>,
+    state: &AppState,
+) -> Result<Topic, ApiError> {
+    let name = match path {
+        Ok(Path(name)) => name,
+        Err(rejection) => {
+            return Err(ApiError::InvalidParameter {
+                name: "topic",
+                reason: rejection.body_text(),
+            });
+        }
+    };
+    Topic::parse(&name, state.config.max_topic_len)
+        .map_err(|reason| ApiError::InvalidTopic { name, reason })
+}
+
+/// The query parameters a subscription understands; others are ignored
+/// (cache-busters and the like).
+struct Params {
+    topics: Vec<Topic>,
+    last_event_id: Option<String>,
+    last: Option<u64>,
+}
+
+impl Params {
+    fn parse(query: Option<&str>, state: &AppState, with_topics: bool) -> Result<Params, ApiError> {
+        let mut params = Params {
+            topics: Vec::new(),
+            last_event_id: None,
+            last: None,
+        };
+        let limit = state.config.max_topics_per_subscription;
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
+                "topic" if with_topics => {
+                    if params.topics.len() >= limit {
+                        return Err(ApiError::TooManyTopics { limit });
+                    }
+                    let topic =
+                        Topic::parse(&value, state.config.max_topic_len).map_err(|reason| {
+                            ApiError::InvalidTopic {
+                                name: value.to_string(),
+                                reason,
+                            }
+                        })?;
+                    params.topics.push(topic);
+                }
+                "lastEventId" if !value.is_empty() => {
+                    params.last_event_id = Some(value.into_owned())
+                }
+                "last" => {
+                    let n = value.parse().map_err(|_| ApiError::InvalidParameter {
+                        name: "last",
+                        reason: format!("`{value}` is not a non-negative integer"),
+                    })?;
+                    params.last = Some(n);
+                }
+                _ => {}
+            }
+        }
+        Ok(params)
+    }
+}
+
+/// `Last-Event-ID` (sent by EventSource on reconnect) wins over the
+/// `lastEventId` parameter (which the reconnecting URL still carries), which
+/// wins over `last=N`.
+fn start(params: &Params, headers: &HeaderMap, topics: usize) -> Result<Start, ApiError> {
+    let header = match headers.get("last-event-id") {
+        Some(value) => {
+            let value = value.to_str().map_err(|_| ApiError::InvalidPosition {
+                source_name: "Last-Event-ID header",
+                reason: crate::event::InvalidCursor { expected: topics },
+            })?;
+            (!value.trim().is_empty()).then_some(value.trim())
+        }
+        None => None,
+    };
+    let (text, source_name) = match (header, &params.last_event_id) {
+        (Some(h), _) => (h, "Last-Event-ID header"),
+        (None, Some(p)) => (p.as_str(), "lastEventId parameter"),
+        (None, None) => return Ok(params.last.map_or(Start::Now, Start::Last)),
+    };
+    Cursor::parse(text, topics)
+        .map(Start::After)
+        .map_err(|reason| ApiError::InvalidPosition {
+            source_name,
+            reason,
+        })
+}
+
+fn open(
+    state: AppState,
+    topics: Vec<Topic>,
+    style: IdStyle,
+    params: Params,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let start = start(&params, headers, topics.len())?;
+    let subscription = Subscription::open(&state.hub, state.store.clone(), topics, style);
+    let settings = StreamSettings {
+        heartbeat: state.config.heartbeat,
+        retry: state.config.retry,
+        shutdown: state.shutdown.clone(),
+    };
+    let stream = subscription
+        .into_stream(start, settings)
+        .map(Ok::<_, Infallible>);
+    let mut response = Response::new(Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}

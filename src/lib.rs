@@ -1,0 +1,69 @@
+//! crier: a Server-Sent Events broadcast hub.
+//!
+//! Publishers POST events; each topic numbers them 1, 2, 3, … and a store
+//! keeps recent history; subscribers read a `text/event-stream` and resume
+//! exactly where they left off with `Last-Event-ID`.
+//!
+//! Data flows one way: [`http`] publish → [`store`] (assigns the id, encodes
+//! once) → [`hub`] (fans the same bytes out) → each [`subscription`]'s
+//! stream. See docs/ARCHITECTURE.md for the map.
+
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod hub;
+pub mod sse;
+pub mod store;
+pub mod subscription;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use http::{AppState, app};
+
+use crate::hub::Hub;
+use crate::store::MemoryStore;
+
+/// Builds the hub's state for `config`, starting its background tasks; they
+/// stop when `shutdown` is cancelled.
+pub fn state(config: Config, shutdown: CancellationToken) -> AppState {
+    let hub = Hub::new(config.subscriber_backlog);
+    let store = Arc::new(MemoryStore::new(hub.clone(), config.retention()));
+    tokio::spawn(store.clone().sweep_until(shutdown.clone()));
+    AppState {
+        hub,
+        store,
+        config: Arc::new(config),
+        shutdown,
+    }
+}
+
+/// Serves the hub on `listener` until `shutdown` is cancelled, then stops
+/// accepting, ends every open stream cleanly, lets in-flight requests finish
+/// and returns, waiting at most the configured shutdown timeout.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let grace = config.shutdown_timeout;
+    let router = app(state(config, shutdown.clone()));
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result,
+        () = deadline => {
+            tracing::warn!(?grace, "shutdown timeout reached; closing remaining connections");
+            Ok(())
+        }
+    }
+}

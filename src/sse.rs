@@ -1,0 +1,120 @@
+//! Server-Sent Events framing: pure functions from values to bytes.
+//!
+//! Line breaks inside a payload (LF, CR and CRLF alike) become one `data:`
+//! line each; a browser joins them back with LF, so CR and CRLF arrive as LF,
+//! which is all the format can carry.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// A heartbeat: a comment line, ignored by every SSE parser, that keeps
+/// proxies and load balancers from timing out a quiet stream.
+pub const HEARTBEAT: &[u8] = b": heartbeat\n\n";
+
+/// The first bytes of every stream: the reconnection delay for EventSource,
+/// then a comment so that buffering proxies pass the headers on at once.
+pub fn preamble(retry_ms: u64) -> Bytes {
+    Bytes::from(format!("retry: {retry_ms}\n: crier stream open\n\n"))
+}
+
+/// Encodes one event. Returns the frame and the length of its `id:` line, so
+/// callers can reuse the rest of the frame under a different id.
+///
+/// `id` and `name` must already be free of line breaks (the types in
+/// `crate::event` guarantee it).
+pub fn encode_event(id: &str, name: Option<&str>, data: &str) -> (Bytes, usize) {
+    let mut buf = BytesMut::with_capacity(id.len() + data.len() + 32);
+    put_id(&mut buf, id);
+    let id_line_len = buf.len();
+    if let Some(name) = name {
+        buf.put_slice(b"event: ");
+        buf.put_slice(name.as_bytes());
+        buf.put_u8(b'\n');
+    }
+    put_data(&mut buf, data);
+    buf.put_u8(b'\n');
+    (buf.freeze(), id_line_len)
+}
+
+/// Appends an `id:` line.
+pub fn put_id(buf: &mut BytesMut, id: &str) {
+    buf.put_slice(b"id: ");
+    buf.put_slice(id.as_bytes());
+    buf.put_u8(b'\n');
+}
+
+/// Appends one `data:` line per line of `data`, splitting on CRLF, CR and LF.
+fn put_data(buf: &mut BytesMut, data: &str) {
+    let bytes = data.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\n' | b'\r' => {
+                put_data_line(buf, &bytes[start..i]);
+                if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    put_data_line(buf, &bytes[start..]);
+}
+
+fn put_data_line(buf: &mut BytesMut, line: &[u8]) {
+    buf.put_slice(b"data: ");
+    buf.put_slice(line);
+    buf.put_u8(b'\n');
+}
+
+/// Encodes the `reset` control event (its data is a small JSON object).
+pub fn encode_control(id: &str, name: &str, json: &serde_json::Value) -> Bytes {
+    encode_event(id, Some(name), &json.to_string()).0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(id: &str, name: Option<&str>, data: &str) -> String {
+        String::from_utf8(encode_event(id, name, data).0.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn single_line() {
+        assert_eq!(enc("1.a", None, "hi"), "id: 1.a\ndata: hi\n\n");
+        assert_eq!(
+            enc("1.a", Some("update"), "hi"),
+            "id: 1.a\nevent: update\ndata: hi\n\n"
+        );
+    }
+
+    #[test]
+    fn every_line_break_splits_lines() {
+        assert_eq!(
+            enc("1", None, "a\nb\r\nc\rd"),
+            "id: 1\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
+        assert_eq!(enc("1", None, "a\r\n"), "id: 1\ndata: a\ndata: \n\n");
+        assert_eq!(enc("1", None, "\r\r"), "id: 1\ndata: \ndata: \ndata: \n\n");
+    }
+
+    #[test]
+    fn empty_payload_is_still_an_event() {
+        assert_eq!(enc("1", None, ""), "id: 1\ndata: \n\n");
+    }
+
+    #[test]
+    fn leading_space_survives() {
+        // The parser strips exactly one space after the colon.
+        assert_eq!(enc("1", None, " x"), "id: 1\ndata:  x\n\n");
+    }
+
+    #[test]
+    fn id_line_length_lets_the_body_be_reused() {
+        let (frame, n) = encode_event("12.ab", Some("e"), "x");
+        assert_eq!(&frame[n..], b"event: e\ndata: x\n\n");
+    }
+}

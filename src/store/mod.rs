@@ -1,0 +1,63 @@
+//! Where events live. A store assigns each topic's dense sequence numbers,
+//! retains history by count and age, reads it back after a position, and
+//! hands every event it learns of to the node's [`Hub`](crate::hub::Hub) in
+//! sequence order per topic (its live tail).
+//!
+//! The embedded [`MemoryStore`] is the default. Every implementation passes the
+//! same behavioural tests through HTTP.
+
+mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::event::{Epoch, Event, EventName, Topic};
+
+pub use memory::MemoryStore;
+
+/// An event a publisher sent, already validated, not yet numbered.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub topic: Topic,
+    pub name: Option<EventName>,
+    pub data: String,
+}
+
+/// How much history each topic keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_events: usize,
+    pub max_age: Duration,
+}
+
+/// What a store holds of one topic after a position.
+#[derive(Debug, Default)]
+pub struct History {
+    /// The current epoch; `None` when the topic has no history at all.
+    pub epoch: Option<Epoch>,
+    /// Sequence number of the oldest retained event (`head + 1` when none is).
+    pub oldest: u64,
+    /// Sequence number of the newest event ever appended in this epoch.
+    pub head: u64,
+    /// Retained events after the requested position, oldest first.
+    pub events: Vec<Arc<Event>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the event store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Numbers and stores `events`, all or none, and returns them in order.
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError>;
+
+    /// Reads up to `limit` retained events of `topic` with a sequence number
+    /// above `after`, with the topic's bounds. `limit == 0` reads the bounds
+    /// only.
+    async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError>;
+}

@@ -1,0 +1,267 @@
+//! Shared test harness: a real crier on an ephemeral loopback port, a real
+//! HTTP client, and a real (third-party) SSE parser.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use crier::Config;
+
+/// How long any single expectation may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Server::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Server {
+        let mut config = Config::default();
+        configure(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(crier::serve(listener, config, shutdown.clone()));
+        Server {
+            addr,
+            shutdown,
+            task: Some(task),
+            client: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Publishes `data` to `topic` and returns the answer's JSON.
+    pub async fn publish(&self, topic: &str, data: &str) -> Value {
+        self.publish_to(&format!("/topics/{topic}"), data).await
+    }
+
+    pub async fn publish_to(&self, path: &str, data: &str) -> Value {
+        let response = self
+            .client
+            .post(self.url(path))
+            .body(data.to_owned())
+            .send()
+            .await
+            .expect("publish request");
+        assert_eq!(response.status(), 201, "publishing to {path}");
+        response.json().await.expect("publish answer is JSON")
+    }
+
+    /// Publishes and returns the event id the answer gives.
+    pub async fn publish_id(&self, topic: &str, data: &str) -> String {
+        self.publish(topic, data).await["id"]
+            .as_str()
+            .expect("id is a string")
+            .to_owned()
+    }
+
+    pub async fn subscribe(&self, path: &str) -> SseClient {
+        SseClient::connect(&self.client, &self.url(path), None).await
+    }
+
+    pub async fn resume(&self, path: &str, last_event_id: &str) -> SseClient {
+        SseClient::connect(&self.client, &self.url(path), Some(last_event_id)).await
+    }
+
+    /// Cancels the server and waits until it has returned.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("server stops in time")
+                .expect("server task")
+                .expect("server result");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("client")
+}
+
+/// An event as a browser's EventSource would see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ev {
+    pub id: String,
+    pub event: String,
+    pub data: String,
+}
+
+impl Ev {
+    pub fn new(id: &str, event: &str, data: &str) -> Ev {
+        Ev {
+            id: id.into(),
+            event: event.into(),
+            data: data.into(),
+        }
+    }
+
+    /// The sequence number of a single-topic id (`SEQ.EPOCH`).
+    pub fn seq(&self) -> u64 {
+        seq_of(&self.id)
+    }
+}
+
+pub fn seq_of(id: &str) -> u64 {
+    id.split('.').next().unwrap().parse().expect("SEQ.EPOCH id")
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<Ev, String>> + Send>>;
+
+/// A subscriber: the response's status and headers, its parsed events, and
+/// every raw byte received (to look at comments and heartbeats).
+pub struct SseClient {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub raw: Arc<Mutex<Vec<u8>>>,
+    events: Events,
+}
+
+impl SseClient {
+    pub async fn connect(
+        client: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> SseClient {
+        let mut request = client.get(url).header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = tokio::time::timeout(DEADLINE, request.send())
+            .await
+            .expect("subscribe answers in time")
+            .expect("subscribe request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let tee = raw.clone();
+        let events = response
+            .bytes_stream()
+            .inspect(move |chunk| {
+                if let Ok(bytes) = chunk {
+                    tee.lock().unwrap().extend_from_slice(bytes);
+                }
+            })
+            .eventsource()
+            .map(|item| {
+                item.map(|e| Ev {
+                    id: e.id,
+                    event: e.event,
+                    data: e.data,
+                })
+                .map_err(|e| e.to_string())
+            });
+        SseClient {
+            status,
+            headers,
+            raw,
+            events: Box::pin(events),
+        }
+    }
+
+    /// The next event; fails the test after the deadline or at end of stream.
+    pub async fn next(&mut self) -> Ev {
+        match tokio::time::timeout(DEADLINE, self.events.next()).await {
+            Ok(Some(Ok(event))) => event,
+            Ok(Some(Err(e))) => panic!("stream error: {e}"),
+            Ok(None) => panic!("stream ended while an event was expected"),
+            Err(_) => panic!("no event within {DEADLINE:?}"),
+        }
+    }
+
+    /// The next `n` events.
+    pub async fn take(&mut self, n: usize) -> Vec<Ev> {
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            events.push(self.next().await);
+        }
+        events
+    }
+
+    /// Waits for the server to end the stream cleanly (a proper end of
+    /// body, not a broken connection), returning any events that came first.
+    pub async fn until_end(&mut self) -> Vec<Ev> {
+        let mut events = Vec::new();
+        loop {
+            match tokio::time::timeout(DEADLINE, self.events.next()).await {
+                Ok(Some(Ok(event))) => events.push(event),
+                Ok(Some(Err(e))) => panic!("the stream broke instead of ending: {e}"),
+                Ok(None) => return events,
+                Err(_) => panic!("stream did not end within {DEADLINE:?}"),
+            }
+        }
+    }
+
+    /// Asserts that no event arrives within `quiet`.
+    pub async fn expect_quiet(&mut self, quiet: Duration) {
+        if let Ok(item) = tokio::time::timeout(quiet, self.events.next()).await {
+            panic!("expected no event, got {item:?}");
+        }
+    }
+
+    pub fn raw_text(&self) -> String {
+        String::from_utf8_lossy(&self.raw.lock().unwrap()).into_owned()
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after the deadline.
+pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Asserts a problem+json answer with the given status and problem type.
+pub async fn assert_problem(response: reqwest::Response, status: u16, kind: &str) -> Value {
+    assert_eq!(response.status(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    let body: Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(body["type"], format!("urn:crier:problem:{kind}"), "{body}");
+    assert_eq!(body["status"], status);
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+    body
+}

@@ -90,6 +90,21 @@ pub struct Config {
     #[arg(long, env = "CRIER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Keep events in Redis instead of in memory, so several nodes serve one
+    /// feed: redis://[USER:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS.
+    #[arg(long = "redis", env = "CRIER_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel, so several hubs can share one
+    /// Redis.
+    #[arg(long, env = "CRIER_REDIS_PREFIX", default_value = "crier:")]
+    pub redis_prefix: String,
+
+    /// Longest wait for Redis to connect or answer before a request fails
+    /// with 503.
+    #[arg(long, env = "CRIER_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
     /// Origins allowed to read responses from a browser (CORS), comma
     /// separated; `*` allows any. Empty disables CORS headers.
     #[arg(

@@ -23,13 +23,23 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::event::{Event, Topic};
 
+/// What a topic's live feed carries.
+#[derive(Clone, Debug)]
+pub enum Live {
+    /// The next event of the topic.
+    Event(Arc<Event>),
+    /// Live delivery may have missed events (the store lost its connection,
+    /// or the topic's history changed): check the store.
+    Resync,
+}
+
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    topics: RwLock<HashMap<Topic, broadcast::Sender<Arc<Event>>>>,
+    topics: RwLock<HashMap<Topic, broadcast::Sender<Live>>>,
     backlog: usize,
 }
 
@@ -53,8 +63,23 @@ impl Hub {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(&event.topic) {
             // An error only means every receiver left since the lookup.
-            let _ = tx.send(event.clone());
+            let _ = tx.send(Live::Event(event.clone()));
         }
+    }
+
+    /// Tells every subscriber of every topic to check the store, because
+    /// live delivery may have missed events.
+    pub fn resync_all(&self) {
+        let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
+        for tx in topics.values() {
+            let _ = tx.send(Live::Resync);
+        }
+    }
+
+    /// The topics with at least one live subscriber on this node.
+    pub fn watched(&self) -> Vec<Topic> {
+        let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
+        topics.keys().cloned().collect()
     }
 
     /// Joins a topic's live feed. Events delivered from now on are queued for
@@ -84,12 +109,6 @@ impl Hub {
         topics.contains_key(topic)
     }
 
-    /// Number of topics with at least one live subscriber on this node.
-    pub fn watched_topics(&self) -> usize {
-        let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
-        topics.len()
-    }
-
     fn leave(&self, topic: &Topic) {
         let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
         if topics.get(topic).is_some_and(|tx| tx.receiver_count() == 0) {
@@ -103,12 +122,12 @@ impl Hub {
 pub struct LiveFeed {
     /// Declared first so the receiver is dropped before `Membership` checks
     /// whether it was the last one.
-    events: BroadcastStream<Arc<Event>>,
+    events: BroadcastStream<Live>,
     _membership: Membership,
 }
 
 impl Stream for LiveFeed {
-    type Item = Result<Arc<Event>, BroadcastStreamRecvError>;
+    type Item = Result<Live, BroadcastStreamRecvError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.events).poll_next(cx)
@@ -142,7 +161,7 @@ mod tests {
         assert!(hub.is_watched(&t));
         drop(b);
         assert!(!hub.is_watched(&t));
-        assert_eq!(hub.watched_topics(), 0);
+        assert!(hub.watched().is_empty());
         // Delivering to an unwatched topic is a no-op.
         hub.deliver(&Arc::new(Event::new(t, 1, Epoch(1), None, "x")));
     }

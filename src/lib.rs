@@ -26,20 +26,37 @@ pub use config::Config;
 pub use http::{AppState, app};
 
 use crate::hub::Hub;
-use crate::store::MemoryStore;
+use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 
 /// Builds the hub's state for `config`, starting its background tasks; they
-/// stop when `shutdown` is cancelled.
-pub fn state(config: Config, shutdown: CancellationToken) -> AppState {
+/// stop when `shutdown` is cancelled. Fails only on a malformed setting (a
+/// Redis that cannot be reached yet is retried in the background).
+pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, StoreError> {
     let hub = Hub::new(config.subscriber_backlog);
-    let store = Arc::new(MemoryStore::new(hub.clone(), config.retention()));
-    tokio::spawn(store.clone().sweep_until(shutdown.clone()));
-    AppState {
+    let store: Arc<dyn Store> = match &config.redis_url {
+        Some(url) => {
+            let store = Arc::new(RedisStore::new(
+                url,
+                &config.redis_prefix,
+                hub.clone(),
+                config.retention(),
+                config.redis_timeout,
+            )?);
+            tokio::spawn(store.clone().run_until(shutdown.clone()));
+            store
+        }
+        None => {
+            let store = Arc::new(MemoryStore::new(hub.clone(), config.retention()));
+            tokio::spawn(store.clone().sweep_until(shutdown.clone()));
+            store
+        }
+    };
+    Ok(AppState {
         hub,
         store,
         config: Arc::new(config),
         shutdown,
-    }
+    })
 }
 
 /// Serves the hub on `listener` until `shutdown` is cancelled, then stops
@@ -51,7 +68,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let grace = config.shutdown_timeout;
-    let router = app(state(config, shutdown.clone()));
+    let state = state(config, shutdown.clone()).map_err(std::io::Error::other)?;
+    let router = app(state);
     let server = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .into_future();

@@ -17,9 +17,10 @@ use tokio_stream::{Stream, StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Cursor, Event, Position, RESET_EVENT, Topic};
-use crate::hub::{Hub, LiveFeed};
+use crate::hub::{Hub, Live, LiveFeed};
 use crate::sse;
 use crate::store::{Store, StoreError};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError as LiveLagged;
 
 /// Events read from the store per round trip while replaying.
 const REPLAY_PAGE: usize = 128;
@@ -83,6 +84,15 @@ pub struct Subscription {
     style: IdStyle,
     store: Arc<dyn Store>,
     live: StreamMap<usize, LiveFeed>,
+    /// Whether the store confirmed live delivery of every topic to this node.
+    watching: bool,
+    /// Where to start, until the starting positions are set.
+    start: Option<Start>,
+    /// Topics whose position must be brought up to date from the store.
+    pending: Vec<bool>,
+    /// The newest live event seen per pending topic: the store must have
+    /// caught up with it before the topic is in step again.
+    wanted: Vec<Option<Position>>,
 }
 
 impl Subscription {
@@ -93,68 +103,75 @@ impl Subscription {
         store: Arc<dyn Store>,
         topics: Vec<Topic>,
         style: IdStyle,
+        start: Start,
     ) -> Subscription {
         let mut live = StreamMap::with_capacity(topics.len());
         for (i, topic) in topics.iter().enumerate() {
             live.insert(i, hub.subscribe(topic));
         }
+        let n = topics.len();
         Subscription {
-            positions: vec![Position::default(); topics.len()],
+            positions: vec![Position::default(); n],
             topics,
             style,
             store,
             live,
+            watching: false,
+            start: Some(start),
+            pending: vec![false; n],
+            wanted: vec![None; n],
         }
+    }
+
+    /// Asks the store for live delivery of every topic. Once this returned
+    /// `Ok`, every event published afterwards reaches the stream. When it
+    /// fails, the stream itself retries.
+    pub async fn watch(&mut self) -> Result<(), StoreError> {
+        for topic in &self.topics {
+            self.store.watch(topic).await?;
+        }
+        self.watching = true;
+        Ok(())
     }
 
     /// The SSE byte stream: preamble, replay, then live events and
     /// heartbeats until the client leaves, it falls too far behind, or the
-    /// hub shuts down.
-    pub fn into_stream(
-        mut self,
-        start: Start,
-        settings: StreamSettings,
-    ) -> impl Stream<Item = Bytes> {
+    /// hub shuts down. While the store cannot be reached the stream stays
+    /// open, sends heartbeats, and retries with backoff.
+    pub fn into_stream(mut self, settings: StreamSettings) -> impl Stream<Item = Bytes> {
         async_stream::stream! {
             let mut chunk = Chunk::default();
+            let mut retry = Backoff::default();
             yield sse::preamble(settings.retry.as_millis() as u64);
-
-            if let Err(error) = self.start(start).await {
-                tracing::warn!(%error, "ending a stream: replay failed");
-                return;
-            }
-            for i in 0..self.topics.len() {
-                loop {
-                    if settings.shutdown.is_cancelled() { return; }
-                    match self.catch_up_page(i, &mut chunk).await {
-                        Ok(done) => {
-                            if let Some(bytes) = chunk.take() { yield bytes; }
-                            if done { break; }
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "ending a stream: replay failed");
-                            return;
-                        }
-                    }
-                }
-            }
-
             let heartbeat = tokio::time::sleep(settings.heartbeat);
             tokio::pin!(heartbeat);
             loop {
+                if settings.shutdown.is_cancelled() {
+                    return;
+                }
+                // Work owed to the store comes first: it only moves forward.
+                if self.owes_store_work() && retry.is_ready() {
+                    match self.store_step(&mut chunk).await {
+                        Ok(()) => retry.succeeded(),
+                        Err(error) => {
+                            tracing::warn!(%error, "a stream waits for the store");
+                            retry.failed();
+                        }
+                    }
+                    if let Some(bytes) = chunk.take() {
+                        yield bytes;
+                        heartbeat.as_mut().reset(tokio::time::Instant::now() + settings.heartbeat);
+                    }
+                    continue;
+                }
                 tokio::select! {
                     biased;
                     _ = settings.shutdown.cancelled() => return,
                     item = self.live.next() => {
-                        let Some((i, Ok(event))) = item else {
-                            tracing::debug!("ending a stream: the subscriber fell behind the live feed");
-                            return;
-                        };
-                        let mut outcome = self.on_live(i, event, &mut chunk).await;
-                        while outcome.is_ok() && chunk.len() < MAX_CHUNK_BYTES {
+                        let mut lagged = !self.on_live(item, &mut chunk);
+                        while !lagged && chunk.len() < MAX_CHUNK_BYTES {
                             match self.live.next().now_or_never() {
-                                Some(Some((i, Ok(event)))) => outcome = self.on_live(i, event, &mut chunk).await,
-                                Some(_) => { outcome = Err(End::Lagged); }
+                                Some(item) => lagged = !self.on_live(item, &mut chunk),
                                 None => break,
                             }
                         }
@@ -162,12 +179,13 @@ impl Subscription {
                             yield bytes;
                             heartbeat.as_mut().reset(tokio::time::Instant::now() + settings.heartbeat);
                         }
-                        if let Err(end) = outcome {
-                            tracing::debug!(?end, "ending a stream");
+                        if lagged {
+                            tracing::debug!("ending a stream: the subscriber fell behind the live feed");
                             return;
                         }
                     }
-                    _ = &mut heartbeat => {
+                    () = retry.wait(), if self.owes_store_work() => {}
+                    () = &mut heartbeat => {
                         yield Bytes::from_static(sse::HEARTBEAT);
                         heartbeat.as_mut().reset(tokio::time::Instant::now() + settings.heartbeat);
                     }
@@ -176,19 +194,68 @@ impl Subscription {
         }
     }
 
+    fn owes_store_work(&self) -> bool {
+        !self.watching || self.start.is_some() || self.pending.contains(&true)
+    }
+
+    /// Does the next piece of work owed to the store: watch, set the
+    /// starting positions, or replay one page of one topic.
+    async fn store_step(&mut self, chunk: &mut Chunk) -> Result<(), StoreError> {
+        if !self.watching {
+            return self.watch().await;
+        }
+        if let Some(start) = self.start.take() {
+            let result = self.set_start(&start).await;
+            if result.is_err() {
+                self.start = Some(start);
+            }
+            return result;
+        }
+        let Some(i) = self.pending.iter().position(|p| *p) else {
+            return Ok(());
+        };
+        if self.catch_up_page(i, chunk).await? {
+            self.pending[i] = false;
+            let position = self.positions[i];
+            if let Some(wanted) = self.wanted[i].take()
+                && wanted.epoch == position.epoch
+                && wanted.seq > position.seq
+            {
+                // The store is behind its own live feed (a lagging replica):
+                // try again shortly rather than skip the event.
+                self.pending[i] = true;
+                self.wanted[i] = Some(wanted);
+                return Err(StoreError::Unavailable(format!(
+                    "the store has not yet got event {wanted} of {}",
+                    self.topics[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Sets each topic's starting position.
-    async fn start(&mut self, start: Start) -> Result<(), StoreError> {
+    async fn set_start(&mut self, start: &Start) -> Result<(), StoreError> {
+        // Live events seen so far precede the positions set here.
+        self.wanted.fill(None);
         match start {
-            Start::After(cursor) => self.positions = cursor.0,
+            Start::After(cursor) => {
+                self.positions.clone_from(&cursor.0);
+                self.pending.fill(true);
+            }
             Start::Now | Start::Last(_) => {
-                let last = if let Start::Last(n) = start { n } else { 0 };
+                let last = if let Start::Last(n) = start { *n } else { 0 };
                 for (i, topic) in self.topics.iter().enumerate() {
                     let history = self.store.read(topic, 0, 0).await?;
-                    if let Some(epoch) = history.epoch {
-                        let from = history.head.saturating_sub(last).max(history.oldest - 1);
-                        self.positions[i] = Position::new(from, epoch);
-                    }
+                    self.positions[i] = match history.epoch {
+                        Some(epoch) => {
+                            let from = history.head.saturating_sub(last).max(history.oldest - 1);
+                            Position::new(from, epoch)
+                        }
+                        None => Position::default(),
+                    };
                 }
+                self.pending.fill(last > 0);
             }
         }
         Ok(())
@@ -236,26 +303,44 @@ impl Subscription {
         }
     }
 
-    /// Handles one event from the live feed of topic `i`.
-    async fn on_live(&mut self, i: usize, event: Arc<Event>, chunk: &mut Chunk) -> Result<(), End> {
+    /// Handles one item of the live feed. Returns `false` when the
+    /// subscriber lagged past the backlog and the stream must end.
+    fn on_live(
+        &mut self,
+        item: Option<(usize, Result<Live, LiveLagged>)>,
+        chunk: &mut Chunk,
+    ) -> bool {
+        let Some((i, Ok(live))) = item else {
+            return false;
+        };
+        let event = match live {
+            Live::Event(event) => event,
+            Live::Resync => {
+                self.pending[i] = true;
+                return true;
+            }
+        };
+        if self.pending[i] || self.start.is_some() || !self.watching {
+            // The store work owed will cover this event; remember it so that
+            // work is not considered done before it has.
+            if self.wanted[i].is_none_or(|w| w.epoch != Some(event.epoch) || w.seq < event.seq) {
+                self.wanted[i] = Some(event.position());
+            }
+            return true;
+        }
         let position = self.positions[i];
         let in_step =
             position.epoch == Some(event.epoch) || (position.epoch.is_none() && position.seq == 0);
         if in_step && event.seq <= position.seq {
-            return Ok(()); // already sent during replay
-        }
-        if in_step && event.seq == position.seq + 1 {
+            // Already sent during replay.
+        } else if in_step && event.seq == position.seq + 1 {
             self.emit(i, &event, chunk);
-            return Ok(());
+        } else {
+            // A hole, or a new epoch: the store knows what happened.
+            self.pending[i] = true;
+            self.wanted[i] = Some(event.position());
         }
-        // A hole, or a new epoch: the store knows what happened.
-        while !self.catch_up_page(i, chunk).await.map_err(End::Store)? {}
-        let position = self.positions[i];
-        if position.epoch == Some(event.epoch) && event.seq > position.seq {
-            // The store is behind its own live feed; let the client retry.
-            return Err(End::StoreBehind);
-        }
-        Ok(())
+        true
     }
 
     fn emit(&mut self, i: usize, event: &Event, chunk: &mut Chunk) {
@@ -306,11 +391,37 @@ impl Subscription {
     }
 }
 
-#[derive(Debug)]
-enum End {
-    Lagged,
-    Store(#[allow(dead_code)] StoreError),
-    StoreBehind,
+/// When to try the store again after it failed.
+#[derive(Default)]
+struct Backoff {
+    next_try: Option<tokio::time::Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn is_ready(&self) -> bool {
+        self.next_try
+            .is_none_or(|t| t <= tokio::time::Instant::now())
+    }
+
+    fn failed(&mut self) {
+        self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
+        self.next_try = Some(tokio::time::Instant::now() + self.delay);
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+
+    async fn wait(&self) {
+        match self.next_try {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// The bytes of one write. A single ready frame is passed on as the shared

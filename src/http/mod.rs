@@ -22,7 +22,7 @@ pub use error::ApiError;
 
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Everything a handler may touch; cheap to clone.
 #[derive(Clone)]
@@ -40,6 +40,7 @@ pub fn app(state: AppState) -> Router {
     let router = Router::new()
         .route("/", get(index))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route(
             "/topics/{topic}",
             get(subscribe::topic)
@@ -114,11 +115,21 @@ async fn index() -> Html<&'static str> {
     Html(include_str!("../../static/index.html"))
 }
 
-async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    let _ = state;
+/// Liveness: the process serves HTTP.
+async fn healthz() -> impl IntoResponse {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
         r#"{"status":"ok"}"#,
     )
+}
+
+/// Readiness: the store can be reached, so publishes will be stored.
+async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let timeout = state.config.redis_timeout;
+    match tokio::time::timeout(timeout, state.store.check()).await {
+        Ok(Ok(())) => Ok(healthz().await),
+        Ok(Err(error)) => Err(error.into()),
+        Err(_) => Err(StoreError::Unavailable("the store did not answer in time".into()).into()),
+    }
 }

@@ -23,7 +23,7 @@ pub async fn topic(
 ) -> Result<Response, ApiError> {
     let topic = parse_topic(path, &state)?;
     let params = Params::parse(query.as_deref(), &state, false)?;
-    open(state, vec![topic], IdStyle::Single, params, &headers)
+    open(state, vec![topic], IdStyle::Single, params, &headers).await
 }
 
 pub async fn topics(
@@ -38,7 +38,7 @@ pub async fn topics(
     if topics.is_empty() {
         return Err(ApiError::NoTopic);
     }
-    open(state, topics, IdStyle::Multi, params, &headers)
+    open(state, topics, IdStyle::Multi, params, &headers).await
 }
 
 pub(super) fn parse_topic(
@@ -133,7 +133,7 @@ fn start(params: &Params, headers: &HeaderMap, topics: usize) -> Result<Start, A
         })
 }
 
-fn open(
+async fn open(
     state: AppState,
     topics: Vec<Topic>,
     style: IdStyle,
@@ -141,15 +141,22 @@ fn open(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let start = start(&params, headers, topics.len())?;
-    let subscription = Subscription::open(&state.hub, state.store.clone(), topics, style);
+    let mut subscription =
+        Subscription::open(&state.hub, state.store.clone(), topics, style, start);
+    // Answer once live delivery is confirmed, so that everything published
+    // after the client sees the headers reaches it. If the store is slow or
+    // down, answer anyway: the stream keeps retrying and sends heartbeats.
+    match tokio::time::timeout(WATCH_WAIT, subscription.watch()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "subscribing while the store is unavailable"),
+        Err(_) => tracing::warn!("subscribing while the store is slow"),
+    }
     let settings = StreamSettings {
         heartbeat: state.config.heartbeat,
         retry: state.config.retry,
         shutdown: state.shutdown.clone(),
     };
-    let stream = subscription
-        .into_stream(start, settings)
-        .map(Ok::<_, Infallible>);
+    let stream = subscription.into_stream(settings).map(Ok::<_, Infallible>);
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
     headers.insert(
@@ -160,3 +167,7 @@ fn open(
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
 }
+
+/// How long a subscribe request waits for the store to confirm live
+/// delivery before it answers anyway.
+const WATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

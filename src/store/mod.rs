@@ -3,10 +3,11 @@
 //! hands every event it learns of to the node's [`Hub`](crate::hub::Hub) in
 //! sequence order per topic (its live tail).
 //!
-//! The embedded [`MemoryStore`] is the default. Every implementation passes the
-//! same behavioural tests through HTTP.
+//! The embedded [`MemoryStore`] is the default; [`RedisStore`] lets several
+//! nodes serve one feed. Both pass the same behavioural tests through HTTP.
 
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 use crate::event::{Epoch, Event, EventName, Topic};
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 /// An event a publisher sent, already validated, not yet numbered.
 #[derive(Debug, Clone)]
@@ -60,4 +62,17 @@ pub trait Store: Send + Sync + 'static {
     /// above `after`, with the topic's bounds. `limit == 0` reads the bounds
     /// only.
     async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError>;
+
+    /// Makes sure events of `topic` appended from now on reach this node's
+    /// hub. A subscription calls it after joining the hub and before reading
+    /// history, which closes the race between the two.
+    async fn watch(&self, topic: &Topic) -> Result<(), StoreError> {
+        let _ = topic;
+        Ok(())
+    }
+
+    /// Whether the store can be reached now (for `GET /readyz`).
+    async fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

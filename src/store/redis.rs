@@ -1,0 +1,596 @@
+//! The Redis Streams store: history in Redis, so any number of nodes serve
+//! one feed.
+//!
+//! Layout, per topic (the `{topic}` hash tag keeps a topic's keys in one
+//! Redis Cluster slot; the prefix lets several hubs share one Redis):
+//!
+//! - `PREFIX{topic}:meta` — a hash: `epoch` and `seq` (the last number given).
+//! - `PREFIX{topic}:events` — a stream; entry id `SEQ-0`, fields `t` (ms),
+//!   `e` (event name, may be empty), `d` (data).
+//! - `PREFIX{topic}:live` — the pub/sub channel that carries new events.
+//!
+//! Publishing is one Lua script per topic: it numbers the events, appends
+//! them, trims by count and age, and publishes each on the channel, all in
+//! one atomic step and one round trip. A missing `meta` hash means the
+//! topic's history is gone (Redis restarted without persistence, a failover
+//! to a lagging replica, keys deleted by hand): the script then starts a new
+//! epoch, so no old position is ever replayed against new data.
+//!
+//! Live delivery: each node keeps one pub/sub connection, subscribed to the
+//! channels of the topics its subscribers watch, and hands each message to
+//! its hub. Redis work grows with topics and nodes, never with subscribers.
+//! Pub/sub is push, so latency does not depend on how many topics a node
+//! watches. Pub/sub loses what is sent while a node is disconnected; the
+//! dense sequence makes that visible, and after every reconnect the node
+//! asks its subscribers to check the stream (`Hub::resync_all`), which fills
+//! any hole from the stream or reports a reset.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::{Client, Script, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{History, NewEvent, Retention, Store, StoreError};
+use crate::event::{Epoch, Event, EventName, Topic};
+use crate::hub::Hub;
+
+/// Numbers, appends, trims and publishes one topic's events.
+/// KEYS: meta, events. ARGV: channel, max events, max age ms, meta ttl ms,
+/// then a name and a data per event.
+const PUBLISH: &str = r#"
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local seq = 0
+if not epoch then
+  epoch = string.format('%d', (tonumber(now[1]) * 1000000 + tonumber(now[2])) % 78364164096)
+  redis.call('DEL', KEYS[2])
+else
+  seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+end
+local first = seq + 1
+for i = 5, #ARGV, 2 do
+  seq = seq + 1
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], string.format('%d-0', seq),
+    't', now_ms, 'e', ARGV[i], 'd', ARGV[i + 1])
+  redis.call('PUBLISH', ARGV[1], string.format('%d %s\n', seq, epoch) .. ARGV[i] .. '\n' .. ARGV[i + 1])
+end
+redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq)
+local cutoff = now_ms - tonumber(ARGV[3])
+while true do
+  local page = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
+  local expired = 0
+  for _, entry in ipairs(page) do
+    if tonumber(entry[2][2]) >= cutoff then break end
+    redis.call('XDEL', KEYS[2], entry[1])
+    expired = expired + 1
+  end
+  if expired < 64 then break end
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {epoch, first}
+"#;
+
+/// Reads a topic's bounds and up to `limit` events after a position, in one
+/// consistent snapshot. KEYS: meta, events. ARGV: after, limit, max age ms.
+/// Returns {} when the topic has no history, else {epoch, head, oldest,
+/// then seq, name, data per event}.
+const READ: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then return {} end
+local head = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
+local oldest = head + 1
+local start = '-'
+while true do
+  local page = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', 64)
+  local found = false
+  for _, entry in ipairs(page) do
+    if tonumber(entry[2][2]) >= cutoff then
+      oldest = tonumber(string.match(entry[1], '^(%d+)'))
+      found = true
+      break
+    end
+  end
+  if found or #page < 64 then break end
+  start = '(' .. page[#page][1]
+end
+local result = {epoch, head, oldest}
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  local from = math.max(tonumber(ARGV[1]) + 1, oldest)
+  local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from), '+', 'COUNT', limit)
+  for _, entry in ipairs(entries) do
+    table.insert(result, string.match(entry[1], '^(%d+)'))
+    table.insert(result, entry[2][4])
+    table.insert(result, entry[2][6])
+  end
+end
+return result
+"#;
+
+/// How long a topic's `meta` outlives its last event, so that subscribers
+/// that were up to date are not told `reset` after a quiet spell. Nodes
+/// refresh it for the topics they watch.
+const META_GRACE: Duration = Duration::from_secs(3600);
+/// How often a node drops channels nobody watches any more and refreshes
+/// the `meta` of those it does.
+const HOUSEKEEPING: Duration = Duration::from_secs(30);
+
+pub struct RedisStore {
+    client: Client,
+    commands: ConnectionManager,
+    keys: Keys,
+    retention: Retention,
+    timeout: Duration,
+    publish: Script,
+    read: Script,
+    hub: Hub,
+    live: tokio::sync::Mutex<LiveLink>,
+    live_up: AtomicBool,
+}
+
+/// This node's pub/sub connection and the channels it is subscribed to.
+#[derive(Default)]
+struct LiveLink {
+    sink: Option<PubSubSink>,
+    topics: HashSet<Topic>,
+}
+
+/// Key and channel names.
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn meta(&self, topic: &Topic) -> String {
+        format!("{}{{{topic}}}:meta", self.prefix)
+    }
+
+    fn events(&self, topic: &Topic) -> String {
+        format!("{}{{{topic}}}:events", self.prefix)
+    }
+
+    fn channel(&self, topic: &Topic) -> String {
+        format!("{}{{{topic}}}:live", self.prefix)
+    }
+
+    /// The topic a channel name belongs to.
+    fn topic_of(&self, channel: &str) -> Option<Topic> {
+        let name = channel
+            .strip_prefix(&self.prefix)?
+            .strip_prefix('{')?
+            .strip_suffix("}:live")?;
+        Topic::parse(name, usize::MAX).ok()
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+impl RedisStore {
+    /// Prepares a store for `url` (`redis://`, `rediss://`, with an optional
+    /// user, password and database number). Connecting happens lazily and is
+    /// retried with backoff; a malformed URL is an error now.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        hub: Hub,
+        retention: Retention,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let client = Client::open(url).map_err(|e| unavailable(format!("bad Redis URL: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let commands =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        Ok(RedisStore {
+            client,
+            commands,
+            keys: Keys {
+                prefix: prefix.to_owned(),
+            },
+            retention,
+            timeout,
+            publish: Script::new(PUBLISH),
+            read: Script::new(READ),
+            hub,
+            live: tokio::sync::Mutex::new(LiveLink::default()),
+            live_up: AtomicBool::new(false),
+        })
+    }
+
+    fn max_age_ms(&self) -> u64 {
+        u64::try_from(self.retention.max_age.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn meta_ttl_ms(&self) -> u64 {
+        self.max_age_ms()
+            .saturating_add(META_GRACE.as_millis() as u64)
+    }
+
+    /// Runs until `stop`: keeps the pub/sub connection up, delivers what it
+    /// carries to the hub, and after every (re)connection resubscribes and
+    /// asks subscribers to check for anything missed meanwhile.
+    pub async fn run_until(self: Arc<Self>, stop: CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            match self.connect_live().await {
+                Ok(mut messages) => {
+                    delay = Duration::from_millis(100);
+                    tracing::info!("live feed from Redis connected");
+                    self.hub.resync_all();
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = housekeeping.tick() => self.housekeeping().await,
+                            message = messages.next() => match message {
+                                Some(message) => self.on_message(&message),
+                                None => break,
+                            },
+                        }
+                    }
+                    self.live_up.store(false, Ordering::SeqCst);
+                    self.live.lock().await.sink = None;
+                    tracing::warn!("live feed from Redis lost; reconnecting");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, ?delay, "cannot reach Redis for the live feed")
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Opens a pub/sub connection and subscribes it to every watched topic.
+    async fn connect_live(&self) -> Result<redis::aio::PubSubStream, StoreError> {
+        let pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| unavailable("timed out connecting to Redis"))?
+            .map_err(unavailable)?;
+        let (mut sink, stream) = pubsub.split();
+        let mut link = self.live.lock().await;
+        let channels: Vec<String> = link.topics.iter().map(|t| self.keys.channel(t)).collect();
+        if !channels.is_empty() {
+            tokio::time::timeout(self.timeout, sink.subscribe(&channels))
+                .await
+                .map_err(|_| unavailable("timed out subscribing"))?
+                .map_err(unavailable)?;
+        }
+        link.sink = Some(sink);
+        self.live_up.store(true, Ordering::SeqCst);
+        Ok(stream)
+    }
+
+    fn on_message(&self, message: &redis::Msg) {
+        let Some(topic) = self.keys.topic_of(message.get_channel_name()) else {
+            return;
+        };
+        match parse_live(topic, message.get_payload_bytes()) {
+            Some(event) => self.hub.deliver(&Arc::new(event)),
+            None => tracing::warn!(
+                channel = message.get_channel_name(),
+                "ignoring a malformed live message"
+            ),
+        }
+    }
+
+    /// Unsubscribes from topics nobody on this node watches any more, and
+    /// keeps the `meta` of watched topics alive.
+    async fn housekeeping(&self) {
+        let mut link = self.live.lock().await;
+        let idle: Vec<Topic> = link
+            .topics
+            .iter()
+            .filter(|t| !self.hub.is_watched(t))
+            .cloned()
+            .collect();
+        if let Some(sink) = link.sink.as_mut()
+            && !idle.is_empty()
+        {
+            let channels: Vec<String> = idle.iter().map(|t| self.keys.channel(t)).collect();
+            match tokio::time::timeout(self.timeout, sink.unsubscribe(&channels)).await {
+                Ok(Ok(())) => {
+                    for topic in &idle {
+                        link.topics.remove(topic);
+                    }
+                }
+                _ => tracing::warn!("could not unsubscribe idle topics; will retry"),
+            }
+        }
+        let watched: Vec<Topic> = link.topics.iter().cloned().collect();
+        drop(link);
+        if watched.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for topic in &watched {
+            pipe.cmd("PEXPIRE")
+                .arg(self.keys.meta(topic))
+                .arg(self.meta_ttl_ms())
+                .ignore();
+        }
+        let mut commands = self.commands.clone();
+        if let Err(error) = pipe.query_async::<()>(&mut commands).await {
+            tracing::warn!(%error, "could not refresh topic metadata");
+        }
+    }
+
+    /// Appends one topic's events: returns its epoch and the first number.
+    fn publish_invocation(&self, topic: &Topic, events: &[&NewEvent]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PUBLISH)
+            .arg(2)
+            .arg(self.keys.meta(topic))
+            .arg(self.keys.events(topic))
+            .arg(self.keys.channel(topic))
+            .arg(self.retention.max_events.max(1))
+            .arg(self.max_age_ms())
+            .arg(self.meta_ttl_ms());
+        for event in events {
+            cmd.arg(event.name.as_ref().map_or("", EventName::as_str))
+                .arg(event.data.as_str());
+        }
+        cmd
+    }
+}
+
+/// Parses `SEQ EPOCH\nNAME\nDATA` from the live channel.
+fn parse_live(topic: Topic, payload: &[u8]) -> Option<Event> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (position, rest) = text.split_once('\n')?;
+    let (name, data) = rest.split_once('\n')?;
+    let (seq, epoch) = position.split_once(' ')?;
+    let name = if name.is_empty() {
+        None
+    } else {
+        Some(EventName::parse(name).ok()?)
+    };
+    Some(Event::new(
+        topic,
+        seq.parse().ok()?,
+        Epoch(epoch.parse().ok()?),
+        name.as_ref(),
+        data,
+    ))
+}
+
+fn as_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn malformed(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("unexpected reply from Redis to {what}"))
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
+        // Group by topic, keeping each topic's order, and remember where
+        // each event goes back in the answer.
+        let mut topics: Vec<(&Topic, Vec<&NewEvent>)> = Vec::new();
+        for event in &events {
+            match topics.iter_mut().find(|(t, _)| *t == &event.topic) {
+                Some((_, list)) => list.push(event),
+                None => topics.push((&event.topic, vec![event])),
+            }
+        }
+        let mut commands = self.commands.clone();
+        let replies: Vec<Value> = match topics.as_slice() {
+            [] => Vec::new(),
+            [(topic, list)] => {
+                let mut invocation = self.publish.prepare_invoke();
+                invocation
+                    .key(self.keys.meta(topic))
+                    .key(self.keys.events(topic))
+                    .arg(self.keys.channel(topic))
+                    .arg(self.retention.max_events.max(1))
+                    .arg(self.max_age_ms())
+                    .arg(self.meta_ttl_ms());
+                for event in list {
+                    invocation
+                        .arg(event.name.as_ref().map_or("", EventName::as_str))
+                        .arg(event.data.as_str());
+                }
+                vec![
+                    invocation
+                        .invoke_async(&mut commands)
+                        .await
+                        .map_err(unavailable)?,
+                ]
+            }
+            // Several topics: one atomic pipeline, so the batch is stored
+            // whole or not at all.
+            many => {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for (topic, list) in many {
+                    pipe.add_command(self.publish_invocation(topic, list));
+                }
+                pipe.query_async(&mut commands).await.map_err(unavailable)?
+            }
+        };
+
+        let mut numbered: Vec<(Epoch, u64)> = Vec::with_capacity(topics.len());
+        for reply in &replies {
+            let Value::Array(parts) = reply else {
+                return Err(malformed("publish"));
+            };
+            let epoch = parts
+                .first()
+                .and_then(as_u64)
+                .ok_or_else(|| malformed("publish"))?;
+            let first = parts
+                .get(1)
+                .and_then(as_u64)
+                .ok_or_else(|| malformed("publish"))?;
+            numbered.push((Epoch(epoch), first));
+        }
+        let mut next: Vec<u64> = numbered.iter().map(|(_, first)| *first).collect();
+        let mut stored = Vec::with_capacity(events.len());
+        for event in &events {
+            let t = topics
+                .iter()
+                .position(|(t, _)| *t == &event.topic)
+                .ok_or_else(|| malformed("publish"))?;
+            let seq = next[t];
+            next[t] += 1;
+            stored.push(Arc::new(Event::new(
+                event.topic.clone(),
+                seq,
+                numbered[t].0,
+                event.name.as_ref(),
+                &event.data,
+            )));
+        }
+        Ok(stored)
+    }
+
+    async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError> {
+        let mut commands = self.commands.clone();
+        let reply: Vec<Value> = self
+            .read
+            .key(self.keys.meta(topic))
+            .key(self.keys.events(topic))
+            .arg(after)
+            .arg(limit)
+            .arg(self.max_age_ms())
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        if reply.is_empty() {
+            return Ok(History {
+                oldest: 1,
+                ..History::default()
+            });
+        }
+        let field = |i: usize| {
+            reply
+                .get(i)
+                .and_then(as_u64)
+                .ok_or_else(|| malformed("read"))
+        };
+        let epoch = Epoch(field(0)?);
+        let head = field(1)?;
+        let oldest = field(2)?;
+        let mut events = Vec::with_capacity(reply.len().saturating_sub(3) / 3);
+        for entry in reply[3..].chunks(3) {
+            let [seq, name, data] = entry else {
+                return Err(malformed("read"));
+            };
+            let seq = as_u64(seq).ok_or_else(|| malformed("read"))?;
+            let name = as_text(name).unwrap_or_default();
+            let name = (!name.is_empty())
+                .then(|| EventName::parse(&name).ok())
+                .flatten();
+            let data = as_text(data).unwrap_or_default();
+            events.push(Arc::new(Event::new(
+                topic.clone(),
+                seq,
+                epoch,
+                name.as_ref(),
+                &data,
+            )));
+        }
+        Ok(History {
+            epoch: Some(epoch),
+            oldest,
+            head,
+            events,
+        })
+    }
+
+    async fn watch(&self, topic: &Topic) -> Result<(), StoreError> {
+        let mut link = self.live.lock().await;
+        if link.topics.contains(topic) && link.sink.is_some() {
+            return Ok(());
+        }
+        // Remember it either way: a reconnect subscribes every known topic.
+        link.topics.insert(topic.clone());
+        let channel = self.keys.channel(topic);
+        let sink = link
+            .sink
+            .as_mut()
+            .ok_or_else(|| unavailable("the live feed from Redis is down"))?;
+        match tokio::time::timeout(self.timeout, sink.subscribe(&channel)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(unavailable(error)),
+            Err(_) => Err(unavailable("timed out subscribing")),
+        }
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        if !self.live_up.load(Ordering::SeqCst) {
+            return Err(unavailable("the live feed from Redis is down"));
+        }
+        let mut commands = self.commands.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut commands)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_map_back_to_topics() {
+        let keys = Keys {
+            prefix: "crier:".into(),
+        };
+        let topic = Topic::parse("news.eu", 128).unwrap();
+        assert_eq!(keys.meta(&topic), "crier:{news.eu}:meta");
+        assert_eq!(keys.topic_of(&keys.channel(&topic)), Some(topic));
+        assert_eq!(keys.topic_of("other:{x}:live"), None);
+    }
+
+    #[test]
+    fn live_messages_parse() {
+        let topic = Topic::parse("t", 8).unwrap();
+        let event = parse_live(topic.clone(), b"7 1234\nupdate\nline 1\nline 2").unwrap();
+        assert_eq!((event.seq, event.epoch), (7, Epoch(1234)));
+        assert_eq!(
+            &event.frame()[..],
+            b"id: 7.ya\nevent: update\ndata: line 1\ndata: line 2\n\n"
+        );
+        let unnamed = parse_live(topic.clone(), b"1 1\n\n").unwrap();
+        assert_eq!(&unnamed.frame()[..], b"id: 1.1\ndata: \n\n");
+        assert!(parse_live(topic, b"garbage").is_none());
+    }
+}

@@ -17,6 +17,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::sync::broadcast;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio_stream::Stream;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -39,8 +41,18 @@ pub struct Hub {
 }
 
 struct Inner {
-    topics: RwLock<HashMap<Topic, broadcast::Sender<Live>>>,
+    topics: RwLock<HashMap<Topic, broadcast::Sender<Delivery>>>,
     backlog: usize,
+    /// Numbers every delivery on this node, so that a subscription to several
+    /// topics can merge their feeds in the order events were delivered.
+    next_order: AtomicU64,
+}
+
+/// One item of a topic's feed, numbered in node-wide delivery order.
+#[derive(Clone, Debug)]
+struct Delivery {
+    order: u64,
+    live: Live,
 }
 
 impl Hub {
@@ -51,6 +63,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 topics: RwLock::new(HashMap::new()),
                 backlog: backlog.max(1),
+                next_order: AtomicU64::new(1),
             }),
         }
     }
@@ -63,7 +76,7 @@ impl Hub {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(&event.topic) {
             // An error only means every receiver left since the lookup.
-            let _ = tx.send(Live::Event(event.clone()));
+            let _ = tx.send(self.numbered(Live::Event(event.clone())));
         }
     }
 
@@ -72,7 +85,23 @@ impl Hub {
     pub fn resync_all(&self) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         for tx in topics.values() {
-            let _ = tx.send(Live::Resync);
+            let _ = tx.send(self.numbered(Live::Resync));
+        }
+    }
+
+    fn numbered(&self, live: Live) -> Delivery {
+        Delivery {
+            order: self.inner.next_order.fetch_add(1, Ordering::Relaxed),
+            live,
+        }
+    }
+
+    /// Joins the live feeds of several topics at once, merged in delivery
+    /// order.
+    pub fn subscribe_all(&self, topics: &[Topic]) -> Feeds {
+        Feeds {
+            feeds: topics.iter().map(|t| self.subscribe(t)).collect(),
+            heads: vec![None; topics.len()],
         }
     }
 
@@ -117,20 +146,69 @@ impl Hub {
     }
 }
 
-/// One subscriber's view of one topic's live events: a stream that yields
-/// each event, or an error once the subscriber has lagged past the backlog.
+/// One subscriber's view of one topic's live events.
 pub struct LiveFeed {
     /// Declared first so the receiver is dropped before `Membership` checks
     /// whether it was the last one.
-    events: BroadcastStream<Live>,
+    events: BroadcastStream<Delivery>,
     _membership: Membership,
 }
 
-impl Stream for LiveFeed {
-    type Item = Result<Live, BroadcastStreamRecvError>;
+/// The subscriber fell further behind than the backlog holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lagged;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.events).poll_next(cx)
+/// The live feeds of a subscription's topics, merged: items come out in the
+/// order the hub delivered them, whichever topic they belong to.
+pub struct Feeds {
+    feeds: Vec<LiveFeed>,
+    /// The next item of each feed, once polled.
+    heads: Vec<Option<Result<Delivery, Lagged>>>,
+}
+
+impl Feeds {
+    /// Waits for the next item: the index of its topic and what it carries.
+    pub async fn next(&mut self) -> (usize, Result<Live, Lagged>) {
+        std::future::poll_fn(|cx| match self.poll_heads(cx) {
+            Some(item) => Poll::Ready(item),
+            None => Poll::Pending,
+        })
+        .await
+    }
+
+    /// The next item if one is ready now.
+    pub fn try_next(&mut self) -> Option<(usize, Result<Live, Lagged>)> {
+        self.poll_heads(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    /// Fills every empty head that is ready, then takes the earliest one (a
+    /// lag first: the stream ends anyway).
+    fn poll_heads(&mut self, cx: &mut Context<'_>) -> Option<(usize, Result<Live, Lagged>)> {
+        for (feed, head) in self.feeds.iter_mut().zip(self.heads.iter_mut()) {
+            if head.is_none()
+                && let Poll::Ready(item) = Pin::new(&mut feed.events).poll_next(cx)
+            {
+                *head = Some(match item {
+                    Some(Ok(delivery)) => Ok(delivery),
+                    // A closed feed cannot happen while we hold a receiver;
+                    // treat it like a lag so the client reconnects.
+                    Some(Err(BroadcastStreamRecvError::Lagged(_))) | None => Err(Lagged),
+                });
+            }
+        }
+        let i = self
+            .heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, head)| match head {
+                Some(Ok(delivery)) => Some((delivery.order, i)),
+                Some(Err(Lagged)) => Some((0, i)),
+                None => None,
+            })
+            .min()?
+            .1;
+        let item = self.heads[i].take()?;
+        Some((i, item.map(|delivery| delivery.live)))
     }
 }
 

@@ -11,16 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
 use serde_json::json;
-use tokio_stream::{Stream, StreamExt, StreamMap};
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Cursor, Event, Position, RESET_EVENT, Topic};
-use crate::hub::{Hub, Live, LiveFeed};
+use crate::hub::{Feeds, Hub, Lagged, Live};
 use crate::sse;
 use crate::store::{Store, StoreError};
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError as LiveLagged;
 
 /// Events read from the store per round trip while replaying.
 const REPLAY_PAGE: usize = 128;
@@ -83,7 +81,7 @@ pub struct Subscription {
     positions: Vec<Position>,
     style: IdStyle,
     store: Arc<dyn Store>,
-    live: StreamMap<usize, LiveFeed>,
+    live: Feeds,
     /// Whether the store confirmed live delivery of every topic to this node.
     watching: bool,
     /// Where to start, until the starting positions are set.
@@ -105,10 +103,7 @@ impl Subscription {
         style: IdStyle,
         start: Start,
     ) -> Subscription {
-        let mut live = StreamMap::with_capacity(topics.len());
-        for (i, topic) in topics.iter().enumerate() {
-            live.insert(i, hub.subscribe(topic));
-        }
+        let live = hub.subscribe_all(&topics);
         let n = topics.len();
         Subscription {
             positions: vec![Position::default(); n],
@@ -123,14 +118,24 @@ impl Subscription {
         }
     }
 
-    /// Asks the store for live delivery of every topic. Once this returned
-    /// `Ok`, every event published afterwards reaches the stream. When it
-    /// fails, the stream itself retries.
-    pub async fn watch(&mut self) -> Result<(), StoreError> {
-        for topic in &self.topics {
-            self.store.watch(topic).await?;
+    /// Asks the store for live delivery of every topic, then sets the
+    /// starting positions. Once this returned `Ok`, the stream holds exactly
+    /// the events its start asks for, and everything published afterwards.
+    /// When it fails, the stream itself retries.
+    pub async fn prepare(&mut self) -> Result<(), StoreError> {
+        if !self.watching {
+            for topic in &self.topics {
+                self.store.watch(topic).await?;
+            }
+            self.watching = true;
         }
-        self.watching = true;
+        if let Some(start) = self.start.take() {
+            let result = self.set_start(&start).await;
+            if result.is_err() {
+                self.start = Some(start);
+            }
+            return result;
+        }
         Ok(())
     }
 
@@ -170,7 +175,7 @@ impl Subscription {
                     item = self.live.next() => {
                         let mut lagged = !self.on_live(item, &mut chunk);
                         while !lagged && chunk.len() < MAX_CHUNK_BYTES {
-                            match self.live.next().now_or_never() {
+                            match self.live.try_next() {
                                 Some(item) => lagged = !self.on_live(item, &mut chunk),
                                 None => break,
                             }
@@ -201,15 +206,8 @@ impl Subscription {
     /// Does the next piece of work owed to the store: watch, set the
     /// starting positions, or replay one page of one topic.
     async fn store_step(&mut self, chunk: &mut Chunk) -> Result<(), StoreError> {
-        if !self.watching {
-            return self.watch().await;
-        }
-        if let Some(start) = self.start.take() {
-            let result = self.set_start(&start).await;
-            if result.is_err() {
-                self.start = Some(start);
-            }
-            return result;
+        if !self.watching || self.start.is_some() {
+            return self.prepare().await;
         }
         let Some(i) = self.pending.iter().position(|p| *p) else {
             return Ok(());
@@ -305,12 +303,8 @@ impl Subscription {
 
     /// Handles one item of the live feed. Returns `false` when the
     /// subscriber lagged past the backlog and the stream must end.
-    fn on_live(
-        &mut self,
-        item: Option<(usize, Result<Live, LiveLagged>)>,
-        chunk: &mut Chunk,
-    ) -> bool {
-        let Some((i, Ok(live))) = item else {
+    fn on_live(&mut self, (i, item): (usize, Result<Live, Lagged>), chunk: &mut Chunk) -> bool {
+        let Ok(live) = item else {
             return false;
         };
         let event = match live {

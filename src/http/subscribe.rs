@@ -143,10 +143,11 @@ async fn open(
     let start = start(&params, headers, topics.len())?;
     let mut subscription =
         Subscription::open(&state.hub, state.store.clone(), topics, style, start);
-    // Answer once live delivery is confirmed, so that everything published
-    // after the client sees the headers reaches it. If the store is slow or
-    // down, answer anyway: the stream keeps retrying and sends heartbeats.
-    match tokio::time::timeout(WATCH_WAIT, subscription.watch()).await {
+    // Answer once live delivery is confirmed and the start is fixed, so that
+    // everything published after the client sees the headers reaches it. If
+    // the store is slow or down, answer anyway: the stream keeps retrying and
+    // sends heartbeats meanwhile.
+    match tokio::time::timeout(PREPARE_WAIT, subscription.prepare()).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%error, "subscribing while the store is unavailable"),
         Err(_) => tracing::warn!("subscribing while the store is slow"),
@@ -168,6 +169,6 @@ async fn open(
     Ok(response)
 }
 
-/// How long a subscribe request waits for the store to confirm live
-/// delivery before it answers anyway.
-const WATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a subscribe request waits for the store before it answers
+/// anyway.
+const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

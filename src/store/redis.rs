@@ -27,7 +27,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -117,14 +116,6 @@ end
 return result
 "#;
 
-/// How long a topic's `meta` outlives its last event, so that subscribers
-/// that were up to date are not told `reset` after a quiet spell. Nodes
-/// refresh it for the topics they watch.
-const META_GRACE: Duration = Duration::from_secs(3600);
-/// How often a node drops channels nobody watches any more and refreshes
-/// the `meta` of those it does.
-const HOUSEKEEPING: Duration = Duration::from_secs(30);
-
 pub struct RedisStore {
     client: Client,
     commands: ConnectionManager,
@@ -135,7 +126,8 @@ pub struct RedisStore {
     read: Script,
     hub: Hub,
     live: tokio::sync::Mutex<LiveLink>,
-    live_up: AtomicBool,
+    /// Whether the pub/sub connection is up; `watch` waits for it.
+    live_up: tokio::sync::watch::Sender<bool>,
 }
 
 /// This node's pub/sub connection and the channels it is subscribed to.
@@ -209,7 +201,7 @@ impl RedisStore {
             read: Script::new(READ),
             hub,
             live: tokio::sync::Mutex::new(LiveLink::default()),
-            live_up: AtomicBool::new(false),
+            live_up: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -219,9 +211,20 @@ impl RedisStore {
             .max(1)
     }
 
+    /// How often a node drops channels nobody on it watches any more and
+    /// refreshes the `meta` of the topics it does watch.
+    fn housekeeping_period(&self) -> Duration {
+        (self.retention.max_age / 3).clamp(Duration::from_millis(50), Duration::from_secs(30))
+    }
+
+    /// How long a topic's `meta` (its epoch and last number) outlives its
+    /// last event. Watching nodes keep refreshing it, so an idle topic with
+    /// subscribers keeps its numbering; one with neither events nor
+    /// subscribers is forgotten, as in the embedded store.
     fn meta_ttl_ms(&self) -> u64 {
+        let grace = self.housekeeping_period() * 3;
         self.max_age_ms()
-            .saturating_add(META_GRACE.as_millis() as u64)
+            .saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Runs until `stop`: keeps the pub/sub connection up, delivers what it
@@ -229,7 +232,7 @@ impl RedisStore {
     /// asks subscribers to check for anything missed meanwhile.
     pub async fn run_until(self: Arc<Self>, stop: CancellationToken) {
         let mut delay = Duration::from_millis(100);
-        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        let mut housekeeping = tokio::time::interval(self.housekeeping_period());
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             match self.connect_live().await {
@@ -247,8 +250,8 @@ impl RedisStore {
                             },
                         }
                     }
-                    self.live_up.store(false, Ordering::SeqCst);
                     self.live.lock().await.sink = None;
+                    self.live_up.send_replace(false);
                     tracing::warn!("live feed from Redis lost; reconnecting");
                 }
                 Err(error) => {
@@ -279,7 +282,7 @@ impl RedisStore {
                 .map_err(unavailable)?;
         }
         link.sink = Some(sink);
-        self.live_up.store(true, Ordering::SeqCst);
+        self.live_up.send_replace(true);
         Ok(stream)
     }
 
@@ -535,6 +538,10 @@ impl Store for RedisStore {
     }
 
     async fn watch(&self, topic: &Topic) -> Result<(), StoreError> {
+        // Right after start-up, or during a reconnect, wait a moment for the
+        // live feed rather than fail at once.
+        let mut up = self.live_up.subscribe();
+        let _ = tokio::time::timeout(self.timeout, up.wait_for(|up| *up)).await;
         let mut link = self.live.lock().await;
         if link.topics.contains(topic) && link.sink.is_some() {
             return Ok(());
@@ -554,7 +561,7 @@ impl Store for RedisStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        if !self.live_up.load(Ordering::SeqCst) {
+        if !*self.live_up.borrow() {
             return Err(unavailable("the live feed from Redis is down"));
         }
         let mut commands = self.commands.clone();

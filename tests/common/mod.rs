@@ -2,6 +2,8 @@
 //! HTTP client, and a real (third-party) SSE parser.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -31,8 +33,13 @@ impl Server {
         Server::start_with(|_| {}).await
     }
 
+    /// Starts a server on the store the test runs against (see
+    /// [`on_every_store!`]), after `configure` adjusted its settings.
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Server {
         let mut config = Config::default();
+        if let Ok(Some(url)) = STORE.try_with(|url| url.clone()) {
+            config.redis_url = Some(url);
+        }
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -264,4 +271,49 @@ pub async fn assert_problem(response: reqwest::Response, status: u16, kind: &str
         "{body}"
     );
     body
+}
+
+tokio::task_local! {
+    /// The Redis URL the current test's servers use; unset or `None`: the
+    /// embedded store.
+    static STORE: Option<String>;
+}
+
+/// Whether the current test runs on Redis (inside [`on_redis`]).
+pub fn on_redis_store() -> bool {
+    STORE.try_with(|url| url.is_some()).unwrap_or(false)
+}
+
+/// Runs `test` with every `Server` it starts backed by its own fresh
+/// `redis-server`.
+pub async fn on_redis<F: std::future::Future>(test: F) -> F::Output {
+    let redis = redis::RedisServer::start();
+    let output = STORE.scope(Some(redis.url()), test).await;
+    drop(redis);
+    output
+}
+
+/// Declares each listed `async fn` as two tests: `memory::NAME` on the
+/// embedded store and `redis::NAME` on a fresh `redis-server`, so both
+/// stores pass the same behavioural suite.
+#[macro_export]
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name().await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::on_redis(super::$name()).await
+                }
+            )*
+        }
+    };
 }

@@ -271,8 +271,14 @@ impl Subscription {
                 .await?;
             let Some(epoch) = history.epoch else {
                 if position.seq > 0 {
+                    // The topic has no history: a position with an epoch
+                    // points into one that is gone; one without is ahead.
+                    let reason = match position.epoch {
+                        Some(_) => ResetReason::Epoch,
+                        None => ResetReason::Ahead,
+                    };
                     self.positions[i] = Position::default();
-                    self.emit_reset(i, ResetReason::Ahead, position, None, chunk);
+                    self.emit_reset(i, reason, position, None, chunk);
                 }
                 return Ok(true);
             };

@@ -705,7 +705,7 @@ async fn topic_forgotten_after_expiry_restarts_at_seq_1_and_old_positions_get_re
     let old_epoch = epoch_of(&old[0].id);
 
     // Poll until the topic is forgotten: resuming from `1.OLD` then says
-    // `ahead` with nothing retained (before that it says `trimmed`, or
+    // `epoch` with nothing retained (before that it says `trimmed`, or
     // replays). The sleep between polls only lets time pass for expiry.
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
@@ -713,11 +713,11 @@ async fn topic_forgotten_after_expiry_restarts_at_seq_1_and_old_positions_get_re
         let first = probe.next().await;
         if first.event == "reset" {
             let data: Value = serde_json::from_str(&first.data).unwrap();
-            if data["reason"] == "ahead" {
+            if data["reason"] == "epoch" {
                 assert_reset(
                     &first,
                     "0",
-                    json!({"topic": "news", "reason": "ahead", "requested": old[0].id, "oldest": null}),
+                    json!({"topic": "news", "reason": "epoch", "requested": old[0].id, "oldest": null}),
                 );
                 break;
             }
@@ -776,18 +776,27 @@ async fn resume_from_a_future_position_sends_reset_ahead_then_every_retained_eve
     server.stop().await;
 }
 
-async fn resume_on_a_topic_that_never_existed_sends_reset_ahead_with_null_oldest_then_live_from_seq_1()
+async fn resume_on_a_topic_without_history_sends_reset_with_null_oldest_then_live_from_seq_1()
  {
     let server = Server::start().await;
+    // A position with an epoch points into a history that is gone.
     let requested = "99.abcde";
     let mut sub = server.resume("/topics/fresh", requested).await;
     assert_reset(
         &sub.next().await,
         "0",
-        json!({"topic": "fresh", "reason": "ahead", "requested": requested, "oldest": null}),
+        json!({"topic": "fresh", "reason": "epoch", "requested": requested, "oldest": null}),
+    );
+    // One without an epoch is simply ahead of the (empty) history.
+    let mut bare = server.resume("/topics/fresh", "99").await;
+    assert_reset(
+        &bare.next().await,
+        "0",
+        json!({"topic": "fresh", "reason": "ahead", "requested": "99", "oldest": null}),
     );
     let live = publish_n(&server, "fresh", 1..=2).await;
     assert_eq!(sub.take(2).await, live);
+    assert_eq!(bare.take(2).await, live);
     server.stop().await;
 }
 
@@ -1163,7 +1172,7 @@ on_every_store!(
     resume_from_an_expired_position_sends_reset_trimmed_then_only_unexpired_events,
     topic_forgotten_after_expiry_restarts_at_seq_1_and_old_positions_get_reset_epoch,
     resume_from_a_future_position_sends_reset_ahead_then_every_retained_event,
-    resume_on_a_topic_that_never_existed_sends_reset_ahead_with_null_oldest_then_live_from_seq_1,
+    resume_on_a_topic_without_history_sends_reset_with_null_oldest_then_live_from_seq_1,
     resume_from_another_epoch_sends_reset_epoch_then_every_retained_event,
     multi_topic_reset_names_its_topic_and_leaves_the_other_topics_replay_intact,
     resuming_from_a_reset_id_sends_no_second_reset_and_nothing_twice,

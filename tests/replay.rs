@@ -776,8 +776,7 @@ async fn resume_from_a_future_position_sends_reset_ahead_then_every_retained_eve
     server.stop().await;
 }
 
-async fn resume_on_a_topic_without_history_sends_reset_with_null_oldest_then_live_from_seq_1()
- {
+async fn resume_on_a_topic_without_history_sends_reset_with_null_oldest_then_live_from_seq_1() {
     let server = Server::start().await;
     // A position with an epoch points into a history that is gone.
     let requested = "99.abcde";

@@ -2,6 +2,7 @@
 //! HTTP client, and a real (third-party) SSE parser.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod redis;
 
 use std::net::SocketAddr;

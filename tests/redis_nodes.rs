@@ -1,0 +1,380 @@
+//! Several crier nodes on one Redis, and the faults they must survive: Redis
+//! stopping, a node killed, one node's connection cut, history vanishing.
+//! Every test starts its own `redis-server` on a free loopback port.
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::Process;
+use common::redis::{Proxy, RedisServer};
+use common::*;
+use serde_json::Value;
+
+/// A node on `url`, with short timeouts so faults show quickly.
+async fn node(url: &str) -> Server {
+    let url = url.to_owned();
+    Server::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.redis_timeout = Duration::from_millis(500);
+        c.heartbeat = Duration::from_millis(100);
+    })
+    .await
+}
+
+/// Publishes `data` and returns the answer's status and body.
+async fn try_publish(server: &Server, topic: &str, data: &str) -> (u16, Value) {
+    let response = server
+        .client
+        .post(server.url(&format!("/topics/{topic}")))
+        .body(data.to_owned())
+        .send()
+        .await
+        .expect("publish request");
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body: Value = response.json().await.expect("JSON answer");
+    if status != 201 {
+        assert_eq!(
+            content_type.as_deref(),
+            Some("application/problem+json"),
+            "{body}"
+        );
+    }
+    (status, body)
+}
+
+async fn ready(server: &Server) -> u16 {
+    server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Waits until `/readyz` answers `status`.
+async fn wait_ready(server: &Server, status: u16) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while ready(server).await != status {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn heartbeats(sub: &SseClient) -> usize {
+    sub.raw_text().matches(": heartbeat\n\n").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_on_one_node_watch_on_another_and_resume_on_a_third() {
+    let redis = RedisServer::start();
+    let (a, b, c) = (
+        node(&redis.url()).await,
+        node(&redis.url()).await,
+        node(&redis.url()).await,
+    );
+    let mut on_b = b.subscribe("/topics/news").await;
+    let first: Vec<Ev> = {
+        let mut events = Vec::new();
+        for n in 1..=3 {
+            let data = format!("event {n}");
+            events.push(Ev::new(
+                &a.publish_id("news", &data).await,
+                "message",
+                &data,
+            ));
+        }
+        events
+    };
+    assert_eq!(on_b.take(3).await, first);
+    drop(on_b);
+
+    let mut missed = Vec::new();
+    for n in 4..=6 {
+        let data = format!("event {n}");
+        missed.push(Ev::new(
+            &a.publish_id("news", &data).await,
+            "message",
+            &data,
+        ));
+    }
+    let mut on_c = c.resume("/topics/news", &first[2].id).await;
+    assert_eq!(on_c.take(3).await, missed);
+    let id = b.publish_id("news", "event 7").await;
+    assert_eq!(on_c.next().await, Ev::new(&id, "message", "event 7"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_different_nodes_make_one_dense_sequence() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis.url()).await, node(&redis.url()).await);
+    let mut sub = a.subscribe("/topics/shared").await;
+    let publish_100 = |server: &Server, who: &'static str| {
+        let client = server.client.clone();
+        let url = server.url("/topics/shared");
+        async move {
+            let mut seqs = Vec::new();
+            for n in 0..100 {
+                let answer: Value = client
+                    .post(&url)
+                    .body(format!("{who}-{n}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                seqs.push(answer["seq"].as_u64().unwrap());
+            }
+            seqs
+        }
+    };
+    let (from_a, from_b) = tokio::join!(publish_100(&a, "a"), publish_100(&b, "b"));
+    let mut all: Vec<u64> = from_a.iter().chain(&from_b).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=200).collect::<Vec<_>>());
+    let received = sub.take(200).await;
+    let seqs: Vec<u64> = received.iter().map(Ev::seq).collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_refuses_publishes_keeps_streams_open_and_loses_nothing() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (node(&redis.url()).await, node(&redis.url()).await);
+    let mut on_a = a.subscribe("/topics/t").await;
+    let mut on_b = b.subscribe("/topics/t").await;
+    let mut stored = Vec::new();
+    for n in 1..=5 {
+        let data = format!("before {n}");
+        stored.push(Ev::new(&a.publish_id("t", &data).await, "message", &data));
+    }
+    assert_eq!(on_a.take(5).await, stored);
+    assert_eq!(on_b.take(5).await, stored);
+    wait_ready(&a, 200).await;
+
+    redis.stop();
+    // Publishing keeps failing with 503 while Redis is down: never a 201 for
+    // an event that was not stored.
+    for n in 1..=5 {
+        let (status, body) = try_publish(&b, "t", &format!("lost {n}")).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["type"], "urn:crier:problem:store-unavailable");
+    }
+    wait_ready(&a, 503).await;
+    wait_ready(&b, 503).await;
+    // The streams stay open: heartbeats keep coming.
+    let (beats_a, beats_b) = (heartbeats(&on_a), heartbeats(&on_b));
+    on_a.expect_quiet(Duration::from_millis(350)).await;
+    on_b.expect_quiet(Duration::from_millis(350)).await;
+    assert!(heartbeats(&on_a) > beats_a, "node a stream went silent");
+    assert!(heartbeats(&on_b) > beats_b, "node b stream went silent");
+
+    redis.restart();
+    wait_ready(&a, 200).await;
+    wait_ready(&b, 200).await;
+    let mut after = Vec::new();
+    for n in 1..=5 {
+        let data = format!("after {n}");
+        let server = if n % 2 == 0 { &a } else { &b };
+        after.push(Ev::new(
+            &server.publish_id("t", &data).await,
+            "message",
+            &data,
+        ));
+    }
+    assert_eq!(after[0].seq(), 6, "numbering continues densely");
+    assert_eq!(on_a.take(5).await, after);
+    assert_eq!(on_b.take(5).await, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_redis_connection_is_cut_catches_up_without_loss_or_repeat() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr()).await;
+    let cut_off = node(&proxy.url()).await;
+    let healthy = node(&redis.url()).await;
+    let mut behind_cut = cut_off.subscribe("/topics/t").await;
+    let mut direct = healthy.subscribe("/topics/t").await;
+
+    let mut all = Vec::new();
+    let publish = async |n: usize| {
+        let data = format!("event {n}");
+        Ev::new(&healthy.publish_id("t", &data).await, "message", &data)
+    };
+    for n in 1..=5 {
+        all.push(publish(n).await);
+    }
+    assert_eq!(behind_cut.take(5).await, all[..5]);
+
+    proxy.cut();
+    wait_ready(&cut_off, 503).await;
+    for n in 6..=10 {
+        all.push(publish(n).await);
+    }
+    // The healthy node's subscriber is unaffected.
+    assert_eq!(direct.take(10).await, all[..10]);
+
+    proxy.restore();
+    wait_ready(&cut_off, 200).await;
+    // What was published during the cut arrives without waiting for the
+    // next event to reveal the hole.
+    assert_eq!(behind_cut.take(5).await, all[5..10]);
+    for n in 11..=15 {
+        all.push(publish(n).await);
+    }
+    // Then live again: exactly 11..=15, nothing lost, nothing twice.
+    assert_eq!(behind_cut.take(5).await, all[10..15]);
+    behind_cut.expect_quiet(Duration::from_millis(200)).await;
+    assert_eq!(direct.take(5).await, all[10..15]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_node_resume_on_another_without_loss() {
+    let redis = RedisServer::start();
+    let mut doomed = Process::start(&["--redis", &redis.url()]);
+    let survivor = node(&redis.url()).await;
+    let client = common::client();
+    let mut sub = SseClient::connect(&client, &format!("{}/topics/t", doomed.base), None).await;
+    let mut all = Vec::new();
+    for n in 1..=5 {
+        let data = format!("event {n}");
+        all.push(Ev::new(
+            &survivor.publish_id("t", &data).await,
+            "message",
+            &data,
+        ));
+    }
+    assert_eq!(sub.take(5).await, all);
+
+    doomed.kill();
+    for n in 6..=10 {
+        let data = format!("event {n}");
+        all.push(Ev::new(
+            &survivor.publish_id("t", &data).await,
+            "message",
+            &data,
+        ));
+    }
+    // The browser would reconnect with its Last-Event-ID to any node.
+    let mut resumed = survivor.resume("/topics/t", &all[4].id).await;
+    assert_eq!(resumed.take(5).await, all[5..]);
+    let id = survivor.publish_id("t", "live").await;
+    assert_eq!(resumed.next().await, Ev::new(&id, "message", "live"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_in_redis_is_announced_as_reset_live_and_on_reconnect() {
+    let mut redis = RedisServer::start_volatile();
+    let server = node(&redis.url()).await;
+    let mut sub = server.subscribe("/topics/t").await;
+    let mut old = Vec::new();
+    for n in 1..=3 {
+        let data = format!("old {n}");
+        old.push(Ev::new(
+            &server.publish_id("t", &data).await,
+            "message",
+            &data,
+        ));
+    }
+    assert_eq!(sub.take(3).await, old);
+
+    // Redis restarts without persistence: the topic's history is gone.
+    redis.restart();
+    wait_ready(&server, 200).await;
+    // The live subscriber is told at once (no publish needed): its position
+    // points into a history that no longer exists.
+    let reset = sub.next().await;
+    assert_eq!(reset.event, "reset");
+    assert_eq!(reset.id, "0");
+    let data: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(
+        data,
+        serde_json::json!({"topic": "t", "reason": "epoch", "requested": old[2].id, "oldest": null})
+    );
+    // New events start at 1 in a new epoch, and reach the subscriber.
+    let new_id = server.publish_id("t", "new 1").await;
+    assert_eq!(seq_of(&new_id), 1);
+    assert_ne!(new_id.split('.').nth(1), old[0].id.split('.').nth(1));
+    assert_eq!(sub.next().await, Ev::new(&new_id, "message", "new 1"));
+
+    // A client coming back with an old id is told too, then gets the new
+    // history.
+    let mut late = server.resume("/topics/t", &old[1].id).await;
+    let reset = late.next().await;
+    assert_eq!(reset.event, "reset");
+    let data: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(data["reason"], "epoch");
+    assert_eq!(data["oldest"], new_id.as_str());
+    assert_eq!(late.next().await, Ev::new(&new_id, "message", "new 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_by_hand_starts_a_new_epoch_and_subscribers_are_told() {
+    let redis = RedisServer::start();
+    let server = node(&redis.url()).await;
+    let mut sub = server.subscribe("/topics/t").await;
+    let first = server.publish_id("t", "one").await;
+    assert_eq!(sub.next().await, Ev::new(&first, "message", "one"));
+
+    assert_eq!(
+        redis.cli(&["DEL", "crier:{t}:meta", "crier:{t}:events"]),
+        "2"
+    );
+    let again = server.publish_id("t", "two").await;
+    assert_eq!(seq_of(&again), 1);
+    let reset = sub.next().await;
+    assert_eq!(reset.event, "reset");
+    let data: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(data["reason"], "epoch");
+    assert_eq!(data["requested"], first.as_str());
+    assert_eq!(data["oldest"], again.as_str());
+    assert_eq!(sub.next().await, Ev::new(&again, "message", "two"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_follow_the_prefix_and_database_of_the_url() {
+    let redis = RedisServer::start();
+    let url = format!("{}/3", redis.url());
+    let server = Server::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.redis_prefix = "hub1:".into();
+    })
+    .await;
+    server.publish("news", "x").await;
+    assert_eq!(
+        redis.cli(&["-n", "3", "HGET", "hub1:{news}:meta", "seq"]),
+        "1"
+    );
+    assert_eq!(redis.cli(&["-n", "0", "DBSIZE"]), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_or_acl_user_in_the_url_is_used() {
+    let redis = RedisServer::start();
+    redis.cli(&[
+        "ACL", "SETUSER", "hub", "on", ">s3cret", "~*", "&*", "+@all",
+    ]);
+    redis.cli(&["CONFIG", "SET", "requirepass", "adminpass"]);
+    let with_user = format!("redis://hub:s3cret@{}", redis.addr());
+    let with_password = format!("redis://:adminpass@{}", redis.addr());
+    for url in [with_user, with_password] {
+        let server = node(&url).await;
+        wait_ready(&server, 200).await;
+        let mut sub = server.subscribe("/topics/auth").await;
+        let id = server.publish_id("auth", "ok").await;
+        assert_eq!(sub.next().await, Ev::new(&id, "message", "ok"));
+    }
+    let wrong = node(&format!("redis://:wrong@{}", redis.addr())).await;
+    wait_ready(&wrong, 503).await;
+    let (status, _) = try_publish(&wrong, "auth", "refused").await;
+    assert_eq!(status, 503);
+}

@@ -95,6 +95,12 @@ pub struct Config {
     #[arg(long = "redis", env = "CRIER_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
 
+    /// PEM file of the certificate authority that signed the Redis server's
+    /// certificate (for `rediss://` with a private CA; otherwise the system's
+    /// roots are used).
+    #[arg(long, env = "CRIER_REDIS_CA_CERT", value_name = "FILE")]
+    pub redis_ca_cert: Option<std::path::PathBuf>,
+
     /// Prefix of every Redis key and channel, so several hubs can share one
     /// Redis.
     #[arg(long, env = "CRIER_REDIS_PREFIX", default_value = "crier:")]

@@ -32,11 +32,15 @@ use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 /// stop when `shutdown` is cancelled. Fails only on a malformed setting (a
 /// Redis that cannot be reached yet is retried in the background).
 pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, StoreError> {
+    // TLS (to Redis, `rediss://`) uses rustls with the ring provider. An
+    // error only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let hub = Hub::new(config.subscriber_backlog);
     let store: Arc<dyn Store> = match &config.redis_url {
         Some(url) => {
             let store = Arc::new(RedisStore::new(
                 url,
+                config.redis_ca_cert.as_deref(),
                 &config.redis_prefix,
                 hub.clone(),
                 config.retention(),

@@ -378,3 +378,40 @@ async fn a_password_or_acl_user_in_the_url_is_used() {
     let (status, _) = try_publish(&wrong, "auth", "refused").await;
     assert_eq!(status, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_speak_tls_and_verify_the_server_certificate() {
+    let certs = common::tls::TestCerts::new();
+    let redis = RedisServer::start_tls(&certs.cert, &certs.key);
+    let url = format!("rediss://{}", redis.addr());
+
+    let ca = certs.ca_cert.clone();
+    let trusted_url = url.clone();
+    let server = Server::start_with(move |c| {
+        c.redis_url = Some(trusted_url);
+        c.redis_ca_cert = Some(ca);
+        c.redis_timeout = Duration::from_millis(500);
+    })
+    .await;
+    wait_ready(&server, 200).await;
+    let mut sub = server.subscribe("/topics/secure").await;
+    let id = server.publish_id("secure", "over tls").await;
+    assert_eq!(sub.next().await, Ev::new(&id, "message", "over tls"));
+
+    // Without the private CA, the certificate is not trusted.
+    let untrusted = node(&url).await;
+    wait_ready(&untrusted, 503).await;
+    let (status, _) = try_publish(&untrusted, "secure", "refused").await;
+    assert_eq!(status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_redis_url_stops_the_binary_with_a_clear_message() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["--listen", "127.0.0.1:0", "--redis", "http://not-redis"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("bad Redis URL"), "{log}");
+}

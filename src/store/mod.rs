@@ -51,6 +51,9 @@ pub struct History {
 pub enum StoreError {
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),
+    /// A setting the store cannot work with; reported at start-up.
+    #[error("invalid store configuration: {0}")]
+    Config(String),
 }
 
 #[async_trait]

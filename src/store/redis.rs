@@ -176,12 +176,26 @@ impl RedisStore {
     /// retried with backoff; a malformed URL is an error now.
     pub fn new(
         url: &str,
+        ca_cert: Option<&std::path::Path>,
         prefix: &str,
         hub: Hub,
         retention: Retention,
         timeout: Duration,
     ) -> Result<RedisStore, StoreError> {
-        let client = Client::open(url).map_err(|e| unavailable(format!("bad Redis URL: {e}")))?;
+        let client = match ca_cert {
+            None => Client::open(url),
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|e| {
+                    StoreError::Config(format!("cannot read {}: {e}", path.display()))
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                Client::build_with_tls(url, certificates)
+            }
+        }
+        .map_err(|e| StoreError::Config(format!("bad Redis URL or certificate: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

@@ -4,6 +4,7 @@
 
 pub mod process;
 pub mod redis;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -19,6 +19,8 @@ pub struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     persistent: bool,
+    /// Certificate and key files: serve TLS only.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl RedisServer {
@@ -32,7 +34,16 @@ impl RedisServer {
         RedisServer::start_with(false)
     }
 
+    /// Starts a Redis that speaks only TLS, with this certificate and key.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> RedisServer {
+        RedisServer::start_with_tls(false, Some((cert.to_owned(), key.to_owned())))
+    }
+
     fn start_with(persistent: bool) -> RedisServer {
+        RedisServer::start_with_tls(persistent, None)
+    }
+
+    fn start_with_tls(persistent: bool, tls: Option<(PathBuf, PathBuf)>) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "crier-test-redis-{}-{}",
             std::process::id(),
@@ -44,6 +55,7 @@ impl RedisServer {
             dir,
             child: None,
             persistent,
+            tls,
         };
         // A port found free may be taken before redis-server binds it: retry.
         for _ in 0..10 {
@@ -66,8 +78,18 @@ impl RedisServer {
     /// Starts the process on `self.port`; false if it did not come up.
     fn launch(&mut self) -> bool {
         let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .args(["--tls-auth-clients", "no"]),
+        };
         command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--daemonize", "no", "--protected-mode", "no"])
             .args(["--appendonly", if self.persistent { "yes" } else { "no" }])
             .args(["--appendfsync", "always"])
@@ -92,7 +114,11 @@ impl RedisServer {
                 self.child = None;
                 return false; // exited: most likely the port was taken
             }
-            if ping(self.port) {
+            let up = match self.tls {
+                None => ping(self.port),
+                Some(_) => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            };
+            if up {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));

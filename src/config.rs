@@ -90,6 +90,23 @@ pub struct Config {
     #[arg(long, env = "CRIER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// PEM certificate chain: serve HTTPS, offering HTTP/2 and HTTP/1.1.
+    #[arg(long, env = "CRIER_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CRIER_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Most concurrent streams (subscriptions) on one HTTP/2 connection.
+    #[arg(long, env = "CRIER_HTTP2_MAX_STREAMS", default_value_t = 1000)]
+    pub http2_max_streams: u32,
+
+    /// Interval of HTTP/2 keep-alive pings, and how long to wait for the
+    /// answer before closing the connection.
+    #[arg(long, env = "CRIER_HTTP2_KEEPALIVE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive: Duration,
+
     /// Keep events in Redis instead of in memory, so several nodes serve one
     /// feed: redis://[USER:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS.
     #[arg(long = "redis", env = "CRIER_REDIS_URL", value_name = "URL")]

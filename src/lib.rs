@@ -12,11 +12,11 @@ pub mod config;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod server;
 pub mod sse;
 pub mod store;
 pub mod subscription;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -71,21 +71,6 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let grace = config.shutdown_timeout;
-    let state = state(config, shutdown.clone()).map_err(std::io::Error::other)?;
-    let router = app(state);
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    let deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = server => result,
-        () = deadline => {
-            tracing::warn!(?grace, "shutdown timeout reached; closing remaining connections");
-            Ok(())
-        }
-    }
+    let state = state(config.clone(), shutdown.clone()).map_err(std::io::Error::other)?;
+    server::serve(listener, app(state), &config, shutdown).await
 }

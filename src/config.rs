@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::compress::Codec;
 use crate::store::Retention;
 
 #[derive(Debug, Parser)]
@@ -91,11 +92,21 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 
     /// PEM certificate chain: serve HTTPS, offering HTTP/2 and HTTP/1.1.
-    #[arg(long, env = "CRIER_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "CRIER_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
     pub tls_cert: Option<std::path::PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "CRIER_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "CRIER_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     pub tls_key: Option<std::path::PathBuf>,
 
     /// Most concurrent streams (subscriptions) on one HTTP/2 connection.
@@ -128,6 +139,12 @@ pub struct Config {
     #[arg(long, env = "CRIER_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
+    /// Codecs offered for event streams and JSON answers, in order of
+    /// preference when the client values several equally; `none` disables
+    /// compression.
+    #[arg(long, env = "CRIER_COMPRESSION", default_value = "zstd,br,gzip", value_delimiter = ',', value_parser = parse_codec)]
+    pub compression: Vec<Option<Codec>>,
+
     /// Origins allowed to read responses from a browser (CORS), comma
     /// separated; `*` allows any. Empty disables CORS headers.
     #[arg(
@@ -139,7 +156,19 @@ pub struct Config {
     pub cors_origins: Vec<String>,
 }
 
+fn parse_codec(s: &str) -> Result<Option<Codec>, String> {
+    match s.trim() {
+        "none" | "" => Ok(None),
+        other => other.parse().map(Some),
+    }
+}
+
 impl Config {
+    /// The codecs enabled, in order of preference.
+    pub fn codecs(&self) -> Vec<Codec> {
+        self.compression.iter().flatten().copied().collect()
+    }
+
     pub fn retention(&self) -> Retention {
         Retention {
             max_events: self.retention_events,

@@ -14,12 +14,14 @@ use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::{MethodRouter, get};
 use tokio_util::sync::CancellationToken;
+use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 pub use error::ApiError;
 
+use crate::compress::Codec;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};
@@ -37,6 +39,7 @@ pub struct AppState {
 /// Builds the whole router. `main` serves it; tests serve the very same.
 pub fn app(state: AppState) -> Router {
     let cors = cors_layer(&state.config.cors_origins);
+    let state_codecs = state.config.codecs();
     let router = Router::new()
         .route("/", get(index))
         .route("/healthz", get(healthz))
@@ -59,6 +62,16 @@ pub fn app(state: AppState) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     };
+    // JSON answers; event streams compress themselves, flushing per chunk,
+    // and the layer leaves `text/event-stream` alone.
+    let codecs = state_codecs;
+    let router = router.layer(
+        CompressionLayer::new()
+            .zstd(codecs.contains(&Codec::Zstd))
+            .br(codecs.contains(&Codec::Brotli))
+            .gzip(codecs.contains(&Codec::Gzip))
+            .no_deflate(),
+    );
     router.layer(
         TraceLayer::new_for_http()
             .make_span_with(DefaultMakeSpan::new().level(Level::INFO))

@@ -2,8 +2,6 @@
 //! wants to start, open a subscription, and stream it as `text/event-stream`.
 //! The `Accept` header is not required: `curl -N` users forget it.
 
-use std::convert::Infallible;
-
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
@@ -12,6 +10,7 @@ use axum::response::Response;
 use tokio_stream::StreamExt;
 
 use super::{ApiError, AppState};
+use crate::compress::{Compressor, negotiate};
 use crate::event::{Cursor, Topic};
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 
@@ -138,9 +137,9 @@ async fn open(
     topics: Vec<Topic>,
     style: IdStyle,
     params: Params,
-    headers: &HeaderMap,
+    request_headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let start = start(&params, headers, topics.len())?;
+    let start = start(&params, request_headers, topics.len())?;
     let mut subscription =
         Subscription::open(&state.hub, state.store.clone(), topics, style, start);
     // Answer once live delivery is confirmed and the start is fixed, so that
@@ -157,9 +156,26 @@ async fn open(
         retry: state.config.retry,
         shutdown: state.shutdown.clone(),
     };
-    let stream = subscription.into_stream(settings).map(Ok::<_, Infallible>);
-    let mut response = Response::new(Body::from_stream(stream));
+    let stream = subscription.into_stream(settings);
+    let codec = negotiate(
+        request_headers.get(header::ACCEPT_ENCODING),
+        &state.config.codecs(),
+    );
+    let body = match codec.map(Compressor::new) {
+        Some(Ok(mut compressor)) => {
+            Body::from_stream(stream.map(move |chunk| compressor.compress(&chunk)))
+        }
+        _ => Body::from_stream(stream.map(Ok::<_, std::io::Error>)),
+    };
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
+    if let Some(codec) = codec {
+        headers.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static(codec.token()),
+        );
+    }
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

@@ -158,12 +158,14 @@ mod tests {
         assert_eq!(negotiate(Some(&gzip), &[]), None);
     }
 
+    type Decoder = Box<dyn FnMut(&[u8]) -> Vec<u8>>;
+
     #[test]
     fn every_chunk_decodes_on_its_own_arrival() {
         use std::io::Write;
         for codec in [Codec::Zstd, Codec::Brotli, Codec::Gzip] {
             let mut compressor = Compressor::new(codec).unwrap();
-            let mut decoded: Box<dyn FnMut(&[u8]) -> Vec<u8>> = match codec {
+            let mut decoded: Decoder = match codec {
                 Codec::Zstd => {
                     let mut d = zstd::stream::write::Decoder::new(Vec::new()).unwrap();
                     Box::new(move |b| {

@@ -41,9 +41,9 @@ pub fn app(state: AppState) -> Router {
     let cors = cors_layer(&state.config.cors_origins);
     let state_codecs = state.config.codecs();
     let router = Router::new()
-        .route("/", get(index))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/", get(index).fallback(not_allowed("GET, HEAD")))
+        .route("/healthz", get(healthz).fallback(not_allowed("GET, HEAD")))
+        .route("/readyz", get(readyz).fallback(not_allowed("GET, HEAD")))
         .route(
             "/topics/{topic}",
             get(subscribe::topic)

@@ -46,10 +46,12 @@ pub(super) fn parse_topic(
 ) -> Result<Topic, ApiError> {
     let name = match path {
         Ok(Path(name)) => name,
+        // The only way a `{topic}` segment fails to extract is percent-
+        // encoding that is not UTF-8: outside the charset either way.
         Err(rejection) => {
-            return Err(ApiError::InvalidParameter {
-                name: "topic",
-                reason: rejection.body_text(),
+            return Err(ApiError::InvalidTopic {
+                name: format!("({})", rejection.body_text()),
+                reason: crate::event::InvalidTopic::Charset,
             });
         }
     };

@@ -112,6 +112,9 @@ impl Drop for Server {
 }
 
 pub fn client() -> reqwest::Client {
+    // The hub and the clients share one TLS provider (an error only means
+    // it is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(64)

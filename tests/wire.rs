@@ -1,0 +1,364 @@
+//! On the wire: compression flushed per event, HTTP/2 over TLS with many
+//! streams on one connection, and h2c with prior knowledge.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::tls::TestCerts;
+use common::*;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, BodyStream, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// Decodes one content coding incrementally, as a browser does.
+enum Decoder {
+    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+}
+
+impl Decoder {
+    fn new(coding: &str) -> Decoder {
+        match coding {
+            "zstd" => Decoder::Zstd(zstd::stream::write::Decoder::new(Vec::new()).unwrap()),
+            "br" => Decoder::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096))),
+            "gzip" => Decoder::Gzip(flate2::write::GzDecoder::new(Vec::new())),
+            other => panic!("unexpected coding {other}"),
+        }
+    }
+
+    /// Everything `wire` decodes to, right now.
+    fn decode(&mut self, wire: &[u8]) -> Vec<u8> {
+        let out = match self {
+            Decoder::Zstd(d) => {
+                d.write_all(wire).unwrap();
+                d.flush().unwrap();
+                d.get_mut()
+            }
+            Decoder::Brotli(d) => {
+                d.write_all(wire).unwrap();
+                d.flush().unwrap();
+                d.get_mut()
+            }
+            Decoder::Gzip(d) => {
+                d.write_all(wire).unwrap();
+                d.flush().unwrap();
+                d.get_mut()
+            }
+        };
+        std::mem::take(out)
+    }
+}
+
+/// A compressed subscription: events decoded from the wire as each chunk
+/// arrives, and a count of compressed bytes received.
+struct CompressedSubscriber {
+    events: std::pin::Pin<Box<dyn futures_util::Stream<Item = Ev> + Send>>,
+    wire_bytes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CompressedSubscriber {
+    async fn connect(server: &Server, path: &str, coding: &str) -> CompressedSubscriber {
+        let response = server
+            .client
+            .get(server.url(path))
+            .header("accept-encoding", coding)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-encoding"].to_str().unwrap(),
+            coding
+        );
+        let mut decoder = Decoder::new(coding);
+        let wire_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = wire_bytes.clone();
+        let (tx, rx) = mpsc::unbounded_channel::<Result<Bytes, std::io::Error>>();
+        let mut body = response.bytes_stream();
+        tokio::spawn(async move {
+            while let Some(Ok(chunk)) = body.next().await {
+                counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+                let plain = decoder.decode(&chunk);
+                if tx.send(Ok(Bytes::from(plain))).is_err() {
+                    return;
+                }
+            }
+        });
+        let events = UnboundedReceiverStream::new(rx).eventsource().map(|e| {
+            let e = e.expect("decodable stream");
+            Ev::new(&e.id, &e.event, &e.data)
+        });
+        CompressedSubscriber {
+            events: Box::pin(events),
+            wire_bytes,
+        }
+    }
+
+    async fn next(&mut self) -> Ev {
+        tokio::time::timeout(DEADLINE, self.events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+    }
+}
+
+/// A realistic JSON event: a dashboard metric update.
+fn metric(n: usize) -> String {
+    format!(
+        r#"{{"metric":"cpu.utilisation","host":"web-{:02}.eu-west","value":{}.{},"unit":"percent","tags":{{"env":"production","team":"platform"}},"seq":{n}}}"#,
+        n % 17,
+        20 + n % 60,
+        n % 10
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_codec_delivers_an_event_on_an_idle_stream_within_100ms_and_stays_decodable() {
+    let server = Server::start().await;
+    for coding in ["zstd", "br", "gzip"] {
+        let topic = format!("c-{coding}");
+        let path = format!("/topics/{topic}");
+        let mut sub = CompressedSubscriber::connect(&server, &path, coding).await;
+
+        // The stream is idle (only its preamble went out). Measure from the
+        // publish to the decoded event.
+        for n in 0..5 {
+            let data = metric(n);
+            let sent = Instant::now();
+            let id = server.publish_id(&topic, &data).await;
+            let event = sub.next().await;
+            let latency = sent.elapsed();
+            assert_eq!(event, Ev::new(&id, "message", &data), "{coding}");
+            assert!(
+                latency < Duration::from_millis(100),
+                "{coding}: event {n} took {latency:?} to arrive decoded"
+            );
+        }
+        // Many more, in a burst: still byte-exact, in order.
+        let mut expected = Vec::new();
+        for n in 5..300 {
+            let data = metric(n);
+            let id = server.publish_id(&topic, &data).await;
+            expected.push(Ev::new(&id, "message", &data));
+        }
+        for want in expected {
+            assert_eq!(sub.next().await, want, "{coding}");
+        }
+        assert!(sub.wire_bytes.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_flushed_through_the_compressor() {
+    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(50)).await;
+    let response = server
+        .client
+        .get(server.url("/topics/hb"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    let mut decoder = Decoder::new("gzip");
+    let mut body = response.bytes_stream();
+    let mut plain = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while String::from_utf8_lossy(&plain)
+        .matches(": heartbeat\n\n")
+        .count()
+        < 2
+    {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("heartbeats arrive decoded")
+            .unwrap()
+            .unwrap();
+        plain.extend(decoder.decode(&chunk));
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_can_be_switched_off_and_identity_is_always_possible() {
+    let server = Server::start_with(|c| c.compression = vec![None]).await;
+    let response = server
+        .client
+        .get(server.url("/topics/plain"))
+        .header("accept-encoding", "gzip, br, zstd")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("content-encoding").is_none());
+    server.stop().await;
+
+    let server = Server::start().await;
+    let mut sub = server.subscribe("/topics/plain").await; // no Accept-Encoding
+    assert!(sub.headers.get("content-encoding").is_none());
+    let id = server.publish_id("plain", "as is").await;
+    assert_eq!(sub.next().await, Ev::new(&id, "message", "as is"));
+    server.stop().await;
+}
+
+/// Opens one TLS connection to `addr`, negotiating `h2` by ALPN, and
+/// returns an HTTP/2 sender multiplexing requests on it.
+async fn h2_over_tls(addr: std::net::SocketAddr, ca: &std::path::Path) -> H2 {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    H2 {
+        sender,
+        base: format!("https://localhost:{}", addr.port()),
+    }
+}
+
+/// One HTTP/2 connection and the origin it speaks to.
+#[derive(Clone)]
+struct H2 {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    base: String,
+}
+
+impl H2 {
+    async fn send(
+        &mut self,
+        method: hyper::Method,
+        path: &str,
+        body: &str,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        self.sender.ready().await.unwrap();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let response = self.sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        response
+    }
+
+    /// Publishes and returns the event's id.
+    async fn publish(&mut self, topic: &str, data: &str) -> String {
+        let response = self
+            .send(hyper::Method::POST, &format!("/topics/{topic}"), data)
+            .await;
+        assert_eq!(response.status(), 201);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        answer["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Subscribes; the events of the stream as a browser would parse them.
+    async fn subscribe(
+        &mut self,
+        path: &str,
+    ) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = Ev> + Send>> {
+        let response = self.send(hyper::Method::GET, path, "").await;
+        assert_eq!(response.status(), 200);
+        Box::pin(
+            BodyStream::new(response.into_body())
+                .filter_map(|frame| async move { frame.ok().and_then(|f| f.into_data().ok()) })
+                .map(Ok::<_, std::convert::Infallible>)
+                .eventsource()
+                .map(|e| {
+                    let e = e.expect("well-formed stream");
+                    Ev::new(&e.id, &e.event, &e.data)
+                }),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_streams_multiplexed_on_one_http2_tls_connection_all_receive_the_same_sequence()
+{
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = TestCerts::new();
+    let (cert, key) = (certs.cert.clone(), certs.key.clone());
+    let server = Server::start_with(move |c| {
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+    })
+    .await;
+
+    // All 200 subscriptions share this one connection.
+    let mut shared = h2_over_tls(server.addr, &certs.ca_cert).await;
+    let mut subscribers = Vec::new();
+    for _ in 0..200 {
+        subscribers.push(shared.subscribe("/topics/mux").await);
+    }
+    let mut publisher = h2_over_tls(server.addr, &certs.ca_cert).await;
+    let mut expected = Vec::new();
+    for n in 0..20 {
+        let data = metric(n);
+        let id = publisher.publish("mux", &data).await;
+        expected.push(Ev::new(&id, "message", &data));
+    }
+    let received = futures_util::future::join_all(subscribers.iter_mut().map(|events| {
+        let n = expected.len();
+        async move {
+            let mut got = Vec::with_capacity(n);
+            for _ in 0..n {
+                let next = tokio::time::timeout(DEADLINE, events.next()).await;
+                got.push(next.expect("event in time").expect("stream open"));
+            }
+            got
+        }
+    }))
+    .await;
+    for (n, got) in received.iter().enumerate() {
+        assert_eq!(got, &expected, "stream {n}");
+    }
+    drop(subscribers);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_listener_speaks_http2_with_prior_knowledge() {
+    let server = Server::start().await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut h2c = H2 {
+        sender,
+        base: format!("http://{}", server.addr),
+    };
+    let mut events = h2c.subscribe("/topics/h2c").await;
+    let id = h2c.publish("h2c", "cleartext h2").await;
+    let got = tokio::time::timeout(DEADLINE, events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Ev::new(&id, "message", "cleartext h2"));
+    drop(events);
+    server.stop().await;
+}

@@ -135,6 +135,53 @@ impl Compressor {
     }
 }
 
+/// The other end of a [`Compressor`]: decodes a stream chunk by chunk, as a
+/// browser does (used by `crier bench`).
+pub struct Decompressor {
+    decoder: Decoder,
+}
+
+enum Decoder {
+    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+}
+
+impl Decompressor {
+    pub fn new(codec: Codec) -> std::io::Result<Decompressor> {
+        let decoder = match codec {
+            Codec::Zstd => Decoder::Zstd(zstd::stream::write::Decoder::new(Vec::new())?),
+            Codec::Brotli => {
+                Decoder::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096)))
+            }
+            Codec::Gzip => Decoder::Gzip(flate2::write::GzDecoder::new(Vec::new())),
+        };
+        Ok(Decompressor { decoder })
+    }
+
+    /// Everything `wire` decodes to, now.
+    pub fn decompress(&mut self, wire: &[u8]) -> std::io::Result<Vec<u8>> {
+        let out = match &mut self.decoder {
+            Decoder::Zstd(d) => {
+                d.write_all(wire)?;
+                d.flush()?;
+                d.get_mut()
+            }
+            Decoder::Brotli(d) => {
+                d.write_all(wire)?;
+                d.flush()?;
+                d.get_mut()
+            }
+            Decoder::Gzip(d) => {
+                d.write_all(wire)?;
+                d.flush()?;
+                d.get_mut()
+            }
+        };
+        Ok(std::mem::take(out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,39 +205,12 @@ mod tests {
         assert_eq!(negotiate(Some(&gzip), &[]), None);
     }
 
-    type Decoder = Box<dyn FnMut(&[u8]) -> Vec<u8>>;
-
     #[test]
     fn every_chunk_decodes_on_its_own_arrival() {
-        use std::io::Write;
         for codec in [Codec::Zstd, Codec::Brotli, Codec::Gzip] {
             let mut compressor = Compressor::new(codec).unwrap();
-            let mut decoded: Decoder = match codec {
-                Codec::Zstd => {
-                    let mut d = zstd::stream::write::Decoder::new(Vec::new()).unwrap();
-                    Box::new(move |b| {
-                        d.write_all(b).unwrap();
-                        d.flush().unwrap();
-                        std::mem::take(d.get_mut())
-                    })
-                }
-                Codec::Brotli => {
-                    let mut d = brotli::DecompressorWriter::new(Vec::new(), 4096);
-                    Box::new(move |b| {
-                        d.write_all(b).unwrap();
-                        d.flush().unwrap();
-                        std::mem::take(d.get_mut())
-                    })
-                }
-                Codec::Gzip => {
-                    let mut d = flate2::write::GzDecoder::new(Vec::new());
-                    Box::new(move |b| {
-                        d.write_all(b).unwrap();
-                        d.flush().unwrap();
-                        std::mem::take(d.get_mut())
-                    })
-                }
-            };
+            let mut decompressor = Decompressor::new(codec).unwrap();
+            let mut decoded = |wire: &[u8]| decompressor.decompress(wire).unwrap();
             for n in 0..50 {
                 let chunk = format!("id: {n}\ndata: {{\"n\":{n},\"pad\":\"xxxxxxxx\"}}\n\n");
                 let wire = compressor.compress(chunk.as_bytes()).unwrap();

@@ -28,16 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the hub (the default).
     Serve(Config),
-}
-
-impl Cli {
-    /// The serve configuration, whether or not `serve` was spelled out.
-    pub fn into_config(self) -> Config {
-        match self.command {
-            Some(Command::Serve(config)) => config,
-            None => self.serve,
-        }
-    }
+    /// Measure a running hub (crier or another SSE hub) over HTTP.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -180,6 +172,6 @@ impl Config {
 impl Default for Config {
     /// The documented defaults, as `crier serve` with no flags.
     fn default() -> Config {
-        Cli::parse_from(["crier"]).into_config()
+        Cli::parse_from(["crier"]).serve.clone()
     }
 }

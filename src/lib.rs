@@ -8,6 +8,7 @@
 //! once) → [`hub`] (fans the same bytes out) → each [`subscription`]'s
 //! stream. See docs/ARCHITECTURE.md for the map.
 
+pub mod bench;
 pub mod compress;
 pub mod config;
 pub mod event;

@@ -5,7 +5,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crier::config::Cli;
+use crier::config::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -16,7 +16,20 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = Cli::parse().into_config();
+    let cli = Cli::parse();
+    let config = match cli.command {
+        None => cli.serve,
+        Some(Command::Serve(config)) => config,
+        Some(Command::Bench(args)) => {
+            return match crier::bench::run(args).await {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("crier bench: {error}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    };
 
     // Every subscriber is an open socket: use all the descriptors we may.
     if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {

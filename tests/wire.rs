@@ -362,3 +362,32 @@ async fn the_plain_listener_speaks_http2_with_prior_knowledge() {
     drop(events);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_wire_reports_bytes_per_event_for_every_coding() {
+    let server = Server::start().await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["bench", "wire", "--events", "50", "--url"])
+        .arg(format!("http://{}", server.addr))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["events"], 50);
+    let codings = result["codings"].as_array().unwrap();
+    let names: Vec<&str> = codings
+        .iter()
+        .map(|c| c["coding"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["identity", "gzip", "br", "zstd"]);
+    for coding in &codings[1..] {
+        let ratio = coding["ratio_to_identity"].as_f64().unwrap();
+        assert!(ratio > 0.0 && ratio < 0.5, "{coding}");
+    }
+    server.stop().await;
+}

@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the hub (the default).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Measure a running hub (crier or another SSE hub) over HTTP.
     Bench(crate::bench::BenchArgs),
 }

@@ -19,7 +19,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let config = match cli.command {
         None => cli.serve,
-        Some(Command::Serve(config)) => config,
+        Some(Command::Serve(config)) => *config,
         Some(Command::Bench(args)) => {
             return match crier::bench::run(args).await {
                 Ok(()) => std::process::ExitCode::SUCCESS,

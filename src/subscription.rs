@@ -91,6 +91,8 @@ pub struct Subscription {
     /// The newest live event seen per pending topic: the store must have
     /// caught up with it before the topic is in step again.
     wanted: Vec<Option<Position>>,
+    /// Set when the hub asked for a resync since the last look.
+    resync_requested: bool,
 }
 
 impl Subscription {
@@ -115,6 +117,7 @@ impl Subscription {
             start: Some(start),
             pending: vec![false; n],
             wanted: vec![None; n],
+            resync_requested: false,
         }
     }
 
@@ -159,7 +162,9 @@ impl Subscription {
                     match self.store_step(&mut chunk).await {
                         Ok(()) => retry.succeeded(),
                         Err(error) => {
-                            tracing::warn!(%error, "a stream waits for the store");
+                            // The store logs its own outage once; this is
+                            // per stream, so it stays at debug.
+                            tracing::debug!(%error, "a stream waits for the store");
                             retry.failed();
                         }
                     }
@@ -187,6 +192,10 @@ impl Subscription {
                         if lagged {
                             tracing::debug!("ending a stream: the subscriber fell behind the live feed");
                             return;
+                        }
+                        if std::mem::take(&mut self.resync_requested) {
+                            // The store is back: retry now, not after the backoff.
+                            retry.succeeded();
                         }
                     }
                     () = retry.wait(), if self.owes_store_work() => {}
@@ -317,6 +326,7 @@ impl Subscription {
             Live::Event(event) => event,
             Live::Resync => {
                 self.pending[i] = true;
+                self.resync_requested = true;
                 return true;
             }
         };

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
-use http_body_util::{BodyStream, Empty};
+use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpSocket;
 
@@ -73,15 +72,7 @@ impl SlowSubscriber {
 
     /// Reads everything until the server ends the stream.
     async fn read_to_end(self) -> Vec<Ev> {
-        let events = BodyStream::new(self.body)
-            .filter_map(|frame| async move { frame.ok().and_then(|f| f.into_data().ok()) })
-            .map(Ok::<_, std::convert::Infallible>)
-            .eventsource()
-            .map(|e| {
-                let e = e.expect("well-formed stream");
-                Ev::new(&e.id, &e.event, &e.data)
-            })
-            .collect::<Vec<_>>();
+        let events = sse_events(self.body).collect::<Vec<_>>();
         tokio::time::timeout(DEADLINE, events)
             .await
             .expect("the server ends a lagging stream")

@@ -12,7 +12,7 @@ use common::tls::TestCerts;
 use common::*;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, BodyStream, Full};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -282,16 +282,7 @@ impl H2 {
     ) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = Ev> + Send>> {
         let response = self.send(hyper::Method::GET, path, "").await;
         assert_eq!(response.status(), 200);
-        Box::pin(
-            BodyStream::new(response.into_body())
-                .filter_map(|frame| async move { frame.ok().and_then(|f| f.into_data().ok()) })
-                .map(Ok::<_, std::convert::Infallible>)
-                .eventsource()
-                .map(|e| {
-                    let e = e.expect("well-formed stream");
-                    Ev::new(&e.id, &e.event, &e.data)
-                }),
-        )
+        sse_events(response.into_body())
     }
 }
 

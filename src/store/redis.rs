@@ -354,22 +354,20 @@ impl RedisStore {
         }
     }
 
-    /// Appends one topic's events: returns its epoch and the first number.
-    fn publish_invocation(&self, topic: &Topic, events: &[&NewEvent]) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(PUBLISH)
-            .arg(2)
-            .arg(self.keys.meta(topic))
-            .arg(self.keys.events(topic))
-            .arg(self.keys.channel(topic))
-            .arg(self.retention.max_events.max(1))
-            .arg(self.max_age_ms())
-            .arg(self.meta_ttl_ms());
+    /// The keys and arguments of the `PUBLISH` script for one topic's events.
+    fn publish_args(&self, topic: &Topic, events: &[&NewEvent]) -> ([String; 2], Vec<String>) {
+        let keys = [self.keys.meta(topic), self.keys.events(topic)];
+        let mut args = vec![
+            self.keys.channel(topic),
+            self.retention.max_events.max(1).to_string(),
+            self.max_age_ms().to_string(),
+            self.meta_ttl_ms().to_string(),
+        ];
         for event in events {
-            cmd.arg(event.name.as_ref().map_or("", EventName::as_str))
-                .arg(event.data.as_str());
+            args.push(event.name.as_ref().map_or("", EventName::as_str).to_owned());
+            args.push(event.data.clone());
         }
-        cmd
+        (keys, args)
     }
 }
 
@@ -430,19 +428,9 @@ impl Store for RedisStore {
         let replies: Vec<Value> = match topics.as_slice() {
             [] => Vec::new(),
             [(topic, list)] => {
+                let (keys, args) = self.publish_args(topic, list);
                 let mut invocation = self.publish.prepare_invoke();
-                invocation
-                    .key(self.keys.meta(topic))
-                    .key(self.keys.events(topic))
-                    .arg(self.keys.channel(topic))
-                    .arg(self.retention.max_events.max(1))
-                    .arg(self.max_age_ms())
-                    .arg(self.meta_ttl_ms());
-                for event in list {
-                    invocation
-                        .arg(event.name.as_ref().map_or("", EventName::as_str))
-                        .arg(event.data.as_str());
-                }
+                invocation.key(&keys[..]).arg(args);
                 vec![
                     invocation
                         .invoke_async(&mut commands)
@@ -456,7 +444,14 @@ impl Store for RedisStore {
                 let mut pipe = redis::pipe();
                 pipe.atomic();
                 for (topic, list) in many {
-                    pipe.add_command(self.publish_invocation(topic, list));
+                    // EVAL, not EVALSHA: inside MULTI a missing script
+                    // would fail alone and let the rest of the batch in.
+                    let (keys, args) = self.publish_args(topic, list);
+                    pipe.cmd("EVAL")
+                        .arg(PUBLISH)
+                        .arg(2)
+                        .arg(&keys[..])
+                        .arg(args);
                 }
                 pipe.query_async(&mut commands).await.map_err(unavailable)?
             }

@@ -247,6 +247,21 @@ impl SseClient {
     }
 }
 
+/// The events of a raw hyper response body, as a browser would parse them.
+pub fn sse_events(body: hyper::body::Incoming) -> Pin<Box<dyn Stream<Item = Ev> + Send>> {
+    use http_body_util::BodyStream;
+    Box::pin(
+        BodyStream::new(body)
+            .filter_map(|frame| async move { frame.ok().and_then(|f| f.into_data().ok()) })
+            .map(Ok::<_, std::convert::Infallible>)
+            .eventsource()
+            .map(|e| {
+                let e = e.expect("well-formed stream");
+                Ev::new(&e.id, &e.event, &e.data)
+            }),
+    )
+}
+
 /// Polls `condition` until it holds, failing the test after the deadline.
 pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;

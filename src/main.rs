@@ -44,7 +44,14 @@ async fn main() -> std::process::ExitCode {
         }
     };
     match listener.local_addr() {
-        Ok(addr) => tracing::info!("crier listening on http://{addr}"),
+        Ok(addr) => {
+            let scheme = if config.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            tracing::info!("crier listening on {scheme}://{addr}");
+        }
         Err(error) => tracing::warn!(%error, "listening on an unknown address"),
     }
 

@@ -1,0 +1,753 @@
+//! A real headless Chromium against crier over HTTPS: many EventSources on
+//! one HTTP/2 connection, the browser's own decompression of the event
+//! streams, and EventSource's own reconnection across a restart of the hub.
+//!
+//! Needs `/usr/bin/chromium` (Debian: `apt-get install -y chromium`) and, for
+//! the restart, `redis-server`.
+//!
+//! The browser is driven over the DevTools protocol with a small client of
+//! its own (below) that keeps every message as a `serde_json::Value`: the
+//! CDP crates (chromiumoxide, headless_chrome) decode messages through
+//! untagged enums, which cannot decode a float once serde_json's
+//! `arbitrary_precision` feature is on, and crier turns it on.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use common::process::Process;
+use common::redis::RedisServer;
+use common::tls::TestCerts;
+use common::{Config, DEADLINE, Server};
+
+/// The browser the tests drive.
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+// ---------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_multiplexes_twelve_event_sources_over_http2_with_compression() {
+    let certs = TestCerts::new();
+    let (cert, key) = (certs.cert.clone(), certs.key.clone());
+    let server = Server::start_with(move |config: &mut Config| {
+        config.tls_cert = Some(cert);
+        config.tls_key = Some(key);
+    })
+    .await;
+    let origin = format!("https://{}", server.addr);
+    let publisher = https_client(&certs.ca_cert);
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("{origin}/")).await;
+
+    // Twelve EventSources on one origin: over HTTP/1.1 only six could be
+    // open at once, and the other six would never receive anything.
+    const TOPICS: usize = 12;
+    let topics: Vec<String> = (0..TOPICS).map(|n| format!("b{n}")).collect();
+    tab.evaluate::<bool>(&subscribe_script(&topics)).await;
+    tab.poll::<usize>("window.opened", "all 12 EventSources open", |&n| {
+        n == TOPICS
+    })
+    .await;
+
+    // Publish to every topic at once, each topic's events in order.
+    let expected: BTreeMap<String, Vec<(String, String)>> = join_all(topics.iter().map(|topic| {
+        let (publisher, origin) = (&publisher, &origin);
+        async move {
+            let mut sent = Vec::new();
+            for data in payloads(topic) {
+                let id = publish(publisher, origin, topic, &data).await;
+                sent.push((id, data));
+            }
+            (topic.clone(), sent)
+        }
+    }))
+    .await
+    .into_iter()
+    .collect();
+    let per_topic = expected["b0"].len();
+
+    let got: BTreeMap<String, Vec<(String, String)>> = tab
+        .poll("window.got", "every event on every EventSource", |got| {
+            received_all(got, per_topic)
+        })
+        .await;
+    for topic in &topics {
+        assert_eq!(
+            got[topic], expected[topic],
+            "EventSource on /topics/{topic} got exactly what was published, byte for byte"
+        );
+    }
+    let resets: Vec<Value> = tab.evaluate("JSON.stringify(window.resets)").await;
+    assert_eq!(resets, Vec::<Value>::new(), "no reset");
+    let errors: usize = tab.evaluate("JSON.stringify(window.errors)").await;
+    assert_eq!(errors, 0, "no EventSource failed or reconnected");
+
+    // What the browser's network stack saw for each EventSource.
+    let responses = tab
+        .wait_events(
+            "Network.responseReceived",
+            "a response per EventSource",
+            |events| event_sources(events).len() >= TOPICS,
+        )
+        .await;
+    let mut connections = Vec::new();
+    for response in event_sources(&responses).iter().map(|e| &e["response"]) {
+        let url = response["url"].as_str().unwrap_or_default();
+        assert!(url.starts_with(&format!("{origin}/topics/b")), "{url}");
+        assert_eq!(response["status"], 200, "{url}");
+        assert_eq!(response["protocol"], "h2", "{url} came over HTTP/2");
+        let encoding = header(&response["headers"], "content-encoding");
+        assert!(
+            matches!(encoding.as_deref(), Some("zstd" | "br" | "gzip")),
+            "{url} was compressed, and the browser decoded it: content-encoding {encoding:?}"
+        );
+        assert_eq!(
+            header(&response["headers"], "content-type").as_deref(),
+            Some("text/event-stream"),
+            "{url}"
+        );
+        connections.push(response["connectionId"].to_string());
+    }
+    connections.sort();
+    connections.dedup();
+    assert_eq!(
+        connections.len(),
+        1,
+        "all twelve streams share one connection: {connections:?}"
+    );
+
+    drop(chromium);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_resumes_exactly_after_the_hub_restarts() {
+    let redis = RedisServer::start();
+    let certs = TestCerts::new();
+    let (cert, key) = (path_str(&certs.cert), path_str(&certs.key));
+    let redis_url = redis.url();
+    let args = [
+        "--redis",
+        redis_url.as_str(),
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--retry",
+        "200ms",
+    ];
+    let mut hub = tokio::task::block_in_place(|| Process::start(&args));
+    let origin = hub.base.clone();
+    assert!(
+        origin.starts_with("https://"),
+        "a TLS hub says so: {origin}"
+    );
+    let addr = origin.trim_start_matches("https://").to_owned();
+    let publisher = https_client(&certs.ca_cert);
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("{origin}/")).await;
+
+    let topic = "restart";
+    tab.evaluate::<bool>(&subscribe_script(&[topic.to_owned()]))
+        .await;
+    tab.poll::<usize>("window.opened", "the EventSource opens", |&n| n == 1)
+        .await;
+    let mut expected = Vec::new();
+    for n in 1..=5 {
+        let data = format!("event {n} before the restart");
+        expected.push((publish(&publisher, &origin, topic, &data).await, data));
+    }
+    let got = tab.events_of(topic, 5).await;
+    assert_eq!(got, expected, "events 1..5 before the restart");
+
+    // A second node on the same Redis takes the publishes while the first
+    // is down.
+    let other = tokio::task::block_in_place(|| Process::start(&args));
+    let other_origin = other.base.clone();
+    hub.terminate();
+    let status = tokio::task::block_in_place(|| hub.wait_exit(DEADLINE));
+    assert!(
+        status.success(),
+        "crier exits cleanly on SIGTERM: {status:?}"
+    );
+    drop(hub);
+    for n in 6..=10 {
+        let data = format!("event {n} while the hub is down");
+        expected.push((publish(&publisher, &other_origin, topic, &data).await, data));
+    }
+
+    // EventSource keeps trying while nothing listens on the hub's address.
+    tab.wait_events(
+        "Network.loadingFailed",
+        "a reconnection attempt refused while the hub is down",
+        |failures| {
+            event_sources(failures)
+                .iter()
+                .any(|f| f["errorText"] == "net::ERR_CONNECTION_REFUSED")
+        },
+    )
+    .await;
+
+    // The same hub again, on the same address; the page reconnects by itself.
+    let _hub = tokio::task::block_in_place(|| FixedPortCrier::start(&addr, &args));
+    let got = tab.events_of(topic, 10).await;
+    assert_eq!(
+        got, expected,
+        "after the restart, exactly the events published while the hub was down"
+    );
+    for n in 11..=12 {
+        let data = format!("event {n} after the restart");
+        expected.push((publish(&publisher, &origin, topic, &data).await, data));
+    }
+    let got = tab.events_of(topic, 12).await;
+    assert_eq!(got, expected, "events 1..12, no gap, no duplicate");
+
+    // Nothing more may follow (a late duplicate, a reset).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = tab.events_of(topic, 12).await;
+    assert_eq!(got, expected, "still exactly events 1..12");
+    let resets: Vec<Value> = tab.evaluate("JSON.stringify(window.resets)").await;
+    assert_eq!(resets, Vec::<Value>::new(), "no reset");
+    let opened: usize = tab.evaluate("JSON.stringify(window.opened)").await;
+    let errors: usize = tab.evaluate("JSON.stringify(window.errors)").await;
+    assert!(
+        opened >= 2 && errors >= 1,
+        "EventSource reconnected by itself: {opened} opens, {errors} errors"
+    );
+
+    // The first request started from now; every reconnection that reached
+    // a hub carried the id of event 5 (as sent on the wire).
+    let requests = tab.events("Network.requestWillBeSent");
+    let sent = tab.events("Network.requestWillBeSentExtraInfo");
+    let last_event_ids: Vec<Option<String>> = event_sources(&requests)
+        .iter()
+        .filter_map(|request| {
+            sent.iter()
+                .find(|s| s["requestId"] == request["requestId"])
+                .map(|s| header(&s["headers"], "last-event-id"))
+        })
+        .collect();
+    assert!(
+        last_event_ids.len() >= 2,
+        "the first request and at least one reconnection: {last_event_ids:?}"
+    );
+    assert_eq!(last_event_ids[0], None, "the first request starts from now");
+    for id in &last_event_ids[1..] {
+        assert_eq!(
+            id.as_deref(),
+            Some(expected[4].0.as_str()),
+            "every reconnection resumes after event 5: {last_event_ids:?}"
+        );
+    }
+
+    drop(chromium);
+    drop(other);
+    drop(redis);
+}
+
+// ---------------------------------------------------------------------------
+// The page
+// ---------------------------------------------------------------------------
+
+/// A script that opens one EventSource per topic on the page's origin and
+/// records, in globals, what each one receives.
+fn subscribe_script(topics: &[String]) -> String {
+    let topics = serde_json::to_string(topics).unwrap();
+    format!(
+        r#"(() => {{
+  window.got = {{}}; window.resets = []; window.opened = 0; window.errors = 0;
+  for (const topic of {topics}) {{
+    window.got[topic] = [];
+    const es = new EventSource("/topics/" + topic);
+    es.onopen = () => {{ window.opened++; }};
+    es.onerror = () => {{ window.errors++; }};
+    es.onmessage = (e) => {{ window.got[topic].push([e.lastEventId, e.data]); }};
+    es.addEventListener("reset", (e) => {{ window.resets.push([topic, e.lastEventId, e.data]); }});
+  }}
+  return JSON.stringify(true);
+}})()"#
+    )
+}
+
+fn received_all(got: &BTreeMap<String, Vec<(String, String)>>, n: usize) -> bool {
+    got.values().all(|events| events.len() >= n)
+}
+
+/// The events (`Network.*` parameters) about EventSource requests.
+fn event_sources(events: &[Value]) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "EventSource")
+        .collect()
+}
+
+/// What the tests publish to `topic`: repetitive JSON (what compression is
+/// for), a large event, and text that must survive exactly.
+fn payloads(topic: &str) -> Vec<String> {
+    let row = |n: usize| {
+        format!(r#"{{"topic":"{topic}","n":{n},"status":"ok","tags":["alpha","beta","gamma"]}}"#)
+    };
+    let big = format!("[{}]", (0..300).map(row).collect::<Vec<_>>().join(","));
+    vec![
+        row(1),
+        format!("héllo wörld — ✓ 𝄞 中文 {topic}"),
+        format!("   leading spaces, then lines\nsecond line\n\nafter an empty line {topic}  "),
+        big,
+        row(2),
+    ]
+}
+
+/// A header's value from CDP's header object, whatever the case of its name.
+fn header(headers: &Value, name: &str) -> Option<String> {
+    headers.as_object()?.iter().find_map(|(key, value)| {
+        key.eq_ignore_ascii_case(name)
+            .then(|| value.as_str().unwrap_or_default().to_owned())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Publishing over HTTPS
+// ---------------------------------------------------------------------------
+
+/// A client that trusts exactly the test CA.
+fn https_client(ca: &Path) -> reqwest::Client {
+    // reqwest is built without a crypto provider of its own: use ring, the
+    // one crier's TLS uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(ca).expect("read the test CA");
+    reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("CA certificate")])
+        .timeout(DEADLINE)
+        .build()
+        .expect("HTTPS client")
+}
+
+/// Publishes `data` and returns the event's id.
+async fn publish(client: &reqwest::Client, origin: &str, topic: &str, data: &str) -> String {
+    let response = client
+        .post(format!("{origin}/topics/{topic}"))
+        .body(data.to_owned())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("publish to {origin}/topics/{topic}: {e}"));
+    assert_eq!(
+        response.status(),
+        201,
+        "publishing to {origin}/topics/{topic}"
+    );
+    let answer: Value = response.json().await.expect("publish answer is JSON");
+    answer["id"].as_str().expect("id is a string").to_owned()
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_str().expect("UTF-8 path").to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// The hub on a fixed address (for a restart on the same port)
+// ---------------------------------------------------------------------------
+
+/// The real binary listening on a given address; killed on drop.
+struct FixedPortCrier {
+    child: Child,
+}
+
+impl FixedPortCrier {
+    fn start(listen: &str, args: &[&str]) -> FixedPortCrier {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crier"))
+            .args(["serve", "--listen", listen])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start crier");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = Vec::new();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("crier listening on ") => break,
+                Some(Ok(line)) => log.push(line),
+                _ => panic!("crier did not start on {listen}: {log:#?}"),
+            }
+        }
+        // Keep draining the log so the process never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        FixedPortCrier { child }
+    }
+}
+
+impl Drop for FixedPortCrier {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The browser
+// ---------------------------------------------------------------------------
+
+/// A headless Chromium in its own process group with a fresh profile,
+/// connected over the DevTools protocol. Dropping it (also when a test
+/// fails) kills every process of the browser and removes the profile.
+struct Chromium {
+    cdp: Cdp,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Chromium {
+    async fn launch() -> Chromium {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "crier-test-chromium-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let profile = dir.join("profile");
+        std::fs::create_dir_all(&profile).expect("create a profile directory");
+        let log = std::fs::File::create(dir.join("chromium.log")).expect("create the browser log");
+        let child = Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            // The server's certificate comes from the test's throwaway CA.
+            .arg("--ignore-certificate-errors")
+            // The DevTools endpoint, on a free port it names in the profile.
+            .arg("--remote-debugging-port=0")
+            .arg("about:blank")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    panic!(
+                        "{CHROMIUM} is not installed, and the browser tests need it: install it \
+                         (Debian/Ubuntu: `apt-get install -y chromium`) and run the tests again"
+                    )
+                }
+                panic!("cannot start {CHROMIUM}: {e}")
+            }
+        };
+        // Until the browser is connected, this guard owns the process.
+        let mut starting = Starting {
+            child: Some(child),
+            dir: dir.clone(),
+        };
+
+        let port_file = profile.join("DevToolsActivePort");
+        let started = Instant::now();
+        let endpoint = loop {
+            if let Ok(text) = std::fs::read_to_string(&port_file)
+                && let [port, path, ..] = text.lines().collect::<Vec<_>>()[..]
+            {
+                break format!("ws://127.0.0.1:{port}{path}");
+            }
+            if let Ok(Some(status)) = starting.child.as_mut().unwrap().try_wait() {
+                panic!("chromium exited at start ({status}):\n{}", starting.log());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "chromium did not open its DevTools endpoint within 20s:\n{}",
+                starting.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let cdp = Cdp::connect(&endpoint).await;
+        Chromium {
+            cdp,
+            child: starting.child.take().unwrap(),
+            dir,
+        }
+    }
+
+    /// Opens a new tab, watches its network activity, and loads `url`.
+    async fn open(&self, url: &str) -> Tab<'_> {
+        let target = self
+            .cdp
+            .call(None, "Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+        let session = self
+            .cdp
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": target["targetId"], "flatten": true}),
+            )
+            .await;
+        let tab = Tab {
+            cdp: &self.cdp,
+            session: session["sessionId"].as_str().expect("a session").to_owned(),
+        };
+        tab.call("Network.enable", json!({})).await;
+        tab.call("Page.enable", json!({})).await;
+        let loads = tab.events("Page.loadEventFired").len();
+        let navigation = tab.call("Page.navigate", json!({"url": url})).await;
+        assert!(
+            navigation.get("errorText").is_none(),
+            "loading {url}: {navigation}"
+        );
+        tab.wait_events("Page.loadEventFired", &format!("{url} loads"), |events| {
+            events.len() > loads
+        })
+        .await;
+        let location: String = tab.evaluate("JSON.stringify(location.href)").await;
+        assert_eq!(location, url);
+        tab
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        self.cdp.reader.abort();
+        kill_group(&mut self.child);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A browser process not connected yet: killed, and its files removed, if
+/// the launch fails.
+struct Starting {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Starting {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("chromium.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_group(&mut child);
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Kills the browser's whole process group (browser, zygotes, renderers,
+/// utility processes) and reaps the browser.
+fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// One tab, as a DevTools session.
+struct Tab<'a> {
+    cdp: &'a Cdp,
+    session: String,
+}
+
+impl Tab<'_> {
+    async fn call(&self, method: &str, params: Value) -> Value {
+        self.cdp.call(Some(&self.session), method, params).await
+    }
+
+    /// The parameters of every `method` event of this tab so far.
+    fn events(&self, method: &str) -> Vec<Value> {
+        self.cdp.events(&self.session, method)
+    }
+
+    /// Waits until this tab's `method` events satisfy `done`.
+    async fn wait_events(
+        &self,
+        method: &str,
+        what: &str,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let events = self.events(method);
+            if done(&events) {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; {method} events: {events:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Evaluates `expression`, which must evaluate to a JSON text, in the
+    /// page.
+    async fn evaluate<T: DeserializeOwned>(&self, expression: &str) -> T {
+        let result = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expression, "returnByValue": true}),
+            )
+            .await;
+        if let Some(exception) = result.get("exceptionDetails") {
+            panic!("evaluating `{expression}` threw: {exception}");
+        }
+        let json = result["result"]["value"]
+            .as_str()
+            .unwrap_or_else(|| panic!("`{expression}` gives a JSON text, not {result}"));
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("`{expression}` gave {json}: {e}"))
+    }
+
+    /// Reads `expression` from the page until `done` holds, failing the
+    /// test after the deadline with the last value seen.
+    async fn poll<T: DeserializeOwned + std::fmt::Debug>(
+        &self,
+        expression: &str,
+        what: &str,
+        done: impl Fn(&T) -> bool,
+    ) -> T {
+        let deadline = Instant::now() + DEADLINE;
+        let json = format!("JSON.stringify({expression})");
+        loop {
+            let value: T = self.evaluate(&json).await;
+            if done(&value) {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; the page has {value:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the page's EventSource on `topic` has at least `n`
+    /// events, and returns them all.
+    async fn events_of(&self, topic: &str, n: usize) -> Vec<(String, String)> {
+        let expression = format!("window.got[{}]", serde_json::to_string(topic).unwrap());
+        self.poll(&expression, &format!("{n} events on {topic}"), |got| {
+            Vec::len(got) >= n
+        })
+        .await
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A minimal DevTools protocol client: numbered calls answered by id, and
+/// every event kept (with its session) for the tests to look at.
+struct Cdp {
+    sink: tokio::sync::Mutex<SplitSink<Ws, Message>>,
+    next_id: AtomicU64,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>,
+    events: Arc<Mutex<Vec<Value>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Cdp {
+    async fn connect(endpoint: &str) -> Cdp {
+        let (ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(endpoint))
+            .await
+            .unwrap_or_else(|_| panic!("connecting to {endpoint} took over {DEADLINE:?}"))
+            .unwrap_or_else(|e| panic!("connect to {endpoint}: {e}"));
+        let (sink, mut stream) = ws.split();
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>> = Arc::default();
+        let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let reader = tokio::spawn({
+            let (pending, events) = (pending.clone(), events.clone());
+            async move {
+                while let Some(Ok(message)) = stream.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    let Ok(message) = serde_json::from_str::<Value>(text.as_str()) else {
+                        continue;
+                    };
+                    match message["id"].as_u64() {
+                        Some(id) => {
+                            if let Some(reply) = pending.lock().unwrap().remove(&id) {
+                                let _ = reply.send(message);
+                            }
+                        }
+                        None => events.lock().unwrap().push(message),
+                    }
+                }
+                // The browser is gone: fail every call still waiting.
+                pending.lock().unwrap().clear();
+            }
+        });
+        Cdp {
+            sink: tokio::sync::Mutex::new(sink),
+            next_id: AtomicU64::new(1),
+            pending,
+            events,
+            reader,
+        }
+    }
+
+    /// Sends a command (to a tab's session, or to the browser) and returns
+    /// its result; fails the test on an error or after the deadline.
+    async fn call(&self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (reply, answer) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id, reply);
+        let mut command = json!({"id": id, "method": method, "params": params});
+        if let Some(session) = session {
+            command["sessionId"] = session.into();
+        }
+        self.sink
+            .lock()
+            .await
+            .send(Message::text(command.to_string()))
+            .await
+            .unwrap_or_else(|e| panic!("send {method}: {e}"));
+        let answer = tokio::time::timeout(DEADLINE, answer)
+            .await
+            .unwrap_or_else(|_| panic!("{method} got no answer within {DEADLINE:?}"))
+            .unwrap_or_else(|_| panic!("the browser closed the connection during {method}"));
+        if let Some(error) = answer.get("error") {
+            panic!("{method} failed: {error}");
+        }
+        answer["result"].clone()
+    }
+
+    /// The parameters of every `method` event of `session` so far.
+    fn events(&self, session: &str, method: &str) -> Vec<Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["sessionId"] == session && e["method"] == method)
+            .map(|e| e["params"].clone())
+            .collect()
+    }
+}

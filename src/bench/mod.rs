@@ -1,6 +1,11 @@
 //! `crier bench`: measures an SSE hub over HTTP, so it can measure a peer as
 //! well as crier. Progress goes to stderr, one JSON result to stdout.
 
+mod client;
+mod decode;
+mod fanout;
+mod idle;
+mod procfs;
 mod wire;
 
 use clap::{Args, Subcommand};
@@ -16,12 +21,20 @@ pub enum Scenario {
     /// Bytes on the wire per event for each content coding against identity,
     /// for a stream of realistic JSON events.
     Wire(wire::WireArgs),
+    /// Delivery latency, exactness and CPU per delivery: N subscribers to
+    /// one topic, events published at a fixed rate.
+    Fanout(fanout::FanoutArgs),
+    /// Memory per idle subscriber: the hub's resident memory before and
+    /// after opening N subscriptions.
+    Idle(idle::IdleArgs),
 }
 
 /// Runs a scenario and prints its JSON result on stdout.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     let result = match args.scenario {
         Scenario::Wire(args) => wire::run(args).await?,
+        Scenario::Fanout(args) => fanout::run(args).await?,
+        Scenario::Idle(args) => idle::run(args).await?,
     };
     println!("{result}");
     Ok(())

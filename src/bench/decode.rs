@@ -1,0 +1,355 @@
+//! A subscriber's side of the wire, as pure functions over bytes: the HTTP
+//! response head, the body's transfer framing, SSE `data:` lines and the
+//! bench's event stamp. No sockets here, so every piece is tested on slices.
+//!
+//! Everything is incremental and allocation-free after setup: a read may end
+//! anywhere (inside a chunk-size line, an event or a stamp), and a subscriber
+//! keeps only a few bytes of state between reads, which is what lets one
+//! process hold tens of thousands of subscribers.
+
+/// How the body of the response is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// `Content-Length: N`.
+    Length(u64),
+    /// Neither: the body runs until the server closes the connection.
+    UntilClose,
+}
+
+/// Longest response head accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Parses a response head from the start of `buf`. `Ok(None)`: not complete
+/// yet, read more. `Ok(Some((framing, len)))`: the body starts at `len`.
+/// Anything but a `200` with an uncompressed body is an error, since the
+/// bench can only count events it can read.
+pub fn response_head(buf: &[u8]) -> Result<Option<(Framing, usize)>, String> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if buf.len() > MAX_HEAD {
+            return Err(format!("response head longer than {MAX_HEAD} bytes"));
+        }
+        return Ok(None);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line.split(' ').nth(1).unwrap_or_default();
+    if status != "200" {
+        return Err(format!("subscribe answered `{status_line}`"));
+    }
+    let mut framing = Framing::UntilClose;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "transfer-encoding" if value.to_ascii_lowercase().contains("chunked") => {
+                framing = Framing::Chunked;
+            }
+            "content-length" if framing != Framing::Chunked => {
+                let len = value
+                    .parse()
+                    .map_err(|_| format!("bad content-length `{value}`"))?;
+                framing = Framing::Length(len);
+            }
+            "content-encoding" if !value.eq_ignore_ascii_case("identity") => {
+                return Err(format!(
+                    "the stream is encoded ({value}); it was not asked to be"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(Some((framing, end + 4)))
+}
+
+/// Where a [`Body`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading a chunk-size line's hex digits.
+    Size(u64),
+    /// Skipping the rest of a chunk-size line (extensions, CR).
+    SizeLine(u64),
+    /// Inside a chunk, or a `Content-Length` body: this many bytes to go.
+    Data(u64),
+    /// Skipping the CRLF after a chunk's data.
+    DataEnd,
+    /// Until the connection closes.
+    Raw,
+    /// The body is complete.
+    Done,
+}
+
+/// Removes the transfer framing from a response body, read by read.
+#[derive(Debug, Clone)]
+pub struct Body {
+    chunked: bool,
+    state: State,
+}
+
+impl Body {
+    pub fn new(framing: Framing) -> Body {
+        let (chunked, state) = match framing {
+            Framing::Chunked => (true, State::Size(0)),
+            Framing::Length(0) => (false, State::Done),
+            Framing::Length(n) => (false, State::Data(n)),
+            Framing::UntilClose => (false, State::Raw),
+        };
+        Body { chunked, state }
+    }
+
+    /// Whether the whole body has been read.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Feeds the next bytes read from the connection and hands each piece of
+    /// body data to `data`, in order.
+    pub fn feed(&mut self, mut bytes: &[u8], mut data: impl FnMut(&[u8])) -> Result<(), String> {
+        while let Some((&byte, rest)) = bytes.split_first() {
+            match self.state {
+                State::Raw => {
+                    data(bytes);
+                    return Ok(());
+                }
+                State::Data(remaining) => {
+                    let n = remaining.min(bytes.len() as u64) as usize;
+                    data(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    self.state = match remaining - n as u64 {
+                        0 if self.chunked => State::DataEnd,
+                        0 => State::Done,
+                        left => State::Data(left),
+                    };
+                    continue;
+                }
+                State::Size(size) => {
+                    self.state = match (byte as char).to_digit(16) {
+                        Some(digit) => State::Size(
+                            size.checked_mul(16)
+                                .map(|s| s + u64::from(digit))
+                                .ok_or("chunk size overflows")?,
+                        ),
+                        None if byte == b'\n' => after_size(size),
+                        None => State::SizeLine(size),
+                    };
+                }
+                State::SizeLine(size) => {
+                    if byte == b'\n' {
+                        self.state = after_size(size);
+                    }
+                }
+                State::DataEnd => match byte {
+                    b'\r' => {}
+                    b'\n' => self.state = State::Size(0),
+                    _ => return Err("chunk data is not followed by CRLF".into()),
+                },
+                State::Done => return Ok(()),
+            }
+            bytes = rest;
+        }
+        Ok(())
+    }
+}
+
+/// What follows a chunk-size line. The last chunk (size 0) ends the stream;
+/// its trailers do not matter.
+fn after_size(size: u64) -> State {
+    if size == 0 {
+        State::Done
+    } else {
+        State::Data(size)
+    }
+}
+
+/// How much of a `data:` line is kept: enough for the stamp the bench puts
+/// first in its events, so the padding that follows is never copied.
+const KEPT: usize = 96;
+
+/// Finds the `data:` lines of an SSE stream, read by read, keeping only the
+/// first [`KEPT`] bytes of each.
+#[derive(Debug, Clone)]
+pub struct DataLines {
+    line: [u8; KEPT],
+    len: usize,
+}
+
+impl Default for DataLines {
+    fn default() -> Self {
+        DataLines {
+            line: [0; KEPT],
+            len: 0,
+        }
+    }
+}
+
+impl DataLines {
+    /// Feeds the next piece of body data and hands the value of each
+    /// complete `data:` line (its first bytes) to `on_data`.
+    pub fn feed(&mut self, mut bytes: &[u8], mut on_data: impl FnMut(&[u8])) {
+        // CR, LF and CRLF all end a line; a CRLF just adds an empty line.
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
+            self.keep(&bytes[..end]);
+            let line = &self.line[..self.len];
+            if let Some(value) = line.strip_prefix(b"data:") {
+                on_data(value.strip_prefix(b" ").unwrap_or(value));
+            }
+            self.len = 0;
+            bytes = &bytes[end + 1..];
+        }
+        self.keep(bytes);
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(KEPT - self.len);
+        self.line[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+}
+
+/// The bench's stamp at the start of an event: `{"seq":N,"sent_us":T,…`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub seq: u64,
+    /// When the publisher sent it, in microseconds since the Unix epoch.
+    pub sent_us: u64,
+}
+
+impl Stamp {
+    /// Reads the stamp from (the start of) an event's data; `None` for data
+    /// that is not a bench event.
+    pub fn parse(data: &[u8]) -> Option<Stamp> {
+        Some(Stamp {
+            seq: number_after(data, b"\"seq\":")?,
+            sent_us: number_after(data, b"\"sent_us\":")?,
+        })
+    }
+
+    /// Writes the stamp as the start of a JSON object, for the publisher.
+    pub fn json_prefix(&self) -> String {
+        format!("{{\"seq\":{},\"sent_us\":{}", self.seq, self.sent_us)
+    }
+}
+
+/// The decimal number right after the first occurrence of `key`.
+fn number_after(data: &[u8], key: &[u8]) -> Option<u64> {
+    let start = data.windows(key.len()).position(|w| w == key)? + key.len();
+    data[start..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .try_fold(None::<u64>, |n, &b| {
+            n.unwrap_or(0)
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                .map(Some)
+        })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` to a body in pieces of `step` bytes; returns the data.
+    fn unframe(framing: Framing, input: &[u8], step: usize) -> (Vec<u8>, bool) {
+        let mut body = Body::new(framing);
+        let mut out = Vec::new();
+        for piece in input.chunks(step) {
+            body.feed(piece, |d| out.extend_from_slice(d)).unwrap();
+        }
+        (out, body.is_done())
+    }
+
+    #[test]
+    fn head_gives_the_framing_and_where_the_body_starts() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n";
+        let (framing, len) = response_head(head).unwrap().unwrap();
+        assert_eq!(framing, Framing::Chunked);
+        assert_eq!(&head[len..], b"7\r\n");
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n";
+        assert_eq!(response_head(head).unwrap().unwrap().0, Framing::Length(12));
+        let head = b"HTTP/1.0 200 OK\r\nConnection: close\r\n\r\n";
+        assert_eq!(response_head(head).unwrap().unwrap().0, Framing::UntilClose);
+    }
+
+    #[test]
+    fn head_waits_for_its_end_and_refuses_what_cannot_be_counted() {
+        assert_eq!(response_head(b"HTTP/1.1 200 OK\r\nContent-").unwrap(), None);
+        let err = response_head(b"HTTP/1.1 404 Not Found\r\n\r\n").unwrap_err();
+        assert!(err.contains("404"), "{err}");
+        assert!(response_head(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn chunked_body_is_unframed_whatever_the_read_boundaries() {
+        let input = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\n";
+        for step in 1..input.len() {
+            let (out, done) = unframe(Framing::Chunked, input, step);
+            assert_eq!(out, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
+            assert!(done);
+        }
+        let (out, done) = unframe(Framing::Chunked, b"3\r\nabc\r\n", 2);
+        assert_eq!((out.as_slice(), done), (&b"abc"[..], false));
+        assert!(
+            Body::new(Framing::Chunked)
+                .feed(b"3\r\nabcX", |_| {})
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn length_and_close_delimited_bodies() {
+        assert_eq!(
+            unframe(Framing::Length(3), b"abcdef", 2),
+            (b"abc".to_vec(), true)
+        );
+        assert_eq!(
+            unframe(Framing::UntilClose, b"abcdef", 4),
+            (b"abcdef".to_vec(), false)
+        );
+    }
+
+    #[test]
+    fn data_lines_are_found_across_reads_and_line_endings() {
+        let input = b"retry: 1000\n: open\n\nid: 1\ndata: {\"seq\":1}\n\nid: 2\r\ndata:two\r\n\r\ndata: three\rdata: x";
+        for step in 1..input.len() {
+            let mut lines = DataLines::default();
+            let mut found = Vec::new();
+            for piece in input.chunks(step) {
+                lines.feed(piece, |d| {
+                    found.push(String::from_utf8_lossy(d).into_owned())
+                });
+            }
+            assert_eq!(found, ["{\"seq\":1}", "two", "three"], "step {step}");
+        }
+    }
+
+    #[test]
+    fn long_data_lines_keep_only_their_start() {
+        let mut line = b"data: ".to_vec();
+        line.extend_from_slice(&[b'x'; 1000]);
+        line.push(b'\n');
+        let mut lines = DataLines::default();
+        let mut found = Vec::new();
+        lines.feed(&line, |d| found.push(d.len()));
+        assert_eq!(found, [KEPT - "data: ".len()]);
+    }
+
+    #[test]
+    fn stamp_round_trips_and_ignores_other_data() {
+        let stamp = Stamp {
+            seq: 42,
+            sent_us: 1_764_000_000_123_456,
+        };
+        let event = format!("{},\"pad\":\"xx\"}}", stamp.json_prefix());
+        assert_eq!(Stamp::parse(event.as_bytes()), Some(stamp));
+        assert_eq!(Stamp::parse(b"hello"), None);
+        assert_eq!(Stamp::parse(b"{\"seq\":,\"sent_us\":1}"), None);
+        assert_eq!(
+            Stamp::parse(b"{\"seq\":99999999999999999999999,\"sent_us\":1}"),
+            None
+        );
+    }
+}

@@ -1,0 +1,435 @@
+//! `crier bench fanout`: delivery latency, exactness and cost when one
+//! topic's events reach many subscribers.
+//!
+//! N subscribers connect first; only once every one has its preamble (so is
+//! surely subscribed) does publishing start, at a fixed rate, on a schedule.
+//! Each event carries its number and the time it was sent; each subscriber
+//! counts what arrives (lost, duplicated, out of order) and how late. CPU is
+//! measured over the publishing and draining window only, for the hub's
+//! processes and for the tool itself, so each can be put per delivery.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::client::{Crowd, Listener, SubscribeArgs, Target, raise_open_files, unix_micros};
+use super::decode::Stamp;
+use super::procfs;
+
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub subscribe: SubscribeArgs,
+    /// Path to publish to (POST, the event as the body); `{topic}` is
+    /// replaced (Nchan: `/pub?id={topic}`).
+    #[arg(long, default_value = "/topics/{topic}")]
+    pub publish_path: String,
+    /// Events published per second.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// How long to publish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Size of each event's payload, in bytes.
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// Keep-alive connections publishing in turn.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
+}
+
+/// An event sent later than this after its slot counts as late: above timer
+/// granularity, below anything that would bend the rate.
+const LATE: Duration = Duration::from_millis(5);
+
+/// Longest wait for deliveries after the last publish.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Longest wait for one publish to be answered.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Latency histograms shared by subscribers, each subscriber always using
+/// the same one. One per subscriber would cost about 140 KiB each (7 GB at
+/// 50,000 subscribers); with a few shards the bench's worker threads rarely
+/// meet on a lock.
+const SHARDS: usize = 16;
+
+/// Latencies are recorded in µs, up to a minute.
+fn histogram() -> Result<Histogram<u64>, String> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())
+}
+
+/// What all subscribers share.
+struct Shared {
+    /// Events this run will publish: stamps outside `0..events` are not ours.
+    events: u64,
+    publishers: u64,
+    latency_us: Vec<Mutex<Histogram<u64>>>,
+    /// Distinct deliveries so far, over all subscribers.
+    delivered: AtomicU64,
+}
+
+/// One subscriber's account of what it received.
+struct Tally {
+    shared: Arc<Shared>,
+    shard: usize,
+    /// One bit per event number, set once it arrived.
+    seen: Vec<u64>,
+    /// Per publisher connection, the highest event number seen plus one.
+    /// Events sent on one connection are sent one after the other, each
+    /// after the previous one's answer, so any hub must deliver them in
+    /// order; events on different connections overlap and may be ordered
+    /// either way, so they are not compared.
+    highest: Vec<u64>,
+    distinct: u64,
+    duplicated: u64,
+    out_of_order: u64,
+}
+
+impl Tally {
+    fn new(shared: Arc<Shared>, i: usize) -> Tally {
+        let words = shared.events.div_ceil(64) as usize;
+        let publishers = shared.publishers as usize;
+        Tally {
+            shared,
+            shard: i % SHARDS,
+            seen: vec![0; words],
+            highest: vec![0; publishers],
+            distinct: 0,
+            duplicated: 0,
+            out_of_order: 0,
+        }
+    }
+}
+
+impl Listener for Tally {
+    fn on_data(&mut self, data: &[u8], arrived_us: u64) {
+        let Some(stamp) = Stamp::parse(data) else {
+            return;
+        };
+        if stamp.seq >= self.shared.events {
+            return;
+        }
+        let (word, bit) = ((stamp.seq / 64) as usize, 1u64 << (stamp.seq % 64));
+        if self.seen[word] & bit != 0 {
+            self.duplicated += 1;
+            return;
+        }
+        self.seen[word] |= bit;
+        self.distinct += 1;
+        let highest = &mut self.highest[(stamp.seq % self.shared.publishers) as usize];
+        if stamp.seq < *highest {
+            self.out_of_order += 1;
+        } else {
+            *highest = stamp.seq + 1;
+        }
+        self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+        self.shared.latency_us[self.shard]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(arrived_us.saturating_sub(stamp.sent_us));
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection that publishes.
+type Publisher = http1::SendRequest<Full<Bytes>>;
+
+async fn connect(target: &Target) -> Result<Publisher, String> {
+    let tcp = TcpStream::connect(target.addr)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", target.addr))?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// An event: its stamp, padded to `size` bytes of JSON.
+fn event(seq: u64, size: usize) -> String {
+    let mut event = Stamp {
+        seq,
+        sent_us: unix_micros(),
+    }
+    .json_prefix();
+    event.push_str(",\"pad\":\"");
+    let pad = size.saturating_sub(event.len() + 2);
+    event.extend(std::iter::repeat_n('x', pad));
+    event.push_str("\"}");
+    event
+}
+
+/// Everything the publisher connections share.
+struct Publishing {
+    target: Arc<Target>,
+    path: String,
+    size: usize,
+    /// When event 0 is due; event `seq` is due at `start + seq / rate`.
+    start: Instant,
+    rate: f64,
+    events: u64,
+    publishers: u64,
+    published: AtomicU64,
+    errors: AtomicU64,
+    late: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Publishing {
+    /// Publisher `index` sends events `index`, `index + publishers`, … each
+    /// at its slot.
+    async fn share(&self, index: u64, mut publisher: Option<Publisher>) {
+        for seq in (index..self.events).step_by(self.publishers as usize) {
+            let slot = self.start + Duration::from_secs_f64(seq as f64 / self.rate);
+            tokio::time::sleep_until(slot).await;
+            if slot.elapsed() > LATE {
+                self.late.fetch_add(1, Ordering::Relaxed);
+            }
+            let sent = tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(&mut publisher, seq))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {PUBLISH_TIMEOUT:?}")));
+            match sent {
+                Ok(()) => self.published.fetch_add(1, Ordering::Relaxed),
+                Err(error) => {
+                    publisher = None;
+                    let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+                    first.get_or_insert(error);
+                    self.errors.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+    }
+
+    /// Publishes one event on `publisher`, reconnecting it first if it broke.
+    async fn publish(&self, publisher: &mut Option<Publisher>, seq: u64) -> Result<(), String> {
+        let sender = match publisher {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => publisher.insert(connect(&self.target).await?),
+        };
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let request = Request::post(&self.path)
+            .header("host", &self.target.authority)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(event(seq, self.size))))
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("publish answered {status}"));
+        }
+        Ok(())
+    }
+}
+
+/// `x` to `decimals` places, so the JSON shows no float noise.
+fn round(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+/// CPU seconds of the hub's processes and of this tool.
+fn cpu(pids: &[u32]) -> Result<(f64, f64), String> {
+    Ok((
+        procfs::total_cpu_seconds(pids)?,
+        procfs::cpu_seconds(std::process::id())?,
+    ))
+}
+
+pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
+    let sub = &args.subscribe;
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        return Err("--rate must be a positive number".into());
+    }
+    if args.publishers == 0 {
+        return Err("--publishers must be at least 1".into());
+    }
+    let target = Arc::new(Target::resolve(&sub.url).await?);
+    raise_open_files(sub.subscribers + args.publishers + 64)?;
+    let events = (args.rate * args.duration.as_secs_f64()).round() as u64;
+    eprintln!(
+        "bench fanout: {} subscribers, {events} events of {} bytes at {}/s against {}",
+        sub.subscribers, args.size, args.rate, sub.url
+    );
+    cpu(&sub.pids)?;
+
+    let shared = Arc::new(Shared {
+        events,
+        publishers: args.publishers as u64,
+        latency_us: (0..SHARDS)
+            .map(|_| histogram().map(Mutex::new))
+            .collect::<Result<_, _>>()?,
+        delivered: AtomicU64::new(0),
+    });
+    let crowd = Crowd::spawn(sub, &target, |i| Tally::new(shared.clone(), i))?;
+    let connected = crowd.wait_connected().await?;
+    let mut pool = Vec::with_capacity(args.publishers);
+    for _ in 0..args.publishers {
+        pool.push(connect(&target).await?);
+    }
+
+    let (server_cpu_before, tool_cpu_before) = cpu(&sub.pids)?;
+    let publishing = Arc::new(Publishing {
+        target: target.clone(),
+        path: target.path(&args.publish_path, &sub.topic),
+        size: args.size,
+        start: Instant::now(),
+        rate: args.rate,
+        events,
+        publishers: args.publishers as u64,
+        published: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        late: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+    });
+    publish_and_drain(&publishing, pool, &shared, &crowd, connected).await?;
+    let window = publishing.start.elapsed().as_secs_f64();
+    let (server_cpu_after, tool_cpu_after) = cpu(&sub.pids)?;
+    let peak_rss = procfs::total_memory_bytes(&sub.pids, "VmHWM")?;
+
+    let disconnected = crowd.dropped();
+    let published = publishing.published.load(Ordering::Relaxed);
+    let (mut deliveries, mut lost, mut duplicated, mut out_of_order) = (0, 0, 0, 0);
+    for outcome in crowd.close().await?.into_iter().filter(|o| o.connected) {
+        let tally = outcome.listener;
+        deliveries += tally.distinct;
+        lost += published.saturating_sub(tally.distinct);
+        duplicated += tally.duplicated;
+        out_of_order += tally.out_of_order;
+    }
+    let mut latency = histogram()?;
+    for shard in &shared.latency_us {
+        let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        latency.add(&*shard).map_err(|e| e.to_string())?;
+    }
+
+    let ms = |us: u64| us as f64 / 1000.0;
+    let per_delivery = |cpu_s: f64| round(cpu_s * 1e6 / deliveries.max(1) as f64, 2);
+    let tool_cpu = tool_cpu_after - tool_cpu_before;
+    let mut result = json!({
+        "scenario": "fanout",
+        "url": sub.url,
+        "subscribers": sub.subscribers,
+        "connected": connected,
+        "disconnected": disconnected,
+        "rate": args.rate,
+        "duration_s": args.duration.as_secs_f64(),
+        "size": args.size,
+        "publishers": args.publishers,
+        "published": published,
+        "publish_errors": publishing.errors.load(Ordering::Relaxed),
+        "published_late": publishing.late.load(Ordering::Relaxed),
+        "expected_deliveries": published * connected as u64,
+        "deliveries": deliveries,
+        "lost": lost,
+        "duplicated": duplicated,
+        "out_of_order": out_of_order,
+        "latency_ms": {
+            "p50": ms(latency.value_at_quantile(0.5)),
+            "p90": ms(latency.value_at_quantile(0.9)),
+            "p99": ms(latency.value_at_quantile(0.99)),
+            "max": ms(latency.max()),
+        },
+        "window_s": round(window, 3),
+        "deliveries_per_s": round(deliveries as f64 / window, 1),
+        "tool": {
+            "cpu_s": round(tool_cpu, 2),
+            "cpu_us_per_delivery": per_delivery(tool_cpu),
+        },
+    });
+    if !sub.pids.is_empty() {
+        let server_cpu = server_cpu_after - server_cpu_before;
+        result["server"] = json!({
+            "pids": sub.pids,
+            "cpu_s": round(server_cpu, 2),
+            "cpu_us_per_delivery": per_delivery(server_cpu),
+            "peak_rss_bytes": peak_rss,
+        });
+    }
+    Ok(result)
+}
+
+/// Publishes on schedule over `pool`, then waits until every connected
+/// subscriber has every published event, or [`DRAIN`] has passed; prints
+/// progress each second.
+async fn publish_and_drain(
+    publishing: &Arc<Publishing>,
+    pool: Vec<Publisher>,
+    shared: &Shared,
+    crowd: &Crowd<Tally>,
+    connected: usize,
+) -> Result<(), String> {
+    let tasks = pool.into_iter().enumerate().map(|(i, publisher)| {
+        let publishing = publishing.clone();
+        tokio::spawn(async move { publishing.share(i as u64, Some(publisher)).await })
+    });
+    let mut all_sent = futures_util::future::join_all(tasks);
+    let start = publishing.start;
+    let mut ticks =
+        tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+    let mut last = 0;
+    let mut progress = || {
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        eprintln!(
+            "{:5.1} s: {} published, {} late, {} errors; {delivered} delivered ({}/s); {} subscribers dropped",
+            start.elapsed().as_secs_f64(),
+            publishing.published.load(Ordering::Relaxed),
+            publishing.late.load(Ordering::Relaxed),
+            publishing.errors.load(Ordering::Relaxed),
+            delivered - last,
+            crowd.dropped(),
+        );
+        last = delivered;
+    };
+    loop {
+        tokio::select! {
+            sent = &mut all_sent => {
+                for task in sent {
+                    task.map_err(|e| format!("a publisher failed: {e}"))?;
+                }
+                break;
+            }
+            _ = ticks.tick() => progress(),
+        }
+    }
+    let expected = publishing.published.load(Ordering::Relaxed) * connected as u64;
+    let drain_until = Instant::now() + DRAIN;
+    while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            _ = ticks.tick() => progress(),
+        }
+    }
+    progress();
+    let dropped = crowd.dropped();
+    if let Some(problem) = crowd.first_problem().filter(|_| dropped > 0) {
+        eprintln!("{dropped} subscribers dropped, the first: {problem}");
+    }
+    let first_error = publishing
+        .first_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(error) = first_error.as_ref() {
+        eprintln!("first publish error: {error}");
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! `crier bench idle`: what an idle subscriber costs the hub in memory.
+//!
+//! Reads the hub's resident memory, opens N subscriptions that receive
+//! nothing, holds them a while (so lazily allocated state settles), and
+//! reads it again. Run it against a fresh hub: memory freed by an earlier
+//! run stays resident and would be reused, hiding part of the cost.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::json;
+
+use super::client::{Crowd, SubscribeArgs, Target, raise_open_files};
+use super::procfs;
+
+#[derive(Debug, Clone, Args)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub subscribe: SubscribeArgs,
+    /// How long to hold the subscriptions before reading memory again.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+}
+
+pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
+    let sub = &args.subscribe;
+    if sub.pids.is_empty() {
+        return Err("bench idle measures a process: give the hub's --pid".into());
+    }
+    let target = Target::resolve(&sub.url).await?;
+    raise_open_files(sub.subscribers + 64)?;
+    eprintln!(
+        "bench idle: {} subscribers held {:?} against {}",
+        sub.subscribers, args.hold, sub.url
+    );
+    let rss_before = procfs::total_memory_bytes(&sub.pids, "VmRSS")?;
+    let crowd = Crowd::spawn(sub, &target, |_| ())?;
+    let connected = crowd.wait_connected().await?;
+    tokio::time::sleep(args.hold).await;
+    let rss_after = procfs::total_memory_bytes(&sub.pids, "VmRSS")?;
+    let still_connected = connected - crowd.dropped();
+    if still_connected < connected {
+        eprintln!(
+            "{} subscribers dropped while held: {}",
+            connected - still_connected,
+            crowd.first_problem().unwrap_or_default()
+        );
+    }
+    crowd.close().await?;
+    let growth = rss_after as i64 - rss_before as i64;
+    eprintln!(
+        "{connected} connections: {:.1} MiB more resident, {} bytes each",
+        growth as f64 / (1024.0 * 1024.0),
+        growth / connected as i64
+    );
+    Ok(json!({
+        "scenario": "idle",
+        "url": sub.url,
+        "subscribers": sub.subscribers,
+        "connected": connected,
+        "still_connected": still_connected,
+        "hold_s": args.hold.as_secs_f64(),
+        "pids": sub.pids,
+        "rss_before_bytes": rss_before,
+        "rss_after_bytes": rss_after,
+        "bytes_per_connection": growth / connected as i64,
+    }))
+}

@@ -1,0 +1,71 @@
+//! CPU time and memory of processes, read from Linux's `/proc`, so the bench
+//! can put a hub's cost (and its own) next to the work it measured without
+//! any cooperation from the hub.
+
+/// Clock ticks per second of `/proc/PID/stat` times: the kernel reports them
+/// in USER_HZ, which is 100 on every architecture Linux supports today
+/// (what `sysconf(_SC_CLK_TCK)` answers).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+fn read(pid: u32, file: &str) -> Result<String, String> {
+    let path = format!("/proc/{pid}/{file}");
+    std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))
+}
+
+/// User plus system CPU time used so far by all threads of `pid`, in
+/// seconds (10 ms resolution).
+pub fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = read(pid, "stat")?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // fields after its closing parenthesis. utime and stime are fields 14
+    // and 15, so the 12th and 13th after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> Result<u64, String> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+    };
+    Ok((ticks(11)? + ticks(12)?) as f64 / TICKS_PER_SECOND)
+}
+
+/// A memory figure of `pid` from `/proc/PID/status` (`VmRSS`: resident now,
+/// `VmHWM`: peak resident), in bytes.
+pub fn memory_bytes(pid: u32, field: &str) -> Result<u64, String> {
+    let status = read(pid, "status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// CPU seconds summed over `pids`.
+pub fn total_cpu_seconds(pids: &[u32]) -> Result<f64, String> {
+    pids.iter().map(|&pid| cpu_seconds(pid)).sum()
+}
+
+/// A memory figure summed over `pids`.
+pub fn total_memory_bytes(pids: &[u32], field: &str) -> Result<u64, String> {
+    pids.iter().map(|&pid| memory_bytes(pid, field)).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(cpu_seconds(me).unwrap() >= 0.0);
+        let rss = memory_bytes(me, "VmRSS").unwrap();
+        let peak = memory_bytes(me, "VmHWM").unwrap();
+        assert!(rss > 0 && peak > 0, "rss {rss}, peak {peak}");
+        assert!(memory_bytes(me, "VmNothing").is_err());
+    }
+}

@@ -1,0 +1,87 @@
+//! `crier bench`: the real binary measuring an in-process hub, whose
+//! process is this test's own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Runs `crier bench ARGS…` against `server` and returns its JSON result.
+async fn bench(server: &Server, args: &[&str]) -> Value {
+    let url = format!("http://{}", server.addr);
+    let pid = std::process::id().to_string();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .arg("bench")
+        .args(args)
+        .args(["--url", &url, "--pid", &pid])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the bench finishes in time")
+        .expect("run crier bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "crier bench failed:\n{stderr}");
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("the result is not JSON ({e}):\n{stderr}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_counts_every_delivery_exactly_and_measures_the_hub() {
+    let server = Server::start().await;
+    let result = bench(
+        &server,
+        &[
+            "fanout",
+            "--subscribers",
+            "50",
+            "--rate",
+            "50",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(result["scenario"], "fanout", "{result}");
+    assert_eq!(result["connected"], 50, "{result}");
+    assert_eq!(result["published"], 50, "{result}");
+    assert_eq!(result["publish_errors"], 0, "{result}");
+    assert_eq!(result["expected_deliveries"], 2500, "{result}");
+    assert_eq!(result["deliveries"], 2500, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["duplicated"], 0, "{result}");
+    assert_eq!(result["out_of_order"], 0, "{result}");
+    let p50 = result["latency_ms"]["p50"].as_f64().expect("p50");
+    assert!(p50 > 0.0, "{result}");
+    assert!(
+        result["latency_ms"]["max"].as_f64() >= Some(p50),
+        "{result}"
+    );
+    let server_cpu = result["server"]["cpu_s"].as_f64().expect("server cpu");
+    assert!(server_cpu > 0.0, "{result}");
+    assert!(
+        result["server"]["peak_rss_bytes"].as_u64() > Some(0),
+        "{result}"
+    );
+    assert!(result["tool"]["cpu_s"].as_f64().is_some(), "{result}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_reports_the_hubs_memory_per_connection() {
+    let server = Server::start().await;
+    let result = bench(
+        &server,
+        &["idle", "--subscribers", "100", "--hold", "200ms"],
+    )
+    .await;
+    assert_eq!(result["scenario"], "idle", "{result}");
+    assert_eq!(result["connected"], 100, "{result}");
+    assert_eq!(result["still_connected"], 100, "{result}");
+    assert!(result["rss_before_bytes"].as_u64() > Some(0), "{result}");
+    assert!(result["rss_after_bytes"].as_u64() > Some(0), "{result}");
+    assert!(result["bytes_per_connection"].is_i64(), "{result}");
+    server.stop().await;
+}

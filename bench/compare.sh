@@ -1,0 +1,534 @@
+#!/usr/bin/env bash
+# Compares crier (embedded store, and Redis store) with nginx + Nchan, the hub
+# to beat, using crier's own load tool (`crier bench fanout`, `crier bench
+# idle`) against each over 127.0.0.1. See bench/README.md.
+#
+# Settings (environment):
+#   SUBSCRIBERS="100 1000 10000"        subscriber counts, one block of runs each
+#   RATES="100:50 1000:40 10000:2"      N:events/s; an N not listed uses RATE_DEFAULT
+#   RATE_DEFAULT=10                     events/s for an N that RATES does not name
+#   RUNS=3                              runs per hub and N (the table shows medians)
+#   DURATION=20s                        publishing time of one fanout run
+#   SIZE=200                            event payload, bytes
+#   HUBS="crier crier-redis nchan"      which hubs, in this order
+#   IDLE_SUBSCRIBERS=10000              idle connections per hub (0 skips `bench idle`)
+#   PAUSE=2                             seconds between two runs (sockets settle)
+#   PER_SOURCE=2000                     subscribers per loopback source address
+#   DRY_RUN=1                           print the commands, install/build/start nothing
+#   SMOKE_ONLY=1                        start the hubs, check each with curl, stop
+#   RESULTS=bench/results/DATE.jsonl    where the JSON lines go
+#   NCHAN_MODULE=/usr/lib/nginx/modules/ngx_nchan_module.so
+#
+# Every process it starts (hubs, redis-server, the load tool) is its child and
+# is stopped on exit, error, Ctrl-C or SIGTERM. All traffic is to 127.0.0.1.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+
+SUBSCRIBERS=${SUBSCRIBERS:-"100 1000 10000"}
+RATES=${RATES:-"100:50 1000:40 10000:2"}
+RATE_DEFAULT=${RATE_DEFAULT:-10}
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-20s}
+SIZE=${SIZE:-200}
+HUBS=${HUBS:-"crier crier-redis nchan"}
+IDLE_SUBSCRIBERS=${IDLE_SUBSCRIBERS:-10000}
+PAUSE=${PAUSE:-2}
+PER_SOURCE=${PER_SOURCE:-2000}
+DRY_RUN=${DRY_RUN:-0}
+SMOKE_ONLY=${SMOKE_ONLY:-0}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS=${RESULTS:-$HERE/results/$STAMP.jsonl}
+TOOL_LOG=${RESULTS%.jsonl}.log
+CRIER=$ROOT/target/release/crier
+
+# Path templates given to the load tool; {topic} is the tool's placeholder.
+declare -A PUB_PATH=(
+    [crier]='/topics/{topic}' [crier-redis]='/topics/{topic}' [nchan]='/pub?id={topic}'
+)
+declare -A SUB_PATH=(
+    [crier]='/topics/{topic}' [crier-redis]='/topics/{topic}' [nchan]='/sub/{topic}'
+)
+declare -A PORT=() SERVER_PIDS=()
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'compare.sh: %s\n' "$*" >&2; exit 1; }
+dry() { [ "$DRY_RUN" = 1 ]; }
+# Prints a command the way a shell would read it back.
+show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
+
+for hub in $HUBS; do
+    [ -n "${PUB_PATH[$hub]+x}" ] || die "unknown hub '$hub' (crier, crier-redis, nchan)"
+done
+[ "$RUNS" -ge 1 ] 2>/dev/null || die "RUNS must be a positive integer"
+
+# ---------------------------------------------------------------- processes
+
+CHILDREN=()      # every long-lived child, stopped in reverse order on exit
+TMP=""
+cleanup() {
+    local rc=$? pid i
+    trap - EXIT INT TERM
+    for ((i = ${#CHILDREN[@]} - 1; i >= 0; i--)); do
+        pid=${CHILDREN[i]}
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${CHILDREN[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "pid $pid did not stop within 5 s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ -n "$TMP" ] && [ -d "$TMP" ]; then
+        # Kept after a failure, not after Ctrl-C (130) or SIGTERM (143).
+        if [ "$rc" -ne 0 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ] &&
+            [ -n "$(ls "$TMP"/*.log 2>/dev/null)" ]; then
+            log "logs of the hubs kept in $TMP"
+        else
+            rm -rf "$TMP"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# run_child OUT ERR CMD...: runs CMD as a tracked background child writing to
+# OUT and ERR, and waits for it, so that a signal reaching this script
+# interrupts the wait and the trap stops the child.
+run_child() {
+    local out=$1 err=$2 pid rc=0
+    shift 2
+    "$@" >"$out" 2>"$err" &
+    pid=$!
+    CHILDREN+=("$pid")
+    wait "$pid" || rc=$?
+    unset 'CHILDREN[${#CHILDREN[@]}-1]'
+    return "$rc"
+}
+
+# A TCP port on 127.0.0.1 that nothing listens on (bash's /dev/tcp, no tools).
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 12000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            # Not handed out twice in one run.
+            case " ${PORT[*]:-} ${REDIS_PORT:-} " in *" $port "*) continue ;; esac
+            echo "$port"
+            return
+        fi
+    done
+}
+
+# Waits until 127.0.0.1:$1 accepts connections, while pid $2 lives.
+wait_port() {
+    local port=$1 pid=$2 name=$3
+    for _ in $(seq 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || die "$name exited before listening on $port (see $TMP/$name.log)"
+        sleep 0.05
+    done
+    die "$name does not listen on 127.0.0.1:$port after 10 s (see $TMP/$name.log)"
+}
+
+# ------------------------------------------------------------------ installs
+
+APT_UPDATED=0
+apt_install() {
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    if dry; then show $sudo apt-get install -y "$@"; return; fi
+    command -v apt-get >/dev/null || die "missing $*, and no apt-get to install it"
+    if [ "$APT_UPDATED" = 0 ]; then
+        log "apt-get update"
+        $sudo apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "apt-get install -y $*"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+find_cmd() { PATH=$PATH:/usr/sbin:/sbin command -v "$1" 2>/dev/null || true; }
+
+nchan_module() {
+    if [ -n "${NCHAN_MODULE:-}" ]; then echo "$NCHAN_MODULE"; return; fi
+    if [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
+        echo /usr/lib/nginx/modules/ngx_nchan_module.so
+        return
+    fi
+    dpkg -L libnginx-mod-nchan 2>/dev/null | grep '/ngx_nchan_module\.so$' | head -n1 || true
+}
+
+system_nginx_running() {
+    [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null
+}
+
+install_missing() {
+    local want_nchan=0 want_redis=0 pkgs=() before_nginx=0
+    case " $HUBS " in *" nchan "*) want_nchan=1 ;; esac
+    case " $HUBS " in *" crier-redis "*) want_redis=1 ;; esac
+    [ -n "$(find_cmd jq)" ] || pkgs+=(jq)
+    [ -n "$(find_cmd curl)" ] || pkgs+=(curl)
+    if [ "$want_redis" = 1 ] && [ -z "$(find_cmd redis-server)" ]; then pkgs+=(redis-server); fi
+    if [ "$want_nchan" = 1 ]; then
+        if [ -z "$(find_cmd nginx)" ]; then
+            if apt-cache show nginx-light >/dev/null 2>&1; then pkgs+=(nginx-light); else pkgs+=(nginx); fi
+        fi
+        [ -n "$(nchan_module)" ] || pkgs+=(libnginx-mod-nchan)
+    fi
+    [ "${#pkgs[@]}" -gt 0 ] || return 0
+    system_nginx_running && before_nginx=1
+    apt_install "${pkgs[@]}"
+    # Installing nginx (or redis-server) may start the system service where
+    # init scripts run; we started it, so we stop it: the bench runs its own.
+    if ! dry && [ "$before_nginx" = 0 ] && system_nginx_running; then
+        log "stopping the system nginx service that the install started"
+        service nginx stop >/dev/null 2>&1 || systemctl stop nginx 2>/dev/null ||
+            kill -QUIT "$(cat /run/nginx.pid)" 2>/dev/null || true
+    fi
+    if ! dry && [[ " ${pkgs[*]} " == *" redis-server "* ]]; then
+        service redis-server stop >/dev/null 2>&1 || systemctl stop redis-server 2>/dev/null || true
+    fi
+}
+
+# ---------------------------------------------------------------- the hubs
+
+start_crier() {   # start_crier NAME [crier flags...]
+    local name=$1 port pid
+    shift
+    port=$(free_port)
+    PORT[$name]=$port
+    if dry; then
+        show "$CRIER" --listen "127.0.0.1:$port" --shutdown-timeout 2s "$@"
+        SERVER_PIDS[$name]="<${name}-pid>"
+        return
+    fi
+    RUST_LOG=warn "$CRIER" --listen "127.0.0.1:$port" --shutdown-timeout 2s "$@" \
+        >"$TMP/$name.log" 2>&1 &
+    pid=$!
+    CHILDREN+=("$pid")
+    wait_port "$port" "$pid" "$name"
+    SERVER_PIDS[$name]=$pid
+}
+
+REDIS_PORT=""
+REDIS_PID=""
+start_redis() {
+    local redis
+    redis=$(find_cmd redis-server)
+    dry && redis=${redis:-redis-server}
+    REDIS_PORT=$(free_port)
+    if dry; then
+        show "$redis" --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no
+        REDIS_PID="<redis-pid>"
+        return
+    fi
+    "$redis" --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+        --dir "$TMP" >"$TMP/redis.log" 2>&1 &
+    REDIS_PID=$!
+    CHILDREN+=("$REDIS_PID")
+    wait_port "$REDIS_PORT" "$REDIS_PID" redis
+}
+
+start_nchan() {
+    local port prefix module nginx master workers
+    port=$(free_port)
+    PORT[nchan]=$port
+    prefix=$TMP/nchan
+    module=$(nchan_module)
+    nginx=$(find_cmd nginx)
+    if dry; then
+        module=${module:-/usr/lib/nginx/modules/ngx_nchan_module.so}
+        show sed "s#@PORT@#$port#g; s#@PREFIX@#$prefix#g; s#@NCHAN_MODULE@#$module#g" \
+            "$HERE/nchan.conf.template"
+        show "${nginx:-nginx}" -c "$prefix/nginx.conf" -p "$prefix/" -g 'daemon off;'
+        SERVER_PIDS[nchan]="<nginx-worker-pids>"
+        return
+    fi
+    if [ -z "$module" ] || [ ! -f "$module" ]; then
+        die "ngx_nchan_module.so not found (apt-get install libnginx-mod-nchan)"
+    fi
+    [ -n "$nginx" ] || die "nginx not found (apt-get install nginx-light)"
+    mkdir -p "$prefix"
+    # nginx's workers run as nobody: they must reach the prefix.
+    chmod 755 "$TMP" "$prefix"
+    sed -e "s#@PORT@#$port#g; s#@PREFIX@#$prefix#g; s#@NCHAN_MODULE@#$module#g" \
+        "$HERE/nchan.conf.template" >"$prefix/nginx.conf"
+    "$nginx" -t -q -c "$prefix/nginx.conf" -p "$prefix/" >"$TMP/nchan.log" 2>&1 ||
+        { cat "$TMP/nchan.log" >&2; die "nginx rejects $prefix/nginx.conf"; }
+    "$nginx" -c "$prefix/nginx.conf" -p "$prefix/" -g 'daemon off;' >>"$TMP/nchan.log" 2>&1 &
+    master=$!
+    CHILDREN+=("$master")
+    wait_port "$port" "$master" nchan
+    # The workers do the work: measure them, not the master.
+    for _ in $(seq 100); do
+        workers=$(pgrep -P "$master" | tr '\n' ' ' | sed 's/ $//' || true)
+        [ "$(wc -w <<<"$workers")" -ge 2 ] && break
+        sleep 0.05
+    done
+    [ -n "$workers" ] || die "no nginx worker under master $master"
+    SERVER_PIDS[nchan]=$workers
+}
+
+# Subscribes with curl, publishes one event, and checks it arrives as SSE.
+smoke() {
+    local hub=$1 port=${PORT[$1]} topic data pub sub out pid ok=0
+    topic=smoke$RANDOM
+    data="smoke-$hub-$RANDOM"
+    pub=${PUB_PATH[$hub]//\{topic\}/$topic}
+    sub=${SUB_PATH[$hub]//\{topic\}/$topic}
+    if dry; then
+        show curl -sN -H 'Accept: text/event-stream' "http://127.0.0.1:$port$sub"
+        show curl -sf -X POST "http://127.0.0.1:$port$pub" --data-binary "$data"
+        return
+    fi
+    out=$TMP/smoke-$hub.out
+    curl -sN --max-time 10 -H 'Accept: text/event-stream' "http://127.0.0.1:$port$sub" >"$out" 2>/dev/null &
+    pid=$!
+    CHILDREN+=("$pid")
+    # Connected once the stream's first bytes arrived (both hubs send some).
+    for _ in $(seq 100); do [ -s "$out" ] && break; sleep 0.05; done
+    [ -s "$out" ] || log "$hub: no bytes on the stream before the first event"
+    curl -sf -o /dev/null -X POST "http://127.0.0.1:$port$pub" --data-binary "$data" ||
+        die "$hub: publish to $pub failed"
+    for _ in $(seq 100); do
+        if grep -qx "data: $data" "$out"; then ok=1; break; fi
+        sleep 0.05
+    done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset 'CHILDREN[${#CHILDREN[@]}-1]'
+    [ "$ok" = 1 ] || { cat "$out" >&2; die "$hub: the event did not arrive on $sub"; }
+    log "$hub ok on 127.0.0.1:$port (server pids ${SERVER_PIDS[$hub]})"
+}
+
+# ------------------------------------------------------------- measurements
+
+rate_for() {
+    local n=$1 pair
+    for pair in $RATES; do
+        [ "${pair%%:*}" = "$n" ] && { echo "${pair#*:}"; return; }
+    done
+    echo "$RATE_DEFAULT"
+}
+
+pid_args() {
+    local pid
+    for pid in ${SERVER_PIDS[$1]}; do printf -- '--pid\n%s\n' "$pid"; done
+    # crier with Redis: Redis's CPU and memory are part of that hub's cost.
+    if [ "$1" = crier-redis ]; then printf -- '--pid\n%s\n' "$REDIS_PID"; fi
+}
+
+FAILED=0
+# bench KIND HUB RUN SUBSCRIBERS TOOL-ARGS...: runs the tool, appends its JSON
+# line tagged with the hub, the kind and the run number.
+bench() {
+    local kind=$1 hub=$2 run=$3 subscribers=$4 out err rc=0
+    shift 4
+    local -a pids
+    mapfile -t pids < <(pid_args "$hub")
+    # Each run's client sockets linger in TIME_WAIT for a minute after it,
+    # each holding a local port of its source address; the next runs would
+    # run out of ports on one address (28,000 by default), so spread wide.
+    local -a cmd=("$CRIER" bench "$kind" --url "http://127.0.0.1:${PORT[$hub]}"
+        --subscribers "$subscribers" --sources "$((subscribers / PER_SOURCE + 1))" "$@" "${pids[@]}")
+    if dry; then show "${cmd[@]}"; return; fi
+    out=$TMP/bench.out
+    err=$TMP/bench-$hub-$kind-$run.err
+    run_child "$out" "$err" "${cmd[@]}" || rc=$?
+    { echo "### $hub $kind run $run: ${cmd[*]}"; grep -v '^connecting: ' "$err" || true; } >>"$TOOL_LOG"
+    if [ "$rc" -ne 0 ] || ! jq -e . "$out" >/dev/null 2>&1; then
+        FAILED=$((FAILED + 1))
+        log "FAILED ($rc): ${cmd[*]}"
+        tail -n 5 "$err" >&2 || true
+        sleep "$PAUSE"
+        return 0
+    fi
+    jq -c --arg hub "$hub" --arg kind "$kind" --argjson run "$run" \
+        '{hub: $hub, kind: $kind, run: $run} + .' "$out" >>"$RESULTS"
+    jq -r --arg hub "$hub" 'if .deliveries_per_s != null then
+        "    \($hub) N=\(.subscribers) connected=\(.connected) deliveries/s=\(.deliveries_per_s | floor) p50=\(.latency_ms.p50) ms p99=\(.latency_ms.p99) ms lost=\(.lost)"
+      else
+        "    \($hub) idle N=\(.subscribers) connected=\(.connected) bytes/connection=\(.bytes_per_connection)" end' \
+        "$out" >&2
+    if jq -e '.connected < .subscribers' "$out" >/dev/null; then
+        log "WARNING: only $(jq .connected "$out") of $(jq .subscribers "$out") subscribers connected (see $TOOL_LOG)"
+    fi
+    sleep "$PAUSE"
+}
+
+# --------------------------------------------------------------- the report
+
+machine() {
+    local mem cpu
+    mem=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+    cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    echo "Machine: $(nproc) cores ($cpu), $mem memory, $(uname -sr)."
+    echo "Versions: $("$CRIER" --version 2>/dev/null || echo crier);" \
+        "$( ("$(find_cmd nginx)" -v 2>&1 || true) | sed 's/^nginx version: //')" \
+        "with Nchan $(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null || echo '?');" \
+        "$("$(find_cmd redis-server)" --version 2>/dev/null | awk '{print $1, $2, $3}' || echo redis)."
+}
+
+report() {
+    [ -s "$RESULTS" ] || { log "no results in $RESULTS"; return 0; }
+    local hubs_json ns_json
+    # shellcheck disable=SC2086 # the lists are split on purpose
+    hubs_json=$(printf '%s\n' $HUBS | jq -R . | jq -sc .)
+    # shellcheck disable=SC2086
+    ns_json=$(printf '%s\n' $SUBSCRIBERS | jq -sc .)
+    echo
+    echo "## crier vs Nchan ($(date -u +%Y-%m-%d), $RUNS run(s) each, medians)"
+    echo
+    machine
+    echo "Results: ${RESULTS#"$ROOT"/} (the tool's messages: ${TOOL_LOG#"$ROOT"/}). Payload $SIZE bytes, $DURATION of publishing per run;"
+    echo "rates (N:events/s): $(for n in $SUBSCRIBERS; do printf '%s:%s ' "$n" "$(rate_for "$n")"; done)"
+    echo
+    # Medians per hub and N, as TSV, then formatted by awk.
+    jq -rs --argjson hubs "$hubs_json" --argjson ns "$ns_json" '
+        def median: map(select(. != null)) | sort |
+            if length == 0 then null
+            elif length % 2 == 1 then .[(length - 1) / 2]
+            else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+        def med(f): map(f) | median;
+        map(select(.kind == "fanout")) as $all
+        | $ns[] as $n | $hubs[] as $hub
+        | [$all[] | select(.hub == $hub and .subscribers == $n)] as $rs
+        | select($rs | length > 0)
+        | [$hub, $n, ($rs | length), ($rs | med(.rate)), ($rs | med(.connected)),
+           ($rs | med(.deliveries_per_s)), ($rs | med(.latency_ms.p50)),
+           ($rs | med(.latency_ms.p99)), ($rs | med(.lost)),
+           ($rs | med(.cpu_us_per_delivery.server? // .server.cpu_us_per_delivery)),
+           ($rs | med(.cpu_us_per_delivery.tool? // .tool.cpu_us_per_delivery))]
+        | map(if . == null then "-" else tostring end) | @tsv' "$RESULTS" >"$TMP/medians.tsv"
+    awk -F'\t' '
+        function num(x, d) { return x == "-" ? "-" : sprintf("%." d "f", x) }
+        BEGIN {
+            print "| hub | N | runs | events/s | connected | deliveries/s | p50 ms | p99 ms | lost | server µs/delivery | tool µs/delivery |"
+            print "|-----|--:|-----:|---------:|----------:|-------------:|-------:|-------:|-----:|-------------------:|-----------------:|"
+        }
+        {
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+                $1, $2, $3, $4, num($5, 0), num($6, 0), num($7, 2), num($8, 2), num($9, 0),
+                num($10, 2), num($11, 2)
+        }' "$TMP/medians.tsv"
+    echo
+    # Ratios crier / Nchan, per crier flavour and N.
+    if awk -F'\t' '$1 == "nchan" { f = 1 } END { exit !f }' "$TMP/medians.tsv"; then
+        echo "crier / Nchan (deliveries/s: higher is better; latency and CPU: lower is better):"
+        echo
+        awk -F'\t' '
+            function ratio(a, b) { return (a == "-" || b == "-" || b + 0 == 0) ? "-" : sprintf("%.2f", a / b) }
+            BEGIN {
+                print "| hub | N | deliveries/s | p50 | p99 | server CPU / delivery |"
+                print "|-----|--:|-------------:|----:|----:|----------------------:|"
+            }
+            { row[$1, $2] = $0; if (!($2 in seen)) { seen[$2] = 1; ns[++k] = $2 } ; if ($1 != "nchan" && !(($1) in hs)) { hs[$1] = 1; hubs[++h] = $1 } }
+            END {
+                for (i = 1; i <= k; i++) for (j = 1; j <= h; j++) {
+                    n = ns[i]; hub = hubs[j]
+                    if (!((hub, n) in row) || !(("nchan", n) in row)) continue
+                    split(row[hub, n], c, "\t"); split(row["nchan", n], x, "\t")
+                    printf "| %s | %s | %s | %s | %s | %s |\n", hub, n,
+                        ratio(c[6], x[6]), ratio(c[7], x[7]), ratio(c[8], x[8]), ratio(c[10], x[10])
+                }
+            }' "$TMP/medians.tsv"
+        echo
+    fi
+    if jq -e -s 'any(.[]; .kind == "idle")' "$RESULTS" >/dev/null; then
+        echo "Idle connections (\`crier bench idle\`, server RSS growth / connection):"
+        echo
+        echo "| hub | subscribers | connected | RSS before MiB | RSS after MiB | bytes / connection |"
+        echo "|-----|------------:|----------:|---------------:|--------------:|-------------------:|"
+        jq -rs --argjson hubs "$hubs_json" '
+            $hubs[] as $hub | .[] | select(.kind == "idle" and .hub == $hub)
+            | [$hub, .subscribers, .connected, .rss_before_bytes, .rss_after_bytes, .bytes_per_connection]
+            | map(if . == null then "-" else tostring end) | @tsv' "$RESULTS" |
+            awk -F'\t' '{ printf "| %s | %s | %s | %.1f | %.1f | %.0f |\n", $1, $2, $3, $4 / 1048576, $5 / 1048576, $6 }'
+        echo
+    fi
+}
+
+# -------------------------------------------------------------------- main
+
+if dry; then
+    TMP=/tmp/crier-compare.XXXXXX
+    log "DRY_RUN: printing the commands, running none"
+else
+    TMP=$(mktemp -d /tmp/crier-compare.XXXXXX)
+fi
+
+install_missing
+
+if dry; then
+    show cargo build --release --manifest-path "$ROOT/Cargo.toml"
+else
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release --quiet)
+    [ -x "$CRIER" ] || die "no $CRIER after the build"
+fi
+
+# The load tool holds up to N sockets open; crier raises its own limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+if ! dry && [ "$SMOKE_ONLY" != 1 ]; then
+    for kind in fanout idle; do
+        "$CRIER" bench "$kind" --help >/dev/null 2>&1 ||
+            die "this crier has no \`crier bench $kind\` (SMOKE_ONLY=1 checks the hubs alone)"
+    done
+fi
+
+for hub in $HUBS; do
+    case $hub in
+        crier) start_crier crier ;;
+        crier-redis)
+            start_redis
+            start_crier crier-redis --redis "redis://127.0.0.1:$REDIS_PORT"
+            ;;
+        nchan) start_nchan ;;
+    esac
+done
+for hub in $HUBS; do smoke "$hub"; done
+if [ "$SMOKE_ONLY" = 1 ]; then
+    log "SMOKE_ONLY: every hub answered; stopping them"
+    exit 0
+fi
+
+if ! dry; then
+    mkdir -p "$(dirname "$RESULTS")"
+    : >"$RESULTS"
+fi
+log "results: $RESULTS$(dry && echo ' (not written in a dry run)')"
+
+# Idle first, on fresh hubs: memory freed by the fanout runs would otherwise
+# be reused and hide the cost of a connection.
+if [ "$IDLE_SUBSCRIBERS" -gt 0 ]; then
+    for hub in $HUBS; do
+        log "idle: $hub, $IDLE_SUBSCRIBERS subscribers"
+        bench idle "$hub" 1 "$IDLE_SUBSCRIBERS" \
+            --subscribe-path "${SUB_PATH[$hub]}" --topic "idle-$STAMP"
+    done
+fi
+
+# Fanout: hubs interleaved within each run, so a drift of the machine
+# (another load, heat) touches every hub alike.
+for n in $SUBSCRIBERS; do
+    rate=$(rate_for "$n")
+    for run in $(seq "$RUNS"); do
+        for hub in $HUBS; do
+            log "fanout: $hub, N=$n, $rate events/s, run $run/$RUNS"
+            bench fanout "$hub" "$run" "$n" \
+                --publish-path "${PUB_PATH[$hub]}" --subscribe-path "${SUB_PATH[$hub]}" \
+                --topic "fanout-$STAMP-$n-$run" --rate "$rate" --duration "$DURATION" --size "$SIZE"
+        done
+    done
+done
+
+dry && exit 0
+report | tee "${RESULTS%.jsonl}.md"
+[ "$FAILED" -eq 0 ] || die "$FAILED run(s) failed (their stderr is in $TMP)"

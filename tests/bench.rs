@@ -85,3 +85,97 @@ async fn idle_reports_the_hubs_memory_per_connection() {
     assert!(result["bytes_per_connection"].is_i64(), "{result}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_brings_every_subscriber_back_exactly_with_last_event_id() {
+    let server = Server::start().await;
+    let result = bench(
+        &server,
+        &[
+            "storm",
+            "--subscribers",
+            "200",
+            "--rate",
+            "50",
+            "--behind",
+            "100",
+            "--warmup",
+            "3",
+            "--catch-up-timeout",
+            "5s",
+        ],
+    )
+    .await;
+    assert_eq!(result["scenario"], "storm", "{result}");
+    assert_eq!(result["connected"], 200, "{result}");
+    assert_eq!(result["left"], 200, "{result}");
+    assert_eq!(result["reconnected"], 200, "{result}");
+    assert_eq!(result["caught_up"], 200, "{result}");
+    assert_eq!(result["publish_errors"], 0, "{result}");
+    assert!(
+        result["missed_per_subscriber"]["min"].as_u64() >= Some(100),
+        "{result}"
+    );
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["duplicated"], 0, "{result}");
+    assert_eq!(result["out_of_order"], 0, "{result}");
+    assert_eq!(result["resets"], 0, "{result}");
+    assert_eq!(result["exact"], true, "{result}");
+    let all = result["all_caught_up_ms"].as_f64().expect("all caught up");
+    assert!(all.is_finite() && all > 0.0, "{result}");
+    assert!(
+        result["catch_up_ms"]["p50"].as_f64() <= Some(all),
+        "{result}"
+    );
+    assert!(result["server"]["cpu_s"].as_f64().is_some(), "{result}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_resumes_one_subscriber_exactly() {
+    let server = Server::start().await;
+    let result = bench(
+        &server,
+        &["replay", "--warmup", "5", "--missed", "100", "--live", "10"],
+    )
+    .await;
+    assert_eq!(result["scenario"], "replay", "{result}");
+    assert_eq!(result["passed"], true, "{result}");
+    assert_eq!(result["exact_sequence"], true, "{result}");
+    assert_eq!(result["received_before_drop"], 5, "{result}");
+    assert_eq!(result["replayed"], 100, "{result}");
+    assert_eq!(result["live_received"], 10, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["duplicated"], 0, "{result}");
+    assert_eq!(result["resets"], 0, "{result}");
+    let first = result["first_replayed_ms"]
+        .as_f64()
+        .expect("first replayed");
+    let last = result["last_replayed_ms"].as_f64().expect("last replayed");
+    assert!(0.0 <= first && first <= last, "{result}");
+    server.stop().await;
+}
+
+/// The bench must see what the hub says when it cannot resume: with only 10
+/// events retained, a subscriber 100 behind gets a `reset` and misses some.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_fails_and_reports_the_reset_when_retention_is_short() {
+    let server = Server::start_with(|config| config.retention_events = 10).await;
+    let result = bench(
+        &server,
+        &[
+            "replay",
+            "--missed",
+            "100",
+            "--live",
+            "5",
+            "--timeout",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(result["passed"], false, "{result}");
+    assert_eq!(result["resets"], 1, "{result}");
+    assert!(result["lost"].as_u64() > Some(0), "{result}");
+    server.stop().await;
+}

@@ -1,5 +1,5 @@
 //! A crowd of SSE subscribers over plain HTTP/1.1, shared by the scenarios
-//! that need many connections (`fanout`, `idle`).
+//! that need many connections (`fanout`, `idle`, `storm`, `replay`).
 //!
 //! Each subscriber is one task over a raw `TcpStream`: it writes its `GET`,
 //! parses the answer with [`decode`](super::decode) and hands each `data:`
@@ -8,6 +8,11 @@
 //! the duration of one read, so tens of thousands of subscribers cost little
 //! more than their sockets. Sockets are bound to several loopback source
 //! addresses so that the ephemeral ports of one address never run out.
+//!
+//! A crowd may also be told to leave (every subscriber closes its socket at
+//! once, as when a proxy restarts) and to come back: every subscriber then
+//! reconnects at once with `Last-Event-ID` set to the last id its stream
+//! gave, as EventSource does.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +26,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::decode::{Body, DataLines, response_head};
+use super::decode::{Body, DataLines, LastId, Line, response_head};
 
 /// What every many-subscriber scenario is told about its subscribers.
 #[derive(Debug, Clone, Args)]
@@ -128,6 +133,24 @@ pub fn unix_micros() -> u64 {
 /// and when the read that brought it arrived (µs since the Unix epoch).
 pub trait Listener: Send + 'static {
     fn on_data(&mut self, data: &[u8], arrived_us: u64);
+
+    /// Every line of the stream the bench acts on, in order: data, event
+    /// type, id and end of event. By default only data lines matter, given
+    /// to [`on_data`](Listener::on_data) as they come; a listener that must
+    /// count events as EventSource does (only once complete) uses the rest.
+    fn on_line(&mut self, line: Line<'_>, arrived_us: u64) {
+        if let Line::Data(data) = line {
+            self.on_data(data, arrived_us);
+        }
+    }
+
+    /// The subscriber closed its connection when its crowd was told to
+    /// leave (an event read in part is lost, as for EventSource).
+    fn on_leave(&mut self) {}
+
+    /// The subscriber is back: it sent its request at `sent_us` and its new
+    /// stream was open (head and first bytes read) at `opened_us`.
+    fn on_rejoin(&mut self, _sent_us: u64, _opened_us: u64) {}
 }
 
 /// A subscriber that only holds its connection.
@@ -155,16 +178,24 @@ struct Stream {
     tcp: TcpStream,
     body: Body,
     lines: DataLines,
+    /// The id of the last `id:` line read, even in an incomplete event.
+    id: LastId,
+    /// The id as of the last complete event: what EventSource sends back.
+    last_id: LastId,
 }
 
 impl Stream {
     /// Connects from `source`, subscribes, and waits for the answer's head
     /// and the first bytes of its body (the hub's preamble), which is when
-    /// a hub has the subscription in place.
+    /// a hub has the subscription in place. Events in those first bytes go
+    /// to `listener`; `last_id` is the id the stream starts from (the
+    /// request's `Last-Event-ID`, if any).
     async fn open(
         addr: SocketAddr,
         source: Option<IpAddr>,
         request: &[u8],
+        listener: &mut impl Listener,
+        last_id: LastId,
     ) -> Result<Self, String> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()
@@ -200,10 +231,10 @@ impl Stream {
             tcp,
             body: Body::new(framing),
             lines: DataLines::default(),
+            id: last_id,
+            last_id,
         };
-        // Nothing is published before every subscriber is connected, so the
-        // preamble holds no event to count.
-        let mut seen = stream.feed(&head[len..], &mut ())?;
+        let mut seen = stream.feed(&head[len..], listener)?;
         while !seen {
             head.clear();
             if stream
@@ -215,7 +246,7 @@ impl Stream {
             {
                 return Err("the stream ended before its first bytes".into());
             }
-            seen = stream.feed(&head, &mut ())?;
+            seen = stream.feed(&head, listener)?;
         }
         Ok(stream)
     }
@@ -224,10 +255,18 @@ impl Stream {
     fn feed(&mut self, bytes: &[u8], listener: &mut impl Listener) -> Result<bool, String> {
         let arrived_us = unix_micros();
         let mut any = false;
-        let lines = &mut self.lines;
+        let (lines, id, last_id) = (&mut self.lines, &mut self.id, &mut self.last_id);
         self.body.feed(bytes, |data| {
             any |= !data.is_empty();
-            lines.feed(data, |line| listener.on_data(line, arrived_us));
+            lines.feed_lines(data, |line| {
+                match line {
+                    Line::Id(value) => id.set(Some(value)),
+                    Line::LongId => id.set(None),
+                    Line::End => *last_id = *id,
+                    Line::Data(_) | Line::Event(_) => {}
+                }
+                listener.on_line(line, arrived_us);
+            });
         })?;
         Ok(any)
     }
@@ -300,6 +339,11 @@ struct Counts {
     connected: AtomicUsize,
     failed: AtomicUsize,
     dropped: AtomicUsize,
+    /// Subscribers whose connection is closed, waiting to come back.
+    left: AtomicUsize,
+    /// Subscribers back with `Last-Event-ID`, and those that failed to be.
+    rejoined: AtomicUsize,
+    rejoin_failed: AtomicUsize,
     first_problem: Mutex<Option<String>>,
 }
 
@@ -316,6 +360,175 @@ pub struct Crowd<L> {
     tasks: Vec<JoinHandle<Outcome<L>>>,
     counts: Arc<Counts>,
     stop: CancellationToken,
+    /// For a crowd that leaves and comes back ([`Crowd::spawn_rejoining`]).
+    rejoin: Option<Rejoin>,
+}
+
+/// The signals of a crowd that leaves and comes back, and its request.
+#[derive(Clone)]
+struct Rejoin {
+    /// Cancelled: every subscriber closes its connection.
+    leave: CancellationToken,
+    /// Cancelled: every subscriber reconnects with `Last-Event-ID`.
+    back: CancellationToken,
+    /// Subscribers reconnecting at once; `None`: all of them.
+    gate: Option<Arc<Semaphore>>,
+    /// The subscribe request without its final empty line.
+    request_head: Arc<str>,
+}
+
+/// Everything a subscriber task needs besides its listener.
+struct Task {
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+    request: Arc<[u8]>,
+    gate: Arc<Semaphore>,
+    counts: Arc<Counts>,
+    stop: CancellationToken,
+    rejoin: Option<Rejoin>,
+}
+
+impl Task {
+    /// Subscribes, follows the stream until stopped, and for a rejoining
+    /// crowd leaves and comes back in between.
+    async fn run<L: Listener>(self, mut listener: L) -> Outcome<L> {
+        let Task {
+            addr,
+            source,
+            timeout,
+            counts,
+            stop,
+            ..
+        } = &self;
+        let opening = async {
+            let _permit = self.gate.acquire().await;
+            // Nothing is published before every subscriber is connected, so
+            // the preamble holds no event to count.
+            let mut preamble = ();
+            let opened = Stream::open(
+                *addr,
+                *source,
+                &self.request,
+                &mut preamble,
+                LastId::default(),
+            );
+            tokio::time::timeout(*timeout, opened)
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+        };
+        let opened = tokio::select! {
+            () = stop.cancelled() => Err("stopped while connecting".to_owned()),
+            opened = opening => opened,
+        };
+        let mut stream = match opened {
+            Ok(stream) => stream,
+            Err(problem) => {
+                counts.note(&counts.failed, &problem);
+                return Outcome {
+                    listener,
+                    connected: false,
+                };
+            }
+        };
+        counts.connected.fetch_add(1, Ordering::Relaxed);
+        if let Some(rejoin) = &self.rejoin {
+            match self.leave_and_rejoin(rejoin, stream, &mut listener).await {
+                Some(back) => stream = back,
+                None => {
+                    return Outcome {
+                        listener,
+                        connected: true,
+                    };
+                }
+            }
+        }
+        if let Ending::Dropped(problem) = stream.follow(stop, &mut listener).await {
+            counts.note(&counts.dropped, &problem);
+        }
+        Outcome {
+            listener,
+            connected: true,
+        }
+    }
+
+    /// Follows `stream` until the crowd leaves, closes it, waits to be
+    /// called back and reconnects with `Last-Event-ID`: the new stream, or
+    /// `None` when stopped meanwhile or the reconnection failed.
+    async fn leave_and_rejoin<L: Listener>(
+        &self,
+        rejoin: &Rejoin,
+        mut stream: Stream,
+        listener: &mut L,
+    ) -> Option<Stream> {
+        let counts = &self.counts;
+        // `leave` is a child of `stop`: stopping ends this too.
+        if let Ending::Dropped(problem) = stream.follow(&rejoin.leave, listener).await {
+            // Dropped by the hub early: it comes back with the others.
+            counts.note(&counts.dropped, &problem);
+        }
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let last_id = stream.last_id;
+        drop(stream);
+        listener.on_leave();
+        counts.left.fetch_add(1, Ordering::Relaxed);
+        rejoin.back.cancelled().await;
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let reopening = async {
+            let _permit = match &rejoin.gate {
+                Some(gate) => Some(gate.acquire().await),
+                None => None,
+            };
+            let request = rejoin_request(&rejoin.request_head, &last_id)?;
+            let sent_us = unix_micros();
+            let opened = Stream::open(self.addr, self.source, &request, listener, last_id);
+            let stream = tokio::time::timeout(self.timeout, opened)
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))?;
+            Ok::<_, String>((stream, sent_us))
+        };
+        let reopened = tokio::select! {
+            () = self.stop.cancelled() => Err("stopped while reconnecting".to_owned()),
+            reopened = reopening => reopened,
+        };
+        match reopened {
+            Ok((stream, sent_us)) => {
+                counts.rejoined.fetch_add(1, Ordering::Relaxed);
+                listener.on_rejoin(sent_us, unix_micros());
+                Some(stream)
+            }
+            Err(problem) => {
+                counts.note(&counts.rejoin_failed, &format!("reconnecting: {problem}"));
+                None
+            }
+        }
+    }
+}
+
+/// The subscribe request head (without its final empty line).
+fn request_head(target: &Target, args: &SubscribeArgs) -> String {
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
+        target.path(&args.subscribe_path, &args.topic),
+        target.authority
+    )
+}
+
+/// The request of a subscriber coming back: with `Last-Event-ID` when its
+/// stream gave an id, as EventSource does.
+fn rejoin_request(head: &str, last_id: &LastId) -> Result<Vec<u8>, String> {
+    let mut request = head.as_bytes().to_vec();
+    if let Some(id) = last_id.get()? {
+        request.extend_from_slice(b"Last-Event-ID: ");
+        request.extend_from_slice(id);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"\r\n");
+    Ok(request)
 }
 
 impl<L: Listener> Crowd<L> {
@@ -324,66 +537,98 @@ impl<L: Listener> Crowd<L> {
     pub fn spawn(
         args: &SubscribeArgs,
         target: &Target,
+        listener: impl FnMut(usize) -> L,
+    ) -> Result<Crowd<L>, String> {
+        Crowd::start(args, target, listener, None)
+    }
+
+    /// Starts a crowd as [`spawn`](Crowd::spawn) does, that will leave and
+    /// come back when told ([`leave`](Crowd::leave),
+    /// [`come_back`](Crowd::come_back)); `at_once` subscribers reconnect at
+    /// a time (0: all of them).
+    pub fn spawn_rejoining(
+        args: &SubscribeArgs,
+        target: &Target,
+        listener: impl FnMut(usize) -> L,
+        at_once: usize,
+    ) -> Result<Crowd<L>, String> {
+        let stop = CancellationToken::new();
+        let rejoin = Rejoin {
+            leave: stop.child_token(),
+            back: stop.child_token(),
+            gate: (at_once > 0).then(|| Arc::new(Semaphore::new(at_once))),
+            request_head: request_head(target, args).into(),
+        };
+        Crowd::start(args, target, listener, Some((stop, rejoin)))
+    }
+
+    fn start(
+        args: &SubscribeArgs,
+        target: &Target,
         mut listener: impl FnMut(usize) -> L,
+        rejoin: Option<(CancellationToken, Rejoin)>,
     ) -> Result<Crowd<L>, String> {
         let sources = sources(target, args)?;
-        let request: Arc<[u8]> = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
-            target.path(&args.subscribe_path, &args.topic),
-            target.authority
-        )
-        .into_bytes()
-        .into();
+        let request: Arc<[u8]> = format!("{}\r\n", request_head(target, args))
+            .into_bytes()
+            .into();
         let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
         let counts = Arc::new(Counts::default());
-        let stop = CancellationToken::new();
+        let (stop, rejoin) = match rejoin {
+            Some((stop, rejoin)) => (stop, Some(rejoin)),
+            None => (CancellationToken::new(), None),
+        };
         let tasks = (0..args.subscribers)
             .map(|i| {
-                let (gate, counts, stop) = (gate.clone(), counts.clone(), stop.clone());
-                let request = request.clone();
-                let (addr, source, timeout) = (
-                    target.addr,
-                    sources[i % sources.len()],
-                    args.connect_timeout,
-                );
-                let mut listener = listener(i);
-                tokio::spawn(async move {
-                    let opening = async {
-                        let _permit = gate.acquire().await;
-                        tokio::time::timeout(timeout, Stream::open(addr, source, &request))
-                            .await
-                            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
-                    };
-                    let opened = tokio::select! {
-                        () = stop.cancelled() => Err("stopped while connecting".to_owned()),
-                        opened = opening => opened,
-                    };
-                    let mut stream = match opened {
-                        Ok(stream) => stream,
-                        Err(problem) => {
-                            counts.note(&counts.failed, &problem);
-                            return Outcome {
-                                listener,
-                                connected: false,
-                            };
-                        }
-                    };
-                    counts.connected.fetch_add(1, Ordering::Relaxed);
-                    if let Ending::Dropped(problem) = stream.follow(&stop, &mut listener).await {
-                        counts.note(&counts.dropped, &problem);
-                    }
-                    Outcome {
-                        listener,
-                        connected: true,
-                    }
-                })
+                let task = Task {
+                    addr: target.addr,
+                    source: sources[i % sources.len()],
+                    timeout: args.connect_timeout,
+                    request: request.clone(),
+                    gate: gate.clone(),
+                    counts: counts.clone(),
+                    stop: stop.clone(),
+                    rejoin: rejoin.clone(),
+                };
+                tokio::spawn(task.run(listener(i)))
             })
             .collect();
         Ok(Crowd {
             tasks,
             counts,
             stop,
+            rejoin,
         })
+    }
+
+    /// Tells every subscriber of a rejoining crowd to close its connection.
+    pub fn leave(&self) {
+        if let Some(rejoin) = &self.rejoin {
+            rejoin.leave.cancel();
+        }
+    }
+
+    /// Subscribers that closed their connection after [`leave`](Crowd::leave)
+    /// (or lost it before), waiting to come back.
+    pub fn left(&self) -> usize {
+        self.counts.left.load(Ordering::Relaxed)
+    }
+
+    /// Tells every subscriber that left to reconnect with `Last-Event-ID`.
+    pub fn come_back(&self) {
+        if let Some(rejoin) = &self.rejoin {
+            rejoin.back.cancel();
+        }
+    }
+
+    /// Subscribers back after [`come_back`](Crowd::come_back).
+    pub fn rejoined(&self) -> usize {
+        self.counts.rejoined.load(Ordering::Relaxed)
+    }
+
+    /// Subscribers that failed to reconnect.
+    pub fn rejoin_failed(&self) -> usize {
+        self.counts.rejoin_failed.load(Ordering::Relaxed)
     }
 
     /// Subscribers connected so far.
@@ -491,6 +736,22 @@ fn sources(target: &Target, args: &SubscribeArgs) -> Result<Vec<Option<IpAddr>>,
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_returning_subscriber_sends_its_last_id_as_eventsource_does() {
+        let head = "GET /topics/t HTTP/1.1\r\nHost: h\r\n";
+        let mut id = LastId::default();
+        let fresh = rejoin_request(head, &id).unwrap();
+        assert_eq!(fresh, b"GET /topics/t HTTP/1.1\r\nHost: h\r\n\r\n");
+        id.set(Some(b"17.1x4rup0"));
+        let back = rejoin_request(head, &id).unwrap();
+        assert_eq!(
+            back,
+            b"GET /topics/t HTTP/1.1\r\nHost: h\r\nLast-Event-ID: 17.1x4rup0\r\n\r\n"
+        );
+        id.set(None);
+        assert!(rejoin_request(head, &id).is_err());
+    }
+
     #[tokio::test]
     async fn a_following_subscriber_does_not_carry_its_read_buffer() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -501,6 +762,8 @@ mod tests {
             tcp,
             body: Body::new(super::super::decode::Framing::Chunked),
             lines: DataLines::default(),
+            id: LastId::default(),
+            last_id: LastId::default(),
         };
         let (stop, mut listener) = (CancellationToken::new(), ());
         let following = stream.follow(&stop, &mut listener);

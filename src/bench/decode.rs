@@ -169,12 +169,31 @@ fn after_size(size: u64) -> State {
 /// first in its events, so the padding that follows is never copied.
 const KEPT: usize = 96;
 
-/// Finds the `data:` lines of an SSE stream, read by read, keeping only the
-/// first [`KEPT`] bytes of each.
+/// A line of an SSE stream that the bench acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// A `data:` line's value (its first bytes only, for a long one).
+    Data(&'a [u8]),
+    /// An `event:` line's value: the type of the event being read.
+    Event(&'a [u8]),
+    /// An `id:` line's value (`id` alone: the empty id).
+    Id(&'a [u8]),
+    /// An `id:` line too long to keep: its value is unknown.
+    LongId,
+    /// An empty line: the event read so far is complete (SSE "dispatch").
+    End,
+}
+
+/// Finds the lines of an SSE stream, read by read, keeping only the first
+/// [`KEPT`] bytes of each.
 #[derive(Debug, Clone)]
 pub struct DataLines {
     line: [u8; KEPT],
     len: usize,
+    /// Bytes of the current line did not fit in `line`.
+    overflow: bool,
+    /// The last line ended with a CR: an LF right after it ends nothing.
+    cr: bool,
 }
 
 impl Default for DataLines {
@@ -182,6 +201,8 @@ impl Default for DataLines {
         DataLines {
             line: [0; KEPT],
             len: 0,
+            overflow: false,
+            cr: false,
         }
     }
 }
@@ -189,24 +210,111 @@ impl Default for DataLines {
 impl DataLines {
     /// Feeds the next piece of body data and hands the value of each
     /// complete `data:` line (its first bytes) to `on_data`.
-    pub fn feed(&mut self, mut bytes: &[u8], mut on_data: impl FnMut(&[u8])) {
-        // CR, LF and CRLF all end a line; a CRLF just adds an empty line.
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
+    #[cfg(test)]
+    pub fn feed(&mut self, bytes: &[u8], mut on_data: impl FnMut(&[u8])) {
+        self.feed_lines(bytes, |line| {
+            if let Line::Data(value) = line {
+                on_data(value);
+            }
+        });
+    }
+
+    /// Feeds the next piece of body data and hands each complete line the
+    /// bench acts on to `on_line`, in order. CR, LF and CRLF all end a line.
+    pub fn feed_lines(&mut self, mut bytes: &[u8], mut on_line: impl FnMut(Line<'_>)) {
+        loop {
+            if self.cr {
+                match bytes.first() {
+                    None => return,
+                    Some(b'\n') => bytes = &bytes[1..],
+                    Some(_) => {}
+                }
+                self.cr = false;
+            }
+            let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') else {
+                break;
+            };
             self.keep(&bytes[..end]);
-            let line = &self.line[..self.len];
-            if let Some(value) = line.strip_prefix(b"data:") {
-                on_data(value.strip_prefix(b" ").unwrap_or(value));
+            self.cr = bytes[end] == b'\r';
+            if let Some(line) = self.classify() {
+                on_line(line);
             }
             self.len = 0;
+            self.overflow = false;
             bytes = &bytes[end + 1..];
         }
         self.keep(bytes);
     }
 
+    /// What the complete line in `self.line` is, if the bench acts on it.
+    fn classify(&self) -> Option<Line<'_>> {
+        let line = &self.line[..self.len];
+        if line.is_empty() {
+            return (!self.overflow).then_some(Line::End);
+        }
+        let field = |name: &[u8]| -> Option<&[u8]> {
+            let value = line.strip_prefix(name)?.strip_prefix(b":")?;
+            Some(value.strip_prefix(b" ").unwrap_or(value))
+        };
+        if let Some(value) = field(b"data") {
+            Some(Line::Data(value))
+        } else if line == b"id" || line.starts_with(b"id:") {
+            // SSE ignores an id holding a NUL.
+            match (self.overflow, field(b"id").unwrap_or_default()) {
+                (true, _) => Some(Line::LongId),
+                (false, value) if value.contains(&0) => None,
+                (false, value) => Some(Line::Id(value)),
+            }
+        } else if line == b"event" {
+            Some(Line::Event(b""))
+        } else {
+            field(b"event").map(Line::Event)
+        }
+    }
+
     fn keep(&mut self, bytes: &[u8]) {
         let n = bytes.len().min(KEPT - self.len);
+        self.overflow |= n < bytes.len();
         self.line[self.len..self.len + n].copy_from_slice(&bytes[..n]);
         self.len += n;
+    }
+}
+
+/// The last event id of a stream (SSE's "last event ID"), in place: what a
+/// subscriber sends back as `Last-Event-ID` when it reconnects.
+#[derive(Debug, Clone, Copy)]
+pub struct LastId {
+    id: [u8; KEPT],
+    /// Length of the id; `None` once an id too long to keep was given.
+    len: Option<u8>,
+}
+
+impl Default for LastId {
+    fn default() -> Self {
+        LastId {
+            id: [0; KEPT],
+            len: Some(0),
+        }
+    }
+}
+
+impl LastId {
+    /// Takes the value of an `id:` line ([`Line::Id`] or [`Line::LongId`]).
+    pub fn set(&mut self, id: Option<&[u8]>) {
+        self.len = id.filter(|id| id.len() <= KEPT).map(|id| {
+            self.id[..id.len()].copy_from_slice(id);
+            id.len() as u8
+        });
+    }
+
+    /// The id to resume after: `Ok(None)` when there is none (no id yet, or
+    /// the empty id), an error when it was too long to keep.
+    pub fn get(&self) -> Result<Option<&[u8]>, String> {
+        match self.len {
+            None => Err(format!("the last event id is longer than {KEPT} bytes")),
+            Some(0) => Ok(None),
+            Some(len) => Ok(Some(&self.id[..len as usize])),
+        }
     }
 }
 
@@ -235,7 +343,7 @@ impl Stamp {
 }
 
 /// The decimal number right after the first occurrence of `key`.
-fn number_after(data: &[u8], key: &[u8]) -> Option<u64> {
+pub fn number_after(data: &[u8], key: &[u8]) -> Option<u64> {
     let start = data.windows(key.len()).position(|w| w == key)? + key.len();
     data[start..]
         .iter()
@@ -335,6 +443,73 @@ mod tests {
         let mut found = Vec::new();
         lines.feed(&line, |d| found.push(d.len()));
         assert_eq!(found, [KEPT - "data: ".len()]);
+    }
+
+    /// Feeds `input` to fresh lines in pieces of `step` bytes; returns
+    /// each line as text (`end` for an empty line).
+    fn lines(input: &[u8], step: usize) -> Vec<String> {
+        let mut lines = DataLines::default();
+        let mut found = Vec::new();
+        for piece in input.chunks(step) {
+            lines.feed_lines(piece, |line| {
+                let text = |kind: &str, v: &[u8]| format!("{kind} {}", String::from_utf8_lossy(v));
+                found.push(match line {
+                    Line::Data(v) => text("data", v),
+                    Line::Event(v) => text("event", v),
+                    Line::Id(v) => text("id", v),
+                    Line::LongId => "long id".to_owned(),
+                    Line::End => "end".to_owned(),
+                });
+            });
+        }
+        found
+    }
+
+    #[test]
+    fn fields_and_event_ends_are_found_whatever_the_line_endings() {
+        let input = b"retry: 1000\r\n: open\r\n\r\nid: 7.x\r\nevent: reset\r\ndata: {}\r\n\r\nid\ndata:a\rdata: b\r\rid: 9\x00\nevent\n\n";
+        for step in 1..input.len() {
+            assert_eq!(
+                lines(input, step),
+                [
+                    "end",
+                    "id 7.x",
+                    "event reset",
+                    "data {}",
+                    "end",
+                    "id ",
+                    "data a",
+                    "data b",
+                    "end",
+                    "event ",
+                    "end"
+                ],
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_id_too_long_to_keep_is_not_cut() {
+        let mut input = b"id: ".to_vec();
+        input.extend_from_slice(&[b'7'; 200]);
+        input.extend_from_slice(b"\ndata: x\n\n");
+        assert_eq!(lines(&input, 7), ["long id", "data x", "end"]);
+        let mut id = LastId::default();
+        id.set(None);
+        assert!(id.get().is_err());
+    }
+
+    #[test]
+    fn last_id_keeps_the_latest_and_empty_means_none() {
+        let mut id = LastId::default();
+        assert_eq!(id.get(), Ok(None));
+        id.set(Some(b"17.1x4rup0"));
+        assert_eq!(id.get(), Ok(Some(&b"17.1x4rup0"[..])));
+        id.set(Some(b"18"));
+        assert_eq!(id.get(), Ok(Some(&b"18"[..])));
+        id.set(Some(b""));
+        assert_eq!(id.get(), Ok(None));
     }
 
     #[test]

@@ -12,20 +12,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use clap::Args;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::client::{Crowd, Listener, SubscribeArgs, Target, raise_open_files, unix_micros};
+use super::client::{Crowd, Listener, SubscribeArgs, Target, raise_open_files};
 use super::decode::Stamp;
 use super::procfs;
+use super::publish::{PUBLISH_TIMEOUT, Publisher, connect, event, post};
+use super::report::{cpu, round};
 
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
@@ -55,9 +51,6 @@ const LATE: Duration = Duration::from_millis(5);
 
 /// Longest wait for deliveries after the last publish.
 const DRAIN: Duration = Duration::from_secs(5);
-
-/// Longest wait for one publish to be answered.
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Latency histograms shared by subscribers, each subscriber always using
 /// the same one. One per subscriber would cost about 140 KiB each (7 GB at
@@ -142,35 +135,6 @@ impl Listener for Tally {
     }
 }
 
-/// A keep-alive HTTP/1.1 connection that publishes.
-type Publisher = http1::SendRequest<Full<Bytes>>;
-
-async fn connect(target: &Target) -> Result<Publisher, String> {
-    let tcp = TcpStream::connect(target.addr)
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", target.addr))?;
-    let _ = tcp.set_nodelay(true);
-    let (sender, conn) = http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
-/// An event: its stamp, padded to `size` bytes of JSON.
-fn event(seq: u64, size: usize) -> String {
-    let mut event = Stamp {
-        seq,
-        sent_us: unix_micros(),
-    }
-    .json_prefix();
-    event.push_str(",\"pad\":\"");
-    let pad = size.saturating_sub(event.len() + 2);
-    event.extend(std::iter::repeat_n('x', pad));
-    event.push_str("\"}");
-    event
-}
-
 /// Everything the publisher connections share.
 struct Publishing {
     target: Arc<Target>,
@@ -214,45 +178,8 @@ impl Publishing {
 
     /// Publishes one event on `publisher`, reconnecting it first if it broke.
     async fn publish(&self, publisher: &mut Option<Publisher>, seq: u64) -> Result<(), String> {
-        let sender = match publisher {
-            Some(sender) if !sender.is_closed() => sender,
-            _ => publisher.insert(connect(&self.target).await?),
-        };
-        sender.ready().await.map_err(|e| e.to_string())?;
-        let request = Request::post(&self.path)
-            .header("host", &self.target.authority)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(event(seq, self.size))))
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status();
-        response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !status.is_success() {
-            return Err(format!("publish answered {status}"));
-        }
-        Ok(())
+        post(&self.target, &self.path, publisher, event(seq, self.size)).await
     }
-}
-
-/// `x` to `decimals` places, so the JSON shows no float noise.
-fn round(x: f64, decimals: i32) -> f64 {
-    let scale = 10f64.powi(decimals);
-    (x * scale).round() / scale
-}
-
-/// CPU seconds of the hub's processes and of this tool.
-fn cpu(pids: &[u32]) -> Result<(f64, f64), String> {
-    Ok((
-        procfs::total_cpu_seconds(pids)?,
-        procfs::cpu_seconds(std::process::id())?,
-    ))
 }
 
 pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {

@@ -6,6 +6,10 @@ mod decode;
 mod fanout;
 mod idle;
 mod procfs;
+mod publish;
+mod replay;
+mod report;
+mod storm;
 mod wire;
 
 use clap::{Args, Subcommand};
@@ -27,6 +31,14 @@ pub enum Scenario {
     /// Memory per idle subscriber: the hub's resident memory before and
     /// after opening N subscriptions.
     Idle(idle::IdleArgs),
+    /// A reconnection storm: N subscribers drop at once, events go on, and
+    /// all come back at once with Last-Event-ID; how fast every one catches
+    /// up, and whether each gets every event exactly once.
+    Storm(Box<storm::StormArgs>),
+    /// Exact resumption: one subscriber drops, M events are published, it
+    /// comes back with Last-Event-ID, L more are published; it must get the
+    /// M then the L, in order, none twice.
+    Replay(Box<replay::ReplayArgs>),
 }
 
 /// Runs a scenario and prints its JSON result on stdout.
@@ -35,6 +47,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Wire(args) => wire::run(args).await?,
         Scenario::Fanout(args) => fanout::run(args).await?,
         Scenario::Idle(args) => idle::run(args).await?,
+        Scenario::Storm(args) => storm::run(*args).await?,
+        Scenario::Replay(args) => replay::run(*args).await?,
     };
     println!("{result}");
     Ok(())

@@ -1,0 +1,122 @@
+//! The publishing side shared by the scenarios: keep-alive HTTP/1.1
+//! connections that POST bench events, each event starting with its
+//! [`Stamp`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::client::{Target, unix_micros};
+use super::decode::Stamp;
+
+/// Longest wait for one publish to be answered.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A keep-alive HTTP/1.1 connection that publishes.
+pub type Publisher = http1::SendRequest<Full<Bytes>>;
+
+pub async fn connect(target: &Target) -> Result<Publisher, String> {
+    let tcp = TcpStream::connect(target.addr)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", target.addr))?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// An event: its stamp, padded to `size` bytes of JSON.
+pub fn event(seq: u64, size: usize) -> String {
+    padded(
+        Stamp {
+            seq,
+            sent_us: unix_micros(),
+        }
+        .json_prefix(),
+        size,
+    )
+}
+
+/// The start of a JSON object (`{"seq":…`), closed with padding so that the
+/// whole is `size` bytes (or just closed, when already longer).
+pub fn padded(mut event: String, size: usize) -> String {
+    event.push_str(",\"pad\":\"");
+    let pad = size.saturating_sub(event.len() + 2);
+    event.extend(std::iter::repeat_n('x', pad));
+    event.push_str("\"}");
+    event
+}
+
+/// Publishes `body` to `path` on `publisher`, connecting it first if it is
+/// not connected or broke; succeeds on a 2xx answer.
+pub async fn post(
+    target: &Arc<Target>,
+    path: &str,
+    publisher: &mut Option<Publisher>,
+    body: String,
+) -> Result<(), String> {
+    let sender = match publisher {
+        Some(sender) if !sender.is_closed() => sender,
+        _ => publisher.insert(connect(target).await?),
+    };
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let request = Request::post(path)
+        .header("host", &target.authority)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("publish answered {status}"));
+    }
+    Ok(())
+}
+
+/// [`post`] within [`PUBLISH_TIMEOUT`]; a publisher that timed out is
+/// dropped, to be reconnected by the next publish.
+pub async fn post_in_time(
+    target: &Arc<Target>,
+    path: &str,
+    publisher: &mut Option<Publisher>,
+    body: String,
+) -> Result<(), String> {
+    let sent = tokio::time::timeout(PUBLISH_TIMEOUT, post(target, path, publisher, body))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {PUBLISH_TIMEOUT:?}")));
+    if sent.is_err() {
+        *publisher = None;
+    }
+    sent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_padded_to_their_size_and_keep_their_stamp() {
+        let event = event(7, 200);
+        assert_eq!(event.len(), 200);
+        assert_eq!(Stamp::parse(event.as_bytes()).map(|s| s.seq), Some(7));
+        let short = padded("{\"seq\":1,\"sent_us\":2".into(), 0);
+        assert_eq!(short, "{\"seq\":1,\"sent_us\":2,\"pad\":\"\"}");
+        serde_json::from_str::<serde_json::Value>(&event).unwrap();
+    }
+}

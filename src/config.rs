@@ -38,6 +38,12 @@ pub struct Config {
     #[arg(long, env = "CRIER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Connections the kernel may queue before crier accepts them; a burst of
+    /// reconnecting clients (a node or proxy restart) needs room here. The
+    /// kernel caps it at net.core.somaxconn.
+    #[arg(long, env = "CRIER_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+
     /// Events retained per topic for replay.
     #[arg(long, env = "CRIER_RETENTION_EVENTS", default_value_t = 1000)]
     pub retention_events: usize,

@@ -1,7 +1,7 @@
 //! The `crier` binary: parse the command line, bind, serve, stop on signal.
 
 use clap::Parser;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -36,7 +36,7 @@ async fn main() -> std::process::ExitCode {
         tracing::warn!(%error, "could not raise the open-file limit");
     }
 
-    let listener = match TcpListener::bind(config.listen).await {
+    let listener = match bind(config.listen, config.listen_backlog) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(%error, listen = %config.listen, "cannot listen");
@@ -67,6 +67,19 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Binds the listener with room for a reconnect storm in its accept queue
+/// (`TcpListener::bind` would leave it at 128).
+fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Cancels `shutdown` on Ctrl-C or SIGTERM.

@@ -63,6 +63,16 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ("--retry", "CRIER_RETRY"),
         ("--shutdown-timeout", "CRIER_SHUTDOWN_TIMEOUT"),
         ("--cors-origins", "CRIER_CORS_ORIGINS"),
+        ("--listen-backlog", "CRIER_LISTEN_BACKLOG"),
+        ("--tls-cert", "CRIER_TLS_CERT"),
+        ("--tls-key", "CRIER_TLS_KEY"),
+        ("--http2-max-streams", "CRIER_HTTP2_MAX_STREAMS"),
+        ("--http2-keepalive", "CRIER_HTTP2_KEEPALIVE"),
+        ("--compression", "CRIER_COMPRESSION"),
+        ("--redis", "CRIER_REDIS_URL"),
+        ("--redis-ca-cert", "CRIER_REDIS_CA_CERT"),
+        ("--redis-prefix", "CRIER_REDIS_PREFIX"),
+        ("--redis-timeout", "CRIER_REDIS_TIMEOUT"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
         assert!(help.contains(env), "{env} missing from --help");

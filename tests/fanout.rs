@@ -19,11 +19,10 @@ async fn a_thousand_concurrent_subscribers_all_receive_the_identical_sequence() 
     rlimit::increase_nofile_limit(10_000).expect("raise the open-file limit");
     let server = Server::start().await;
 
-    let connects = (0..SUBSCRIBERS).map(|_| {
-        let client = common::client();
-        let url = server.url("/topics/crowd");
-        async move { SseClient::connect(&client, &url, None).await }
-    });
+    // One client: each concurrent stream gets its own HTTP/1.1 connection.
+    let client = common::client();
+    let url = server.url("/topics/crowd");
+    let connects = (0..SUBSCRIBERS).map(|_| SseClient::connect(&client, &url, None));
     // The answer's headers are sent only after the subscription joined the
     // hub, so once all have answered, all will see every event.
     let mut subscribers = futures_util::future::join_all(connects).await;

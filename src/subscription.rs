@@ -151,8 +151,16 @@ impl Subscription {
             let mut chunk = Chunk::default();
             let mut retry = Backoff::default();
             yield sse::preamble(settings.retry.as_millis() as u64);
+            // The heartbeat timer is not re-armed on every write (a timer
+            // operation per event per subscriber); when it fires early it is
+            // pushed to one quiet period after the last write instead.
             let heartbeat = tokio::time::sleep(settings.heartbeat);
             tokio::pin!(heartbeat);
+            let mut last_write = tokio::time::Instant::now();
+            // One registration with the shutdown signal for the stream's
+            // life, rather than one per loop turn.
+            let shutdown = settings.shutdown.cancelled();
+            tokio::pin!(shutdown);
             loop {
                 if settings.shutdown.is_cancelled() {
                     return;
@@ -170,13 +178,13 @@ impl Subscription {
                     }
                     if let Some(bytes) = chunk.take() {
                         yield bytes;
-                        heartbeat.as_mut().reset(tokio::time::Instant::now() + settings.heartbeat);
+                        last_write = tokio::time::Instant::now();
                     }
                     continue;
                 }
                 tokio::select! {
                     biased;
-                    _ = settings.shutdown.cancelled() => return,
+                    () = &mut shutdown => return,
                     item = self.live.next() => {
                         let mut lagged = !self.on_live(item, &mut chunk);
                         while !lagged && chunk.len() < MAX_CHUNK_BYTES {
@@ -187,7 +195,7 @@ impl Subscription {
                         }
                         if let Some(bytes) = chunk.take() {
                             yield bytes;
-                            heartbeat.as_mut().reset(tokio::time::Instant::now() + settings.heartbeat);
+                            last_write = tokio::time::Instant::now();
                         }
                         if lagged {
                             tracing::debug!("ending a stream: the subscriber fell behind the live feed");
@@ -200,8 +208,12 @@ impl Subscription {
                     }
                     () = retry.wait(), if self.owes_store_work() => {}
                     () = &mut heartbeat => {
-                        yield Bytes::from_static(sse::HEARTBEAT);
-                        heartbeat.as_mut().reset(tokio::time::Instant::now() + settings.heartbeat);
+                        let due = last_write + settings.heartbeat;
+                        if tokio::time::Instant::now() >= due {
+                            yield Bytes::from_static(sse::HEARTBEAT);
+                            last_write = tokio::time::Instant::now();
+                        }
+                        heartbeat.as_mut().reset(last_write + settings.heartbeat);
                     }
                 }
             }

@@ -162,11 +162,13 @@ impl Subscription {
             let shutdown = settings.shutdown.cancelled();
             tokio::pin!(shutdown);
             loop {
-                if settings.shutdown.is_cancelled() {
-                    return;
-                }
                 // Work owed to the store comes first: it only moves forward.
+                // (The live path below sees shutdown through `select!`;
+                // checking the token takes a lock, so only here.)
                 if self.owes_store_work() && retry.is_ready() {
+                    if settings.shutdown.is_cancelled() {
+                        return;
+                    }
                     match self.store_step(&mut chunk).await {
                         Ok(()) => retry.succeeded(),
                         Err(error) => {

@@ -99,3 +99,30 @@ async fn settings_are_read_from_the_environment() {
         .unwrap();
     assert_problem(big, 413, "payload-too-large").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_queues_as_many_connections_as_configured() {
+    // A reconnect storm needs room in the accept queue; the kernel reports
+    // a listening socket's backlog as its Send-Q.
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for backlog in [100u32, 1000] {
+        let crier = Process::start(&["--listen-backlog", &backlog.to_string()]);
+        let port = crier.base.rsplit(':').next().unwrap().to_owned();
+        let output = Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) is installed");
+        let line = String::from_utf8_lossy(&output.stdout).into_owned();
+        let send_q: u32 = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("no listening socket in {line:?}"))
+            .parse()
+            .unwrap();
+        assert_eq!(send_q, backlog.min(somaxconn), "{line}");
+    }
+}

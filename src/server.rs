@@ -8,22 +8,27 @@
 //! EventSources, per origin.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+
+type Service = TowerToHyperService<Router>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a client may take to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,28 +56,182 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The HTTP protocol settings, chosen for many long-lived streams.
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        // Many EventSources share one connection; each is one stream.
-        .max_concurrent_streams(config.http2_max_streams)
-        // Pings find dead peers on connections that only ever receive.
-        .keep_alive_interval(Some(config.http2_keepalive))
-        .keep_alive_timeout(config.http2_keepalive)
-        // Windows for what clients send us (publishes); streams to clients
-        // are paced by the client's window and bounded by the send buffer.
-        .initial_stream_window_size(256 * 1024)
-        .initial_connection_window_size(1024 * 1024)
-        .max_send_buf_size(128 * 1024);
-    builder
+/// Applies the HTTP/1.1 settings to a builder (hyper's own or the sniffing
+/// one, whose types differ).
+macro_rules! http1_settings {
+    ($builder:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true)
+    };
+}
+
+/// Applies the HTTP/2 settings, chosen for many long-lived streams.
+macro_rules! http2_settings {
+    ($builder:expr, $config:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            // Many EventSources share one connection; each is one stream.
+            .max_concurrent_streams($config.http2_max_streams)
+            // Pings find dead peers on connections that only ever receive.
+            .keep_alive_interval(Some($config.http2_keepalive))
+            .keep_alive_timeout($config.http2_keepalive)
+            // Windows for what clients send us (publishes); streams to
+            // clients are paced by the client's window and bounded by the
+            // send buffer.
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024)
+            .max_send_buf_size(128 * 1024)
+    };
+}
+
+/// The HTTP builders, one per protocol.
+///
+/// A connection is served by its protocol's own builder once the protocol is
+/// known (by ALPN over TLS, by a peek at the first bytes of a plain
+/// connection), not by the sniffing builder: that one hands hyper the first
+/// 24 bytes in a read of their own, after which hyper grows its read buffer
+/// from 8 to 16 KiB, on every connection. The sniffing builder remains for
+/// the rare plain connection whose first bytes do not yet tell.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    sniff: auto::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(config: &Config) -> Protocols {
+        let mut http1 = http1::Builder::new();
+        http1_settings!(http1);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2_settings!(http2, config);
+        let mut sniff = auto::Builder::new(TokioExecutor::new());
+        http1_settings!(sniff.http1());
+        http2_settings!(sniff.http2(), config);
+        Protocols {
+            http1,
+            http2,
+            sniff,
+        }
+    }
+}
+
+/// What the first bytes of a plain connection say.
+#[derive(Debug, PartialEq, Eq)]
+enum Preface {
+    Http1,
+    Http2,
+    /// A strict prefix of the HTTP/2 preface so far (or nothing yet).
+    Unknown,
+}
+
+/// The client preface of HTTP/2 (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn classify(first: &[u8]) -> Preface {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        Preface::Http1
+    } else if n == H2_PREFACE.len() {
+        Preface::Http2
+    } else {
+        Preface::Unknown
+    }
+}
+
+/// Looks at a plain connection's first bytes without consuming them.
+async fn peek_preface(stream: &TcpStream) -> Preface {
+    let mut first = [0u8; 24];
+    match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => classify(&first[..n]),
+        _ => Preface::Unknown,
+    }
+}
+
+/// What a connection's task needs besides its socket.
+struct Conn {
+    protocols: Arc<Protocols>,
+    service: Service,
+    watcher: Watcher,
+    /// Watched connections hear of shutdown from `watcher`; before a
+    /// connection is watched (TLS handshake, first bytes) it hears here.
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+}
+
+/// Runs one connection to its end; how it ended matters only when debugging.
+async fn logged(peer: SocketAddr, connection: impl Future<Output = Result<(), BoxError>>) {
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, %peer, "connection ended with an error");
+    }
+}
+
+/// Serves one plain connection: HTTP/1.1, or HTTP/2 with prior knowledge.
+async fn serve_plain(stream: TcpStream, c: Conn) -> Result<(), BoxError> {
+    let preface = tokio::select! {
+        preface = peek_preface(&stream) => preface,
+        () = c.shutdown.cancelled() => return Ok(()),
+    };
+    match preface {
+        Preface::Http1 => {
+            let conn = c
+                .protocols
+                .http1
+                .serve_connection(TokioIo::new(stream), c.service);
+            Ok(c.watcher.watch(conn).await?)
+        }
+        // The other two are boxed: HTTP/2 carries many streams on one
+        // connection and the sniffer is rare, and their larger state would
+        // otherwise be carried by every HTTP/1.1 connection's task.
+        Preface::Http2 => {
+            let conn = c
+                .protocols
+                .http2
+                .serve_connection(TokioIo::new(stream), c.service);
+            Ok(Box::pin(c.watcher.watch(conn)).await?)
+        }
+        Preface::Unknown => {
+            let conn = c
+                .protocols
+                .sniff
+                .serve_connection(TokioIo::new(stream), c.service);
+            Box::pin(c.watcher.watch(conn.into_owned())).await
+        }
+    }
+}
+
+/// Serves one TLS connection with the protocol ALPN chose (RFC 9113, 3.2:
+/// HTTP/2 over TLS is negotiated, never sniffed).
+async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, c: Conn) -> Result<(), BoxError> {
+    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    let stream = tokio::select! {
+        handshake = handshake => match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, peer = %c.peer, "TLS handshake failed");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::debug!(peer = %c.peer, "TLS handshake timed out");
+                return Ok(());
+            }
+        },
+        () = c.shutdown.cancelled() => return Ok(()),
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let conn = c
+            .protocols
+            .http2
+            .serve_connection(TokioIo::new(stream), c.service);
+        Ok(c.watcher.watch(conn).await?)
+    } else {
+        let conn = c
+            .protocols
+            .http1
+            .serve_connection(TokioIo::new(stream), c.service);
+        Ok(c.watcher.watch(conn).await?)
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled; then stops
@@ -94,7 +253,7 @@ pub async fn serve(
             ));
         }
     };
-    let builder = Arc::new(http_builder(config));
+    let protocols = Arc::new(Protocols::new(config));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -111,41 +270,17 @@ pub async fn serve(
         };
         // SSE is small writes that must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(error)) => {
-                                tracing::debug!(%error, %peer, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, %peer, "connection ended with an error");
-            }
-        });
+        let conn = Conn {
+            protocols: protocols.clone(),
+            service: TowerToHyperService::new(router.clone()),
+            watcher: graceful.watcher(),
+            shutdown: shutdown.clone(),
+            peer,
+        };
+        match tls.clone() {
+            None => tokio::spawn(logged(peer, serve_plain(stream, conn))),
+            Some(acceptor) => tokio::spawn(logged(peer, serve_tls(stream, acceptor, conn))),
+        };
     }
     drop(listener);
     tokio::select! {
@@ -154,5 +289,22 @@ pub async fn serve(
             tracing::warn!(grace = ?config.shutdown_timeout, "shutdown timeout reached; closing remaining connections");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_bytes_tell_the_protocol_as_soon_as_they_can() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Preface::Http1);
+        assert_eq!(classify(b"PO"), Preface::Http1);
+        assert_eq!(classify(b"P"), Preface::Unknown);
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), Preface::Unknown);
+        assert_eq!(classify(H2_PREFACE), Preface::Http2);
+        let mut more = H2_PREFACE.to_vec();
+        more.extend_from_slice(b"\0\0\0\x04");
+        assert_eq!(classify(&more), Preface::Http2);
     }
 }

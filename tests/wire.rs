@@ -354,6 +354,75 @@ async fn the_plain_listener_speaks_http2_with_prior_knowledge() {
     server.stop().await;
 }
 
+/// A client whose first bytes arrive in pieces still gets its protocol:
+/// HTTP/1.1 from a lone `P`, HTTP/2 from a preface split in two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_first_bytes_trickle_in_gets_its_protocol() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start().await;
+    // The pause is the trickle itself: the server sees the first piece alone.
+    let pause = Duration::from_millis(50);
+
+    let mut h1 = TcpStream::connect(server.addr).await.unwrap();
+    h1.write_all(b"P").await.unwrap();
+    tokio::time::sleep(pause).await;
+    h1.write_all(b"OST /topics/trickle HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(DEADLINE, h1.read_to_string(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert!(answer.ends_with(r#""seq":1}"#), "{answer}");
+
+    let mut h2 = TcpStream::connect(server.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(pause).await;
+    // The rest of the preface, then an empty SETTINGS frame.
+    h2.write_all(b"\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(DEADLINE, h2.read_exact(&mut frame))
+        .await
+        .expect("the server's first frame")
+        .unwrap();
+    assert_eq!(frame[3], 0x04, "the server answers HTTP/2 with SETTINGS");
+    drop(h2);
+    server.stop().await;
+}
+
+/// JSON answers are compressed with what the client accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_are_compressed() {
+    let server = Server::start().await;
+    for coding in ["zstd", "br", "gzip"] {
+        let response = server
+            .client
+            .post(server.url("/events"))
+            .header("accept-encoding", coding)
+            .body(r#"[{"topic":"a","data":"one"},{"topic":"b","data":"two"}]"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(response.headers()["content-encoding"], coding);
+        let wire = response.bytes().await.unwrap();
+        let answer: serde_json::Value =
+            serde_json::from_slice(&Decoder::new(coding).decode(&wire)).unwrap();
+        let seqs: Vec<u64> = answer["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs.len(), 2, "{answer}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_wire_reports_bytes_per_event_for_every_coding() {
     let server = Server::start().await;

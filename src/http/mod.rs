@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
+use axum::handler::Handler;
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::{MethodRouter, get};
@@ -39,21 +40,33 @@ pub struct AppState {
 /// Builds the whole router. `main` serves it; tests serve the very same.
 pub fn app(state: AppState) -> Router {
     let cors = cors_layer(&state.config.cors_origins);
-    let state_codecs = state.config.codecs();
+    // JSON and HTML answers are compressed by tower-http; event streams
+    // compress themselves, flushing per chunk. The layer wraps only the
+    // handlers whose answers it compresses: around a stream its body
+    // wrapper would cost every open connection several KiB for nothing.
+    let codecs = state.config.codecs();
+    let compression = CompressionLayer::new()
+        .zstd(codecs.contains(&Codec::Zstd))
+        .br(codecs.contains(&Codec::Brotli))
+        .gzip(codecs.contains(&Codec::Gzip))
+        .no_deflate();
     let router = Router::new()
-        .route("/", get(index).fallback(not_allowed("GET, HEAD")))
+        .route(
+            "/",
+            get(index.layer(compression.clone())).fallback(not_allowed("GET, HEAD")),
+        )
         .route("/healthz", get(healthz).fallback(not_allowed("GET, HEAD")))
         .route("/readyz", get(readyz).fallback(not_allowed("GET, HEAD")))
         .route(
             "/topics/{topic}",
             get(subscribe::topic)
-                .post(publish::one)
+                .post(publish::one.layer(compression.clone()))
                 .fallback(not_allowed("GET, POST")),
         )
         .route(
             "/events",
             get(subscribe::topics)
-                .post(publish::batch)
+                .post(publish::batch.layer(compression))
                 .fallback(not_allowed("GET, POST")),
         )
         .fallback(not_found)
@@ -62,16 +75,6 @@ pub fn app(state: AppState) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     };
-    // JSON answers; event streams compress themselves, flushing per chunk,
-    // and the layer leaves `text/event-stream` alone.
-    let codecs = state_codecs;
-    let router = router.layer(
-        CompressionLayer::new()
-            .zstd(codecs.contains(&Codec::Zstd))
-            .br(codecs.contains(&Codec::Brotli))
-            .gzip(codecs.contains(&Codec::Gzip))
-            .no_deflate(),
-    );
     router.layer(
         TraceLayer::new_for_http()
             .make_span_with(DefaultMakeSpan::new().level(Level::INFO))

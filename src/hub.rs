@@ -89,6 +89,14 @@ impl Hub {
         }
     }
 
+    /// Tells every subscriber of `topic` to check the store.
+    pub fn resync(&self, topic: &Topic) {
+        let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = topics.get(topic) {
+            let _ = tx.send(self.numbered(Live::Resync));
+        }
+    }
+
     fn numbered(&self, live: Live) -> Delivery {
         Delivery {
             order: self.inner.next_order.fetch_add(1, Ordering::Relaxed),

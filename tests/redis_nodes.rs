@@ -415,3 +415,118 @@ async fn a_malformed_redis_url_stops_the_binary_with_a_clear_message() {
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(log.contains("bad Redis URL"), "{log}");
 }
+
+/// The data of `events`, in order.
+fn data_of(events: &[Ev]) -> Vec<&str> {
+    events.iter().map(|e| e.data.as_str()).collect()
+}
+
+/// The epoch part of a single-topic id (`SEQ.EPOCH`).
+fn epoch_of(id: &str) -> &str {
+    id.split_once('.').map_or("", |(_, epoch)| epoch)
+}
+
+/// Asserts that `ev` is a `reset` with reason `epoch` from `requested`, and
+/// returns its data.
+fn assert_epoch_reset(ev: &Ev, requested: &str) -> Value {
+    assert_eq!(ev.event, "reset", "{ev:?}");
+    let data: Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(data["reason"], "epoch", "{data}");
+    assert_eq!(data["requested"], requested, "{data}");
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restored_from_an_older_snapshot_starts_a_new_epoch_and_loses_nothing_silently() {
+    let mut redis = RedisServer::start_volatile();
+    let (a, b) = (node(&redis.url()).await, node(&redis.url()).await);
+    let mut on_b = b.subscribe("/topics/t").await;
+    let mut ids = Vec::new();
+    for n in 1..=5 {
+        ids.push(a.publish_id("t", &format!("old {n}")).await);
+        if n == 3 {
+            // A snapshot with events 1-3; 4 and 5 will be lost.
+            assert_eq!(redis.cli(&["SAVE"]), "OK");
+        }
+    }
+    let seen = on_b.take(5).await;
+    assert_eq!(
+        data_of(&seen),
+        ["old 1", "old 2", "old 3", "old 4", "old 5"]
+    );
+
+    // Redis comes back from the snapshot: the topic is at 3, in the same
+    // epoch, and would hand out 4 and 5 again.
+    redis.restart();
+    wait_ready(&a, 200).await;
+    wait_ready(&b, 200).await;
+    assert_eq!(redis.cli(&["HGET", "crier:{t}:meta", "seq"]), "3");
+    // The node that saw 5 notices and says so; what is retained follows,
+    // under the new epoch.
+    let data = assert_epoch_reset(&on_b.next().await, &ids[4]);
+    let replay = on_b.take(3).await;
+    assert_eq!(data_of(&replay), ["old 1", "old 2", "old 3"]);
+    let new_epoch = epoch_of(&replay[0].id);
+    assert_ne!(new_epoch, epoch_of(&ids[0]));
+    assert_eq!(data["oldest"], replay[0].id.as_str());
+    assert_eq!(
+        replay.iter().map(Ev::seq).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "numbering goes on, only the epoch changes"
+    );
+
+    // New events are numbered on in the new epoch.
+    let new = a.publish_id("t", "new 4").await;
+    assert_eq!(new, format!("4.{new_epoch}"));
+    assert_eq!(on_b.next().await, Ev::new(&new, "message", "new 4"));
+
+    // A client that saw the lost events is told too, on any node.
+    let mut late = a.resume("/topics/t", &ids[4]).await;
+    assert_epoch_reset(&late.next().await, &ids[4]);
+    assert_eq!(
+        data_of(&late.take(4).await),
+        ["old 1", "old 2", "old 3", "new 4"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_that_goes_back_without_a_restart_is_caught_by_publishers_and_watchers() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis.url()).await, node(&redis.url()).await);
+    let mut on_b = b.subscribe("/topics/t").await;
+    let mut ids = Vec::new();
+    for n in 1..=5 {
+        ids.push(b.publish_id("t", &format!("old {n}")).await);
+    }
+    assert_eq!(on_b.take(5).await.len(), 5);
+    // What a failover to a replica that lags behind looks like: the
+    // topic's counter and stream as they were a few events ago.
+    let go_back_to_3 = |drop: &[&str]| {
+        assert_eq!(redis.cli(&["HSET", "crier:{t}:meta", "seq", "3"]), "0");
+        let mut xdel = vec!["XDEL", "crier:{t}:events"];
+        xdel.extend_from_slice(drop);
+        assert_eq!(redis.cli(&xdel), drop.len().to_string());
+        assert_eq!(redis.cli(&["XSETID", "crier:{t}:events", "3-0"]), "OK");
+    };
+
+    // A node that saw 5 publishes: the script sees the number went back
+    // and starts a new epoch before numbering.
+    go_back_to_3(&["4-0", "5-0"]);
+    let new = b.publish_id("t", "new 4").await;
+    assert_eq!(seq_of(&new), 4);
+    assert_ne!(epoch_of(&new), epoch_of(&ids[0]));
+    assert_epoch_reset(&on_b.next().await, &ids[4]);
+    let replay = on_b.take(4).await;
+    assert_eq!(data_of(&replay), ["old 1", "old 2", "old 3", "new 4"]);
+    assert_eq!(replay[3].id, new);
+
+    // A node that saw nothing publishes: it hands out 4 again, and the
+    // watching node, which saw 4 go by live already, starts a new epoch.
+    go_back_to_3(&["4-0"]);
+    let reused = a.publish_id("t", "newer 4").await;
+    assert_eq!(reused, new, "the lagging history hands out the same id");
+    assert_epoch_reset(&on_b.next().await, &new);
+    let replay = on_b.take(4).await;
+    assert_eq!(data_of(&replay), ["old 1", "old 2", "old 3", "newer 4"]);
+    assert_ne!(epoch_of(&replay[0].id), epoch_of(&new));
+}

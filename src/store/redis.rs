@@ -12,9 +12,12 @@
 //! Publishing is one Lua script per topic: it numbers the events, appends
 //! them, trims by count and age, and publishes each on the channel, all in
 //! one atomic step and one round trip. A missing `meta` hash means the
-//! topic's history is gone (Redis restarted without persistence, a failover
-//! to a lagging replica, keys deleted by hand): the script then starts a new
-//! epoch, so no old position is ever replayed against new data.
+//! topic's history is gone (Redis restarted without persistence, keys
+//! deleted by hand): the script then starts a new epoch, so no old position
+//! is ever replayed against new data. History that only went back in time
+//! (an older snapshot, a failover to a lagging replica) is noticed by the
+//! nodes, which remember how far they saw each watched topic go: the topic
+//! then gets a new epoch too (see [`Floor`]).
 //!
 //! Live delivery: each node keeps one pub/sub connection, subscribed to the
 //! channels of the topics its subscribers watch, and hands each message to
@@ -25,7 +28,7 @@
 //! asks its subscribers to check the stream (`Hub::resync_all`), which fills
 //! any hole from the stream or reports a reset.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,22 +42,49 @@ use super::{History, NewEvent, Retention, Store, StoreError};
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
 
+/// Lua: `fresh_epoch(old)`, an epoch from the clock (base-36 ids of at most
+/// 7 digits), never equal to `old`.
+macro_rules! lua_fresh_epoch {
+    () => {
+        r#"
+local function fresh_epoch(old)
+  local now = redis.call('TIME')
+  local epoch = (tonumber(now[1]) * 1000000 + tonumber(now[2])) % 78364164096
+  if old and string.format('%d', epoch) == old then epoch = (epoch + 1) % 78364164096 end
+  return string.format('%d', epoch)
+end
+"#
+    };
+}
+
 /// Numbers, appends, trims and publishes one topic's events.
 /// KEYS: meta, events. ARGV: channel, max events, max age ms, meta ttl ms,
-/// then a name and a data per event.
-const PUBLISH: &str = r#"
+/// the epoch and number this node has already seen for the topic (empty if
+/// none), then a name and a data per event.
+///
+/// A number below what a node has already seen in the same epoch means the
+/// history went back in time (a restored snapshot, a failover to a lagging
+/// replica): the numbers from there on were handed out before, to other
+/// events. The topic then gets a new epoch, keeping what is retained, so no
+/// old position is taken for a position in the new events.
+const PUBLISH: &str = concat!(
+    lua_fresh_epoch!(),
+    r#"
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local seq = 0
 if not epoch then
-  epoch = string.format('%d', (tonumber(now[1]) * 1000000 + tonumber(now[2])) % 78364164096)
+  epoch = fresh_epoch(nil)
   redis.call('DEL', KEYS[2])
 else
   seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+  if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
+    epoch = fresh_epoch(epoch)
+  end
 end
 local first = seq + 1
-for i = 5, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   seq = seq + 1
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], string.format('%d-0', seq),
     't', now_ms, 'e', ARGV[i], 'd', ARGV[i + 1])
@@ -75,7 +105,23 @@ end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {epoch, first}
-"#;
+"#
+);
+
+/// Gives a topic a new epoch if it still has `epoch`, keeping its retained
+/// events and its numbering: a node saw its history go back in time.
+/// KEYS: meta. ARGV: the epoch. Returns the topic's epoch afterwards.
+const REEPOCH: &str = concat!(
+    lua_fresh_epoch!(),
+    r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and epoch == ARGV[1] then
+  epoch = fresh_epoch(epoch)
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+return epoch
+"#
+);
 
 /// Reads a topic's bounds and up to `limit` events after a position, in one
 /// consistent snapshot. KEYS: meta, events. ARGV: after, limit, max age ms.
@@ -124,10 +170,27 @@ pub struct RedisStore {
     timeout: Duration,
     publish: Script,
     read: Script,
+    reepoch: Script,
     hub: Hub,
+    /// How far this node has seen each watched topic go.
+    floors: std::sync::Mutex<HashMap<Topic, Floor>>,
     live: tokio::sync::Mutex<LiveLink>,
     /// Whether the pub/sub connection is up; `watch` waits for it.
     live_up: tokio::sync::watch::Sender<bool>,
+}
+
+/// The furthest a node has seen a topic go in one epoch. Within an epoch a
+/// topic's number never goes down, and its live messages come in order; a
+/// store that answers otherwise has lost part of its history (a restored
+/// snapshot, a failover to a lagging replica), and the numbers from there on
+/// may be handed out again.
+#[derive(Debug, Clone, Copy)]
+struct Floor {
+    epoch: Epoch,
+    /// The highest number seen anywhere: publish answers, reads, live.
+    seen: u64,
+    /// The highest number seen on the live channel.
+    live: u64,
 }
 
 /// This node's pub/sub connection and the channels it is subscribed to.
@@ -213,7 +276,9 @@ impl RedisStore {
             timeout,
             publish: Script::new(PUBLISH),
             read: Script::new(READ),
+            reepoch: Script::new(REEPOCH),
             hub,
+            floors: std::sync::Mutex::new(HashMap::new()),
             live: tokio::sync::Mutex::new(LiveLink::default()),
             live_up: tokio::sync::watch::Sender::new(false),
         })
@@ -259,7 +324,11 @@ impl RedisStore {
                             _ = stop.cancelled() => return,
                             _ = housekeeping.tick() => self.housekeeping().await,
                             message = messages.next() => match message {
-                                Some(message) => self.on_message(&message),
+                                Some(message) => {
+                                    if let Some((topic, epoch)) = self.on_message(&message) {
+                                        self.history_went_back(&topic, epoch).await;
+                                    }
+                                }
                                 None => break,
                             },
                         }
@@ -300,17 +369,82 @@ impl RedisStore {
         Ok(stream)
     }
 
-    fn on_message(&self, message: &redis::Msg) {
-        let Some(topic) = self.keys.topic_of(message.get_channel_name()) else {
-            return;
-        };
-        match parse_live(topic, message.get_payload_bytes()) {
-            Some(event) => self.hub.deliver(&Arc::new(event)),
-            None => tracing::warn!(
+    /// Hands a live message to the hub. Returns the topic and epoch when
+    /// the message shows that the topic's history went back in time.
+    fn on_message(&self, message: &redis::Msg) -> Option<(Topic, Epoch)> {
+        let topic = self.keys.topic_of(message.get_channel_name())?;
+        let Some(event) = parse_live(topic, message.get_payload_bytes()) else {
+            tracing::warn!(
                 channel = message.get_channel_name(),
                 "ignoring a malformed live message"
-            ),
+            );
+            return None;
+        };
+        let went_back = self.saw(&event.topic, event.epoch, event.seq, true);
+        let event = Arc::new(event);
+        self.hub.deliver(&event);
+        went_back.then(|| (event.topic.clone(), event.epoch))
+    }
+
+    /// Records a number seen for a watched topic; returns whether it shows
+    /// the history went back (a live number not above the last live one).
+    fn saw(&self, topic: &Topic, epoch: Epoch, seq: u64, live: bool) -> bool {
+        if !self.hub.is_watched(topic) {
+            return false;
         }
+        let mut floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
+        match floors.get_mut(topic) {
+            Some(floor) if floor.epoch == epoch => {
+                let went_back = live && seq <= floor.live;
+                floor.seen = floor.seen.max(seq);
+                if live {
+                    floor.live = floor.live.max(seq);
+                }
+                went_back
+            }
+            _ => {
+                let live = if live { seq } else { 0 };
+                floors.insert(
+                    topic.clone(),
+                    Floor {
+                        epoch,
+                        seen: seq,
+                        live,
+                    },
+                );
+                false
+            }
+        }
+    }
+
+    /// The furthest this node has seen `topic` go, as (epoch, number).
+    fn floor(&self, topic: &Topic) -> Option<(Epoch, u64)> {
+        let floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
+        floors.get(topic).map(|f| (f.epoch, f.seen))
+    }
+
+    /// `topic`'s history in `epoch` went back in time: give it a new epoch
+    /// (unless another node already did) and have its subscribers check the
+    /// store, where they find the new epoch and are told with `reset`.
+    async fn history_went_back(&self, topic: &Topic, epoch: Epoch) {
+        tracing::warn!(%topic, ?epoch, "the topic's history in Redis went back in time; starting a new epoch");
+        let mut commands = self.commands.clone();
+        let result: Result<Option<String>, _> = self
+            .reepoch
+            .key(self.keys.meta(topic))
+            .arg(epoch.0)
+            .invoke_async(&mut commands)
+            .await;
+        if let Err(error) = result {
+            // Subscribers still check; the next publish from a node that
+            // saw the old numbers starts the new epoch instead.
+            tracing::warn!(%error, %topic, "could not start a new epoch");
+        }
+        self.floors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
+        self.hub.resync(topic);
     }
 
     /// Unsubscribes from topics nobody on this node watches any more, and
@@ -338,6 +472,10 @@ impl RedisStore {
         }
         let watched: Vec<Topic> = link.topics.iter().cloned().collect();
         drop(link);
+        self.floors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|topic, _| self.hub.is_watched(topic));
         if watched.is_empty() {
             return;
         }
@@ -354,6 +492,66 @@ impl RedisStore {
         }
     }
 
+    /// One `READ` script round trip.
+    async fn read_once(
+        &self,
+        topic: &Topic,
+        after: u64,
+        limit: usize,
+    ) -> Result<History, StoreError> {
+        let mut commands = self.commands.clone();
+        let reply: Vec<Value> = self
+            .read
+            .key(self.keys.meta(topic))
+            .key(self.keys.events(topic))
+            .arg(after)
+            .arg(limit)
+            .arg(self.max_age_ms())
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        if reply.is_empty() {
+            return Ok(History {
+                oldest: 1,
+                ..History::default()
+            });
+        }
+        let field = |i: usize| {
+            reply
+                .get(i)
+                .and_then(as_u64)
+                .ok_or_else(|| malformed("read"))
+        };
+        let epoch = Epoch(field(0)?);
+        let head = field(1)?;
+        let oldest = field(2)?;
+        let mut events = Vec::with_capacity(reply.len().saturating_sub(3) / 3);
+        for entry in reply[3..].chunks(3) {
+            let [seq, name, data] = entry else {
+                return Err(malformed("read"));
+            };
+            let seq = as_u64(seq).ok_or_else(|| malformed("read"))?;
+            let name = as_text(name).unwrap_or_default();
+            let name = (!name.is_empty())
+                .then(|| EventName::parse(&name).ok())
+                .flatten();
+            let data = as_text(data).unwrap_or_default();
+            events.push(Arc::new(Event::new(
+                topic.clone(),
+                seq,
+                epoch,
+                name.as_ref(),
+                &data,
+            )));
+        }
+        Ok(History {
+            epoch: Some(epoch),
+            oldest,
+            head,
+            events,
+        })
+    }
+
     /// The keys and arguments of the `PUBLISH` script for one topic's events.
     fn publish_args(&self, topic: &Topic, events: &[&NewEvent]) -> ([String; 2], Vec<String>) {
         let keys = [self.keys.meta(topic), self.keys.events(topic)];
@@ -363,6 +561,10 @@ impl RedisStore {
             self.max_age_ms().to_string(),
             self.meta_ttl_ms().to_string(),
         ];
+        match self.floor(topic) {
+            Some((epoch, seq)) => args.extend([epoch.0.to_string(), seq.to_string()]),
+            None => args.extend([String::new(), "0".to_owned()]),
+        }
         for event in events {
             args.push(event.name.as_ref().map_or("", EventName::as_str).to_owned());
             args.push(event.data.clone());
@@ -481,6 +683,7 @@ impl Store for RedisStore {
                 .ok_or_else(|| malformed("publish"))?;
             let seq = next[t];
             next[t] += 1;
+            self.saw(&event.topic, numbered[t].0, seq, false);
             stored.push(Arc::new(Event::new(
                 event.topic.clone(),
                 seq,
@@ -493,57 +696,25 @@ impl Store for RedisStore {
     }
 
     async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError> {
-        let mut commands = self.commands.clone();
-        let reply: Vec<Value> = self
-            .read
-            .key(self.keys.meta(topic))
-            .key(self.keys.events(topic))
-            .arg(after)
-            .arg(limit)
-            .arg(self.max_age_ms())
-            .invoke_async(&mut commands)
-            .await
-            .map_err(unavailable)?;
-        if reply.is_empty() {
-            return Ok(History {
-                oldest: 1,
-                ..History::default()
-            });
+        // Taken before the read is sent, so the store had got that far when
+        // it answers: a lower head in the same epoch is a history that went
+        // back, never a race with live messages still on their way.
+        let floor = self.floor(topic);
+        let history = self.read_once(topic, after, limit).await?;
+        match (floor, history.epoch) {
+            (Some((seen_epoch, seen)), Some(epoch))
+                if seen_epoch == epoch && history.head < seen =>
+            {
+                self.history_went_back(topic, epoch).await;
+                self.read_once(topic, after, limit).await
+            }
+            _ => {
+                if let Some(epoch) = history.epoch {
+                    self.saw(topic, epoch, history.head, false);
+                }
+                Ok(history)
+            }
         }
-        let field = |i: usize| {
-            reply
-                .get(i)
-                .and_then(as_u64)
-                .ok_or_else(|| malformed("read"))
-        };
-        let epoch = Epoch(field(0)?);
-        let head = field(1)?;
-        let oldest = field(2)?;
-        let mut events = Vec::with_capacity(reply.len().saturating_sub(3) / 3);
-        for entry in reply[3..].chunks(3) {
-            let [seq, name, data] = entry else {
-                return Err(malformed("read"));
-            };
-            let seq = as_u64(seq).ok_or_else(|| malformed("read"))?;
-            let name = as_text(name).unwrap_or_default();
-            let name = (!name.is_empty())
-                .then(|| EventName::parse(&name).ok())
-                .flatten();
-            let data = as_text(data).unwrap_or_default();
-            events.push(Arc::new(Event::new(
-                topic.clone(),
-                seq,
-                epoch,
-                name.as_ref(),
-                &data,
-            )));
-        }
-        Ok(History {
-            epoch: Some(epoch),
-            oldest,
-            head,
-            events,
-        })
     }
 
     async fn watch(&self, topic: &Topic) -> Result<(), StoreError> {

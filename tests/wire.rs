@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::tls::TestCerts;
 use common::*;
+use crier::compress::Decompressor;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
@@ -21,42 +21,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// Decodes one content coding incrementally, as a browser does.
-enum Decoder {
-    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
-    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
-    Gzip(flate2::write::GzDecoder<Vec<u8>>),
-}
+struct Decoder(Decompressor);
 
 impl Decoder {
     fn new(coding: &str) -> Decoder {
-        match coding {
-            "zstd" => Decoder::Zstd(zstd::stream::write::Decoder::new(Vec::new()).unwrap()),
-            "br" => Decoder::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096))),
-            "gzip" => Decoder::Gzip(flate2::write::GzDecoder::new(Vec::new())),
-            other => panic!("unexpected coding {other}"),
-        }
+        Decoder(Decompressor::new(coding.parse().unwrap()).unwrap())
     }
 
     /// Everything `wire` decodes to, right now.
     fn decode(&mut self, wire: &[u8]) -> Vec<u8> {
-        let out = match self {
-            Decoder::Zstd(d) => {
-                d.write_all(wire).unwrap();
-                d.flush().unwrap();
-                d.get_mut()
-            }
-            Decoder::Brotli(d) => {
-                d.write_all(wire).unwrap();
-                d.flush().unwrap();
-                d.get_mut()
-            }
-            Decoder::Gzip(d) => {
-                d.write_all(wire).unwrap();
-                d.flush().unwrap();
-                d.get_mut()
-            }
-        };
-        std::mem::take(out)
+        self.0.decompress(wire).unwrap()
     }
 }
 

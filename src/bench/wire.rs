@@ -138,58 +138,54 @@ async fn measure(
         d.decompress(data).map_err(|e| e.to_string())?;
     }
 
+    // One event at a time, each received before the next is published: a
+    // quiet feed, where every event is its own flush, as on a dashboard.
+    // (Events published back to back share flushes, and the figure would
+    // depend on the machine's timing.)
     let mut publisher = connect(target).await?;
     let publish_path = args.publish_path.replace("{topic}", &topic);
-    let events = args.events;
-    let size = args.size;
-    let authority = target.authority.clone();
-    let publishing = tokio::spawn(async move {
-        for n in 0..events {
-            publisher.ready().await.map_err(|e| e.to_string())?;
-            let request = Request::post(&publish_path)
-                .header("host", &authority)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(payload(n, size))))
-                .map_err(|e| e.to_string())?;
-            let response = publisher
-                .send_request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("publish answered {}", response.status()));
-            }
-            response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        Ok::<_, String>(())
-    });
-
     let mut body_bytes = 0;
     let mut seen = 0;
     let mut pending = Vec::new();
-    while seen < args.events {
-        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
-            .await
-            .map_err(|_| format!("{name}: stalled after {seen} events"))?
-            .ok_or(format!("{name}: the stream ended after {seen} events"))?
+    for n in 0..args.events {
+        publisher.ready().await.map_err(|e| e.to_string())?;
+        let request = Request::post(&publish_path)
+            .header("host", &target.authority)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(payload(n, args.size))))
             .map_err(|e| e.to_string())?;
-        let Some(data) = frame.data_ref() else {
-            continue;
-        };
-        body_bytes += data.len();
-        let plain = match decoder.as_mut() {
-            Some(d) => d.decompress(data).map_err(|e| e.to_string())?,
-            None => data.to_vec(),
-        };
-        pending.extend_from_slice(&plain);
-        seen += pending.windows(7).filter(|w| w == b"\ndata: ").count();
-        let keep = pending.len().min(6);
-        pending.drain(..pending.len() - keep);
+        let response = publisher
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("publish answered {}", response.status()));
+        }
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        while seen <= n {
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .map_err(|_| format!("{name}: stalled after {seen} events"))?
+                .ok_or(format!("{name}: the stream ended after {seen} events"))?
+                .map_err(|e| e.to_string())?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            body_bytes += data.len();
+            let plain = match decoder.as_mut() {
+                Some(d) => d.decompress(data).map_err(|e| e.to_string())?,
+                None => data.to_vec(),
+            };
+            pending.extend_from_slice(&plain);
+            seen += pending.windows(7).filter(|w| w == b"\ndata: ").count();
+            let keep = pending.len().min(6);
+            pending.drain(..pending.len() - keep);
+        }
     }
-    publishing.await.map_err(|e| e.to_string())??;
     eprintln!(
         "{name:>8}: {body_bytes} bytes for {} events, {:.1} bytes/event",
         args.events,

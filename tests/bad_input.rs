@@ -140,7 +140,7 @@ async fn expect_problem(what: &str, response: reqwest::Response, status: u16, ki
 
 /// POSTs an over-limit chunked body on a connection of its own. The server
 /// closes such a connection after its answer without saying so (see
-/// `refused_chunked_body_that_closes_the_connection_says_connection_close`),
+/// `a_refused_request_with_a_body_says_connection_close_or_keeps_serving`),
 /// which would make the *next* request of a pooled client fail at random;
 /// that bug is pinned there, so here the 413 itself is checked.
 async fn post_chunked_alone(
@@ -933,31 +933,24 @@ async fn body_that_cannot_be_read_is_refused_as_unreadable_body() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_chunked_body_that_closes_the_connection_says_connection_close() {
+/// Sends `request` (a refused request with a body) on a fresh connection,
+/// expects `status`, then checks the connection either said
+/// `Connection: close` or still serves the next request. Returns whether it
+/// served (a publish of `next` to `good`).
+async fn refused_body_announces_close_or_keeps_serving(
+    server: &Server,
+    request: &[u8],
+    status: &str,
+) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let server = Server::start_with(|c| c.max_event_bytes = 100).await;
-    let mut good = Seeded::new(&server, "good").await;
     let exchange = async {
         let mut socket = tokio::net::TcpStream::connect(server.addr)
             .await
             .expect("connect");
-        let mut request =
-            b"POST /topics/good HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-        for _ in 0..10 {
-            request.extend_from_slice(b"3e8\r\n");
-            request.extend_from_slice(&[b'x'; 1000]);
-            request.extend_from_slice(b"\r\n");
-        }
-        request.extend_from_slice(b"0\r\n\r\n");
-        socket.write_all(&request).await.expect("write request");
-
+        socket.write_all(request).await.expect("write request");
         let (head, body) = read_answer(&mut socket).await;
-        assert!(head.starts_with("http/1.1 413 "), "{head}");
-        assert!(
-            body.contains("urn:crier:problem:payload-too-large"),
-            "{body}"
-        );
+        assert!(head.starts_with(&format!("http/1.1 {status} ")), "{head}");
+        assert!(body.contains("urn:crier:problem:"), "{body}");
         let announced_close = head.lines().any(|l| l == "connection: close");
 
         // Without `Connection: close` the connection must still serve.
@@ -978,20 +971,50 @@ async fn refused_chunked_body_that_closes_the_connection_says_connection_close()
             };
         assert!(
             announced_close || served,
-            "the server closed the connection after its 413 without `Connection: close` \
+            "the server closed the connection after its {status} without `Connection: close` \
              (answer head: {head:?}); a keep-alive client's next request on it fails"
         );
-        if served {
-            good.events.push(Ev::new(
-                &format!("3.{}", good.events[0].id.split_once('.').unwrap().1),
-                "message",
-                "next",
-            ));
-        }
+        served
     };
     tokio::time::timeout(DEADLINE, exchange)
         .await
-        .expect("exchange in time");
+        .expect("exchange in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_with_a_body_says_connection_close_or_keeps_serving() {
+    let server = Server::start_with(|c| c.max_event_bytes = 100).await;
+    let mut good = Seeded::new(&server, "good").await;
+    let mut chunked =
+        b"POST /topics/good HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..10 {
+        chunked.extend_from_slice(b"3e8\r\n");
+        chunked.extend_from_slice(&[b'x'; 1000]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    // A large body the server refuses before reading it.
+    let unread = |head: &str| {
+        let mut request =
+            format!("{head} HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n").into_bytes();
+        request.extend_from_slice(&[b'x'; 60000]);
+        request
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (chunked, "413"),
+        (unread("POST /topics/a%20b"), "400"),
+        (unread("POST /topics/good?event=a%0Ab"), "400"),
+        (unread("POST /nowhere"), "404"),
+        (unread("PUT /topics/good"), "405"),
+    ];
+    let epoch = good.events[0].id.split_once('.').unwrap().1.to_owned();
+    for (request, status) in cases {
+        if refused_body_announces_close_or_keeps_serving(&server, &request, status).await {
+            let seq = good.events.len() + 1;
+            good.events
+                .push(Ev::new(&format!("{seq}.{epoch}"), "message", "next"));
+        }
+    }
     good.assert_intact(&server).await;
     server.stop().await;
 }

@@ -90,16 +90,8 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        match self {
-            ApiError::MethodNotAllowed { allow, .. } => {
-                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
-            }
-            // The rest of the body was not read, so this connection cannot
-            // carry another request: say so rather than just hang up.
-            ApiError::PayloadTooLarge { .. } => {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ => {}
+        if let ApiError::MethodNotAllowed { allow, .. } = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
     }

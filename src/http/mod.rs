@@ -9,10 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::Request;
 use axum::extract::State;
 use axum::handler::Handler;
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{Html, IntoResponse};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, Version, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
@@ -75,6 +77,7 @@ pub fn app(state: AppState) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     };
+    let router = router.layer(axum::middleware::from_fn(close_after_refused_body));
     router.layer(
         TraceLayer::new_for_http()
             .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
@@ -111,6 +114,28 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
             ])
             .max_age(Duration::from_secs(3600)),
     )
+}
+
+/// A request refused with its body perhaps unread (a bad topic is refused
+/// before the body is looked at) cannot be followed by another on its
+/// HTTP/1.1 connection: hyper closes it after the answer. The answer says so,
+/// so a keep-alive client does not send its next request into a closing
+/// socket. (HTTP/2 streams are independent; nothing to say there.)
+async fn close_after_refused_body(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let has_body = request.version() < Version::HTTP_2
+        && (headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|length| length.as_bytes() != b"0"));
+    let mut response = next.run(request).await;
+    let refused = response.status().is_client_error() || response.status().is_server_error();
+    if has_body && refused {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 fn not_allowed(allow: &'static str) -> MethodRouter<AppState> {

@@ -43,18 +43,6 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match listener.local_addr() {
-        Ok(addr) => {
-            let scheme = if config.tls_cert.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            tracing::info!("crier listening on {scheme}://{addr}");
-        }
-        Err(error) => tracing::warn!(%error, "listening on an unknown address"),
-    }
-
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match crier::serve(listener, config, shutdown).await {

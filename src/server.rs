@@ -253,6 +253,14 @@ pub async fn serve(
             ));
         }
     };
+    // Said once the certificate is loaded: the hub serves from here on.
+    match listener.local_addr() {
+        Ok(addr) => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!("crier listening on {scheme}://{addr}");
+        }
+        Err(error) => tracing::warn!(%error, "listening on an unknown address"),
+    }
     let protocols = Arc::new(Protocols::new(config));
     let graceful = GracefulShutdown::new();
     loop {

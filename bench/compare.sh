@@ -5,7 +5,8 @@
 #
 # Settings (environment):
 #   SUBSCRIBERS="100 1000 10000"        subscriber counts, one block of runs each
-#   RATES="100:50 1000:40 10000:2"      N:events/s; an N not listed uses RATE_DEFAULT
+#   RATES="100:50 1000:40 10000:2"      N:events/s, or N:r1/r2/... for a sweep of
+#                                       rates; an N not listed uses RATE_DEFAULT
 #   RATE_DEFAULT=10                     events/s for an N that RATES does not name
 #   RUNS=3                              runs per hub and N (the table shows medians)
 #   DURATION=20s                        publishing time of one fanout run
@@ -309,10 +310,10 @@ smoke() {
 
 # ------------------------------------------------------------- measurements
 
-rate_for() {
+rate_for() {   # the events/s for N, space-separated when RATES names several
     local n=$1 pair
     for pair in $RATES; do
-        [ "${pair%%:*}" = "$n" ] && { echo "${pair#*:}"; return; }
+        [ "${pair%%:*}" = "$n" ] && { echo "${pair#*:}" | tr '/' ' '; return; }
     done
     echo "$RATE_DEFAULT"
 }
@@ -387,7 +388,7 @@ report() {
     echo
     machine
     echo "Results: ${RESULTS#"$ROOT"/} (the tool's messages: ${TOOL_LOG#"$ROOT"/}). Payload $SIZE bytes, $DURATION of publishing per run;"
-    echo "rates (N:events/s): $(for n in $SUBSCRIBERS; do printf '%s:%s ' "$n" "$(rate_for "$n")"; done)"
+    echo "rates (N:events/s): $(for n in $SUBSCRIBERS; do printf "%s:%s " "$n" "$(rate_for "$n" | tr " " /)"; done)"
     echo
     # Medians per hub and N, as TSV, then formatted by awk.
     jq -rs --argjson hubs "$hubs_json" --argjson ns "$ns_json" '
@@ -396,26 +397,53 @@ report() {
             elif length % 2 == 1 then .[(length - 1) / 2]
             else (.[length / 2 - 1] + .[length / 2]) / 2 end;
         def med(f): map(f) | median;
+        # A run is lossless and on schedule when every subscriber got every
+        # event once and in order, the publisher kept its schedule (at most
+        # 1 % of events sent late) and p99 stayed within a second.
+        def on_schedule: .lost == 0 and .duplicated == 0 and .out_of_order == 0
+            and .deliveries == .expected_deliveries
+            and .published_late <= .published / 100 and .latency_ms.p99 <= 1000;
         map(select(.kind == "fanout")) as $all
-        | $ns[] as $n | $hubs[] as $hub
-        | [$all[] | select(.hub == $hub and .subscribers == $n)] as $rs
+        | $ns[] as $n | ([$all[] | select(.subscribers == $n) | .rate] | unique)[] as $rate
+        | $hubs[] as $hub
+        | [$all[] | select(.hub == $hub and .subscribers == $n and .rate == $rate)] as $rs
         | select($rs | length > 0)
-        | [$hub, $n, ($rs | length), ($rs | med(.rate)), ($rs | med(.connected)),
+        | [$hub, $n, ($rs | length), $rate, ($rs | med(.connected)),
            ($rs | med(.deliveries_per_s)), ($rs | med(.latency_ms.p50)),
            ($rs | med(.latency_ms.p99)), ($rs | med(.lost)),
            ($rs | med(.cpu_us_per_delivery.server? // .server.cpu_us_per_delivery)),
-           ($rs | med(.cpu_us_per_delivery.tool? // .tool.cpu_us_per_delivery))]
+           ($rs | med(.cpu_us_per_delivery.tool? // .tool.cpu_us_per_delivery)),
+           ([$rs[] | select(on_schedule)] | length)]
         | map(if . == null then "-" else tostring end) | @tsv' "$RESULTS" >"$TMP/medians.tsv"
     awk -F'\t' '
         function num(x, d) { return x == "-" ? "-" : sprintf("%." d "f", x) }
         BEGIN {
-            print "| hub | N | runs | events/s | connected | deliveries/s | p50 ms | p99 ms | lost | server µs/delivery | tool µs/delivery |"
-            print "|-----|--:|-----:|---------:|----------:|-------------:|-------:|-------:|-----:|-------------------:|-----------------:|"
+            print "| hub | N | runs | events/s | connected | deliveries/s | p50 ms | p99 ms | lost | server µs/delivery | tool µs/delivery | on schedule |"
+            print "|-----|--:|-----:|---------:|----------:|-------------:|-------:|-------:|-----:|-------------------:|-----------------:|------------:|"
         }
         {
-            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s/%s |\n",
                 $1, $2, $3, $4, num($5, 0), num($6, 0), num($7, 2), num($8, 2), num($9, 0),
-                num($10, 2), num($11, 2)
+                num($10, 2), num($11, 2), $12, $3
+        }' "$TMP/medians.tsv"
+    echo
+    # The highest rate every run of which was lossless and on schedule, per
+    # hub and N (rates tried in a sweep: RATES="N:r1/r2/...").
+    echo "Highest rate lossless and on schedule in every run (events/s; deliveries/s):"
+    echo
+    awk -F'\t' '
+        $12 == $3 && $4 + 0 > best[$1, $2] + 0 { best[$1, $2] = $4; dps[$1, $2] = $6 }
+        { if (!(($1, $2) in seen)) { seen[$1, $2] = 1; keys[++k] = $1 SUBSEP $2 } }
+        END {
+            print "| hub | N | events/s | deliveries/s |"
+            print "|-----|--:|---------:|-------------:|"
+            for (i = 1; i <= k; i++) {
+                split(keys[i], kv, SUBSEP)
+                if ((kv[1], kv[2]) in best)
+                    printf "| %s | %s | %s | %.0f |\n", kv[1], kv[2], best[kv[1], kv[2]], dps[kv[1], kv[2]]
+                else
+                    printf "| %s | %s | none | - |\n", kv[1], kv[2]
+            }
         }' "$TMP/medians.tsv"
     echo
     # Ratios crier / Nchan, per crier flavour and N.
@@ -425,16 +453,21 @@ report() {
         awk -F'\t' '
             function ratio(a, b) { return (a == "-" || b == "-" || b + 0 == 0) ? "-" : sprintf("%.2f", a / b) }
             BEGIN {
-                print "| hub | N | deliveries/s | p50 | p99 | server CPU / delivery |"
-                print "|-----|--:|-------------:|----:|----:|----------------------:|"
+                print "| hub | N | events/s | deliveries/s | p50 | p99 | server CPU / delivery |"
+                print "|-----|--:|---------:|-------------:|----:|----:|----------------------:|"
             }
-            { row[$1, $2] = $0; if (!($2 in seen)) { seen[$2] = 1; ns[++k] = $2 } ; if ($1 != "nchan" && !(($1) in hs)) { hs[$1] = 1; hubs[++h] = $1 } }
+            {
+                key = $2 SUBSEP $4
+                row[$1, key] = $0
+                if (!(key in seen)) { seen[key] = 1; ks[++k] = key }
+                if ($1 != "nchan" && !(($1) in hs)) { hs[$1] = 1; hubs[++h] = $1 }
+            }
             END {
                 for (i = 1; i <= k; i++) for (j = 1; j <= h; j++) {
-                    n = ns[i]; hub = hubs[j]
-                    if (!((hub, n) in row) || !(("nchan", n) in row)) continue
-                    split(row[hub, n], c, "\t"); split(row["nchan", n], x, "\t")
-                    printf "| %s | %s | %s | %s | %s | %s |\n", hub, n,
+                    key = ks[i]; hub = hubs[j]
+                    if (!((hub, key) in row) || !(("nchan", key) in row)) continue
+                    split(row[hub, key], c, "\t"); split(row["nchan", key], x, "\t")
+                    printf "| %s | %s | %s | %s | %s | %s | %s |\n", hub, c[2], c[4],
                         ratio(c[6], x[6]), ratio(c[7], x[7]), ratio(c[8], x[8]), ratio(c[10], x[10])
                 }
             }' "$TMP/medians.tsv"
@@ -518,13 +551,14 @@ fi
 # Fanout: hubs interleaved within each run, so a drift of the machine
 # (another load, heat) touches every hub alike.
 for n in $SUBSCRIBERS; do
-    rate=$(rate_for "$n")
-    for run in $(seq "$RUNS"); do
-        for hub in $HUBS; do
-            log "fanout: $hub, N=$n, $rate events/s, run $run/$RUNS"
-            bench fanout "$hub" "$run" "$n" \
-                --publish-path "${PUB_PATH[$hub]}" --subscribe-path "${SUB_PATH[$hub]}" \
-                --topic "fanout-$STAMP-$n-$run" --rate "$rate" --duration "$DURATION" --size "$SIZE"
+    for rate in $(rate_for "$n"); do
+        for run in $(seq "$RUNS"); do
+            for hub in $HUBS; do
+                log "fanout: $hub, N=$n, $rate events/s, run $run/$RUNS"
+                bench fanout "$hub" "$run" "$n" \
+                    --publish-path "${PUB_PATH[$hub]}" --subscribe-path "${SUB_PATH[$hub]}" \
+                    --topic "fanout-$STAMP-$n-$rate-$run" --rate "$rate" --duration "$DURATION" --size "$SIZE"
+            done
         done
     done
 done

@@ -399,10 +399,12 @@ report() {
         def med(f): map(f) | median;
         # A run is lossless and on schedule when every subscriber got every
         # event once and in order, the publisher kept its schedule (at most
-        # 1 % of events sent late) and p99 stayed within a second.
+        # 5 % of events sent more than 5 ms after their slot: the tool shares
+        # the cores, so a saturated machine shows here first) and p99 stayed
+        # within a second.
         def on_schedule: .lost == 0 and .duplicated == 0 and .out_of_order == 0
             and .deliveries == .expected_deliveries
-            and .published_late <= .published / 100 and .latency_ms.p99 <= 1000;
+            and .published_late <= .published / 20 and .latency_ms.p99 <= 1000;
         map(select(.kind == "fanout")) as $all
         | $ns[] as $n | ([$all[] | select(.subscribers == $n) | .rate] | unique)[] as $rate
         | $hubs[] as $hub

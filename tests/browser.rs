@@ -270,6 +270,82 @@ async fn a_browser_resumes_exactly_after_the_hub_restarts() {
 
 /// A script that opens one EventSource per topic on the page's origin and
 /// records, in globals, what each one receives.
+/// The demo page at `/`, driven through its own form: it shows events with
+/// their ids and types, points out events of a type it does not listen for
+/// (EventSource hides them) instead of skipping them silently, hears the type
+/// it publishes itself, and shows a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_shows_events_and_says_what_it_cannot_hear() {
+    let server = Server::start().await;
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("http://{}/", server.addr)).await;
+    let act = |script: &str| format!("(() => {{ {script}; return \"true\"; }})()");
+    let rows = "[...document.querySelectorAll('#log .row')].map(r => r.textContent)";
+    let has = |rows: &Vec<String>, text: &str| rows.iter().any(|r| r.contains(text));
+
+    tab.evaluate::<bool>(&act(
+        "document.getElementById('topics').value = 'page'; document.getElementById('sub').requestSubmit()",
+    ))
+    .await;
+    tab.poll::<String>(
+        "document.getElementById('state').textContent",
+        "the page's EventSource open",
+        |state| state == "open",
+    )
+    .await;
+
+    let one = server.publish_id("page", "first").await;
+    server
+        .publish_to("/topics/page?event=update", "second")
+        .await;
+    let three = server.publish_id("page", "third").await;
+    let shown = tab
+        .poll::<Vec<String>>(rows, "the third event shown", |rows| has(rows, "third"))
+        .await;
+    assert!(
+        has(&shown, "first") && has(&shown, &format!("id {one}")),
+        "{shown:#?}"
+    );
+    assert!(has(&shown, &format!("id {three}")), "{shown:#?}");
+    assert!(
+        !has(&shown, "second"),
+        "EventSource hides unlistened types: {shown:#?}"
+    );
+    assert!(
+        has(&shown, "\u{201c}page\u{201d}: 1 event (seq 2) not shown"),
+        "the page says an event went unseen: {shown:#?}"
+    );
+
+    // Publishing a named event from the page's own form shows it.
+    tab.evaluate::<bool>(&act("document.getElementById('pubTopic').value = 'page'; \
+         document.getElementById('pubType').value = 'alert'; \
+         document.getElementById('pubData').value = 'fourth'; \
+         document.getElementById('pub').requestSubmit()"))
+        .await;
+    let shown = tab
+        .poll::<Vec<String>>(rows, "the page's own event shown", |rows| {
+            has(rows, "fourth")
+        })
+        .await;
+    let fourth = shown.iter().find(|r| r.contains("fourth")).unwrap();
+    assert!(
+        fourth.contains("alert") && fourth.contains("id 4."),
+        "{fourth}"
+    );
+
+    // A position from the future is reset, and the page says so.
+    tab.evaluate::<bool>(&act("document.getElementById('sub').requestSubmit(); \
+         document.querySelector('input[name=start][value=after]').checked = true; \
+         document.getElementById('afterId').value = '99'; \
+         document.getElementById('sub').requestSubmit()"))
+        .await;
+    let shown = tab
+        .poll::<Vec<String>>(rows, "a reset shown", |rows| has(rows, "Position reset"))
+        .await;
+    assert!(has(&shown, "ahead of the newest event"), "{shown:#?}");
+    server.stop().await;
+}
+
 fn subscribe_script(topics: &[String]) -> String {
     let topics = serde_json::to_string(topics).unwrap();
     format!(

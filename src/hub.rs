@@ -33,6 +33,9 @@ pub enum Live {
     /// Live delivery may have missed events (the store lost its connection,
     /// or the topic's history changed): check the store.
     Resync,
+    /// The store can be reached again: store work put off after a failure
+    /// is worth trying now rather than after its backoff.
+    StoreBack,
 }
 
 #[derive(Clone)]
@@ -80,12 +83,11 @@ impl Hub {
         }
     }
 
-    /// Tells every subscriber of every topic to check the store, because
-    /// live delivery may have missed events.
-    pub fn resync_all(&self) {
+    /// Tells every subscriber of every topic that the store is back.
+    pub fn store_back(&self) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         for tx in topics.values() {
-            let _ = tx.send(self.numbered(Live::Resync));
+            let _ = tx.send(self.numbered(Live::StoreBack));
         }
     }
 

@@ -91,8 +91,9 @@ pub struct Subscription {
     /// The newest live event seen per pending topic: the store must have
     /// caught up with it before the topic is in step again.
     wanted: Vec<Option<Position>>,
-    /// Set when the hub asked for a resync since the last look.
-    resync_requested: bool,
+    /// Set when store work put off after a failure should be tried now:
+    /// the hub asked for a resync, or said the store is back.
+    retry_now: bool,
 }
 
 impl Subscription {
@@ -117,7 +118,7 @@ impl Subscription {
             start: Some(start),
             pending: vec![false; n],
             wanted: vec![None; n],
-            resync_requested: false,
+            retry_now: false,
         }
     }
 
@@ -203,7 +204,7 @@ impl Subscription {
                             tracing::debug!("ending a stream: the subscriber fell behind the live feed");
                             return;
                         }
-                        if std::mem::take(&mut self.resync_requested) {
+                        if std::mem::take(&mut self.retry_now) {
                             // The store is back: retry now, not after the backoff.
                             retry.succeeded();
                         }
@@ -340,7 +341,11 @@ impl Subscription {
             Live::Event(event) => event,
             Live::Resync => {
                 self.pending[i] = true;
-                self.resync_requested = true;
+                self.retry_now = true;
+                return true;
+            }
+            Live::StoreBack => {
+                self.retry_now = true;
                 return true;
             }
         };

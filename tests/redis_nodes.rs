@@ -530,3 +530,66 @@ async fn history_that_goes_back_without_a_restart_is_caught_by_publishers_and_wa
     assert_eq!(data_of(&replay), ["old 1", "old 2", "old 3", "newer 4"]);
     assert_ne!(epoch_of(&replay[0].id), epoch_of(&new));
 }
+
+/// Calls of Lua scripts (`EVAL`, `EVALSHA`) since the last `CONFIG RESETSTAT`.
+fn script_calls(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_eval:") || l.starts_with("cmdstat_evalsha:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reconnect_a_node_catches_up_once_per_topic_not_once_per_subscriber() {
+    const SUBSCRIBERS: usize = 40;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr()).await;
+    let cut_off = node(&proxy.url()).await;
+    let healthy = node(&redis.url()).await;
+    let mut subs = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        subs.push(cut_off.subscribe("/topics/t").await);
+    }
+    let before = healthy.publish_id("t", "before").await;
+    for sub in &mut subs {
+        assert_eq!(sub.next().await, Ev::new(&before, "message", "before"));
+    }
+
+    proxy.cut();
+    wait_ready(&cut_off, 503).await;
+    let mut missed = Vec::new();
+    for n in 1..=3 {
+        let data = format!("during {n}");
+        missed.push(Ev::new(
+            &healthy.publish_id("t", &data).await,
+            "message",
+            &data,
+        ));
+    }
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    proxy.restore();
+    wait_ready(&cut_off, 200).await;
+    for sub in &mut subs {
+        assert_eq!(sub.take(3).await, missed);
+    }
+    let calls = script_calls(&redis);
+    assert!(
+        calls <= 2,
+        "{calls} Redis reads to catch up {SUBSCRIBERS} subscribers of one topic"
+    );
+    // And live again, exactly once each.
+    let after = healthy.publish_id("t", "after").await;
+    for sub in &mut subs {
+        assert_eq!(sub.next().await, Ev::new(&after, "message", "after"));
+        sub.expect_quiet(Duration::from_millis(20)).await;
+    }
+}

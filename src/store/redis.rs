@@ -25,8 +25,9 @@
 //! Pub/sub is push, so latency does not depend on how many topics a node
 //! watches. Pub/sub loses what is sent while a node is disconnected; the
 //! dense sequence makes that visible, and after every reconnect the node
-//! asks its subscribers to check the stream (`Hub::resync_all`), which fills
-//! any hole from the stream or reports a reset.
+//! reads, once per watched topic, what it missed and delivers it to its hub
+//! (`catch_up`); only where that cannot be done (history changed, no live
+//! position yet) do the topic's subscribers check the stream themselves.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -107,6 +108,9 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {epoch, first}
 "#
 );
+
+/// Events read per round trip when a node catches up after a reconnect.
+const CATCH_UP_PAGE: usize = 256;
 
 /// Gives a topic a new epoch if it still has `epoch`, keeping its retained
 /// events and its numbering: a node saw its history go back in time.
@@ -191,6 +195,20 @@ struct Floor {
     seen: u64,
     /// The highest number seen on the live channel.
     live: u64,
+    /// The highest number delivered by the catch-up after a reconnect; live
+    /// messages up to it are repeats, not a history going back.
+    caught_up: u64,
+}
+
+/// What a number seen for a topic means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Not seen before (or a topic this node does not follow).
+    New,
+    /// A live message for an event the catch-up already delivered.
+    Repeat,
+    /// A live number not above the last live one: the history went back.
+    WentBack,
 }
 
 /// This node's pub/sub connection and the channels it is subscribed to.
@@ -318,7 +336,7 @@ impl RedisStore {
                 Ok(mut messages) => {
                     delay = Duration::from_millis(100);
                     tracing::info!("live feed from Redis connected");
-                    self.hub.resync_all();
+                    self.catch_up().await;
                     loop {
                         tokio::select! {
                             _ = stop.cancelled() => return,
@@ -380,27 +398,37 @@ impl RedisStore {
             );
             return None;
         };
-        let went_back = self.saw(&event.topic, event.epoch, event.seq, true);
+        let seen = self.saw(&event.topic, event.epoch, event.seq, true);
+        if seen == Seen::Repeat {
+            return None;
+        }
         let event = Arc::new(event);
         self.hub.deliver(&event);
-        went_back.then(|| (event.topic.clone(), event.epoch))
+        (seen == Seen::WentBack).then(|| (event.topic.clone(), event.epoch))
     }
 
-    /// Records a number seen for a watched topic; returns whether it shows
-    /// the history went back (a live number not above the last live one).
-    fn saw(&self, topic: &Topic, epoch: Epoch, seq: u64, live: bool) -> bool {
+    /// Records a number seen for a watched topic: in a publish answer or a
+    /// read, or (`live`) on the live channel.
+    fn saw(&self, topic: &Topic, epoch: Epoch, seq: u64, live: bool) -> Seen {
         if !self.hub.is_watched(topic) {
-            return false;
+            return Seen::New;
         }
         let mut floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
         match floors.get_mut(topic) {
             Some(floor) if floor.epoch == epoch => {
-                let went_back = live && seq <= floor.live;
                 floor.seen = floor.seen.max(seq);
-                if live {
-                    floor.live = floor.live.max(seq);
+                if !live {
+                    return Seen::New;
                 }
-                went_back
+                let seen = if seq <= floor.live {
+                    Seen::WentBack
+                } else if seq <= floor.caught_up {
+                    Seen::Repeat
+                } else {
+                    Seen::New
+                };
+                floor.live = floor.live.max(seq);
+                seen
             }
             _ => {
                 let live = if live { seq } else { 0 };
@@ -410,9 +438,10 @@ impl RedisStore {
                         epoch,
                         seen: seq,
                         live,
+                        caught_up: 0,
                     },
                 );
-                false
+                Seen::New
             }
         }
     }
@@ -421,6 +450,83 @@ impl RedisStore {
     fn floor(&self, topic: &Topic) -> Option<(Epoch, u64)> {
         let floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
         floors.get(topic).map(|f| (f.epoch, f.seen))
+    }
+
+    /// After the live feed (re)connected: for every watched topic, reads
+    /// what was published since the last live event this node delivered and
+    /// delivers it, so the subscribers that were in step get it as live
+    /// events. One read per topic (and page), however many subscribers
+    /// watch it; subscribers that owe the store work of their own are told
+    /// the store is back. A topic this node has no live position for, whose
+    /// history changed, or that cannot be read now, gets a resync: its
+    /// subscribers check the store themselves.
+    async fn catch_up(&self) {
+        let topics: Vec<Topic> = self.live.lock().await.topics.iter().cloned().collect();
+        for topic in topics.iter().filter(|t| self.hub.is_watched(t)) {
+            if !self.catch_up_topic(topic).await {
+                self.hub.resync(topic);
+            }
+        }
+        self.hub.store_back();
+    }
+
+    /// One page for the catch-up. The command connection may still be
+    /// re-establishing itself when the live feed is back (its first command
+    /// after a cut fails), so a failure is retried a few times first.
+    async fn catch_up_read(&self, topic: &Topic, after: u64) -> Option<History> {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=4 {
+            match self.read(topic, after, CATCH_UP_PAGE).await {
+                Ok(history) => return Some(history),
+                Err(error) if attempt < 4 => {
+                    tracing::debug!(%error, %topic, "catch-up read failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(error) => tracing::debug!(%error, %topic, "catch-up read failed"),
+            }
+        }
+        None
+    }
+
+    /// Delivers what `topic` missed on the live channel; `false` when that
+    /// cannot be done here.
+    async fn catch_up_topic(&self, topic: &Topic) -> bool {
+        let live = {
+            let floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
+            floors.get(topic).map(|f| (f.epoch, f.live))
+        };
+        let Some((epoch, mut last)) = live.filter(|(_, live)| *live > 0) else {
+            return false;
+        };
+        loop {
+            let Some(history) = self.catch_up_read(topic, last).await else {
+                return false;
+            };
+            if history.epoch != Some(epoch) || history.oldest > last + 1 {
+                return false;
+            }
+            let page = history.events.len();
+            for event in history.events {
+                if event.seq != last + 1 {
+                    return false;
+                }
+                last = event.seq;
+                self.hub.deliver(&event);
+            }
+            {
+                let mut floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
+                match floors.get_mut(topic) {
+                    Some(floor) if floor.epoch == epoch => {
+                        floor.caught_up = floor.caught_up.max(last);
+                    }
+                    _ => return false,
+                }
+            }
+            if page < CATCH_UP_PAGE {
+                return true;
+            }
+        }
     }
 
     /// `topic`'s history in `epoch` went back in time: give it a new epoch

@@ -45,6 +45,9 @@ pub struct FanoutArgs {
     pub publishers: usize,
 }
 
+/// How long before the first slot the publishers start connecting.
+const CONNECT_LEAD: Duration = Duration::from_millis(250);
+
 /// An event sent later than this after its slot counts as late: above timer
 /// granularity, below anything that would bend the rate.
 const LATE: Duration = Duration::from_millis(5);
@@ -151,6 +154,20 @@ struct Publishing {
     first_error: Mutex<Option<String>>,
 }
 
+/// Connects the publishers, then has each send its share on schedule.
+async fn publish_all(publishing: Arc<Publishing>) -> Result<(), String> {
+    let mut pool = Vec::with_capacity(publishing.publishers as usize);
+    for _ in 0..publishing.publishers {
+        pool.push(connect(&publishing.target).await?);
+    }
+    let shares = pool.into_iter().enumerate().map(|(i, publisher)| {
+        let publishing = publishing.clone();
+        async move { publishing.share(i as u64, Some(publisher)).await }
+    });
+    futures_util::future::join_all(shares).await;
+    Ok(())
+}
+
 impl Publishing {
     /// Publisher `index` sends events `index`, `index + publishers`, … each
     /// at its slot.
@@ -209,17 +226,14 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
     });
     let crowd = Crowd::spawn(sub, &target, |i| Tally::new(shared.clone(), i))?;
     let connected = crowd.wait_connected().await?;
-    let mut pool = Vec::with_capacity(args.publishers);
-    for _ in 0..args.publishers {
-        pool.push(connect(&target).await?);
-    }
 
     let (server_cpu_before, tool_cpu_before) = cpu(&sub.pids)?;
     let publishing = Arc::new(Publishing {
         target: target.clone(),
         path: target.path(&args.publish_path, &sub.topic),
         size: args.size,
-        start: Instant::now(),
+        // Room for the publishers to connect before the first slot.
+        start: Instant::now() + CONNECT_LEAD,
         rate: args.rate,
         events,
         publishers: args.publishers as u64,
@@ -228,7 +242,7 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
         late: AtomicU64::new(0),
         first_error: Mutex::new(None),
     });
-    publish_and_drain(&publishing, pool, &shared, &crowd, connected).await?;
+    publish_and_drain(&publishing, &shared, &crowd, connected).await?;
     let window = publishing.start.elapsed().as_secs_f64();
     let (server_cpu_after, tool_cpu_after) = cpu(&sub.pids)?;
     let peak_rss = procfs::total_memory_bytes(&sub.pids, "VmHWM")?;
@@ -295,21 +309,33 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
     Ok(result)
 }
 
-/// Publishes on schedule over `pool`, then waits until every connected
-/// subscriber has every published event, or [`DRAIN`] has passed; prints
-/// progress each second.
+/// Publishes on schedule from a thread of its own, then waits until every
+/// connected subscriber has every published event, or [`DRAIN`] has passed;
+/// prints progress each second.
+///
+/// The publishers run on their own single-threaded runtime: on the tool's
+/// main runtime their timers would wait behind thousands of subscriber
+/// sockets turning readable at once after each event, and the schedule
+/// would measure the tool rather than the hub.
 async fn publish_and_drain(
     publishing: &Arc<Publishing>,
-    pool: Vec<Publisher>,
     shared: &Shared,
     crowd: &Crowd<Tally>,
     connected: usize,
 ) -> Result<(), String> {
-    let tasks = pool.into_iter().enumerate().map(|(i, publisher)| {
-        let publishing = publishing.clone();
-        tokio::spawn(async move { publishing.share(i as u64, Some(publisher)).await })
-    });
-    let mut all_sent = futures_util::future::join_all(tasks);
+    let (done, mut all_sent) = tokio::sync::oneshot::channel();
+    let on_its_own = publishing.clone();
+    std::thread::Builder::new()
+        .name("bench-publish".into())
+        .spawn(move || {
+            let sent = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|runtime| runtime.block_on(publish_all(on_its_own)));
+            let _ = done.send(sent);
+        })
+        .map_err(|e| format!("cannot start the publishing thread: {e}"))?;
     let start = publishing.start;
     let mut ticks =
         tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
@@ -330,9 +356,7 @@ async fn publish_and_drain(
     loop {
         tokio::select! {
             sent = &mut all_sent => {
-                for task in sent {
-                    task.map_err(|e| format!("a publisher failed: {e}"))?;
-                }
+                sent.map_err(|_| "the publishing thread failed".to_owned())??;
                 break;
             }
             _ = ticks.tick() => progress(),

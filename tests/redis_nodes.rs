@@ -69,6 +69,26 @@ async fn wait_ready(server: &Server, status: u16) {
     }
 }
 
+/// Publishes `PREFIX n` to `topic` for each `n` in `numbers`; returns the
+/// events as a subscriber sees them.
+async fn publish_numbered(
+    server: &Server,
+    topic: &str,
+    prefix: &str,
+    numbers: std::ops::RangeInclusive<usize>,
+) -> Vec<Ev> {
+    let mut events = Vec::new();
+    for n in numbers {
+        let data = format!("{prefix} {n}");
+        events.push(Ev::new(
+            &server.publish_id(topic, &data).await,
+            "message",
+            &data,
+        ));
+    }
+    events
+}
+
 fn heartbeats(sub: &SseClient) -> usize {
     sub.raw_text().matches(": heartbeat\n\n").count()
 }
@@ -82,30 +102,11 @@ async fn publish_on_one_node_watch_on_another_and_resume_on_a_third() {
         node(&redis.url()).await,
     );
     let mut on_b = b.subscribe("/topics/news").await;
-    let first: Vec<Ev> = {
-        let mut events = Vec::new();
-        for n in 1..=3 {
-            let data = format!("event {n}");
-            events.push(Ev::new(
-                &a.publish_id("news", &data).await,
-                "message",
-                &data,
-            ));
-        }
-        events
-    };
+    let first = publish_numbered(&a, "news", "event", 1..=3).await;
     assert_eq!(on_b.take(3).await, first);
     drop(on_b);
 
-    let mut missed = Vec::new();
-    for n in 4..=6 {
-        let data = format!("event {n}");
-        missed.push(Ev::new(
-            &a.publish_id("news", &data).await,
-            "message",
-            &data,
-        ));
-    }
+    let missed = publish_numbered(&a, "news", "event", 4..=6).await;
     let mut on_c = c.resume("/topics/news", &first[2].id).await;
     assert_eq!(on_c.take(3).await, missed);
     let id = b.publish_id("news", "event 7").await;
@@ -566,15 +567,7 @@ async fn after_a_reconnect_a_node_catches_up_once_per_topic_not_once_per_subscri
 
     proxy.cut();
     wait_ready(&cut_off, 503).await;
-    let mut missed = Vec::new();
-    for n in 1..=3 {
-        let data = format!("during {n}");
-        missed.push(Ev::new(
-            &healthy.publish_id("t", &data).await,
-            "message",
-            &data,
-        ));
-    }
+    let missed = publish_numbered(&healthy, "t", "during", 1..=3).await;
     assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
     proxy.restore();
     wait_ready(&cut_off, 200).await;

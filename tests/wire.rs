@@ -334,15 +334,21 @@ async fn the_plain_listener_speaks_http2_with_prior_knowledge() {
 async fn a_connection_whose_first_bytes_trickle_in_gets_its_protocol() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = Server::start().await;
-    // The pause is the trickle itself: the server sees the first piece alone.
-    let pause = Duration::from_millis(50);
+    // Connects and sends `first` alone, then `rest`: the pause is the
+    // trickle itself, so that the server sees the first piece on its own.
+    let trickle = async |first: &[u8], rest: &[u8]| {
+        let mut socket = TcpStream::connect(server.addr).await.unwrap();
+        socket.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        socket.write_all(rest).await.unwrap();
+        socket
+    };
 
-    let mut h1 = TcpStream::connect(server.addr).await.unwrap();
-    h1.write_all(b"P").await.unwrap();
-    tokio::time::sleep(pause).await;
-    h1.write_all(b"OST /topics/trickle HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
-        .await
-        .unwrap();
+    let mut h1 = trickle(
+        b"P",
+        b"OST /topics/trickle HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    .await;
     let mut answer = String::new();
     tokio::time::timeout(DEADLINE, h1.read_to_string(&mut answer))
         .await
@@ -351,13 +357,8 @@ async fn a_connection_whose_first_bytes_trickle_in_gets_its_protocol() {
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     assert!(answer.ends_with(r#""seq":1}"#), "{answer}");
 
-    let mut h2 = TcpStream::connect(server.addr).await.unwrap();
-    h2.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
-    tokio::time::sleep(pause).await;
     // The rest of the preface, then an empty SETTINGS frame.
-    h2.write_all(b"\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .unwrap();
+    let mut h2 = trickle(b"PRI * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await;
     let mut frame = [0u8; 9];
     tokio::time::timeout(DEADLINE, h2.read_exact(&mut frame))
         .await

@@ -16,7 +16,6 @@ use std::time::Duration;
 use axum::Router;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
@@ -32,6 +31,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a client may take to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon the first bytes of a plain connection are first looked at again
+/// while they do not yet tell its protocol (then ever less often).
+const TRICKLE_POLL: Duration = Duration::from_millis(10);
 /// How long a client may take to send its request headers (HTTP/1.1).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -56,96 +58,94 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Applies the HTTP/1.1 settings to a builder (hyper's own or the sniffing
-/// one, whose types differ).
-macro_rules! http1_settings {
-    ($builder:expr) => {
-        $builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .keep_alive(true)
-    };
-}
-
-/// Applies the HTTP/2 settings, chosen for many long-lived streams.
-macro_rules! http2_settings {
-    ($builder:expr, $config:expr) => {
-        $builder
-            .timer(TokioTimer::new())
-            // Many EventSources share one connection; each is one stream.
-            .max_concurrent_streams($config.http2_max_streams)
-            // Pings find dead peers on connections that only ever receive.
-            .keep_alive_interval(Some($config.http2_keepalive))
-            .keep_alive_timeout($config.http2_keepalive)
-            // Windows for what clients send us (publishes); streams to
-            // clients are paced by the client's window and bounded by the
-            // send buffer.
-            .initial_stream_window_size(256 * 1024)
-            .initial_connection_window_size(1024 * 1024)
-            .max_send_buf_size(128 * 1024)
-    };
-}
-
-/// The HTTP builders, one per protocol.
+/// The HTTP builders, one per protocol, with settings chosen for many
+/// long-lived streams.
 ///
 /// A connection is served by its protocol's own builder once the protocol is
 /// known (by ALPN over TLS, by a peek at the first bytes of a plain
-/// connection), not by the sniffing builder: that one hands hyper the first
-/// 24 bytes in a read of their own, after which hyper grows its read buffer
-/// from 8 to 16 KiB, on every connection. The sniffing builder remains for
-/// the rare plain connection whose first bytes do not yet tell.
+/// connection), not by hyper-util's sniffing builder: that one hands hyper
+/// the first 24 bytes in a read of their own, after which hyper grows its
+/// read buffer from 8 to 16 KiB, on every connection.
 struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    sniff: auto::Builder<TokioExecutor>,
 }
 
 impl Protocols {
     fn new(config: &Config) -> Protocols {
         let mut http1 = http1::Builder::new();
-        http1_settings!(http1);
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2_settings!(http2, config);
-        let mut sniff = auto::Builder::new(TokioExecutor::new());
-        http1_settings!(sniff.http1());
-        http2_settings!(sniff.http2(), config);
-        Protocols {
-            http1,
-            http2,
-            sniff,
-        }
+        http2
+            .timer(TokioTimer::new())
+            // Many EventSources share one connection; each is one stream.
+            .max_concurrent_streams(config.http2_max_streams)
+            // Pings find dead peers on connections that only ever receive.
+            .keep_alive_interval(Some(config.http2_keepalive))
+            .keep_alive_timeout(config.http2_keepalive)
+            // Windows for what clients send us (publishes); streams to
+            // clients are paced by the client's window and bounded by the
+            // send buffer.
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024)
+            .max_send_buf_size(128 * 1024);
+        Protocols { http1, http2 }
     }
 }
 
-/// What the first bytes of a plain connection say.
+/// The protocol of a plain connection.
 #[derive(Debug, PartialEq, Eq)]
-enum Preface {
+enum Protocol {
     Http1,
+    /// HTTP/2 with prior knowledge (h2c).
     Http2,
-    /// A strict prefix of the HTTP/2 preface so far (or nothing yet).
-    Unknown,
 }
 
 /// The client preface of HTTP/2 (RFC 9113, 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-fn classify(first: &[u8]) -> Preface {
+/// What a connection's first bytes say; `None` while they are a strict
+/// prefix of the HTTP/2 preface.
+fn classify(first: &[u8]) -> Option<Protocol> {
     let n = first.len().min(H2_PREFACE.len());
     if first[..n] != H2_PREFACE[..n] {
-        Preface::Http1
+        Some(Protocol::Http1)
     } else if n == H2_PREFACE.len() {
-        Preface::Http2
+        Some(Protocol::Http2)
     } else {
-        Preface::Unknown
+        None
     }
 }
 
-/// Looks at a plain connection's first bytes without consuming them.
-async fn peek_preface(stream: &TcpStream) -> Preface {
+/// Looks at a plain connection's first bytes without consuming them. When
+/// they are a strict prefix of the HTTP/2 preface (a client whose first
+/// bytes trickle in; rare), it looks again shortly, until they tell.
+/// `None` when the client leaves or does not tell within the header timeout.
+async fn peek_protocol(stream: &TcpStream) -> Option<Protocol> {
+    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     let mut first = [0u8; 24];
-    match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => classify(&first[..n]),
-        _ => Preface::Unknown,
+    let mut pause = TRICKLE_POLL;
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut first))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(protocol) = classify(&first[..n]) {
+            return Some(protocol);
+        }
+        // A peek returns at once while any byte is there: wait before
+        // looking again rather than spin, longer each time, so that a client
+        // that stops mid-preface costs a handful of wake-ups, not a stream.
+        tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
+            .await
+            .ok()?;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -169,34 +169,29 @@ async fn logged(peer: SocketAddr, connection: impl Future<Output = Result<(), Bo
 
 /// Serves one plain connection: HTTP/1.1, or HTTP/2 with prior knowledge.
 async fn serve_plain(stream: TcpStream, c: Conn) -> Result<(), BoxError> {
-    let preface = tokio::select! {
-        preface = peek_preface(&stream) => preface,
+    let protocol = tokio::select! {
+        protocol = peek_protocol(&stream) => protocol,
         () = c.shutdown.cancelled() => return Ok(()),
     };
-    match preface {
-        Preface::Http1 => {
+    match protocol {
+        // The client left or said nothing in time.
+        None => Ok(()),
+        Some(Protocol::Http1) => {
             let conn = c
                 .protocols
                 .http1
                 .serve_connection(TokioIo::new(stream), c.service);
             Ok(c.watcher.watch(conn).await?)
         }
-        // The other two are boxed: HTTP/2 carries many streams on one
-        // connection and the sniffer is rare, and their larger state would
-        // otherwise be carried by every HTTP/1.1 connection's task.
-        Preface::Http2 => {
+        // Boxed: HTTP/2 carries many streams on one connection, and its
+        // larger state would otherwise be carried by every HTTP/1.1
+        // connection's task.
+        Some(Protocol::Http2) => {
             let conn = c
                 .protocols
                 .http2
                 .serve_connection(TokioIo::new(stream), c.service);
             Ok(Box::pin(c.watcher.watch(conn)).await?)
-        }
-        Preface::Unknown => {
-            let conn = c
-                .protocols
-                .sniff
-                .serve_connection(TokioIo::new(stream), c.service);
-            Box::pin(c.watcher.watch(conn.into_owned())).await
         }
     }
 }
@@ -306,13 +301,13 @@ mod tests {
 
     #[test]
     fn the_first_bytes_tell_the_protocol_as_soon_as_they_can() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Preface::Http1);
-        assert_eq!(classify(b"PO"), Preface::Http1);
-        assert_eq!(classify(b"P"), Preface::Unknown);
-        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), Preface::Unknown);
-        assert_eq!(classify(H2_PREFACE), Preface::Http2);
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PO"), Some(Protocol::Http1));
+        assert_eq!(classify(b"P"), None);
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         let mut more = H2_PREFACE.to_vec();
         more.extend_from_slice(b"\0\0\0\x04");
-        assert_eq!(classify(&more), Preface::Http2);
+        assert_eq!(classify(&more), Some(Protocol::Http2));
     }
 }

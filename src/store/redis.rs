@@ -413,7 +413,7 @@ impl RedisStore {
         if !self.hub.is_watched(topic) {
             return Seen::New;
         }
-        let mut floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut floors = self.floors();
         match floors.get_mut(topic) {
             Some(floor) if floor.epoch == epoch => {
                 floor.seen = floor.seen.max(seq);
@@ -448,8 +448,11 @@ impl RedisStore {
 
     /// The furthest this node has seen `topic` go, as (epoch, number).
     fn floor(&self, topic: &Topic) -> Option<(Epoch, u64)> {
-        let floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
-        floors.get(topic).map(|f| (f.epoch, f.seen))
+        self.floors().get(topic).map(|f| (f.epoch, f.seen))
+    }
+
+    fn floors(&self) -> std::sync::MutexGuard<'_, HashMap<Topic, Floor>> {
+        self.floors.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// After the live feed (re)connected: for every watched topic, reads
@@ -492,10 +495,7 @@ impl RedisStore {
     /// Delivers what `topic` missed on the live channel; `false` when that
     /// cannot be done here.
     async fn catch_up_topic(&self, topic: &Topic) -> bool {
-        let live = {
-            let floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
-            floors.get(topic).map(|f| (f.epoch, f.live))
-        };
+        let live = self.floors().get(topic).map(|f| (f.epoch, f.live));
         let Some((epoch, mut last)) = live.filter(|(_, live)| *live > 0) else {
             return false;
         };
@@ -514,14 +514,9 @@ impl RedisStore {
                 last = event.seq;
                 self.hub.deliver(&event);
             }
-            {
-                let mut floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
-                match floors.get_mut(topic) {
-                    Some(floor) if floor.epoch == epoch => {
-                        floor.caught_up = floor.caught_up.max(last);
-                    }
-                    _ => return false,
-                }
+            match self.floors().get_mut(topic) {
+                Some(floor) if floor.epoch == epoch => floor.caught_up = floor.caught_up.max(last),
+                _ => return false,
             }
             if page < CATCH_UP_PAGE {
                 return true;
@@ -546,10 +541,7 @@ impl RedisStore {
             // saw the old numbers starts the new epoch instead.
             tracing::warn!(%error, %topic, "could not start a new epoch");
         }
-        self.floors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(topic);
+        self.floors().remove(topic);
         self.hub.resync(topic);
     }
 
@@ -578,10 +570,7 @@ impl RedisStore {
         }
         let watched: Vec<Topic> = link.topics.iter().cloned().collect();
         drop(link);
-        self.floors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|topic, _| self.hub.is_watched(topic));
+        self.floors().retain(|topic, _| self.hub.is_watched(topic));
         if watched.is_empty() {
             return;
         }

@@ -30,6 +30,32 @@ pub enum Command {
     Serve(Box<Config>),
     /// Measure a running hub (crier or another SSE hub) over HTTP.
     Bench(crate::bench::BenchArgs),
+    /// Print a signed token (JWT) made with the configured HMAC secret.
+    Token(TokenArgs),
+}
+
+/// `crier token`: what the token grants and for how long.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Topic patterns the token may publish to (`news`, `scores.*`, `*`);
+    /// repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Vec<String>,
+
+    /// Topic patterns the token may subscribe to.
+    #[arg(long, value_delimiter = ',')]
+    pub subscribe: Vec<String>,
+
+    /// How long the token is valid (e.g. 15m, 1h, 30days).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    /// The token's subject (`sub`), e.g. the service or user it is for.
+    #[arg(long)]
+    pub subject: Option<String>,
+
+    #[command(flatten)]
+    pub jwt: crate::auth::JwtSettings,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -143,15 +169,45 @@ pub struct Config {
     #[arg(long, env = "CRIER_COMPRESSION", default_value = "zstd,br,gzip", value_delimiter = ',', value_parser = parse_codec)]
     pub compression: Vec<Option<Codec>>,
 
-    /// Origins allowed to read responses from a browser (CORS), comma
-    /// separated; `*` allows any. Empty disables CORS headers.
+    /// Web origins allowed to use the hub from a browser, comma separated:
+    /// `https://app.example.com`, `https://*.example.com` (subdomains), or
+    /// `*` (any origin may read public answers; no cookies). A request whose
+    /// `Origin` is neither listed nor the hub's own gets 403; listed origins
+    /// get CORS answers with credentials. `--cors-origins` is an alias.
     #[arg(
         long,
-        env = "CRIER_CORS_ORIGINS",
+        alias = "cors-origins",
+        env = "CRIER_ALLOWED_ORIGINS",
         default_value = "*",
         value_delimiter = ','
     )]
-    pub cors_origins: Vec<String>,
+    pub allowed_origins: Vec<String>,
+
+    /// Former name of CRIER_ALLOWED_ORIGINS, still read when that is unset.
+    #[arg(
+        long = "cors-origins-env",
+        hide = true,
+        env = "CRIER_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins_env: Option<Vec<String>>,
+
+    #[command(flatten)]
+    pub jwt: crate::auth::JwtSettings,
+
+    /// Cookie that may carry a token for subscriptions and tickets (set it
+    /// HttpOnly from the application's own backend).
+    #[arg(long, env = "CRIER_AUTH_COOKIE", default_value = "crier_token")]
+    pub auth_cookie: String,
+
+    /// Topics anyone may read without a token when access control is on,
+    /// comma separated patterns: `news`, `scores.*`, `*`.
+    #[arg(long, env = "CRIER_PUBLIC_TOPICS", value_delimiter = ',')]
+    pub public_topics: Vec<String>,
+
+    /// How long a ticket from POST /tickets stays usable (once).
+    #[arg(long, env = "CRIER_TICKET_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ticket_ttl: Duration,
 }
 
 fn parse_codec(s: &str) -> Result<Option<Codec>, String> {
@@ -165,6 +221,16 @@ impl Config {
     /// The codecs enabled, in order of preference.
     pub fn codecs(&self) -> Vec<Codec> {
         self.compression.iter().flatten().copied().collect()
+    }
+
+    /// The origin allowlist: `--allowed-origins`, or the former
+    /// CRIER_CORS_ORIGINS when only that is set.
+    pub fn origins(&self) -> Vec<String> {
+        let set_by_env = std::env::var_os("CRIER_ALLOWED_ORIGINS").is_some();
+        match &self.cors_origins_env {
+            Some(old) if !set_by_env && self.allowed_origins == ["*"] => old.clone(),
+            _ => self.allowed_origins.clone(),
+        }
     }
 
     pub fn retention(&self) -> Retention {

@@ -58,13 +58,16 @@ pub enum InvalidTopic {
 /// The SSE event type a publisher chose (`event=NAME`).
 ///
 /// 1 to 64 characters from `A-Z a-z 0-9 . _ - :`, so it can never carry a
-/// line break into the stream. `reset` is reserved for the hub's own control
-/// event.
+/// line break into the stream. `reset` and `reauth` are reserved for the
+/// hub's own control events.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct EventName(Arc<str>);
 
 /// The control event sent when a subscriber's position cannot be honoured.
 pub const RESET_EVENT: &str = "reset";
+/// The control event sent when a stream's credentials expire, just before
+/// it closes: the client reconnects with fresh ones and resumes.
+pub const REAUTH_EVENT: &str = "reauth";
 const MAX_EVENT_NAME_LEN: usize = 64;
 
 impl EventName {
@@ -75,7 +78,7 @@ impl EventName {
         if name.is_empty() || name.len() > MAX_EVENT_NAME_LEN || !charset_ok {
             return Err(InvalidEventName::Syntax);
         }
-        if name == RESET_EVENT {
+        if name == RESET_EVENT || name == REAUTH_EVENT {
             return Err(InvalidEventName::Reserved);
         }
         Ok(EventName(name.into()))
@@ -90,7 +93,7 @@ impl EventName {
 pub enum InvalidEventName {
     #[error("an event name has 1 to 64 characters from A-Z a-z 0-9 . _ - :")]
     Syntax,
-    #[error("the event name `reset` is reserved for the hub's control event")]
+    #[error("the event names `reset` and `reauth` are reserved for the hub's control events")]
     Reserved,
 }
 

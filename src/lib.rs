@@ -8,6 +8,7 @@
 //! once) → [`hub`] (fans the same bytes out) → each [`subscription`]'s
 //! stream. See docs/ARCHITECTURE.md for the map.
 
+pub mod auth;
 pub mod bench;
 pub mod compress;
 pub mod config;
@@ -27,13 +28,29 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use http::{AppState, app};
 
+use crate::auth::Auth;
 use crate::hub::Hub;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+
+/// A setting the hub cannot start with.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthConfigError),
+}
 
 /// Builds the hub's state for `config`, starting its background tasks; they
 /// stop when `shutdown` is cancelled. Fails only on a malformed setting (a
 /// Redis that cannot be reached yet is retried in the background).
-pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, StoreError> {
+pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, SetupError> {
+    let auth = Arc::new(Auth::new(
+        &config.jwt,
+        &config.origins(),
+        &config.public_topics,
+        config.ticket_ttl,
+    )?);
     // TLS (to Redis, `rediss://`) uses rustls with the ring provider. An
     // error only means a provider is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -60,6 +77,7 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, St
     Ok(AppState {
         hub,
         store,
+        auth,
         config: Arc::new(config),
         shutdown,
     })

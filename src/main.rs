@@ -20,6 +20,7 @@ async fn main() -> std::process::ExitCode {
     let config = match cli.command {
         None => cli.serve,
         Some(Command::Serve(config)) => *config,
+        Some(Command::Token(args)) => return print_token(args),
         Some(Command::Bench(args)) => {
             return match crier::bench::run(args).await {
                 Ok(()) => std::process::ExitCode::SUCCESS,
@@ -52,6 +53,28 @@ async fn main() -> std::process::ExitCode {
         }
         Err(error) => {
             tracing::error!(%error, "server failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `crier token`: prints a JWT signed with the configured secret.
+fn print_token(args: crier::config::TokenArgs) -> std::process::ExitCode {
+    let grants = crier::auth::Grants {
+        publish: args.publish.iter().map(crier::auth::Pattern::new).collect(),
+        subscribe: args
+            .subscribe
+            .iter()
+            .map(crier::auth::Pattern::new)
+            .collect(),
+    };
+    match crier::auth::mint(&args.jwt, grants, args.ttl, args.subject) {
+        Ok(token) => {
+            println!("{token}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("crier token: {error}");
             std::process::ExitCode::FAILURE
         }
     }

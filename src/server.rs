@@ -252,7 +252,17 @@ pub async fn serve(
     match listener.local_addr() {
         Ok(addr) => {
             let scheme = if tls.is_some() { "https" } else { "http" };
-            tracing::info!("crier listening on {scheme}://{addr}");
+            if config.jwt.enabled() {
+                tracing::info!("crier listening on {scheme}://{addr} (tokens required)");
+            } else if addr.ip().is_loopback() {
+                tracing::info!(
+                    "crier listening on {scheme}://{addr} (open: no token key configured)"
+                );
+            } else {
+                tracing::warn!(
+                    "crier listening on {scheme}://{addr} with no token key configured: anyone who reaches it may publish to and read every topic (see docs/SECURITY.md)"
+                );
+            }
         }
         Err(error) => tracing::warn!(%error, "listening on an unknown address"),
     }

@@ -74,6 +74,18 @@ pub fn encode_control(id: &str, name: &str, json: &serde_json::Value) -> Bytes {
     encode_event(id, Some(name), &json.to_string()).0
 }
 
+/// Encodes a control event without an `id:` line, so the client's
+/// `Last-Event-ID` stays at the last real event (used for `reauth`).
+pub fn encode_control_without_id(name: &str, json: &serde_json::Value) -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.put_slice(b"event: ");
+    buf.put_slice(name.as_bytes());
+    buf.put_u8(b'\n');
+    put_data(&mut buf, &json.to_string());
+    buf.put_u8(b'\n');
+    buf.freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Cursor, Event, Position, RESET_EVENT, Topic};
+use crate::event::{Cursor, Event, Position, REAUTH_EVENT, RESET_EVENT, Topic};
 use crate::hub::{Feeds, Hub, Lagged, Live};
 use crate::sse;
 use crate::store::{Store, StoreError};
@@ -53,6 +53,9 @@ pub struct StreamSettings {
     pub heartbeat: Duration,
     pub retry: Duration,
     pub shutdown: CancellationToken,
+    /// When the credentials that opened the stream expire: it then sends
+    /// `reauth` and ends, and the client reconnects with fresh ones.
+    pub expires: Option<tokio::time::Instant>,
 }
 
 /// Why a subscriber's position could not be honoured.
@@ -162,12 +165,23 @@ impl Subscription {
             // life, rather than one per loop turn.
             let shutdown = settings.shutdown.cancelled();
             tokio::pin!(shutdown);
+            let expiry = async {
+                match settings.expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expiry);
             loop {
                 // Work owed to the store comes first: it only moves forward.
                 // (The live path below sees shutdown through `select!`;
                 // checking the token takes a lock, so only here.)
                 if self.owes_store_work() && retry.is_ready() {
                     if settings.shutdown.is_cancelled() {
+                        return;
+                    }
+                    if settings.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        yield reauth();
                         return;
                     }
                     match self.store_step(&mut chunk).await {
@@ -188,6 +202,10 @@ impl Subscription {
                 tokio::select! {
                     biased;
                     () = &mut shutdown => return,
+                    () = &mut expiry => {
+                        yield reauth();
+                        return;
+                    }
                     item = self.live.next() => {
                         let mut lagged = !self.on_live(item, &mut chunk);
                         while !lagged && chunk.len() < MAX_CHUNK_BYTES {
@@ -418,6 +436,11 @@ impl Subscription {
         }
         id
     }
+}
+
+/// The last bytes of a stream whose credentials expired.
+fn reauth() -> Bytes {
+    sse::encode_control_without_id(REAUTH_EVENT, &json!({ "reason": "token-expired" }))
 }
 
 /// When to try the store again after it failed.

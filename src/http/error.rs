@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::auth::{AuthError, TokenError};
 use crate::event::{InvalidCursor, InvalidEventName, InvalidTopic};
 use crate::store::StoreError;
 
@@ -41,6 +42,10 @@ pub enum ApiError {
     NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("the body is not a ticket request: {0}")]
+    MalformedTicketRequest(String),
 }
 
 impl ApiError {
@@ -50,6 +55,11 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Auth(AuthError::NotGranted { .. } | AuthError::Origin(_)) => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::Auth(AuthError::TicketsDisabled) => StatusCode::NOT_FOUND,
+            ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -71,6 +81,30 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method-not-allowed",
             ApiError::NotFound(_) => "not-found",
             ApiError::Store(_) => "store-unavailable",
+            ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",
+            ApiError::Auth(error) => match error {
+                AuthError::Missing => "unauthenticated",
+                AuthError::Token(TokenError::Expired) => "token-expired",
+                AuthError::Token(_) => "invalid-token",
+                AuthError::NotGranted { .. } => "forbidden-topic",
+                AuthError::Ticket(_) | AuthError::TicketExpired => "invalid-ticket",
+                AuthError::Origin(_) => "origin-not-allowed",
+                AuthError::TicketsDisabled => "tickets-disabled",
+            },
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a refusal about tokens (RFC 6750).
+    fn challenge(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Auth(AuthError::Missing) => Some(r#"Bearer realm="crier""#),
+            ApiError::Auth(AuthError::Token(_)) => {
+                Some(r#"Bearer realm="crier", error="invalid_token""#)
+            }
+            ApiError::Auth(AuthError::NotGranted { .. }) => {
+                Some(r#"Bearer realm="crier", error="insufficient_scope""#)
+            }
+            _ => None,
         }
     }
 }
@@ -90,6 +124,12 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(challenge) = self.challenge() {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         if let ApiError::MethodNotAllowed { allow, .. } = self {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }

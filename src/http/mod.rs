@@ -1,12 +1,13 @@
 //! The HTTP face of the hub: thin axum handlers that parse a request into
 //! domain types, call the store or open a subscription, and map the result.
 
+mod access;
 mod error;
 mod publish;
 mod subscribe;
+mod tickets;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
@@ -18,12 +19,12 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
-use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 pub use error::ApiError;
 
+use crate::auth::Auth;
 use crate::compress::Codec;
 use crate::config::Config;
 use crate::hub::Hub;
@@ -35,13 +36,15 @@ pub struct AppState {
     pub hub: Hub,
     pub store: Arc<dyn Store>,
     pub config: Arc<Config>,
+    /// Who may publish and read; checked before any store work.
+    pub auth: Arc<Auth>,
     /// Cancelled when the process shuts down; every open stream ends then.
     pub shutdown: CancellationToken,
 }
 
 /// Builds the whole router. `main` serves it; tests serve the very same.
 pub fn app(state: AppState) -> Router {
-    let cors = cors_layer(&state.config.cors_origins);
+    let cors = access::cors_layer(state.auth.origins());
     // JSON and HTML answers are compressed by tower-http; event streams
     // compress themselves, flushing per chunk. The layer wraps only the
     // handlers whose answers it compresses: around a stream its body
@@ -68,51 +71,42 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/events",
             get(subscribe::topics)
-                .post(publish::batch.layer(compression))
+                .post(publish::batch.layer(compression.clone()))
                 .fallback(not_allowed("GET, POST")),
         )
+        .route(
+            "/tickets",
+            axum::routing::post(tickets::create.layer(compression)).fallback(not_allowed("POST")),
+        )
+        .route(
+            "/crier.js",
+            get(browser_helper).fallback(not_allowed("GET, HEAD")),
+        )
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::check_origin,
+        ))
         .with_state(state);
-    let router = match cors {
-        Some(cors) => router.layer(cors),
-        None => router,
-    };
+    let router = router.layer(cors);
     let router = router.layer(axum::middleware::from_fn(close_after_refused_body));
     router.layer(
         TraceLayer::new_for_http()
-            .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+            // The path only: a query string may carry a ticket.
+            .make_span_with(|request: &Request<_>| {
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    version = ?request.version(),
+                )
+            })
             .on_request(())
             .on_response(
                 DefaultOnResponse::new()
                     .level(Level::INFO)
                     .latency_unit(tower_http::LatencyUnit::Micros),
             ),
-    )
-}
-
-fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
-    let origins: Vec<&str> = origins
-        .iter()
-        .map(|o| o.trim())
-        .filter(|o| !o.is_empty())
-        .collect();
-    if origins.is_empty() {
-        return None;
-    }
-    let allow = if origins.contains(&"*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
-    };
-    Some(
-        CorsLayer::new()
-            .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST])
-            .allow_headers([
-                header::CONTENT_TYPE,
-                header::HeaderName::from_static("last-event-id"),
-            ])
-            .max_age(Duration::from_secs(3600)),
     )
 }
 
@@ -154,6 +148,18 @@ async fn not_found(uri: Uri) -> ApiError {
 /// The live demo page; compiled in so the binary is all a user needs.
 async fn index() -> Html<&'static str> {
     Html(include_str!("../../static/index.html"))
+}
+
+/// The browser helper (an ES module) that subscribes with tickets and
+/// rides out expiry and restarts.
+async fn browser_helper() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../static/crier.js"),
+    )
 }
 
 /// Liveness: the process serves HTTP.

@@ -4,12 +4,14 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 
+use super::access::credentials;
 use super::{ApiError, AppState};
+use crate::auth::OriginKind;
 use crate::event::{Event, EventName, Topic};
 use crate::store::NewEvent;
 
@@ -34,12 +36,19 @@ impl From<&Event> for Published {
 
 pub async fn one(
     State(state): State<AppState>,
+    Extension(origin): Extension<OriginKind>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     let topic = super::subscribe::parse_topic(path, &state)?;
+    // Who is asking, and may they, before the body is read.
+    let principal =
+        state
+            .auth
+            .publisher(&credentials(&headers, origin, &state.config.auth_cookie))?;
+    state.auth.may_publish(&principal, [&topic])?;
     let mut name = None;
     for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         if key == "event" {
@@ -79,10 +88,16 @@ pub struct BatchPublished {
 
 pub async fn batch(
     State(state): State<AppState>,
+    Extension(origin): Extension<OriginKind>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<BatchPublished>), ApiError> {
     let config = &state.config;
+    // A bad token is refused before the body is read; grants are checked
+    // once the body says which topics it names.
+    let principal = state
+        .auth
+        .publisher(&credentials(&headers, origin, &config.auth_cookie))?;
     let bytes = read_body(body, &headers, config.max_batch_bytes).await?;
     let items: Vec<BatchItem> =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedBatch(e.to_string()))?;
@@ -114,6 +129,9 @@ pub async fn batch(
         }
         events.push(NewEvent { topic, name, data });
     }
+    state
+        .auth
+        .may_publish(&principal, events.iter().map(|e| &e.topic))?;
     let stored = state.store.append(events).await?;
     Ok((
         StatusCode::CREATED,
@@ -125,7 +143,11 @@ pub async fn batch(
 
 /// Reads a request body of at most `limit` bytes, refusing larger ones
 /// before reading them when the client announced its length.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
+pub(super) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
     let announced = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

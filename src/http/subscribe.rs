@@ -4,29 +4,41 @@
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
 use tokio_stream::StreamExt;
 
+use super::access::credentials;
 use super::{ApiError, AppState};
+use crate::auth::{OriginKind, TicketRecord, ticket};
 use crate::compress::{Compressor, negotiate};
 use crate::event::{Cursor, Topic};
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 
 pub async fn topic(
     State(state): State<AppState>,
+    Extension(origin): Extension<OriginKind>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let topic = parse_topic(path, &state)?;
     let params = Params::parse(query.as_deref(), &state, false)?;
-    open(state, vec![topic], IdStyle::Single, params, &headers).await
+    open(
+        state,
+        vec![topic],
+        IdStyle::Single,
+        params,
+        &headers,
+        origin,
+    )
+    .await
 }
 
 pub async fn topics(
     State(state): State<AppState>,
+    Extension(origin): Extension<OriginKind>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -37,7 +49,7 @@ pub async fn topics(
     if topics.is_empty() {
         return Err(ApiError::NoTopic);
     }
-    open(state, topics, IdStyle::Multi, params, &headers).await
+    open(state, topics, IdStyle::Multi, params, &headers, origin).await
 }
 
 pub(super) fn parse_topic(
@@ -65,6 +77,8 @@ struct Params {
     topics: Vec<Topic>,
     last_event_id: Option<String>,
     last: Option<u64>,
+    /// A single-use ticket from `POST /tickets`.
+    ticket: Option<String>,
 }
 
 impl Params {
@@ -73,6 +87,7 @@ impl Params {
             topics: Vec::new(),
             last_event_id: None,
             last: None,
+            ticket: None,
         };
         let limit = state.config.max_topics_per_subscription;
         for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -90,6 +105,7 @@ impl Params {
                         })?;
                     params.topics.push(topic);
                 }
+                "ticket" if !value.is_empty() => params.ticket = Some(value.into_owned()),
                 "lastEventId" if !value.is_empty() => {
                     params.last_event_id = Some(value.into_owned())
                 }
@@ -140,8 +156,10 @@ async fn open(
     style: IdStyle,
     params: Params,
     request_headers: &HeaderMap,
+    origin: OriginKind,
 ) -> Result<Response, ApiError> {
     let start = start(&params, request_headers, topics.len())?;
+    let expires = authorize(&state, &topics, &params, request_headers, origin).await?;
     let mut subscription =
         Subscription::open(&state.hub, state.store.clone(), topics, style, start);
     // Answer once live delivery is confirmed and the start is fixed, so that
@@ -157,6 +175,7 @@ async fn open(
         heartbeat: state.config.heartbeat,
         retry: state.config.retry,
         shutdown: state.shutdown.clone(),
+        expires: expires.map(instant_of),
     };
     let stream = subscription.into_stream(settings);
     let codec = negotiate(
@@ -185,6 +204,47 @@ async fn open(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// Decides whether the request may read `topics`, by ticket or token, and
+/// returns when its access ends (seconds since the Unix epoch).
+async fn authorize(
+    state: &AppState,
+    topics: &[Topic],
+    params: &Params,
+    headers: &HeaderMap,
+    origin: OriginKind,
+) -> Result<Option<u64>, ApiError> {
+    let auth = &state.auth;
+    if auth.all_public(topics) {
+        return Ok(None);
+    }
+    if let Some(presented) = &params.ticket {
+        let record = if ticket::well_formed(presented) {
+            state
+                .store
+                .take_ticket(&ticket::digest(presented))
+                .await?
+                .and_then(|r| serde_json::from_str::<TicketRecord>(&r).ok())
+        } else {
+            None
+        };
+        return Ok(auth.by_ticket(record, topics)?);
+    }
+    let credentials = credentials(headers, origin, &state.config.auth_cookie);
+    Ok(auth.subscriber(&credentials, topics)?)
+}
+
+/// The moment a Unix time (in seconds) comes, on the runtime's clock. A
+/// token valid for more than a year is treated as valid for a year (the
+/// stream then asks for new credentials), so no deadline overflows.
+fn instant_of(unix_seconds: u64) -> tokio::time::Instant {
+    const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+    let left = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_secs(unix_seconds))
+        .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
+        .map_or(std::time::Duration::ZERO, |left| left.min(YEAR));
+    tokio::time::Instant::now() + left
 }
 
 /// How long a subscribe request waits for the store before it answers

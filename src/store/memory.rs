@@ -21,6 +21,8 @@ pub struct MemoryStore {
     topics: Mutex<HashMap<Topic, Arc<Mutex<Log>>>>,
     hub: Hub,
     retention: Retention,
+    /// Tickets by digest: record and expiry. Expired ones are swept.
+    tickets: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 /// One topic's history in one epoch.
@@ -71,6 +73,7 @@ impl MemoryStore {
             topics: Mutex::new(HashMap::new()),
             hub,
             retention,
+            tickets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -92,6 +95,7 @@ impl MemoryStore {
 
     fn sweep(&self) {
         let now = Instant::now();
+        lock(&self.tickets).retain(|_, (_, expires)| *expires > now);
         let mut topics = lock(&self.topics);
         topics.retain(|topic, log| {
             let mut log = lock(log);
@@ -164,5 +168,18 @@ impl Store for MemoryStore {
             head: log.head,
             events,
         })
+    }
+
+    async fn put_ticket(&self, key: &str, record: &str, ttl: Duration) -> Result<(), StoreError> {
+        let expires = Instant::now() + ttl;
+        lock(&self.tickets).insert(key.to_owned(), (record.to_owned(), expires));
+        Ok(())
+    }
+
+    async fn take_ticket(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let taken = lock(&self.tickets).remove(key);
+        Ok(taken
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(record, _)| record))
     }
 }

@@ -74,6 +74,14 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Keeps a ticket's record under `key` (the ticket's digest) for `ttl`.
+    async fn put_ticket(&self, key: &str, record: &str, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Hands out the record kept under `key` and forgets it, in one atomic
+    /// step: of any number of concurrent takers, on any node, at most one
+    /// gets it. `None` when unknown, taken already or expired.
+    async fn take_ticket(&self, key: &str) -> Result<Option<String>, StoreError>;
+
     /// Whether the store can be reached now (for `GET /readyz`).
     async fn check(&self) -> Result<(), StoreError> {
         Ok(())

@@ -233,6 +233,10 @@ impl Keys {
         format!("{}{{{topic}}}:events", self.prefix)
     }
 
+    fn ticket(&self, digest: &str) -> String {
+        format!("{}ticket:{digest}", self.prefix)
+    }
+
     fn channel(&self, topic: &Topic) -> String {
         format!("{}{{{topic}}}:live", self.prefix)
     }
@@ -833,6 +837,30 @@ impl Store for RedisStore {
             Ok(Err(error)) => Err(unavailable(error)),
             Err(_) => Err(unavailable("timed out subscribing")),
         }
+    }
+
+    async fn put_ticket(&self, key: &str, record: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut commands = self.commands.clone();
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        // The connection manager bounds every answer by --redis-timeout.
+        redis::cmd("SET")
+            .arg(self.keys.ticket(key))
+            .arg(record)
+            .arg("PX")
+            .arg(ms)
+            .query_async::<()>(&mut commands)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn take_ticket(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut commands = self.commands.clone();
+        // GETDEL is atomic: of two nodes redeeming one ticket, one gets it.
+        redis::cmd("GETDEL")
+            .arg(self.keys.ticket(key))
+            .query_async::<Option<String>>(&mut commands)
+            .await
+            .map_err(unavailable)
     }
 
     async fn check(&self) -> Result<(), StoreError> {

@@ -1,0 +1,98 @@
+//! The HTTP edge of access control: the `Origin` check every request passes
+//! first, CORS answers from the same allowlist, and reading a request's
+//! credentials (bearer token, cookie) for [`crate::auth::Auth`].
+
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use super::{ApiError, AppState};
+use crate::auth::{AllowedOrigins, Credentials, OriginKind};
+
+/// Refuses a request from a foreign origin before anything else is done
+/// with it, and tells the handlers how its origin relates to the list.
+pub async fn check_origin(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let origin = request.headers().get(header::ORIGIN).map(|o| o.as_bytes());
+    match state.auth.check_origin(origin, host.as_deref()) {
+        Ok(kind) => {
+            request.extensions_mut().insert(kind);
+            next.run(request).await
+        }
+        Err(refused) => ApiError::from(refused).into_response(),
+    }
+}
+
+/// The credentials `headers` carry. `origin` decides elsewhere whether the
+/// cookie may count.
+pub fn credentials<'a>(
+    headers: &'a HeaderMap,
+    origin: OriginKind,
+    cookie_name: &str,
+) -> Credentials<'a> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty());
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == cookie_name).then(|| value.trim_matches('"'))
+        })
+        .filter(|t| !t.is_empty());
+    Credentials {
+        bearer,
+        cookie,
+        origin: Some(origin),
+    }
+}
+
+/// CORS answers from the same list: `*` lets any page read answers without
+/// credentials; a list lets exactly its origins read, with credentials
+/// (cookies), and never answers `*`.
+pub fn cors_layer(origins: &AllowedOrigins) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([header::WWW_AUTHENTICATE, header::RETRY_AFTER])
+        .max_age(Duration::from_secs(3600));
+    if origins.is_any() {
+        return layer.allow_origin(AllowOrigin::any());
+    }
+    let origins = origins.clone();
+    layer
+        .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+            origin.to_str().is_ok_and(|o| origins.lists(o))
+        }))
+        .allow_credentials(true)
+}

@@ -1,0 +1,88 @@
+//! `POST /tickets`: trade a token (or the auth cookie) for a single-use
+//! ticket that opens a subscription to the topics it names, for pages whose
+//! EventSource cannot send an `Authorization` header.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::access::credentials;
+use super::{ApiError, AppState};
+use crate::auth::{AuthError, OriginKind, Principal, TicketRecord, ticket};
+use crate::event::Topic;
+
+/// Largest ticket request body: a list of topic names.
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TicketRequest {
+    topics: Vec<String>,
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(origin): Extension<OriginKind>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let auth = &state.auth;
+    if !auth.enabled() {
+        return Err(AuthError::TicketsDisabled.into());
+    }
+    let credentials = credentials(&headers, origin, &state.config.auth_cookie);
+    let principal = auth.identify(&credentials, origin.may_use_cookie())?;
+    let Principal::Token(verified) = &principal else {
+        return Err(AuthError::Missing.into());
+    };
+    let bytes = super::publish::read_body(body, &headers, MAX_BODY).await?;
+    let request: TicketRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::MalformedTicketRequest(e.to_string()))?;
+    let limit = state.config.max_topics_per_subscription;
+    if request.topics.is_empty() {
+        return Err(ApiError::NoTopic);
+    }
+    if request.topics.len() > limit {
+        return Err(ApiError::TooManyTopics { limit });
+    }
+    let mut topics = request
+        .topics
+        .iter()
+        .map(|name| {
+            Topic::parse(name, state.config.max_topic_len).map_err(|reason| {
+                ApiError::InvalidTopic {
+                    name: name.clone(),
+                    reason,
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    topics.sort();
+    topics.dedup();
+    auth.may_subscribe(&principal, &topics)?;
+
+    let record = TicketRecord {
+        topics: topics.iter().map(|t| t.to_string()).collect(),
+        expires_at: verified.expires_at,
+    };
+    let ticket = ticket::generate();
+    let ttl = auth.ticket_ttl();
+    let record = serde_json::to_string(&record).expect("a ticket record serializes");
+    state
+        .store
+        .put_ticket(&ticket::digest(&ticket), &record, ttl)
+        .await?;
+    let mut response = (
+        StatusCode::CREATED,
+        Json(json!({ "ticket": ticket, "expires_in": ttl.as_secs() })),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}

@@ -176,7 +176,7 @@ pub struct Config {
     /// get CORS answers with credentials. `--cors-origins` is an alias.
     #[arg(
         long,
-        alias = "cors-origins",
+        visible_alias = "cors-origins",
         env = "CRIER_ALLOWED_ORIGINS",
         default_value = "*",
         value_delimiter = ','

@@ -35,7 +35,12 @@ impl Process {
                 .expect("crier logs its address before anything else")
                 .unwrap();
             if let Some(addr) = line.split("crier listening on ").nth(1) {
-                break addr.trim().to_owned();
+                // The address, then what the hub says about access control.
+                break addr
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
             }
         };
         // Keep draining the log so the process never blocks on a full pipe.

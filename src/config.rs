@@ -142,6 +142,70 @@ pub struct Config {
     #[arg(long, env = "CRIER_HTTP2_KEEPALIVE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub http2_keepalive: Duration,
 
+    /// Most open connections; at the cap new ones are refused at once (a
+    /// plain HTTP/1.1 client gets 503). Default: the open-file limit less a
+    /// reserve (256 + 1/64 of it) for Redis, listeners and files.
+    #[arg(long, env = "CRIER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Most open connections from one client address (IPv6: one /64).
+    #[arg(long, env = "CRIER_MAX_CONNECTIONS_PER_IP", default_value_t = 2048)]
+    pub max_connections_per_ip: u32,
+
+    /// Most concurrent requests, event streams included, from one client
+    /// address: HTTP/1.1 requests and HTTP/2 streams both count; over it,
+    /// 429.
+    #[arg(long, env = "CRIER_MAX_STREAMS_PER_IP", default_value_t = 4096)]
+    pub max_streams_per_ip: u32,
+
+    /// New connections per second from one client address (0: no limit);
+    /// over it, connections are closed before any TLS handshake.
+    #[arg(long, env = "CRIER_CONNECTION_RATE", default_value_t = 200)]
+    pub connection_rate: u32,
+
+    /// New connections one client address may open at once, above its rate.
+    #[arg(long, env = "CRIER_CONNECTION_BURST", default_value_t = 2048)]
+    pub connection_burst: u32,
+
+    /// Events per second one publisher may publish (per token subject when
+    /// tokens are on, else per client address; a batch counts its events;
+    /// 0: no limit). Over it, 429 and nothing of the request is stored.
+    #[arg(long, env = "CRIER_PUBLISH_RATE", default_value_t = 1000)]
+    pub publish_rate: u32,
+
+    /// Events one publisher may publish at once, above its rate.
+    #[arg(long, env = "CRIER_PUBLISH_BURST", default_value_t = 2000)]
+    pub publish_burst: u32,
+
+    /// Proxies (addresses or CIDRs, comma separated) whose `Forwarded` /
+    /// `X-Forwarded-For` name the client for limits; from other peers those
+    /// headers are ignored.
+    #[arg(long, env = "CRIER_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Longest a client may take to finish its TLS handshake.
+    #[arg(long, env = "CRIER_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// Longest a client may take to send a request's headers, and longest an
+    /// HTTP/1.1 connection may sit idle between requests.
+    #[arg(long, env = "CRIER_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Longest a client may take to send a request's body; a client that
+    /// stops or dribbles is cut off and nothing is stored.
+    #[arg(long, env = "CRIER_BODY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+
+    /// An HTTP/2 connection with no open stream for this long is closed.
+    #[arg(long, env = "CRIER_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Largest request head (request line and headers) accepted; larger
+    /// ones get 431.
+    #[arg(long, env = "CRIER_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
     /// Keep events in Redis instead of in memory, so several nodes serve one
     /// feed: redis://[USER:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS.
     #[arg(long = "redis", env = "CRIER_REDIS_URL", value_name = "URL")]
@@ -231,6 +295,26 @@ impl Config {
             Some(old) if !set_by_env && self.allowed_origins == ["*"] => old.clone(),
             _ => self.allowed_origins.clone(),
         }
+    }
+
+    /// The limits, with `--max-connections` derived from the open-file
+    /// limit when not set.
+    pub fn limit_settings(&self) -> Result<crate::limits::LimitSettings, crate::SetupError> {
+        let max_connections = self.max_connections.unwrap_or_else(|| {
+            let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+            crate::limits::default_max_connections(soft)
+        });
+        Ok(crate::limits::LimitSettings {
+            max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_streams_per_ip: self.max_streams_per_ip,
+            connection_rate: self.connection_rate,
+            connection_burst: self.connection_burst,
+            publish_rate: self.publish_rate,
+            publish_burst: self.publish_burst,
+            trusted_proxies: crate::limits::TrustedProxies::parse(&self.trusted_proxies)
+                .map_err(crate::SetupError::Config)?,
+        })
     }
 
     pub fn retention(&self) -> Retention {

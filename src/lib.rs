@@ -15,6 +15,7 @@ pub mod config;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod server;
 pub mod sse;
 pub mod store;
@@ -39,6 +40,8 @@ pub enum SetupError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] auth::AuthConfigError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Builds the hub's state for `config`, starting its background tasks; they
@@ -74,10 +77,12 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
             store
         }
     };
+    let limits = Arc::new(limits::Limits::new(config.limit_settings()?));
     Ok(AppState {
         hub,
         store,
         auth,
+        limits,
         config: Arc::new(config),
         shutdown,
     })
@@ -92,5 +97,6 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = state(config.clone(), shutdown.clone()).map_err(std::io::Error::other)?;
-    server::serve(listener, app(state), &config, shutdown).await
+    let limits = state.limits.clone();
+    server::serve(listener, app(state), limits, &config, shutdown).await
 }

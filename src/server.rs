@@ -10,7 +10,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -25,17 +25,20 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::limits::{ConnectionPermit, Limits, Refusal};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-type Service = TowerToHyperService<Router>;
+type Service = TowerToHyperService<PeerService>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How long a client may take to finish its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How soon the first bytes of a plain connection are first looked at again
 /// while they do not yet tell its protocol (then ever less often).
 const TRICKLE_POLL: Duration = Duration::from_millis(10);
-/// How long a client may take to send its request headers (HTTP/1.1).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a failing accept is reported (with a count), at most.
+const ACCEPT_ERROR_REPORT: Duration = Duration::from_secs(10);
+/// Refused connections that may wait at once for their client to read the
+/// refusal; past that, they are just closed.
+const MAX_LINGERING: usize = 64;
 
 /// Builds the TLS acceptor for `--tls-cert` and `--tls-key`.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
@@ -69,6 +72,9 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
 struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    header_timeout: Duration,
+    tls_handshake_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Protocols {
@@ -76,7 +82,12 @@ impl Protocols {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            // Also how long a keep-alive connection may idle between
+            // requests: hyper starts the timer as soon as it waits for one.
+            .header_read_timeout(config.header_timeout)
+            // Bounds the request head, and the read buffer a connection
+            // keeps for its whole life.
+            .max_buf_size(config.max_header_bytes.max(8192))
             .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
@@ -91,8 +102,15 @@ impl Protocols {
             // send buffer.
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024)
-            .max_send_buf_size(128 * 1024);
-        Protocols { http1, http2 }
+            .max_send_buf_size(128 * 1024)
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+        Protocols {
+            http1,
+            http2,
+            header_timeout: config.header_timeout,
+            tls_handshake_timeout: config.tls_handshake_timeout,
+            idle_timeout: config.idle_timeout,
+        }
     }
 }
 
@@ -124,8 +142,8 @@ fn classify(first: &[u8]) -> Option<Protocol> {
 /// they are a strict prefix of the HTTP/2 preface (a client whose first
 /// bytes trickle in; rare), it looks again shortly, until they tell.
 /// `None` when the client leaves or does not tell within the header timeout.
-async fn peek_protocol(stream: &TcpStream) -> Option<Protocol> {
-    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+async fn peek_protocol(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut first = [0u8; 24];
     let mut pause = TRICKLE_POLL;
     loop {
@@ -152,12 +170,157 @@ async fn peek_protocol(stream: &TcpStream) -> Option<Protocol> {
 /// What a connection's task needs besides its socket.
 struct Conn {
     protocols: Arc<Protocols>,
-    service: Service,
+    router: Router,
     watcher: Watcher,
     /// Watched connections hear of shutdown from `watcher`; before a
-    /// connection is watched (TLS handshake, first bytes) it hears here.
+    /// connection is watched (TLS handshake, first bytes) it hears here,
+    /// and HTTP/2 connections, which close themselves when idle, too.
     shutdown: CancellationToken,
     peer: SocketAddr,
+    /// This connection's share of the caps, released when its task ends.
+    _permit: ConnectionPermit,
+}
+
+impl Conn {
+    /// The router, telling each request who its peer is.
+    fn service(&self, activity: Option<Arc<Activity>>) -> Service {
+        TowerToHyperService::new(PeerService {
+            router: self.router.clone(),
+            peer: Peer(self.peer),
+            activity,
+        })
+    }
+
+    async fn serve_http1<I>(self, io: I) -> Result<(), BoxError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = self
+            .protocols
+            .http1
+            .serve_connection(TokioIo::new(io), self.service(None));
+        Ok(self.watcher.watch(conn).await?)
+    }
+
+    /// Serves HTTP/2 until the client leaves, the hub shuts down, or no
+    /// stream has been open for the idle timeout (pings alone do not keep a
+    /// connection: a client that only answers them holds a descriptor for
+    /// nothing).
+    async fn serve_http2<I>(self, io: I) -> Result<(), BoxError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let conn = self
+            .protocols
+            .http2
+            .serve_connection(TokioIo::new(io), self.service(Some(activity.clone())));
+        // Holding the watcher keeps graceful shutdown waiting for this task;
+        // the connection hears of shutdown from `self.shutdown`.
+        let _watcher = self.watcher;
+        // Boxed: HTTP/2 carries many streams on one connection, and its
+        // larger state would otherwise be carried by every HTTP/1.1
+        // connection's task.
+        let mut conn = Box::pin(conn);
+        let idle = activity.idle_for(self.protocols.idle_timeout);
+        tokio::pin!(idle);
+        tokio::select! {
+            result = conn.as_mut() => return Ok(result?),
+            () = self.shutdown.cancelled() => {}
+            () = &mut idle => tracing::debug!(peer = %self.peer, "closing an idle HTTP/2 connection"),
+        }
+        conn.as_mut().graceful_shutdown();
+        Ok(conn.await?)
+    }
+}
+
+/// The peer of the connection a request came on (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The router for one connection: it adds the peer (and, on HTTP/2, the
+/// connection's activity) to every request.
+#[derive(Clone)]
+pub struct PeerService {
+    router: Router,
+    peer: Peer,
+    activity: Option<Arc<Activity>>,
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for PeerService
+where
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = <Router as tower::Service<axum::http::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<axum::http::Request<B>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.peer);
+        if let Some(activity) = &self.activity {
+            request.extensions_mut().insert(activity.clone());
+        }
+        self.router.call(request)
+    }
+}
+
+/// How many streams an HTTP/2 connection has open, and since when none.
+pub struct Activity {
+    state: std::sync::Mutex<(usize, tokio::time::Instant)>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            state: std::sync::Mutex::new((0, tokio::time::Instant::now())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a stream as open until the guard is dropped.
+    pub fn open(self: &Arc<Self>) -> StreamActivity {
+        self.lock().0 += 1;
+        StreamActivity(self.clone())
+    }
+
+    /// Resolves once no stream has been open for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let (open, since) = *self.lock();
+            let now = tokio::time::Instant::now();
+            if open == 0 && now >= since + timeout {
+                return;
+            }
+            let wake = if open == 0 {
+                since + timeout
+            } else {
+                now + timeout
+            };
+            tokio::time::sleep_until(wake).await;
+        }
+    }
+}
+
+/// One open stream of an HTTP/2 connection.
+pub struct StreamActivity(Arc<Activity>);
+
+impl Drop for StreamActivity {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.0 -= 1;
+        state.1 = tokio::time::Instant::now();
+    }
 }
 
 /// Runs one connection to its end; how it ended matters only when debugging.
@@ -170,36 +333,22 @@ async fn logged(peer: SocketAddr, connection: impl Future<Output = Result<(), Bo
 /// Serves one plain connection: HTTP/1.1, or HTTP/2 with prior knowledge.
 async fn serve_plain(stream: TcpStream, c: Conn) -> Result<(), BoxError> {
     let protocol = tokio::select! {
-        protocol = peek_protocol(&stream) => protocol,
+        protocol = peek_protocol(&stream, c.protocols.header_timeout) => protocol,
         () = c.shutdown.cancelled() => return Ok(()),
     };
     match protocol {
         // The client left or said nothing in time.
         None => Ok(()),
-        Some(Protocol::Http1) => {
-            let conn = c
-                .protocols
-                .http1
-                .serve_connection(TokioIo::new(stream), c.service);
-            Ok(c.watcher.watch(conn).await?)
-        }
-        // Boxed: HTTP/2 carries many streams on one connection, and its
-        // larger state would otherwise be carried by every HTTP/1.1
-        // connection's task.
-        Some(Protocol::Http2) => {
-            let conn = c
-                .protocols
-                .http2
-                .serve_connection(TokioIo::new(stream), c.service);
-            Ok(Box::pin(c.watcher.watch(conn)).await?)
-        }
+        Some(Protocol::Http1) => c.serve_http1(stream).await,
+        Some(Protocol::Http2) => c.serve_http2(stream).await,
     }
 }
 
 /// Serves one TLS connection with the protocol ALPN chose (RFC 9113, 3.2:
 /// HTTP/2 over TLS is negotiated, never sniffed).
 async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, c: Conn) -> Result<(), BoxError> {
-    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    let handshake =
+        tokio::time::timeout(c.protocols.tls_handshake_timeout, acceptor.accept(stream));
     let stream = tokio::select! {
         handshake = handshake => match handshake {
             Ok(Ok(stream)) => stream,
@@ -215,17 +364,121 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, c: Conn) -> Result<
         () = c.shutdown.cancelled() => return Ok(()),
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        let conn = c
-            .protocols
-            .http2
-            .serve_connection(TokioIo::new(stream), c.service);
-        Ok(c.watcher.watch(conn).await?)
+        c.serve_http2(stream).await
     } else {
-        let conn = c
-            .protocols
-            .http1
-            .serve_connection(TokioIo::new(stream), c.service);
-        Ok(c.watcher.watch(conn).await?)
+        c.serve_http1(stream).await
+    }
+}
+
+/// Turns a refused connection away as cheaply as possible: on a plain
+/// listener with the canned HTTP/1.1 answer, written once without waiting;
+/// over TLS by closing it (answering would cost a handshake). A few refused
+/// connections wait briefly for the client to send its request, so the
+/// close does not destroy the answer (a close with unread data resets).
+fn refuse(stream: TcpStream, refusal: Refusal, tls: bool, lingering: &Arc<AtomicUsize>) {
+    if tls {
+        return;
+    }
+    let _ = stream.try_write(canned(refusal));
+    if lingering.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
+        lingering.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let lingering = lingering.clone();
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        let mut sink = [0u8; 1024];
+        let drain = async {
+            while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+        lingering.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// The whole HTTP/1.1 answer to a refused connection, made once.
+fn canned(refusal: Refusal) -> &'static [u8] {
+    static FULL: LazyLock<Vec<u8>> = LazyLock::new(|| {
+        answer(
+            503,
+            "Service Unavailable",
+            "over-capacity",
+            "the hub holds all the connections it may; try again shortly",
+            5,
+        )
+    });
+    static CLIENT: LazyLock<Vec<u8>> = LazyLock::new(|| {
+        answer(
+            429,
+            "Too Many Requests",
+            "too-many-connections",
+            "this client has too many connections open, or opens them too fast",
+            1,
+        )
+    });
+    match refusal {
+        Refusal::Full => &FULL,
+        Refusal::ClientConnections | Refusal::ConnectionRate => &CLIENT,
+    }
+}
+
+fn answer(status: u16, title: &str, kind: &str, detail: &str, retry_after: u32) -> Vec<u8> {
+    let body = serde_json::json!({
+        "type": format!("urn:crier:problem:{kind}"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 {status} {title}\r\ncontent-type: application/problem+json\r\nretry-after: {retry_after}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Accept failures (out of descriptors, mostly) are reported once per
+/// interval with a count, not once per try.
+struct AcceptErrors {
+    count: u64,
+    last_report: Option<tokio::time::Instant>,
+    pause: Duration,
+}
+
+impl AcceptErrors {
+    fn new() -> AcceptErrors {
+        AcceptErrors {
+            count: 0,
+            last_report: None,
+            pause: Duration::from_millis(5),
+        }
+    }
+
+    /// Records a failure; returns how long to wait before accepting again
+    /// (doubling up to a second, so a lasting shortage does not spin).
+    fn failed(&mut self, error: &io::Error) -> Duration {
+        self.count += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_report
+            .is_none_or(|t| now >= t + ACCEPT_ERROR_REPORT)
+        {
+            tracing::warn!(%error, failures = self.count, "accepting connections fails");
+            self.count = 0;
+            self.last_report = Some(now);
+        }
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        self.pause = Duration::from_millis(5);
     }
 }
 
@@ -235,6 +488,7 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, c: Conn) -> Result<
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: Arc<Limits>,
     config: &Config,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -268,27 +522,47 @@ pub async fn serve(
     }
     let protocols = Arc::new(Protocols::new(config));
     let graceful = GracefulShutdown::new();
+    let mut accept_errors = AcceptErrors::new();
+    let lingering = Arc::new(AtomicUsize::new(0));
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                limits.sweep();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    accept_errors.succeeded();
+                    accepted
+                }
                 Err(error) => {
-                    // Out of descriptors, most likely: wait instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    let pause = accept_errors.failed(&error);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(pause) => continue,
+                    }
                 }
             },
+        };
+        let permit = match limits.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                tracing::debug!(%peer, ?refusal, "refusing a connection");
+                refuse(stream, refusal, tls.is_some(), &lingering);
+                continue;
+            }
         };
         // SSE is small writes that must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let conn = Conn {
             protocols: protocols.clone(),
-            service: TowerToHyperService::new(router.clone()),
+            router: router.clone(),
             watcher: graceful.watcher(),
             shutdown: shutdown.clone(),
             peer,
+            _permit: permit,
         };
         match tls.clone() {
             None => tokio::spawn(logged(peer, serve_plain(stream, conn))),

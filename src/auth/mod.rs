@@ -87,6 +87,20 @@ pub fn now_unix() -> u64 {
         .as_secs()
 }
 
+impl Principal {
+    /// Whom publish rates are counted against: the token's subject when it
+    /// has one, else the client address.
+    pub fn rate_key(&self, client: &impl std::fmt::Display) -> String {
+        match self {
+            Principal::Token(Verified {
+                subject: Some(subject),
+                ..
+            }) => format!("sub:{subject}"),
+            _ => format!("ip:{client}"),
+        }
+    }
+}
+
 impl Auth {
     pub fn new(
         jwt: &JwtSettings,

@@ -154,6 +154,9 @@ pub struct Claims {
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub grants: Grants,
+    /// The token's `sub`, when it has one: publish rates are kept per
+    /// subject.
+    pub subject: Option<String>,
     /// Seconds since the Unix epoch after which the token (leeway included)
     /// no longer counts.
     pub expires_at: u64,
@@ -289,8 +292,13 @@ impl Verifier {
                 serde_json::from_value(value.clone()).map_err(|_| TokenError::BadClaims)?
             }
         };
+        let subject = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
         Ok(Verified {
             grants,
+            subject,
             expires_at: exp.saturating_add(self.leeway.as_secs()),
         })
     }

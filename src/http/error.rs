@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::auth::{AuthError, TokenError};
 use crate::event::{InvalidCursor, InvalidEventName, InvalidTopic};
+use crate::limits::LimitError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,10 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("the body is not a ticket request: {0}")]
     MalformedTicketRequest(String),
 }
@@ -60,6 +65,9 @@ impl ApiError {
             }
             ApiError::Auth(AuthError::TicketsDisabled) => StatusCode::NOT_FOUND,
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Limit(LimitError::BatchOverBurst { .. }) => StatusCode::BAD_REQUEST,
+            ApiError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -82,6 +90,10 @@ impl ApiError {
             ApiError::NotFound(_) => "not-found",
             ApiError::Store(_) => "store-unavailable",
             ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",
+            ApiError::Limit(LimitError::Streams { .. }) => "too-many-streams",
+            ApiError::Limit(LimitError::PublishRate { .. }) => "publish-rate",
+            ApiError::Limit(LimitError::BatchOverBurst { .. }) => "batch-over-burst",
+            ApiError::BodyTimeout(_) => "body-timeout",
             ApiError::Auth(error) => match error {
                 AuthError::Missing => "unauthenticated",
                 AuthError::Token(TokenError::Expired) => "token-expired",
@@ -124,6 +136,10 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let ApiError::Limit(limit) = &self {
+            let seconds = limit.retry_after().as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if let Some(challenge) = self.challenge() {
             headers.insert(
                 header::WWW_AUTHENTICATE,

@@ -3,6 +3,7 @@
 
 mod access;
 mod error;
+mod limits;
 mod publish;
 mod subscribe;
 mod tickets;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Who may publish and read; checked before any store work.
     pub auth: Arc<Auth>,
+    /// Caps and rates per client.
+    pub limits: Arc<crate::limits::Limits>,
     /// Cancelled when the process shuts down; every open stream ends then.
     pub shutdown: CancellationToken,
 }
@@ -83,6 +86,10 @@ pub fn app(state: AppState) -> Router {
             get(browser_helper).fallback(not_allowed("GET, HEAD")),
         )
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::hold_stream,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access::check_origin,

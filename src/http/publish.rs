@@ -13,6 +13,7 @@ use super::access::credentials;
 use super::{ApiError, AppState};
 use crate::auth::OriginKind;
 use crate::event::{Event, EventName, Topic};
+use crate::limits::ClientKey;
 use crate::store::NewEvent;
 
 /// What a publisher learns about each stored event.
@@ -37,6 +38,7 @@ impl From<&Event> for Published {
 pub async fn one(
     State(state): State<AppState>,
     Extension(origin): Extension<OriginKind>,
+    client: Option<Extension<ClientKey>>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -49,13 +51,22 @@ pub async fn one(
             .auth
             .publisher(&credentials(&headers, origin, &state.config.auth_cookie))?;
     state.auth.may_publish(&principal, [&topic])?;
+    state
+        .limits
+        .publish(&principal.rate_key(&client_name(client)), 1)?;
     let mut name = None;
     for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         if key == "event" {
             name = Some(EventName::parse(&value)?);
         }
     }
-    let bytes = read_body(body, &headers, state.config.max_event_bytes).await?;
+    let bytes = read_body(
+        body,
+        &headers,
+        state.config.max_event_bytes,
+        state.config.body_timeout,
+    )
+    .await?;
     let data = String::from_utf8(bytes).map_err(|_| ApiError::NotUtf8)?;
     let stored = state
         .store
@@ -89,6 +100,7 @@ pub struct BatchPublished {
 pub async fn batch(
     State(state): State<AppState>,
     Extension(origin): Extension<OriginKind>,
+    client: Option<Extension<ClientKey>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<BatchPublished>), ApiError> {
@@ -98,7 +110,7 @@ pub async fn batch(
     let principal = state
         .auth
         .publisher(&credentials(&headers, origin, &config.auth_cookie))?;
-    let bytes = read_body(body, &headers, config.max_batch_bytes).await?;
+    let bytes = read_body(body, &headers, config.max_batch_bytes, config.body_timeout).await?;
     let items: Vec<BatchItem> =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedBatch(e.to_string()))?;
     if items.len() > config.max_batch_events {
@@ -132,6 +144,9 @@ pub async fn batch(
     state
         .auth
         .may_publish(&principal, events.iter().map(|e| &e.topic))?;
+    state
+        .limits
+        .publish(&principal.rate_key(&client_name(client)), events.len())?;
     let stored = state.store.append(events).await?;
     Ok((
         StatusCode::CREATED,
@@ -141,12 +156,23 @@ pub async fn batch(
     ))
 }
 
-/// Reads a request body of at most `limit` bytes, refusing larger ones
-/// before reading them when the client announced its length.
+/// The client a request came from, for limits ("unknown" only when the
+/// router is served without the accept loop).
+fn client_name(client: Option<Extension<ClientKey>>) -> String {
+    client.map_or_else(|| "unknown".to_owned(), |Extension(c)| c.to_string())
+}
+
+/// Reads a request body of at most `limit` bytes within `timeout`, refusing
+/// larger ones before reading them when the client announced its length.
+///
+/// Each piece is copied out as it arrives: a piece hyper hands over may keep
+/// its whole read buffer alive, so collecting a dribbled body piece by piece
+/// would hold kilobytes per byte received.
 pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
+    timeout: std::time::Duration,
 ) -> Result<Vec<u8>, ApiError> {
     let announced = headers
         .get(header::CONTENT_LENGTH)
@@ -155,11 +181,21 @@ pub(super) async fn read_body(
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes().to_vec()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge { limit })
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = Limited::new(body, limit);
+    let mut bytes = Vec::with_capacity(announced.map_or(0, |n| n as usize));
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ApiError::BodyTimeout(timeout)),
+            Ok(None) => return Ok(bytes),
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            Ok(Some(Err(e))) => return Err(ApiError::UnreadableBody(e.to_string())),
+        };
+        if let Some(data) = frame.data_ref() {
+            bytes.extend_from_slice(data);
         }
-        Err(e) => Err(ApiError::UnreadableBody(e.to_string())),
     }
 }

@@ -39,7 +39,8 @@ pub async fn create(
     let Principal::Token(verified) = &principal else {
         return Err(AuthError::Missing.into());
     };
-    let bytes = super::publish::read_body(body, &headers, MAX_BODY).await?;
+    let bytes =
+        super::publish::read_body(body, &headers, MAX_BODY, state.config.body_timeout).await?;
     let request: TicketRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::MalformedTicketRequest(e.to_string()))?;
     let limit = state.config.max_topics_per_subscription;

@@ -1,0 +1,90 @@
+//! The HTTP edge of the limits: which client a request comes from (its peer,
+//! or the forwarded address when the peer is a trusted proxy), and a cap on
+//! its concurrent requests whose count is held by the response body, so an
+//! event stream counts until it really ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+use super::{ApiError, AppState};
+use crate::limits::Slot;
+use crate::server::{Activity, Peer, StreamActivity};
+
+/// Names the request's client and counts the request against its cap until
+/// the response body is dropped.
+pub async fn hold_stream(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(Peer(peer)) = request.extensions().get::<Peer>().copied() else {
+        // Served without the accept loop (never in the binary): no peer to
+        // count against.
+        return next.run(request).await;
+    };
+    let headers = request.headers();
+    let forwarded = joined(headers.get_all(header::FORWARDED));
+    let x_forwarded_for = joined(headers.get_all("x-forwarded-for"));
+    let client =
+        state
+            .limits
+            .client_of(peer.ip(), forwarded.as_deref(), x_forwarded_for.as_deref());
+    request.extensions_mut().insert(client);
+    let slot = match state.limits.open_stream(client) {
+        Ok(slot) => slot,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    let activity = request
+        .extensions()
+        .get::<Arc<Activity>>()
+        .map(Activity::open);
+    next.run(request).await.map(|body| {
+        Body::new(Held {
+            inner: body,
+            _slot: slot,
+            _activity: activity,
+        })
+    })
+}
+
+/// A header that may be repeated, as one comma-separated value.
+fn joined(values: axum::http::header::GetAll<'_, axum::http::HeaderValue>) -> Option<String> {
+    let parts: Vec<&str> = values.iter().filter_map(|v| v.to_str().ok()).collect();
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
+/// A response body that holds the request's counts until it is dropped.
+struct Held {
+    inner: Body,
+    _slot: Slot,
+    _activity: Option<StreamActivity>,
+}
+
+impl HttpBody for Held {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

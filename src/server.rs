@@ -388,11 +388,15 @@ fn refuse(stream: TcpStream, refusal: Refusal, tls: bool, lingering: &Arc<Atomic
     tokio::spawn(async move {
         let mut stream = stream;
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
-        let mut sink = [0u8; 1024];
+        // Read what the client sends (its request) until it pauses, at most
+        // half a second, then close with nothing unread.
+        let mut sink = [0u8; 4096];
         let drain = async {
-            while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {
-                if n == 0 {
-                    break;
+            loop {
+                let read = tokio::io::AsyncReadExt::read(&mut stream, &mut sink);
+                match tokio::time::timeout(Duration::from_millis(50), read).await {
+                    Ok(Ok(n)) if n > 0 => continue,
+                    _ => break,
                 }
             }
         };

@@ -1,0 +1,702 @@
+//! Floods and misbehaving clients: while each attack runs from some
+//! 127.0.0.x addresses, an honest client on another address subscribes,
+//! publishes and receives every event exactly once. Every attack is bounded
+//! in count and time, sends only to loopback, and every process started is
+//! stopped by its PID.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::tls::TestCerts;
+use common::{DEADLINE, Ev, Server, SseClient, assert_problem, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The real binary, for attacks that need its descriptors, memory and log,
+/// or an open-file limit of its own.
+struct Hub {
+    child: Child,
+    addr: SocketAddr,
+    base: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Hub {
+    fn start(args: &[&str]) -> Hub {
+        Hub::start_limited(args, None)
+    }
+
+    /// Starts crier with `args`, its open-file limit (soft and hard) set to
+    /// `open_files` when given.
+    fn start_limited(args: &[&str], open_files: Option<u64>) -> Hub {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_crier"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+        if let Some(limit) = open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start crier");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let base = loop {
+            let line = lines.next().expect("crier logs its address").unwrap();
+            if let Some(rest) = line.split("crier listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let keep = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                keep.lock().unwrap().push(line);
+            }
+        });
+        let addr = base
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .parse()
+            .unwrap();
+        Hub {
+            child,
+            addr,
+            base,
+            log,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Open descriptors of the process.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An honest client on its own loopback address.
+struct Honest {
+    client: reqwest::Client,
+}
+
+impl Honest {
+    fn new(source: &str) -> Honest {
+        Honest::with(source, None)
+    }
+
+    fn with(source: &str, ca: Option<&std::path::Path>) -> Honest {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .local_address(source.parse::<IpAddr>().unwrap())
+            .timeout(DEADLINE);
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).unwrap();
+            builder = builder.tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()]);
+        }
+        Honest {
+            client: builder.build().unwrap(),
+        }
+    }
+
+    async fn subscribe(&self, url: &str) -> SseClient {
+        SseClient::connect(&self.client, url, None).await
+    }
+
+    async fn publish(&self, url: &str, data: &str) -> String {
+        let response = self
+            .client
+            .post(url)
+            .body(data.to_owned())
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(response.status(), 201, "the honest publish is stored");
+        let answer: serde_json::Value = response.json().await.unwrap();
+        answer["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Publishes `n` events to `topic` and checks the subscriber gets
+    /// exactly them, in order.
+    async fn round_trip(
+        &self,
+        hub_url: &dyn Fn(&str) -> String,
+        sub: &mut SseClient,
+        tag: &str,
+        n: usize,
+    ) {
+        let mut expected = Vec::new();
+        for i in 1..=n {
+            let data = format!("{tag}-{i}");
+            let id = self.publish(&hub_url("/topics/honest"), &data).await;
+            expected.push(Ev::new(&id, "message", &data));
+        }
+        assert_eq!(
+            sub.take(n).await,
+            expected,
+            "the honest subscriber gets every event once"
+        );
+    }
+}
+
+/// A TCP connection from `source` (a 127.0.0.x address).
+async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    tokio::time::timeout(DEADLINE, socket.connect(to))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+/// Sends a request and returns the answer's status (0 if the connection
+/// closed without one).
+async fn status_of(stream: &mut TcpStream, request: &str) -> u16 {
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => return 0,
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the peer closes `stream` (reads to the end), within the
+/// deadline; returns what it sent.
+async fn closed_by_peer(stream: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut all))
+        .await
+        .expect("the hub closes the connection in time")
+        .ok();
+    all
+}
+
+const HEALTH: &str = "GET /healthz HTTP/1.1\r\nHost: hub\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_past_its_connection_cap_is_refused_while_others_are_served() {
+    let hub = Hub::start(&["--max-connections-per-ip", "100"]);
+    let url = |p: &str| hub.url(p);
+    let honest = Honest::new("127.0.0.3");
+    let mut sub = honest.subscribe(&hub.url("/topics/honest")).await;
+    honest.round_trip(&url, &mut sub, "before", 3).await;
+    let fds_before = hub.fds();
+
+    // 300 connections from one address, each asking for /healthz and kept.
+    let mut attack = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..300 {
+        let mut s = connect_from("127.0.0.2", hub.addr).await;
+        statuses.push(status_of(&mut s, HEALTH).await);
+        attack.push(s);
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((served, refused), (100, 200), "{statuses:?}");
+    honest.round_trip(&url, &mut sub, "during", 3).await;
+
+    // A refused connection got a problem+json answer.
+    let mut one_more = connect_from("127.0.0.2", hub.addr).await;
+    let answer = String::from_utf8_lossy(&{
+        one_more.write_all(HEALTH.as_bytes()).await.unwrap();
+        closed_by_peer(&mut one_more).await
+    })
+    .into_owned();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(
+        answer.contains(r#""type":"urn:crier:problem:too-many-connections""#),
+        "{answer}"
+    );
+
+    drop(attack);
+    drop(one_more);
+    wait_for("the hub's descriptors to return to their level", || {
+        hub.fds() <= fds_before
+    })
+    .await;
+    // Once they are gone, the address is served again.
+    let mut again = connect_from("127.0.0.2", hub.addr).await;
+    assert_eq!(status_of(&mut again, HEALTH).await, 200);
+    honest.round_trip(&url, &mut sub, "after", 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_open_file_limit_leave_room_for_an_honest_client() {
+    // An open-file limit of 1,024: the default global cap is 752, and four
+    // attacking addresses may hold at most 150 connections each.
+    let hub = Hub::start_limited(&["--max-connections-per-ip", "150"], Some(1024));
+    let url = |p: &str| hub.url(p);
+    let honest = Honest::new("127.0.0.3");
+    let mut sub = honest.subscribe(&hub.url("/topics/honest")).await;
+
+    // 1,600 connections, more than the process may open files.
+    let mut attack = Vec::new();
+    let mut statuses = Vec::new();
+    for i in 0..1600 {
+        let source = format!("127.0.1.{}", 1 + i % 4);
+        let mut s = connect_from(&source, hub.addr).await;
+        statuses.push(status_of(&mut s, HEALTH).await);
+        attack.push(s);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 600);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 1000);
+    honest.round_trip(&url, &mut sub, "during", 5).await;
+    drop(attack);
+    honest.round_trip(&url, &mut sub, "after", 2).await;
+    // Served requests are logged one line each (1,600 connections would
+    // otherwise be 1,600 warnings, or, out of descriptors, 20 a second).
+    let lines: Vec<String> = hub
+        .log_lines()
+        .into_iter()
+        .filter(|l| !l.contains("finished processing request"))
+        .collect();
+    assert!(lines.len() < 10, "a flood writes a bounded log: {lines:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_global_cap_new_clients_get_503_and_open_streams_continue() {
+    let hub = Hub::start(&["--max-connections", "12"]);
+    // The publisher keeps one HTTP/2 connection for all its publishes.
+    let publisher = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let publish = |data: &'static str| {
+        let publisher = publisher.clone();
+        let url = hub.url("/topics/full");
+        async move {
+            let response = publisher.post(url).body(data).send().await.unwrap();
+            assert_eq!(response.status(), 201);
+            let answer: serde_json::Value = response.json().await.unwrap();
+            answer["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let first = publish("first").await;
+    let subscribers = common::client();
+    let mut streams = Vec::new();
+    for _ in 0..11 {
+        streams.push(SseClient::connect(&subscribers, &hub.url("/topics/full"), None).await);
+    }
+    let mut late = TcpStream::connect(hub.addr).await.unwrap();
+    late.write_all(HEALTH.as_bytes()).await.unwrap();
+    let answer = String::from_utf8_lossy(&closed_by_peer(&mut late).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 5"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(
+        answer.contains(r#""type":"urn:crier:problem:over-capacity""#),
+        "{answer}"
+    );
+    let second = publish("second").await;
+    for stream in &mut streams {
+        assert_eq!(stream.next().await, Ev::new(&second, "message", "second"));
+    }
+    assert_ne!(first, second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_and_unfinished_tls_handshakes_are_closed_while_others_are_served() {
+    let certs = TestCerts::new();
+    let cert = certs.cert.to_str().unwrap().to_owned();
+    let key = certs.key.to_str().unwrap().to_owned();
+    let tls_hub = Hub::start(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-handshake-timeout",
+        "1s",
+    ]);
+    let plain_hub = Hub::start(&["--header-timeout", "1s"]);
+    let tls_url = |p: &str| tls_hub.url(p);
+    let plain_url = |p: &str| plain_hub.url(p);
+    let honest_tls = Honest::with("127.0.0.3", Some(&certs.ca_cert));
+    let honest = Honest::new("127.0.0.3");
+    let mut tls_sub = honest_tls.subscribe(&tls_hub.url("/topics/honest")).await;
+    let mut plain_sub = honest.subscribe(&plain_hub.url("/topics/honest")).await;
+    let (tls_fds, plain_fds) = (tls_hub.fds(), plain_hub.fds());
+
+    // 200 TLS connections that send half a ClientHello, 200 plain ones that
+    // send nothing at all.
+    let mut half_hellos = Vec::new();
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        let mut s = connect_from("127.0.0.2", tls_hub.addr).await;
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
+        half_hellos.push(s);
+        silent.push(connect_from("127.0.0.2", plain_hub.addr).await);
+    }
+    honest_tls
+        .round_trip(&tls_url, &mut tls_sub, "during", 3)
+        .await;
+    honest
+        .round_trip(&plain_url, &mut plain_sub, "during", 3)
+        .await;
+    for s in half_hellos.iter_mut().chain(silent.iter_mut()) {
+        closed_by_peer(s).await;
+    }
+    wait_for("the descriptors to return", || {
+        tls_hub.fds() <= tls_fds && plain_hub.fds() <= plain_fds
+    })
+    .await;
+    honest_tls
+        .round_trip(&tls_url, &mut tls_sub, "after", 2)
+        .await;
+    honest
+        .round_trip(&plain_url, &mut plain_sub, "after", 2)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_headers_and_dribbled_bodies_are_cut_with_bounded_memory_and_nothing_stored() {
+    let hub = Hub::start(&["--header-timeout", "2s", "--body-timeout", "5s"]);
+    let url = |p: &str| hub.url(p);
+    let honest = Honest::new("127.0.0.3");
+    let mut sub = honest.subscribe(&hub.url("/topics/honest")).await;
+    let rss_before = hub.rss_kib();
+
+    // 10 slowloris connections, 20 dribbling a body.
+    let attackers = (0..30).map(|i| {
+        let addr = hub.addr;
+        tokio::spawn(async move {
+            let mut s = connect_from("127.0.0.2", addr).await;
+            if i < 10 {
+                // Slowloris: a header that never ends.
+                s.write_all(b"GET /topics/x HTTP/1.1\r\nHost: hub\r\nX-Slow: ")
+                    .await
+                    .unwrap();
+                loop {
+                    if s.write_all(b"a").await.is_err() {
+                        return Vec::new();
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = s.readable() => return closed_by_peer(&mut s).await,
+                    }
+                }
+            } else {
+                // A body of 65,536 bytes sent one byte per 10 ms.
+                s.write_all(
+                    b"POST /topics/dribble HTTP/1.1\r\nHost: hub\r\nContent-Length: 65536\r\n\r\n",
+                )
+                .await
+                .unwrap();
+                loop {
+                    if s.write_all(b"x").await.is_err() {
+                        return Vec::new();
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                        _ = s.readable() => return closed_by_peer(&mut s).await,
+                    }
+                }
+            }
+        })
+    });
+    let attackers: Vec<_> = attackers.collect();
+    let mut peak = rss_before;
+    let mut done = Vec::new();
+    for attacker in attackers {
+        // Sample memory while the attack lasts.
+        let mut attacker = attacker;
+        loop {
+            tokio::select! {
+                answer = &mut attacker => { done.push(answer.unwrap()); break; }
+                () = tokio::time::sleep(Duration::from_millis(50)) => peak = peak.max(hub.rss_kib()),
+            }
+        }
+    }
+    honest.round_trip(&url, &mut sub, "during", 3).await;
+    let rise = peak.saturating_sub(rss_before);
+    assert!(
+        rise < 20 * 1024,
+        "resident memory rose by {rise} KiB during the attack"
+    );
+    let cut_bodies: Vec<String> = done
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .filter(|a| a.contains("body-timeout"))
+        .collect();
+    assert_eq!(
+        cut_bodies.len(),
+        20,
+        "every dribbled body is answered 408: {done:?}"
+    );
+    assert!(cut_bodies.iter().all(|a| a.starts_with("HTTP/1.1 408")));
+    // Nothing of the dribbled bodies was stored: the topic starts at 1.
+    let id = honest.publish(&hub.url("/topics/dribble"), "first").await;
+    assert!(id.starts_with("1."), "{id}");
+}
+
+#[tokio::test]
+async fn a_publisher_over_its_rate_gets_429_and_nothing_refused_is_stored() {
+    let server = Server::start_with(|c| {
+        c.publish_rate = 2;
+        c.publish_burst = 5;
+    })
+    .await;
+    let mut sub = server.subscribe("/topics/rated?last=100").await;
+    let mut ids = Vec::new();
+    for i in 1..=5 {
+        ids.push(server.publish_id("rated", &format!("e{i}")).await);
+    }
+    let refused = server
+        .client
+        .post(server.url("/topics/rated"))
+        .body("over")
+        .send()
+        .await
+        .unwrap();
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_problem(refused, 429, "publish-rate").await;
+    let batch = server
+        .client
+        .post(server.url("/events"))
+        .body(r#"[{"topic":"rated","data":"b1"},{"topic":"rated","data":"b2"}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(batch, 429, "publish-rate").await;
+    let too_big = server
+        .client
+        .post(server.url("/events"))
+        .body(
+            serde_json::to_string(&vec![serde_json::json!({"topic":"rated","data":"x"}); 6])
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_problem(too_big, 400, "batch-over-burst").await;
+    // Once the budget refills, numbering goes on densely at 6.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let sixth = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the budget never refills"
+        );
+        let response = server
+            .client
+            .post(server.url("/topics/rated"))
+            .body("e6")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 201 {
+            let answer: serde_json::Value = response.json().await.unwrap();
+            break answer["id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(response.status(), 429);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(common::seq_of(&sixth), 6);
+    ids.push(sixth);
+    let got: Vec<String> = sub.take(6).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(got, ids);
+}
+
+#[tokio::test]
+async fn streams_per_client_are_capped_and_released_when_a_stream_ends() {
+    let server = Server::start_with(|c| {
+        c.max_streams_per_ip = 3;
+        c.heartbeat = Duration::from_millis(200);
+    })
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(server.subscribe("/topics/capped").await);
+    }
+    let refused = server
+        .client
+        .get(server.url("/topics/capped"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_problem(refused, 429, "too-many-streams").await;
+    drop(open.pop());
+    // The count is released when the hub notices the stream is gone.
+    let fresh = common::client();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let reopened = loop {
+        let response = fresh
+            .get(server.url("/topics/capped"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            break response;
+        }
+        assert_eq!(response.status(), 429);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot is never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop(reopened);
+    let id = server.publish_id("capped", "still here").await;
+    for sub in &mut open {
+        assert_eq!(sub.next().await, Ev::new(&id, "message", "still here"));
+    }
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_limits_apply_per_forwarded_address_and_not_otherwise() {
+    let trusted = Server::start_with(|c| {
+        c.max_streams_per_ip = 2;
+        c.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let untrusted = Server::start_with(|c| c.max_streams_per_ip = 2).await;
+    for (server, forwarded_counts) in [(&trusted, true), (&untrusted, false)] {
+        let open = |xff: &'static str| {
+            server
+                .client
+                .get(server.url("/topics/proxied"))
+                .header("x-forwarded-for", xff)
+                .send()
+        };
+        let a1 = open("10.0.0.1").await.unwrap();
+        let a2 = open("10.0.0.1").await.unwrap();
+        assert_eq!((a1.status().as_u16(), a2.status().as_u16()), (200, 200));
+        let a3 = open("10.0.0.1").await.unwrap();
+        assert_eq!(a3.status(), 429, "a third stream of one client");
+        let b1 = open("10.0.0.2").await.unwrap();
+        let expected = if forwarded_counts { 200 } else { 429 };
+        assert_eq!(
+            b1.status(),
+            expected,
+            "another forwarded client (trusted proxy: {forwarded_counts})"
+        );
+    }
+    // `Forwarded` is read too, and the nearest untrusted hop wins.
+    let c1 = trusted
+        .client
+        .get(trusted.url("/topics/proxied"))
+        .header("forwarded", "for=10.0.0.3, for=10.0.0.9")
+        .header("x-forwarded-for", "10.0.0.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(c1.status(), 200);
+}
+
+#[tokio::test]
+async fn a_request_head_over_the_limit_gets_431() {
+    let server = Server::start_with(|c| c.max_header_bytes = 16 * 1024).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let big = "a".repeat(20 * 1024);
+    let request = format!("GET /topics/x HTTP/1.1\r\nHost: hub\r\nX-Big: {big}\r\n\r\n");
+    assert_eq!(status_of(&mut stream, &request).await, 431);
+    let mut small = TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nHost: hub\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(8 * 1024)
+    );
+    assert_eq!(status_of(&mut small, &request).await, 200);
+}
+
+#[tokio::test]
+async fn an_http2_connection_without_streams_is_closed_after_the_idle_timeout() {
+    let server = Server::start_with(|c| c.idle_timeout = Duration::from_millis(500)).await;
+    let connect = || async {
+        let io = hyper_util::rt::TokioIo::new(TcpStream::connect(server.addr).await.unwrap());
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap()
+    };
+    // One connection carries a stream; the other only answered a request.
+    let (mut busy, busy_conn) = connect().await;
+    let busy_conn = tokio::spawn(busy_conn);
+    let request = hyper::Request::get(server.url("/topics/idle"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = busy.send_request(request).await.unwrap();
+    let mut events = common::sse_events(response.into_body());
+    let (mut idle, idle_conn) = connect().await;
+    let idle_conn = tokio::spawn(idle_conn);
+    let request = hyper::Request::get(server.url("/healthz"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(idle.send_request(request).await.unwrap().status(), 200);
+    tokio::time::timeout(DEADLINE, idle_conn)
+        .await
+        .expect("the idle connection is closed in time")
+        .unwrap()
+        .unwrap();
+    // The busy one is kept: its stream still gets events.
+    let id = server.publish_id("idle", "kept").await;
+    let event = tokio::time::timeout(DEADLINE, futures_util::StreamExt::next(&mut events))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event, Ev::new(&id, "message", "kept"));
+    assert!(!busy_conn.is_finished());
+}

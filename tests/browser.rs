@@ -268,8 +268,6 @@ async fn a_browser_resumes_exactly_after_the_hub_restarts() {
 // The page
 // ---------------------------------------------------------------------------
 
-/// A script that opens one EventSource per topic on the page's origin and
-/// records, in globals, what each one receives.
 /// The demo page at `/`, driven through its own form: it shows events with
 /// their ids and types, points out events of a type it does not listen for
 /// (EventSource hides them) instead of skipping them silently, hears the type
@@ -346,6 +344,143 @@ async fn the_demo_page_shows_events_and_says_what_it_cannot_hear() {
     server.stop().await;
 }
 
+/// A page on a listed origin of the same site (the hub and the pages are all
+/// https://127.0.0.1, on different ports: different origins, one site)
+/// subscribes with the auth cookie, which its script cannot read, and
+/// receives exactly what is published; a page on an origin the hub does not
+/// list is refused with 403 although the browser sends it the same cookie,
+/// and hears nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_origin_subscribes_with_the_cookie_and_an_unlisted_one_is_refused() {
+    let certs = TestCerts::new();
+    let listed = page_server(&certs).await;
+    let unlisted = page_server(&certs).await;
+    let listed_origin = format!("https://{}", listed.addr);
+    let unlisted_origin = format!("https://{}", unlisted.addr);
+    let (cert, key) = (path_str(&certs.cert), path_str(&certs.key));
+    let args = [
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--allowed-origins",
+        listed_origin.as_str(),
+    ];
+    let hub = tokio::task::block_in_place(|| {
+        Process::start_with_env(&args, &[("CRIER_JWT_SECRET", SECRET)])
+    });
+    let hub_origin = hub.base.clone();
+    let publisher = https_client(&certs.ca_cert);
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&format!("{listed_origin}/")).await;
+    // HttpOnly: no script can read it; SameSite=Strict: sent only on
+    // requests from the same site, which both pages are.
+    page.call(
+        "Network.setCookie",
+        json!({
+            "name": "crier_token",
+            "value": token(&[], &["vault"]),
+            "url": format!("{hub_origin}/"),
+            "secure": true,
+            "httpOnly": true,
+            "sameSite": "Strict",
+        }),
+    )
+    .await;
+    let foreign = chromium.open(&format!("{unlisted_origin}/")).await;
+
+    let stream = format!("{hub_origin}/topics/vault");
+    page.evaluate::<bool>(&credentialed_subscribe_script(&stream))
+        .await;
+    foreign
+        .evaluate::<bool>(&credentialed_subscribe_script(&stream))
+        .await;
+    page.poll::<usize>(
+        "window.opened",
+        "the listed page's EventSource open",
+        |&n| n == 1,
+    )
+    .await;
+    foreign
+        .poll::<usize>(
+            "window.errors",
+            "the unlisted page's EventSource failed",
+            |&n| n >= 1,
+        )
+        .await;
+
+    let publish_token = token(&["vault"], &[]);
+    let mut expected = Vec::new();
+    for data in payloads("vault") {
+        let id = publish_with(
+            &publisher,
+            &hub_origin,
+            "vault",
+            &data,
+            Some(&publish_token),
+        )
+        .await;
+        expected.push((id, data));
+    }
+    let got: Vec<(String, String)> = page
+        .poll(
+            "window.got",
+            "every event on the listed page",
+            |got: &Vec<(String, String)>| got.len() >= expected.len(),
+        )
+        .await;
+    assert_eq!(
+        got, expected,
+        "the listed page got exactly what was published"
+    );
+    let got: Vec<(String, String)> = foreign.evaluate("JSON.stringify(window.got)").await;
+    assert_eq!(got, vec![], "no event reached the unlisted page");
+    let opened: usize = foreign.evaluate("JSON.stringify(window.opened)").await;
+    assert_eq!(opened, 0, "the unlisted page's EventSource never opened");
+    let cookie: String = page.evaluate("JSON.stringify(document.cookie)").await;
+    assert_eq!(
+        cookie, "",
+        "the page's script cannot read the HttpOnly cookie"
+    );
+
+    // What the browser sent and got: the cookie went with the listed page's
+    // request, and the answer let exactly that origin read with credentials.
+    let (request, response) = page.event_source_exchange(&stream).await;
+    assert!(
+        header(&request, "cookie").is_some_and(|c| c.contains("crier_token=")),
+        "the browser sent the auth cookie: {request:#}"
+    );
+    assert_eq!(
+        header(&request, "origin").as_deref(),
+        Some(listed_origin.as_str())
+    );
+    assert_eq!(response["status"], 200, "{response:#}");
+    assert_eq!(
+        header(&response["headers"], "access-control-allow-origin").as_deref(),
+        Some(listed_origin.as_str())
+    );
+    assert_eq!(
+        header(&response["headers"], "access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+    let (request, response) = foreign.event_source_exchange(&stream).await;
+    assert!(
+        header(&request, "cookie").is_some_and(|c| c.contains("crier_token=")),
+        "the browser sent the same cookie from the unlisted page: {request:#}"
+    );
+    assert_eq!(
+        response["statusCode"], 403,
+        "the hub refused the unlisted origin: {response:#}"
+    );
+
+    drop(chromium);
+    listed.stop().await;
+    unlisted.stop().await;
+    drop(hub);
+}
+
+/// A script that opens one EventSource per topic on the page's origin and
+/// records, in globals, what each one receives.
 fn subscribe_script(topics: &[String]) -> String {
     let topics = serde_json::to_string(topics).unwrap();
     format!(
@@ -359,6 +494,22 @@ fn subscribe_script(topics: &[String]) -> String {
     es.onmessage = (e) => {{ window.got[topic].push([e.lastEventId, e.data]); }};
     es.addEventListener("reset", (e) => {{ window.resets.push([topic, e.lastEventId, e.data]); }});
   }}
+  return JSON.stringify(true);
+}})()"#
+    )
+}
+
+/// A script that opens one EventSource with credentials on `url` (another
+/// origin) and records, in globals, what it receives.
+fn credentialed_subscribe_script(url: &str) -> String {
+    let url = serde_json::to_string(url).unwrap();
+    format!(
+        r#"(() => {{
+  window.got = []; window.opened = 0; window.errors = 0;
+  const es = new EventSource({url}, {{ withCredentials: true }});
+  es.onopen = () => {{ window.opened++; }};
+  es.onerror = () => {{ window.errors++; }};
+  es.onmessage = (e) => {{ window.got.push([e.lastEventId, e.data]); }};
   return JSON.stringify(true);
 }})()"#
     )
@@ -401,6 +552,46 @@ fn header(headers: &Value, name: &str) -> Option<String> {
 }
 
 // ---------------------------------------------------------------------------
+// Access control: tokens, and pages on other origins
+// ---------------------------------------------------------------------------
+
+/// The HMAC secret of the locked-down hubs (32 bytes or more).
+const SECRET: &str = "crier browser tests: a secret of at least 32 bytes";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A token signed with [`SECRET`] granting these topic patterns, valid
+/// until `exp` (seconds since the Unix epoch).
+fn token_until(publish: &[&str], subscribe: &[&str], exp: u64) -> String {
+    let claims = json!({
+        "exp": exp,
+        "crier": { "publish": publish, "subscribe": subscribe },
+    });
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).expect("an HMAC key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("sign a token")
+}
+
+/// A token valid for an hour.
+fn token(publish: &[&str], subscribe: &[&str]) -> String {
+    token_until(publish, subscribe, unix_now() + 3600)
+}
+
+/// An open crier over TLS whose `/` is a page on an origin of its own.
+async fn page_server(certs: &TestCerts) -> Server {
+    let (cert, key) = (certs.cert.clone(), certs.key.clone());
+    Server::start_with(move |config: &mut Config| {
+        config.tls_cert = Some(cert);
+        config.tls_key = Some(key);
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
 // Publishing over HTTPS
 // ---------------------------------------------------------------------------
 
@@ -420,8 +611,23 @@ fn https_client(ca: &Path) -> reqwest::Client {
 
 /// Publishes `data` and returns the event's id.
 async fn publish(client: &reqwest::Client, origin: &str, topic: &str, data: &str) -> String {
-    let response = client
-        .post(format!("{origin}/topics/{topic}"))
+    publish_with(client, origin, topic, data, None).await
+}
+
+/// Publishes `data`, with a bearer token if given, and returns the event's
+/// id.
+async fn publish_with(
+    client: &reqwest::Client,
+    origin: &str,
+    topic: &str,
+    data: &str,
+    token: Option<&str>,
+) -> String {
+    let mut request = client.post(format!("{origin}/topics/{topic}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
         .body(data.to_owned())
         .send()
         .await
@@ -724,6 +930,47 @@ impl Tab<'_> {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The request headers the browser sent (as on the wire) and the
+    /// response, for the first EventSource request to `url`: the response
+    /// as `Network.responseReceived` gives it when the stream opened, and
+    /// as `Network.responseReceivedExtraInfo` (`statusCode`, raw headers)
+    /// when the browser refused to hand it to the page.
+    async fn event_source_exchange(&self, url: &str) -> (Value, Value) {
+        let requests = self
+            .wait_events(
+                "Network.requestWillBeSent",
+                &format!("a request to {url}"),
+                |requests| requests.iter().any(|r| r["request"]["url"] == url),
+            )
+            .await;
+        let id = requests
+            .iter()
+            .find(|r| r["request"]["url"] == url)
+            .map(|r| r["requestId"].clone())
+            .unwrap();
+        let sent = self
+            .wait_events(
+                "Network.requestWillBeSentExtraInfo",
+                "the headers sent",
+                |sent| sent.iter().any(|s| s["requestId"] == id),
+            )
+            .await;
+        let headers = sent.into_iter().find(|s| s["requestId"] == id).unwrap()["headers"].clone();
+        let ok = self.events("Network.responseReceived");
+        if let Some(response) = ok.into_iter().find(|r| r["requestId"] == id) {
+            return (headers, response["response"].clone());
+        }
+        let raw = self
+            .wait_events("Network.responseReceivedExtraInfo", "the response", |raw| {
+                raw.iter().any(|r| r["requestId"] == id)
+            })
+            .await;
+        (
+            headers,
+            raw.into_iter().find(|r| r["requestId"] == id).unwrap(),
+        )
     }
 
     /// Waits until the page's EventSource on `topic` has at least `n`

@@ -479,6 +479,167 @@ async fn a_listed_origin_subscribes_with_the_cookie_and_an_unlisted_one_is_refus
     drop(hub);
 }
 
+/// crier.js on a locked hub, subscribed to two topics with single-use
+/// tickets that a page callback mints with a short-lived token: when the
+/// token expires the hub ends the stream with `reauth`, the page's next
+/// ticket is refused until the app hands it a fresh token, and then the hub
+/// is restarted. The page receives every event once, in order: each new
+/// stream (with a ticket of its own) resumes after the last id it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crier_js_rides_out_a_token_expiry_and_a_hub_restart_with_every_event_once() {
+    let redis = RedisServer::start();
+    let certs = TestCerts::new();
+    let (cert, key) = (path_str(&certs.cert), path_str(&certs.key));
+    let redis_url = redis.url();
+    let args = [
+        "--redis",
+        redis_url.as_str(),
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--jwt-secret",
+        SECRET,
+        "--jwt-leeway",
+        "0s",
+    ];
+    let mut hub = tokio::task::block_in_place(|| Process::start(&args));
+    let origin = hub.base.clone();
+    let addr = origin.trim_start_matches("https://").to_owned();
+    let publisher = https_client(&certs.ca_cert);
+    let publish_token = token(&["ride.*"], &[]);
+    let publish = async |origin: &str, n: usize, published: &mut Published| {
+        let topic = ["ride.a", "ride.b"][n % 2];
+        let data = format!("event {n} on {topic}");
+        let id = publish_with(&publisher, origin, topic, &data, Some(&publish_token)).await;
+        published.record(topic, &id, &data);
+    };
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("{origin}/")).await;
+
+    // A token that expires in a few seconds (the hub allows no leeway).
+    let short = token_until(&[], &["ride.*"], unix_now() + 3);
+    let mut published = Published::new(&["ride.a", "ride.b"]);
+    tab.evaluate::<bool>(&crier_js_script(&published.topics, &short))
+        .await;
+    tab.poll::<usize>("window.opened", "crier.js's stream open", |&n| n == 1)
+        .await;
+    for n in 1..=3 {
+        publish(&origin, n, &mut published).await;
+    }
+    let got = crier_js_got(&tab, published.len()).await;
+    published.assert_received(&got, "events 1..3");
+    let after_3 = got.last().unwrap().2.clone();
+
+    // The token expires: the hub ends the stream with `reauth`, and the
+    // page's next ticket is refused, its token having expired too...
+    tab.wait_events(
+        "Network.eventSourceMessageReceived",
+        "the stream ends with reauth",
+        |messages| messages.iter().any(|m| m["eventName"] == "reauth"),
+    )
+    .await;
+    tab.poll::<Vec<String>>(
+        "window.errors",
+        "a ticket refused for the expired token",
+        |errors| errors.iter().any(|e| e.contains("ticket refused: 401")),
+    )
+    .await;
+    // ...so what is published now reaches the page only once the app has
+    // handed it a fresh token.
+    for n in 4..=6 {
+        publish(&origin, n, &mut published).await;
+    }
+    let fresh = token_until(&[], &["ride.*"], unix_now() + 600);
+    tab.evaluate::<bool>(&format!(
+        "(() => {{ window.token = {}; return 'true'; }})()",
+        json!(fresh)
+    ))
+    .await;
+    let got = crier_js_got(&tab, published.len()).await;
+    published.assert_received(&got, "events 4..6, published while the page had no ticket");
+    let after_6 = got.last().unwrap().2.clone();
+
+    // A second node on the same Redis takes the publishes while the hub is
+    // down.
+    let other = tokio::task::block_in_place(|| Process::start(&args));
+    let other_origin = other.base.clone();
+    let failures = tab.events("Network.loadingFailed").len();
+    hub.terminate();
+    let status = tokio::task::block_in_place(|| hub.wait_exit(DEADLINE));
+    assert!(
+        status.success(),
+        "crier exits cleanly on SIGTERM: {status:?}"
+    );
+    drop(hub);
+    for n in 7..=9 {
+        publish(&other_origin, n, &mut published).await;
+    }
+    tab.wait_events(
+        "Network.loadingFailed",
+        "a ticket request refused while the hub is down",
+        |failed| {
+            failed[failures..]
+                .iter()
+                .any(|f| f["errorText"] == "net::ERR_CONNECTION_REFUSED")
+        },
+    )
+    .await;
+    let _hub = tokio::task::block_in_place(|| FixedPortCrier::start(&addr, &args));
+    let got = crier_js_got(&tab, published.len()).await;
+    published.assert_received(
+        &got,
+        "after the restart, the events published while the hub was down",
+    );
+    for n in 10..=12 {
+        publish(&origin, n, &mut published).await;
+    }
+    let got = crier_js_got(&tab, published.len()).await;
+    published.assert_received(&got, "events 1..12");
+    let resets: Vec<Value> = tab.evaluate("JSON.stringify(window.resets)").await;
+    assert_eq!(resets, Vec::<Value>::new(), "no reset");
+
+    // Every EventSource carried a ticket of its own. The streams that
+    // opened started from now, then after event 3 (the reauth), then after
+    // event 6 (the restart).
+    let requests = tab.events("Network.requestWillBeSent");
+    let tickets: Vec<String> = event_sources(&requests)
+        .iter()
+        .map(|r| {
+            let url = r["request"]["url"].as_str().unwrap_or_default();
+            query(url)
+                .remove("ticket")
+                .unwrap_or_else(|| panic!("no ticket in {url}"))
+        })
+        .collect();
+    let mut distinct = tickets.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        tickets.len(),
+        "no ticket was sent twice: {tickets:#?}"
+    );
+    let responses = tab.events("Network.responseReceived");
+    let mut resumed_after: Vec<Option<String>> = event_sources(&responses)
+        .iter()
+        .filter(|r| r["response"]["status"] == 200)
+        .map(|r| query(r["response"]["url"].as_str().unwrap_or_default()).remove("lastEventId"))
+        .collect();
+    resumed_after.dedup();
+    assert_eq!(
+        resumed_after,
+        [None, Some(after_3), Some(after_6)],
+        "each stream resumed after the last id the page had seen"
+    );
+    let got: usize = tab.evaluate("JSON.stringify(window.got.length)").await;
+    assert_eq!(got, 12, "nothing more arrived");
+
+    drop(chromium);
+    drop(other);
+    drop(redis);
+}
+
 /// A script that opens one EventSource per topic on the page's origin and
 /// records, in globals, what each one receives.
 fn subscribe_script(topics: &[String]) -> String {
@@ -513,6 +674,126 @@ fn credentialed_subscribe_script(url: &str) -> String {
   return JSON.stringify(true);
 }})()"#
     )
+}
+
+/// A script that subscribes with crier.js to `topics`, minting each ticket
+/// with `window.token` (which the test replaces), and records in globals
+/// what the subscription reports.
+fn crier_js_script(topics: &[String], token: &str) -> String {
+    let topics = serde_json::to_string(topics).unwrap();
+    let token = serde_json::to_string(token).unwrap();
+    format!(
+        r#"(() => {{
+  window.token = {token}; window.got = []; window.resets = []; window.errors = []; window.opened = 0;
+  import("/crier.js").then(({{ subscribe }}) => {{
+    window.subscription = subscribe({{
+      topics: {topics},
+      maxDelay: 1000,
+      ticket: async (topics) => {{
+        const res = await fetch("/tickets", {{
+          method: "POST",
+          headers: {{ Authorization: "Bearer " + window.token, "Content-Type": "application/json" }},
+          body: JSON.stringify({{ topics }}),
+        }});
+        if (res.status !== 201) throw new Error("ticket refused: " + res.status + " " + (await res.text()));
+        return (await res.json()).ticket;
+      }},
+      onOpen: () => {{ window.opened++; }},
+      onEvent: (e) => {{ window.got.push([e.topic, e.event, e.id, e.data]); }},
+      onReset: (info) => {{ window.resets.push(info); }},
+      onError: (error) => {{ window.errors.push(error.message); }},
+    }});
+  }}, (error) => {{ window.errors.push("import: " + error); }});
+  return JSON.stringify(true);
+}})()"#
+    )
+}
+
+/// Waits until the page's crier.js subscription has reported at least `n`
+/// events, and returns them all (topic, type, id, data).
+async fn crier_js_got(tab: &Tab<'_>, n: usize) -> Vec<(String, String, String, String)> {
+    tab.poll(
+        "window.got",
+        &format!("{n} events from crier.js"),
+        |got: &Vec<_>| got.len() >= n,
+    )
+    .await
+}
+
+/// What a page subscribed to several topics must receive: each topic's
+/// published events, once and in order. Across topics the order is free (a
+/// replay sends each topic's missed events in turn).
+struct Published {
+    /// The subscription's topics, sorted, as its ids list them.
+    topics: Vec<String>,
+    /// Per topic, each event's id (as the publish answered) and data.
+    events: BTreeMap<String, Vec<(String, String)>>,
+}
+
+impl Published {
+    fn new(topics: &[&str]) -> Published {
+        let mut topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        topics.sort();
+        Published {
+            events: topics.iter().map(|t| (t.clone(), Vec::new())).collect(),
+            topics,
+        }
+    }
+
+    fn record(&mut self, topic: &str, id: &str, data: &str) {
+        let events = self
+            .events
+            .get_mut(topic)
+            .expect("a topic of the subscription");
+        events.push((id.to_owned(), data.to_owned()));
+    }
+
+    fn len(&self) -> usize {
+        self.events.values().map(Vec::len).sum()
+    }
+
+    /// Asserts that `got` (topic, type, id, data) holds exactly the
+    /// published events, and that each id is `TOPIC/POS,POS,…`: the event's
+    /// topic, then where the stream stands in every topic (the position of
+    /// the last event it delivered there, `0` before the first).
+    fn assert_received(&self, got: &[(String, String, String, String)], what: &str) {
+        let mut received: BTreeMap<String, Vec<(String, String)>> = self
+            .topics
+            .iter()
+            .map(|t| (t.clone(), Vec::new()))
+            .collect();
+        let mut positions = vec!["0".to_owned(); self.topics.len()];
+        for (topic, event, id, data) in got {
+            assert_eq!(event, "message", "{what}: {got:#?}");
+            let i = self.topics.iter().position(|t| t == topic);
+            let i = i.unwrap_or_else(|| panic!("{what}: an event of `{topic}`: {got:#?}"));
+            let list = id
+                .strip_prefix(&format!("{topic}/"))
+                .unwrap_or_else(|| panic!("{what}: id `{id}` names its topic: {got:#?}"));
+            positions[i] = list.split(',').nth(i).unwrap_or_default().to_owned();
+            assert_eq!(
+                list,
+                positions.join(","),
+                "{what}: id `{id}` says where the stream stands: {got:#?}"
+            );
+            received
+                .get_mut(topic)
+                .unwrap()
+                .push((positions[i].clone(), data.clone()));
+        }
+        assert_eq!(
+            received, self.events,
+            "{what}: every event of every topic, once, in order"
+        );
+    }
+}
+
+/// The query parameters of `url`.
+fn query(url: &str) -> HashMap<String, String> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
 }
 
 fn received_all(got: &BTreeMap<String, Vec<(String, String)>>, n: usize) -> bool {

@@ -640,6 +640,120 @@ async fn crier_js_rides_out_a_token_expiry_and_a_hub_restart_with_every_event_on
     drop(redis);
 }
 
+/// The demo page on a locked hub: without a token, or with one that does not
+/// grant the topic, it says it was refused, with the status and the hub's
+/// explanation; with a token it publishes (Bearer) and subscribes (tickets
+/// minted with it), and the token never appears in a URL or in storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_on_a_locked_hub_says_why_it_is_refused_and_works_with_a_token() {
+    let server = Server::start_with(|config: &mut Config| {
+        config.jwt.jwt_secret = Some(SECRET.parse().unwrap());
+    })
+    .await;
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("http://{}/", server.addr)).await;
+    let act = |script: &str| format!("(() => {{ {script}; return \"true\"; }})()");
+    let text = |id: &str| format!("document.getElementById('{id}').textContent");
+    let set_token = |token: &str| {
+        act(&format!(
+            "document.getElementById('token').value = {}",
+            json!(token)
+        ))
+    };
+    let rows = "[...document.querySelectorAll('#log .row')].map(r => r.textContent)";
+    let connect = act("document.getElementById('sub').requestSubmit()");
+
+    // No token: the subscription and a publish are refused, and the page
+    // says so with the hub's reasons.
+    tab.evaluate::<bool>(&act("document.getElementById('topics').value = 'locked'; \
+         document.getElementById('pubTopic').value = 'locked'"))
+        .await;
+    tab.evaluate::<bool>(&connect).await;
+    let refused = tab
+        .poll::<String>(&text("subMsg"), "the refusal explained", |m| !m.is_empty())
+        .await;
+    assert!(
+        refused.contains("401 Unauthorized")
+            && refused.contains("this needs a token")
+            && refused.contains("Paste a token under"),
+        "{refused}"
+    );
+    let state: String = tab
+        .evaluate(&format!("JSON.stringify({})", text("state")))
+        .await;
+    assert_eq!(state, "closed", "the page stops trying");
+    tab.evaluate::<bool>(&act("document.getElementById('pub').requestSubmit()"))
+        .await;
+    let refused = tab
+        .poll::<String>(&text("pubMsg"), "the publish refused", |m| m.contains("✗"))
+        .await;
+    assert!(
+        refused.contains("401 Unauthorized") && refused.contains("this needs a token"),
+        "{refused}"
+    );
+
+    // A token that does not grant the topic: its ticket is refused.
+    tab.evaluate::<bool>(&set_token(&token(&[], &["elsewhere"])))
+        .await;
+    tab.evaluate::<bool>(&connect).await;
+    let refused = tab
+        .poll::<String>(&text("subMsg"), "the ticket refused", |m| m.contains("403"))
+        .await;
+    assert!(
+        refused.contains("403 Forbidden")
+            && refused.contains("does not grant subscribe on topic `locked`"),
+        "{refused}"
+    );
+
+    // A token that grants it: subscribed with a ticket, and the page's own
+    // publish arrives.
+    let secret_token = token(&["locked"], &["locked"]);
+    tab.evaluate::<bool>(&set_token(&secret_token)).await;
+    tab.evaluate::<bool>(&connect).await;
+    tab.poll::<String>(&text("state"), "the page's stream open", |s| s == "open")
+        .await;
+    tab.evaluate::<bool>(&act(
+        "document.getElementById('pubData').value = 'with a token'; \
+         document.getElementById('pub').requestSubmit()",
+    ))
+    .await;
+    let published = tab
+        .poll::<String>(&text("pubMsg"), "the publish accepted", |m| m.contains("✓"))
+        .await;
+    assert!(published.contains("id 1."), "{published}");
+    let shown = tab
+        .poll::<Vec<String>>(rows, "the page's own event shown", |rows| {
+            rows.iter().any(|r| r.contains("with a token"))
+        })
+        .await;
+    assert!(
+        shown
+            .iter()
+            .any(|r| r.contains("with a token") && r.contains("id 1.")),
+        "{shown:#?}"
+    );
+
+    // The token went only into headers.
+    let requests = tab.events("Network.requestWillBeSent");
+    let streams = event_sources(&requests);
+    assert!(!streams.is_empty());
+    for request in &requests {
+        let url = request["request"]["url"].as_str().unwrap_or_default();
+        assert!(!url.contains(&secret_token), "the token is in {url}");
+    }
+    let last = streams.last().unwrap()["request"]["url"].as_str().unwrap();
+    assert!(query(last).contains_key("ticket"), "{last}");
+    let stored: usize = tab
+        .evaluate("JSON.stringify(localStorage.length + sessionStorage.length)")
+        .await;
+    assert_eq!(stored, 0, "nothing in the page's storage");
+    let cookie: String = tab.evaluate("JSON.stringify(document.cookie)").await;
+    assert_eq!(cookie, "", "no cookie");
+
+    drop(chromium);
+    server.stop().await;
+}
+
 /// A script that opens one EventSource per topic on the page's origin and
 /// records, in globals, what each one receives.
 fn subscribe_script(topics: &[String]) -> String {

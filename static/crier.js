@@ -5,10 +5,10 @@
  *   import { subscribe } from "https://hub.example/crier.js";
  *   const sub = subscribe({
  *     topics: ["news", "sport"],              // one topic: /topics/news; several: /events
- *     ticket: async (topics) => {             // omit on an open hub or for public topics
- *       const r = await fetch("/app/crier-ticket", { method: "POST" }); // the app's backend
- *       return (await r.json()).ticket;       // (it POSTs {"topics": [...]} to the hub's /tickets)
- *     },
+ *     ticket: async (topics) => {             // a fresh single-use ticket for every stream
+ *       const r = await fetch("/app/crier-ticket", { method: "POST" }); // the app's backend,
+ *       return (await r.json()).ticket;       // which POSTs {"topics": [...]} to the hub's
+ *     },                                      // /tickets with its token
  *     events: ["update"],                     // named event types to hear besides "message"
  *     onEvent: ({ topic, id, event, data }) => {},
  *     onReset: (info, { topic, id }) => {},   // a position could not be honoured: reload state
@@ -23,18 +23,22 @@
  * id it saw) after a bounded, jittered backoff. A `reauth` event (the token
  * behind the ticket expired) reopens at once. The hub replays what was missed.
  *
+ * Without `ticket` (an open hub, public topics, or the auth cookie) or when it
+ * resolves to null, streams go without one.
+ *
  * Options besides those above (all optional):
  *   hub        the hub's base URL; default: where this module was loaded from
  *   lastEventId  start after this id; last: start with the last N events
  *              (used only until the first event arrives); default: from now
- *   credentials  send cookies to a hub on another origin (withCredentials)
+ *   withCredentials  send cookies to a hub on another origin
  *   onOpen()   each time a stream is open
  *   minDelay, maxDelay  the backoff's bounds in ms (250, 10000)
  * `error.refused` says the hub answered with an error status rather than the
  * network failing; `error.retryIn` is the wait (ms) before the next attempt.
  * The returned object: close(), listen(name) to hear another event type from
  * now on, and lastEventId (the last id seen).
- * A stream that never saw an event restarts "from now" after a drop.
+ * Until its first event, a stream restarts from where it was asked to start:
+ * by default "from now", so what is published while it is down is not replayed.
  */
 export function subscribe({
   hub = new URL(".", import.meta.url).href,
@@ -43,7 +47,7 @@ export function subscribe({
   events = [],
   lastEventId = "",
   last = null,
-  credentials = false,
+  withCredentials = false,
   onEvent = () => {},
   onReset = () => {},
   onError = () => {},
@@ -55,10 +59,10 @@ export function subscribe({
   if (!topics.length) throw new TypeError("crier subscribe: name at least one topic");
   const single = topics.length === 1 ? topics[0] : null;
   const names = new Set(["message", ...events.filter((n) => n !== "reset" && n !== "reauth")]);
+  const base = new URL(hub.endsWith("/") ? hub : hub + "/", location.href); // throws if malformed
   let source = null, timer = null, closed = false, failures = 0, lastId = lastEventId;
 
   function url(ticketString) {
-    const base = hub.endsWith("/") ? hub : hub + "/";
     const u = new URL(single !== null ? "topics/" + encodeURIComponent(single) : "events", base);
     if (single === null) for (const t of topics) u.searchParams.append("topic", t);
     if (lastId) u.searchParams.set("lastEventId", lastId);
@@ -100,7 +104,7 @@ export function subscribe({
       }
       if (closed) return;
     }
-    const es = new EventSource(url(ticketString), { withCredentials: credentials });
+    const es = new EventSource(url(ticketString), { withCredentials });
     source = es;
     es.onopen = () => { failures = 0; onOpen(); };
     es.onerror = () => {

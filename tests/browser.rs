@@ -1,6 +1,9 @@
 //! A real headless Chromium against crier over HTTPS: many EventSources on
 //! one HTTP/2 connection, the browser's own decompression of the event
-//! streams, and EventSource's own reconnection across a restart of the hub.
+//! streams, and EventSource's own reconnection across a restart of the hub;
+//! access control as a browser meets it (the auth cookie from a listed and
+//! an unlisted origin of one site, crier.js with tickets across token expiry
+//! and a restart, the demo page on a locked hub).
 //!
 //! Needs `/usr/bin/chromium` (Debian: `apt-get install -y chromium`) and, for
 //! the restart, `redis-server`.

@@ -752,6 +752,15 @@ async fn a_ticket_minted_on_one_node_is_redeemed_once_on_any_node() {
     // Tickets are kept under their digest, never as themselves.
     let keys = redis.cli(&["--scan", "--pattern", "*"]);
     assert!(!keys.contains(&ticket), "{keys}");
+
+    // Redeemed by many at once on both nodes: exactly one gets the stream.
+    let ticket = mint_ticket(&b, &reader, &["t"], 30).await;
+    let path = format!("/topics/t?ticket={ticket}");
+    let attempts = (0..8).map(|i| send(get(if i % 2 == 0 { &a } else { &b }, &path)));
+    let answers = futures_util::future::join_all(attempts).await;
+    let mut statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 401, 401, 401, 401, 401, 401, 401]);
 }
 
 // ---------------------------------------------------------------------------
@@ -783,11 +792,15 @@ async fn an_origin_off_the_list_is_refused_on_every_endpoint_before_any_work() {
             with(post_json(&server, "/tickets", &json!({"topics": ["t"]}))),
         ]
     };
+    let other_port = format!("http://127.0.0.1:{}", server.addr.port() ^ 1);
+    let other_name = format!("http://localhost:{}", server.addr.port());
     for origin in [
         FOREIGN,
         "null",
         "https://partner.example",
         "http://app.example.com",
+        &other_port,
+        &other_name,
     ] {
         for request in requests(Some(origin)) {
             // With a valid token or without: the origin decides first.
@@ -1090,9 +1103,35 @@ async fn a_ticket_stream_ends_with_reauth_when_its_minting_token_expires() {
     assert_reached(exp);
     assert_eq!(rest.len(), 1, "{rest:?}");
     assert_eq!(rest[0].event, "reauth");
+    let last_id = format!("a/{a},0");
     assert_eq!(
         sub.raw_text(),
-        format!("{PREAMBLE}id: a/{a},0\ndata: one\n\n{REAUTH}")
+        format!("{PREAMBLE}id: {last_id}\ndata: one\n\n{REAUTH}")
+    );
+    // The minting token can mint no more.
+    let refused =
+        post_json(&server, "/tickets", &json!({"topics": ["a", "b"]})).bearer_auth(&short);
+    assert_bad_token(send(refused).await, "token-expired").await;
+
+    // A page reopens with a ticket from a fresh token and the last id it
+    // saw (EventSource cannot send Last-Event-ID on a new URL).
+    let b1 = publish_as(&server, &writer, "b", "missed").await;
+    let a2 = publish_as(&server, &writer, "a", "missed too").await;
+    let fresh = signed(&claims(&[], &["a", "b"], now() + 3600));
+    let ticket = mint_ticket(&server, &fresh, &["a", "b"], 30).await;
+    let mut again = SseClient::open(get(
+        &server,
+        &format!("/events?topic=a&topic=b&ticket={ticket}&lastEventId={last_id}"),
+    ))
+    .await;
+    assert_eq!(again.status, 200);
+    // (A replay goes topic by topic.)
+    assert_eq!(
+        again.take(2).await,
+        [
+            Ev::new(&format!("a/{a2},0"), "message", "missed too"),
+            Ev::new(&format!("b/{a2},{b1}"), "message", "missed"),
+        ]
     );
 }
 
@@ -1130,6 +1169,43 @@ async fn a_stream_outlives_exp_by_the_leeway() {
         sub.raw_text()
             .ends_with(&format!("data: within the leeway\n\n{REAUTH}"))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_stream_ends_with_reauth_too() {
+    let server = Server::start_with(strict).await;
+    let writer = token(&["*"], &[]);
+    let exp = now() + 3;
+    let short = signed(&claims(&[], &["z"], exp));
+    let mut streams = Vec::new();
+    for coding in ["zstd", "br", "gzip"] {
+        let request = get(&server, "/topics/z")
+            .bearer_auth(&short)
+            .header("accept-encoding", coding);
+        let response = send(request).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "content-encoding").as_deref(),
+            Some(coding)
+        );
+        streams.push((coding, response));
+    }
+    let id = publish_as(&server, &writer, "z", "squeezed").await;
+    for (coding, response) in streams {
+        // The whole body, to its clean end.
+        let wire = tokio::time::timeout(DEADLINE, response.bytes())
+            .await
+            .expect("the stream ends in time")
+            .expect("the stream ends cleanly");
+        let mut decoder = crier::compress::Decompressor::new(coding.parse().unwrap()).unwrap();
+        let text = String::from_utf8(decoder.decompress(&wire).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            format!("{PREAMBLE}id: {id}\ndata: squeezed\n\n{REAUTH}"),
+            "{coding}"
+        );
+    }
+    assert_reached(exp);
 }
 
 // ---------------------------------------------------------------------------
@@ -1333,6 +1409,40 @@ async fn no_token_or_ticket_appears_in_the_log_or_in_an_error_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_origins_is_another_name_for_allowed_origins() {
+    let by_flag = ["--cors-origins", LISTED];
+    let env = [("CRIER_JWT_SECRET", SECRET)];
+    let by_former_env = [("CRIER_JWT_SECRET", SECRET), ("CRIER_CORS_ORIGINS", LISTED)];
+    let hubs = tokio::task::block_in_place(|| {
+        [
+            Process::start_with_env(&by_flag, &env),
+            Process::start_with_env(&[], &by_former_env),
+        ]
+    });
+    let client = common::client();
+    let reader = token(&[], &["*"]);
+    for hub in &hubs {
+        let request = |origin: &str| {
+            client
+                .get(format!("{}/topics/t", hub.base))
+                .bearer_auth(&reader)
+                .header("origin", origin)
+        };
+        assert_problem(send(request(FOREIGN)).await, 403, "origin-not-allowed").await;
+        let response = send(request(LISTED)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "access-control-allow-origin").as_deref(),
+            Some(LISTED)
+        );
+        assert_eq!(
+            header(&response, "access-control-allow-credentials").as_deref(),
+            Some("true")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crier_token_prints_a_jwt_the_hub_accepts_with_its_grants_and_subject() {
     let run = |args: &[&str], secret: Option<&str>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_crier"));
@@ -1403,6 +1513,40 @@ async fn crier_token_prints_a_jwt_the_hub_accepts_with_its_grants_and_subject() 
         assert!(exp.abs_diff(now() + ttl) <= 5, "exp {exp}, ttl {ttl}");
         tokens.push(token);
     }
+    // With --jwt-issuer and --jwt-audience the token names them, and a hub
+    // that checks them accepts it.
+    let for_issuer = run(
+        &[
+            "--subscribe",
+            "*",
+            "--jwt-issuer",
+            "https://issuer.example",
+            "--jwt-audience",
+            "crier",
+        ],
+        Some(SECRET),
+    );
+    assert!(for_issuer.status.success(), "{for_issuer:?}");
+    let for_issuer = String::from_utf8(for_issuer.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let claims = jsonwebtoken::decode::<Value>(&for_issuer, &key, &validation)
+        .unwrap()
+        .claims;
+    assert_eq!(
+        (&claims["iss"], &claims["aud"]),
+        (&json!("https://issuer.example"), &json!("crier"))
+    );
+    let checking = Server::start_with(|c| {
+        with_secret(c);
+        c.jwt.jwt_issuer = Some("https://issuer.example".into());
+        c.jwt.jwt_audience = Some("crier".into());
+    })
+    .await;
+    let response = send(get(&checking, "/topics/t").bearer_auth(&for_issuer)).await;
+    assert_eq!(response.status(), 200);
+    drop(response);
     // Without a secret there is nothing to sign with.
     let refused = run(&["--publish", "news"], None);
     assert!(!refused.status.success());

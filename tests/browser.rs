@@ -1,6 +1,9 @@
 //! A real headless Chromium against crier over HTTPS: many EventSources on
 //! one HTTP/2 connection, the browser's own decompression of the event
-//! streams, and EventSource's own reconnection across a restart of the hub.
+//! streams, and EventSource's own reconnection across a restart of the hub;
+//! access control as a browser meets it (the auth cookie from a listed and
+//! an unlisted origin of one site, crier.js with tickets across token expiry
+//! and a restart, the demo page on a locked hub).
 //!
 //! Needs `/usr/bin/chromium` (Debian: `apt-get install -y chromium`) and, for
 //! the restart, `redis-server`.
@@ -268,8 +271,6 @@ async fn a_browser_resumes_exactly_after_the_hub_restarts() {
 // The page
 // ---------------------------------------------------------------------------
 
-/// A script that opens one EventSource per topic on the page's origin and
-/// records, in globals, what each one receives.
 /// The demo page at `/`, driven through its own form: it shows events with
 /// their ids and types, points out events of a type it does not listen for
 /// (EventSource hides them) instead of skipping them silently, hears the type
@@ -346,6 +347,418 @@ async fn the_demo_page_shows_events_and_says_what_it_cannot_hear() {
     server.stop().await;
 }
 
+/// A page on a listed origin of the same site (the hub and the pages are all
+/// https://127.0.0.1, on different ports: different origins, one site)
+/// subscribes with the auth cookie, which its script cannot read, and
+/// receives exactly what is published; a page on an origin the hub does not
+/// list is refused with 403 although the browser sends it the same cookie,
+/// and hears nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_origin_subscribes_with_the_cookie_and_an_unlisted_one_is_refused() {
+    let certs = TestCerts::new();
+    let listed = page_server(&certs).await;
+    let unlisted = page_server(&certs).await;
+    let listed_origin = format!("https://{}", listed.addr);
+    let unlisted_origin = format!("https://{}", unlisted.addr);
+    let (cert, key) = (path_str(&certs.cert), path_str(&certs.key));
+    let args = [
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--allowed-origins",
+        listed_origin.as_str(),
+    ];
+    let hub = tokio::task::block_in_place(|| {
+        Process::start_with_env(&args, &[("CRIER_JWT_SECRET", SECRET)])
+    });
+    let hub_origin = hub.base.clone();
+    let publisher = https_client(&certs.ca_cert);
+    let chromium = Chromium::launch().await;
+    let page = chromium.open(&format!("{listed_origin}/")).await;
+    // HttpOnly: no script can read it; SameSite=Strict: sent only on
+    // requests from the same site, which both pages are.
+    page.call(
+        "Network.setCookie",
+        json!({
+            "name": "crier_token",
+            "value": token(&[], &["vault"]),
+            "url": format!("{hub_origin}/"),
+            "secure": true,
+            "httpOnly": true,
+            "sameSite": "Strict",
+        }),
+    )
+    .await;
+    let foreign = chromium.open(&format!("{unlisted_origin}/")).await;
+
+    let stream = format!("{hub_origin}/topics/vault");
+    page.evaluate::<bool>(&credentialed_subscribe_script(&stream))
+        .await;
+    foreign
+        .evaluate::<bool>(&credentialed_subscribe_script(&stream))
+        .await;
+    page.poll::<usize>(
+        "window.opened",
+        "the listed page's EventSource open",
+        |&n| n == 1,
+    )
+    .await;
+    foreign
+        .poll::<usize>(
+            "window.errors",
+            "the unlisted page's EventSource failed",
+            |&n| n >= 1,
+        )
+        .await;
+
+    let publish_token = token(&["vault"], &[]);
+    let mut expected = Vec::new();
+    for data in payloads("vault") {
+        let id = publish_with(
+            &publisher,
+            &hub_origin,
+            "vault",
+            &data,
+            Some(&publish_token),
+        )
+        .await;
+        expected.push((id, data));
+    }
+    let got: Vec<(String, String)> = page
+        .poll(
+            "window.got",
+            "every event on the listed page",
+            |got: &Vec<(String, String)>| got.len() >= expected.len(),
+        )
+        .await;
+    assert_eq!(
+        got, expected,
+        "the listed page got exactly what was published"
+    );
+    let got: Vec<(String, String)> = foreign.evaluate("JSON.stringify(window.got)").await;
+    assert_eq!(got, vec![], "no event reached the unlisted page");
+    let opened: usize = foreign.evaluate("JSON.stringify(window.opened)").await;
+    assert_eq!(opened, 0, "the unlisted page's EventSource never opened");
+    let cookie: String = page.evaluate("JSON.stringify(document.cookie)").await;
+    assert_eq!(
+        cookie, "",
+        "the page's script cannot read the HttpOnly cookie"
+    );
+
+    // What the browser sent and got: the cookie went with the listed page's
+    // request, and the answer let exactly that origin read with credentials.
+    let (request, response) = page.event_source_exchange(&stream).await;
+    assert!(
+        header(&request, "cookie").is_some_and(|c| c.contains("crier_token=")),
+        "the browser sent the auth cookie: {request:#}"
+    );
+    assert_eq!(
+        header(&request, "origin").as_deref(),
+        Some(listed_origin.as_str())
+    );
+    assert_eq!(response["status"], 200, "{response:#}");
+    assert_eq!(
+        header(&response["headers"], "access-control-allow-origin").as_deref(),
+        Some(listed_origin.as_str())
+    );
+    assert_eq!(
+        header(&response["headers"], "access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+    let (request, response) = foreign.event_source_exchange(&stream).await;
+    assert!(
+        header(&request, "cookie").is_some_and(|c| c.contains("crier_token=")),
+        "the browser sent the same cookie from the unlisted page: {request:#}"
+    );
+    assert_eq!(
+        response["statusCode"], 403,
+        "the hub refused the unlisted origin: {response:#}"
+    );
+
+    drop(chromium);
+    listed.stop().await;
+    unlisted.stop().await;
+    drop(hub);
+}
+
+/// crier.js on a locked hub, subscribed to two topics with single-use
+/// tickets that a page callback mints with a short-lived token: when the
+/// token expires the hub ends the stream with `reauth`, the page's next
+/// ticket is refused until the app hands it a fresh token, and then the hub
+/// is restarted. The page receives every event once, in order: each new
+/// stream (with a ticket of its own) resumes after the last id it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crier_js_rides_out_a_token_expiry_and_a_hub_restart_with_every_event_once() {
+    let redis = RedisServer::start();
+    let certs = TestCerts::new();
+    let (cert, key) = (path_str(&certs.cert), path_str(&certs.key));
+    let redis_url = redis.url();
+    let args = [
+        "--redis",
+        redis_url.as_str(),
+        "--tls-cert",
+        cert.as_str(),
+        "--tls-key",
+        key.as_str(),
+        "--jwt-secret",
+        SECRET,
+        "--jwt-leeway",
+        "0s",
+    ];
+    let mut hub = tokio::task::block_in_place(|| Process::start(&args));
+    let origin = hub.base.clone();
+    let addr = origin.trim_start_matches("https://").to_owned();
+    let publisher = https_client(&certs.ca_cert);
+    let publish_token = token(&["ride.*"], &[]);
+    let publish = async |origin: &str, n: usize, published: &mut Published| {
+        let topic = ["ride.a", "ride.b"][n % 2];
+        let data = format!("event {n} on {topic}");
+        let id = publish_with(&publisher, origin, topic, &data, Some(&publish_token)).await;
+        published.record(topic, &id, &data);
+    };
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("{origin}/")).await;
+
+    // A token that expires in a few seconds (the hub allows no leeway).
+    let short = token_until(&[], &["ride.*"], unix_now() + 3);
+    let mut published = Published::new(&["ride.a", "ride.b"]);
+    tab.evaluate::<bool>(&crier_js_script(&published.topics, &short))
+        .await;
+    tab.poll::<usize>("window.opened", "crier.js's stream open", |&n| n == 1)
+        .await;
+    for n in 1..=3 {
+        publish(&origin, n, &mut published).await;
+    }
+    let got = crier_js_got(&tab, published.len()).await;
+    published.assert_received(&got, "events 1..3");
+    let after_3 = got.last().unwrap().2.clone();
+
+    // The token expires: the hub ends the stream with `reauth`, and the
+    // page's next ticket is refused, its token having expired too...
+    tab.wait_events(
+        "Network.eventSourceMessageReceived",
+        "the stream ends with reauth",
+        |messages| messages.iter().any(|m| m["eventName"] == "reauth"),
+    )
+    .await;
+    tab.poll::<Vec<String>>(
+        "window.errors",
+        "a ticket refused for the expired token",
+        |errors| errors.iter().any(|e| e.contains("ticket refused: 401")),
+    )
+    .await;
+    // ...so what is published now reaches the page only once the app has
+    // handed it a fresh token.
+    for n in 4..=6 {
+        publish(&origin, n, &mut published).await;
+    }
+    let fresh = token_until(&[], &["ride.*"], unix_now() + 600);
+    tab.evaluate::<bool>(&format!(
+        "(() => {{ window.token = {}; return 'true'; }})()",
+        json!(fresh)
+    ))
+    .await;
+    let got = crier_js_got(&tab, published.len()).await;
+    published.assert_received(&got, "events 4..6, published while the page had no ticket");
+    let after_6 = got.last().unwrap().2.clone();
+
+    // A second node on the same Redis takes the publishes while the hub is
+    // down.
+    let other = tokio::task::block_in_place(|| Process::start(&args));
+    let other_origin = other.base.clone();
+    let failures = tab.events("Network.loadingFailed").len();
+    hub.terminate();
+    let status = tokio::task::block_in_place(|| hub.wait_exit(DEADLINE));
+    assert!(
+        status.success(),
+        "crier exits cleanly on SIGTERM: {status:?}"
+    );
+    drop(hub);
+    for n in 7..=9 {
+        publish(&other_origin, n, &mut published).await;
+    }
+    tab.wait_events(
+        "Network.loadingFailed",
+        "a ticket request refused while the hub is down",
+        |failed| {
+            failed[failures..]
+                .iter()
+                .any(|f| f["errorText"] == "net::ERR_CONNECTION_REFUSED")
+        },
+    )
+    .await;
+    let _hub = tokio::task::block_in_place(|| FixedPortCrier::start(&addr, &args));
+    let got = crier_js_got(&tab, published.len()).await;
+    published.assert_received(
+        &got,
+        "after the restart, the events published while the hub was down",
+    );
+    for n in 10..=12 {
+        publish(&origin, n, &mut published).await;
+    }
+    let got = crier_js_got(&tab, published.len()).await;
+    published.assert_received(&got, "events 1..12");
+    let resets: Vec<Value> = tab.evaluate("JSON.stringify(window.resets)").await;
+    assert_eq!(resets, Vec::<Value>::new(), "no reset");
+
+    // Every EventSource carried a ticket of its own. The streams that
+    // opened started from now, then after event 3 (the reauth), then after
+    // event 6 (the restart).
+    let requests = tab.events("Network.requestWillBeSent");
+    let tickets: Vec<String> = event_sources(&requests)
+        .iter()
+        .map(|r| {
+            let url = r["request"]["url"].as_str().unwrap_or_default();
+            query(url)
+                .remove("ticket")
+                .unwrap_or_else(|| panic!("no ticket in {url}"))
+        })
+        .collect();
+    let mut distinct = tickets.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        tickets.len(),
+        "no ticket was sent twice: {tickets:#?}"
+    );
+    let responses = tab.events("Network.responseReceived");
+    let mut resumed_after: Vec<Option<String>> = event_sources(&responses)
+        .iter()
+        .filter(|r| r["response"]["status"] == 200)
+        .map(|r| query(r["response"]["url"].as_str().unwrap_or_default()).remove("lastEventId"))
+        .collect();
+    resumed_after.dedup();
+    assert_eq!(
+        resumed_after,
+        [None, Some(after_3), Some(after_6)],
+        "each stream resumed after the last id the page had seen"
+    );
+    let got: usize = tab.evaluate("JSON.stringify(window.got.length)").await;
+    assert_eq!(got, 12, "nothing more arrived");
+
+    drop(chromium);
+    drop(other);
+    drop(redis);
+}
+
+/// The demo page on a locked hub: without a token, or with one that does not
+/// grant the topic, it says it was refused, with the status and the hub's
+/// explanation; with a token it publishes (Bearer) and subscribes (tickets
+/// minted with it), and the token never appears in a URL or in storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_on_a_locked_hub_says_why_it_is_refused_and_works_with_a_token() {
+    let server = Server::start_with(|config: &mut Config| {
+        config.jwt.jwt_secret = Some(SECRET.parse().unwrap());
+    })
+    .await;
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("http://{}/", server.addr)).await;
+    let act = |script: &str| format!("(() => {{ {script}; return \"true\"; }})()");
+    let text = |id: &str| format!("document.getElementById('{id}').textContent");
+    let set_token = |token: &str| {
+        act(&format!(
+            "document.getElementById('token').value = {}",
+            json!(token)
+        ))
+    };
+    let rows = "[...document.querySelectorAll('#log .row')].map(r => r.textContent)";
+    let connect = act("document.getElementById('sub').requestSubmit()");
+
+    // No token: the subscription and a publish are refused, and the page
+    // says so with the hub's reasons.
+    tab.evaluate::<bool>(&act("document.getElementById('topics').value = 'locked'; \
+         document.getElementById('pubTopic').value = 'locked'"))
+        .await;
+    tab.evaluate::<bool>(&connect).await;
+    let refused = tab
+        .poll::<String>(&text("subMsg"), "the refusal explained", |m| !m.is_empty())
+        .await;
+    assert!(
+        refused.contains("401 Unauthorized")
+            && refused.contains("this needs a token")
+            && refused.contains("Paste a token under"),
+        "{refused}"
+    );
+    let state: String = tab
+        .evaluate(&format!("JSON.stringify({})", text("state")))
+        .await;
+    assert_eq!(state, "closed", "the page stops trying");
+    tab.evaluate::<bool>(&act("document.getElementById('pub').requestSubmit()"))
+        .await;
+    let refused = tab
+        .poll::<String>(&text("pubMsg"), "the publish refused", |m| m.contains("✗"))
+        .await;
+    assert!(
+        refused.contains("401 Unauthorized") && refused.contains("this needs a token"),
+        "{refused}"
+    );
+
+    // A token that does not grant the topic: its ticket is refused.
+    tab.evaluate::<bool>(&set_token(&token(&[], &["elsewhere"])))
+        .await;
+    tab.evaluate::<bool>(&connect).await;
+    let refused = tab
+        .poll::<String>(&text("subMsg"), "the ticket refused", |m| m.contains("403"))
+        .await;
+    assert!(
+        refused.contains("403 Forbidden")
+            && refused.contains("does not grant subscribe on topic `locked`"),
+        "{refused}"
+    );
+
+    // A token that grants it: subscribed with a ticket, and the page's own
+    // publish arrives.
+    let secret_token = token(&["locked"], &["locked"]);
+    tab.evaluate::<bool>(&set_token(&secret_token)).await;
+    tab.evaluate::<bool>(&connect).await;
+    tab.poll::<String>(&text("state"), "the page's stream open", |s| s == "open")
+        .await;
+    tab.evaluate::<bool>(&act(
+        "document.getElementById('pubData').value = 'with a token'; \
+         document.getElementById('pub').requestSubmit()",
+    ))
+    .await;
+    let published = tab
+        .poll::<String>(&text("pubMsg"), "the publish accepted", |m| m.contains("✓"))
+        .await;
+    assert!(published.contains("id 1."), "{published}");
+    let shown = tab
+        .poll::<Vec<String>>(rows, "the page's own event shown", |rows| {
+            rows.iter().any(|r| r.contains("with a token"))
+        })
+        .await;
+    assert!(
+        shown
+            .iter()
+            .any(|r| r.contains("with a token") && r.contains("id 1.")),
+        "{shown:#?}"
+    );
+
+    // The token went only into headers.
+    let requests = tab.events("Network.requestWillBeSent");
+    let streams = event_sources(&requests);
+    assert!(!streams.is_empty());
+    for request in &requests {
+        let url = request["request"]["url"].as_str().unwrap_or_default();
+        assert!(!url.contains(&secret_token), "the token is in {url}");
+    }
+    let last = streams.last().unwrap()["request"]["url"].as_str().unwrap();
+    assert!(query(last).contains_key("ticket"), "{last}");
+    let stored: usize = tab
+        .evaluate("JSON.stringify(localStorage.length + sessionStorage.length)")
+        .await;
+    assert_eq!(stored, 0, "nothing in the page's storage");
+    let cookie: String = tab.evaluate("JSON.stringify(document.cookie)").await;
+    assert_eq!(cookie, "", "no cookie");
+
+    drop(chromium);
+    server.stop().await;
+}
+
+/// A script that opens one EventSource per topic on the page's origin and
+/// records, in globals, what each one receives.
 fn subscribe_script(topics: &[String]) -> String {
     let topics = serde_json::to_string(topics).unwrap();
     format!(
@@ -362,6 +775,142 @@ fn subscribe_script(topics: &[String]) -> String {
   return JSON.stringify(true);
 }})()"#
     )
+}
+
+/// A script that opens one EventSource with credentials on `url` (another
+/// origin) and records, in globals, what it receives.
+fn credentialed_subscribe_script(url: &str) -> String {
+    let url = serde_json::to_string(url).unwrap();
+    format!(
+        r#"(() => {{
+  window.got = []; window.opened = 0; window.errors = 0;
+  const es = new EventSource({url}, {{ withCredentials: true }});
+  es.onopen = () => {{ window.opened++; }};
+  es.onerror = () => {{ window.errors++; }};
+  es.onmessage = (e) => {{ window.got.push([e.lastEventId, e.data]); }};
+  return JSON.stringify(true);
+}})()"#
+    )
+}
+
+/// A script that subscribes with crier.js to `topics`, minting each ticket
+/// with `window.token` (which the test replaces), and records in globals
+/// what the subscription reports.
+fn crier_js_script(topics: &[String], token: &str) -> String {
+    let topics = serde_json::to_string(topics).unwrap();
+    let token = serde_json::to_string(token).unwrap();
+    format!(
+        r#"(() => {{
+  window.token = {token}; window.got = []; window.resets = []; window.errors = []; window.opened = 0;
+  import("/crier.js").then(({{ subscribe }}) => {{
+    window.subscription = subscribe({{
+      topics: {topics},
+      maxDelay: 1000,
+      ticket: async (topics) => {{
+        const res = await fetch("/tickets", {{
+          method: "POST",
+          headers: {{ Authorization: "Bearer " + window.token, "Content-Type": "application/json" }},
+          body: JSON.stringify({{ topics }}),
+        }});
+        if (res.status !== 201) throw new Error("ticket refused: " + res.status + " " + (await res.text()));
+        return (await res.json()).ticket;
+      }},
+      onOpen: () => {{ window.opened++; }},
+      onEvent: (e) => {{ window.got.push([e.topic, e.event, e.id, e.data]); }},
+      onReset: (info) => {{ window.resets.push(info); }},
+      onError: (error) => {{ window.errors.push(error.message); }},
+    }});
+  }}, (error) => {{ window.errors.push("import: " + error); }});
+  return JSON.stringify(true);
+}})()"#
+    )
+}
+
+/// Waits until the page's crier.js subscription has reported at least `n`
+/// events, and returns them all (topic, type, id, data).
+async fn crier_js_got(tab: &Tab<'_>, n: usize) -> Vec<(String, String, String, String)> {
+    tab.poll(
+        "window.got",
+        &format!("{n} events from crier.js"),
+        |got: &Vec<_>| got.len() >= n,
+    )
+    .await
+}
+
+/// What a page subscribed to several topics must receive: each topic's
+/// published events, once and in order. Across topics the order is free (a
+/// replay sends each topic's missed events in turn).
+struct Published {
+    /// The subscription's topics, sorted, as its ids list them.
+    topics: Vec<String>,
+    /// Per topic, each event's id (as the publish answered) and data.
+    events: BTreeMap<String, Vec<(String, String)>>,
+}
+
+impl Published {
+    fn new(topics: &[&str]) -> Published {
+        let mut topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        topics.sort();
+        Published {
+            events: topics.iter().map(|t| (t.clone(), Vec::new())).collect(),
+            topics,
+        }
+    }
+
+    fn record(&mut self, topic: &str, id: &str, data: &str) {
+        let events = self
+            .events
+            .get_mut(topic)
+            .expect("a topic of the subscription");
+        events.push((id.to_owned(), data.to_owned()));
+    }
+
+    fn len(&self) -> usize {
+        self.events.values().map(Vec::len).sum()
+    }
+
+    /// Asserts that `got` (topic, type, id, data) holds exactly the
+    /// published events, and that each id is `TOPIC/POS,POS,…`: the event's
+    /// topic, then where the stream stands in every topic (the position of
+    /// the last event it delivered there, `0` before the first).
+    fn assert_received(&self, got: &[(String, String, String, String)], what: &str) {
+        let mut received: BTreeMap<String, Vec<(String, String)>> = self
+            .topics
+            .iter()
+            .map(|t| (t.clone(), Vec::new()))
+            .collect();
+        let mut positions = vec!["0".to_owned(); self.topics.len()];
+        for (topic, event, id, data) in got {
+            assert_eq!(event, "message", "{what}: {got:#?}");
+            let i = self.topics.iter().position(|t| t == topic);
+            let i = i.unwrap_or_else(|| panic!("{what}: an event of `{topic}`: {got:#?}"));
+            let list = id
+                .strip_prefix(&format!("{topic}/"))
+                .unwrap_or_else(|| panic!("{what}: id `{id}` names its topic: {got:#?}"));
+            positions[i] = list.split(',').nth(i).unwrap_or_default().to_owned();
+            assert_eq!(
+                list,
+                positions.join(","),
+                "{what}: id `{id}` says where the stream stands: {got:#?}"
+            );
+            received
+                .get_mut(topic)
+                .unwrap()
+                .push((positions[i].clone(), data.clone()));
+        }
+        assert_eq!(
+            received, self.events,
+            "{what}: every event of every topic, once, in order"
+        );
+    }
+}
+
+/// The query parameters of `url`.
+fn query(url: &str) -> HashMap<String, String> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
 }
 
 fn received_all(got: &BTreeMap<String, Vec<(String, String)>>, n: usize) -> bool {
@@ -401,6 +950,46 @@ fn header(headers: &Value, name: &str) -> Option<String> {
 }
 
 // ---------------------------------------------------------------------------
+// Access control: tokens, and pages on other origins
+// ---------------------------------------------------------------------------
+
+/// The HMAC secret of the locked-down hubs (32 bytes or more).
+const SECRET: &str = "crier browser tests: a secret of at least 32 bytes";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A token signed with [`SECRET`] granting these topic patterns, valid
+/// until `exp` (seconds since the Unix epoch).
+fn token_until(publish: &[&str], subscribe: &[&str], exp: u64) -> String {
+    let claims = json!({
+        "exp": exp,
+        "crier": { "publish": publish, "subscribe": subscribe },
+    });
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).expect("an HMAC key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("sign a token")
+}
+
+/// A token valid for an hour.
+fn token(publish: &[&str], subscribe: &[&str]) -> String {
+    token_until(publish, subscribe, unix_now() + 3600)
+}
+
+/// An open crier over TLS whose `/` is a page on an origin of its own.
+async fn page_server(certs: &TestCerts) -> Server {
+    let (cert, key) = (certs.cert.clone(), certs.key.clone());
+    Server::start_with(move |config: &mut Config| {
+        config.tls_cert = Some(cert);
+        config.tls_key = Some(key);
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
 // Publishing over HTTPS
 // ---------------------------------------------------------------------------
 
@@ -420,8 +1009,23 @@ fn https_client(ca: &Path) -> reqwest::Client {
 
 /// Publishes `data` and returns the event's id.
 async fn publish(client: &reqwest::Client, origin: &str, topic: &str, data: &str) -> String {
-    let response = client
-        .post(format!("{origin}/topics/{topic}"))
+    publish_with(client, origin, topic, data, None).await
+}
+
+/// Publishes `data`, with a bearer token if given, and returns the event's
+/// id.
+async fn publish_with(
+    client: &reqwest::Client,
+    origin: &str,
+    topic: &str,
+    data: &str,
+    token: Option<&str>,
+) -> String {
+    let mut request = client.post(format!("{origin}/topics/{topic}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
         .body(data.to_owned())
         .send()
         .await
@@ -724,6 +1328,47 @@ impl Tab<'_> {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The request headers the browser sent (as on the wire) and the
+    /// response, for the first EventSource request to `url`: the response
+    /// as `Network.responseReceived` gives it when the stream opened, and
+    /// as `Network.responseReceivedExtraInfo` (`statusCode`, raw headers)
+    /// when the browser refused to hand it to the page.
+    async fn event_source_exchange(&self, url: &str) -> (Value, Value) {
+        let requests = self
+            .wait_events(
+                "Network.requestWillBeSent",
+                &format!("a request to {url}"),
+                |requests| requests.iter().any(|r| r["request"]["url"] == url),
+            )
+            .await;
+        let id = requests
+            .iter()
+            .find(|r| r["request"]["url"] == url)
+            .map(|r| r["requestId"].clone())
+            .unwrap();
+        let sent = self
+            .wait_events(
+                "Network.requestWillBeSentExtraInfo",
+                "the headers sent",
+                |sent| sent.iter().any(|s| s["requestId"] == id),
+            )
+            .await;
+        let headers = sent.into_iter().find(|s| s["requestId"] == id).unwrap()["headers"].clone();
+        let ok = self.events("Network.responseReceived");
+        if let Some(response) = ok.into_iter().find(|r| r["requestId"] == id) {
+            return (headers, response["response"].clone());
+        }
+        let raw = self
+            .wait_events("Network.responseReceivedExtraInfo", "the response", |raw| {
+                raw.iter().any(|r| r["requestId"] == id)
+            })
+            .await;
+        (
+            headers,
+            raw.into_iter().find(|r| r["requestId"] == id).unwrap(),
+        )
     }
 
     /// Waits until the page's EventSource on `topic` has at least `n`

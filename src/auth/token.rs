@@ -292,6 +292,14 @@ impl Verifier {
                 serde_json::from_value(value.clone()).map_err(|_| TokenError::BadClaims)?
             }
         };
+        // jsonwebtoken still accepts a token during the second its `exp`
+        // (plus leeway) names; tickets and streams count it as expired from
+        // that second on (RFC 7519: valid only *before* `exp`). Refuse it
+        // here too, or a ticket minted then is dead on arrival.
+        let expires_at = exp.saturating_add(self.leeway.as_secs());
+        if expires_at <= super::now_unix() {
+            return Err(TokenError::Expired);
+        }
         let subject = claims
             .get("sub")
             .and_then(|v| v.as_str())
@@ -299,7 +307,7 @@ impl Verifier {
         Ok(Verified {
             grants,
             subject,
-            expires_at: exp.saturating_add(self.leeway.as_secs()),
+            expires_at,
         })
     }
 
@@ -418,4 +426,43 @@ pub fn mint(
         .map_err(|e| KeyError(format!("bad JWT secret: {e}")))?;
     jsonwebtoken::encode(&Header::new(algorithm), &claims, &key)
         .map_err(|e| KeyError(format!("cannot sign: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "a test secret of at least thirty-two bytes";
+
+    fn verifier() -> Verifier {
+        let settings = JwtSettings {
+            jwt_secret: Some(SECRET.parse().unwrap()),
+            jwt_secret_file: None,
+            jwt_public_key: None,
+            jwks_file: None,
+            jwt_algorithm: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::ZERO,
+        };
+        Verifier::from_settings(&settings).unwrap().unwrap()
+    }
+
+    fn signed(exp: u64) -> String {
+        let key = EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::default(), &serde_json::json!({ "exp": exp }), &key).unwrap()
+    }
+
+    #[test]
+    fn a_token_is_expired_from_the_second_its_exp_names() {
+        let now = super::super::now_unix();
+        assert_eq!(
+            verifier().verify(&signed(now)).unwrap_err(),
+            TokenError::Expired
+        );
+        assert_eq!(
+            verifier().verify(&signed(now + 60)).unwrap().expires_at,
+            now + 60
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! HTTP client, and a real (third-party) SSE parser.
 #![allow(dead_code)]
 
+pub mod auth;
 pub mod process;
 pub mod redis;
 pub mod tls;
@@ -166,10 +167,17 @@ impl SseClient {
         url: &str,
         last_event_id: Option<&str>,
     ) -> SseClient {
-        let mut request = client.get(url).header("accept", "text/event-stream");
+        let mut request = client.get(url);
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
         }
+        SseClient::open(request).await
+    }
+
+    /// Subscribes with `request` (a GET with whatever headers the test
+    /// needs: credentials, `Origin`, `Last-Event-ID`).
+    pub async fn open(request: reqwest::RequestBuilder) -> SseClient {
+        let request = request.header("accept", "text/event-stream");
         let response = tokio::time::timeout(DEADLINE, request.send())
             .await
             .expect("subscribe answers in time")

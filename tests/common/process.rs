@@ -3,12 +3,17 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The `crier` binary, started on an ephemeral port.
 pub struct Process {
     child: Child,
     pub base: String,
+    /// Every line the process wrote to stderr (its log) so far.
+    log: Arc<Mutex<Vec<String>>>,
+    /// The thread that reads the log; it ends when the process does.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -20,8 +25,9 @@ impl Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_crier"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
-            .envs(env.iter().copied())
+            // A test may ask for another level in `env`.
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -29,11 +35,13 @@ impl Process {
         // The first log line names the bound address.
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
+        let log = Arc::new(Mutex::new(Vec::new()));
         let base = loop {
             let line = lines
                 .next()
                 .expect("crier logs its address before anything else")
                 .unwrap();
+            log.lock().unwrap().push(line.clone());
             if let Some(addr) = line.split("crier listening on ").nth(1) {
                 // The address, then what the hub says about access control.
                 break addr
@@ -43,9 +51,38 @@ impl Process {
                     .to_owned();
             }
         };
-        // Keep draining the log so the process never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Process { child, base }
+        // Keep draining the log so the process never blocks on a full pipe,
+        // and keep it for tests that read it.
+        let kept = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        Process {
+            child,
+            base,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// The log lines written so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The whole log of a process that has exited (see
+    /// [`Process::wait_exit`]): every line, read to the end of the pipe.
+    pub fn full_log(&mut self) -> Vec<String> {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "the whole log exists only once the process has exited"
+        );
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the log reader");
+        }
+        self.log()
     }
 
     pub fn terminate(&self) {

@@ -197,6 +197,12 @@ pub struct Config {
     #[arg(long, env = "CRIER_BODY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub body_timeout: Duration,
 
+    /// A connection whose client accepts none of what is sent to it for this
+    /// long is closed (a subscriber that stopped reading), so it holds
+    /// memory for a bounded time; it resumes exactly when it reconnects.
+    #[arg(long, env = "CRIER_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
     /// An HTTP/2 connection with no open stream for this long is closed.
     #[arg(long, env = "CRIER_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,

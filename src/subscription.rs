@@ -343,6 +343,11 @@ impl Subscription {
             self.positions[i].epoch = Some(epoch);
             let page_len = history.events.len();
             for event in &history.events {
+                // One write stays within the chunk cap however large the
+                // events: the rest of the page is read again next turn.
+                if chunk.len() >= MAX_CHUNK_BYTES {
+                    return Ok(false);
+                }
                 self.emit(i, event, chunk);
             }
             return Ok(page_len < REPLAY_PAGE || self.positions[i].seq >= history.head);

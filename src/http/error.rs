@@ -18,6 +18,10 @@ pub enum ApiError {
     InvalidEventName(#[from] InvalidEventName),
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error(
+        "the event is larger than the limit of {limit} bytes once encoded: each line break adds a `data: ` line of 7 bytes"
+    )]
+    EncodedTooLarge { limit: usize },
     #[error("the event data is not valid UTF-8 text")]
     NotUtf8,
     #[error("could not read the request body: {0}")]
@@ -56,7 +60,9 @@ pub enum ApiError {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::EncodedTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -77,7 +83,9 @@ impl ApiError {
         match self {
             ApiError::InvalidTopic { .. } => "invalid-topic",
             ApiError::InvalidEventName(_) => "invalid-event-name",
-            ApiError::PayloadTooLarge { .. } => "payload-too-large",
+            ApiError::PayloadTooLarge { .. } | ApiError::EncodedTooLarge { .. } => {
+                "payload-too-large"
+            }
             ApiError::NotUtf8 => "not-utf8",
             ApiError::UnreadableBody(_) => "unreadable-body",
             ApiError::InvalidPosition { .. } => "invalid-last-event-id",

@@ -1,0 +1,271 @@
+//! Memory is bounded by configuration, not by what clients ask for: stalled
+//! readers are cut off, writes stay within their cap, payloads count by what
+//! they encode to, and a flood of refusals cannot fill the log.
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::Process;
+use common::{DEADLINE, Ev, Server, assert_problem, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+fn addr_of(base: &str) -> std::net::SocketAddr {
+    base.trim_start_matches("http://").parse().unwrap()
+}
+
+/// Opens a subscription on a raw socket and reads its response head.
+async fn raw_subscribe(
+    addr: std::net::SocketAddr,
+    path: &str,
+    receive_buffer: Option<u32>,
+) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(size) = receive_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: hub\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut byte))
+            .await
+            .expect("the head in time")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_is_cut_off_after_the_write_timeout() {
+    let hub = Process::start(&["--write-timeout", "1s", "--heartbeat", "60s"]);
+    let client = common::client();
+    let mut honest =
+        common::SseClient::connect(&client, &format!("{}/topics/stall", hub.base), None).await;
+    let publisher = common::client();
+    let publish = |data: String| {
+        let publisher = publisher.clone();
+        let url = format!("{}/topics/stall", hub.base);
+        async move {
+            let response = publisher.post(url).body(data).send().await.unwrap();
+            assert_eq!(response.status(), 201);
+            let answer: serde_json::Value = response.json().await.unwrap();
+            answer["id"].as_str().unwrap().to_owned()
+        }
+    };
+    publish("warm-up".into()).await;
+    honest.next().await;
+    let fds = hub.fds();
+
+    // A subscriber with a tiny receive window that never reads.
+    let stalled = raw_subscribe(addr_of(&hub.base), "/topics/stall", Some(4096)).await;
+    wait_for("the stalled subscriber's connection", || {
+        hub.fds() == fds + 1
+    })
+    .await;
+    // 8 MiB of events: more than the kernel buffers on both sides hold.
+    let mut expected = Vec::new();
+    for n in 0..128 {
+        let data = format!("{n:04}{}", "x".repeat(60 * 1024));
+        let id = publish(data.clone()).await;
+        expected.push(Ev::new(&id, "message", &data));
+    }
+    // The honest subscriber gets every event while the other is stuck.
+    assert_eq!(honest.take(expected.len()).await, expected);
+    // The hub gives up on the stalled one: the kernel aborts the
+    // connection, and the hub's end of it is gone.
+    let (hub_end, client_end) = (stalled.peer_addr().unwrap(), stalled.local_addr().unwrap());
+    assert!(
+        tcp_socket_exists(hub_end, client_end),
+        "the hub's end exists while stalled"
+    );
+    wait_for("the stalled connection to be aborted", || {
+        !tcp_socket_exists(hub_end, client_end)
+    })
+    .await;
+    wait_for("the hub to close its descriptor", || hub.fds() <= fds).await;
+    // What the stalled client can still read is what it had buffered, then
+    // the reset: a small part of the 8 MiB published.
+    let mut stalled = stalled;
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut got))
+        .await
+        .expect("the stalled socket ends");
+    assert!(
+        end.is_err() || got.len() < 1 << 20,
+        "read {} bytes, {end:?}",
+        got.len()
+    );
+    assert!(got.len() < 4 << 20, "read {} bytes", got.len());
+}
+
+/// Whether the kernel has a TCP socket whose local end is `local` and
+/// remote end `remote` (from /proc/net/tcp).
+fn tcp_socket_exists(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> bool {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => unreachable!("the tests use IPv4"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            fields.next() == Some(local.as_str()) && fields.next() == Some(remote.as_str())
+        })
+}
+
+/// Reads an HTTP/1.1 chunked body from `stream` until `total` payload bytes
+/// came, returning the size of each chunk.
+async fn chunk_sizes(stream: &mut TcpStream, total: usize) -> Vec<usize> {
+    let mut buf = Vec::new();
+    let mut sizes = Vec::new();
+    let mut got = 0;
+    let mut pos = 0;
+    while got < total {
+        // Need a size line.
+        let line_end = loop {
+            if let Some(i) = buf[pos..].windows(2).position(|w| w == b"\r\n") {
+                break pos + i;
+            }
+            let mut more = [0u8; 65536];
+            let n = tokio::time::timeout(DEADLINE, stream.read(&mut more))
+                .await
+                .expect("more of the body in time")
+                .unwrap();
+            assert!(n > 0, "the stream ended early");
+            buf.extend_from_slice(&more[..n]);
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&buf[pos..line_end]).unwrap(), 16).unwrap();
+        let end = line_end + 2 + size + 2;
+        while buf.len() < end {
+            let mut more = [0u8; 65536];
+            let n = tokio::time::timeout(DEADLINE, stream.read(&mut more))
+                .await
+                .expect("more of the body in time")
+                .unwrap();
+            assert!(n > 0, "the stream ended early");
+            buf.extend_from_slice(&more[..n]);
+        }
+        sizes.push(size);
+        got += size;
+        pos = end;
+    }
+    sizes
+}
+
+#[tokio::test]
+async fn replay_is_written_in_chunks_within_the_cap() {
+    let server = Server::start().await;
+    let big = "y".repeat(60 * 1024);
+    for _ in 0..40 {
+        server.publish("replay-big", &big).await;
+    }
+    let mut stream = raw_subscribe(server.addr, "/topics/replay-big?last=40", None).await;
+    // 40 events of a little over 60 KiB each, after the preamble.
+    let sizes = chunk_sizes(&mut stream, 40 * 60 * 1024).await;
+    let largest = sizes.iter().max().copied().unwrap_or(0);
+    // A chunk stops taking events at 64 KiB: at most one event past it.
+    assert!(
+        largest <= 64 * 1024 + 61 * 1024,
+        "a replay chunk of {largest} bytes: {sizes:?}"
+    );
+    assert!(sizes.len() >= 20, "{sizes:?}");
+}
+
+#[tokio::test]
+async fn line_breaks_count_against_the_event_size_limit() {
+    let server = Server::start_with(|c| c.max_event_bytes = 1000).await;
+    let post = |body: String| {
+        server
+            .client
+            .post(server.url("/topics/lines"))
+            .body(body)
+            .send()
+    };
+    // 1,000 bytes on one line fit; so do a few lines.
+    assert_eq!(post("x".repeat(1000)).await.unwrap().status(), 201);
+    assert_eq!(post("a\nb\nc".into()).await.unwrap().status(), 201);
+    // 500 line breaks would be 500 `data: ` lines: 3,507 bytes once encoded.
+    let refused = post("\n".repeat(500)).await.unwrap();
+    let problem = assert_problem(refused, 413, "payload-too-large").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("encoded"),
+        "{problem}"
+    );
+    let batch = server
+        .client
+        .post(server.url("/events"))
+        .body(serde_json::json!([{"topic": "lines", "data": "\n".repeat(500)}]).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(batch, 400, "malformed-batch").await;
+    // Nothing refused was stored: the topic holds the two events.
+    let id = server.publish_id("lines", "third").await;
+    assert_eq!(common::seq_of(&id), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_requests_writes_a_bounded_log() {
+    let hub = Process::start(&[]);
+    let client = common::client();
+    // Served requests are not logged at INFO at all.
+    for _ in 0..50 {
+        let ok = client
+            .get(format!("{}/healthz", hub.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+    }
+    // 400 refusals as fast as they come.
+    for _ in 0..400 {
+        let refused = client
+            .get(format!("{}/nowhere", hub.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 404);
+    }
+    let refusal_lines = || hub.log().iter().filter(|l| l.contains("refused")).count();
+    let during = refusal_lines();
+    assert!(during >= 1, "refusals are visible");
+    assert!(during <= 3 * 20, "{during} lines for 400 refusals");
+    assert!(
+        !hub.log().iter().any(|l| l.contains("served")),
+        "served requests stay at DEBUG"
+    );
+    // The next line written says how many were left out.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !hub
+        .log()
+        .iter()
+        .any(|l| l.contains("refused") && !l.contains("suppressed=0"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no line counts the refusals left out"
+        );
+        let _ = client.get(format!("{}/nowhere", hub.base)).send().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -70,10 +70,11 @@ async fn a_subscriber_that_stops_reading_is_cut_off_after_the_write_timeout() {
 
     // A subscriber with a tiny receive window that never reads.
     let stalled = raw_subscribe(addr_of(&hub.base), "/topics/stall", Some(4096)).await;
-    wait_for("the stalled subscriber's connection", || {
-        hub.fds() == fds + 1
-    })
-    .await;
+    let (hub_end, client_end) = (stalled.peer_addr().unwrap(), stalled.local_addr().unwrap());
+    assert!(
+        tcp_socket_exists(hub_end, client_end),
+        "the hub's end of it exists"
+    );
     // 8 MiB of events: more than the kernel buffers on both sides hold.
     let mut expected = Vec::new();
     for n in 0..128 {
@@ -85,11 +86,6 @@ async fn a_subscriber_that_stops_reading_is_cut_off_after_the_write_timeout() {
     assert_eq!(honest.take(expected.len()).await, expected);
     // The hub gives up on the stalled one: the kernel aborts the
     // connection, and the hub's end of it is gone.
-    let (hub_end, client_end) = (stalled.peer_addr().unwrap(), stalled.local_addr().unwrap());
-    assert!(
-        tcp_socket_exists(hub_end, client_end),
-        "the hub's end exists while stalled"
-    );
     wait_for("the stalled connection to be aborted", || {
         !tcp_socket_exists(hub_end, client_end)
     })
@@ -268,4 +264,56 @@ async fn a_flood_of_refused_requests_writes_a_bounded_log() {
         let _ = client.get(format!("{}/nowhere", hub.base)).send().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Opens `n` idle subscriptions of `topics` distinct topics each (names
+/// unique to `tag`) and keeps their sockets.
+async fn idle_subscriptions(hub: &Process, tag: &str, n: usize, topics: usize) -> Vec<TcpStream> {
+    let mut open = Vec::with_capacity(n);
+    for i in 0..n {
+        let query: Vec<String> = (0..topics)
+            .map(|k| format!("topic={tag}-{i}-{k}"))
+            .collect();
+        open.push(
+            raw_subscribe(
+                addr_of(&hub.base),
+                &format!("/events?{}", query.join("&")),
+                None,
+            )
+            .await,
+        );
+    }
+    open
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_to_many_idle_topics_costs_little_more_than_to_one() {
+    let hub = Process::start(&[]);
+    // Warm up allocator and runtime with a few of each kind first.
+    let _warm = (
+        idle_subscriptions(&hub, "warm1", 20, 1).await,
+        idle_subscriptions(&hub, "warm32", 20, 32).await,
+    );
+    let before = hub.rss_kib();
+    let _single = idle_subscriptions(&hub, "single", 300, 1).await;
+    let with_single = hub.rss_kib();
+    let _multi = idle_subscriptions(&hub, "multi", 300, 32).await;
+    let with_multi = hub.rss_kib();
+    let single = (with_single - before) as f64 / 300.0;
+    let multi = (with_multi - with_single) as f64 / 300.0;
+    let per_extra_topic = (multi - single) / 31.0;
+    eprintln!(
+        "KiB per subscription: one topic {single:.1}, 32 topics {multi:.1}; per extra topic {per_extra_topic:.2}"
+    );
+    // Each topic beyond the first costs at most 2 KiB (with a ring of the
+    // default backlog allocated up front, it was ~49 KiB).
+    assert!(
+        per_extra_topic <= 2.0,
+        "{per_extra_topic:.2} KiB per extra topic"
+    );
+    assert!(
+        multi - single <= 16.0,
+        "{:.1} KiB more for 32 topics than for one",
+        multi - single
+    );
 }

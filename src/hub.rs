@@ -78,8 +78,7 @@ impl Hub {
     pub fn deliver(&self, event: &Arc<Event>) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(&event.topic) {
-            // An error only means every receiver left since the lookup.
-            let _ = tx.send(self.numbered(Live::Event(event.clone())));
+            tx.send(self.numbered(Live::Event(event.clone())));
         }
     }
 
@@ -87,7 +86,7 @@ impl Hub {
     pub fn store_back(&self) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         for tx in topics.values() {
-            let _ = tx.send(self.numbered(Live::StoreBack));
+            tx.send(self.numbered(Live::StoreBack));
         }
     }
 
@@ -95,7 +94,7 @@ impl Hub {
     pub fn resync(&self, topic: &Topic) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(topic) {
-            let _ = tx.send(self.numbered(Live::Resync));
+            tx.send(self.numbered(Live::Resync));
         }
     }
 

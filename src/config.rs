@@ -78,6 +78,17 @@ pub struct Config {
     #[arg(long, env = "CRIER_RETENTION_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_age: Duration,
 
+    /// Most bytes of events the embedded store retains, all topics together
+    /// (counted as encoded); a publish past it gets 507 and nothing of it is
+    /// stored. (With Redis, size Redis's own maxmemory instead.)
+    #[arg(long, env = "CRIER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_retained_bytes: usize,
+
+    /// Most topics the embedded store keeps history for; a publish to a new
+    /// topic past it gets 507.
+    #[arg(long, env = "CRIER_MAX_TOPICS", default_value_t = 100_000)]
+    pub max_topics: usize,
+
     /// Largest event payload accepted, in bytes (larger bodies get 413).
     #[arg(long, env = "CRIER_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
     pub max_event_bytes: usize,
@@ -321,6 +332,13 @@ impl Config {
             trusted_proxies: crate::limits::TrustedProxies::parse(&self.trusted_proxies)
                 .map_err(crate::SetupError::Config)?,
         })
+    }
+
+    pub fn budget(&self) -> crate::store::Budget {
+        crate::store::Budget {
+            max_bytes: self.max_retained_bytes,
+            max_topics: self.max_topics,
+        }
     }
 
     pub fn retention(&self) -> Retention {

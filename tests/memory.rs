@@ -49,7 +49,7 @@ async fn raw_subscribe(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_stops_reading_is_cut_off_after_the_write_timeout() {
-    let hub = Process::start(&["--write-timeout", "1s", "--heartbeat", "60s"]);
+    let hub = Process::start(&["--write-timeout", "2s", "--heartbeat", "60s"]);
     let client = common::client();
     let mut honest =
         common::SseClient::connect(&client, &format!("{}/topics/stall", hub.base), None).await;
@@ -75,6 +75,8 @@ async fn a_subscriber_that_stops_reading_is_cut_off_after_the_write_timeout() {
         tcp_socket_exists(hub_end, client_end),
         "the hub's end of it exists"
     );
+    // The honest subscriber reads all along.
+    let reader = tokio::spawn(async move { honest.take(128).await });
     // 8 MiB of events: more than the kernel buffers on both sides hold.
     let mut expected = Vec::new();
     for n in 0..128 {
@@ -83,7 +85,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_after_the_write_timeout() {
         expected.push(Ev::new(&id, "message", &data));
     }
     // The honest subscriber gets every event while the other is stuck.
-    assert_eq!(honest.take(expected.len()).await, expected);
+    assert_eq!(reader.await.unwrap(), expected);
     // The hub gives up on the stalled one: the kernel aborts the
     // connection, and the hub's end of it is gone.
     wait_for("the stalled connection to be aborted", || {
@@ -315,5 +317,137 @@ async fn a_subscription_to_many_idle_topics_costs_little_more_than_to_one() {
         multi - single <= 16.0,
         "{:.1} KiB more for 32 topics than for one",
         multi - single
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_past_the_retained_bytes_budget_is_refused_and_memory_stays_bounded() {
+    let hub = Process::start(&["--max-retained-bytes", "8388608", "--retention-age", "60s"]);
+    let client = common::client();
+    let mut honest =
+        common::SseClient::connect(&client, &format!("{}/topics/honest", hub.base), None).await;
+    let before = hub.rss_kib();
+    let big = "z".repeat(64 * 1024 - 64);
+    let (mut stored, mut refused) = (0, 0);
+    let mut acknowledged = Vec::new();
+    // 600 events of 64 KiB to distinct topics (about 38 MiB against a
+    // budget of 8 MiB), an honest event every 50.
+    for n in 0..600 {
+        let response = client
+            .post(format!("{}/topics/flood-{n}", hub.base))
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            201 => stored += 1,
+            507 => {
+                assert_eq!(response.headers()["retry-after"], "10");
+                assert_problem(response, 507, "storage-full").await;
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+        if n % 50 == 0 {
+            let data = format!("honest-{n}");
+            let response = client
+                .post(format!("{}/topics/honest", hub.base))
+                .body(data.clone())
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 201 {
+                let answer: serde_json::Value = response.json().await.unwrap();
+                acknowledged.push(Ev::new(answer["id"].as_str().unwrap(), "message", &data));
+            } else {
+                assert_problem(response, 507, "storage-full").await;
+            }
+        }
+    }
+    let rise = hub.rss_kib().saturating_sub(before);
+    eprintln!("stored {stored}, refused {refused}, RSS rise {rise} KiB");
+    assert!(
+        (120..=130).contains(&stored),
+        "8 MiB of 64 KiB events: {stored}"
+    );
+    assert_eq!(stored + refused, 600);
+    assert!(
+        rise < 32 * 1024,
+        "resident memory rose by {rise} KiB for a budget of 8 MiB"
+    );
+    // Every acknowledged event reached the subscriber, exactly once.
+    assert!(!acknowledged.is_empty());
+    assert_eq!(honest.take(acknowledged.len()).await, acknowledged);
+}
+
+#[tokio::test]
+async fn room_freed_by_retention_is_published_into_again() {
+    let server = Server::start_with(|c| {
+        c.max_retained_bytes = 256 * 1024;
+        c.retention_age = Duration::from_secs(1);
+    })
+    .await;
+    let big = "q".repeat(60 * 1024);
+    let post = |topic: String| {
+        server
+            .client
+            .post(server.url(&format!("/topics/{topic}")))
+            .body(big.clone())
+            .send()
+    };
+    let mut n = 0;
+    loop {
+        let response = post(format!("fill-{n}")).await.unwrap();
+        n += 1;
+        if response.status() == 507 {
+            assert_problem(response, 507, "storage-full").await;
+            break;
+        }
+        assert_eq!(response.status(), 201);
+        assert!(n < 10, "a budget of 256 KiB holds about four such events");
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let response = post("later".into()).await.unwrap();
+        if response.status() == 201 {
+            break;
+        }
+        assert_eq!(response.status(), 507);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room is never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn new_topics_past_the_topic_budget_are_refused_and_known_ones_go_on() {
+    let server = Server::start_with(|c| c.max_topics = 50).await;
+    for n in 0..50 {
+        server.publish(&format!("t{n}"), "x").await;
+    }
+    let refused = server
+        .client
+        .post(server.url("/topics/one-too-many"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(refused, 507, "storage-full").await;
+    // A batch naming a known and a new topic stores nothing.
+    let batch = server
+        .client
+        .post(server.url("/events"))
+        .body(r#"[{"topic":"t0","data":"y"},{"topic":"new","data":"y"}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(batch, 507, "storage-full").await;
+    let id = server.publish_id("t0", "z").await;
+    assert_eq!(
+        common::seq_of(&id),
+        2,
+        "t0 holds x, then z: the batch stored nothing"
     );
 }

@@ -65,6 +65,7 @@ impl ApiError {
             }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Store(StoreError::Full(_)) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Auth(AuthError::NotGranted { .. } | AuthError::Origin(_)) => {
                 StatusCode::FORBIDDEN
@@ -96,6 +97,7 @@ impl ApiError {
             ApiError::BatchTooLong { .. } => "batch-too-long",
             ApiError::MethodNotAllowed { .. } => "method-not-allowed",
             ApiError::NotFound(_) => "not-found",
+            ApiError::Store(StoreError::Full(_)) => "storage-full",
             ApiError::Store(_) => "store-unavailable",
             ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",
             ApiError::Limit(LimitError::Streams { .. }) => "too-many-streams",
@@ -144,6 +146,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let ApiError::Store(StoreError::Full(_)) = &self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(10u32));
+        }
         if let ApiError::Limit(limit) = &self {
             let seconds = limit.retry_after().as_secs_f64().ceil().max(1.0) as u64;
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

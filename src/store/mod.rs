@@ -16,7 +16,7 @@ use async_trait::async_trait;
 
 use crate::event::{Epoch, Event, EventName, Topic};
 
-pub use memory::MemoryStore;
+pub use memory::{Budget, MemoryStore};
 pub use redis::RedisStore;
 
 /// An event a publisher sent, already validated, not yet numbered.
@@ -51,6 +51,10 @@ pub struct History {
 pub enum StoreError {
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),
+    /// The store holds all it may (`--max-retained-bytes`, `--max-topics`):
+    /// nothing of the request was stored.
+    #[error("the store is full: {0}")]
+    Full(String),
     /// A setting the store cannot work with; reported at start-up.
     #[error("invalid store configuration: {0}")]
     Config(String),

@@ -89,7 +89,8 @@ pub struct Config {
     #[arg(long, env = "CRIER_MAX_TOPICS", default_value_t = 100_000)]
     pub max_topics: usize,
 
-    /// Largest event payload accepted, in bytes (larger bodies get 413).
+    /// Largest event payload accepted, in bytes, counted as encoded: each
+    /// line break adds a `data: ` line of 7 bytes (larger ones get 413).
     #[arg(long, env = "CRIER_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
     pub max_event_bytes: usize,
 

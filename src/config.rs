@@ -60,6 +60,11 @@ pub struct TokenArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
+    /// Log lines as `text`, or as `json` (one object per line: timestamp,
+    /// level, target, message and fields). `RUST_LOG` sets the level.
+    #[arg(long, env = "CRIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Address to listen on (use 0.0.0.0:8080 to accept remote clients).
     #[arg(long, env = "CRIER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -290,6 +295,13 @@ pub struct Config {
     /// How long a ticket from POST /tickets stays usable (once).
     #[arg(long, env = "CRIER_TICKET_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ticket_ttl: Duration,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_codec(s: &str) -> Result<Option<Codec>, String> {

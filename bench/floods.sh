@@ -14,7 +14,7 @@
 #   CONNS=4000              conns: connections from one address (127.0.1.1)
 #   ADDRESSES=20000         addresses: connections from 12 addresses, in two
 #                           processes (each may open 20,000 files at most)
-#   SILENT=8000 TLS_HALF=8000 SLOWLORIS=4000 DRIBBLE=20 PUBLISHERS=16
+#   SILENT=8000 TLS_HALF=8000 SLOWLORIS=4000 DRIBBLE=20 PUBLISHERS=64
 #   RESULTS=bench/results/floods-DATE.jsonl
 #   DRY_RUN=1               print the commands, run nothing
 #
@@ -38,10 +38,11 @@ SILENT=${SILENT:-8000}
 TLS_HALF=${TLS_HALF:-8000}
 SLOWLORIS=${SLOWLORIS:-4000}
 DRIBBLE=${DRIBBLE:-20}
-PUBLISHERS=${PUBLISHERS:-16}
+PUBLISHERS=${PUBLISHERS:-64}
 DRY_RUN=${DRY_RUN:-0}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=${RESULTS:-$HERE/results/floods-$STAMP.jsonl}
+TOOL_LOG=${RESULTS%.jsonl}.log
 CRIER=$ROOT/target/release/crier
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -195,6 +196,11 @@ load_end() {
 
 # ------------------------------------------------------------- the runs
 
+# keep_log ATTACK PHASE ROLE FILE: a tool's messages, into TOOL_LOG.
+keep_log() {
+    { printf '### %s, %s the attack: %s\n' "$1" "$2" "$3"; cat "$4"; echo; } >>"$TOOL_LOG"
+}
+
 record() {   # record ATTACK PHASE ROLE FILE [extra JSON]: one line in RESULTS
     local extra=${5:-"{}"}
     jq -c --arg attack "$1" --arg phase "$2" --arg role "$3" --argjson extra "$extra" \
@@ -243,6 +249,7 @@ finish_attack() {
         finish "$pid" || die "the attack failed (see $TMP/$name-attack-$i.log)"
         role=attack
         if [ "$i" -gt 1 ]; then role=attack-$i; fi
+        keep_log "$name" with "$role" "$TMP/$name-attack-$i.log"
         record "$name" with "$role" "$TMP/$name-attack-$i.json"
     done
 }
@@ -250,7 +257,7 @@ finish_attack() {
 # The honest crowd, with the attack started once it is connected (and its
 # publishers, a quarter of a second later) when PHASE is `with`.
 fanout() {
-    local name=$1 phase=$2 out err pid n load
+    local name=$1 phase=$2 out err pid n load slowest
     set -- "$CRIER" bench fanout --url "$HUB_URL" --subscribers "$SUBSCRIBERS" --rate "$RATE" \
         --duration "$DURATION" --topic "honest-$name-$phase" --pid "$HUB_PID"
     if dry; then
@@ -277,7 +284,10 @@ fanout() {
     finish "$pid" || die "the honest fanout failed (see $err)"
     if [ "$phase" = with ]; then finish_attack "$name"; fi
     load=$(load_end)
-    record "$name" "$phase" honest "$out" "{\"others_cpu_pct\": $load}"
+    keep_log "$name" "$phase" honest "$err"
+    # The slowest delivery of each second of the run, from the progress lines.
+    slowest=$(sed -n 's/.*, slowest \([0-9]*\) ms).*/\1/p' "$err" | jq -sc .)
+    record "$name" "$phase" honest "$out" "{\"others_cpu_pct\": $load, \"slowest_per_s_ms\": $slowest}"
 }
 
 # For the TLS attack: the bench's crowd speaks plain HTTP only, so honest
@@ -374,7 +384,7 @@ report() {
     echo "## Floods ($(date -u +%Y-%m-%d), $SUBSCRIBERS honest subscribers at $RATE events/s, $DURATION per run)"
     echo
     machine
-    echo "Results: ${RESULTS#"$ROOT"/}."
+    echo "Results: ${RESULTS#"$ROOT"/} (the tools' messages: ${TOOL_LOG#"$ROOT"/})."
     echo
     echo "| attack | honest p99 ms without → with | honest lost without / with | target | hub RSS MiB fresh / before / during / after | hub fds fresh / before / during / after | what the attacker got | others' CPU % without / with |"
     echo "|---|---|---|---|---|---|---|---|"
@@ -394,8 +404,9 @@ report() {
         | (($wo.latency_ms.p99) // null) as $p0 | (($w.latency_ms.p99) // null) as $p1
         | ($wo.lost // null) as $l0 | ($w.lost // null) as $l1
         | (if $p0 == null or $p1 == null then "-"
-           elif $l1 == 0 and $p1 <= 2 * $p0 then "met (p99 ×\($p1 / $p0 * 100 | round / 100))"
-           else "**missed** (lost \($l1), p99 ×\($p1 / $p0 * 100 | round / 100))" end) as $target
+           elif $l1 == 0 and $p1 <= 2 * $p0 then "met: p99 ×\($p1 / $p0 * 100 | round / 100)"
+           else "**missed**: p99 ×\($p1 / $p0 * 100 | round / 100)" + (if $l1 > 0 then ", \($l1) lost" else "" end) end
+           + (if $w.slowest_per_s_ms then "; \($w.slowest_per_s_ms | map(select(. > 2 * $p0)) | length) of \($w.slowest_per_s_ms | length) s with a delivery over 2 × p99 without" else "" end)) as $target
         | [
             ($a + (if $w.scenario == "curl-check" then " (curl probes)" else "" end)),
             "\($p0 | n) → \($p1 | n)",
@@ -427,6 +438,7 @@ else
     "$CRIER" bench attack --help >/dev/null 2>&1 || die "this crier has no \`crier bench attack\`"
     mkdir -p "$(dirname "$RESULTS")"
     : >"$RESULTS"
+    : >"$TOOL_LOG"
 fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 

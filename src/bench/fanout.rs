@@ -74,6 +74,9 @@ struct Shared {
     latency_us: Vec<Mutex<Histogram<u64>>>,
     /// Distinct deliveries so far, over all subscribers.
     delivered: AtomicU64,
+    /// The highest latency since the last progress line, µs: shows when
+    /// in a run deliveries were late (under a flood, say).
+    latest_max_us: AtomicU64,
 }
 
 /// One subscriber's account of what it received.
@@ -131,10 +134,18 @@ impl Listener for Tally {
             *highest = stamp.seq + 1;
         }
         self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+        let latency_us = arrived_us.saturating_sub(stamp.sent_us);
+        // A read first: a locked write on every delivery would have the
+        // worker threads fight over the line.
+        if latency_us > self.shared.latest_max_us.load(Ordering::Relaxed) {
+            self.shared
+                .latest_max_us
+                .fetch_max(latency_us, Ordering::Relaxed);
+        }
         self.shared.latency_us[self.shard]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .saturating_record(arrived_us.saturating_sub(stamp.sent_us));
+            .saturating_record(latency_us);
     }
 }
 
@@ -223,6 +234,7 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
             .map(|_| histogram().map(Mutex::new))
             .collect::<Result<_, _>>()?,
         delivered: AtomicU64::new(0),
+        latest_max_us: AtomicU64::new(0),
     });
     let crowd = Crowd::spawn(sub, &target, |i| Tally::new(shared.clone(), i))?;
     let connected = crowd.wait_connected().await?;
@@ -343,12 +355,13 @@ async fn publish_and_drain(
     let mut progress = || {
         let delivered = shared.delivered.load(Ordering::Relaxed);
         eprintln!(
-            "{:5.1} s: {} published, {} late, {} errors; {delivered} delivered ({}/s); {} subscribers dropped",
+            "{:5.1} s: {} published, {} late, {} errors; {delivered} delivered ({}/s, slowest {:.0} ms); {} subscribers dropped",
             start.elapsed().as_secs_f64(),
             publishing.published.load(Ordering::Relaxed),
             publishing.late.load(Ordering::Relaxed),
             publishing.errors.load(Ordering::Relaxed),
             delivered - last,
+            shared.latest_max_us.swap(0, Ordering::Relaxed) as f64 / 1000.0,
             crowd.dropped(),
         );
         last = delivered;

@@ -59,6 +59,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            // Asking again cannot help: not an outage.
+            ApiError::Store(StoreError::Rejected(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Auth(AuthError::NotGranted { .. } | AuthError::Origin(_)) => {
                 StatusCode::FORBIDDEN
@@ -88,6 +90,7 @@ impl ApiError {
             ApiError::BatchTooLong { .. } => "batch-too-long",
             ApiError::MethodNotAllowed { .. } => "method-not-allowed",
             ApiError::NotFound(_) => "not-found",
+            ApiError::Store(StoreError::Rejected(_)) => "store-error",
             ApiError::Store(_) => "store-unavailable",
             ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",
             ApiError::Limit(LimitError::Streams { .. }) => "too-many-streams",

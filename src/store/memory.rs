@@ -46,7 +46,9 @@ impl Log {
     }
 
     fn oldest(&self) -> u64 {
-        self.events.front().map_or(self.head + 1, |(_, e)| e.seq)
+        self.events
+            .front()
+            .map_or(self.head.saturating_add(1), |(_, e)| e.seq)
     }
 
     fn trim(&mut self, retention: &Retention, now: Instant) {
@@ -113,7 +115,7 @@ impl MemoryStore {
             .clone()
     }
 
-    fn append_one(&self, new: NewEvent) -> Arc<Event> {
+    fn append_one(&self, new: NewEvent) -> Result<Arc<Event>, StoreError> {
         loop {
             let log = self.log(&new.topic);
             let mut log = lock(&log);
@@ -121,7 +123,11 @@ impl MemoryStore {
                 continue;
             }
             let now = Instant::now();
-            let seq = log.head + 1;
+            // A topic would need 2^64 events in one process's life; checked
+            // all the same, since a number handed out twice breaks resuming.
+            let seq = log.head.checked_add(1).ok_or_else(|| {
+                StoreError::Rejected(format!("topic {} has run out of numbers", new.topic))
+            })?;
             let event = Arc::new(Event::new(
                 new.topic,
                 seq,
@@ -133,7 +139,7 @@ impl MemoryStore {
             log.events.push_back((now, event.clone()));
             log.trim(&self.retention, now);
             self.hub.deliver(&event);
-            return event;
+            return Ok(event);
         }
     }
 }
@@ -141,7 +147,7 @@ impl MemoryStore {
 #[async_trait]
 impl Store for MemoryStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
-        Ok(events.into_iter().map(|e| self.append_one(e)).collect())
+        events.into_iter().map(|e| self.append_one(e)).collect()
     }
 
     async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError> {

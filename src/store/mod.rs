@@ -47,10 +47,20 @@ pub struct History {
     pub events: Vec<Arc<Event>>,
 }
 
+/// Why a store could not do what it was asked.
+///
+/// The difference that matters to callers is whether asking again can
+/// help: an outage passes (`Unavailable`), a refusal does not (`Rejected`),
+/// so a stream retries the one with backoff and never retries the other.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),
+    /// The store answered, and refused the request itself or answered
+    /// something crier cannot use (say, a topic's keys in Redis were
+    /// overwritten by hand): the same request would be refused again.
+    #[error("the event store refused the request: {0}")]
+    Rejected(String),
     /// A setting the store cannot work with; reported at start-up.
     #[error("invalid store configuration: {0}")]
     Config(String),
@@ -64,6 +74,10 @@ pub trait Store: Send + Sync + 'static {
     /// Reads up to `limit` retained events of `topic` with a sequence number
     /// above `after`, with the topic's bounds. `limit == 0` reads the bounds
     /// only.
+    ///
+    /// `after` comes from clients and may be any `u64`: a store answers
+    /// every one (one beyond anything it can number has no events after it
+    /// and is past the head), and never refuses a read because of it.
     async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError>;
 
     /// Makes sure events of `topic` appended from now on reach this node's

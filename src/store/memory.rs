@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{History, NewEvent, Retention, Store, StoreError};
+use super::{History, MAX_SEQ, NewEvent, Retention, Store, StoreError};
 use crate::event::{Epoch, Event, Topic};
 use crate::hub::Hub;
 
@@ -123,11 +123,15 @@ impl MemoryStore {
                 continue;
             }
             let now = Instant::now();
-            // A topic would need 2^64 events in one process's life; checked
-            // all the same, since a number handed out twice breaks resuming.
-            let seq = log.head.checked_add(1).ok_or_else(|| {
-                StoreError::Rejected(format!("topic {} has run out of numbers", new.topic))
-            })?;
+            // Out of reach in practice; checked all the same, since a
+            // number handed out twice would break resuming.
+            let seq = log.head + 1;
+            if seq > MAX_SEQ {
+                return Err(StoreError::Rejected(format!(
+                    "topic {} has run out of numbers",
+                    new.topic
+                )));
+            }
             let event = Arc::new(Event::new(
                 new.topic,
                 seq,

@@ -39,16 +39,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{Client, Script, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{History, NewEvent, Retention, Store, StoreError};
+use super::{History, MAX_SEQ, NewEvent, Retention, Store, StoreError};
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
 
-/// The highest sequence number this store hands out. Lua numbers are
-/// doubles, exact only up to 2^53, so the scripts never see a number above
-/// this: the publish script refuses to number past it, and the read path
-/// answers positions beyond it in Rust, without running XRANGE on them.
-/// (At a million events a second, one topic takes 285 years to get there.)
-const MAX_SEQ: u64 = (1 << 53) - 1;
+// Lua numbers are doubles, exact only up to 2^53: the scripts never see a
+// number past `MAX_SEQ`. The publish script refuses to number past it, and
+// the read path answers positions beyond it in Rust, without running XRANGE.
 
 /// Lua: `fresh_epoch(old)`, an epoch from the clock (base-36 ids of at most
 /// 7 digits), never equal to `old`.

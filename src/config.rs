@@ -60,6 +60,11 @@ pub struct TokenArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
+    /// Log lines as `text`, or as `json` (one object per line: timestamp,
+    /// level, target, message and fields). `RUST_LOG` sets the level.
+    #[arg(long, env = "CRIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Address to listen on (use 0.0.0.0:8080 to accept remote clients).
     #[arg(long, env = "CRIER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -78,7 +83,19 @@ pub struct Config {
     #[arg(long, env = "CRIER_RETENTION_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_age: Duration,
 
-    /// Largest event payload accepted, in bytes (larger bodies get 413).
+    /// Most bytes of events the embedded store retains, all topics together
+    /// (counted as encoded); a publish past it gets 507 and nothing of it is
+    /// stored. (With Redis, size Redis's own maxmemory instead.)
+    #[arg(long, env = "CRIER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_retained_bytes: usize,
+
+    /// Most topics the embedded store keeps history for; a publish to a new
+    /// topic past it gets 507.
+    #[arg(long, env = "CRIER_MAX_TOPICS", default_value_t = 100_000)]
+    pub max_topics: usize,
+
+    /// Largest event payload accepted, in bytes, counted as encoded: each
+    /// line break adds a `data: ` line of 7 bytes (larger ones get 413).
     #[arg(long, env = "CRIER_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
     pub max_event_bytes: usize,
 
@@ -197,6 +214,12 @@ pub struct Config {
     #[arg(long, env = "CRIER_BODY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub body_timeout: Duration,
 
+    /// A connection whose client accepts none of what is sent to it for this
+    /// long is closed (a subscriber that stopped reading), so it holds
+    /// memory for a bounded time; it resumes exactly when it reconnects.
+    #[arg(long, env = "CRIER_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
     /// An HTTP/2 connection with no open stream for this long is closed.
     #[arg(long, env = "CRIER_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
@@ -274,6 +297,13 @@ pub struct Config {
     pub ticket_ttl: Duration,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 fn parse_codec(s: &str) -> Result<Option<Codec>, String> {
     match s.trim() {
         "none" | "" => Ok(None),
@@ -315,6 +345,13 @@ impl Config {
             trusted_proxies: crate::limits::TrustedProxies::parse(&self.trusted_proxies)
                 .map_err(crate::SetupError::Config)?,
         })
+    }
+
+    pub fn budget(&self) -> crate::store::Budget {
+        crate::store::Budget {
+            max_bytes: self.max_retained_bytes,
+            max_topics: self.max_topics,
+        }
     }
 
     pub fn retention(&self) -> Retention {

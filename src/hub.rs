@@ -4,24 +4,24 @@
 //! learns of, in sequence order per topic, and the hub passes the same
 //! `Arc<Event>` (already encoded once) to every subscriber of that topic.
 //!
-//! Each topic is a bounded broadcast ring shared by its subscribers: a slow
+//! Each topic is a broadcast ring shared by its subscribers: a slow
 //! subscriber never holds up the others, costs no memory beyond the shared
-//! ring, and once it falls further behind than the ring holds it is told it
+//! ring, and once it falls further behind than the backlog it is told it
 //! lagged, and its stream ends so the client resumes from its Last-Event-ID.
-//! A topic with no subscribers has no entry at all.
+//! The ring holds only what some subscriber has yet to see, so it grows with
+//! lag, not with the backlog setting: a topic that a client subscribes to
+//! but that carries no events costs a few hundred bytes, however many topics
+//! a client names. A topic with no subscribers has no entry at all.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::sync::broadcast;
-
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll};
 
-use tokio_stream::Stream;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 
 use crate::event::{Event, Topic};
 
@@ -44,7 +44,7 @@ pub struct Hub {
 }
 
 struct Inner {
-    topics: RwLock<HashMap<Topic, broadcast::Sender<Delivery>>>,
+    topics: RwLock<HashMap<Topic, Arc<Channel>>>,
     backlog: usize,
     /// Numbers every delivery on this node, so that a subscription to several
     /// topics can merge their feeds in the order events were delivered.
@@ -78,8 +78,7 @@ impl Hub {
     pub fn deliver(&self, event: &Arc<Event>) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(&event.topic) {
-            // An error only means every receiver left since the lookup.
-            let _ = tx.send(self.numbered(Live::Event(event.clone())));
+            tx.send(self.numbered(Live::Event(event.clone())));
         }
     }
 
@@ -87,7 +86,7 @@ impl Hub {
     pub fn store_back(&self) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         for tx in topics.values() {
-            let _ = tx.send(self.numbered(Live::StoreBack));
+            tx.send(self.numbered(Live::StoreBack));
         }
     }
 
@@ -95,7 +94,7 @@ impl Hub {
     pub fn resync(&self, topic: &Topic) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(topic) {
-            let _ = tx.send(self.numbered(Live::Resync));
+            tx.send(self.numbered(Live::Resync));
         }
     }
 
@@ -125,16 +124,11 @@ impl Hub {
     /// the returned feed, up to the backlog.
     pub fn subscribe(&self, topic: &Topic) -> LiveFeed {
         let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
-        let rx = match topics.get(topic) {
-            Some(tx) => tx.subscribe(),
-            None => {
-                let (tx, rx) = broadcast::channel(self.inner.backlog);
-                topics.insert(topic.clone(), tx);
-                rx
-            }
-        };
+        let channel = topics
+            .entry(topic.clone())
+            .or_insert_with(|| Arc::new(Channel::new(self.inner.backlog)));
         LiveFeed {
-            events: BroadcastStream::new(rx),
+            events: Receiver::new(channel.clone()),
             _membership: Membership {
                 hub: self.clone(),
                 topic: topic.clone(),
@@ -160,7 +154,7 @@ impl Hub {
 pub struct LiveFeed {
     /// Declared first so the receiver is dropped before `Membership` checks
     /// whether it was the last one.
-    events: BroadcastStream<Delivery>,
+    events: Receiver,
     _membership: Membership,
 }
 
@@ -196,14 +190,9 @@ impl Feeds {
     fn poll_heads(&mut self, cx: &mut Context<'_>) -> Option<(usize, Result<Live, Lagged>)> {
         for (feed, head) in self.feeds.iter_mut().zip(self.heads.iter_mut()) {
             if head.is_none()
-                && let Poll::Ready(item) = Pin::new(&mut feed.events).poll_next(cx)
+                && let Poll::Ready(item) = feed.events.poll_recv(cx)
             {
-                *head = Some(match item {
-                    Some(Ok(delivery)) => Ok(delivery),
-                    // A closed feed cannot happen while we hold a receiver;
-                    // treat it like a lag so the client reconnects.
-                    Some(Err(BroadcastStreamRecvError::Lagged(_))) | None => Err(Lagged),
-                });
+                *head = Some(item);
             }
         }
         let i = self
@@ -225,6 +214,168 @@ impl Feeds {
 struct Membership {
     hub: Hub,
     topic: Topic,
+}
+
+/// One topic's broadcast ring.
+///
+/// Items stay until every receiver that was there when they were sent has
+/// taken them (then they are dropped from the front), or until the ring
+/// holds `backlog` of them (then the oldest is dropped and whoever had not
+/// taken it lagged). Receivers wait on one `Notify`, woken once per send.
+struct Channel {
+    ring: Mutex<Ring>,
+    notify: Arc<Notify>,
+    backlog: usize,
+}
+
+struct Ring {
+    /// Items some receiver has yet to take, oldest first.
+    items: VecDeque<Slot>,
+    /// The index of `items[0]`; indexes only grow.
+    first: u64,
+    receivers: usize,
+}
+
+struct Slot {
+    delivery: Delivery,
+    /// Receivers that have yet to take it.
+    unseen: usize,
+}
+
+impl Ring {
+    fn end(&self) -> u64 {
+        self.first + self.items.len() as u64
+    }
+
+    /// Drops the items every receiver has taken, and gives memory back once
+    /// a burst has passed.
+    fn trim(&mut self) {
+        while self.items.front().is_some_and(|slot| slot.unseen == 0) {
+            self.items.pop_front();
+            self.first += 1;
+        }
+        if self.items.capacity() > 64 && self.items.len() < self.items.capacity() / 8 {
+            self.items.shrink_to(self.items.len() * 2);
+        }
+    }
+}
+
+impl Channel {
+    fn new(backlog: usize) -> Channel {
+        Channel {
+            ring: Mutex::new(Ring {
+                items: VecDeque::new(),
+                first: 0,
+                receivers: 0,
+            }),
+            notify: Arc::new(Notify::new()),
+            backlog,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, delivery: Delivery) {
+        {
+            let mut ring = self.lock();
+            if ring.receivers == 0 {
+                return;
+            }
+            let unseen = ring.receivers;
+            ring.items.push_back(Slot { delivery, unseen });
+            if ring.items.len() > self.backlog {
+                ring.items.pop_front();
+                ring.first += 1;
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn receiver_count(&self) -> usize {
+        self.lock().receivers
+    }
+}
+
+/// One subscriber's place in a topic's ring.
+struct Receiver {
+    channel: Arc<Channel>,
+    /// The index of the next item to take.
+    next: u64,
+    /// A wake-up registered before the ring was last found empty; kept and
+    /// re-armed in place, so waiting allocates once per receiver.
+    waiting: Option<Pin<Box<OwnedNotified>>>,
+}
+
+impl Receiver {
+    fn new(channel: Arc<Channel>) -> Receiver {
+        let next = {
+            let mut ring = channel.lock();
+            ring.receivers += 1;
+            ring.end()
+        };
+        Receiver {
+            channel,
+            next,
+            waiting: None,
+        }
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, Lagged>> {
+        let Receiver {
+            channel,
+            next,
+            waiting,
+        } = self;
+        loop {
+            if let Some(item) = take(channel, next) {
+                return Poll::Ready(item);
+            }
+            // Register for the next send *before* looking again, so a send
+            // between the look and the wait is not missed.
+            let waiting =
+                waiting.get_or_insert_with(|| Box::pin(channel.notify.clone().notified_owned()));
+            waiting.as_mut().enable();
+            if let Some(item) = take(channel, next) {
+                waiting.set(channel.notify.clone().notified_owned());
+                return Poll::Ready(item);
+            }
+            match waiting.as_mut().poll(cx) {
+                Poll::Ready(()) => waiting.set(channel.notify.clone().notified_owned()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Takes the item at `next` from `channel`'s ring, if it is there yet.
+fn take(channel: &Channel, next: &mut u64) -> Option<Result<Delivery, Lagged>> {
+    let mut ring = channel.lock();
+    if *next < ring.first {
+        return Some(Err(Lagged));
+    }
+    let i = usize::try_from(*next - ring.first).ok()?;
+    let slot = ring.items.get_mut(i)?;
+    let delivery = slot.delivery.clone();
+    slot.unseen -= 1;
+    *next += 1;
+    if i == 0 {
+        ring.trim();
+    }
+    Some(Ok(delivery))
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let mut ring = self.channel.lock();
+        ring.receivers -= 1;
+        let from = usize::try_from(self.next.saturating_sub(ring.first)).unwrap_or(usize::MAX);
+        for slot in ring.items.iter_mut().skip(from) {
+            slot.unseen -= 1;
+        }
+        ring.trim();
+    }
 }
 
 impl Drop for Membership {
@@ -252,5 +403,86 @@ mod tests {
         assert!(hub.watched().is_empty());
         // Delivering to an unwatched topic is a no-op.
         hub.deliver(&Arc::new(Event::new(t, 1, Epoch(1), None, "x")));
+    }
+
+    fn event(t: &Topic, seq: u64) -> Arc<Event> {
+        Arc::new(Event::new(t.clone(), seq, Epoch(1), None, "x"))
+    }
+
+    fn seq_of(item: Option<(usize, Result<Live, Lagged>)>) -> Option<Result<u64, Lagged>> {
+        item.map(|(_, r)| {
+            r.map(|live| match live {
+                Live::Event(e) => e.seq,
+                other => panic!("{other:?}"),
+            })
+        })
+    }
+
+    fn ring_len(hub: &Hub, t: &Topic) -> (usize, usize) {
+        let topics = hub.inner.topics.read().unwrap();
+        let ring = topics[t].lock();
+        (ring.items.len(), ring.items.capacity())
+    }
+
+    #[test]
+    fn the_ring_holds_only_what_someone_has_yet_to_take() {
+        let hub = Hub::new(1024);
+        let t = Topic::parse("t", 10).unwrap();
+        let mut a = hub.subscribe_all(std::slice::from_ref(&t));
+        // An idle subscribed topic allocates no ring at all.
+        assert_eq!(ring_len(&hub, &t), (0, 0));
+        hub.deliver(&event(&t, 1));
+        let mut b = hub.subscribe_all(std::slice::from_ref(&t));
+        hub.deliver(&event(&t, 2));
+        assert_eq!(ring_len(&hub, &t).0, 2);
+        assert_eq!(seq_of(a.try_next()), Some(Ok(1)));
+        assert_eq!(ring_len(&hub, &t).0, 1, "1 is dropped once a took it");
+        // b joined after 1: it starts at 2.
+        assert_eq!(seq_of(b.try_next()), Some(Ok(2)));
+        assert_eq!(ring_len(&hub, &t).0, 1, "a has yet to take 2");
+        drop(a);
+        assert_eq!(ring_len(&hub, &t).0, 0, "a leaving releases its share");
+        assert_eq!(seq_of(b.try_next()), None);
+    }
+
+    #[test]
+    fn a_receiver_past_the_backlog_lags_and_the_others_go_on() {
+        let hub = Hub::new(4);
+        let t = Topic::parse("t", 10).unwrap();
+        let mut slow = hub.subscribe_all(std::slice::from_ref(&t));
+        let mut fast = hub.subscribe_all(std::slice::from_ref(&t));
+        for seq in 1..=6 {
+            hub.deliver(&event(&t, seq));
+            assert_eq!(seq_of(fast.try_next()), Some(Ok(seq)));
+        }
+        assert!(ring_len(&hub, &t).0 <= 4);
+        assert_eq!(seq_of(slow.try_next()), Some(Err(Lagged)));
+        drop(slow);
+        assert_eq!(ring_len(&hub, &t).0, 0);
+        hub.deliver(&event(&t, 7));
+        assert_eq!(seq_of(fast.try_next()), Some(Ok(7)));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_for_the_next_send() {
+        let hub = Hub::new(8);
+        let t = Topic::parse("t", 10).unwrap();
+        let mut feeds = hub.subscribe_all(std::slice::from_ref(&t));
+        let waiter = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(seq_of(Some(feeds.next().await)));
+            }
+            got
+        });
+        for seq in 1..=3 {
+            tokio::task::yield_now().await;
+            hub.deliver(&event(&t, seq));
+        }
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, vec![Some(Ok(1)), Some(Ok(2)), Some(Ok(3))]);
     }
 }

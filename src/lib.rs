@@ -72,7 +72,11 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
             store
         }
         None => {
-            let store = Arc::new(MemoryStore::new(hub.clone(), config.retention()));
+            let store = Arc::new(MemoryStore::new(
+                hub.clone(),
+                config.retention(),
+                config.budget(),
+            ));
             tokio::spawn(store.clone().sweep_until(shutdown.clone()));
             store
         }

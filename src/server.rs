@@ -446,6 +446,29 @@ fn answer(status: u16, title: &str, kind: &str, detail: &str, retry_after: u32) 
     .into_bytes()
 }
 
+/// Has the kernel close the connection when what it sends stays
+/// unacknowledged, or the client's window stays shut, for `timeout`
+/// (TCP_USER_TIMEOUT): a subscriber that stops reading is cut off in bounded
+/// time without a timer of our own per stream. Idle connections are not
+/// affected.
+fn set_write_timeout(stream: &TcpStream, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: a valid socket descriptor and a c_uint option of its size.
+    let result = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot set TCP_USER_TIMEOUT");
+    }
+}
+
 /// Accept failures (out of descriptors, mostly) are reported once per
 /// interval with a count, not once per try.
 struct AcceptErrors {
@@ -560,6 +583,7 @@ pub async fn serve(
         };
         // SSE is small writes that must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        set_write_timeout(&stream, config.write_timeout);
         let conn = Conn {
             protocols: protocols.clone(),
             router: router.clone(),

@@ -42,6 +42,35 @@ pub fn put_id(buf: &mut BytesMut, id: &str) {
     buf.put_u8(b'\n');
 }
 
+/// How many bytes the `data:` lines of `data` take once encoded: what a
+/// payload costs in memory and on the wire (each line break adds a
+/// `data: ` prefix).
+pub fn encoded_data_len(data: &str) -> usize {
+    let bytes = data.as_bytes();
+    let mut lines = 1;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\n' => lines += 1,
+            b'\r' => {
+                lines += 1;
+                if bytes.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    // Each line: `data: `, its text, LF; the text is the payload less its
+    // line breaks.
+    let breaks = bytes
+        .iter()
+        .filter(|b| **b == b'\n' || **b == b'\r')
+        .count();
+    lines * 7 + bytes.len() - breaks
+}
+
 /// Appends one `data:` line per line of `data`, splitting on CRLF, CR and LF.
 fn put_data(buf: &mut BytesMut, data: &str) {
     let bytes = data.as_bytes();
@@ -111,6 +140,22 @@ mod tests {
         );
         assert_eq!(enc("1", None, "a\r\n"), "id: 1\ndata: a\ndata: \n\n");
         assert_eq!(enc("1", None, "\r\r"), "id: 1\ndata: \ndata: \ndata: \n\n");
+    }
+
+    #[test]
+    fn encoded_data_len_is_what_encoding_writes() {
+        for data in [
+            "",
+            "x",
+            "a\nb",
+            "a\r\nb\rc\n",
+            "\n\n\n",
+            "\r\r",
+            "hello, world",
+        ] {
+            let (frame, id_len) = encode_event("1", None, data);
+            assert_eq!(encoded_data_len(data), frame.len() - id_len - 1, "{data:?}");
+        }
     }
 
     #[test]

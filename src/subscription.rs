@@ -377,6 +377,11 @@ impl Subscription {
             self.positions[i].epoch = Some(epoch);
             let page_len = history.events.len();
             for event in &history.events {
+                // One write stays within the chunk cap however large the
+                // events: the rest of the page is read again next turn.
+                if chunk.len() >= MAX_CHUNK_BYTES {
+                    return Ok(false);
+                }
                 self.emit(i, event, chunk);
             }
             return Ok(page_len < REPLAY_PAGE || self.positions[i].seq >= history.head);
@@ -618,7 +623,14 @@ mod tests {
             max_age: Duration::from_secs(3600),
         };
         let store = Arc::new(Refusing {
-            inner: MemoryStore::new(hub.clone(), retention),
+            inner: MemoryStore::new(
+                hub.clone(),
+                retention,
+                crate::store::Budget {
+                    max_bytes: usize::MAX,
+                    max_topics: usize::MAX,
+                },
+            ),
             refuse_after,
             refuse_all: AtomicBool::new(false),
             reads: AtomicUsize::new(0),

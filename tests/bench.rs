@@ -179,3 +179,85 @@ async fn replay_fails_and_reports_the_reset_when_retention_is_short() {
     assert!(result["lost"].as_u64() > Some(0), "{result}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_counts_the_hubs_refusals_and_measures_its_descriptors() {
+    let server =
+        Server::start_with(|config| config.body_timeout = Duration::from_millis(300)).await;
+    let result = bench(
+        &server,
+        &[
+            "attack",
+            "--kind",
+            "dribble",
+            "--connections",
+            "4",
+            "--sources",
+            "127.0.1.1-127.0.1.2",
+            "--duration",
+            "1s",
+            "--retry",
+            "100ms",
+            "--settle",
+            "100ms",
+        ],
+    )
+    .await;
+    assert_eq!(result["scenario"], "attack", "{result}");
+    assert_eq!(result["kind"], "dribble", "{result}");
+    assert_eq!(result["sources"], "127.0.1.1-127.0.1.2", "{result}");
+    assert_eq!(result["open_max"], 4, "{result}");
+    assert!(result["attempts"].as_u64() >= Some(8), "{result}");
+    let cut = &result["outcomes"]["408 body-timeout"];
+    assert!(cut["count"].as_u64() >= Some(4), "{result}");
+    let after = cut["after_ms"]["p50"].as_f64().expect("p50");
+    assert!((300.0..1000.0).contains(&after), "{result}");
+    let fds = &result["hub"]["fds"];
+    let before = fds["before"].as_u64().expect("fds before");
+    assert!(fds["during_max"].as_u64() >= Some(before + 4), "{result}");
+    assert!(fds["after"].as_u64() > Some(0), "{result}");
+    let rss = &result["hub"]["rss_bytes"];
+    assert!(
+        rss["during_max"].as_u64() >= rss["before"].as_u64(),
+        "{result}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_flood_is_refused_past_the_rate_and_what_is_stored_is_dense() {
+    let server = Server::start_with(|config| {
+        config.publish_rate = 20;
+        config.publish_burst = 20;
+    })
+    .await;
+    let result = bench(
+        &server,
+        &[
+            "attack",
+            "--kind",
+            "publish-flood",
+            "--connections",
+            "2",
+            "--duration",
+            "1s",
+            "--retry",
+            "10ms",
+            "--settle",
+            "0s",
+        ],
+    )
+    .await;
+    let stored = &result["stored"];
+    let count = stored["count"].as_u64().expect("stored count");
+    assert!((20..=45).contains(&count), "{result}");
+    assert_eq!(result["outcomes"]["201"]["count"], count, "{result}");
+    assert_eq!(stored["first_seq"], 1, "{result}");
+    assert_eq!(stored["last_seq"], count, "{result}");
+    assert_eq!(stored["dense"], true, "{result}");
+    assert!(
+        result["outcomes"]["429 publish-rate"]["count"].as_u64() > Some(0),
+        "{result}"
+    );
+    server.stop().await;
+}

@@ -88,7 +88,11 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ("--body-timeout", "CRIER_BODY_TIMEOUT"),
         ("--idle-timeout", "CRIER_IDLE_TIMEOUT"),
         ("--max-header-bytes", "CRIER_MAX_HEADER_BYTES"),
+        ("--write-timeout", "CRIER_WRITE_TIMEOUT"),
+        ("--max-retained-bytes", "CRIER_MAX_RETAINED_BYTES"),
+        ("--max-topics", "CRIER_MAX_TOPICS"),
         ("--listen-backlog", "CRIER_LISTEN_BACKLOG"),
+        ("--log-format", "CRIER_LOG_FORMAT"),
         ("--tls-cert", "CRIER_TLS_CERT"),
         ("--tls-key", "CRIER_TLS_KEY"),
         ("--http2-max-streams", "CRIER_HTTP2_MAX_STREAMS"),
@@ -150,4 +154,62 @@ async fn the_listener_queues_as_many_connections_as_configured() {
             .unwrap();
         assert_eq!(send_q, backlog.min(somaxconn), "{line}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_the_request_fields() {
+    let crier = Process::start_with_env(
+        &["--log-format", "json"],
+        &[("RUST_LOG", "debug,hyper=info,h2=info")],
+    );
+    let client = common::client();
+    let served = client
+        .get(format!("{}/healthz", crier.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let refused = client
+        .get(format!("{}/nowhere?secret=query", crier.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 404);
+    let parsed = || -> Vec<serde_json::Value> {
+        crier
+            .log()
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    };
+    common::wait_for("both request lines", || {
+        parsed()
+            .iter()
+            .filter(|l| l["span"]["name"] == "request" && l["status"].is_number())
+            .count()
+            >= 2
+    })
+    .await;
+    let lines = parsed();
+    for line in &lines {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(line.get(key).is_some(), "{key} missing: {line}");
+        }
+    }
+    let request = |status: u64| {
+        lines
+            .iter()
+            .find(|l| l["status"] == status && l["span"]["name"] == "request")
+            .unwrap_or_else(|| panic!("no line for {status}: {lines:#?}"))
+            .clone()
+    };
+    let ok = request(200);
+    assert_eq!(ok["level"], "DEBUG");
+    assert_eq!(ok["span"]["method"], "GET");
+    assert_eq!(ok["span"]["path"], "/healthz");
+    assert!(ok["latency_us"].is_number());
+    let no = request(404);
+    assert_eq!(no["level"], "INFO");
+    assert_eq!(no["span"]["path"], "/nowhere", "the path, never the query");
+    assert!(!crier.log().iter().any(|l| l.contains("secret=query")));
 }

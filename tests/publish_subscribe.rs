@@ -204,12 +204,15 @@ async fn payloads_round_trip_exactly_with_cr_and_crlf_arriving_as_lf() {
     let server = Server::start().await;
     let mut sub = server.subscribe("/topics/payloads").await;
 
-    // 1024 lines of 63 characters and a LF: exactly 64 KiB, the default limit.
-    let mut at_limit = String::with_capacity(64 * 1024);
-    for i in 0..1024 {
-        at_limit.push_str(&format!("{i:04}{}\n", "y".repeat(59)));
-    }
-    assert_eq!(at_limit.len(), 64 * 1024);
+    // Exactly at the default limit of 64 KiB once encoded (the limit counts
+    // `data:` lines: a payload of 65,536 bytes on one line fits): 936 lines
+    // of 63 characters, each `data: …\n` (70 bytes), the last 23 longer.
+    let mut lines: Vec<String> = (0..936)
+        .map(|i| format!("{i:04}{}", "y".repeat(59)))
+        .collect();
+    lines.last_mut().unwrap().push_str(&"z".repeat(23));
+    let at_limit = lines.join("\n");
+    assert_eq!(936 * 70 + 23, 64 * 1024 + 7);
 
     let unicode = "emoji 😀👩‍👩‍👧🇫🇷 | CJK 中文 日本語 한국어 | combining e\u{301} a\u{308} n\u{303} | RTL עברית العربية \u{200f}x\u{200e} | NBSP\u{a0}end";
     let json_text = r#"{"user":{"id":7,"name":"Zoë"},"tags":["a","b"],"ok":true,"n":null}"#;
@@ -238,7 +241,7 @@ async fn payloads_round_trip_exactly_with_cr_and_crlf_arriving_as_lf() {
         ("empty body", String::new(), String::new()),
         ("unicode", unicode.into(), unicode.into()),
         ("json text", json_text.into(), json_text.into()),
-        ("64 KiB at the limit", at_limit.clone(), at_limit),
+        ("at the limit once encoded", at_limit.clone(), at_limit),
     ];
     for (seq, (what, sent, expected)) in (1u64..).zip(cases) {
         let answer = server.publish("payloads", &sent).await;

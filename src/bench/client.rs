@@ -315,7 +315,7 @@ impl Stream {
 /// (a minute) exhaust the range, and the search slows connecting to a crawl
 /// long before that.
 #[cfg(target_os = "linux")]
-fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+pub(super) fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
     // SAFETY: a live socket descriptor, and an option value of the size

@@ -1,6 +1,7 @@
 //! `crier bench`: measures an SSE hub over HTTP, so it can measure a peer as
 //! well as crier. Progress goes to stderr, one JSON result to stdout.
 
+mod attack;
 mod client;
 mod decode;
 mod fanout;
@@ -39,6 +40,11 @@ pub enum Scenario {
     /// comes back with Last-Event-ID, L more are published; it must get the
     /// M then the L, in order, none twice.
     Replay(Box<replay::ReplayArgs>),
+    /// One flood (connections held, silent connections, half TLS
+    /// handshakes, slowloris, dribbled bodies, publishes over the rate)
+    /// for a while: what the hub answered, and its memory and descriptors
+    /// before, during and after.
+    Attack(Box<attack::AttackArgs>),
 }
 
 /// Runs a scenario and prints its JSON result on stdout.
@@ -49,6 +55,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Idle(args) => idle::run(args).await?,
         Scenario::Storm(args) => storm::run(*args).await?,
         Scenario::Replay(args) => replay::run(*args).await?,
+        Scenario::Attack(args) => attack::run(*args).await?,
     };
     println!("{result}");
     Ok(())

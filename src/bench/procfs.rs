@@ -45,6 +45,15 @@ pub fn memory_bytes(pid: u32, field: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
 }
 
+/// Open file descriptors of `pid` (sockets included): the entries of
+/// `/proc/PID/fd`.
+pub fn open_descriptors(pid: u32) -> Result<usize, String> {
+    let path = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&path)
+        .map(Iterator::count)
+        .map_err(|e| format!("cannot read {path}: {e}"))
+}
+
 /// CPU seconds summed over `pids`.
 pub fn total_cpu_seconds(pids: &[u32]) -> Result<f64, String> {
     pids.iter().map(|&pid| cpu_seconds(pid)).sum()
@@ -67,5 +76,9 @@ mod tests {
         let peak = memory_bytes(me, "VmHWM").unwrap();
         assert!(rss > 0 && peak > 0, "rss {rss}, peak {peak}");
         assert!(memory_bytes(me, "VmNothing").is_err());
+        // Other tests open and close files meanwhile: at least stdin,
+        // stdout and stderr.
+        assert!(open_descriptors(me).unwrap() >= 3);
+        assert!(open_descriptors(u32::MAX).is_err());
     }
 }

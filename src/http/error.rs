@@ -18,6 +18,10 @@ pub enum ApiError {
     InvalidEventName(#[from] InvalidEventName),
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error(
+        "the event is larger than the limit of {limit} bytes once encoded: each line break adds a `data: ` line of 7 bytes"
+    )]
+    EncodedTooLarge { limit: usize },
     #[error("the event data is not valid UTF-8 text")]
     NotUtf8,
     #[error("could not read the request body: {0}")]
@@ -56,11 +60,14 @@ pub enum ApiError {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::EncodedTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             // Asking again cannot help: not an outage.
             ApiError::Store(StoreError::Rejected(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Store(StoreError::Full(_)) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Auth(AuthError::NotGranted { .. } | AuthError::Origin(_)) => {
                 StatusCode::FORBIDDEN
@@ -79,7 +86,9 @@ impl ApiError {
         match self {
             ApiError::InvalidTopic { .. } => "invalid-topic",
             ApiError::InvalidEventName(_) => "invalid-event-name",
-            ApiError::PayloadTooLarge { .. } => "payload-too-large",
+            ApiError::PayloadTooLarge { .. } | ApiError::EncodedTooLarge { .. } => {
+                "payload-too-large"
+            }
             ApiError::NotUtf8 => "not-utf8",
             ApiError::UnreadableBody(_) => "unreadable-body",
             ApiError::InvalidPosition { .. } => "invalid-last-event-id",
@@ -91,6 +100,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method-not-allowed",
             ApiError::NotFound(_) => "not-found",
             ApiError::Store(StoreError::Rejected(_)) => "store-error",
+            ApiError::Store(StoreError::Full(_)) => "storage-full",
             ApiError::Store(_) => "store-unavailable",
             ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",
             ApiError::Limit(LimitError::Streams { .. }) => "too-many-streams",
@@ -139,6 +149,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let ApiError::Store(StoreError::Full(_)) = &self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(10u32));
+        }
         if let ApiError::Limit(limit) = &self {
             let seconds = limit.retry_after().as_secs_f64().ceil().max(1.0) as u64;
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

@@ -68,6 +68,11 @@ pub async fn one(
     )
     .await?;
     let data = String::from_utf8(bytes).map_err(|_| ApiError::NotUtf8)?;
+    if !fits(&data, state.config.max_event_bytes) {
+        return Err(ApiError::EncodedTooLarge {
+            limit: state.config.max_event_bytes,
+        });
+    }
     let stored = state
         .store
         .append(vec![NewEvent { topic, name, data }])
@@ -133,9 +138,9 @@ pub async fn batch(
             serde_json::Value::String(s) => s,
             other => other.to_string(),
         };
-        if data.len() > config.max_event_bytes {
+        if !fits(&data, config.max_event_bytes) {
             return Err(bad(format!(
-                "data is larger than the limit of {} bytes",
+                "data is larger than the limit of {} bytes once encoded (each line break adds a `data: ` line)",
                 config.max_event_bytes
             )));
         }
@@ -154,6 +159,14 @@ pub async fn batch(
             events: stored.iter().map(|e| Published::from(&**e)).collect(),
         }),
     ))
+}
+
+/// Whether `data` stays within `limit` once encoded: a payload of `limit`
+/// bytes on one line fits, and each line break costs the 7 bytes of the
+/// `data: ` line it adds, so line breaks cannot inflate what is stored and
+/// sent past the limit.
+fn fits(data: &str, limit: usize) -> bool {
+    crate::sse::encoded_data_len(data) <= limit.saturating_add(7)
 }
 
 /// The client a request came from, for limits ("unknown" only when the

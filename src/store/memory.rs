@@ -7,6 +7,7 @@
 //! learn that their position no longer exists.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -18,12 +19,32 @@ use crate::event::{Epoch, Event, Topic};
 use crate::hub::Hub;
 
 pub struct MemoryStore {
-    topics: Mutex<HashMap<Topic, Arc<Mutex<Log>>>>,
+    /// Topic → log, split into shards so that no lock covers every topic:
+    /// appends to different shards do not contend, and the sweeper holds one
+    /// shard at a time.
+    shards: Box<[Shard]>,
     hub: Hub,
     retention: Retention,
+    budget: Budget,
+    /// Bytes of the events retained, all topics together.
+    retained_bytes: Arc<AtomicUsize>,
+    /// Topics with a log.
+    topic_count: AtomicUsize,
     /// Tickets by digest: record and expiry. Expired ones are swept.
     tickets: Mutex<HashMap<String, (String, Instant)>>,
 }
+
+/// How much the store may hold: a publish that would take it past either
+/// bound is refused, never made room for by dropping what was acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub max_bytes: usize,
+    pub max_topics: usize,
+}
+
+const SHARDS: usize = 256;
+
+type Shard = Mutex<HashMap<Topic, Arc<Mutex<Log>>>>;
 
 /// One topic's history in one epoch.
 struct Log {
@@ -33,15 +54,23 @@ struct Log {
     /// Set when the sweeper removed this log from the map; an appender that
     /// raced with it starts over with a fresh log.
     removed: bool,
+    /// The store's count of retained bytes, kept by every removal.
+    retained_bytes: Arc<AtomicUsize>,
+}
+
+/// What an event counts against the budget: its encoded frame.
+fn cost(event: &Event) -> usize {
+    event.frame().len()
 }
 
 impl Log {
-    fn new() -> Log {
+    fn new(retained_bytes: Arc<AtomicUsize>) -> Log {
         Log {
             epoch: Epoch::random(),
             head: 0,
             events: VecDeque::new(),
             removed: false,
+            retained_bytes,
         }
     }
 
@@ -51,16 +80,31 @@ impl Log {
             .map_or(self.head.saturating_add(1), |(_, e)| e.seq)
     }
 
+    fn pop_oldest(&mut self) {
+        if let Some((_, event)) = self.events.pop_front() {
+            self.retained_bytes
+                .fetch_sub(cost(&event), Ordering::Relaxed);
+        }
+    }
+
     fn trim(&mut self, retention: &Retention, now: Instant) {
         while self.events.len() > retention.max_events {
-            self.events.pop_front();
+            self.pop_oldest();
         }
         while self
             .events
             .front()
             .is_some_and(|(at, _)| now.saturating_duration_since(*at) > retention.max_age)
         {
-            self.events.pop_front();
+            self.pop_oldest();
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        while !self.events.is_empty() {
+            self.pop_oldest();
         }
     }
 }
@@ -70,13 +114,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl MemoryStore {
-    pub fn new(hub: Hub, retention: Retention) -> MemoryStore {
+    pub fn new(hub: Hub, retention: Retention, budget: Budget) -> MemoryStore {
         MemoryStore {
-            topics: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hub,
             retention,
+            budget,
+            retained_bytes: Arc::new(AtomicUsize::new(0)),
+            topic_count: AtomicUsize::new(0),
             tickets: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn shard(&self, topic: &Topic) -> &Shard {
+        use std::hash::{BuildHasher, RandomState};
+        static HASHER: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+        let hash = HASHER.get_or_init(RandomState::new).hash_one(topic);
+        &self.shards[(hash % SHARDS as u64) as usize]
     }
 
     /// Runs until `stop`: periodically drops expired events, and forgets
@@ -90,34 +144,56 @@ impl MemoryStore {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => self.sweep(),
+                _ = tick.tick() => self.sweep().await,
             }
         }
     }
 
-    fn sweep(&self) {
+    /// One shard at a time, letting other tasks run in between, so no lock
+    /// is held for long however many topics there are.
+    async fn sweep(&self) {
         let now = Instant::now();
         lock(&self.tickets).retain(|_, (_, expires)| *expires > now);
-        let mut topics = lock(&self.topics);
-        topics.retain(|topic, log| {
-            let mut log = lock(log);
-            log.trim(&self.retention, now);
-            let keep = !log.events.is_empty() || self.hub.is_watched(topic);
-            log.removed = !keep;
-            keep
-        });
+        for shard in self.shards.iter() {
+            {
+                let mut topics = lock(shard);
+                let before = topics.len();
+                topics.retain(|topic, log| {
+                    let mut log = lock(log);
+                    log.trim(&self.retention, now);
+                    let keep = !log.events.is_empty() || self.hub.is_watched(topic);
+                    log.removed = !keep;
+                    keep
+                });
+                self.topic_count
+                    .fetch_sub(before - topics.len(), Ordering::Relaxed);
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
-    fn log(&self, topic: &Topic) -> Arc<Mutex<Log>> {
-        lock(&self.topics)
-            .entry(topic.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(Log::new())))
-            .clone()
+    /// The log of `topic`, created if `create` (refused past the topic
+    /// budget).
+    fn log(&self, topic: &Topic) -> Result<Arc<Mutex<Log>>, StoreError> {
+        let mut topics = lock(self.shard(topic));
+        if let Some(log) = topics.get(topic) {
+            return Ok(log.clone());
+        }
+        if self.topic_count.fetch_add(1, Ordering::Relaxed) >= self.budget.max_topics {
+            self.topic_count.fetch_sub(1, Ordering::Relaxed);
+            return Err(StoreError::Full(format!(
+                "the hub holds {} topics, its limit (--max-topics)",
+                self.budget.max_topics
+            )));
+        }
+        let log = Arc::new(Mutex::new(Log::new(self.retained_bytes.clone())));
+        topics.insert(topic.clone(), log.clone());
+        Ok(log)
     }
 
     fn append_one(&self, new: NewEvent) -> Result<Arc<Event>, StoreError> {
         loop {
-            let log = self.log(&new.topic);
+            let log = self.log(&new.topic)?;
             let mut log = lock(&log);
             if log.removed {
                 continue;
@@ -140,22 +216,48 @@ impl MemoryStore {
                 &new.data,
             ));
             log.head = seq;
+            self.retained_bytes
+                .fetch_add(cost(&event), Ordering::Relaxed);
             log.events.push_back((now, event.clone()));
             log.trim(&self.retention, now);
             self.hub.deliver(&event);
             return Ok(event);
         }
     }
+
+    /// Whether `bytes` more fit in the budget. Concurrent publishes may
+    /// each pass before the other is stored, so the budget can be exceeded
+    /// by the batches in flight at one moment, never more.
+    fn check_room(&self, bytes: usize) -> Result<(), StoreError> {
+        let retained = self.retained_bytes.load(Ordering::Relaxed);
+        if retained.saturating_add(bytes) > self.budget.max_bytes {
+            return Err(StoreError::Full(format!(
+                "the events retained would exceed {} bytes (--max-retained-bytes)",
+                self.budget.max_bytes
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Store for MemoryStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
+        // All or none: room for the whole batch, and every topic it names,
+        // is checked before anything is stored.
+        let bytes = events
+            .iter()
+            .map(|e| crate::sse::encoded_data_len(&e.data) + 64)
+            .sum();
+        self.check_room(bytes)?;
+        for event in &events {
+            drop(self.log(&event.topic)?);
+        }
         events.into_iter().map(|e| self.append_one(e)).collect()
     }
 
     async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError> {
-        let Some(log) = lock(&self.topics).get(topic).cloned() else {
+        let Some(log) = lock(self.shard(topic)).get(topic).cloned() else {
             return Ok(History {
                 oldest: 1,
                 ..History::default()

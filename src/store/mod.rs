@@ -16,7 +16,7 @@ use async_trait::async_trait;
 
 use crate::event::{Epoch, Event, EventName, Topic};
 
-pub use memory::MemoryStore;
+pub use memory::{Budget, MemoryStore};
 pub use redis::RedisStore;
 
 /// The highest sequence number a store hands out: 2^53 - 1, the largest
@@ -68,6 +68,10 @@ pub enum StoreError {
     /// overwritten by hand): the same request would be refused again.
     #[error("the event store refused the request: {0}")]
     Rejected(String),
+    /// The store holds all it may (`--max-retained-bytes`, `--max-topics`):
+    /// nothing of the request was stored.
+    #[error("the store is full: {0}")]
+    Full(String),
     /// A setting the store cannot work with; reported at start-up.
     #[error("invalid store configuration: {0}")]
     Config(String),

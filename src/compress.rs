@@ -325,4 +325,118 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const ALL: [Codec; 3] = [Codec::Zstd, Codec::Brotli, Codec::Gzip];
+
+        /// An `Accept-Encoding` item: a coding and maybe its q-value.
+        type Item = (String, Option<&'static str>);
+
+        /// One item: a coding (in any case), maybe a q-value.
+        fn item() -> impl Strategy<Value = Item> {
+            let name = prop_oneof![
+                Just("zstd"),
+                Just("br"),
+                Just("gzip"),
+                Just("*"),
+                Just("identity"),
+                Just("deflate"),
+                Just("compress"),
+            ];
+            let q = proptest::option::of(prop_oneof![
+                Just("0"),
+                Just("0.0"),
+                Just("0.000"),
+                Just("0.001"),
+                Just("0.5"),
+                Just("0.9"),
+                Just("1"),
+                Just("1.000"),
+            ]);
+            (name, any::<bool>(), q).prop_map(|(name, upper, q)| {
+                let name = if upper {
+                    name.to_ascii_uppercase()
+                } else {
+                    name.to_owned()
+                };
+                (name, q)
+            })
+        }
+
+        /// A header naming each coding at most once, and the codecs the hub
+        /// offers, in its order of preference.
+        fn case() -> impl Strategy<Value = (Vec<Item>, String, Vec<Codec>)> {
+            let items = proptest::collection::vec(item(), 0..8).prop_map(|mut items| {
+                let mut seen = std::collections::HashSet::new();
+                items.retain(|(name, _)| seen.insert(name.to_ascii_lowercase()));
+                items
+            });
+            let spacing =
+                proptest::collection::vec(prop_oneof![Just(""), Just(" "), Just("  ")], 8);
+            let enabled = Just(ALL.to_vec())
+                .prop_shuffle()
+                .prop_flat_map(|all| (0..=all.len()).prop_map(move |n| all[..n].to_vec()));
+            (items, spacing, enabled).prop_map(|(items, spacing, enabled)| {
+                let header = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, q))| {
+                        let pad = spacing[i % spacing.len()];
+                        match q {
+                            Some(q) => format!("{pad}{name}{pad};{pad}q={q}"),
+                            None => format!("{pad}{name}"),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (items, header, enabled)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            #[test]
+            fn negotiation_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+                if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+                    for n in 0..=ALL.len() {
+                        let _ = negotiate(Some(&value), &ALL[..n]);
+                    }
+                }
+            }
+
+            /// RFC 9110, 12.5.3: each coding's weight is its own q-value if
+            /// named, else the wildcard's; q=0 refuses. The hub picks the
+            /// heaviest it offers, on a tie its own first choice, and never
+            /// one of weight 0.
+            #[test]
+            fn negotiation_picks_the_heaviest_offered_coding_and_never_a_refused_one(
+                (items, header, enabled) in case(),
+            ) {
+                let value = HeaderValue::from_str(&header).unwrap();
+                let weight_of = |token: &str| -> f32 {
+                    let q = |item: &Item| item.1.map_or(1.0, |q| q.parse().unwrap());
+                    let named = items.iter().find(|i| i.0.eq_ignore_ascii_case(token));
+                    let wildcard = items.iter().find(|i| i.0 == "*");
+                    named.or(wildcard).map_or(0.0, q)
+                };
+                let picked = negotiate(Some(&value), &enabled);
+                let best = enabled.iter().map(|c| weight_of(c.token())).fold(0.0f32, f32::max);
+                match picked {
+                    None => prop_assert_eq!(best, 0.0, "nothing picked from {:?}", header),
+                    Some(codec) => {
+                        let weight = weight_of(codec.token());
+                        prop_assert!(weight > 0.0, "{:?} picked from {:?}, which refuses it", codec, header);
+                        prop_assert_eq!(weight, best);
+                        let first_best = enabled.iter().find(|c| weight_of(c.token()) == best);
+                        prop_assert_eq!(Some(&codec), first_best);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -229,6 +229,20 @@ impl Cursor {
     }
 }
 
+/// The positions, comma-separated, without a topic prefix: what
+/// [`Cursor::parse`] reads back.
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, position) in self.0.iter().enumerate() {
+            if n > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{position}")?;
+        }
+        Ok(())
+    }
+}
+
 /// One stored event, as every store hands it out.
 ///
 /// The event is kept only in its encoded SSE form: `frame` is the complete
@@ -362,6 +376,98 @@ mod tests {
             "99999999999999999999999",
         ] {
             assert!(Cursor::parse(bad, 1).is_err(), "{bad:?}");
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn is_topic_char(c: char) -> bool {
+            c.is_ascii_alphanumeric() || ".-_~:".contains(c)
+        }
+
+        fn position() -> impl Strategy<Value = Position> {
+            (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(seq, epoch)| Position {
+                seq,
+                epoch: epoch.map(Epoch),
+            })
+        }
+
+        /// Strings near the grammars: mostly the characters they use.
+        fn nearly(max: usize) -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::string::string_regex(&format!("[0-9a-zA-Z.,/:_~ -]{{0,{max}}}")).unwrap(),
+                proptest::string::string_regex(&format!("\\PC{{0,{max}}}")).unwrap(),
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            #[test]
+            fn topic_parse_accepts_exactly_the_charset_and_length(name in nearly(40), max_len in 1usize..40) {
+                let valid = !name.is_empty() && name.len() <= max_len && name.chars().all(is_topic_char);
+                match Topic::parse(&name, max_len) {
+                    Ok(topic) => {
+                        prop_assert!(valid, "{name:?} accepted");
+                        prop_assert_eq!(topic.as_str(), name.as_str());
+                        prop_assert_eq!(topic.to_string(), name);
+                    }
+                    Err(_) => prop_assert!(!valid, "{name:?} refused"),
+                }
+            }
+
+            #[test]
+            fn event_name_parse_accepts_exactly_the_charset_and_length_and_never_a_control_name(
+                name in prop_oneof![nearly(70), Just("reset".to_owned()), Just("reauth".to_owned())],
+            ) {
+                let valid = (1..=64).contains(&name.len())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c))
+                    && name != RESET_EVENT
+                    && name != REAUTH_EVENT;
+                match EventName::parse(&name) {
+                    Ok(parsed) => {
+                        prop_assert!(valid, "{name:?} accepted");
+                        prop_assert_eq!(parsed.as_str(), name.as_str());
+                    }
+                    Err(_) => prop_assert!(!valid, "{name:?} refused"),
+                }
+            }
+
+            #[test]
+            fn a_cursor_written_out_parses_back_to_itself(
+                positions in proptest::collection::vec(position(), 1..8),
+                prefix in proptest::option::of("[a-zA-Z0-9._~:-]{1,20}"),
+            ) {
+                let cursor = Cursor(positions);
+                let n = cursor.0.len();
+                let text = match &prefix {
+                    Some(topic) => format!("{topic}/{cursor}"),
+                    None => cursor.to_string(),
+                };
+                prop_assert_eq!(Cursor::parse(&text, n), Ok(cursor.clone()));
+                // A position alone is written the same way.
+                for position in &cursor.0 {
+                    prop_assert_eq!(Cursor::parse(&position.to_string(), 1), Ok(Cursor(vec![*position])));
+                }
+                // The count must match.
+                prop_assert!(Cursor::parse(&text, n + 1).is_err());
+                prop_assert!(Cursor::parse(&text, n - 1).is_err());
+            }
+
+            #[test]
+            fn cursor_parse_never_panics_and_what_it_accepts_writes_back_the_same(
+                text in nearly(60),
+                topics in 0usize..5,
+            ) {
+                if let Ok(cursor) = Cursor::parse(&text, topics) {
+                    prop_assert_eq!(cursor.0.len(), topics);
+                    prop_assert_eq!(Cursor::parse(&cursor.to_string(), topics), Ok(cursor));
+                }
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::event::{Cursor, Event, Position, REAUTH_EVENT, RESET_EVENT, Topic};
 use crate::hub::{Feeds, Hub, Lagged, Live};
 use crate::sse;
-use crate::store::{Store, StoreError};
+use crate::store::{History, Store, StoreError};
 
 /// Events read from the store per round trip while replaying.
 const REPLAY_PAGE: usize = 128;
@@ -70,6 +70,24 @@ enum ResetReason {
 }
 
 impl ResetReason {
+    /// Why `position` cannot be honoured in a topic with these bounds, if
+    /// it cannot.
+    fn of(position: Position, history: &History) -> Option<ResetReason> {
+        match history.epoch {
+            // The topic has no history: a position with an epoch points
+            // into one that is gone; one without is ahead.
+            None if position.seq == 0 => None,
+            None if position.epoch.is_some() => Some(ResetReason::Epoch),
+            None => Some(ResetReason::Ahead),
+            Some(epoch) if position.epoch.is_some_and(|e| e != epoch) => Some(ResetReason::Epoch),
+            Some(_) if position.seq > history.head => Some(ResetReason::Ahead),
+            Some(_) if position.seq.saturating_add(1) < history.oldest => {
+                Some(ResetReason::Trimmed)
+            }
+            Some(_) => None,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             ResetReason::Trimmed => "trimmed",
@@ -149,7 +167,8 @@ impl Subscription {
     /// The SSE byte stream: preamble, replay, then live events and
     /// heartbeats until the client leaves, it falls too far behind, or the
     /// hub shuts down. While the store cannot be reached the stream stays
-    /// open, sends heartbeats, and retries with backoff.
+    /// open, sends heartbeats, and retries with backoff; when the store
+    /// refuses its work (which asking again cannot change) it ends.
     pub fn into_stream(mut self, settings: StreamSettings) -> impl Stream<Item = Bytes> {
         async_stream::stream! {
             let mut chunk = Chunk::default();
@@ -184,18 +203,29 @@ impl Subscription {
                         yield reauth();
                         return;
                     }
-                    match self.store_step(&mut chunk).await {
-                        Ok(()) => retry.succeeded(),
+                    let refused = match self.store_step(&mut chunk).await {
+                        Ok(()) => {
+                            retry.succeeded();
+                            false
+                        }
+                        Err(StoreError::Rejected(error)) => {
+                            tracing::warn!(%error, "ending a stream: the store refuses its work");
+                            true
+                        }
                         Err(error) => {
                             // The store logs its own outage once; this is
                             // per stream, so it stays at debug.
                             tracing::debug!(%error, "a stream waits for the store");
                             retry.failed();
+                            false
                         }
-                    }
+                    };
                     if let Some(bytes) = chunk.take() {
                         yield bytes;
                         last_write = tokio::time::Instant::now();
+                    }
+                    if refused {
+                        return;
                     }
                     continue;
                 }
@@ -289,7 +319,10 @@ impl Subscription {
                     let history = self.store.read(topic, 0, 0).await?;
                     self.positions[i] = match history.epoch {
                         Some(epoch) => {
-                            let from = history.head.saturating_sub(last).max(history.oldest - 1);
+                            let from = history
+                                .head
+                                .saturating_sub(last)
+                                .max(history.oldest.saturating_sub(1));
                             Position::new(from, epoch)
                         }
                         None => Position::default(),
@@ -307,34 +340,35 @@ impl Subscription {
     async fn catch_up_page(&mut self, i: usize, chunk: &mut Chunk) -> Result<bool, StoreError> {
         loop {
             let position = self.positions[i];
-            let history = self
+            let history = match self
                 .store
                 .read(&self.topics[i], position.seq, REPLAY_PAGE)
-                .await?;
+                .await
+            {
+                // The store will never read after this position. If the
+                // position is what cannot be honoured, the topic's bounds
+                // (a read that takes no position) say so, and it resets
+                // like any other; if the store refuses a position it should
+                // serve, asking again cannot help.
+                Err(StoreError::Rejected(error)) => {
+                    let bounds = self.store.read(&self.topics[i], 0, 0).await?;
+                    if ResetReason::of(position, &bounds).is_none() {
+                        return Err(StoreError::Rejected(error));
+                    }
+                    bounds
+                }
+                read => read?,
+            };
+            let reason = ResetReason::of(position, &history);
             let Some(epoch) = history.epoch else {
-                if position.seq > 0 {
-                    // The topic has no history: a position with an epoch
-                    // points into one that is gone; one without is ahead.
-                    let reason = match position.epoch {
-                        Some(_) => ResetReason::Epoch,
-                        None => ResetReason::Ahead,
-                    };
+                if let Some(reason) = reason {
                     self.positions[i] = Position::default();
                     self.emit_reset(i, reason, position, None, chunk);
                 }
                 return Ok(true);
             };
-            let reason = if position.epoch.is_some_and(|e| e != epoch) {
-                Some(ResetReason::Epoch)
-            } else if position.seq > history.head {
-                Some(ResetReason::Ahead)
-            } else if position.seq.saturating_add(1) < history.oldest {
-                Some(ResetReason::Trimmed)
-            } else {
-                None
-            };
             if let Some(reason) = reason {
-                self.positions[i] = Position::new(history.oldest - 1, epoch);
+                self.positions[i] = Position::new(history.oldest.saturating_sub(1), epoch);
                 let oldest =
                     (history.oldest <= history.head).then(|| Position::new(history.oldest, epoch));
                 self.emit_reset(i, reason, position, oldest, chunk);
@@ -385,7 +419,7 @@ impl Subscription {
             position.epoch == Some(event.epoch) || (position.epoch.is_none() && position.seq == 0);
         if in_step && event.seq <= position.seq {
             // Already sent during replay.
-        } else if in_step && event.seq == position.seq + 1 {
+        } else if in_step && Some(event.seq) == position.seq.checked_add(1) {
             self.emit(i, &event, chunk);
         } else {
             // A hole, or a new epoch: the store knows what happened.
@@ -522,5 +556,199 @@ impl Chunk {
             return Some(single);
         }
         (!self.buf.is_empty()).then(|| self.buf.split().freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::store::{MemoryStore, NewEvent, Retention};
+
+    /// A store that refuses, for good, to read after any position past
+    /// `refuse_after`, or every read at all.
+    struct Refusing {
+        inner: MemoryStore,
+        refuse_after: u64,
+        refuse_all: AtomicBool,
+        reads: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Store for Refusing {
+        async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
+            self.inner.append(events).await
+        }
+
+        async fn read(
+            &self,
+            topic: &Topic,
+            after: u64,
+            limit: usize,
+        ) -> Result<History, StoreError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.refuse_all.load(Ordering::SeqCst) || after > self.refuse_after {
+                return Err(StoreError::Rejected(format!("no read after {after}")));
+            }
+            self.inner.read(topic, after, limit).await
+        }
+
+        async fn put_ticket(
+            &self,
+            key: &str,
+            record: &str,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.put_ticket(key, record, ttl).await
+        }
+
+        async fn take_ticket(&self, key: &str) -> Result<Option<String>, StoreError> {
+            self.inner.take_ticket(key).await
+        }
+    }
+
+    fn topic() -> Topic {
+        Topic::parse("t", 8).unwrap()
+    }
+
+    /// A hub and a store holding `t-1` … `t-n`.
+    async fn store_with(n: u64, refuse_after: u64) -> (Hub, Arc<Refusing>) {
+        let hub = Hub::new(64);
+        let retention = Retention {
+            max_events: 100,
+            max_age: Duration::from_secs(3600),
+        };
+        let store = Arc::new(Refusing {
+            inner: MemoryStore::new(
+                hub.clone(),
+                retention,
+                crate::store::Budget {
+                    max_bytes: usize::MAX,
+                    max_topics: usize::MAX,
+                },
+            ),
+            refuse_after,
+            refuse_all: AtomicBool::new(false),
+            reads: AtomicUsize::new(0),
+        });
+        for i in 1..=n {
+            publish(&store, &format!("t-{i}")).await;
+        }
+        (hub, store)
+    }
+
+    async fn publish(store: &Refusing, data: &str) -> Arc<Event> {
+        let new = NewEvent {
+            topic: topic(),
+            name: None,
+            data: data.into(),
+        };
+        store.append(vec![new]).await.unwrap().remove(0)
+    }
+
+    fn settings() -> StreamSettings {
+        StreamSettings {
+            heartbeat: Duration::from_millis(20),
+            retry: Duration::from_secs(1),
+            shutdown: CancellationToken::new(),
+            expires: None,
+        }
+    }
+
+    /// Reads `stream` until its text (heartbeats left out) ends with
+    /// `wanted`, failing after a few seconds.
+    async fn read_until(
+        stream: &mut (impl Stream<Item = Bytes> + Unpin),
+        text: &mut String,
+        wanted: &str,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !text.ends_with(wanted) {
+            let chunk = tokio::time::timeout_at(deadline, stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {wanted:?} after {text:?}"))
+                .unwrap_or_else(|| panic!("the stream ended before {wanted:?}: {text:?}"));
+            if &chunk[..] != sse::HEARTBEAT {
+                text.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_position_the_store_refuses_is_reset_from_its_bounds_and_the_stream_goes_on() {
+        let (hub, store) = store_with(3, 10).await;
+        let epoch = store
+            .inner
+            .read(&topic(), 0, 0)
+            .await
+            .unwrap()
+            .epoch
+            .unwrap();
+        let start = Start::After(Cursor(vec![Position {
+            seq: 50,
+            epoch: None,
+        }]));
+        let mut subscription =
+            Subscription::open(&hub, store.clone(), vec![topic()], IdStyle::Single, start);
+        subscription.prepare().await.unwrap();
+        let mut stream = Box::pin(subscription.into_stream(settings()));
+        let mut text = String::new();
+        let replayed = format!(
+            "retry: 1000\n: crier stream open\n\n\
+             id: 0.{epoch}\nevent: reset\n\
+             data: {{\"topic\":\"t\",\"reason\":\"ahead\",\"requested\":\"50\",\"oldest\":\"1.{epoch}\"}}\n\n\
+             id: 1.{epoch}\ndata: t-1\n\nid: 2.{epoch}\ndata: t-2\n\nid: 3.{epoch}\ndata: t-3\n\n"
+        );
+        read_until(
+            &mut stream,
+            &mut text,
+            &format!("id: 3.{epoch}\ndata: t-3\n\n"),
+        )
+        .await;
+        assert_eq!(text, replayed);
+        publish(&store, "t-4").await;
+        read_until(
+            &mut stream,
+            &mut text,
+            &format!("id: 4.{epoch}\ndata: t-4\n\n"),
+        )
+        .await;
+        assert_eq!(text, format!("{replayed}id: 4.{epoch}\ndata: t-4\n\n"));
+        // The refused read, the bounds, one page from the start.
+        assert_eq!(store.reads.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_refuses_every_read_ends_the_stream_instead_of_retrying() {
+        let (hub, store) = store_with(3, u64::MAX).await;
+        store.refuse_all.store(true, Ordering::SeqCst);
+        let start = Start::After(Cursor(vec![Position {
+            seq: 1,
+            epoch: None,
+        }]));
+        let mut subscription =
+            Subscription::open(&hub, store.clone(), vec![topic()], IdStyle::Single, start);
+        subscription.prepare().await.unwrap();
+        let stream = subscription.into_stream(settings());
+        let chunks: Vec<Bytes> = tokio::time::timeout(Duration::from_secs(5), stream.collect())
+            .await
+            .expect("the stream ends");
+        assert_eq!(chunks, vec![sse::preamble(1000)]);
+        // The refused read and the refused bounds; no retry.
+        assert_eq!(store.reads.load(Ordering::SeqCst), 2);
+
+        // A start that reads the store is refused before any answer.
+        let mut now = Subscription::open(
+            &hub,
+            store.clone(),
+            vec![topic()],
+            IdStyle::Single,
+            Start::Now,
+        );
+        assert!(matches!(now.prepare().await, Err(StoreError::Rejected(_))));
     }
 }

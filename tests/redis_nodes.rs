@@ -341,6 +341,64 @@ async fn a_topic_deleted_by_hand_starts_a_new_epoch_and_subscribers_are_told() {
     assert_eq!(sub.next().await, Ev::new(&again, "message", "two"));
 }
 
+/// A topic whose number in Redis was overwritten by hand cannot be read or
+/// numbered until someone fixes it: asking again cannot help, so publishes
+/// get a 500 (not 503: retrying is useless), nothing is half-stored, and a
+/// stream that must read it ends at once instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_whose_keys_were_overwritten_by_hand_is_refused_not_retried_forever() {
+    let redis = RedisServer::start();
+    let server = node(&redis.url()).await;
+    let first = server.publish_id("t", "one").await;
+    server.publish_id("t", "two").await;
+    assert_eq!(redis.cli(&["HSET", "crier:{t}:meta", "seq", "two"]), "0");
+
+    let (status, problem) = try_publish(&server, "t", "three").await;
+    assert_eq!(status, 500, "{problem}");
+    assert_eq!(problem["type"], "urn:crier:problem:store-error");
+    let response = server
+        .client
+        .post(server.url("/events"))
+        .body(r#"[{"topic":"t","data":"t3"},{"topic":"t","data":"t4"}]"#)
+        .send()
+        .await
+        .expect("batch request");
+    assert_problem(response, 500, "store-error").await;
+    assert_eq!(redis.cli(&["XLEN", "crier:{t}:events"]), "2");
+
+    // A stream that starts by reading the topic is refused outright...
+    let response = server
+        .client
+        .get(server.url("/topics/t"))
+        .send()
+        .await
+        .expect("subscribe request");
+    assert_problem(response, 500, "store-error").await;
+    // ...and one that reads it after answering ends, without an event.
+    let mut resumed = server.resume("/topics/t", &first).await;
+    assert_eq!(resumed.status, 200);
+    assert_eq!(resumed.until_end().await, Vec::<Ev>::new());
+    assert_eq!(
+        server
+            .client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .status(),
+        200
+    );
+
+    // Put right by hand, the topic goes on where it was.
+    assert_eq!(redis.cli(&["HSET", "crier:{t}:meta", "seq", "2"]), "0");
+    let mut resumed = server.resume("/topics/t", &first).await;
+    let third = server.publish_id("t", "three").await;
+    assert_eq!(seq_of(&third), 3);
+    let events = resumed.take(2).await;
+    assert_eq!(events[0].data, "two");
+    assert_eq!(events[1], Ev::new(&third, "message", "three"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_follow_the_prefix_and_database_of_the_url() {
     let redis = RedisServer::start();

@@ -779,6 +779,138 @@ async fn resume_from_a_future_position_sends_reset_ahead_then_every_retained_eve
     server.stop().await;
 }
 
+/// Positions past any number a store hands out. Redis numbers events in Lua,
+/// whose numbers are doubles, exact up to 2^53 - 1: these are around that
+/// bound, around 2^63 (where the read script's `after + 1` overflowed and
+/// the stream went silent) and at 2^64 - 1.
+const PAST_ANY_NUMBER: [&str; 9] = [
+    "18446744073709551615",
+    "18446744073709551614",
+    "9223372036854775808",
+    "9223372036854775807",
+    "9223372036854775806",
+    "9007199254740993",
+    "9007199254740992",
+    "9007199254740991",
+    "9007199254740990",
+];
+
+/// How soon a `reset` must arrive: one store read, not a retry loop.
+const PROMPTLY: Duration = Duration::from_secs(3);
+
+/// The next event, which must come within [`PROMPTLY`].
+async fn next_promptly(sub: &mut SseClient, what: &str) -> Ev {
+    tokio::time::timeout(PROMPTLY, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no event within {PROMPTLY:?} for {what}"))
+}
+
+async fn resume_from_a_position_past_any_number_sends_reset_ahead_then_every_retained_event() {
+    let server = Server::start().await;
+    let all = publish_n(&server, "news", 1..=3).await;
+    let epoch = epoch_of(&all[0].id);
+
+    let mut subs = Vec::new();
+    for seq in PAST_ANY_NUMBER {
+        // Without an epoch by header, with the topic's own epoch by parameter.
+        let with_epoch = format!("{seq}.{epoch}");
+        for (requested, by_header) in [(seq.to_owned(), true), (with_epoch, false)] {
+            let mut sub = if by_header {
+                server.resume("/topics/news", &requested).await
+            } else {
+                server
+                    .subscribe(&format!("/topics/news?lastEventId={requested}"))
+                    .await
+            };
+            assert_eq!(sub.status, 200, "{requested}");
+            assert_reset(
+                &next_promptly(&mut sub, &requested).await,
+                &pos(0, &epoch),
+                json!({"topic": "news", "reason": "ahead", "requested": requested, "oldest": all[0].id}),
+            );
+            assert_eq!(sub.take(3).await, all, "{requested}");
+            subs.push((requested, sub));
+        }
+    }
+
+    // The same in a multi-topic stream, next to a topic resumed normally.
+    let b = publish_n(&server, "other", 1..=2).await;
+    let huge = PAST_ANY_NUMBER[0];
+    let mut multi_sub = server
+        .resume(
+            "/events?topic=news&topic=other",
+            &format!("news/{huge},{}", b[0].id),
+        )
+        .await;
+    assert_reset(
+        &next_promptly(&mut multi_sub, "a multi-topic stream").await,
+        &multi("news", &[&pos(0, &epoch), &b[0].id]),
+        json!({"topic": "news", "reason": "ahead", "requested": huge, "oldest": all[0].id}),
+    );
+    let mut expected: Vec<Ev> = all
+        .iter()
+        .map(|e| msg(&multi("news", &[&e.id, &b[0].id]), &e.data))
+        .collect();
+    expected.push(msg(&multi("other", &[&all[2].id, &b[1].id]), &b[1].data));
+    assert_eq!(multi_sub.take(4).await, expected);
+
+    // Then live events, exactly.
+    let live = publish_n(&server, "news", 4..=4).await;
+    for (requested, sub) in &mut subs {
+        assert_eq!(next_promptly(sub, requested).await, live[0], "{requested}");
+    }
+    assert_eq!(
+        next_promptly(&mut multi_sub, "a multi-topic stream").await,
+        msg(&multi("news", &[&live[0].id, &b[1].id]), &live[0].data)
+    );
+    server.stop().await;
+}
+
+async fn resume_from_a_position_past_any_number_on_a_topic_without_history_sends_reset_ahead() {
+    let server = Server::start().await;
+    let mut subs = Vec::new();
+    for seq in PAST_ANY_NUMBER {
+        let mut sub = server.resume("/topics/fresh", seq).await;
+        assert_reset(
+            &next_promptly(&mut sub, seq).await,
+            "0",
+            json!({"topic": "fresh", "reason": "ahead", "requested": seq, "oldest": null}),
+        );
+        subs.push(sub);
+    }
+    let live = publish_n(&server, "fresh", 1..=1).await;
+    for sub in &mut subs {
+        assert_eq!(next_promptly(sub, "live").await, live[0]);
+    }
+    server.stop().await;
+}
+
+/// `last=N` takes any `u64`: a number past the history replays all of it.
+async fn last_n_past_any_number_replays_every_retained_event() {
+    let server = Server::start().await;
+    let all = publish_n(&server, "news", 1..=3).await;
+    let mut subs = Vec::new();
+    for n in PAST_ANY_NUMBER {
+        let mut sub = server.subscribe(&format!("/topics/news?last={n}")).await;
+        assert_eq!(sub.status, 200);
+        assert_eq!(sub.take(3).await, all, "last={n}");
+        subs.push(sub);
+    }
+    let live = publish_n(&server, "news", 4..=4).await;
+    for sub in &mut subs {
+        assert_eq!(next_promptly(sub, "live").await, live[0]);
+    }
+    // One past u64 is not a number of events: refused.
+    let response = server
+        .client
+        .get(server.url("/topics/news?last=18446744073709551616"))
+        .send()
+        .await
+        .expect("request");
+    assert_problem(response, 400, "invalid-parameter").await;
+    server.stop().await;
+}
+
 async fn resume_on_a_topic_without_history_sends_reset_with_null_oldest_then_live_from_seq_1() {
     let server = Server::start().await;
     // A position with an epoch points into a history that is gone.
@@ -1174,6 +1306,9 @@ on_every_store!(
     resume_from_an_expired_position_sends_reset_trimmed_then_only_unexpired_events,
     topic_forgotten_after_expiry_restarts_at_seq_1_and_old_positions_get_reset_epoch,
     resume_from_a_future_position_sends_reset_ahead_then_every_retained_event,
+    resume_from_a_position_past_any_number_sends_reset_ahead_then_every_retained_event,
+    resume_from_a_position_past_any_number_on_a_topic_without_history_sends_reset_ahead,
+    last_n_past_any_number_replays_every_retained_event,
     resume_on_a_topic_without_history_sends_reset_with_null_oldest_then_live_from_seq_1,
     resume_from_another_epoch_sends_reset_epoch_then_every_retained_event,
     multi_topic_reset_names_its_topic_and_leaves_the_other_topics_replay_intact,

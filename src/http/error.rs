@@ -65,6 +65,8 @@ impl ApiError {
             }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            // Asking again cannot help: not an outage.
+            ApiError::Store(StoreError::Rejected(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(StoreError::Full(_)) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Auth(AuthError::NotGranted { .. } | AuthError::Origin(_)) => {
@@ -97,6 +99,7 @@ impl ApiError {
             ApiError::BatchTooLong { .. } => "batch-too-long",
             ApiError::MethodNotAllowed { .. } => "method-not-allowed",
             ApiError::NotFound(_) => "not-found",
+            ApiError::Store(StoreError::Rejected(_)) => "store-error",
             ApiError::Store(StoreError::Full(_)) => "storage-full",
             ApiError::Store(_) => "store-unavailable",
             ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",

@@ -14,6 +14,7 @@ use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
 use crate::compress::{Compressor, negotiate};
 use crate::event::{Cursor, Topic};
+use crate::store::StoreError;
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 
 pub async fn topic(
@@ -165,9 +166,11 @@ async fn open(
     // Answer once live delivery is confirmed and the start is fixed, so that
     // everything published after the client sees the headers reaches it. If
     // the store is slow or down, answer anyway: the stream keeps retrying and
-    // sends heartbeats meanwhile.
+    // sends heartbeats meanwhile. A store that refuses the work will refuse
+    // it again: that is the answer.
     match tokio::time::timeout(PREPARE_WAIT, subscription.prepare()).await {
         Ok(Ok(())) => {}
+        Ok(Err(error @ StoreError::Rejected(_))) => return Err(error.into()),
         Ok(Err(error)) => tracing::warn!(%error, "subscribing while the store is unavailable"),
         Err(_) => tracing::warn!("subscribing while the store is slow"),
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{History, NewEvent, Retention, Store, StoreError};
+use super::{History, MAX_SEQ, NewEvent, Retention, Store, StoreError};
 use crate::event::{Epoch, Event, Topic};
 use crate::hub::Hub;
 
@@ -75,7 +75,9 @@ impl Log {
     }
 
     fn oldest(&self) -> u64 {
-        self.events.front().map_or(self.head + 1, |(_, e)| e.seq)
+        self.events
+            .front()
+            .map_or(self.head.saturating_add(1), |(_, e)| e.seq)
     }
 
     fn pop_oldest(&mut self) {
@@ -197,7 +199,15 @@ impl MemoryStore {
                 continue;
             }
             let now = Instant::now();
+            // Out of reach in practice; checked all the same, since a
+            // number handed out twice would break resuming.
             let seq = log.head + 1;
+            if seq > MAX_SEQ {
+                return Err(StoreError::Rejected(format!(
+                    "topic {} has run out of numbers",
+                    new.topic
+                )));
+            }
             let event = Arc::new(Event::new(
                 new.topic,
                 seq,

@@ -19,6 +19,13 @@ use crate::event::{Epoch, Event, EventName, Topic};
 pub use memory::{Budget, MemoryStore};
 pub use redis::RedisStore;
 
+/// The highest sequence number a store hands out: 2^53 - 1, the largest
+/// integer Redis's Lua numbers (doubles) hold exactly. The embedded store
+/// keeps to it too, so a position means the same on either, and any larger
+/// one is ahead of every topic. (At a million events a second, one topic
+/// takes 285 years to get there.)
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
 /// An event a publisher sent, already validated, not yet numbered.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -47,10 +54,20 @@ pub struct History {
     pub events: Vec<Arc<Event>>,
 }
 
+/// Why a store could not do what it was asked.
+///
+/// The difference that matters to callers is whether asking again can
+/// help: an outage passes (`Unavailable`), a refusal does not (`Rejected`),
+/// so a stream retries the one with backoff and never retries the other.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),
+    /// The store answered, and refused the request itself or answered
+    /// something crier cannot use (say, a topic's keys in Redis were
+    /// overwritten by hand): the same request would be refused again.
+    #[error("the event store refused the request: {0}")]
+    Rejected(String),
     /// The store holds all it may (`--max-retained-bytes`, `--max-topics`):
     /// nothing of the request was stored.
     #[error("the store is full: {0}")]
@@ -68,6 +85,10 @@ pub trait Store: Send + Sync + 'static {
     /// Reads up to `limit` retained events of `topic` with a sequence number
     /// above `after`, with the topic's bounds. `limit == 0` reads the bounds
     /// only.
+    ///
+    /// `after` comes from clients and may be any `u64`: a store answers
+    /// every one (one beyond anything it can number has no events after it
+    /// and is past the head), and never refuses a read because of it.
     async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError>;
 
     /// Makes sure events of `topic` appended from now on reach this node's

@@ -39,9 +39,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{Client, Script, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{History, NewEvent, Retention, Store, StoreError};
+use super::{History, MAX_SEQ, NewEvent, Retention, Store, StoreError};
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
+
+// Lua numbers are doubles, exact only up to 2^53: the scripts never see a
+// number past `MAX_SEQ`. The publish script refuses to number past it, and
+// the read path answers positions beyond it in Rust, without running XRANGE.
 
 /// Lua: `fresh_epoch(old)`, an epoch from the clock (base-36 ids of at most
 /// 7 digits), never equal to `old`.
@@ -68,6 +72,10 @@ end
 /// replica): the numbers from there on were handed out before, to other
 /// events. The topic then gets a new epoch, keeping what is retained, so no
 /// old position is taken for a position in the new events.
+///
+/// A topic whose number is not one the script could have written, or that
+/// would pass `MAX_SEQ`, is refused before anything is written: a script's
+/// earlier writes are not undone when a later command fails.
 const PUBLISH: &str = concat!(
     lua_fresh_epoch!(),
     r#"
@@ -80,6 +88,9 @@ if not epoch then
   redis.call('DEL', KEYS[2])
 else
   seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+  if not seq or seq < 0 or seq % 1 ~= 0 or seq + (#ARGV - 6) / 2 > 9007199254740991 then
+    return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
+  end
   if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
     epoch = fresh_epoch(epoch)
   end
@@ -127,10 +138,11 @@ return epoch
 "#
 );
 
-/// Reads a topic's bounds and up to `limit` events after a position, in one
-/// consistent snapshot. KEYS: meta, events. ARGV: after, limit, max age ms.
-/// Returns {} when the topic has no history, else {epoch, head, oldest,
-/// then seq, name, data per event}.
+/// Reads a topic's bounds and up to `limit` events from a number on, in one
+/// consistent snapshot. KEYS: meta, events. ARGV: the first number wanted
+/// (at most `MAX_SEQ + 1`, worked out in Rust: no arithmetic on a client's
+/// position happens here), limit, max age ms. Returns {} when the topic has
+/// no history, else {epoch, head, oldest, then seq, name, data per event}.
 const READ: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then return {} end
@@ -155,7 +167,7 @@ end
 local result = {epoch, head, oldest}
 local limit = tonumber(ARGV[2])
 if limit > 0 then
-  local from = math.max(tonumber(ARGV[1]) + 1, oldest)
+  local from = math.max(tonumber(ARGV[1]), oldest)
   local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from), '+', 'COUNT', limit)
   for _, entry in ipairs(entries) do
     table.insert(result, string.match(entry[1], '^(%d+)'))
@@ -253,6 +265,29 @@ impl Keys {
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
+}
+
+/// What a failed command means to its caller. An error a script raised
+/// while it ran (a command in it refused its arguments, or the data it
+/// found, or the script's own refusal, `crier: …`) and a reply of the wrong
+/// type come back every time: `Rejected`. Everything else passes: no
+/// connection, a timeout, a server that is loading, read-only, busy or out
+/// of memory.
+fn store_error(error: redis::RedisError) -> StoreError {
+    use redis::{ErrorKind, ServerErrorKind};
+    let text = error.to_string();
+    let refused = match error.kind() {
+        ErrorKind::UnexpectedReturnType => true,
+        ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::ExecAbort) => {
+            text.contains("user_script") || text.contains("crier:")
+        }
+        _ => false,
+    };
+    if refused {
+        StoreError::Rejected(text)
+    } else {
+        StoreError::Unavailable(text)
+    }
 }
 
 impl RedisStore {
@@ -507,12 +542,12 @@ impl RedisStore {
             let Some(history) = self.catch_up_read(topic, last).await else {
                 return false;
             };
-            if history.epoch != Some(epoch) || history.oldest > last + 1 {
+            if history.epoch != Some(epoch) || history.oldest > last.saturating_add(1) {
                 return false;
             }
             let page = history.events.len();
             for event in history.events {
-                if event.seq != last + 1 {
+                if Some(event.seq) != last.checked_add(1) {
                     return false;
                 }
                 last = event.seq;
@@ -598,17 +633,25 @@ impl RedisStore {
         after: u64,
         limit: usize,
     ) -> Result<History, StoreError> {
+        // `after` is whatever a client sent. No event follows a position at
+        // or past `MAX_SEQ`, so such a read asks for the bounds only (and
+        // the position is past the head); the script gets a number it can
+        // hold exactly, and does no arithmetic on it.
+        let (from, limit) = match after.checked_add(1) {
+            Some(from) if from <= MAX_SEQ => (from, limit),
+            _ => (MAX_SEQ, 0),
+        };
         let mut commands = self.commands.clone();
         let reply: Vec<Value> = self
             .read
             .key(self.keys.meta(topic))
             .key(self.keys.events(topic))
-            .arg(after)
+            .arg(from)
             .arg(limit)
             .arg(self.max_age_ms())
             .invoke_async(&mut commands)
             .await
-            .map_err(unavailable)?;
+            .map_err(store_error)?;
         if reply.is_empty() {
             return Ok(History {
                 oldest: 1,
@@ -624,12 +667,21 @@ impl RedisStore {
         let epoch = Epoch(field(0)?);
         let head = field(1)?;
         let oldest = field(2)?;
+        // Bounds a publish script could have left, so the engine's
+        // arithmetic on them (`oldest - 1`, `head + 1`) stays in range.
+        if head > MAX_SEQ || oldest == 0 || oldest > head + 1 {
+            return Err(malformed("read"));
+        }
         let mut events = Vec::with_capacity(reply.len().saturating_sub(3) / 3);
+        let mut next = from.max(oldest);
         for entry in reply[3..].chunks(3) {
             let [seq, name, data] = entry else {
                 return Err(malformed("read"));
             };
-            let seq = as_u64(seq).ok_or_else(|| malformed("read"))?;
+            let seq = as_u64(seq)
+                .filter(|seq| (next..=head).contains(seq))
+                .ok_or_else(|| malformed("read"))?;
+            next = seq + 1;
             let name = as_text(name).unwrap_or_default();
             let name = (!name.is_empty())
                 .then(|| EventName::parse(&name).ok())
@@ -683,9 +735,12 @@ fn parse_live(topic: Topic, payload: &[u8]) -> Option<Event> {
     } else {
         Some(EventName::parse(name).ok()?)
     };
+    // Only numbers the publish script could have sent: anything else on
+    // the channel is not crier's.
+    let seq = seq.parse().ok().filter(|seq| (1..=MAX_SEQ).contains(seq))?;
     Some(Event::new(
         topic,
-        seq.parse().ok()?,
+        seq,
         Epoch(epoch.parse().ok()?),
         name.as_ref(),
         data,
@@ -709,8 +764,10 @@ fn as_text(value: &Value) -> Option<String> {
     }
 }
 
+/// A reply that is not what the scripts return: the topic's keys hold
+/// something else (overwritten by hand, another program), and will next time.
 fn malformed(what: &str) -> StoreError {
-    StoreError::Unavailable(format!("unexpected reply from Redis to {what}"))
+    StoreError::Rejected(format!("unexpected reply from Redis to {what}"))
 }
 
 #[async_trait]
@@ -736,7 +793,7 @@ impl Store for RedisStore {
                     invocation
                         .invoke_async(&mut commands)
                         .await
-                        .map_err(unavailable)?,
+                        .map_err(store_error)?,
                 ]
             }
             // Several topics: one atomic pipeline, so the batch is stored
@@ -754,12 +811,12 @@ impl Store for RedisStore {
                         .arg(&keys[..])
                         .arg(args);
                 }
-                pipe.query_async(&mut commands).await.map_err(unavailable)?
+                pipe.query_async(&mut commands).await.map_err(store_error)?
             }
         };
 
         let mut numbered: Vec<(Epoch, u64)> = Vec::with_capacity(topics.len());
-        for reply in &replies {
+        for (reply, (_, list)) in replies.iter().zip(&topics) {
             let Value::Array(parts) = reply else {
                 return Err(malformed("publish"));
             };
@@ -767,11 +824,23 @@ impl Store for RedisStore {
                 .first()
                 .and_then(as_u64)
                 .ok_or_else(|| malformed("publish"))?;
+            // The script numbers within 1..=MAX_SEQ; checked here so the
+            // numbering below cannot overflow whatever came back.
             let first = parts
                 .get(1)
                 .and_then(as_u64)
+                .filter(|first| {
+                    *first >= 1
+                        && u64::try_from(list.len())
+                            .ok()
+                            .and_then(|n| first.checked_add(n.saturating_sub(1)))
+                            .is_some_and(|last| last <= MAX_SEQ)
+                })
                 .ok_or_else(|| malformed("publish"))?;
             numbered.push((Epoch(epoch), first));
+        }
+        if numbered.len() != topics.len() {
+            return Err(malformed("publish"));
         }
         let mut next: Vec<u64> = numbered.iter().map(|(_, first)| *first).collect();
         let mut stored = Vec::with_capacity(events.len());
@@ -891,6 +960,12 @@ mod tests {
     }
 
     #[test]
+    fn the_publish_script_refuses_numbers_past_max_seq() {
+        assert!(PUBLISH.contains(&format!("> {MAX_SEQ} then")));
+        assert_eq!(MAX_SEQ as f64 as u64, MAX_SEQ, "exact as a Lua number");
+    }
+
+    #[test]
     fn live_messages_parse() {
         let topic = Topic::parse("t", 8).unwrap();
         let event = parse_live(topic.clone(), b"7 1234\nupdate\nline 1\nline 2").unwrap();
@@ -901,6 +976,9 @@ mod tests {
         );
         let unnamed = parse_live(topic.clone(), b"1 1\n\n").unwrap();
         assert_eq!(&unnamed.frame()[..], b"id: 1.1\ndata: \n\n");
-        assert!(parse_live(topic, b"garbage").is_none());
+        assert!(parse_live(topic.clone(), b"garbage").is_none());
+        // Numbers no publish script sends are not crier's messages.
+        assert!(parse_live(topic.clone(), b"0 1\n\nx").is_none());
+        assert!(parse_live(topic, b"9007199254740992 1\n\nx").is_none());
     }
 }

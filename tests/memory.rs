@@ -451,3 +451,70 @@ async fn new_topics_past_the_topic_budget_are_refused_and_known_ones_go_on() {
         "t0 holds x, then z: the batch stored nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_explosion_stops_at_the_topic_budget_with_bounded_memory() {
+    let hub = Process::start(&["--max-topics", "20000", "--publish-rate", "0"]);
+    let client = common::client();
+    let mut honest =
+        common::SseClient::connect(&client, &format!("{}/topics/honest", hub.base), None).await;
+    let honest_id = {
+        let response = client
+            .post(format!("{}/topics/honest", hub.base))
+            .body("before")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let answer: serde_json::Value = response.json().await.unwrap();
+        answer["id"].as_str().unwrap().to_owned()
+    };
+    let before = hub.rss_kib();
+    // 50,000 distinct topics, 1,000 per batch, a 128-byte name each.
+    let (mut stored, mut refused) = (0, 0);
+    for batch in 0..50 {
+        let items: Vec<serde_json::Value> = (0..1000)
+            .map(
+                |i| serde_json::json!({"topic": format!("{:0>120}-{batch}-{i}", "t"), "data": "x"}),
+            )
+            .collect();
+        let response = client
+            .post(format!("{}/events", hub.base))
+            .body(serde_json::Value::Array(items).to_string())
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            201 => stored += 1000,
+            507 => {
+                assert_problem(response, 507, "storage-full").await;
+                refused += 1000;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let rise = hub.rss_kib().saturating_sub(before);
+    eprintln!("topics stored {stored}, refused {refused}, RSS rise {rise} KiB");
+    // Whole batches are refused once the next one would pass the budget.
+    assert_eq!(stored, 19_000, "batches of 1,000 up to 20,000 topics");
+    assert_eq!(refused, 31_000);
+    // (All 50,000 would take about 36 MiB.)
+    assert!(rise < 24 * 1024, "resident memory rose by {rise} KiB");
+    // The honest topic, known already, goes on.
+    let response = client
+        .post(format!("{}/topics/honest", hub.base))
+        .body("after")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    let after_id = answer["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        honest.take(2).await,
+        vec![
+            Ev::new(&honest_id, "message", "before"),
+            Ev::new(&after_id, "message", "after")
+        ]
+    );
+}

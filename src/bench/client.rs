@@ -514,9 +514,13 @@ impl Task {
 
 /// The subscribe request head (without its final empty line).
 fn request_head(target: &Target, args: &SubscribeArgs) -> String {
+    head_for_path(target, &target.path(&args.subscribe_path, &args.topic))
+}
+
+/// The subscribe request head for a full `path`.
+fn head_for_path(target: &Target, path: &str) -> String {
     format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
-        target.path(&args.subscribe_path, &args.topic),
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
         target.authority
     )
 }
@@ -542,7 +546,19 @@ impl<L: Listener> Crowd<L> {
         target: &Target,
         listener: impl FnMut(usize) -> L,
     ) -> Result<Crowd<L>, String> {
-        Crowd::start(args, target, listener, None)
+        Crowd::start(args, target, listener, None, None)
+    }
+
+    /// Starts a crowd as [`spawn`](Crowd::spawn) does, the i-th subscriber
+    /// asking for `path(i)` (after the URL's own path) instead of
+    /// `--subscribe-path`.
+    pub fn spawn_on_paths(
+        args: &SubscribeArgs,
+        target: &Target,
+        listener: impl FnMut(usize) -> L,
+        path: &dyn Fn(usize) -> String,
+    ) -> Result<Crowd<L>, String> {
+        Crowd::start(args, target, listener, None, Some(path))
     }
 
     /// Starts a crowd as [`spawn`](Crowd::spawn) does, that will leave and
@@ -562,7 +578,7 @@ impl<L: Listener> Crowd<L> {
             gate: (at_once > 0).then(|| Arc::new(Semaphore::new(at_once))),
             request_head: request_head(target, args).into(),
         };
-        Crowd::start(args, target, listener, Some((stop, rejoin)))
+        Crowd::start(args, target, listener, Some((stop, rejoin)), None)
     }
 
     fn start(
@@ -570,11 +586,23 @@ impl<L: Listener> Crowd<L> {
         target: &Target,
         mut listener: impl FnMut(usize) -> L,
         rejoin: Option<(CancellationToken, Rejoin)>,
+        path: Option<&dyn Fn(usize) -> String>,
     ) -> Result<Crowd<L>, String> {
         let sources = sources(target, args)?;
         let request: Arc<[u8]> = format!("{}\r\n", request_head(target, args))
             .into_bytes()
             .into();
+        let request_of = |i: usize| -> Arc<[u8]> {
+            match path {
+                Some(path) => {
+                    let path = target.path(&path(i), "");
+                    format!("{}\r\n", head_for_path(target, &path))
+                        .into_bytes()
+                        .into()
+                }
+                None => request.clone(),
+            }
+        };
         let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
         let counts = Arc::new(Counts::default());
         let (stop, rejoin) = match rejoin {
@@ -587,7 +615,7 @@ impl<L: Listener> Crowd<L> {
                     addr: target.addr,
                     source: sources[i % sources.len()],
                     timeout: args.connect_timeout,
-                    request: request.clone(),
+                    request: request_of(i),
                     gate: gate.clone(),
                     counts: counts.clone(),
                     stop: stop.clone(),

@@ -21,7 +21,7 @@ use super::client::{Crowd, Listener, SubscribeArgs, Target, raise_open_files};
 use super::decode::Stamp;
 use super::procfs;
 use super::publish::{PUBLISH_TIMEOUT, Publisher, connect, event, post};
-use super::report::{cpu, round};
+use super::report::{cpu, percentiles_ms, round};
 
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
@@ -163,6 +163,8 @@ struct Publishing {
     errors: AtomicU64,
     late: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// How long each answered publish took, from sending to its answer, µs.
+    answered_us: Mutex<Vec<u64>>,
 }
 
 /// Connects the publishers, then has each send its share on schedule.
@@ -189,11 +191,17 @@ impl Publishing {
             if slot.elapsed() > LATE {
                 self.late.fetch_add(1, Ordering::Relaxed);
             }
+            let sending = Instant::now();
             let sent = tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(&mut publisher, seq))
                 .await
                 .unwrap_or_else(|_| Err(format!("no answer within {PUBLISH_TIMEOUT:?}")));
             match sent {
-                Ok(()) => self.published.fetch_add(1, Ordering::Relaxed),
+                Ok(()) => {
+                    let took = sending.elapsed().as_micros() as u64;
+                    let mut answered = self.answered_us.lock().unwrap_or_else(|e| e.into_inner());
+                    answered.push(took);
+                    self.published.fetch_add(1, Ordering::Relaxed)
+                }
                 Err(error) => {
                     publisher = None;
                     let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
@@ -253,6 +261,7 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
         errors: AtomicU64::new(0),
         late: AtomicU64::new(0),
         first_error: Mutex::new(None),
+        answered_us: Mutex::new(Vec::new()),
     });
     publish_and_drain(&publishing, &shared, &crowd, connected).await?;
     let window = publishing.start.elapsed().as_secs_f64();
@@ -291,6 +300,9 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
         "published": published,
         "publish_errors": publishing.errors.load(Ordering::Relaxed),
         "published_late": publishing.late.load(Ordering::Relaxed),
+        "publish_answer_ms": percentiles_ms(std::mem::take(
+            &mut *publishing.answered_us.lock().unwrap_or_else(|e| e.into_inner()),
+        )),
         "expected_deliveries": published * connected as u64,
         "deliveries": deliveries,
         "lost": lost,

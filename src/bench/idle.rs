@@ -20,6 +20,18 @@ pub struct IdleArgs {
     /// How long to hold the subscriptions before reading memory again.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub hold: Duration,
+    /// Each subscriber subscribes to this many topics of its own
+    /// (`/events?topic=TOPIC-I-0&topic=TOPIC-I-1…`, I its number), so the
+    /// hub holds subscribers × K distinct topics; 0: every subscriber on
+    /// `--subscribe-path` and `--topic`.
+    #[arg(long, default_value_t = 0)]
+    pub topics_per_subscription: usize,
+}
+
+/// The path of subscriber `i` on `k` topics of its own, named after `topic`.
+fn own_topics_path(topic: &str, i: usize, k: usize) -> String {
+    let topics: Vec<String> = (0..k).map(|j| format!("topic={topic}-{i}-{j}")).collect();
+    format!("/events?{}", topics.join("&"))
 }
 
 pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
@@ -29,12 +41,25 @@ pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
     }
     let target = Target::resolve(&sub.url).await?;
     raise_open_files(sub.subscribers + 64)?;
+    let k = args.topics_per_subscription;
     eprintln!(
-        "bench idle: {} subscribers held {:?} against {}",
-        sub.subscribers, args.hold, sub.url
+        "bench idle: {} subscribers{} held {:?} against {}",
+        sub.subscribers,
+        if k > 0 {
+            format!(" on {k} topics of their own")
+        } else {
+            String::new()
+        },
+        args.hold,
+        sub.url
     );
     let rss_before = procfs::total_memory_bytes(&sub.pids, "VmRSS")?;
-    let crowd = Crowd::spawn(sub, &target, |_| ())?;
+    let crowd = if k > 0 {
+        let path = |i| own_topics_path(&sub.topic, i, k);
+        Crowd::spawn_on_paths(sub, &target, |_| (), &path)?
+    } else {
+        Crowd::spawn(sub, &target, |_| ())?
+    };
     let connected = crowd.wait_connected().await?;
     tokio::time::sleep(args.hold).await;
     let rss_after = procfs::total_memory_bytes(&sub.pids, "VmRSS")?;
@@ -57,6 +82,7 @@ pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
         "scenario": "idle",
         "url": sub.url,
         "subscribers": sub.subscribers,
+        "topics_per_subscription": k,
         "connected": connected,
         "still_connected": still_connected,
         "hold_s": args.hold.as_secs_f64(),
@@ -65,4 +91,19 @@ pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
         "rss_after_bytes": rss_after,
         "bytes_per_connection": growth / connected as i64,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_subscriber_gets_topics_of_its_own() {
+        assert_eq!(own_topics_path("m", 7, 1), "/events?topic=m-7-0");
+        assert_eq!(
+            own_topics_path("m", 0, 3),
+            "/events?topic=m-0-0&topic=m-0-1&topic=m-0-2"
+        );
+        assert_ne!(own_topics_path("m", 1, 2), own_topics_path("m", 2, 2));
+    }
 }

@@ -166,31 +166,37 @@ hub_sample() {
 
 # ------------------------------------------------------------ machine load
 
-# CPU ticks of tasks in user and system mode, machine-wide; of one process;
-# of this script and every child it has waited for.
-busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 }' /proc/stat; }
+# CPU ticks machine-wide (user, nice, system, irq, softirq: without
+# IRQ_TIME_ACCOUNTING, interrupt ticks are also charged to the task they
+# interrupted), and stolen by the hypervisor; of one process; of this
+# script and every child it has waited for.
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+steal_ticks() { awk '/^cpu / { print $9 }' /proc/stat; }
 proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 our_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 + $14 + $15 }' /proc/$$/stat; }
 
-LOAD_T0="" LOAD_BUSY0="" LOAD_HUB0="" LOAD_OURS0=""
+LOAD_T0="" LOAD_BUSY0="" LOAD_STEAL0="" LOAD_HUB0="" LOAD_OURS0=""
 load_begin() {
-    LOAD_T0=$(date +%s.%N) LOAD_BUSY0=$(busy_ticks)
+    LOAD_T0=$(date +%s.%N) LOAD_BUSY0=$(busy_ticks) LOAD_STEAL0=$(steal_ticks)
     LOAD_HUB0=$(proc_ticks "$HUB_PID") LOAD_OURS0=$(our_ticks)
 }
-# What share of the machine (all cores) other processes used since
-# load_begin, in %: busy time less the hub's and that of this script's
-# children (the bench tools, curl). The kernel's softirq time (loopback
-# TCP) is counted apart by Linux and left out of both.
+# The share of the machine (all cores) since load_begin, in %, that other
+# processes used (busy time less the hub's and that of this script's
+# children: the bench tools, curl) and that the hypervisor stole, as JSON
+# fields.
 load_end() {
-    local t busy hub ours
-    t=$(date +%s.%N) busy=$(busy_ticks) hub=$(proc_ticks "$HUB_PID") ours=$(our_ticks)
+    local t busy steal hub ours
+    t=$(date +%s.%N) busy=$(busy_ticks) steal=$(steal_ticks)
+    hub=$(proc_ticks "$HUB_PID") ours=$(our_ticks)
     awk -v t0="$LOAD_T0" -v t="$t" -v b0="$LOAD_BUSY0" -v b="$busy" \
+        -v s0="$LOAD_STEAL0" -v s="$steal" \
         -v h0="$LOAD_HUB0" -v h="$hub" -v o0="$LOAD_OURS0" -v o="$ours" \
         -v hz="$(getconf CLK_TCK)" -v cores="$(nproc)" \
         'BEGIN {
+            all = (t - t0) * hz * cores
             others = (b - b0) - (h - h0) - (o - o0)
             if (others < 0) others = 0
-            printf "%.1f", 100 * others / ((t - t0) * hz * cores)
+            printf "\"others_cpu_pct\": %.1f, \"steal_pct\": %.1f", 100 * others / all, 100 * (s - s0) / all
         }'
 }
 
@@ -287,7 +293,7 @@ fanout() {
     keep_log "$name" "$phase" honest "$err"
     # The slowest delivery of each second of the run, from the progress lines.
     slowest=$(sed -n 's/.*, slowest \([0-9]*\) ms).*/\1/p' "$err" | jq -sc .)
-    record "$name" "$phase" honest "$out" "{\"others_cpu_pct\": $load, \"slowest_per_s_ms\": $slowest}"
+    record "$name" "$phase" honest "$out" "{$load, \"slowest_per_s_ms\": $slowest}"
 }
 
 # For the TLS attack: the bench's crowd speaks plain HTTP only, so honest
@@ -345,7 +351,7 @@ curl_check() {
         }' "$dir/total.txt" >"$dir/probes.json"
     awk -F'[ .]' '/^id: / { n++; if ($2 != n) bad++ } END { printf "{\"received\":%d,\"in_order\":%s}\n", n, bad ? "false" : "true" }' \
         "$dir/sub.txt" >"$dir/sub.json"
-    jq -s --argjson load "$load" '.[0] + .[1] + {lost: (.[0].ok - .[1].received), others_cpu_pct: $load}' \
+    jq -s --argjson load "{$load}" '.[0] + .[1] + {lost: (.[0].ok - .[1].received)} + $load' \
         "$dir/probes.json" "$dir/sub.json" >"$dir/result.json"
     record "$name" "$phase" honest "$dir/result.json"
 }
@@ -386,7 +392,7 @@ report() {
     machine
     echo "Results: ${RESULTS#"$ROOT"/} (the tools' messages: ${TOOL_LOG#"$ROOT"/})."
     echo
-    echo "| attack | honest p99 ms without → with | honest lost without / with | target | hub RSS MiB fresh / before / during / after | hub fds fresh / before / during / after | what the attacker got | others' CPU % without / with |"
+    echo "| attack | honest p99 ms without → with | honest lost without / with | target | hub RSS MiB fresh / before / during / after | hub fds fresh / before / during / after | what the attacker got | others' CPU % (stolen) without / with |"
     echo "|---|---|---|---|---|---|---|---|"
     jq -rs '
         def mib: if . == null then "-" else (. / 1048576 * 10 | round / 10 | tostring) end;
@@ -416,11 +422,11 @@ report() {
             "\($fresh.fds | n) / \($main.hub.fds.before | n) / \($main.hub.fds.during_max | n) / \($main.hub.fds.after | n)",
             ((["at most \($atk | map(.open_max) | add) open at once"] + ($got | map("\(.key) ×\(.value)")) | join("; "))
               + (if $main.stored then "; stored \($main.stored.count), dense: \($main.stored.dense)" else "" end)),
-            "\($wo.others_cpu_pct | n) / \($w.others_cpu_pct | n)"
+            "\($wo.others_cpu_pct | n) (\($wo.steal_pct | n)) / \($w.others_cpu_pct | n) (\($w.steal_pct | n))"
           ]
         | "| " + join(" | ") + " |"' "$RESULTS"
     echo
-    echo "Honest p99 and loss: \`crier bench fanout\` over its whole run (tls-half: curl probes, each a new TLS connection and a publish, p99 over ~$((SECONDS_LONG * 4)) probes; lost: published but not received by the held curl subscriber). Before: the crowd connected, the attack not yet started; during: the highest sample (every 0.2 s); after: 2 s after the attack's last socket closed (the honest run has ended by then). Others' CPU: the share of the machine's cores that processes other than the hub and the bench used during the run."
+    echo "Honest p99 and loss: \`crier bench fanout\` over its whole run (tls-half: curl probes, each a new TLS connection and a publish, p99 over ~$((SECONDS_LONG * 4)) probes; lost: published but not received by the held curl subscriber). Before: the crowd connected, the attack not yet started; during: the highest sample (every 0.2 s); after: 2 s after the attack's last socket closed (the honest run has ended by then). Others' CPU: the share of the machine's cores that processes other than the hub and the bench used during the run (stolen: taken by the hypervisor)."
 }
 
 # -------------------------------------------------------------------- main

@@ -6,120 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::process::Process;
 use common::tls::TestCerts;
 use common::{DEADLINE, Ev, Server, SseClient, assert_problem, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-
-/// The real binary, for attacks that need its descriptors, memory and log,
-/// or an open-file limit of its own.
-struct Hub {
-    child: Child,
-    addr: SocketAddr,
-    base: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Hub {
-    fn start(args: &[&str]) -> Hub {
-        Hub::start_limited(args, None)
-    }
-
-    /// Starts crier with `args`, its open-file limit (soft and hard) set to
-    /// `open_files` when given.
-    fn start_limited(args: &[&str], open_files: Option<u64>) -> Hub {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_crier"));
-        command
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null());
-        if let Some(limit) = open_files {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe; nothing else runs
-            // between fork and exec.
-            unsafe {
-                command.pre_exec(move || {
-                    let rlim = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = command.spawn().expect("start crier");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let base = loop {
-            let line = lines.next().expect("crier logs its address").unwrap();
-            if let Some(rest) = line.split("crier listening on ").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let keep = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                keep.lock().unwrap().push(line);
-            }
-        });
-        let addr = base
-            .trim_start_matches("http://")
-            .trim_start_matches("https://")
-            .parse()
-            .unwrap();
-        Hub {
-            child,
-            addr,
-            base,
-            log,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Open descriptors of the process.
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-
-    /// Resident memory, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    }
-
-    fn log_lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// An honest client on its own loopback address.
 struct Honest {
@@ -232,7 +126,7 @@ const HEALTH: &str = "GET /healthz HTTP/1.1\r\nHost: hub\r\n\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_past_its_connection_cap_is_refused_while_others_are_served() {
-    let hub = Hub::start(&["--max-connections-per-ip", "100"]);
+    let hub = Process::start(&["--max-connections-per-ip", "100"]);
     let url = |p: &str| hub.url(p);
     let honest = Honest::new("127.0.0.3");
     let mut sub = honest.subscribe(&hub.url("/topics/honest")).await;
@@ -243,7 +137,7 @@ async fn one_address_past_its_connection_cap_is_refused_while_others_are_served(
     let mut attack = Vec::new();
     let mut statuses = Vec::new();
     for _ in 0..300 {
-        let mut s = connect_from("127.0.0.2", hub.addr).await;
+        let mut s = connect_from("127.0.0.2", hub.addr()).await;
         statuses.push(status_of(&mut s, HEALTH).await);
         attack.push(s);
     }
@@ -253,7 +147,7 @@ async fn one_address_past_its_connection_cap_is_refused_while_others_are_served(
     honest.round_trip(&url, &mut sub, "during", 3).await;
 
     // A refused connection got a problem+json answer.
-    let mut one_more = connect_from("127.0.0.2", hub.addr).await;
+    let mut one_more = connect_from("127.0.0.2", hub.addr()).await;
     let answer = String::from_utf8_lossy(&{
         one_more.write_all(HEALTH.as_bytes()).await.unwrap();
         closed_by_peer(&mut one_more).await
@@ -273,7 +167,7 @@ async fn one_address_past_its_connection_cap_is_refused_while_others_are_served(
     })
     .await;
     // Once they are gone, the address is served again.
-    let mut again = connect_from("127.0.0.2", hub.addr).await;
+    let mut again = connect_from("127.0.0.2", hub.addr()).await;
     assert_eq!(status_of(&mut again, HEALTH).await, 200);
     honest.round_trip(&url, &mut sub, "after", 3).await;
 }
@@ -282,7 +176,7 @@ async fn one_address_past_its_connection_cap_is_refused_while_others_are_served(
 async fn connections_past_the_open_file_limit_leave_room_for_an_honest_client() {
     // An open-file limit of 1,024: the default global cap is 752, and four
     // attacking addresses may hold at most 150 connections each.
-    let hub = Hub::start_limited(&["--max-connections-per-ip", "150"], Some(1024));
+    let hub = Process::start_limited(&["--max-connections-per-ip", "150"], 1024);
     let url = |p: &str| hub.url(p);
     let honest = Honest::new("127.0.0.3");
     let mut sub = honest.subscribe(&hub.url("/topics/honest")).await;
@@ -292,7 +186,7 @@ async fn connections_past_the_open_file_limit_leave_room_for_an_honest_client() 
     let mut statuses = Vec::new();
     for i in 0..1600 {
         let source = format!("127.0.1.{}", 1 + i % 4);
-        let mut s = connect_from(&source, hub.addr).await;
+        let mut s = connect_from(&source, hub.addr()).await;
         statuses.push(status_of(&mut s, HEALTH).await);
         attack.push(s);
     }
@@ -304,7 +198,7 @@ async fn connections_past_the_open_file_limit_leave_room_for_an_honest_client() 
     // Served requests are logged one line each (1,600 connections would
     // otherwise be 1,600 warnings, or, out of descriptors, 20 a second).
     let lines: Vec<String> = hub
-        .log_lines()
+        .log()
         .into_iter()
         .filter(|l| !l.contains("finished processing request"))
         .collect();
@@ -313,7 +207,7 @@ async fn connections_past_the_open_file_limit_leave_room_for_an_honest_client() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_global_cap_new_clients_get_503_and_open_streams_continue() {
-    let hub = Hub::start(&["--max-connections", "12"]);
+    let hub = Process::start(&["--max-connections", "12"]);
     // The publisher keeps one HTTP/2 connection for all its publishes.
     let publisher = reqwest::Client::builder()
         .no_proxy()
@@ -336,7 +230,7 @@ async fn at_the_global_cap_new_clients_get_503_and_open_streams_continue() {
     for _ in 0..11 {
         streams.push(SseClient::connect(&subscribers, &hub.url("/topics/full"), None).await);
     }
-    let mut late = TcpStream::connect(hub.addr).await.unwrap();
+    let mut late = TcpStream::connect(hub.addr()).await.unwrap();
     late.write_all(HEALTH.as_bytes()).await.unwrap();
     let answer = String::from_utf8_lossy(&closed_by_peer(&mut late).await).into_owned();
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
@@ -358,7 +252,7 @@ async fn silent_connections_and_unfinished_tls_handshakes_are_closed_while_other
     let certs = TestCerts::new();
     let cert = certs.cert.to_str().unwrap().to_owned();
     let key = certs.key.to_str().unwrap().to_owned();
-    let tls_hub = Hub::start(&[
+    let tls_hub = Process::start(&[
         "--tls-cert",
         &cert,
         "--tls-key",
@@ -366,7 +260,7 @@ async fn silent_connections_and_unfinished_tls_handshakes_are_closed_while_other
         "--tls-handshake-timeout",
         "1s",
     ]);
-    let plain_hub = Hub::start(&["--header-timeout", "1s"]);
+    let plain_hub = Process::start(&["--header-timeout", "1s"]);
     let tls_url = |p: &str| tls_hub.url(p);
     let plain_url = |p: &str| plain_hub.url(p);
     let honest_tls = Honest::with("127.0.0.3", Some(&certs.ca_cert));
@@ -380,12 +274,12 @@ async fn silent_connections_and_unfinished_tls_handshakes_are_closed_while_other
     let mut half_hellos = Vec::new();
     let mut silent = Vec::new();
     for _ in 0..200 {
-        let mut s = connect_from("127.0.0.2", tls_hub.addr).await;
+        let mut s = connect_from("127.0.0.2", tls_hub.addr()).await;
         s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
             .await
             .unwrap();
         half_hellos.push(s);
-        silent.push(connect_from("127.0.0.2", plain_hub.addr).await);
+        silent.push(connect_from("127.0.0.2", plain_hub.addr()).await);
     }
     honest_tls
         .round_trip(&tls_url, &mut tls_sub, "during", 3)
@@ -410,7 +304,7 @@ async fn silent_connections_and_unfinished_tls_handshakes_are_closed_while_other
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_headers_and_dribbled_bodies_are_cut_with_bounded_memory_and_nothing_stored() {
-    let hub = Hub::start(&["--header-timeout", "2s", "--body-timeout", "5s"]);
+    let hub = Process::start(&["--header-timeout", "2s", "--body-timeout", "5s"]);
     let url = |p: &str| hub.url(p);
     let honest = Honest::new("127.0.0.3");
     let mut sub = honest.subscribe(&hub.url("/topics/honest")).await;
@@ -418,7 +312,7 @@ async fn slowloris_headers_and_dribbled_bodies_are_cut_with_bounded_memory_and_n
 
     // 10 slowloris connections, 20 dribbling a body.
     let attackers = (0..30).map(|i| {
-        let addr = hub.addr;
+        let addr = hub.addr();
         tokio::spawn(async move {
             let mut s = connect_from("127.0.0.2", addr).await;
             if i < 10 {

@@ -22,16 +22,43 @@ impl Process {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crier"))
+        Process::spawn(args, env, None)
+    }
+
+    /// Starts crier with its open-file limit (soft and hard) set to
+    /// `open_files`.
+    pub fn start_limited(args: &[&str], open_files: u64) -> Process {
+        Process::spawn(args, &[], Some(open_files))
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], open_files: Option<u64>) -> Process {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_crier"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             // A test may ask for another level in `env`.
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start crier");
+            .stdout(Stdio::null());
+        if let Some(limit) = open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start crier");
         // The first log line names the bound address.
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
@@ -65,6 +92,19 @@ impl Process {
             log,
             reader: Some(reader),
         }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.base
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .parse()
+            .expect("a socket address")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
     }
 
     /// The process id.

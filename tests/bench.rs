@@ -212,9 +212,12 @@ async fn attack_counts_the_hubs_refusals_and_measures_its_descriptors() {
     assert!(cut["count"].as_u64() >= Some(4), "{result}");
     let after = cut["after_ms"]["p50"].as_f64().expect("p50");
     assert!((300.0..1000.0).contains(&after), "{result}");
+    // The hub runs in this test process, whose descriptors the other tests
+    // open and close meanwhile: only that they were measured can be said
+    // (`open_max` above says the four connections were held).
     let fds = &result["hub"]["fds"];
-    let before = fds["before"].as_u64().expect("fds before");
-    assert!(fds["during_max"].as_u64() >= Some(before + 4), "{result}");
+    assert!(fds["before"].as_u64() > Some(0), "{result}");
+    assert!(fds["during_max"].as_u64() > Some(0), "{result}");
     assert!(fds["after"].as_u64() > Some(0), "{result}");
     let rss = &result["hub"]["rss_bytes"];
     assert!(

@@ -30,7 +30,9 @@ impl Honest {
         let mut builder = reqwest::Client::builder()
             .no_proxy()
             .local_address(source.parse::<IpAddr>().unwrap())
-            .timeout(DEADLINE);
+            // Not a total timeout: that would also cut the subscriber's
+            // stream once it has lived that long. Each wait has its own.
+            .connect_timeout(DEADLINE);
         if let Some(ca) = ca {
             let pem = std::fs::read(ca).unwrap();
             builder = builder.tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()]);
@@ -48,6 +50,7 @@ impl Honest {
         let response = self
             .client
             .post(url)
+            .timeout(DEADLINE)
             .body(data.to_owned())
             .send()
             .await

@@ -6,12 +6,13 @@
 //! exits; topics then start a new epoch, which is how returning subscribers
 //! learn that their position no longer exists.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use indexmap::IndexMap;
 use tokio_util::sync::CancellationToken;
 
 use super::{History, MAX_SEQ, NewEvent, Retention, Store, StoreError};
@@ -20,8 +21,8 @@ use crate::hub::Hub;
 
 pub struct MemoryStore {
     /// Topic → log, split into shards so that no lock covers every topic:
-    /// appends to different shards do not contend, and the sweeper holds one
-    /// shard at a time.
+    /// appends to different shards do not contend. Index maps, so the
+    /// sweeper can walk a shard a slice at a time (see [`sweep_map`]).
     shards: Box<[Shard]>,
     hub: Hub,
     retention: Retention,
@@ -31,7 +32,7 @@ pub struct MemoryStore {
     /// Topics with a log.
     topic_count: AtomicUsize,
     /// Tickets by digest: record and expiry. Expired ones are swept.
-    tickets: Mutex<HashMap<String, (String, Instant)>>,
+    tickets: Mutex<IndexMap<String, (String, Instant)>>,
 }
 
 /// How much the store may hold: a publish that would take it past either
@@ -44,7 +45,7 @@ pub struct Budget {
 
 const SHARDS: usize = 256;
 
-type Shard = Mutex<HashMap<Topic, Arc<Mutex<Log>>>>;
+type Shard = Mutex<IndexMap<Topic, Arc<Mutex<Log>>>>;
 
 /// One topic's history in one epoch.
 struct Log {
@@ -109,6 +110,63 @@ impl Drop for Log {
     }
 }
 
+/// Entries the sweeper looks at per hold of a lock: a few microseconds' work.
+const SWEEP_SLICE: usize = 128;
+
+/// What one sweep saw (logged at debug).
+#[derive(Debug, Default)]
+struct Sweep {
+    examined: usize,
+    slices: usize,
+    longest_hold: Duration,
+    /// Slices that held their lock for a millisecond or more (on a busy
+    /// machine, the thread was preempted while holding it).
+    slow_holds: usize,
+}
+
+/// Removes the entries of `map` that `keep` rejects, `SWEEP_SLICE` entries
+/// per hold of its lock with a yield in between, and returns how many it
+/// removed. It walks from the last index to the first: a removal moves the
+/// last entry (already seen) into the hole, and entries added meanwhile go
+/// to the end, so every entry present at the start is seen exactly once and
+/// new ones wait for the next sweep. What is removed is dropped outside the
+/// lock.
+async fn sweep_map<K: std::hash::Hash + Eq, V>(
+    map: &Mutex<IndexMap<K, V>>,
+    mut keep: impl FnMut(&K, &V) -> bool,
+    sweep: &mut Sweep,
+) -> usize {
+    let mut next = lock(map).len();
+    let mut removed = 0;
+    while next > 0 {
+        let held = Instant::now();
+        let mut dropped = Vec::new();
+        {
+            let mut entries = lock(map);
+            let end = next.min(entries.len());
+            let start = end.saturating_sub(SWEEP_SLICE);
+            for i in (start..end).rev() {
+                let Some((key, value)) = entries.get_index(i) else {
+                    continue;
+                };
+                if !keep(key, value) {
+                    dropped.extend(entries.swap_remove_index(i));
+                }
+            }
+            sweep.examined += end - start;
+            next = start;
+        }
+        let held = held.elapsed();
+        sweep.slices += 1;
+        sweep.slow_holds += usize::from(held >= Duration::from_millis(1));
+        sweep.longest_hold = sweep.longest_hold.max(held);
+        removed += dropped.len();
+        drop(dropped);
+        tokio::task::yield_now().await;
+    }
+    removed
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -116,13 +174,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl MemoryStore {
     pub fn new(hub: Hub, retention: Retention, budget: Budget) -> MemoryStore {
         MemoryStore {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(IndexMap::new())).collect(),
             hub,
             retention,
             budget,
             retained_bytes: Arc::new(AtomicUsize::new(0)),
             topic_count: AtomicUsize::new(0),
-            tickets: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(IndexMap::new()),
         }
     }
 
@@ -149,27 +207,40 @@ impl MemoryStore {
         }
     }
 
-    /// One shard at a time, letting other tasks run in between, so no lock
-    /// is held for long however many topics there are.
+    /// A slice of a shard at a time, letting other tasks run in between, so
+    /// no lock is held for long however many topics there are.
     async fn sweep(&self) {
-        let now = Instant::now();
-        lock(&self.tickets).retain(|_, (_, expires)| *expires > now);
+        let started = Instant::now();
+        let now = started;
+        let mut sweep = Sweep::default();
+        let tickets = sweep_map(&self.tickets, |_, (_, expires)| *expires > now, &mut sweep).await;
+        let mut topics = 0;
         for shard in self.shards.iter() {
-            {
-                let mut topics = lock(shard);
-                let before = topics.len();
-                topics.retain(|topic, log| {
+            let removed = sweep_map(
+                shard,
+                |topic, log| {
                     let mut log = lock(log);
                     log.trim(&self.retention, now);
                     let keep = !log.events.is_empty() || self.hub.is_watched(topic);
                     log.removed = !keep;
                     keep
-                });
-                self.topic_count
-                    .fetch_sub(before - topics.len(), Ordering::Relaxed);
-            }
-            tokio::task::yield_now().await;
+                },
+                &mut sweep,
+            )
+            .await;
+            self.topic_count.fetch_sub(removed, Ordering::Relaxed);
+            topics += removed;
         }
+        tracing::debug!(
+            examined = sweep.examined,
+            slices = sweep.slices,
+            slow_holds = sweep.slow_holds,
+            topics_forgotten = topics,
+            tickets_expired = tickets,
+            longest_hold_us = sweep.longest_hold.as_micros() as u64,
+            took_ms = started.elapsed().as_millis() as u64,
+            "swept the store"
+        );
     }
 
     /// The log of `topic`, created if `create` (refused past the topic
@@ -289,9 +360,83 @@ impl Store for MemoryStore {
     }
 
     async fn take_ticket(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let taken = lock(&self.tickets).remove(key);
+        let taken = lock(&self.tickets).swap_remove(key);
         Ok(taken
             .filter(|(_, expires)| *expires > Instant::now())
             .map(|(record, _)| record))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every entry present when a sweep starts is looked at exactly once,
+    /// across many slices, and only the rejected ones go.
+    #[tokio::test]
+    async fn a_sliced_sweep_sees_every_entry_once_and_removes_the_rejected() {
+        let n = SWEEP_SLICE * 5 + 17;
+        let map = Mutex::new((0..n).map(|i| (i, i)).collect::<IndexMap<usize, usize>>());
+        let mut seen = vec![0u32; n];
+        let mut sweep = Sweep::default();
+        let removed = sweep_map(
+            &map,
+            |key, _| {
+                seen[*key] += 1;
+                key % 3 != 0
+            },
+            &mut sweep,
+        )
+        .await;
+        assert!(seen.iter().all(|&times| times == 1), "{seen:?}");
+        assert_eq!(removed, n.div_ceil(3));
+        assert_eq!((sweep.examined, sweep.slices), (n, 6));
+        let left = lock(&map);
+        assert_eq!(left.len(), n - n.div_ceil(3));
+        assert!(left.keys().all(|k| k % 3 != 0));
+    }
+
+    /// Entries added while a sweep is under way (between its slices) are
+    /// left for the next sweep, and none present at the start is skipped,
+    /// even while others are removed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn entries_added_during_a_sweep_wait_for_the_next() {
+        let n = SWEEP_SLICE * 3;
+        let map = Arc::new(Mutex::new(
+            (0..n).map(|i| (i, ())).collect::<IndexMap<usize, ()>>(),
+        ));
+        let stop = CancellationToken::new();
+        // Runs whenever the sweep yields between slices.
+        let adder = tokio::spawn({
+            let (map, stop) = (map.clone(), stop.clone());
+            async move {
+                let mut added = 0;
+                while !stop.is_cancelled() {
+                    lock(&map).insert(n + added, ());
+                    added += 1;
+                    tokio::task::yield_now().await;
+                }
+                added
+            }
+        });
+        let mut seen = Vec::new();
+        let mut sweep = Sweep::default();
+        sweep_map(
+            &map,
+            |key, _| {
+                seen.push(*key);
+                key % 2 == 0
+            },
+            &mut sweep,
+        )
+        .await;
+        stop.cancel();
+        let added = adder.await.unwrap();
+        assert!(added >= 3, "the adder ran between slices ({added})");
+        seen.sort_unstable();
+        assert_eq!(seen, (0..n).collect::<Vec<_>>());
+        let left = lock(&map);
+        assert_eq!(left.len(), n / 2 + added);
+        assert!((n..n + added).all(|k| left.contains_key(&k)));
     }
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::limits::{ConnectionPermit, Limits, Refusal};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 type Service = TowerToHyperService<PeerService>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -75,6 +75,9 @@ struct Protocols {
     header_timeout: Duration,
     tls_handshake_timeout: Duration,
     idle_timeout: Duration,
+    /// An HTTP/2 stream whose body hyper has not asked for more in this
+    /// long is starved of flow-control window (see [`Activity::stalled`]).
+    stall_timeout: Duration,
 }
 
 impl Protocols {
@@ -110,6 +113,10 @@ impl Protocols {
             header_timeout: config.header_timeout,
             tls_handshake_timeout: config.tls_handshake_timeout,
             idle_timeout: config.idle_timeout,
+            // A healthy stream is asked for more at least every heartbeat:
+            // its heartbeat timer wakes it. Twice that leaves room for a
+            // busy machine.
+            stall_timeout: config.write_timeout.max(config.heartbeat * 2),
         }
     }
 }
@@ -202,10 +209,11 @@ impl Conn {
         Ok(self.watcher.watch(conn).await?)
     }
 
-    /// Serves HTTP/2 until the client leaves, the hub shuts down, or no
+    /// Serves HTTP/2 until the client leaves, the hub shuts down, no
     /// stream has been open for the idle timeout (pings alone do not keep a
     /// connection: a client that only answers them holds a descriptor for
-    /// nothing).
+    /// nothing), or a stream has been starved of window for the stall
+    /// timeout.
     async fn serve_http2<I>(self, io: I) -> Result<(), BoxError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -224,10 +232,23 @@ impl Conn {
         let mut conn = Box::pin(conn);
         let idle = activity.idle_for(self.protocols.idle_timeout);
         tokio::pin!(idle);
+        let stalled = activity.stalled(self.protocols.stall_timeout);
+        tokio::pin!(stalled);
         tokio::select! {
             result = conn.as_mut() => return Ok(result?),
             () = self.shutdown.cancelled() => {}
             () = &mut idle => tracing::debug!(peer = %self.peer, "closing an idle HTTP/2 connection"),
+            () = &mut stalled => {
+                // A graceful close would wait for the starved stream, which
+                // never ends: drop the connection, and every stream on it
+                // resumes exactly when the client reconnects.
+                tracing::info!(
+                    peer = %self.peer,
+                    "closing an HTTP/2 connection: a stream took nothing for {:?}",
+                    self.protocols.stall_timeout
+                );
+                return Ok(());
+            }
         }
         conn.as_mut().graceful_shutdown();
         Ok(conn.await?)
@@ -272,32 +293,66 @@ where
     }
 }
 
-/// How many streams an HTTP/2 connection has open, and since when none.
+/// How many streams an HTTP/2 connection has open, since when none, and
+/// when hyper last asked each open stream's body for more.
 pub struct Activity {
-    state: std::sync::Mutex<(usize, tokio::time::Instant)>,
+    /// The instants below are milliseconds after this one.
+    epoch: tokio::time::Instant,
+    state: std::sync::Mutex<ActivityState>,
+}
+
+struct ActivityState {
+    open: usize,
+    since: tokio::time::Instant,
+    /// Per open stream, when its body was last polled.
+    streams: std::collections::HashMap<u64, Arc<AtomicU64>>,
+    next_id: u64,
 }
 
 impl Activity {
     fn new() -> Activity {
+        let now = tokio::time::Instant::now();
         Activity {
-            state: std::sync::Mutex::new((0, tokio::time::Instant::now())),
+            epoch: now,
+            state: std::sync::Mutex::new(ActivityState {
+                open: 0,
+                since: now,
+                streams: std::collections::HashMap::new(),
+                next_id: 0,
+            }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn millis_now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Counts a stream as open until the guard is dropped.
     pub fn open(self: &Arc<Self>) -> StreamActivity {
-        self.lock().0 += 1;
-        StreamActivity(self.clone())
+        let polled = Arc::new(AtomicU64::new(self.millis_now()));
+        let mut state = self.lock();
+        state.open += 1;
+        let id = state.next_id;
+        state.next_id += 1;
+        state.streams.insert(id, polled.clone());
+        StreamActivity {
+            activity: self.clone(),
+            id,
+            polled,
+        }
     }
 
     /// Resolves once no stream has been open for `timeout`.
     async fn idle_for(&self, timeout: Duration) {
         loop {
-            let (open, since) = *self.lock();
+            let (open, since) = {
+                let state = self.lock();
+                (state.open, state.since)
+            };
             let now = tokio::time::Instant::now();
             if open == 0 && now >= since + timeout {
                 return;
@@ -310,16 +365,53 @@ impl Activity {
             tokio::time::sleep_until(wake).await;
         }
     }
+
+    /// Resolves once an open stream's body has not been polled for
+    /// `timeout`. hyper polls a body only when the stream has flow-control
+    /// window to send into, so such a stream belongs to a client that stopped
+    /// reading it while the connection lives on (the kernel's write timeout
+    /// does not see that). Looked at four times per `timeout`, at a lock and
+    /// a load per open stream.
+    async fn stalled(&self, timeout: Duration) {
+        let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = self.millis_now();
+            let state = self.lock();
+            if state
+                .streams
+                .values()
+                .any(|polled| now.saturating_sub(polled.load(Ordering::Relaxed)) >= limit)
+            {
+                return;
+            }
+        }
+    }
 }
 
 /// One open stream of an HTTP/2 connection.
-pub struct StreamActivity(Arc<Activity>);
+pub struct StreamActivity {
+    activity: Arc<Activity>,
+    id: u64,
+    polled: Arc<AtomicU64>,
+}
+
+impl StreamActivity {
+    /// Notes that hyper asked the stream's body for more.
+    pub fn polled(&self) {
+        self.polled
+            .store(self.activity.millis_now(), Ordering::Relaxed);
+    }
+}
 
 impl Drop for StreamActivity {
     fn drop(&mut self) {
-        let mut state = self.0.lock();
-        state.0 -= 1;
-        state.1 = tokio::time::Instant::now();
+        let mut state = self.activity.lock();
+        state.open -= 1;
+        state.since = tokio::time::Instant::now();
+        state.streams.remove(&self.id);
     }
 }
 

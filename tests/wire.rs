@@ -426,3 +426,76 @@ async fn bench_wire_reports_bytes_per_event_for_every_coding() {
     }
     server.stop().await;
 }
+
+/// A stream whose client stops opening its flow-control window, on an
+/// HTTP/2 connection that otherwise lives on (another stream read, pings
+/// answered), is cut in bounded time: the connection closes once the stream
+/// has taken nothing for the stall timeout, while an idle stream that reads
+/// is kept; both resume exactly on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_starved_of_window_closes_its_connection_in_bounded_time() {
+    // Stall timeout: the larger of the write timeout and two heartbeats.
+    let server = Server::start_with(|c| {
+        c.write_timeout = Duration::from_secs(1);
+        c.heartbeat = Duration::from_millis(200);
+    })
+    .await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(4096)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(conn);
+    let mut h2c = H2 {
+        sender,
+        base: format!("http://{}", server.addr),
+    };
+    let mut read = h2c.subscribe("/topics/read").await;
+    let first = server.publish_id("read", "r1").await;
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, read.next()).await.unwrap(),
+        Some(Ev::new(&first, "message", "r1"))
+    );
+    // Idle but read, for longer than the stall timeout: kept (only its
+    // heartbeats arrive).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), read.next())
+            .await
+            .is_err(),
+        "an idle stream that reads stays open"
+    );
+
+    // A second stream whose body is never read: its 4 KiB window fills.
+    let starved = h2c.send(hyper::Method::GET, "/topics/starved", "").await;
+    assert_eq!(starved.status(), 200);
+    let mut starved_ids = Vec::new();
+    for _ in 0..8 {
+        starved_ids.push(server.publish_id("starved", &"x".repeat(1000)).await);
+    }
+    let filled = Instant::now();
+    let end = tokio::time::timeout(DEADLINE, read.next())
+        .await
+        .expect("the connection is closed within the deadline");
+    assert_eq!(end, None, "the reading stream ends with its connection");
+    assert!(
+        filled.elapsed() >= Duration::from_millis(500),
+        "cut after the stall timeout, not at once: {:?}",
+        filled.elapsed()
+    );
+    tokio::time::timeout(DEADLINE, connection)
+        .await
+        .expect("the client sees the connection end")
+        .unwrap()
+        .ok();
+    drop(starved);
+
+    // Both resume exactly on a new connection.
+    let second = server.publish_id("read", "r2").await;
+    let mut resumed = server.resume("/topics/read", &first).await;
+    assert_eq!(resumed.next().await, Ev::new(&second, "message", "r2"));
+    let mut resumed = server.resume("/topics/starved", &starved_ids[0]).await;
+    let ids: Vec<String> = resumed.take(7).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, starved_ids[1..]);
+    server.stop().await;
+}

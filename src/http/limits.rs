@@ -51,7 +51,7 @@ pub async fn hold_stream(
         Body::new(Held {
             inner: body,
             _slot: slot,
-            _activity: activity,
+            activity: activity,
         })
     })
 }
@@ -66,7 +66,9 @@ fn joined(values: axum::http::header::GetAll<'_, axum::http::HeaderValue>) -> Op
 struct Held {
     inner: Body,
     _slot: Slot,
-    _activity: Option<StreamActivity>,
+    /// On HTTP/2: the stream's share of its connection's activity, told
+    /// each time hyper asks for more (a starved stream is never asked).
+    activity: Option<StreamActivity>,
 }
 
 impl HttpBody for Held {
@@ -77,6 +79,9 @@ impl HttpBody for Held {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if let Some(activity) = &self.activity {
+            activity.polled();
+        }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

@@ -260,6 +260,8 @@ pub fn sse_events(body: hyper::body::Incoming) -> Pin<Box<dyn Stream<Item = Ev> 
     use http_body_util::BodyStream;
     Box::pin(
         BodyStream::new(body)
+            // A broken body keeps answering its error: end at the first.
+            .take_while(|frame| std::future::ready(frame.is_ok()))
             .filter_map(|frame| async move { frame.ok().and_then(|f| f.into_data().ok()) })
             .map(Ok::<_, std::convert::Infallible>)
             .eventsource()

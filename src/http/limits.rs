@@ -51,7 +51,7 @@ pub async fn hold_stream(
         Body::new(Held {
             inner: body,
             _slot: slot,
-            activity: activity,
+            activity,
         })
     })
 }

@@ -273,6 +273,12 @@ impl Subscription {
                             tracing::debug!("ending a stream: the subscriber fell behind the live feed");
                             return;
                         }
+                        // A busy stream may never let the heartbeat branch
+                        // run: its drain instant is checked here as well.
+                        if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                            yield farewell(&settings);
+                            return;
+                        }
                         if std::mem::take(&mut self.retry_now) {
                             // The store is back: retry now, not after the backoff.
                             retry.succeeded();

@@ -128,9 +128,33 @@ pub struct Config {
     #[arg(long, env = "CRIER_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
     pub retry: Duration,
 
-    /// Longest wait for in-flight requests on shutdown before exiting anyway.
+    /// Longest wait, once every stream has been closed (after the drain, or
+    /// at once on Ctrl-C or a second SIGTERM), for in-flight requests and
+    /// connections to finish before exiting anyway.
     #[arg(long, env = "CRIER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// On SIGTERM, how long the node keeps serving new streams while
+    /// `/readyz` already answers 503, so load balancers stop sending it
+    /// clients before it starts closing streams.
+    #[arg(long, env = "CRIER_DRAIN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
+
+    /// After the drain delay, the time over which open streams are closed,
+    /// spread evenly, each with a short `retry:` hint, so their clients
+    /// reconnect elsewhere as a trickle rather than a storm (0: all at once).
+    #[arg(long, env = "CRIER_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_window: Duration,
+
+    /// With Redis: how often the node sends itself a canary through the
+    /// pub/sub path that carries live events.
+    #[arg(long, env = "CRIER_CANARY_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub canary_interval: Duration,
+
+    /// With Redis: a canary not back after this long means the live feed
+    /// has stalled, and `/readyz` answers 503 until canaries come back.
+    #[arg(long, env = "CRIER_CANARY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub canary_timeout: Duration,
 
     /// PEM certificate chain: serve HTTPS, offering HTTP/2 and HTTP/1.1.
     #[arg(

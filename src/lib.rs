@@ -12,6 +12,7 @@ pub mod auth;
 pub mod bench;
 pub mod compress;
 pub mod config;
+pub mod drain;
 pub mod event;
 pub mod http;
 pub mod hub;
@@ -67,6 +68,10 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
                 hub.clone(),
                 config.retention(),
                 config.redis_timeout,
+                store::CanarySettings {
+                    interval: config.canary_interval,
+                    timeout: config.canary_timeout,
+                },
             )?);
             tokio::spawn(store.clone().run_until(shutdown.clone()));
             store
@@ -82,7 +87,9 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         }
     };
     let limits = Arc::new(limits::Limits::new(config.limit_settings()?));
+    let drain = drain::Drain::new(config.drain_delay, config.drain_window, &shutdown);
     Ok(AppState {
+        drain,
         hub,
         store,
         auth,
@@ -100,7 +107,42 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with_drain(listener, config, CancellationToken::new(), shutdown).await
+}
+
+/// Like [`serve`], and when `drain` is cancelled (SIGTERM) drains first:
+/// `/readyz` fails at once, new streams are served for `--drain-delay`,
+/// then open streams are closed spread over `--drain-window`, and the hub
+/// returns once they and in-flight requests are done (at most
+/// `--shutdown-timeout` after the window). Cancelling `shutdown` meanwhile
+/// cuts the drain short.
+pub async fn serve_with_drain(
+    listener: TcpListener,
+    config: Config,
+    drain: CancellationToken,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let state = state(config.clone(), shutdown.clone()).map_err(std::io::Error::other)?;
     let limits = state.limits.clone();
-    server::serve(listener, app(state), limits, &config, shutdown).await
+    let draining = state.drain.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = drain.cancelled() => draining.begin(),
+            () = stop.cancelled() => {}
+        }
+    });
+    let result = server::serve(
+        listener,
+        app(state.clone()),
+        limits,
+        &config,
+        shutdown.clone(),
+        state.drain,
+    )
+    .await;
+    // Background tasks (the store's live feed) ran through the drain; now
+    // they stop.
+    shutdown.cancel();
+    result
 }

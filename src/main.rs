@@ -43,9 +43,10 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let drain = CancellationToken::new();
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match crier::serve(listener, config, shutdown).await {
+    tokio::spawn(cancel_on_signal(drain.clone(), shutdown.clone()));
+    match crier::serve_with_drain(listener, config, drain, shutdown).await {
         Ok(()) => {
             tracing::info!("stopped");
             std::process::ExitCode::SUCCESS
@@ -112,27 +113,42 @@ fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener
     socket.listen(backlog)
 }
 
-/// Cancels `shutdown` on Ctrl-C or SIGTERM.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM (what an orchestrator sends) cancels `drain`: the node drains
+/// and then stops. Ctrl-C, or a second SIGTERM, cancels `shutdown`: streams
+/// end at once (a person at a terminal, or an operator who means it).
+async fn cancel_on_signal(drain: CancellationToken, shutdown: CancellationToken) {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM");
+            None
         }
     };
+    #[cfg(unix)]
+    let mut terminated = async || match term.as_mut() {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+    let mut terminated = async || std::future::pending::<()>().await;
     tokio::select! {
-        _ = ctrl_c => {}
-        () = term => {}
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("shutting down (Ctrl-C)");
+            shutdown.cancel();
+            return;
+        }
+        () = terminated() => {
+            tracing::info!("draining (SIGTERM); a second SIGTERM or Ctrl-C stops at once");
+            drain.cancel();
+        }
     }
-    tracing::info!("shutting down");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminated() => {}
+    }
+    tracing::info!("shutting down now");
     shutdown.cancel();
 }

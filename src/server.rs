@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::limits::{ConnectionPermit, Limits, Refusal};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -601,15 +602,18 @@ impl AcceptErrors {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled; then stops
-/// accepting, lets open connections finish (streams end themselves on the
-/// same signal) and returns, waiting at most `config.shutdown_timeout`.
+/// Serves `router` on `listener` until `shutdown` is cancelled, or until
+/// the drain delay has passed once `drain` began; then stops accepting, lets
+/// open connections finish (streams end themselves: at once on shutdown,
+/// spread over the drain window when draining) and returns, waiting at most
+/// `config.shutdown_timeout` past the window (past now, on shutdown).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Arc<Limits>,
     config: &Config,
     shutdown: CancellationToken,
+    drain: Drain,
 ) -> io::Result<()> {
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
@@ -644,9 +648,27 @@ pub async fn serve(
     let mut accept_errors = AcceptErrors::new();
     let lingering = Arc::new(AtomicUsize::new(0));
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
+    // Connections hear from here that they should finish: on shutdown, or
+    // when a drain stops accepting. (HTTP/2 ones then send GOAWAY, so no new
+    // stream opens on them, and end once their open streams have.)
+    let closing = shutdown.child_token();
+    let stop_accepting = async {
+        drain.signal().cancelled().await;
+        match drain.stop_accepting_at() {
+            Some(at) => {
+                tracing::info!(delay = ?config.drain_delay, window = ?config.drain_window, "draining: not ready; closing streams after the delay, spread over the window");
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+            None => shutdown.cancelled().await,
+        }
+    };
+    tokio::pin!(stop_accepting);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            () = &mut stop_accepting => break,
             _ = sweep.tick() => {
                 limits.sweep();
                 continue;
@@ -680,7 +702,7 @@ pub async fn serve(
             protocols: protocols.clone(),
             router: router.clone(),
             watcher: graceful.watcher(),
-            shutdown: shutdown.clone(),
+            shutdown: closing.clone(),
             peer,
             _permit: permit,
         };
@@ -690,11 +712,26 @@ pub async fn serve(
         };
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => Ok(()),
-        () = tokio::time::sleep(config.shutdown_timeout) => {
-            tracing::warn!(grace = ?config.shutdown_timeout, "shutdown timeout reached; closing remaining connections");
-            Ok(())
+    closing.cancel();
+    let finished = graceful.shutdown();
+    tokio::pin!(finished);
+    // Draining: streams close until the window ends; then the timeout runs.
+    let mut deadline = match drain.window_end() {
+        Some(end) if !shutdown.is_cancelled() => end + config.shutdown_timeout,
+        _ => tokio::time::Instant::now() + config.shutdown_timeout,
+    };
+    loop {
+        tokio::select! {
+            () = &mut finished => return Ok(()),
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(grace = ?config.shutdown_timeout, "shutdown timeout reached; closing remaining connections");
+                return Ok(());
+            }
+            // Ctrl-C or a second SIGTERM while draining: streams end now.
+            () = shutdown.cancelled(), if !shutdown.is_cancelled() => {
+                tracing::info!("draining cut short");
+                deadline = deadline.min(tokio::time::Instant::now() + config.shutdown_timeout);
+            }
         }
     }
 }

@@ -16,6 +16,13 @@ pub fn preamble(retry_ms: u64) -> Bytes {
     Bytes::from(format!("retry: {retry_ms}\n: crier stream open\n\n"))
 }
 
+/// The last bytes of a stream closed to move its client to another node:
+/// the reconnection delay to use, and a comment saying why. (No `data:`, so
+/// no event is dispatched.)
+pub fn farewell(retry_ms: u64) -> Bytes {
+    Bytes::from(format!("retry: {retry_ms}\n: crier draining\n\n"))
+}
+
 /// Encodes one event. Returns the frame and the length of its `id:` line, so
 /// callers can reuse the rest of the frame under a different id.
 ///

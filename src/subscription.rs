@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
+use crate::drain::Drain;
 use crate::event::{Cursor, Event, Position, REAUTH_EVENT, RESET_EVENT, Topic};
 use crate::hub::{Feeds, Hub, Lagged, Live};
 use crate::sse;
@@ -53,6 +54,9 @@ pub struct StreamSettings {
     pub heartbeat: Duration,
     pub retry: Duration,
     pub shutdown: CancellationToken,
+    /// The node's drain: when it begins, the stream picks its moment in the
+    /// drain window and ends then, with a `retry:` hint.
+    pub drain: Drain,
     /// When the credentials that opened the stream expire: it then sends
     /// `reauth` and ends, and the client reconnects with fresh ones.
     pub expires: Option<tokio::time::Instant>,
@@ -180,10 +184,14 @@ impl Subscription {
             let heartbeat = tokio::time::sleep(settings.heartbeat);
             tokio::pin!(heartbeat);
             let mut last_write = tokio::time::Instant::now();
-            // One registration with the shutdown signal for the stream's
-            // life, rather than one per loop turn.
-            let shutdown = settings.shutdown.cancelled();
-            tokio::pin!(shutdown);
+            // One registration with a signal for the stream's life, rather
+            // than one per loop turn: first the drain's (which also fires
+            // on shutdown), then, once draining, the shutdown's.
+            let signal = settings.drain.signal().clone().cancelled_owned();
+            tokio::pin!(signal);
+            // When draining, the moment this stream ends. The heartbeat
+            // timer doubles as its alarm: no second timer per stream.
+            let mut closing_at: Option<tokio::time::Instant> = None;
             let expiry = async {
                 match settings.expires {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -197,6 +205,10 @@ impl Subscription {
                 // checking the token takes a lock, so only here.)
                 if self.owes_store_work() && retry.is_ready() {
                     if settings.shutdown.is_cancelled() {
+                        return;
+                    }
+                    if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        yield farewell(&settings);
                         return;
                     }
                     if settings.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
@@ -231,7 +243,16 @@ impl Subscription {
                 }
                 tokio::select! {
                     biased;
-                    () = &mut shutdown => return,
+                    () = &mut signal => {
+                        if settings.shutdown.is_cancelled() {
+                            return;
+                        }
+                        closing_at = settings.drain.close_at();
+                        signal.set(settings.shutdown.clone().cancelled_owned());
+                        if let Some(at) = closing_at {
+                            heartbeat.as_mut().reset(at.min(last_write + settings.heartbeat));
+                        }
+                    }
                     () = &mut expiry => {
                         yield reauth();
                         return;
@@ -252,6 +273,12 @@ impl Subscription {
                             tracing::debug!("ending a stream: the subscriber fell behind the live feed");
                             return;
                         }
+                        // A busy stream may never let the heartbeat branch
+                        // run: its drain instant is checked here as well.
+                        if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                            yield farewell(&settings);
+                            return;
+                        }
                         if std::mem::take(&mut self.retry_now) {
                             // The store is back: retry now, not after the backoff.
                             retry.succeeded();
@@ -259,12 +286,18 @@ impl Subscription {
                     }
                     () = retry.wait(), if self.owes_store_work() => {}
                     () = &mut heartbeat => {
+                        // Ending here, between writes, never cuts an event.
+                        if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                            yield farewell(&settings);
+                            return;
+                        }
                         let due = last_write + settings.heartbeat;
                         if tokio::time::Instant::now() >= due {
                             yield Bytes::from_static(sse::HEARTBEAT);
                             last_write = tokio::time::Instant::now();
                         }
-                        heartbeat.as_mut().reset(last_write + settings.heartbeat);
+                        let next = last_write + settings.heartbeat;
+                        heartbeat.as_mut().reset(closing_at.map_or(next, |at| at.min(next)));
                     }
                 }
             }
@@ -477,6 +510,14 @@ impl Subscription {
     }
 }
 
+/// The last bytes of a stream closed by the drain: a `retry:` hint,
+/// spread over up to `--retry`, so clients closed in the same instant still
+/// reconnect (to another node) apart.
+fn farewell(settings: &StreamSettings) -> Bytes {
+    let retry = settings.drain.retry_hint(settings.retry);
+    sse::farewell(retry.as_millis() as u64)
+}
+
 /// The last bytes of a stream whose credentials expired.
 fn reauth() -> Bytes {
     sse::encode_control_without_id(REAUTH_EVENT, &json!({ "reason": "token-expired" }))
@@ -655,6 +696,7 @@ mod tests {
             heartbeat: Duration::from_millis(20),
             retry: Duration::from_secs(1),
             shutdown: CancellationToken::new(),
+            drain: Drain::new(Duration::ZERO, Duration::ZERO, &CancellationToken::new()),
             expires: None,
         }
     }

@@ -10,7 +10,15 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_open_streams_cleanly_and_exits_promptly() {
-    let mut crier = Process::start(&["--shutdown-timeout", "5s"]);
+    // No drain (tests/operations.rs pins it): streams end at once.
+    let mut crier = Process::start(&[
+        "--shutdown-timeout",
+        "5s",
+        "--drain-delay",
+        "0s",
+        "--drain-window",
+        "0s",
+    ]);
     let client = common::client();
     let mut sub = SseClient::connect(&client, &format!("{}/topics/t", crier.base), None).await;
     let answer: serde_json::Value = client
@@ -62,6 +70,10 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ("--heartbeat", "CRIER_HEARTBEAT"),
         ("--retry", "CRIER_RETRY"),
         ("--shutdown-timeout", "CRIER_SHUTDOWN_TIMEOUT"),
+        ("--drain-delay", "CRIER_DRAIN_DELAY"),
+        ("--drain-window", "CRIER_DRAIN_WINDOW"),
+        ("--canary-interval", "CRIER_CANARY_INTERVAL"),
+        ("--canary-timeout", "CRIER_CANARY_TIMEOUT"),
         ("--allowed-origins", "CRIER_ALLOWED_ORIGINS"),
         ("--cors-origins", "CRIER_ALLOWED_ORIGINS"),
         ("--jwt-secret", "CRIER_JWT_SECRET"),

@@ -55,6 +55,8 @@ pub enum ApiError {
     BodyTimeout(std::time::Duration),
     #[error("the body is not a ticket request: {0}")]
     MalformedTicketRequest(String),
+    #[error("this node is shutting down and closing its streams; use another node")]
+    Draining,
 }
 
 impl ApiError {
@@ -68,7 +70,7 @@ impl ApiError {
             // Asking again cannot help: not an outage.
             ApiError::Store(StoreError::Rejected(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(StoreError::Full(_)) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Auth(AuthError::NotGranted { .. } | AuthError::Origin(_)) => {
                 StatusCode::FORBIDDEN
             }
@@ -101,8 +103,10 @@ impl ApiError {
             ApiError::NotFound(_) => "not-found",
             ApiError::Store(StoreError::Rejected(_)) => "store-error",
             ApiError::Store(StoreError::Full(_)) => "storage-full",
+            ApiError::Store(StoreError::Stalled(_)) => "feed-stalled",
             ApiError::Store(_) => "store-unavailable",
             ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",
+            ApiError::Draining => "draining",
             ApiError::Limit(LimitError::Streams { .. }) => "too-many-streams",
             ApiError::Limit(LimitError::PublishRate { .. }) => "publish-rate",
             ApiError::Limit(LimitError::BatchOverBurst { .. }) => "batch-over-burst",

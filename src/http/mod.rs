@@ -43,6 +43,8 @@ pub struct AppState {
     pub limits: Arc<crate::limits::Limits>,
     /// Cancelled when the process shuts down; every open stream ends then.
     pub shutdown: CancellationToken,
+    /// Begun on SIGTERM: readiness fails, streams close spread over time.
+    pub drain: crate::drain::Drain,
 }
 
 /// Builds the whole router. `main` serves it; tests serve the very same.
@@ -227,8 +229,13 @@ async fn healthz() -> impl IntoResponse {
     )
 }
 
-/// Readiness: the store can be reached, so publishes will be stored.
+/// Readiness: the node is not draining, and the store can be reached and
+/// its live feed flows (see `Store::check`), so publishes will be stored and
+/// subscribers served.
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    if state.drain.is_draining() {
+        return Err(ApiError::Draining);
+    }
     let timeout = state.config.redis_timeout;
     match tokio::time::timeout(timeout, state.store.check()).await {
         Ok(Ok(())) => Ok(healthz().await),

@@ -178,6 +178,7 @@ async fn open(
         heartbeat: state.config.heartbeat,
         retry: state.config.retry,
         shutdown: state.shutdown.clone(),
+        drain: state.drain.clone(),
         expires: expires.map(instant_of),
     };
     let stream = subscription.into_stream(settings);

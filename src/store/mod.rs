@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::event::{Epoch, Event, EventName, Topic};
 
 pub use memory::{Budget, MemoryStore};
-pub use redis::RedisStore;
+pub use redis::{CanarySettings, RedisStore};
 
 /// The highest sequence number a store hands out: 2^53 - 1, the largest
 /// integer Redis's Lua numbers (doubles) hold exactly. The embedded store
@@ -72,6 +72,10 @@ pub enum StoreError {
     /// nothing of the request was stored.
     #[error("the store is full: {0}")]
     Full(String),
+    /// The store answers commands, but its live feed to this node has
+    /// stalled (a canary did not come back in time): readiness fails.
+    #[error("the live feed from the store has stalled: {0}")]
+    Stalled(String),
     /// A setting the store cannot work with; reported at start-up.
     #[error("invalid store configuration: {0}")]
     Config(String),
@@ -107,7 +111,9 @@ pub trait Store: Send + Sync + 'static {
     /// gets it. `None` when unknown, taken already or expired.
     async fn take_ticket(&self, key: &str) -> Result<Option<String>, StoreError>;
 
-    /// Whether the store can be reached now (for `GET /readyz`).
+    /// Whether the store can be reached now and its live feed to this node
+    /// flows (for `GET /readyz`). The embedded store's live feed is a direct
+    /// call that cannot stall: it is always ready.
     async fn check(&self) -> Result<(), StoreError> {
         Ok(())
     }

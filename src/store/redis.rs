@@ -28,8 +28,15 @@
 //! reads, once per watched topic, what it missed and delivers it to its hub
 //! (`catch_up`); only where that cannot be done (history changed, no live
 //! position yet) do the topic's subscribers check the stream themselves.
+//!
+//! A pub/sub connection can also stall without dropping (a frozen server, a
+//! middlebox that stopped forwarding): commands still work, live events no
+//! longer arrive. So each node sends itself a canary every few seconds, a
+//! `PUBLISH` on a channel of its own, through the same path as events (the
+//! command connection, then the pub/sub connection), and is not ready while
+//! one is overdue (see [`Canary`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,6 +200,111 @@ pub struct RedisStore {
     live: tokio::sync::Mutex<LiveLink>,
     /// Whether the pub/sub connection is up; `watch` waits for it.
     live_up: tokio::sync::watch::Sender<bool>,
+    canary: Canary,
+}
+
+/// How the node checks that its live feed flows.
+#[derive(Debug, Clone, Copy)]
+pub struct CanarySettings {
+    /// How often a canary is sent.
+    pub interval: Duration,
+    /// How long one may take to come back before the feed counts as stalled.
+    pub timeout: Duration,
+}
+
+/// The node's canaries: numbered messages on a channel only this node
+/// listens to. Pub/sub keeps order, so a canary coming back accounts for
+/// every earlier one; the feed has stalled when the oldest one not back is
+/// older than the timeout.
+struct Canary {
+    channel: String,
+    settings: CanarySettings,
+    state: std::sync::Mutex<CanaryState>,
+}
+
+#[derive(Default)]
+struct CanaryState {
+    next: u64,
+    /// Canaries sent and not back, oldest first (a bounded number: only
+    /// the oldest matters for readiness).
+    out: VecDeque<(u64, tokio::time::Instant)>,
+    /// Whether the stall was reported, so it is logged once.
+    reported: bool,
+}
+
+impl Canary {
+    /// Canaries remembered while none comes back; more say nothing new.
+    const MAX_OUT: usize = 64;
+
+    fn new(prefix: &str, settings: CanarySettings) -> Canary {
+        use ring::rand::SecureRandom;
+        let mut id = [0u8; 8];
+        // A node's channel must be its own; were the system's randomness to
+        // fail, the clock still tells nodes apart.
+        if ring::rand::SystemRandom::new().fill(&mut id).is_err() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            id = (now.as_nanos() as u64 ^ u64::from(std::process::id())).to_be_bytes();
+        }
+        Canary {
+            channel: format!("{prefix}canary:{:016x}", u64::from_be_bytes(id)),
+            settings,
+            state: std::sync::Mutex::new(CanaryState::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CanaryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Numbers the next canary and records it as sent now.
+    fn send(&self) -> u64 {
+        let mut state = self.lock();
+        let n = state.next;
+        state.next += 1;
+        if state.out.len() < Self::MAX_OUT {
+            state.out.push_back((n, tokio::time::Instant::now()));
+        }
+        n
+    }
+
+    /// Canary `n` came back: it and every earlier one are accounted for.
+    fn back(&self, n: u64) {
+        let mut state = self.lock();
+        while state.out.front().is_some_and(|(sent, _)| *sent <= n) {
+            state.out.pop_front();
+        }
+    }
+
+    /// Forgets canaries sent before a (re)connection: pub/sub dropped them.
+    fn reset(&self) {
+        self.lock().out.clear();
+    }
+
+    /// How long the oldest canary not back has been out, if past the timeout.
+    fn overdue(&self) -> Option<Duration> {
+        let (_, sent) = *self.lock().out.front()?;
+        let age = sent.elapsed();
+        (age > self.settings.timeout).then_some(age)
+    }
+
+    /// Logs a stall when it starts and when it ends, once each.
+    fn report(&self) {
+        let overdue = self.overdue();
+        let mut state = self.lock();
+        match (overdue, state.reported) {
+            (Some(age), false) => {
+                tracing::warn!(?age, timeout = ?self.settings.timeout, "the live feed from Redis has stalled: a canary has not come back; not ready");
+                state.reported = true;
+            }
+            (None, true) => {
+                tracing::info!("the live feed from Redis flows again");
+                state.reported = false;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The furthest a node has seen a topic go in one epoch. Within an epoch a
@@ -301,6 +413,7 @@ impl RedisStore {
         hub: Hub,
         retention: Retention,
         timeout: Duration,
+        canary: CanarySettings,
     ) -> Result<RedisStore, StoreError> {
         let client = match ca_cert {
             None => Client::open(url),
@@ -338,6 +451,7 @@ impl RedisStore {
             floors: std::sync::Mutex::new(HashMap::new()),
             live: tokio::sync::Mutex::new(LiveLink::default()),
             live_up: tokio::sync::watch::Sender::new(false),
+            canary: Canary::new(prefix, canary),
         })
     }
 
@@ -367,6 +481,7 @@ impl RedisStore {
     /// carries to the hub, and after every (re)connection resubscribes and
     /// asks subscribers to check for anything missed meanwhile.
     pub async fn run_until(self: Arc<Self>, stop: CancellationToken) {
+        tokio::spawn(self.clone().send_canaries_until(stop.clone()));
         let mut delay = Duration::from_millis(100);
         let mut housekeeping = tokio::time::interval(self.housekeeping_period());
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -406,6 +521,36 @@ impl RedisStore {
         }
     }
 
+    /// Sends a canary every interval while the live feed is up, and
+    /// reports a stall when one is overdue. Its own task: a send that hangs
+    /// (a frozen server) must not hold up live messages, and is itself a
+    /// canary that does not come back.
+    async fn send_canaries_until(self: Arc<Self>, stop: CancellationToken) {
+        let mut ticks = tokio::time::interval(self.canary.settings.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            self.canary.report();
+            if !*self.live_up.borrow() {
+                continue;
+            }
+            // Recorded before it is sent, so it cannot come back unrecorded.
+            let n = self.canary.send();
+            let mut commands = self.commands.clone();
+            let sent = redis::cmd("PUBLISH")
+                .arg(&self.canary.channel)
+                .arg(n)
+                .query_async::<()>(&mut commands)
+                .await;
+            if let Err(error) = sent {
+                tracing::debug!(%error, "could not send a canary");
+            }
+        }
+    }
+
     /// Opens a pub/sub connection and subscribes it to every watched topic.
     async fn connect_live(&self) -> Result<redis::aio::PubSubStream, StoreError> {
         let pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
@@ -414,13 +559,13 @@ impl RedisStore {
             .map_err(unavailable)?;
         let (mut sink, stream) = pubsub.split();
         let mut link = self.live.lock().await;
-        let channels: Vec<String> = link.topics.iter().map(|t| self.keys.channel(t)).collect();
-        if !channels.is_empty() {
-            tokio::time::timeout(self.timeout, sink.subscribe(&channels))
-                .await
-                .map_err(|_| unavailable("timed out subscribing"))?
-                .map_err(unavailable)?;
-        }
+        let mut channels: Vec<String> = link.topics.iter().map(|t| self.keys.channel(t)).collect();
+        channels.push(self.canary.channel.clone());
+        tokio::time::timeout(self.timeout, sink.subscribe(&channels))
+            .await
+            .map_err(|_| unavailable("timed out subscribing"))?
+            .map_err(unavailable)?;
+        self.canary.reset();
         link.sink = Some(sink);
         self.live_up.send_replace(true);
         Ok(stream)
@@ -429,6 +574,13 @@ impl RedisStore {
     /// Hands a live message to the hub. Returns the topic and epoch when
     /// the message shows that the topic's history went back in time.
     fn on_message(&self, message: &redis::Msg) -> Option<(Topic, Epoch)> {
+        if message.get_channel_name() == self.canary.channel {
+            match std::str::from_utf8(message.get_payload_bytes()).map(str::parse::<u64>) {
+                Ok(Ok(n)) => self.canary.back(n),
+                _ => tracing::warn!("ignoring a malformed canary"),
+            }
+            return None;
+        }
         let topic = self.keys.topic_of(message.get_channel_name())?;
         let Some(event) = parse_live(topic, message.get_payload_bytes()) else {
             tracing::warn!(
@@ -935,6 +1087,15 @@ impl Store for RedisStore {
     async fn check(&self) -> Result<(), StoreError> {
         if !*self.live_up.borrow() {
             return Err(unavailable("the live feed from Redis is down"));
+        }
+        // Logged here too, so a stall readiness reports is always in the log.
+        self.canary.report();
+        if let Some(age) = self.canary.overdue() {
+            return Err(StoreError::Stalled(format!(
+                "a canary sent {:.1} s ago through Redis pub/sub has not come back (allowed: {:?})",
+                age.as_secs_f64(),
+                self.canary.settings.timeout
+            )));
         }
         let mut commands = self.commands.clone();
         redis::cmd("PING")

@@ -220,6 +220,17 @@ impl SseClient {
         }
     }
 
+    /// The next event, or `None` when the server ended the stream cleanly;
+    /// fails the test on a broken stream or after the deadline.
+    pub async fn next_or_end(&mut self) -> Option<Ev> {
+        match tokio::time::timeout(DEADLINE, self.events.next()).await {
+            Ok(Some(Ok(event))) => Some(event),
+            Ok(Some(Err(e))) => panic!("the stream broke instead of ending: {e}"),
+            Ok(None) => None,
+            Err(_) => panic!("no event or end within {DEADLINE:?}"),
+        }
+    }
+
     /// The next `n` events.
     pub async fn take(&mut self, n: usize) -> Vec<Ev> {
         let mut events = Vec::with_capacity(n);

@@ -38,6 +38,11 @@ impl Process {
             .args(args)
             // A test may ask for another level in `env`.
             .env("RUST_LOG", "info")
+            // Tests stop the binary with SIGTERM and expect it gone at once:
+            // no drain (its defaults give load balancers 15 s) unless a
+            // test asks for one with flags or `env`.
+            .env("CRIER_DRAIN_DELAY", "0s")
+            .env("CRIER_DRAIN_WINDOW", "0s")
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null());
@@ -152,11 +157,19 @@ impl Process {
     }
 
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends Ctrl-C's signal.
+    pub fn interrupt(&self) {
+        self.signal(libc::SIGINT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) on our own child's pid.
+        let result = unsafe { libc::kill(pid, signal) };
+        assert_eq!(result, 0, "{}", std::io::Error::last_os_error());
     }
 
     /// Waits for the process to exit, failing after `within`.

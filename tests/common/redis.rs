@@ -126,10 +126,31 @@ impl RedisServer {
         panic!("redis-server did not answer PING within {DEADLINE:?}");
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is
+    /// answered or delivered, as with a hung Redis. It goes on when the
+    /// guard is dropped, even if the test fails first.
+    pub fn pause(&self) -> Paused<'_> {
+        self.send(libc::SIGSTOP);
+        Paused(self)
+    }
+
+    fn send(&self, signal: libc::c_int) {
+        if let Some(child) = &self.child {
+            let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
     /// Stops the server (SIGKILL: no chance to save anything beyond what the
     /// append-only file already has).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused server is let go on first, so nothing lingers.
+            // SAFETY: kill(2) on our own child's pid.
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -159,6 +180,15 @@ impl Drop for RedisServer {
     }
 }
 
+/// A frozen [`RedisServer`]; dropping it lets the server go on (SIGCONT).
+pub struct Paused<'a>(&'a RedisServer);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.send(libc::SIGCONT);
+    }
+}
+
 static NEXT_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn free_port() -> u16 {
@@ -185,6 +215,9 @@ fn ping(port: u16) -> bool {
 pub struct Proxy {
     pub addr: SocketAddr,
     up: watch::Sender<bool>,
+    /// While true, nothing reaches a client that subscribed to a channel
+    /// (its connection stays open): a stalled live feed.
+    frozen: watch::Sender<bool>,
     _alive: Arc<AtomicBool>,
 }
 
@@ -193,6 +226,8 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().unwrap();
         let (up, _) = watch::channel(true);
+        let (frozen, _) = watch::channel(false);
+        let freezes = frozen.clone();
         let alive = Arc::new(AtomicBool::new(true));
         let states = up.clone();
         let running = alive.clone();
@@ -206,13 +241,13 @@ impl Proxy {
                     drop(client); // refused while cut
                     continue;
                 }
+                let frozen = freezes.subscribe();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let (mut client, mut server) = (client, server);
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = relay(client, server, frozen) => {}
                         _ = state.wait_for(|up| !*up) => {}
                     }
                 });
@@ -221,6 +256,7 @@ impl Proxy {
         Proxy {
             addr,
             up,
+            frozen,
             _alive: alive,
         }
     }
@@ -236,6 +272,62 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.up.send_replace(true);
+    }
+
+    /// Holds back everything Redis sends to connections that subscribed to
+    /// a channel, keeping them open; commands on other connections go on.
+    pub fn freeze_subscribers(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw_subscribers(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+/// Copies both ways until either side closes; what the server sends is
+/// held back while `frozen`, once the client has sent a SUBSCRIBE.
+async fn relay(client: TcpStream, server: TcpStream, mut frozen: watch::Receiver<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let subscribed = AtomicBool::new(false);
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let upstream = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if buf[..n]
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+            {
+                subscribed.store(true, Ordering::SeqCst);
+            }
+            if server_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let downstream = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match server_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if subscribed.load(Ordering::SeqCst) && frozen.wait_for(|f| !*f).await.is_err() {
+                return;
+            }
+            if client_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = upstream => {}
+        () = downstream => {}
     }
 }
 

@@ -1,0 +1,159 @@
+//! Draining a node before it stops (SIGTERM): readiness fails at once, new
+//! streams are still served for the drain delay (a load balancer needs that
+//! long to notice), then open streams are closed spread evenly over the
+//! drain window, so their clients reconnect to other nodes as a trickle
+//! rather than all at once.
+//!
+//! Each stream takes the next ordinal when draining begins (or when it
+//! opens, if later) and closes at `window × frac(seed + ordinal × φ⁻¹)` into
+//! the window: a low-discrepancy sequence, so however many streams there
+//! are, every slice of the window gets its share of closes. No I/O here.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The golden ratio's fractional part: consecutive multiples of it spread
+/// over [0, 1) as evenly as any sequence can without knowing its length.
+const PHI_FRACTION: f64 = 0.618_033_988_749_894_9;
+
+/// A node's drain: a cheap handle shared by the server, the readiness
+/// check and every stream.
+#[derive(Clone)]
+pub struct Drain(Arc<Inner>);
+
+struct Inner {
+    delay: Duration,
+    window: Duration,
+    /// Cancelled when draining begins, and when the process shuts down
+    /// (a child of the shutdown token): one signal for streams to wait on.
+    signal: CancellationToken,
+    started: OnceLock<Instant>,
+    next: AtomicU64,
+    /// Retry hints handed out, a sequence of its own.
+    hints: AtomicU64,
+    /// Per-process offset of the sequence, and of the retry jitter.
+    seed: u64,
+}
+
+impl Drain {
+    pub fn new(delay: Duration, window: Duration, shutdown: &CancellationToken) -> Drain {
+        Drain(Arc::new(Inner {
+            delay,
+            window,
+            signal: shutdown.child_token(),
+            started: OnceLock::new(),
+            next: AtomicU64::new(0),
+            hints: AtomicU64::new(0),
+            seed: std::collections::hash_map::RandomState::new().hash_one(0u8),
+        }))
+    }
+
+    /// Starts draining now; later calls change nothing.
+    pub fn begin(&self) {
+        if self.0.started.set(Instant::now()).is_ok() {
+            self.0.signal.cancel();
+        }
+    }
+
+    /// Whether draining has begun (readiness then fails).
+    pub fn is_draining(&self) -> bool {
+        self.0.started.get().is_some()
+    }
+
+    /// Cancelled when draining begins or the process shuts down.
+    pub fn signal(&self) -> &CancellationToken {
+        &self.0.signal
+    }
+
+    /// When the node stops taking new connections: the end of the delay.
+    pub fn stop_accepting_at(&self) -> Option<Instant> {
+        self.0.started.get().map(|at| *at + self.0.delay)
+    }
+
+    /// When the last stream has been closed: the end of the window.
+    pub fn window_end(&self) -> Option<Instant> {
+        self.stop_accepting_at().map(|at| at + self.0.window)
+    }
+
+    /// When a stream should close, given that draining has begun: the next
+    /// point of the sequence within what is left of the window (a stream
+    /// opened during the window closes within its rest). `None` when not
+    /// draining.
+    pub fn close_at(&self) -> Option<Instant> {
+        let from = self.stop_accepting_at()?.max(Instant::now());
+        let until = self.window_end()?.max(from);
+        let n = self.0.next.fetch_add(1, Ordering::Relaxed);
+        let fraction = self.fraction(n);
+        Some(from + (until - from).mul_f64(fraction))
+    }
+
+    /// The `retry:` a closing stream suggests: up to `max`, spread too, so
+    /// streams closed in the same instant (a window of 0) still reconnect
+    /// apart.
+    pub fn retry_hint(&self, max: Duration) -> Duration {
+        let n = self.0.hints.fetch_add(1, Ordering::Relaxed);
+        max.mul_f64(self.fraction(n))
+    }
+
+    fn fraction(&self, n: u64) -> f64 {
+        let offset = (self.0.seed >> 11) as f64 / (1u64 << 53) as f64;
+        (offset + n as f64 * PHI_FRACTION).fract()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closes_fall_in_the_window_and_fill_every_tenth_of_it_evenly() {
+        let shutdown = CancellationToken::new();
+        let delay = Duration::from_secs(5);
+        let window = Duration::from_secs(10);
+        let drain = Drain::new(delay, window, &shutdown);
+        assert!(drain.close_at().is_none());
+        assert!(!drain.signal().is_cancelled());
+        drain.begin();
+        assert!(drain.is_draining() && drain.signal().is_cancelled());
+        let start = drain.stop_accepting_at().unwrap();
+        let mut tenths = [0usize; 10];
+        for _ in 0..200 {
+            let at = drain.close_at().unwrap();
+            assert!(at >= start && at <= start + window);
+            let tenth = ((at - start).as_secs_f64() / window.as_secs_f64() * 10.0) as usize;
+            tenths[tenth.min(9)] += 1;
+        }
+        // 20 each, give or take the sequence's discrepancy.
+        assert!(tenths.iter().all(|n| (17..=23).contains(n)), "{tenths:?}");
+    }
+
+    #[test]
+    fn a_stream_opened_after_the_window_closes_at_once() {
+        let drain = Drain::new(
+            Duration::ZERO,
+            Duration::from_millis(20),
+            &CancellationToken::new(),
+        );
+        drain.begin();
+        std::thread::sleep(Duration::from_millis(30));
+        for _ in 0..10 {
+            assert!(drain.close_at().unwrap() <= Instant::now());
+        }
+    }
+
+    #[test]
+    fn shutting_down_also_signals_the_drain_without_starting_it() {
+        let shutdown = CancellationToken::new();
+        let drain = Drain::new(Duration::ZERO, Duration::ZERO, &shutdown);
+        shutdown.cancel();
+        assert!(drain.signal().is_cancelled());
+        assert!(!drain.is_draining());
+        let hint = drain.retry_hint(Duration::from_secs(1));
+        assert!(hint <= Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,441 @@
+//! What an operator relies on: readiness that notices a stalled live feed,
+//! and a drain on SIGTERM that moves subscribers to other nodes as a trickle,
+//! without losing or repeating an event. The real binary, on real Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::process::Process;
+use common::redis::{Proxy, RedisServer};
+use common::*;
+
+/// `/readyz`'s status and problem type (`None` when ready).
+async fn readiness(client: &reqwest::Client, base: &str) -> (u16, Option<String>) {
+    let Ok(response) = client.get(format!("{base}/readyz")).send().await else {
+        return (0, None);
+    };
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let kind = body["type"].as_str().map(str::to_owned);
+    (status, kind)
+}
+
+/// Waits until `/readyz` answers `status` (and, if given, that problem
+/// type); returns how long that took.
+async fn wait_ready(
+    client: &reqwest::Client,
+    base: &str,
+    status: u16,
+    kind: Option<&str>,
+) -> Duration {
+    let started = Instant::now();
+    let deadline = started + DEADLINE;
+    loop {
+        let (got, got_kind) = readiness(client, base).await;
+        let kind_matches = kind.is_none_or(|k| got_kind.as_deref() == Some(k));
+        if got == status && kind_matches {
+            return started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered {status} {kind:?}; last {got} {got_kind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A node with canaries every 100 ms, overdue after 600 ms.
+fn canary_node(url: &str) -> Process {
+    Process::start(&[
+        "--redis",
+        url,
+        "--redis-timeout",
+        "500ms",
+        "--canary-interval",
+        "100ms",
+        "--canary-timeout",
+        "600ms",
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_redis_is_frozen_and_recovers_when_it_goes_on() {
+    let redis = RedisServer::start();
+    let node = canary_node(&redis.url());
+    let client = common::client();
+    wait_ready(&client, &node.base, 200, None).await;
+    {
+        let _paused = redis.pause();
+        // Commands time out, and canaries stop coming back: either way, 503.
+        wait_ready(&client, &node.base, 503, None).await;
+        let (_, kind) = readiness(&client, &node.base).await;
+        assert!(
+            matches!(
+                kind.as_deref(),
+                Some("urn:crier:problem:feed-stalled" | "urn:crier:problem:store-unavailable")
+            ),
+            "{kind:?}"
+        );
+    }
+    wait_ready(&client, &node.base, 200, None).await;
+    // Still serving: the live feed works end to end.
+    let mut sub = SseClient::connect(&client, &node.url("/topics/t"), None).await;
+    let published: serde_json::Value = client
+        .post(node.url("/topics/t"))
+        .body("after the freeze")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = published["id"].as_str().unwrap();
+    assert_eq!(sub.next().await, Ev::new(id, "message", "after the freeze"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_live_feed_fails_readiness_though_redis_answers_commands() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr()).await;
+    let node = canary_node(&proxy.url());
+    let client = common::client();
+    wait_ready(&client, &node.base, 200, None).await;
+
+    // Only the pub/sub connection stalls: PING and publishes still work, so
+    // only the canary can tell.
+    proxy.freeze_subscribers();
+    let stalled_after = wait_ready(
+        &client,
+        &node.base,
+        503,
+        Some("urn:crier:problem:feed-stalled"),
+    )
+    .await;
+    assert!(
+        stalled_after >= Duration::from_millis(300),
+        "noticed after {stalled_after:?}, before any canary could be overdue"
+    );
+    let publish = client
+        .post(node.url("/topics/t"))
+        .body("stored while the feed stalls")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(publish.status(), 201);
+
+    proxy.thaw_subscribers();
+    wait_ready(&client, &node.base, 200, None).await;
+    common::wait_for("the stall and its end logged", || {
+        let log = node.log();
+        log.iter().any(|l| l.contains("has stalled"))
+            && log.iter().any(|l| l.contains("flows again"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_readiness_at_once_serves_new_streams_for_the_delay_then_ends_them_with_a_retry_hint()
+ {
+    // The embedded store: ready until draining.
+    let delay = Duration::from_millis(1500);
+    let mut crier = Process::start(&[
+        "--drain-delay",
+        "1500ms",
+        "--drain-window",
+        "0s",
+        "--retry",
+        "400ms",
+    ]);
+    let client = common::client();
+    assert_eq!(readiness(&client, &crier.base).await, (200, None));
+    let mut before = SseClient::connect(&client, &crier.url("/topics/t"), None).await;
+
+    let signalled = Instant::now();
+    crier.terminate();
+    wait_ready(
+        &client,
+        &crier.base,
+        503,
+        Some("urn:crier:problem:draining"),
+    )
+    .await;
+    assert!(
+        signalled.elapsed() < delay,
+        "/readyz failed only after the delay"
+    );
+    let health = client.get(crier.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "alive while draining");
+
+    // A load balancer has not noticed yet: a new stream is still served.
+    let mut during = SseClient::connect(&client, &crier.url("/topics/t"), None).await;
+    assert_eq!(during.status, 200);
+    let id = client
+        .post(crier.url("/topics/t"))
+        .body("while draining")
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(signalled.elapsed() < delay, "the test itself was too slow");
+    let event = Ev::new(&id, "message", "while draining");
+    for sub in [&mut before, &mut during] {
+        assert_eq!(sub.next().await, event);
+        assert_eq!(sub.until_end().await, vec![]);
+        assert!(signalled.elapsed() >= delay, "closed before the delay");
+        let raw = sub.raw_text();
+        let hint = retry_hint(&raw).unwrap_or_else(|| panic!("no retry hint at the end: {raw:?}"));
+        assert!(hint <= 400, "{raw:?}");
+    }
+    let status = tokio::task::spawn_blocking(move || crier.wait_exit(DEADLINE))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// The `retry:` a stream's last bytes suggest.
+fn retry_hint(raw: &str) -> Option<u64> {
+    let tail = raw.strip_suffix(": crier draining\n\n")?;
+    let line = tail.strip_suffix('\n')?.rsplit('\n').next()?;
+    line.strip_prefix("retry: ")?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_or_a_second_sigterm_cuts_a_drain_short() {
+    let client = common::client();
+    for second in ["SIGTERM", "SIGINT"] {
+        let mut crier = Process::start(&["--drain-delay", "30s", "--drain-window", "30s"]);
+        let mut sub = SseClient::connect(&client, &crier.url("/topics/t"), None).await;
+        crier.terminate();
+        wait_ready(
+            &client,
+            &crier.base,
+            503,
+            Some("urn:crier:problem:draining"),
+        )
+        .await;
+        let stopping = Instant::now();
+        if second == "SIGTERM" {
+            crier.terminate();
+        } else {
+            crier.interrupt();
+        }
+        assert_eq!(sub.until_end().await, vec![]);
+        let status = tokio::task::spawn_blocking(move || crier.wait_exit(DEADLINE))
+            .await
+            .unwrap();
+        assert!(status.success(), "{second}: {status:?}");
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "{second} did not cut the drain short"
+        );
+    }
+}
+
+/// What one subscriber saw: every event, over both nodes, and when and how
+/// its stream on the draining node ended.
+struct Seen {
+    events: Vec<Ev>,
+    closed_at: Instant,
+    hint_ms: u64,
+}
+
+/// Subscribes on `a`; when the stream ends, waits its `retry:` hint (as
+/// EventSource does) and resumes on `b` with its Last-Event-ID, reading
+/// until the event `end`.
+async fn drained_subscriber(
+    client: reqwest::Client,
+    a: String,
+    b: String,
+    connected: Arc<AtomicUsize>,
+    got_one: Arc<AtomicUsize>,
+    resumed: Arc<AtomicUsize>,
+) -> Seen {
+    let mut sub = SseClient::connect(&client, &format!("{a}/topics/drain"), None).await;
+    assert_eq!(sub.status, 200);
+    connected.fetch_add(1, Ordering::SeqCst);
+    let mut events = Vec::new();
+    while let Some(event) = sub.next_or_end().await {
+        events.push(event);
+        if events.len() == 1 {
+            got_one.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let closed_at = Instant::now();
+    let raw = sub.raw_text();
+    let hint_ms = retry_hint(&raw).unwrap_or_else(|| panic!("no retry hint at the end: {raw:?}"));
+    drop(sub);
+    tokio::time::sleep(Duration::from_millis(hint_ms)).await;
+    let last = events.last().expect("an event before the drain").id.clone();
+    let mut sub =
+        SseClient::connect(&client, &format!("{b}/topics/drain"), Some(last.as_str())).await;
+    assert_eq!(sub.status, 200);
+    resumed.fetch_add(1, Ordering::SeqCst);
+    loop {
+        let event = sub.next().await;
+        let end = event.data == "end";
+        events.push(event);
+        if end {
+            break;
+        }
+    }
+    Seen {
+        events,
+        closed_at,
+        hint_ms,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_moves_200_subscribers_to_another_node_spread_over_the_window_without_loss() {
+    const SUBSCRIBERS: usize = 200;
+    let delay = Duration::from_millis(1500);
+    let window = Duration::from_millis(2500);
+    let redis = RedisServer::start();
+    let mut a = Process::start(&[
+        "--redis",
+        &redis.url(),
+        "--drain-delay",
+        "1500ms",
+        "--drain-window",
+        "2500ms",
+        "--retry",
+        "200ms",
+    ]);
+    let b = Process::start(&["--redis", &redis.url()]);
+    let client = common::client();
+    let (connected, got_one, resumed) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let subscribers: Vec<_> = (0..SUBSCRIBERS)
+        .map(|_| {
+            tokio::spawn(drained_subscriber(
+                client.clone(),
+                a.base.clone(),
+                b.base.clone(),
+                connected.clone(),
+                got_one.clone(),
+                resumed.clone(),
+            ))
+        })
+        .collect();
+    wait_for("every subscriber connected to a", || {
+        connected.load(Ordering::SeqCst) == SUBSCRIBERS
+    })
+    .await;
+
+    // Events published on b throughout, every 20 ms, until told to stop;
+    // then `end`.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (client, url, stop) = (client.clone(), b.url("/topics/drain"), stop.clone());
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            let mut n = 0;
+            loop {
+                let done = stop.load(Ordering::SeqCst);
+                let data = if done {
+                    "end".to_owned()
+                } else {
+                    n += 1;
+                    format!("event {n}")
+                };
+                let answer: serde_json::Value = client
+                    .post(&url)
+                    .body(data.clone())
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let id = answer["id"].as_str().expect("published").to_owned();
+                published.push(Ev::new(&id, "message", &data));
+                if done {
+                    return published;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    wait_for("every subscriber got an event on a", || {
+        got_one.load(Ordering::SeqCst) == SUBSCRIBERS
+    })
+    .await;
+
+    let signalled = Instant::now();
+    a.terminate();
+    wait_ready(&client, &a.base, 503, Some("urn:crier:problem:draining")).await;
+    assert!(signalled.elapsed() < delay / 2, "/readyz was slow to fail");
+    // A new subscription during the delay is served.
+    let mut late = SseClient::connect(&client, &a.url("/topics/drain"), None).await;
+    assert_eq!(late.status, 200);
+    let first = late.next().await;
+    assert!(first.data.starts_with("event "), "{first:?}");
+    assert!(signalled.elapsed() < delay, "the test itself was too slow");
+    drop(late);
+
+    let status = tokio::task::spawn_blocking(move || a.wait_exit(DEADLINE))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let exited = signalled.elapsed();
+    wait_for("every subscriber resumed on b", || {
+        resumed.load(Ordering::SeqCst) == SUBSCRIBERS
+    })
+    .await;
+    // A few more events (the publisher's pace) after everyone moved, then
+    // `end`.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    let published = publisher.await.unwrap();
+
+    let mut closes = Vec::with_capacity(SUBSCRIBERS);
+    for (i, subscriber) in subscribers.into_iter().enumerate() {
+        let seen = subscriber.await.unwrap();
+        // Every event exactly once, in order: the first the subscriber got
+        // is the first published (all subscribed before it), the rest follow.
+        assert_eq!(
+            seen.events, published,
+            "subscriber {i} saw a different feed"
+        );
+        assert!(seen.hint_ms <= 200, "retry hint {} ms", seen.hint_ms);
+        closes.push(seen.closed_at - signalled);
+    }
+    closes.sort();
+    let (first, last) = (closes[0], closes[SUBSCRIBERS - 1]);
+    assert!(
+        first >= delay,
+        "first close after {first:?}, before the delay"
+    );
+    let slack = Duration::from_millis(1000);
+    assert!(last <= delay + window + slack, "last close after {last:?}");
+    assert!(
+        exited <= delay + window + slack + slack,
+        "exited after {exited:?}"
+    );
+    // Spread: no tenth of the window holds more than a quarter of the closes
+    // (an even spread puts a tenth in each).
+    let mut tenths = [0usize; 10];
+    for close in &closes {
+        let into = close.saturating_sub(delay).as_secs_f64() / window.as_secs_f64();
+        tenths[((into * 10.0) as usize).min(9)] += 1;
+    }
+    assert!(
+        tenths.iter().all(|n| *n <= SUBSCRIBERS / 4),
+        "closes per tenth of the window: {tenths:?}"
+    );
+    assert!(
+        tenths.iter().filter(|n| **n > 0).count() >= 8,
+        "closes per tenth of the window: {tenths:?}"
+    );
+}

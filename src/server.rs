@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::limits::{ConnectionPermit, Limits, Refusal};
+use crate::metrics::{ConnectionRefusal, Metrics};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 type Service = TowerToHyperService<PeerService>;
@@ -179,6 +180,9 @@ struct Conn {
     peer: SocketAddr,
     /// This connection's share of the caps, released when its task ends.
     _permit: ConnectionPermit,
+    /// Counts the connection open (by protocol, once known) while served.
+    metrics: Metrics,
+    tls: bool,
 }
 
 impl Conn {
@@ -195,6 +199,9 @@ impl Conn {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let _open = self
+            .metrics
+            .connection(crate::metrics::Protocol::Http1, self.tls);
         let conn = self
             .protocols
             .http1
@@ -210,6 +217,9 @@ impl Conn {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let _open = self
+            .metrics
+            .connection(crate::metrics::Protocol::Http2, self.tls);
         let activity = Arc::new(Activity::new());
         let conn = self
             .protocols
@@ -516,6 +526,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Arc<Limits>,
+    metrics: Metrics,
     config: &Config,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -577,6 +588,11 @@ pub async fn serve(
             Ok(permit) => permit,
             Err(refusal) => {
                 tracing::debug!(%peer, ?refusal, "refusing a connection");
+                metrics.connection_refused(match refusal {
+                    Refusal::Full => ConnectionRefusal::Capacity,
+                    Refusal::ClientConnections => ConnectionRefusal::ClientConnections,
+                    Refusal::ConnectionRate => ConnectionRefusal::ConnectionRate,
+                });
                 refuse(stream, refusal, tls.is_some(), &lingering);
                 continue;
             }
@@ -591,6 +607,8 @@ pub async fn serve(
             shutdown: shutdown.clone(),
             peer,
             _permit: permit,
+            metrics: metrics.clone(),
+            tls: tls.is_some(),
         };
         match tls.clone() {
             None => tokio::spawn(logged(peer, serve_plain(stream, conn))),

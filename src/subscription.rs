@@ -125,7 +125,8 @@ pub struct Subscription {
     /// the hub asked for a resync, or said the store is back.
     retry_now: bool,
     /// Topics whose resume (a start after a position) has yet to be
-    /// counted: at their first page from the store.
+    /// counted: at their first page from the store. Empty (no allocation)
+    /// unless the stream resumes.
     resuming: Vec<bool>,
     metrics: Metrics,
 }
@@ -153,7 +154,7 @@ impl Subscription {
             pending: vec![false; n],
             wanted: vec![None; n],
             retry_now: false,
-            resuming: vec![false; n],
+            resuming: Vec::new(),
             metrics: hub.metrics().clone(),
         }
     }
@@ -338,7 +339,7 @@ impl Subscription {
             Start::After(cursor) => {
                 self.positions.clone_from(&cursor.0);
                 self.pending.fill(true);
-                self.resuming.fill(true);
+                self.resuming = vec![true; self.topics.len()];
             }
             Start::Now | Start::Last(_) => {
                 let last = if let Start::Last(n) = start { *n } else { 0 };
@@ -387,7 +388,7 @@ impl Subscription {
                 read => read?,
             };
             let reason = ResetReason::of(position, &history);
-            if std::mem::take(&mut self.resuming[i]) {
+            if self.resuming.get_mut(i).is_some_and(std::mem::take) {
                 self.metrics
                     .resumed(reason.map_or(Resume::Exact, ResetReason::outcome));
             }

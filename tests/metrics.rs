@@ -786,6 +786,33 @@ async fn a_redis_outage_and_its_reconnect_are_counted() {
     assert_eq!(scrape.get("crier_publish_to_write_seconds_count", &[]), 2.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_metrics_on_the_address_its_environment_gives() {
+    let crier =
+        common::process::Process::start_with_env(&[], &[("CRIER_METRICS_LISTEN", "127.0.0.1:0")]);
+    // Said before the main listener's line, which the harness waits for.
+    let url = crier
+        .log()
+        .iter()
+        .find_map(|line| {
+            line.split("metrics on ")
+                .nth(1)?
+                .split_whitespace()
+                .next()
+                .map(str::to_owned)
+        })
+        .expect("the metrics address is logged");
+    let client = common::client();
+    let scrape = scrape_url(&client, &url, None).await;
+    assert_eq!(scrape.get("crier_open_streams", &[]), 0.0);
+    let main = client
+        .get(format!("{}/metrics", crier.base))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(main, 404, "not-found").await;
+}
+
 #[test]
 fn the_parser_is_strict() {
     let good = "# HELP a_total A \\\\ help.\n# TYPE a_total counter\na_total{x=\"q\\\"\"} 1\n";

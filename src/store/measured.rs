@@ -1,6 +1,8 @@
 //! A store that counts: wraps the configured store so every operation the
 //! hub's callers make is timed (append, read) and its failures counted, in
-//! one place rather than in each store.
+//! one place rather than in each store. (A store's own work, such as the
+//! Redis store's catch-up reads after a reconnect, is not seen here: it has
+//! metrics of its own.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

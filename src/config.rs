@@ -46,6 +46,10 @@ pub struct TokenArgs {
     #[arg(long, value_delimiter = ',')]
     pub subscribe: Vec<String>,
 
+    /// The token may read GET /metrics on the main listener.
+    #[arg(long)]
+    pub metrics: bool,
+
     /// How long the token is valid (e.g. 15m, 1h, 30days).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
@@ -68,6 +72,13 @@ pub struct Config {
     /// Address to listen on (use 0.0.0.0:8080 to accept remote clients).
     #[arg(long, env = "CRIER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+
+    /// Serve GET /metrics (Prometheus) on this address instead of the main
+    /// listener, without a token and without TLS: keep it private
+    /// (firewall it). Unset: /metrics is on the main listener, behind a
+    /// token granting `metrics` when tokens are configured.
+    #[arg(long, env = "CRIER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Connections the kernel may queue before crier accepts them; a burst of
     /// reconnecting clients (a node or proxy restart) needs room here. The

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 
@@ -255,7 +256,14 @@ pub struct Event {
     pub seq: u64,
     pub epoch: Epoch,
     frame: Bytes,
-    id_line_len: usize,
+    id_line_len: u32,
+    /// When a store handed this event to the hub live ([`LiveStamp`]); 0
+    /// when it never was, or once the first stream wrote it and the
+    /// publish-to-write latency was sampled. (With `id_line_len` as `u32`,
+    /// the event is no larger than without it.)
+    ///
+    /// [`LiveStamp`]: crate::metrics::LiveStamp
+    live_at: AtomicU32,
 }
 
 impl Event {
@@ -273,7 +281,29 @@ impl Event {
             seq,
             epoch,
             frame,
-            id_line_len,
+            // An id line is `id: ` and a position: a few dozen bytes.
+            id_line_len: u32::try_from(id_line_len).unwrap_or(u32::MAX),
+            live_at: AtomicU32::new(0),
+        }
+    }
+
+    /// Marks the event as going out live now: the first stream to write it
+    /// samples the publish-to-write latency.
+    pub fn stamp_live(&self) {
+        self.live_at
+            .store(crate::metrics::LiveStamp::now(), Ordering::Relaxed);
+    }
+
+    /// The live stamp, taken by the first caller only: one sample per event
+    /// and topic, whatever the number of subscribers. Others pay one
+    /// relaxed load.
+    pub fn take_live_stamp(&self) -> Option<u32> {
+        if self.live_at.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        match self.live_at.swap(0, Ordering::Relaxed) {
+            0 => None,
+            stamp => Some(stamp),
         }
     }
 
@@ -288,7 +318,7 @@ impl Event {
 
     /// The frame without its `id:` line.
     pub fn body(&self) -> Bytes {
-        self.frame.slice(self.id_line_len..)
+        self.frame.slice(self.id_line_len as usize..)
     }
 
     /// Bytes this event holds in memory.

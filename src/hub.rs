@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
 use crate::event::{Event, Topic};
+use crate::metrics::Metrics;
 
 /// What a topic's live feed carries.
 #[derive(Clone, Debug)]
@@ -49,6 +50,9 @@ struct Inner {
     /// Numbers every delivery on this node, so that a subscription to several
     /// topics can merge their feeds in the order events were delivered.
     next_order: AtomicU64,
+    /// The node's metrics: the hub counts deliveries and subscriptions, and
+    /// hands them to the stores and streams that join it.
+    metrics: Metrics,
 }
 
 /// One item of a topic's feed, numbered in node-wide delivery order.
@@ -62,23 +66,37 @@ impl Hub {
     /// `backlog` is how many events a subscriber may fall behind before it is
     /// disconnected.
     pub fn new(backlog: usize) -> Hub {
+        Hub::with_metrics(backlog, Metrics::new())
+    }
+
+    /// A hub that counts into `metrics`.
+    pub fn with_metrics(backlog: usize, metrics: Metrics) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 topics: RwLock::new(HashMap::new()),
                 backlog: backlog.max(1),
                 next_order: AtomicU64::new(1),
+                metrics,
             }),
         }
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Hands an event to every current subscriber of its topic.
     ///
     /// Callers deliver each topic's events in sequence order; subscribers
     /// still check, so a gap is filled from the store rather than skipped.
+    /// Deliveries are counted here, once per event: one add of the number of
+    /// subscribers, not one per subscriber.
     pub fn deliver(&self, event: &Arc<Event>) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(&event.topic) {
-            tx.send(self.numbered(Live::Event(event.clone())));
+            let subscribers = tx.send(self.numbered(Live::Event(event.clone())));
+            self.inner.metrics.delivered(subscribers);
         }
     }
 
@@ -124,9 +142,12 @@ impl Hub {
     /// the returned feed, up to the backlog.
     pub fn subscribe(&self, topic: &Topic) -> LiveFeed {
         let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
-        let channel = topics
-            .entry(topic.clone())
-            .or_insert_with(|| Arc::new(Channel::new(self.inner.backlog)));
+        let mut new_topic = false;
+        let channel = topics.entry(topic.clone()).or_insert_with(|| {
+            new_topic = true;
+            Arc::new(Channel::new(self.inner.backlog))
+        });
+        self.inner.metrics.subscription(1.0, new_topic);
         LiveFeed {
             events: Receiver::new(channel.clone()),
             _membership: Membership {
@@ -144,9 +165,11 @@ impl Hub {
 
     fn leave(&self, topic: &Topic) {
         let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
-        if topics.get(topic).is_some_and(|tx| tx.receiver_count() == 0) {
+        let last = topics.get(topic).is_some_and(|tx| tx.receiver_count() == 0);
+        if last {
             topics.remove(topic);
         }
+        self.inner.metrics.subscription(-1.0, last);
     }
 }
 
@@ -277,11 +300,12 @@ impl Channel {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn send(&self, delivery: Delivery) {
-        {
+    /// Queues `delivery` for every receiver; returns how many there are.
+    fn send(&self, delivery: Delivery) -> usize {
+        let unseen = {
             let mut ring = self.lock();
             if ring.receivers == 0 {
-                return;
+                return 0;
             }
             let unseen = ring.receivers;
             ring.items.push_back(Slot { delivery, unseen });
@@ -289,8 +313,10 @@ impl Channel {
                 ring.items.pop_front();
                 ring.first += 1;
             }
-        }
+            unseen
+        };
         self.notify.notify_waiters();
+        unseen
     }
 
     fn receiver_count(&self) -> usize {

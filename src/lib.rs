@@ -17,6 +17,7 @@ pub mod event;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod sse;
 pub mod store;
@@ -32,7 +33,8 @@ pub use http::{AppState, app};
 
 use crate::auth::Auth;
 use crate::hub::Hub;
-use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+use crate::metrics::Metrics;
+use crate::store::{Measured, MemoryStore, RedisStore, Store, StoreError};
 
 /// A setting the hub cannot start with.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +60,11 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
     // TLS (to Redis, `rediss://`) uses rustls with the ring provider. An
     // error only means a provider is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let hub = Hub::new(config.subscriber_backlog);
+    // This state's own metrics, not a process-wide recorder: several hubs
+    // may share a process (the tests run many), each showing its own.
+    let metrics = Metrics::new();
+    tokio::spawn(upkeep_until(metrics.clone(), shutdown.clone()));
+    let hub = Hub::with_metrics(config.subscriber_backlog, metrics.clone());
     let store: Arc<dyn Store> = match &config.redis_url {
         Some(url) => {
             let store = Arc::new(RedisStore::new(
@@ -86,12 +92,14 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
             store
         }
     };
+    let store = Arc::new(Measured::new(store, metrics.clone()));
     let limits = Arc::new(limits::Limits::new(config.limit_settings()?));
     let drain = drain::Drain::new(config.drain_delay, config.drain_window, &shutdown);
     Ok(AppState {
         drain,
         hub,
         store,
+        metrics,
         auth,
         limits,
         config: Arc::new(config),
@@ -122,8 +130,67 @@ pub async fn serve_with_drain(
     drain: CancellationToken,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|error| {
+            std::io::Error::new(
+                error.kind(),
+                format!("cannot listen on {addr} for metrics: {error}"),
+            )
+        })?),
+        None => None,
+    };
+    serve_with(listener, metrics_listener, config, drain, shutdown).await
+}
+
+/// [`serve`], with the `--metrics-listen` listener already bound (`None`:
+/// metrics are served on the main listener). Tests bind it on an ephemeral
+/// port this way.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        metrics_listener,
+        config,
+        CancellationToken::new(),
+        shutdown,
+    )
+    .await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    mut config: Config,
+    drain: CancellationToken,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    if let Some(metrics_listener) = &metrics_listener {
+        // What the router decides by: /metrics is not on the main listener.
+        config.metrics_listen = Some(metrics_listener.local_addr()?);
+    }
     let state = state(config.clone(), shutdown.clone()).map_err(std::io::Error::other)?;
     let limits = state.limits.clone();
+    let metrics = state.metrics.clone();
+    if let Some(metrics_listener) = metrics_listener {
+        match metrics_listener.local_addr() {
+            Ok(addr) => tracing::info!("metrics on http://{addr}/metrics (no token: firewall it)"),
+            Err(error) => tracing::warn!(%error, "serving metrics on an unknown address"),
+        }
+        let router = http::metrics_app(state.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::warn!(%error, "the metrics listener failed");
+            }
+        });
+    }
     let draining = state.drain.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -136,6 +203,7 @@ pub async fn serve_with_drain(
         listener,
         app(state.clone()),
         limits,
+        metrics,
         &config,
         shutdown.clone(),
         state.drain,
@@ -145,4 +213,17 @@ pub async fn serve_with_drain(
     // they stop.
     shutdown.cancel();
     result
+}
+
+/// Folds histogram samples into buckets every few seconds, so they take
+/// bounded memory whether or not anyone scrapes.
+async fn upkeep_until(metrics: Metrics, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => metrics.upkeep(),
+        }
+    }
 }

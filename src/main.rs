@@ -87,6 +87,7 @@ fn print_token(args: crier::config::TokenArgs) -> std::process::ExitCode {
             .iter()
             .map(crier::auth::Pattern::new)
             .collect(),
+        metrics: args.metrics,
     };
     match crier::auth::mint(&args.jwt, grants, args.ttl, args.subject) {
         Ok(token) => {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::limits::{ConnectionPermit, Limits, Refusal};
+use crate::metrics::{ConnectionRefusal, Metrics};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 type Service = TowerToHyperService<PeerService>;
@@ -187,6 +188,9 @@ struct Conn {
     peer: SocketAddr,
     /// This connection's share of the caps, released when its task ends.
     _permit: ConnectionPermit,
+    /// Counts the connection open (by protocol, once known) while served.
+    metrics: Metrics,
+    tls: bool,
 }
 
 impl Conn {
@@ -203,6 +207,9 @@ impl Conn {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let _open = self
+            .metrics
+            .connection(crate::metrics::Protocol::Http1, self.tls);
         let conn = self
             .protocols
             .http1
@@ -219,6 +226,9 @@ impl Conn {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let _open = self
+            .metrics
+            .connection(crate::metrics::Protocol::Http2, self.tls);
         let activity = Arc::new(Activity::new());
         let conn = self
             .protocols
@@ -611,6 +621,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Arc<Limits>,
+    metrics: Metrics,
     config: &Config,
     shutdown: CancellationToken,
     drain: Drain,
@@ -691,6 +702,11 @@ pub async fn serve(
             Ok(permit) => permit,
             Err(refusal) => {
                 tracing::debug!(%peer, ?refusal, "refusing a connection");
+                metrics.connection_refused(match refusal {
+                    Refusal::Full => ConnectionRefusal::Capacity,
+                    Refusal::ClientConnections => ConnectionRefusal::ClientConnections,
+                    Refusal::ConnectionRate => ConnectionRefusal::ConnectionRate,
+                });
                 refuse(stream, refusal, tls.is_some(), &lingering);
                 continue;
             }
@@ -705,6 +721,8 @@ pub async fn serve(
             shutdown: closing.clone(),
             peer,
             _permit: permit,
+            metrics: metrics.clone(),
+            tls: tls.is_some(),
         };
         match tls.clone() {
             None => tokio::spawn(logged(peer, serve_plain(stream, conn))),

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::drain::Drain;
 use crate::event::{Cursor, Event, Position, REAUTH_EVENT, RESET_EVENT, Topic};
 use crate::hub::{Feeds, Hub, Lagged, Live};
+use crate::metrics::{Metrics, Resume, StreamEnd};
 use crate::sse;
 use crate::store::{History, Store, StoreError};
 
@@ -99,6 +100,14 @@ impl ResetReason {
             ResetReason::Epoch => "epoch",
         }
     }
+
+    fn outcome(self) -> Resume {
+        match self {
+            ResetReason::Trimmed => Resume::Trimmed,
+            ResetReason::Ahead => Resume::Ahead,
+            ResetReason::Epoch => Resume::Epoch,
+        }
+    }
 }
 
 pub struct Subscription {
@@ -119,6 +128,11 @@ pub struct Subscription {
     /// Set when store work put off after a failure should be tried now:
     /// the hub asked for a resync, or said the store is back.
     retry_now: bool,
+    /// Topics whose resume (a start after a position) has yet to be
+    /// counted: at their first page from the store. Empty (no allocation)
+    /// unless the stream resumes.
+    resuming: Vec<bool>,
+    metrics: Metrics,
 }
 
 impl Subscription {
@@ -144,6 +158,8 @@ impl Subscription {
             pending: vec![false; n],
             wanted: vec![None; n],
             retry_now: false,
+            resuming: Vec::new(),
+            metrics: hub.metrics().clone(),
         }
     }
 
@@ -174,6 +190,9 @@ impl Subscription {
     /// open, sends heartbeats, and retries with backoff; when the store
     /// refuses its work (which asking again cannot change) it ends.
     pub fn into_stream(mut self, settings: StreamSettings) -> impl Stream<Item = Bytes> {
+        // Counted open from here (even if never polled), and its end counted
+        // by the last reason set; dropped without one, the client left.
+        let mut open = self.metrics.stream();
         async_stream::stream! {
             let mut chunk = Chunk::default();
             let mut retry = Backoff::default();
@@ -205,13 +224,16 @@ impl Subscription {
                 // checking the token takes a lock, so only here.)
                 if self.owes_store_work() && retry.is_ready() {
                     if settings.shutdown.is_cancelled() {
+                        open.ends(StreamEnd::Shutdown);
                         return;
                     }
                     if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        open.ends(StreamEnd::Shutdown);
                         yield farewell(&settings);
                         return;
                     }
                     if settings.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        open.ends(StreamEnd::TokenExpired);
                         yield reauth();
                         return;
                     }
@@ -237,6 +259,7 @@ impl Subscription {
                         last_write = tokio::time::Instant::now();
                     }
                     if refused {
+                        open.ends(StreamEnd::StoreError);
                         return;
                     }
                     continue;
@@ -245,6 +268,7 @@ impl Subscription {
                     biased;
                     () = &mut signal => {
                         if settings.shutdown.is_cancelled() {
+                            open.ends(StreamEnd::Shutdown);
                             return;
                         }
                         closing_at = settings.drain.close_at();
@@ -254,6 +278,7 @@ impl Subscription {
                         }
                     }
                     () = &mut expiry => {
+                        open.ends(StreamEnd::TokenExpired);
                         yield reauth();
                         return;
                     }
@@ -271,11 +296,13 @@ impl Subscription {
                         }
                         if lagged {
                             tracing::debug!("ending a stream: the subscriber fell behind the live feed");
+                            open.ends(StreamEnd::SlowConsumer);
                             return;
                         }
                         // A busy stream may never let the heartbeat branch
                         // run: its drain instant is checked here as well.
                         if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                            open.ends(StreamEnd::Shutdown);
                             yield farewell(&settings);
                             return;
                         }
@@ -288,6 +315,7 @@ impl Subscription {
                     () = &mut heartbeat => {
                         // Ending here, between writes, never cuts an event.
                         if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                            open.ends(StreamEnd::Shutdown);
                             yield farewell(&settings);
                             return;
                         }
@@ -345,6 +373,7 @@ impl Subscription {
             Start::After(cursor) => {
                 self.positions.clone_from(&cursor.0);
                 self.pending.fill(true);
+                self.resuming = vec![true; self.topics.len()];
             }
             Start::Now | Start::Last(_) => {
                 let last = if let Start::Last(n) = start { *n } else { 0 };
@@ -393,6 +422,10 @@ impl Subscription {
                 read => read?,
             };
             let reason = ResetReason::of(position, &history);
+            if self.resuming.get_mut(i).is_some_and(std::mem::take) {
+                self.metrics
+                    .resumed(reason.map_or(Resume::Exact, ResetReason::outcome));
+            }
             let Some(epoch) = history.epoch else {
                 if let Some(reason) = reason {
                     self.positions[i] = Position::default();
@@ -409,14 +442,18 @@ impl Subscription {
             }
             self.positions[i].epoch = Some(epoch);
             let page_len = history.events.len();
+            let mut replayed = 0;
             for event in &history.events {
                 // One write stays within the chunk cap however large the
                 // events: the rest of the page is read again next turn.
                 if chunk.len() >= MAX_CHUNK_BYTES {
+                    self.metrics.replayed(replayed);
                     return Ok(false);
                 }
                 self.emit(i, event, chunk);
+                replayed += 1;
             }
+            self.metrics.replayed(replayed);
             return Ok(page_len < REPLAY_PAGE || self.positions[i].seq >= history.head);
         }
     }
@@ -453,6 +490,9 @@ impl Subscription {
         if in_step && event.seq <= position.seq {
             // Already sent during replay.
         } else if in_step && Some(event.seq) == position.seq.checked_add(1) {
+            if let Some(stamp) = event.take_live_stamp() {
+                self.metrics.first_write(stamp);
+            }
             self.emit(i, &event, chunk);
         } else {
             // A hole, or a new epoch: the store knows what happened.
@@ -481,6 +521,7 @@ impl Subscription {
         oldest: Option<Position>,
         chunk: &mut Chunk,
     ) {
+        self.metrics.reset(reason.outcome());
         let id = match self.style {
             IdStyle::Single => self.positions[i].to_string(),
             IdStyle::Multi => self.multi_id(i),

@@ -56,6 +56,7 @@ async fn help_documents_every_setting_with_its_environment_variable() {
     let help = String::from_utf8(output.stdout).unwrap();
     for (flag, env) in [
         ("--listen", "CRIER_LISTEN"),
+        ("--metrics-listen", "CRIER_METRICS_LISTEN"),
         ("--retention-events", "CRIER_RETENTION_EVENTS"),
         ("--retention-age", "CRIER_RETENTION_AGE"),
         ("--max-event-bytes", "CRIER_MAX_EVENT_BYTES"),

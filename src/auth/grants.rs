@@ -32,6 +32,9 @@ pub struct Grants {
     pub publish: Vec<Pattern>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscribe: Vec<Pattern>,
+    /// May read `GET /metrics` on the main listener (`"metrics": true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics: bool,
 }
 
 /// Whether any of `patterns` matches `topic`.

@@ -69,6 +69,8 @@ pub enum AuthError {
     Origin(String),
     #[error("tickets need access control: configure --jwt-secret, --jwt-public-key or --jwks-file")]
     TicketsDisabled,
+    #[error("the token does not grant reading metrics (`\"crier\": {{\"metrics\": true}}`)")]
+    MetricsNotGranted,
 }
 
 /// A setting of access control that cannot work; reported at start-up.
@@ -199,6 +201,22 @@ impl Auth {
                     },
                 )
             }
+        }
+    }
+
+    /// Checks that a scrape of the metrics on the main listener carries a
+    /// bearer token granting `metrics` (open hub: anyone may). Only the
+    /// `Authorization` header counts: scrapers send it, and a cookie would
+    /// let any page the operator visits read the metrics.
+    pub fn may_scrape(&self, bearer: Option<&str>) -> Result<(), AuthError> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(());
+        };
+        let token = bearer.ok_or(AuthError::Missing)?;
+        if verifier.verify(token)?.grants.metrics {
+            Ok(())
+        } else {
+            Err(AuthError::MetricsNotGranted)
         }
     }
 

@@ -48,14 +48,7 @@ pub fn credentials<'a>(
     origin: OriginKind,
     cookie_name: &str,
 ) -> Credentials<'a> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        })
-        .filter(|t| !t.is_empty());
+    let bearer = bearer(headers);
     let cookie = headers
         .get_all(header::COOKIE)
         .iter()
@@ -71,6 +64,18 @@ pub fn credentials<'a>(
         cookie,
         origin: Some(origin),
     }
+}
+
+/// The token of `Authorization: Bearer …`, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty())
 }
 
 /// CORS answers from the same list: `*` lets any page read answers without

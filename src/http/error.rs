@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::auth::{AuthError, TokenError};
 use crate::event::{InvalidCursor, InvalidEventName, InvalidTopic};
 use crate::limits::LimitError;
+use crate::metrics::Refusal;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +72,9 @@ impl ApiError {
             ApiError::Store(StoreError::Rejected(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(StoreError::Full(_)) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Store(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Auth(AuthError::NotGranted { .. } | AuthError::Origin(_)) => {
-                StatusCode::FORBIDDEN
-            }
+            ApiError::Auth(
+                AuthError::NotGranted { .. } | AuthError::Origin(_) | AuthError::MetricsNotGranted,
+            ) => StatusCode::FORBIDDEN,
             ApiError::Auth(AuthError::TicketsDisabled) => StatusCode::NOT_FOUND,
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::Limit(LimitError::BatchOverBurst { .. }) => StatusCode::BAD_REQUEST,
@@ -119,7 +120,42 @@ impl ApiError {
                 AuthError::Ticket(_) | AuthError::TicketExpired => "invalid-ticket",
                 AuthError::Origin(_) => "origin-not-allowed",
                 AuthError::TicketsDisabled => "tickets-disabled",
+                AuthError::MetricsNotGranted => "forbidden-metrics",
             },
+        }
+    }
+
+    /// The reason this refusal is counted under in the metrics.
+    fn refusal(&self) -> Refusal {
+        match self {
+            ApiError::PayloadTooLarge { .. } | ApiError::EncodedTooLarge { .. } => {
+                Refusal::TooLarge
+            }
+            ApiError::BodyTimeout(_) => Refusal::BodyTimeout,
+            ApiError::MethodNotAllowed { .. } | ApiError::NotFound(_) => Refusal::NotFound,
+            ApiError::Store(StoreError::Full(_)) => Refusal::StorageFull,
+            ApiError::Store(StoreError::Rejected(_)) => Refusal::StoreError,
+            ApiError::Store(_) => Refusal::StoreUnavailable,
+            ApiError::Draining => Refusal::Draining,
+            ApiError::Auth(AuthError::Origin(_)) => Refusal::Origin,
+            ApiError::Auth(AuthError::NotGranted { .. } | AuthError::MetricsNotGranted) => {
+                Refusal::Forbidden
+            }
+            ApiError::Auth(AuthError::TicketsDisabled) => Refusal::NotFound,
+            ApiError::Auth(_) => Refusal::Auth,
+            ApiError::Limit(LimitError::Streams { .. }) => Refusal::Cap,
+            ApiError::Limit(_) => Refusal::Rate,
+            ApiError::InvalidTopic { .. }
+            | ApiError::InvalidEventName(_)
+            | ApiError::NotUtf8
+            | ApiError::UnreadableBody(_)
+            | ApiError::InvalidPosition { .. }
+            | ApiError::InvalidParameter { .. }
+            | ApiError::NoTopic
+            | ApiError::TooManyTopics { .. }
+            | ApiError::MalformedBatch(_)
+            | ApiError::BatchTooLong { .. }
+            | ApiError::MalformedTicketRequest(_) => Refusal::BadInput,
         }
     }
 
@@ -130,7 +166,7 @@ impl ApiError {
             ApiError::Auth(AuthError::Token(_)) => {
                 Some(r#"Bearer realm="crier", error="invalid_token""#)
             }
-            ApiError::Auth(AuthError::NotGranted { .. }) => {
+            ApiError::Auth(AuthError::NotGranted { .. } | AuthError::MetricsNotGranted) => {
                 Some(r#"Bearer realm="crier", error="insufficient_scope""#)
             }
             _ => None,
@@ -148,6 +184,8 @@ impl IntoResponse for ApiError {
             "detail": self.to_string(),
         });
         let mut response = (status, body.to_string()).into_response();
+        // Counted by the metrics layer, which holds the metrics.
+        response.extensions_mut().insert(self.refusal());
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

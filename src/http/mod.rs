@@ -4,6 +4,7 @@
 mod access;
 mod error;
 mod limits;
+mod metrics;
 mod publish;
 mod subscribe;
 mod tickets;
@@ -24,6 +25,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use metrics::metrics_app;
 
 use crate::auth::Auth;
 use crate::compress::Codec;
@@ -45,6 +47,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Begun on SIGTERM: readiness fails, streams close spread over time.
     pub drain: crate::drain::Drain,
+    /// This hub's metrics (its own recorder, not a process-wide one).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Builds the whole router. `main` serves it; tests serve the very same.
@@ -81,11 +85,16 @@ pub fn app(state: AppState) -> Router {
         )
         .route(
             "/tickets",
-            axum::routing::post(tickets::create.layer(compression)).fallback(not_allowed("POST")),
+            axum::routing::post(tickets::create.layer(compression.clone()))
+                .fallback(not_allowed("POST")),
         )
         .route(
             "/crier.js",
             get(browser_helper).fallback(not_allowed("GET, HEAD")),
+        )
+        .route(
+            "/metrics",
+            get(metrics::scrape.layer(compression)).fallback(not_allowed("GET, HEAD")),
         )
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -95,6 +104,10 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access::check_origin,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count_refusals,
         ))
         .with_state(state);
     let router = router.layer(cors);

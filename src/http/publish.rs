@@ -153,6 +153,7 @@ pub async fn batch(
         .limits
         .publish(&principal.rate_key(&client_name(client)), events.len())?;
     let stored = state.store.append(events).await?;
+    state.metrics.batch_stored();
     Ok((
         StatusCode::CREATED,
         Json(BatchPublished {

@@ -186,11 +186,26 @@ async fn open(
         request_headers.get(header::ACCEPT_ENCODING),
         &state.config.codecs(),
     );
+    // Bytes are counted as written, after compression: one relaxed add per
+    // write on a counter resolved here, once per stream.
     let body = match codec.map(Compressor::new) {
         Some(Ok(mut compressor)) => {
-            Body::from_stream(stream.map(move |chunk| compressor.compress(&chunk)))
+            let written = state.metrics.written(codec);
+            Body::from_stream(stream.map(move |chunk| {
+                let out = compressor.compress(&chunk);
+                if let Ok(bytes) = &out {
+                    written.add(bytes.len());
+                }
+                out
+            }))
         }
-        _ => Body::from_stream(stream.map(Ok::<_, std::io::Error>)),
+        _ => {
+            let written = state.metrics.written(None);
+            Body::from_stream(stream.map(move |chunk| {
+                written.add(chunk.len());
+                Ok::<_, std::io::Error>(chunk)
+            }))
+        }
     };
     let mut response = Response::new(body);
     let headers = response.headers_mut();

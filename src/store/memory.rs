@@ -291,6 +291,7 @@ impl MemoryStore {
                 .fetch_add(cost(&event), Ordering::Relaxed);
             log.events.push_back((now, event.clone()));
             log.trim(&self.retention, now);
+            event.stamp_live();
             self.hub.deliver(&event);
             return Ok(event);
         }

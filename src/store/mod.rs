@@ -6,6 +6,7 @@
 //! The embedded [`MemoryStore`] is the default; [`RedisStore`] lets several
 //! nodes serve one feed. Both pass the same behavioural tests through HTTP.
 
+mod measured;
 mod memory;
 mod redis;
 
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 
 use crate::event::{Epoch, Event, EventName, Topic};
 
+pub use measured::Measured;
 pub use memory::{Budget, MemoryStore};
 pub use redis::{CanarySettings, RedisStore};
 

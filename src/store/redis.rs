@@ -436,6 +436,8 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2));
         let commands =
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        // Shown (as down) from the start, not from the first connection.
+        hub.metrics().redis().set_connected(false);
         Ok(RedisStore {
             client,
             commands,
@@ -485,11 +487,18 @@ impl RedisStore {
         let mut delay = Duration::from_millis(100);
         let mut housekeeping = tokio::time::interval(self.housekeeping_period());
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let metrics = self.hub.metrics().redis();
+        metrics.set_connected(false);
+        let mut was_up = false;
         loop {
             match self.connect_live().await {
                 Ok(mut messages) => {
                     delay = Duration::from_millis(100);
                     tracing::info!("live feed from Redis connected");
+                    metrics.set_connected(true);
+                    if std::mem::replace(&mut was_up, true) {
+                        metrics.reconnected();
+                    }
                     self.catch_up().await;
                     loop {
                         tokio::select! {
@@ -507,6 +516,7 @@ impl RedisStore {
                     }
                     self.live.lock().await.sink = None;
                     self.live_up.send_replace(false);
+                    metrics.set_connected(false);
                     tracing::warn!("live feed from Redis lost; reconnecting");
                 }
                 Err(error) => {
@@ -594,6 +604,7 @@ impl RedisStore {
             return None;
         }
         let event = Arc::new(event);
+        event.stamp_live();
         self.hub.deliver(&event);
         (seen == Seen::WentBack).then(|| (event.topic.clone(), event.epoch))
     }
@@ -656,8 +667,11 @@ impl RedisStore {
     /// subscribers check the store themselves.
     async fn catch_up(&self) {
         let topics: Vec<Topic> = self.live.lock().await.topics.iter().cloned().collect();
+        let metrics = self.hub.metrics().redis();
         for topic in topics.iter().filter(|t| self.hub.is_watched(t)) {
-            if !self.catch_up_topic(topic).await {
+            let caught_up = self.catch_up_topic(topic).await;
+            metrics.caught_up(caught_up);
+            if !caught_up {
                 self.hub.resync(topic);
             }
         }

@@ -26,6 +26,8 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// The `--metrics-listen` address, when the server has one.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<std::io::Result<()>>>,
     pub client: reqwest::Client,
@@ -39,6 +41,16 @@ impl Server {
     /// Starts a server on the store the test runs against (see
     /// [`on_every_store!`]), after `configure` adjusted its settings.
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Server {
+        Server::launch(configure, false).await
+    }
+
+    /// Like [`Server::start_with`], with metrics on a listener of their own
+    /// (`--metrics-listen`) on another ephemeral port.
+    pub async fn start_with_metrics_listener(configure: impl FnOnce(&mut Config)) -> Server {
+        Server::launch(configure, true).await
+    }
+
+    async fn launch(configure: impl FnOnce(&mut Config), metrics_listener: bool) -> Server {
         let mut config = Config::default();
         if let Ok(Some(url)) = STORE.try_with(|url| url.clone()) {
             config.redis_url = Some(url);
@@ -46,10 +58,23 @@ impl Server {
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        let metrics = match metrics_listener {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
+            false => None,
+        };
+        let metrics_addr = metrics
+            .as_ref()
+            .map(|l| l.local_addr().expect("local addr"));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(crier::serve(listener, config, shutdown.clone()));
+        let task = tokio::spawn(crier::serve_with_metrics(
+            listener,
+            metrics,
+            config,
+            shutdown.clone(),
+        ));
         Server {
             addr,
+            metrics_addr,
             shutdown,
             task: Some(task),
             client: client(),

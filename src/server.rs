@@ -210,10 +210,9 @@ impl Conn {
         let _open = self
             .metrics
             .connection(crate::metrics::Protocol::Http1, self.tls);
-        let conn = self
-            .protocols
-            .http1
-            .serve_connection(TokioIo::new(io), self.service(None));
+        let mut http1 = self.protocols.http1.clone();
+        http1.header_read_timeout(spread(self.protocols.header_timeout));
+        let conn = http1.serve_connection(TokioIo::new(io), self.service(None));
         Ok(self.watcher.watch(conn).await?)
     }
 
@@ -426,6 +425,20 @@ impl Drop for StreamActivity {
     }
 }
 
+/// A connection's own share of a read timeout: between 80 and 100 % of it,
+/// spread evenly over the connections in the order they arrive. Connections
+/// that arrive together (a flood of slow or silent clients) would otherwise
+/// all time out, and come back, in the same instant.
+fn spread(timeout: Duration) -> Duration {
+    /// The golden ratio's fractional part: its multiples spread over [0, 1)
+    /// as evenly as any sequence can.
+    const PHI_FRACTION: f64 = 0.618_033_988_749_894_9;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let fraction = (n as f64 * PHI_FRACTION).fract();
+    timeout.mul_f64(1.0 - 0.2 * fraction)
+}
+
 /// Runs one connection to its end; how it ended matters only when debugging.
 async fn logged(peer: SocketAddr, connection: impl Future<Output = Result<(), BoxError>>) {
     if let Err(error) = connection.await {
@@ -436,7 +449,7 @@ async fn logged(peer: SocketAddr, connection: impl Future<Output = Result<(), Bo
 /// Serves one plain connection: HTTP/1.1, or HTTP/2 with prior knowledge.
 async fn serve_plain(stream: TcpStream, c: Conn) -> Result<(), BoxError> {
     let protocol = tokio::select! {
-        protocol = peek_protocol(&stream, c.protocols.header_timeout) => protocol,
+        protocol = peek_protocol(&stream, spread(c.protocols.header_timeout)) => protocol,
         () = c.shutdown.cancelled() => return Ok(()),
     };
     match protocol {
@@ -450,8 +463,10 @@ async fn serve_plain(stream: TcpStream, c: Conn) -> Result<(), BoxError> {
 /// Serves one TLS connection with the protocol ALPN chose (RFC 9113, 3.2:
 /// HTTP/2 over TLS is negotiated, never sniffed).
 async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, c: Conn) -> Result<(), BoxError> {
-    let handshake =
-        tokio::time::timeout(c.protocols.tls_handshake_timeout, acceptor.accept(stream));
+    let handshake = tokio::time::timeout(
+        spread(c.protocols.tls_handshake_timeout),
+        acceptor.accept(stream),
+    );
     let stream = tokio::select! {
         handshake = handshake => match handshake {
             Ok(Ok(stream)) => stream,

@@ -305,6 +305,43 @@ async fn silent_connections_and_unfinished_tls_handshakes_are_closed_while_other
         .await;
 }
 
+/// Slow and silent connections that arrive together do not all time out,
+/// and come back, in the same instant: each gets between 80 and 100 % of the
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_arrive_together_time_out_spread_over_a_fifth_of_the_timeout() {
+    let hub = Process::start(&["--header-timeout", "2s"]);
+    let mut connections = Vec::new();
+    for i in 0..100 {
+        let mut s = connect_from("127.0.0.2", hub.addr()).await;
+        if i % 2 == 0 {
+            // Half a request head: hyper's header timeout.
+            s.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+                .await
+                .unwrap();
+        }
+        // The other half send nothing: the protocol sniffing's timeout.
+        connections.push(s);
+    }
+    let opened = std::time::Instant::now();
+    let closes = connections.into_iter().map(|mut s| async move {
+        closed_by_peer(&mut s).await;
+        opened.elapsed()
+    });
+    let mut closed: Vec<Duration> = futures_util::future::join_all(closes).await;
+    closed.sort();
+    let (first, last) = (closed[0], closed[closed.len() - 1]);
+    assert!(
+        first >= Duration::from_millis(1500) && last <= Duration::from_millis(2600),
+        "closed between {first:?} and {last:?}, not within 80-100 % of 2 s"
+    );
+    assert!(
+        last - first >= Duration::from_millis(250),
+        "closed within {:?} of each other: not spread",
+        last - first
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_headers_and_dribbled_bodies_are_cut_with_bounded_memory_and_nothing_stored() {
     let hub = Process::start(&["--header-timeout", "2s", "--body-timeout", "5s"]);

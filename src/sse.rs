@@ -11,9 +11,21 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub const HEARTBEAT: &[u8] = b": heartbeat\n\n";
 
 /// The first bytes of every stream: the reconnection delay for EventSource,
-/// then a comment so that buffering proxies pass the headers on at once.
-pub fn preamble(retry_ms: u64) -> Bytes {
-    Bytes::from(format!("retry: {retry_ms}\n: crier stream open\n\n"))
+/// the position the stream starts from when the hub chose it (a stream that
+/// starts "now" or at `last=N`), then a comment so that buffering proxies
+/// pass the headers on at once.
+///
+/// An `id:` in a block without `data:` dispatches no event but sets the
+/// EventSource's last event id (the SSE dispatch steps), so a client that
+/// loses its connection before the first event resumes from where it
+/// started, not from "now" again, and misses nothing published meanwhile.
+pub fn preamble(retry_ms: u64, start: Option<&str>) -> Bytes {
+    match start {
+        Some(id) => Bytes::from(format!(
+            "retry: {retry_ms}\nid: {id}\n: crier stream open\n\n"
+        )),
+        None => Bytes::from(format!("retry: {retry_ms}\n: crier stream open\n\n")),
+    }
 }
 
 /// The last bytes of a stream closed to move its client to another node:

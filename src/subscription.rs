@@ -125,6 +125,8 @@ pub struct Subscription {
     /// The newest live event seen per pending topic: the store must have
     /// caught up with it before the topic is in step again.
     wanted: Vec<Option<Position>>,
+    /// Whether the start is the hub's to announce (not the client's cursor).
+    announce_start: bool,
     /// Set when store work put off after a failure should be tried now:
     /// the hub asked for a resync, or said the store is back.
     retry_now: bool,
@@ -147,6 +149,7 @@ impl Subscription {
     ) -> Subscription {
         let live = hub.subscribe_all(&topics);
         let n = topics.len();
+        let announce_start = !matches!(start, Start::After(_));
         Subscription {
             positions: vec![Position::default(); n],
             topics,
@@ -155,6 +158,7 @@ impl Subscription {
             live,
             watching: false,
             start: Some(start),
+            announce_start,
             pending: vec![false; n],
             wanted: vec![None; n],
             retry_now: false,
@@ -196,7 +200,8 @@ impl Subscription {
         async_stream::stream! {
             let mut chunk = Chunk::default();
             let mut retry = Backoff::default();
-            yield sse::preamble(settings.retry.as_millis() as u64);
+            let start = self.start_id();
+            yield sse::preamble(settings.retry.as_millis() as u64, start.as_deref());
             // The heartbeat timer is not re-armed on every write (a timer
             // operation per event per subscriber); when it fires early it is
             // pushed to one quiet period after the last write instead.
@@ -330,6 +335,18 @@ impl Subscription {
                 }
             }
         }
+    }
+
+    /// The cursor this stream starts from, when the hub chose it (a start
+    /// "now" or at `last=N`, once fixed): what the client should resume
+    /// from if it leaves before the first event. A start the client gave
+    /// (`Last-Event-ID`) it knows already.
+    fn start_id(&self) -> Option<String> {
+        if !self.announce_start || self.start.is_some() {
+            return None;
+        }
+        let positions: Vec<String> = self.positions.iter().map(ToString::to_string).collect();
+        Some(positions.join(","))
     }
 
     fn owes_store_work(&self) -> bool {
@@ -820,7 +837,7 @@ mod tests {
         let chunks: Vec<Bytes> = tokio::time::timeout(Duration::from_secs(5), stream.collect())
             .await
             .expect("the stream ends");
-        assert_eq!(chunks, vec![sse::preamble(1000)]);
+        assert_eq!(chunks, vec![sse::preamble(1000, None)]);
         // The refused read and the refused bounds; no retry.
         assert_eq!(store.reads.load(Ordering::SeqCst), 2);
 

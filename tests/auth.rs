@@ -18,7 +18,10 @@ use common::redis::RedisServer;
 use common::*;
 
 /// What every stream starts with (default `--retry`).
-const PREAMBLE: &str = "retry: 1000\n: crier stream open\n\n";
+/// The first bytes of a stream the hub started "now" at `start`.
+fn preamble(start: &str) -> String {
+    format!("retry: 1000\nid: {start}\n: crier stream open\n\n")
+}
 /// The last bytes of a stream whose credentials expired: no `id:` line.
 const REAUTH: &str = "event: reauth\ndata: {\"reason\":\"token-expired\"}\n\n";
 /// An origin no test hub lists.
@@ -1048,7 +1051,10 @@ async fn a_stream_ends_with_reauth_at_expiry_and_a_fresh_cookie_resumes_it_exact
     // The raw bytes: no `id:` line, so Last-Event-ID stays at the last event.
     assert_eq!(
         sub.raw_text(),
-        format!("{PREAMBLE}id: {first}\ndata: before expiry\n\n{REAUTH}")
+        format!(
+            "{}id: {first}\ndata: before expiry\n\n{REAUTH}",
+            preamble("0")
+        )
     );
     // From the moment the stream ends, the token is refused.
     let response = send(get(&server, "/topics/news").header("cookie", cookie(&short))).await;
@@ -1106,7 +1112,7 @@ async fn a_ticket_stream_ends_with_reauth_when_its_minting_token_expires() {
     let last_id = format!("a/{a},0");
     assert_eq!(
         sub.raw_text(),
-        format!("{PREAMBLE}id: {last_id}\ndata: one\n\n{REAUTH}")
+        format!("{}id: {last_id}\ndata: one\n\n{REAUTH}", preamble("0,0"))
     );
     // The minting token can mint no more.
     let refused =
@@ -1201,7 +1207,7 @@ async fn a_compressed_stream_ends_with_reauth_too() {
         let text = String::from_utf8(decoder.decompress(&wire).unwrap()).unwrap();
         assert_eq!(
             text,
-            format!("{PREAMBLE}id: {id}\ndata: squeezed\n\n{REAUTH}"),
+            format!("{}id: {id}\ndata: squeezed\n\n{REAUTH}", preamble("0")),
             "{coding}"
         );
     }

@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The exact first bytes of every stream with the default `retry` of 1 s.
-const PREAMBLE: &str = "retry: 1000\n: crier stream open\n\n";
+/// The first bytes of a stream the hub started "now" on a topic with no
+/// events yet.
+const PREAMBLE: &str = "retry: 1000\nid: 0\n: crier stream open\n\n";
 
 /// The epoch part of a `SEQ.EPOCH` id, checked to be lowercase base 36.
 fn epoch_of(id: &str) -> String {
@@ -132,6 +134,61 @@ async fn streams_send_sse_headers_and_open_with_retry_and_a_comment() {
     server.stop().await;
 }
 
+/// A stream that starts "now" names its start in an id-only block (no
+/// event is dispatched, but EventSource's last event id is set), so a client
+/// that loses the stream before the first event resumes from there and
+/// misses nothing published while it was away. One topic and several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_first_event_resumes_from_its_start() {
+    let server = Server::start().await;
+    let old = server.publish_id("early", "before").await;
+    // Reads a stream's first block, its preamble, then leaves.
+    let start_of = async |path: &str| {
+        let response = server.client.get(server.url(path)).send().await.unwrap();
+        let mut body = response.bytes_stream();
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            let chunk = tokio::time::timeout(DEADLINE, body.next())
+                .await
+                .expect("the preamble in time")
+                .expect("a preamble")
+                .unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        text.lines()
+            .find_map(|l| l.strip_prefix("id: "))
+            .map(str::to_owned)
+            .expect("an id in the preamble")
+    };
+    let single_start = start_of("/topics/early").await;
+    let multi_start = start_of("/events?topic=early&topic=quiet").await;
+    assert_eq!(single_start, old, "the start is the newest event");
+    assert_eq!(multi_start, format!("{old},0"));
+
+    let missed = server.publish_id("early", "while away").await;
+    let mut single = server.resume("/topics/early", &single_start).await;
+    assert_eq!(
+        single.next().await,
+        Ev::new(&missed, "message", "while away")
+    );
+    let mut multi = server
+        .resume("/events?topic=early&topic=quiet", &multi_start)
+        .await;
+    assert_eq!(
+        multi.next().await,
+        Ev::new(&format!("early/{missed},0"), "message", "while away")
+    );
+    // A resumed stream does not announce the start its client gave.
+    assert!(
+        single
+            .raw_text()
+            .starts_with("retry: 1000\n: crier stream open\n\n"),
+        "{}",
+        single.raw_text()
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preamble_carries_the_configured_retry_in_milliseconds() {
     let server = Server::start_with(|c| c.retry = Duration::from_millis(2500)).await;
@@ -140,7 +197,7 @@ async fn preamble_carries_the_configured_retry_in_milliseconds() {
     assert_eq!(sub.next().await, Ev::new(&id, "message", "x"));
     assert_eq!(
         sub.raw_text(),
-        format!("retry: 2500\n: crier stream open\n\nid: {id}\ndata: x\n\n")
+        format!("retry: 2500\nid: 0\n: crier stream open\n\nid: {id}\ndata: x\n\n")
     );
     server.stop().await;
 }

@@ -886,7 +886,7 @@ async fn a_listed_origin_gets_cors_with_credentials() {
             .to_ascii_lowercase();
         assert!(allowed.contains("authorization"), "{allowed}");
     }
-    // A foreign origin's preflight is not allowed either.
+    // A foreign origin's preflight is refused like its requests.
     let preflight = server
         .client
         .request(reqwest::Method::OPTIONS, server.url("/topics/t"))
@@ -894,6 +894,7 @@ async fn a_listed_origin_gets_cors_with_credentials() {
         .header("access-control-request-method", "POST");
     let response = send(preflight).await;
     assert_eq!(header(&response, "access-control-allow-origin"), None);
+    assert_problem(response, 403, "origin-not-allowed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

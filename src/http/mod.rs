@@ -101,16 +101,19 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             limits::hold_stream,
         ))
+        .with_state(state.clone());
+    // The origin check comes before CORS, so a foreign origin's preflight is
+    // refused like any of its requests rather than answered.
+    let router = router
+        .layer(cors)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access::check_origin,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state,
             metrics::count_refusals,
-        ))
-        .with_state(state);
-    let router = router.layer(cors);
+        ));
     let router = router.layer(axum::middleware::from_fn(close_after_refused_body));
     router.layer(
         TraceLayer::new_for_http()

@@ -347,7 +347,7 @@ impl Stream {
                 }
                 listener.on_line(line, arrived_us);
             };
-            match decoder {
+            match decoder.as_deref_mut() {
                 // Identity: the body's bytes as read, no copy.
                 None => lines.feed_lines(data, on_line),
                 Some(decoder) if broken.is_none() => match decoder.decompress(data) {

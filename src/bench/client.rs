@@ -72,7 +72,11 @@ pub struct SubscribeArgs {
 /// A value that can go in a request header as it is: printable ASCII.
 fn header_value(value: &str) -> Result<String, String> {
     let value = value.trim();
-    if value.is_empty() || !value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+    if value.is_empty()
+        || !value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
         return Err(format!("`{value}` is not a header value"));
     }
     Ok(value.to_owned())
@@ -715,9 +719,7 @@ impl<L: Listener> Crowd<L> {
                 Some(path) => {
                     let path = target.path(&path(i), "");
                     let head = head_for_path(target, &path, args.accept_encoding.as_deref());
-                    format!("{head}\r\n")
-                        .into_bytes()
-                        .into()
+                    format!("{head}\r\n").into_bytes().into()
                 }
                 None => request.clone(),
             }
@@ -910,7 +912,10 @@ mod tests {
             base_path: String::new(),
         };
         let plain = head_for_path(&target, "/topics/t", None);
-        assert!(!plain.to_ascii_lowercase().contains("accept-encoding"), "{plain}");
+        assert!(
+            !plain.to_ascii_lowercase().contains("accept-encoding"),
+            "{plain}"
+        );
         let browser = head_for_path(&target, "/topics/t", Some("gzip, deflate, br, zstd"));
         assert!(
             browser.ends_with("\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n"),

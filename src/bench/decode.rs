@@ -420,8 +420,8 @@ mod tests {
         assert_eq!(response_head(b"HTTP/1.1 200 OK\r\nContent-").unwrap(), None);
         let err = response_head(b"HTTP/1.1 404 Not Found\r\n\r\n").unwrap_err();
         assert!(err.contains("404"), "{err}");
-        let err = response_head(b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\n\r\n")
-            .unwrap_err();
+        let err =
+            response_head(b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\n\r\n").unwrap_err();
         assert!(err.contains("deflate"), "{err}");
         let two = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip, br\r\n\r\n";
         assert!(response_head(two).is_err());

@@ -165,7 +165,10 @@ mod tests {
 
     #[test]
     fn metric_events_are_json_of_their_size_that_change_and_keep_their_stamp() {
-        let (a, b) = (Payload::Metrics.event(7, 200), Payload::Metrics.event(8, 200));
+        let (a, b) = (
+            Payload::Metrics.event(7, 200),
+            Payload::Metrics.event(8, 200),
+        );
         assert_eq!((a.len(), b.len()), (200, 200));
         assert_eq!(Stamp::parse(a.as_bytes()).map(|s| s.seq), Some(7));
         let a: serde_json::Value = serde_json::from_str(&a).unwrap();

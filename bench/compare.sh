@@ -23,6 +23,9 @@
 #   SMOKE_ONLY=1                        start the hubs, check each with curl, stop
 #   RESULTS=bench/results/DATE.jsonl    where the JSON lines go
 #   NCHAN_MODULE=/usr/lib/nginx/modules/ngx_nchan_module.so
+#   CRIER=target/release/crier          the binary (built with cargo build --release
+#                                       unless BUILD=0)
+#   BUILD=1                             0: use CRIER as it is
 #
 # Every process it starts (hubs, redis-server, the load tool) is its child and
 # is stopped on exit, error, Ctrl-C or SIGTERM. All traffic is to 127.0.0.1.
@@ -48,7 +51,8 @@ SMOKE_ONLY=${SMOKE_ONLY:-0}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=${RESULTS:-$HERE/results/$STAMP.jsonl}
 TOOL_LOG=${RESULTS%.jsonl}.log
-CRIER=$ROOT/target/release/crier
+CRIER=${CRIER:-${CARGO_TARGET_DIR:-$ROOT/target}/release/crier}
+BUILD=${BUILD:-1}
 
 # Path templates given to the load tool; {topic} is the tool's placeholder.
 declare -A PUB_PATH=(
@@ -590,7 +594,9 @@ fi
 
 install_missing
 
-if dry; then
+if [ "$BUILD" != 1 ]; then
+    dry || [ -x "$CRIER" ] || die "no $CRIER (BUILD=0: build it, or set CRIER)"
+elif dry; then
     show cargo build --release --manifest-path "$ROOT/Cargo.toml"
 else
     log "cargo build --release"

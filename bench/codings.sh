@@ -135,8 +135,9 @@ HUB_PID="" HUB_PORT=""
 start_crier() {
     local name=$1
     HUB_PORT=$(free_port)
+    # No drain on SIGTERM: the row is over, the next wants a fresh hub now.
     local -a cmd=("$CRIER" --listen "127.0.0.1:$HUB_PORT" --shutdown-timeout 2s
-        --max-connections-per-ip 1000000 --max-streams-per-ip 1000000
+        --drain-delay 0 --drain-window 0 --max-connections-per-ip 1000000 --max-streams-per-ip 1000000
         --connection-rate 0 --publish-rate 0)
     if dry; then
         show "${cmd[@]}"

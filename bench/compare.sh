@@ -230,8 +230,9 @@ start_crier() {   # start_crier NAME [crier flags...]
     # The load tool's crowd comes from a handful of loopback addresses and
     # publishes from one: per-client caps and rates would measure the tool,
     # not the hub. They stay in force (and cost what they cost), just high.
+    # No drain on SIGTERM (a restart between idle runs wants a fresh hub now).
     set -- --max-connections-per-ip 1000000 --max-streams-per-ip 1000000 \
-        --connection-rate 0 --publish-rate 0 "$@"
+        --connection-rate 0 --publish-rate 0 --drain-delay 0 --drain-window 0 "$@"
     port=$(free_port)
     PORT[$name]=$port
     if dry; then

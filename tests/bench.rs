@@ -112,6 +112,9 @@ async fn fanout_decodes_each_coding_and_counts_every_event() {
     let plain_bytes = identity["wire"]["bytes_per_event"].as_f64().expect("bytes");
     // An event of 200 bytes of data, with its id line and chunk framing.
     assert!(plain_bytes > 200.0, "{identity}");
+    // Each of the 20 subscribers read its head, its preamble and 50 events.
+    let per_subscriber = identity["wire"]["bytes_per_subscriber"].as_f64();
+    assert!(per_subscriber > Some(50.0 * plain_bytes), "{identity}");
     assert!(
         identity["wire"]["opening_bytes_per_subscriber"].as_f64() > Some(0.0),
         "{identity}"

@@ -343,6 +343,7 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
         "window_s": round(window, 3),
         "deliveries_per_s": round(deliveries as f64 / window, 1),
         "wire": {
+            "bytes_per_subscriber": per_subscriber(wire.opening_bytes + wire.stream_bytes),
             "opening_bytes_per_subscriber": per_subscriber(wire.opening_bytes),
             "stream_bytes_per_subscriber": per_subscriber(wire.stream_bytes),
             "bytes_per_event": round(wire.stream_bytes as f64 / deliveries.max(1) as f64, 1),

@@ -12,6 +12,10 @@
 #   DURATION=20s                        publishing time of one fanout run
 #   SIZE=200                            event payload, bytes
 #   HUBS="crier crier-redis nchan"      which hubs, in this order
+#   CODINGS="identity zstd br gzip"     what crier's subscribers ask for (one row
+#                                       each; Nchan does not compress: identity)
+#   PAYLOAD=metrics                     event body after the stamp: metrics (JSON
+#                                       that changes per event) or padded
 #   IDLE_SUBSCRIBERS=10000              idle connections per hub (0 skips `bench idle`)
 #   PAUSE=2                             seconds between two runs (sockets settle)
 #   PER_SOURCE=2000                     subscribers per loopback source address
@@ -19,6 +23,9 @@
 #   SMOKE_ONLY=1                        start the hubs, check each with curl, stop
 #   RESULTS=bench/results/DATE.jsonl    where the JSON lines go
 #   NCHAN_MODULE=/usr/lib/nginx/modules/ngx_nchan_module.so
+#   CRIER=target/release/crier          the binary (built with cargo build --release
+#                                       unless BUILD=0)
+#   BUILD=1                             0: use CRIER as it is
 #
 # Every process it starts (hubs, redis-server, the load tool) is its child and
 # is stopped on exit, error, Ctrl-C or SIGTERM. All traffic is to 127.0.0.1.
@@ -34,6 +41,8 @@ RUNS=${RUNS:-3}
 DURATION=${DURATION:-20s}
 SIZE=${SIZE:-200}
 HUBS=${HUBS:-"crier crier-redis nchan"}
+CODINGS=${CODINGS:-"identity zstd br gzip"}
+PAYLOAD=${PAYLOAD:-metrics}
 IDLE_SUBSCRIBERS=${IDLE_SUBSCRIBERS:-10000}
 PAUSE=${PAUSE:-2}
 PER_SOURCE=${PER_SOURCE:-2000}
@@ -42,7 +51,8 @@ SMOKE_ONLY=${SMOKE_ONLY:-0}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=${RESULTS:-$HERE/results/$STAMP.jsonl}
 TOOL_LOG=${RESULTS%.jsonl}.log
-CRIER=$ROOT/target/release/crier
+CRIER=${CRIER:-${CARGO_TARGET_DIR:-$ROOT/target}/release/crier}
+BUILD=${BUILD:-1}
 
 # Path templates given to the load tool; {topic} is the tool's placeholder.
 declare -A PUB_PATH=(
@@ -63,6 +73,21 @@ for hub in $HUBS; do
     [ -n "${PUB_PATH[$hub]+x}" ] || die "unknown hub '$hub' (crier, crier-redis, nchan)"
 done
 [ "$RUNS" -ge 1 ] 2>/dev/null || die "RUNS must be a positive integer"
+for coding in $CODINGS; do
+    case $coding in identity | zstd | br | gzip) ;; *) die "unknown coding '$coding' (identity, zstd, br, gzip)" ;; esac
+done
+[ -n "$CODINGS" ] || die "CODINGS is empty (identity, zstd, br, gzip)"
+case $PAYLOAD in metrics | padded) ;; *) die "PAYLOAD must be metrics or padded" ;; esac
+
+# The codings a hub's subscribers ask for: crier's from CODINGS; Nchan does
+# not compress event streams, so it has its identity row only.
+codings_for() {
+    case $1 in nchan) echo identity ;; *) echo "$CODINGS" ;; esac
+}
+# The tool's flag for a coding: no Accept-Encoding at all for identity.
+accept_args() {
+    [ "$1" = identity ] || printf -- '--accept-encoding\n%s\n' "$1"
+}
 
 # ---------------------------------------------------------------- processes
 
@@ -205,8 +230,9 @@ start_crier() {   # start_crier NAME [crier flags...]
     # The load tool's crowd comes from a handful of loopback addresses and
     # publishes from one: per-client caps and rates would measure the tool,
     # not the hub. They stay in force (and cost what they cost), just high.
+    # No drain on SIGTERM (a restart between idle runs wants a fresh hub now).
     set -- --max-connections-per-ip 1000000 --max-streams-per-ip 1000000 \
-        --connection-rate 0 --publish-rate 0 "$@"
+        --connection-rate 0 --publish-rate 0 --drain-delay 0 --drain-window 0 "$@"
     port=$(free_port)
     PORT[$name]=$port
     if dry; then
@@ -220,6 +246,35 @@ start_crier() {   # start_crier NAME [crier flags...]
     CHILDREN+=("$pid")
     wait_port "$port" "$pid" "$name"
     SERVER_PIDS[$name]=$pid
+}
+
+# Starts a hub (crier-redis: its redis-server must be running).
+start_hub() {
+    case $1 in
+        crier) start_crier crier ;;
+        crier-redis) start_crier crier-redis --redis "redis://127.0.0.1:$REDIS_PORT" ;;
+        nchan) start_nchan ;;
+    esac
+}
+
+# Stops a crier hub by its PID and starts a fresh one (another port), so
+# that each idle run sees a hub whose memory no earlier run touched.
+restart_crier() {
+    local hub=$1 pid=${SERVER_PIDS[$1]} i
+    if dry; then
+        show kill -TERM "$pid"
+        start_hub "$hub"
+        return
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for i in "${!CHILDREN[@]}"; do
+        [ "${CHILDREN[i]}" = "$pid" ] && unset 'CHILDREN[i]'
+    done
+    CHILDREN=("${CHILDREN[@]}")
+    unset 'PORT[$hub]'
+    start_hub "$hub"
+    log "$hub restarted on 127.0.0.1:${PORT[$hub]} (pid ${SERVER_PIDS[$hub]})"
 }
 
 REDIS_PORT=""
@@ -331,23 +386,26 @@ pid_args() {
 }
 
 FAILED=0
-# bench KIND HUB RUN SUBSCRIBERS TOOL-ARGS...: runs the tool, appends its JSON
-# line tagged with the hub, the kind and the run number.
+# bench KIND HUB CODING RUN SUBSCRIBERS TOOL-ARGS...: runs the tool, its
+# subscribers asking for CODING, and appends its JSON line tagged with the
+# hub, the coding, the kind and the run number.
 bench() {
-    local kind=$1 hub=$2 run=$3 subscribers=$4 out err rc=0
-    shift 4
-    local -a pids
+    local kind=$1 hub=$2 coding=$3 run=$4 subscribers=$5 out err rc=0
+    shift 5
+    local -a pids accept
     mapfile -t pids < <(pid_args "$hub")
+    mapfile -t accept < <(accept_args "$coding")
     # Each run's client sockets linger in TIME_WAIT for a minute after it,
     # each holding a local port of its source address; the next runs would
     # run out of ports on one address (28,000 by default), so spread wide.
     local -a cmd=("$CRIER" bench "$kind" --url "http://127.0.0.1:${PORT[$hub]}"
-        --subscribers "$subscribers" --sources "$((subscribers / PER_SOURCE + 1))" "$@" "${pids[@]}")
+        --subscribers "$subscribers" --sources "$((subscribers / PER_SOURCE + 1))" "$@"
+        ${accept[@]+"${accept[@]}"} "${pids[@]}")
     if dry; then show "${cmd[@]}"; return; fi
     out=$TMP/bench.out
-    err=$TMP/bench-$hub-$kind-$run.err
+    err=$TMP/bench-$hub-$coding-$kind-$run.err
     run_child "$out" "$err" "${cmd[@]}" || rc=$?
-    { echo "### $hub $kind run $run: ${cmd[*]}"; grep -v '^connecting: ' "$err" || true; } >>"$TOOL_LOG"
+    { echo "### $hub $coding $kind run $run: ${cmd[*]}"; grep -v '^connecting: ' "$err" || true; } >>"$TOOL_LOG"
     if [ "$rc" -ne 0 ] || ! jq -e . "$out" >/dev/null 2>&1; then
         FAILED=$((FAILED + 1))
         log "FAILED ($rc): ${cmd[*]}"
@@ -355,13 +413,16 @@ bench() {
         sleep "$PAUSE"
         return 0
     fi
-    jq -c --arg hub "$hub" --arg kind "$kind" --argjson run "$run" \
-        '{hub: $hub, kind: $kind, run: $run} + .' "$out" >>"$RESULTS"
+    jq -c --arg hub "$hub" --arg coding "$coding" --arg kind "$kind" --argjson run "$run" \
+        '{hub: $hub, coding: $coding, kind: $kind, run: $run} + .' "$out" >>"$RESULTS"
     jq -r --arg hub "$hub" 'if .deliveries_per_s != null then
-        "    \($hub) N=\(.subscribers) connected=\(.connected) deliveries/s=\(.deliveries_per_s | floor) p50=\(.latency_ms.p50) ms p99=\(.latency_ms.p99) ms lost=\(.lost)"
+        "    \($hub) \(.content_encoding) N=\(.subscribers) connected=\(.connected) deliveries/s=\(.deliveries_per_s | floor) p50=\(.latency_ms.p50) ms p99=\(.latency_ms.p99) ms lost=\(.lost)"
       else
-        "    \($hub) idle N=\(.subscribers) connected=\(.connected) bytes/connection=\(.bytes_per_connection)" end' \
+        "    \($hub) \(.content_encoding) idle N=\(.subscribers) connected=\(.connected) bytes/connection=\(.bytes_per_connection)" end' \
         "$out" >&2
+    if ! jq -e --arg coding "$coding" '.content_encoding == $coding' "$out" >/dev/null; then
+        log "WARNING: asked for $coding, the hub answered $(jq -r .content_encoding "$out")"
+    fi
     if jq -e '.connected < .subscribers' "$out" >/dev/null; then
         log "WARNING: only $(jq .connected "$out") of $(jq .subscribers "$out") subscribers connected (see $TOOL_LOG)"
     fi
@@ -383,25 +444,32 @@ machine() {
 
 report() {
     [ -s "$RESULTS" ] || { log "no results in $RESULTS"; return 0; }
-    local hubs_json ns_json
+    local hubs_json ns_json codings_json
     # shellcheck disable=SC2086 # the lists are split on purpose
     hubs_json=$(printf '%s\n' $HUBS | jq -R . | jq -sc .)
     # shellcheck disable=SC2086
     ns_json=$(printf '%s\n' $SUBSCRIBERS | jq -sc .)
+    # shellcheck disable=SC2086
+    codings_json=$(printf '%s\n' identity $CODINGS | awk '!seen[$0]++' | jq -R . | jq -sc .)
     echo
     echo "## crier vs Nchan ($(date -u +%Y-%m-%d), $RUNS run(s) each, medians)"
     echo
     machine
-    echo "Results: ${RESULTS#"$ROOT"/} (the tool's messages: ${TOOL_LOG#"$ROOT"/}). Payload $SIZE bytes, $DURATION of publishing per run;"
+    echo "Results: ${RESULTS#"$ROOT"/} (the tool's messages: ${TOOL_LOG#"$ROOT"/}). Payload $SIZE bytes ($PAYLOAD), $DURATION of publishing per run;"
     echo "rates (N:events/s): $(for n in $SUBSCRIBERS; do printf "%s:%s " "$n" "$(rate_for "$n" | tr " " /)"; done)"
+    echo "crier's subscribers ask for: $CODINGS (Accept-Encoding; identity sends none); Nchan's for identity."
     echo
-    # Medians per hub and N, as TSV, then formatted by awk.
-    jq -rs --argjson hubs "$hubs_json" --argjson ns "$ns_json" '
+    # Medians per hub, coding, N and rate, as TSV, then formatted by awk.
+    # Columns: hub, coding, N, runs, rate, connected, deliveries/s, p50,
+    # p99, lost, server and tool µs/delivery, runs on schedule, wire bytes
+    # per event, the codings answered, idle bytes per connection.
+    jq -rs --argjson hubs "$hubs_json" --argjson ns "$ns_json" --argjson codings "$codings_json" '
         def median: map(select(. != null)) | sort |
             if length == 0 then null
             elif length % 2 == 1 then .[(length - 1) / 2]
             else (.[length / 2 - 1] + .[length / 2]) / 2 end;
         def med(f): map(f) | median;
+        def coding: .coding // "identity";
         # A run is lossless and on schedule when every subscriber got every
         # event once and in order, the publisher kept its schedule (at most
         # 5 % of events sent more than 5 ms after their slot: the tool shares
@@ -410,86 +478,108 @@ report() {
         def on_schedule: .lost == 0 and .duplicated == 0 and .out_of_order == 0
             and .deliveries == .expected_deliveries
             and .published_late <= .published / 20 and .latency_ms.p99 <= 1000;
-        map(select(.kind == "fanout")) as $all
+        map(select(.kind == "idle")) as $idle
+        | map(select(.kind == "fanout")) as $all
         | $ns[] as $n | ([$all[] | select(.subscribers == $n) | .rate] | unique)[] as $rate
-        | $hubs[] as $hub
-        | [$all[] | select(.hub == $hub and .subscribers == $n and .rate == $rate)] as $rs
+        | $hubs[] as $hub | $codings[] as $coding
+        | [$all[] | select(.hub == $hub and coding == $coding and .subscribers == $n and .rate == $rate)] as $rs
         | select($rs | length > 0)
-        | [$hub, $n, ($rs | length), $rate, ($rs | med(.connected)),
+        | [$hub, $coding, $n, ($rs | length), $rate, ($rs | med(.connected)),
            ($rs | med(.deliveries_per_s)), ($rs | med(.latency_ms.p50)),
            ($rs | med(.latency_ms.p99)), ($rs | med(.lost)),
            ($rs | med(.cpu_us_per_delivery.server? // .server.cpu_us_per_delivery)),
            ($rs | med(.cpu_us_per_delivery.tool? // .tool.cpu_us_per_delivery)),
-           ([$rs[] | select(on_schedule)] | length)]
+           ([$rs[] | select(on_schedule)] | length),
+           ($rs | med(.wire.bytes_per_event?)),
+           ([$rs[] | .content_encoding // "identity"] | unique | join("/")),
+           ([$idle[] | select(.hub == $hub and coding == $coding) | .bytes_per_connection] | median)]
         | map(if . == null then "-" else tostring end) | @tsv' "$RESULTS" >"$TMP/medians.tsv"
     awk -F'\t' '
         function num(x, d) { return x == "-" ? "-" : sprintf("%." d "f", x) }
         BEGIN {
-            print "| hub | N | runs | events/s | connected | deliveries/s | p50 ms | p99 ms | lost | server µs/delivery | tool µs/delivery | on schedule |"
-            print "|-----|--:|-----:|---------:|----------:|-------------:|-------:|-------:|-----:|-------------------:|-----------------:|------------:|"
+            print "| hub | coding | N | runs | events/s | connected | deliveries/s | p50 ms | p99 ms | lost | server µs/delivery | tool µs/delivery | on schedule |"
+            print "|-----|--------|--:|-----:|---------:|----------:|-------------:|-------:|-------:|-----:|-------------------:|-----------------:|------------:|"
         }
         {
-            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s/%s |\n",
-                $1, $2, $3, $4, num($5, 0), num($6, 0), num($7, 2), num($8, 2), num($9, 0),
-                num($10, 2), num($11, 2), $12, $3
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s/%s |\n",
+                $1, $2, $3, $4, $5, num($6, 0), num($7, 0), num($8, 2), num($9, 2), num($10, 0),
+                num($11, 2), num($12, 2), $13, $4
+        }' "$TMP/medians.tsv"
+    echo
+    # Per coding: what compressing costs the hub and what it saves on the wire.
+    echo "Per coding (server µs/delivery and p99 from fanout; bytes / subscriber: hub RSS growth per idle connection asking for that coding):"
+    echo
+    awk -F'\t' '
+        function num(x, d) { return x == "-" ? "-" : sprintf("%." d "f", x) }
+        BEGIN {
+            print "| hub | asked | answered | N | events/s | server µs/delivery | bytes / subscriber (idle) | p99 ms | lost | wire bytes/event |"
+            print "|-----|-------|----------|--:|---------:|-------------------:|--------------------------:|-------:|-----:|-----------------:|"
+        }
+        {
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+                $1, $2, $15, $3, $5, num($11, 2), num($16, 0), num($9, 2), num($10, 0), num($14, 1)
         }' "$TMP/medians.tsv"
     echo
     # The highest rate every run of which was lossless and on schedule, per
-    # hub and N (rates tried in a sweep: RATES="N:r1/r2/...").
+    # hub, coding and N (rates tried in a sweep: RATES="N:r1/r2/...").
     echo "Highest rate lossless and on schedule in every run (events/s; deliveries/s):"
     echo
     awk -F'\t' '
-        $12 == $3 && $4 + 0 > best[$1, $2] + 0 { best[$1, $2] = $4; dps[$1, $2] = $6 }
-        { if (!(($1, $2) in seen)) { seen[$1, $2] = 1; keys[++k] = $1 SUBSEP $2 } }
+        { key = $1 SUBSEP $2 SUBSEP $3 }
+        $13 == $4 && $5 + 0 > best[key] + 0 { best[key] = $5; dps[key] = $7 }
+        { if (!(key in seen)) { seen[key] = 1; keys[++k] = key } }
         END {
-            print "| hub | N | events/s | deliveries/s |"
-            print "|-----|--:|---------:|-------------:|"
+            print "| hub | coding | N | events/s | deliveries/s |"
+            print "|-----|--------|--:|---------:|-------------:|"
             for (i = 1; i <= k; i++) {
                 split(keys[i], kv, SUBSEP)
-                if ((kv[1], kv[2]) in best)
-                    printf "| %s | %s | %s | %.0f |\n", kv[1], kv[2], best[kv[1], kv[2]], dps[kv[1], kv[2]]
+                if (keys[i] in best)
+                    printf "| %s | %s | %s | %s | %.0f |\n", kv[1], kv[2], kv[3], best[keys[i]], dps[keys[i]]
                 else
-                    printf "| %s | %s | none | - |\n", kv[1], kv[2]
+                    printf "| %s | %s | %s | none | - |\n", kv[1], kv[2], kv[3]
             }
         }' "$TMP/medians.tsv"
     echo
-    # Ratios crier / Nchan, per crier flavour and N.
+    # Ratios crier / Nchan, per crier flavour, coding and N (Nchan: identity).
     if awk -F'\t' '$1 == "nchan" { f = 1 } END { exit !f }' "$TMP/medians.tsv"; then
         echo "crier / Nchan (deliveries/s: higher is better; latency and CPU: lower is better):"
         echo
         awk -F'\t' '
             function ratio(a, b) { return (a == "-" || b == "-" || b + 0 == 0) ? "-" : sprintf("%.2f", a / b) }
             BEGIN {
-                print "| hub | N | events/s | deliveries/s | p50 | p99 | server CPU / delivery |"
-                print "|-----|--:|---------:|-------------:|----:|----:|----------------------:|"
+                print "| hub | coding | N | events/s | deliveries/s | p50 | p99 | server CPU / delivery |"
+                print "|-----|--------|--:|---------:|-------------:|----:|----:|----------------------:|"
             }
             {
-                key = $2 SUBSEP $4
-                row[$1, key] = $0
+                key = $3 SUBSEP $5
+                if ($1 == "nchan") { nchan[key] = $0; next }
+                row = $1 SUBSEP $2
+                line[row, key] = $0
                 if (!(key in seen)) { seen[key] = 1; ks[++k] = key }
-                if ($1 != "nchan" && !(($1) in hs)) { hs[$1] = 1; hubs[++h] = $1 }
+                if (!(row in rs)) { rs[row] = 1; rows[++r] = row }
             }
             END {
-                for (i = 1; i <= k; i++) for (j = 1; j <= h; j++) {
-                    key = ks[i]; hub = hubs[j]
-                    if (!((hub, key) in row) || !(("nchan", key) in row)) continue
-                    split(row[hub, key], c, "\t"); split(row["nchan", key], x, "\t")
-                    printf "| %s | %s | %s | %s | %s | %s | %s |\n", hub, c[2], c[4],
-                        ratio(c[6], x[6]), ratio(c[7], x[7]), ratio(c[8], x[8]), ratio(c[10], x[10])
+                for (i = 1; i <= k; i++) for (j = 1; j <= r; j++) {
+                    key = ks[i]; row = rows[j]
+                    if (!((row, key) in line) || !(key in nchan)) continue
+                    split(line[row, key], c, "\t"); split(nchan[key], x, "\t")
+                    printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", c[1], c[2], c[3], c[5],
+                        ratio(c[7], x[7]), ratio(c[8], x[8]), ratio(c[9], x[9]), ratio(c[11], x[11])
                 }
             }' "$TMP/medians.tsv"
         echo
     fi
     if jq -e -s 'any(.[]; .kind == "idle")' "$RESULTS" >/dev/null; then
-        echo "Idle connections (\`crier bench idle\`, server RSS growth / connection):"
+        echo "Idle connections (\`crier bench idle\`, server RSS growth / connection, a fresh hub per row):"
         echo
-        echo "| hub | subscribers | connected | RSS before MiB | RSS after MiB | bytes / connection |"
-        echo "|-----|------------:|----------:|---------------:|--------------:|-------------------:|"
+        echo "| hub | coding | answered | subscribers | connected | RSS before MiB | RSS after MiB | bytes / connection |"
+        echo "|-----|--------|----------|------------:|----------:|---------------:|--------------:|-------------------:|"
         jq -rs --argjson hubs "$hubs_json" '
             $hubs[] as $hub | .[] | select(.kind == "idle" and .hub == $hub)
-            | [$hub, .subscribers, .connected, .rss_before_bytes, .rss_after_bytes, .bytes_per_connection]
+            | [$hub, .coding // "identity", .content_encoding // "identity", .subscribers, .connected,
+               .rss_before_bytes, .rss_after_bytes, .bytes_per_connection]
             | map(if . == null then "-" else tostring end) | @tsv' "$RESULTS" |
-            awk -F'\t' '{ printf "| %s | %s | %s | %.1f | %.1f | %.0f |\n", $1, $2, $3, $4 / 1048576, $5 / 1048576, $6 }'
+            awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %.1f | %.1f | %.0f |\n", $1, $2, $3, $4, $5, $6 / 1048576, $7 / 1048576, $8 }'
         echo
     fi
 }
@@ -505,7 +595,9 @@ fi
 
 install_missing
 
-if dry; then
+if [ "$BUILD" != 1 ]; then
+    dry || [ -x "$CRIER" ] || die "no $CRIER (BUILD=0: build it, or set CRIER)"
+elif dry; then
     show cargo build --release --manifest-path "$ROOT/Cargo.toml"
 else
     log "cargo build --release"
@@ -524,14 +616,8 @@ if ! dry && [ "$SMOKE_ONLY" != 1 ]; then
 fi
 
 for hub in $HUBS; do
-    case $hub in
-        crier) start_crier crier ;;
-        crier-redis)
-            start_redis
-            start_crier crier-redis --redis "redis://127.0.0.1:$REDIS_PORT"
-            ;;
-        nchan) start_nchan ;;
-    esac
+    if [ "$hub" = crier-redis ]; then start_redis; fi
+    start_hub "$hub"
 done
 for hub in $HUBS; do smoke "$hub"; done
 if [ "$SMOKE_ONLY" = 1 ]; then
@@ -546,25 +632,34 @@ fi
 log "results: $RESULTS$(dry && echo ' (not written in a dry run)')"
 
 # Idle first, on fresh hubs: memory freed by the fanout runs would otherwise
-# be reused and hide the cost of a connection.
+# be reused and hide the cost of a connection. Each coding after a hub's
+# first gets a fresh crier (stopped and started again) for the same reason.
 if [ "$IDLE_SUBSCRIBERS" -gt 0 ]; then
     for hub in $HUBS; do
-        log "idle: $hub, $IDLE_SUBSCRIBERS subscribers"
-        bench idle "$hub" 1 "$IDLE_SUBSCRIBERS" \
-            --subscribe-path "${SUB_PATH[$hub]}" --topic "idle-$STAMP"
+        first=1
+        for coding in $(codings_for "$hub"); do
+            [ "$first" = 1 ] || restart_crier "$hub"
+            first=0
+            log "idle: $hub, $coding, $IDLE_SUBSCRIBERS subscribers"
+            bench idle "$hub" "$coding" 1 "$IDLE_SUBSCRIBERS" \
+                --subscribe-path "${SUB_PATH[$hub]}" --topic "idle-$STAMP-$coding"
+        done
     done
 fi
 
-# Fanout: hubs interleaved within each run, so a drift of the machine
-# (another load, heat) touches every hub alike.
+# Fanout: hubs and codings interleaved within each run, so a drift of the
+# machine (another load, heat) touches every row alike.
 for n in $SUBSCRIBERS; do
     for rate in $(rate_for "$n"); do
         for run in $(seq "$RUNS"); do
             for hub in $HUBS; do
-                log "fanout: $hub, N=$n, $rate events/s, run $run/$RUNS"
-                bench fanout "$hub" "$run" "$n" \
-                    --publish-path "${PUB_PATH[$hub]}" --subscribe-path "${SUB_PATH[$hub]}" \
-                    --topic "fanout-$STAMP-$n-$rate-$run" --rate "$rate" --duration "$DURATION" --size "$SIZE"
+                for coding in $(codings_for "$hub"); do
+                    log "fanout: $hub, $coding, N=$n, $rate events/s, run $run/$RUNS"
+                    bench fanout "$hub" "$coding" "$run" "$n" \
+                        --publish-path "${PUB_PATH[$hub]}" --subscribe-path "${SUB_PATH[$hub]}" \
+                        --topic "fanout-$STAMP-$n-$rate-$run-$coding" --rate "$rate" --duration "$DURATION" \
+                        --size "$SIZE" --payload "$PAYLOAD"
+                done
             done
         done
     done

@@ -135,6 +135,8 @@ start_crier() {   # start_crier NAME [crier flags...]: defaults but for the flag
         *" --tls-cert "*) HUB_URL="https://127.0.0.1:$port" ;;
         *) HUB_URL="http://127.0.0.1:$port" ;;
     esac
+    # No drain on stop: the hub is stopped by SIGTERM between attacks.
+    set -- --drain-delay 0s --drain-window 0s "$@"
     if dry; then
         show "$CRIER" --listen "127.0.0.1:$port" "$@"
         HUB_PID="<crier-pid>"

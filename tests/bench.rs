@@ -69,6 +69,113 @@ async fn fanout_counts_every_delivery_exactly_and_measures_the_hub() {
     server.stop().await;
 }
 
+/// `bench fanout` with 20 subscribers asking for `accept_encoding`, 50
+/// metric events in a second; checks that every event was counted.
+async fn fanout_with(server: &Server, topic: &str, accept_encoding: Option<&str>) -> Value {
+    let mut args = vec![
+        "fanout",
+        "--topic",
+        topic,
+        "--subscribers",
+        "20",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+        "--payload",
+        "metrics",
+    ];
+    if let Some(value) = accept_encoding {
+        args.extend(["--accept-encoding", value]);
+    }
+    let result = bench(server, &args).await;
+    assert_eq!(result["connected"], 20, "{result}");
+    assert_eq!(result["published"], 50, "{result}");
+    assert_eq!(result["expected_deliveries"], 1000, "{result}");
+    assert_eq!(result["deliveries"], 1000, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["duplicated"], 0, "{result}");
+    assert_eq!(result["out_of_order"], 0, "{result}");
+    assert_eq!(result["payload"], "metrics", "{result}");
+    result
+}
+
+/// Subscribers that ask for a coding get it, decode it read by read as a
+/// browser does, and still count every event exactly; what came over the
+/// wire per event is smaller than identity's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_decodes_each_coding_and_counts_every_event() {
+    let server = Server::start().await;
+    let identity = fanout_with(&server, "plain", None).await;
+    assert_eq!(identity["content_encoding"], "identity", "{identity}");
+    assert_eq!(identity["accept_encoding"], Value::Null, "{identity}");
+    let plain_bytes = identity["wire"]["bytes_per_event"].as_f64().expect("bytes");
+    // An event of 200 bytes of data, with its id line and chunk framing.
+    assert!(plain_bytes > 200.0, "{identity}");
+    // Each of the 20 subscribers read its head, its preamble and 50 events.
+    let per_subscriber = identity["wire"]["bytes_per_subscriber"].as_f64();
+    assert!(per_subscriber > Some(50.0 * plain_bytes), "{identity}");
+    assert!(
+        identity["wire"]["opening_bytes_per_subscriber"].as_f64() > Some(0.0),
+        "{identity}"
+    );
+    for coding in ["zstd", "br", "gzip"] {
+        let result = fanout_with(&server, coding, Some(coding)).await;
+        assert_eq!(result["accept_encoding"], coding, "{result}");
+        assert_eq!(result["content_encoding"], coding, "{result}");
+        assert_eq!(result["content_encodings"][coding], 20, "{result}");
+        let bytes = result["wire"]["bytes_per_event"].as_f64().expect("bytes");
+        assert!(0.0 < bytes && bytes < plain_bytes, "{coding}: {result}");
+        assert!(
+            result["server"]["rss_after_bytes"].as_u64() > Some(0),
+            "{result}"
+        );
+    }
+    // A browser's whole header: the hub picks its own first choice.
+    let browser = fanout_with(&server, "browser", Some("gzip, deflate, br, zstd")).await;
+    assert_eq!(browser["content_encoding"], "zstd", "{browser}");
+    server.stop().await;
+}
+
+/// A hub that does not compress answers identity, whatever is asked, and
+/// the result says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_reports_identity_from_a_hub_without_compression() {
+    let server = Server::start_with(|config| config.compression = vec![None]).await;
+    let result = fanout_with(&server, "none", Some("zstd")).await;
+    assert_eq!(result["accept_encoding"], "zstd", "{result}");
+    assert_eq!(result["content_encoding"], "identity", "{result}");
+    assert_eq!(result["content_encodings"]["identity"], 20, "{result}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_holds_compressed_streams() {
+    let server = Server::start().await;
+    let result = bench(
+        &server,
+        &[
+            "idle",
+            "--subscribers",
+            "50",
+            "--hold",
+            "200ms",
+            "--accept-encoding",
+            "gzip",
+        ],
+    )
+    .await;
+    assert_eq!(result["connected"], 50, "{result}");
+    assert_eq!(result["still_connected"], 50, "{result}");
+    assert_eq!(result["content_encoding"], "gzip", "{result}");
+    assert_eq!(result["content_encodings"]["gzip"], 50, "{result}");
+    assert!(
+        result["wire_bytes_per_subscriber"].as_u64() > Some(0),
+        "{result}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_reports_the_hubs_memory_per_connection() {
     let server = Server::start().await;
@@ -153,6 +260,33 @@ async fn replay_resumes_one_subscriber_exactly() {
         .expect("first replayed");
     let last = result["last_replayed_ms"].as_f64().expect("last replayed");
     assert!(0.0 <= first && first <= last, "{result}");
+    server.stop().await;
+}
+
+/// The one subscriber reconnects with a fresh decoder: a compressed stream
+/// resumes exactly too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_resumes_a_compressed_stream_exactly() {
+    let server = Server::start().await;
+    let result = bench(
+        &server,
+        &[
+            "replay",
+            "--warmup",
+            "5",
+            "--missed",
+            "50",
+            "--live",
+            "10",
+            "--accept-encoding",
+            "br",
+        ],
+    )
+    .await;
+    assert_eq!(result["content_encoding"], "br", "{result}");
+    assert_eq!(result["passed"], true, "{result}");
+    assert_eq!(result["replayed"], 50, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
     server.stop().await;
 }
 

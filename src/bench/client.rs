@@ -9,6 +9,11 @@
 //! more than their sockets. Sockets are bound to several loopback source
 //! addresses so that the ephemeral ports of one address never run out.
 //!
+//! A subscriber may ask for a compressed stream (`--accept-encoding`): when
+//! the hub answers with a `Content-Encoding`, the body is decoded read by
+//! read with a [`Decompressor`] of its own, as a browser does, before its
+//! lines are parsed. An identity stream has no decoder and no extra copy.
+//!
 //! A crowd may also be told to leave (every subscriber closes its socket at
 //! once, as when a proxy restarts) and to come back: every subscriber then
 //! reconnects at once with `Last-Event-ID` set to the last id its stream
@@ -27,6 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::decode::{Body, DataLines, LastId, Line, response_head};
+use crate::compress::{Codec, Decompressor};
 
 /// What every many-subscriber scenario is told about its subscribers.
 #[derive(Debug, Clone, Args)]
@@ -55,6 +61,25 @@ pub struct SubscribeArgs {
     /// A server process to measure (repeat for a hub of several processes).
     #[arg(long = "pid")]
     pub pids: Vec<u32>,
+    /// `Accept-Encoding` every subscriber sends: `zstd`, `br`, `gzip`, or a
+    /// browser's whole header (`gzip, deflate, br, zstd`). A stream the hub
+    /// answers compressed is decoded read by read, as a browser does; the
+    /// result names the coding it answered with [default: no header]
+    #[arg(long, value_parser = header_value)]
+    pub accept_encoding: Option<String>,
+}
+
+/// A value that can go in a request header as it is: printable ASCII.
+fn header_value(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty()
+        || !value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return Err(format!("`{value}` is not a header value"));
+    }
+    Ok(value.to_owned())
 }
 
 /// Subscribers per source address: well under the ~28,000 ephemeral ports
@@ -174,6 +199,44 @@ pub struct Outcome<L> {
     pub listener: L,
     /// Whether it got its answer and first bytes.
     pub connected: bool,
+    pub wire: Wire,
+}
+
+/// What a subscriber read from its socket, over all its streams.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wire {
+    /// The content coding of its last stream (`None`: identity).
+    pub coding: Option<Codec>,
+    /// Bytes read while opening each stream: the response head and the
+    /// first bytes of the body (the hub's preamble).
+    pub opening_bytes: u64,
+    /// Bytes read after that: events, heartbeats and HTTP chunk framing,
+    /// as they came over TCP (compressed, for a compressed stream).
+    pub stream_bytes: u64,
+}
+
+/// The coding a subscriber got, as `Content-Encoding` names it.
+pub fn coding_name(coding: Option<Codec>) -> &'static str {
+    coding.map_or("identity", Codec::token)
+}
+
+/// The codings the hub answered the connected subscribers with: the one
+/// they all got (`identity` for none, `mixed` when they differ, `null` when
+/// none connected), and how many got each. Also the sum of what they read.
+pub fn answered<L>(outcomes: &[Outcome<L>]) -> (serde_json::Value, serde_json::Value, Wire) {
+    let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+    let mut total = Wire::default();
+    for wire in outcomes.iter().filter(|o| o.connected).map(|o| o.wire) {
+        *counts.entry(coding_name(wire.coding)).or_default() += 1;
+        total.opening_bytes += wire.opening_bytes;
+        total.stream_bytes += wire.stream_bytes;
+    }
+    let one = match counts.len() {
+        0 => serde_json::Value::Null,
+        1 => counts.keys().next().copied().unwrap_or_default().into(),
+        _ => "mixed".into(),
+    };
+    (one, serde_json::json!(counts), total)
 }
 
 /// An open subscription, past its response head and preamble.
@@ -185,6 +248,12 @@ struct Stream {
     id: LastId,
     /// The id as of the last complete event: what EventSource sends back.
     last_id: LastId,
+    /// The body's content coding, and its decoder (none for identity).
+    coding: Option<Codec>,
+    decoder: Option<Box<Decompressor>>,
+    /// Bytes read from the socket by [`open`](Stream::open), and since.
+    opening_bytes: u64,
+    stream_bytes: u64,
 }
 
 impl Stream {
@@ -222,7 +291,7 @@ impl Stream {
             .map_err(|e| format!("send the request: {e}"))?;
 
         let mut head = Vec::with_capacity(1024);
-        let (framing, len) = loop {
+        let answer = loop {
             if tcp.read_buf(&mut head).await.map_err(|e| e.to_string())? == 0 {
                 return Err("the hub closed the connection before answering".into());
             }
@@ -230,25 +299,35 @@ impl Stream {
                 break found;
             }
         };
+        let decoder = match answer.coding {
+            Some(codec) => Some(Box::new(
+                Decompressor::new(codec).map_err(|e| format!("{} decoder: {e}", codec.token()))?,
+            )),
+            None => None,
+        };
         let mut stream = Stream {
             tcp,
-            body: Body::new(framing),
+            body: Body::new(answer.framing),
             lines: DataLines::default(),
             id: last_id,
             last_id,
+            coding: answer.coding,
+            decoder,
+            opening_bytes: head.len() as u64,
+            stream_bytes: 0,
         };
-        let mut seen = stream.feed(&head[len..], listener)?;
+        let mut seen = stream.feed(&head[answer.len..], listener)?;
         while !seen {
             head.clear();
-            if stream
+            let n = stream
                 .tcp
                 .read_buf(&mut head)
                 .await
-                .map_err(|e| e.to_string())?
-                == 0
-            {
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
                 return Err("the stream ended before its first bytes".into());
             }
+            stream.opening_bytes += n as u64;
             seen = stream.feed(&head, listener)?;
         }
         Ok(stream)
@@ -258,10 +337,12 @@ impl Stream {
     fn feed(&mut self, bytes: &[u8], listener: &mut impl Listener) -> Result<bool, String> {
         let arrived_us = unix_micros();
         let mut any = false;
+        let mut broken = None;
         let (lines, id, last_id) = (&mut self.lines, &mut self.id, &mut self.last_id);
+        let decoder = &mut self.decoder;
         self.body.feed(bytes, |data| {
             any |= !data.is_empty();
-            lines.feed_lines(data, |line| {
+            let on_line = |line: Line<'_>| {
                 match line {
                     Line::Id(value) => id.set(Some(value)),
                     Line::LongId => id.set(None),
@@ -269,9 +350,28 @@ impl Stream {
                     Line::Data(_) | Line::Event(_) => {}
                 }
                 listener.on_line(line, arrived_us);
-            });
+            };
+            match decoder.as_deref_mut() {
+                // Identity: the body's bytes as read, no copy.
+                None => lines.feed_lines(data, on_line),
+                Some(decoder) if broken.is_none() => match decoder.decompress(data) {
+                    Ok(plain) => lines.feed_lines(&plain, on_line),
+                    Err(e) => broken = Some(format!("cannot decode the stream: {e}")),
+                },
+                Some(_) => {}
+            }
         })?;
-        Ok(any)
+        match broken {
+            Some(problem) => Err(problem),
+            None => Ok(any),
+        }
+    }
+
+    /// Adds what this stream read to a subscriber's account.
+    fn account(&self, wire: &mut Wire) {
+        wire.coding = self.coding;
+        wire.opening_bytes += self.opening_bytes;
+        wire.stream_bytes += self.stream_bytes;
     }
 
     /// Reads events into `listener` until `stop` or the end of the stream.
@@ -297,6 +397,7 @@ impl Stream {
             match self.tcp.try_read(&mut buf) {
                 Ok(0) => return Ending::Dropped("the hub closed the connection".into()),
                 Ok(n) => {
+                    self.stream_bytes += n as u64;
                     if let Err(e) = self.feed(&buf[..n], listener) {
                         return Ending::Dropped(e);
                     }
@@ -424,6 +525,7 @@ impl Task {
             () = stop.cancelled() => Err("stopped while connecting".to_owned()),
             opened = opening => opened,
         };
+        let mut wire = Wire::default();
         let mut stream = match opened {
             Ok(stream) => stream,
             Err(problem) => {
@@ -431,17 +533,22 @@ impl Task {
                 return Outcome {
                     listener,
                     connected: false,
+                    wire,
                 };
             }
         };
         counts.connected.fetch_add(1, Ordering::Relaxed);
         if let Some(rejoin) = &self.rejoin {
-            match self.leave_and_rejoin(rejoin, stream, &mut listener).await {
+            match self
+                .leave_and_rejoin(rejoin, stream, &mut listener, &mut wire)
+                .await
+            {
                 Some(back) => stream = back,
                 None => {
                     return Outcome {
                         listener,
                         connected: true,
+                        wire,
                     };
                 }
             }
@@ -449,9 +556,11 @@ impl Task {
         if let Ending::Dropped(problem) = stream.follow(stop, &mut listener).await {
             counts.note(&counts.dropped, &problem);
         }
+        stream.account(&mut wire);
         Outcome {
             listener,
             connected: true,
+            wire,
         }
     }
 
@@ -463,6 +572,7 @@ impl Task {
         rejoin: &Rejoin,
         mut stream: Stream,
         listener: &mut L,
+        wire: &mut Wire,
     ) -> Option<Stream> {
         let counts = &self.counts;
         // `leave` is a child of `stop`: stopping ends this too.
@@ -470,6 +580,7 @@ impl Task {
             // Dropped by the hub early: it comes back with the others.
             counts.note(&counts.dropped, &problem);
         }
+        stream.account(wire);
         if self.stop.is_cancelled() {
             return None;
         }
@@ -514,15 +625,26 @@ impl Task {
 
 /// The subscribe request head (without its final empty line).
 fn request_head(target: &Target, args: &SubscribeArgs) -> String {
-    head_for_path(target, &target.path(&args.subscribe_path, &args.topic))
+    head_for_path(
+        target,
+        &target.path(&args.subscribe_path, &args.topic),
+        args.accept_encoding.as_deref(),
+    )
 }
 
-/// The subscribe request head for a full `path`.
-fn head_for_path(target: &Target, path: &str) -> String {
-    format!(
+/// The subscribe request head for a full `path`, with `Accept-Encoding`
+/// when given.
+fn head_for_path(target: &Target, path: &str, accept_encoding: Option<&str>) -> String {
+    let mut head = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
         target.authority
-    )
+    );
+    if let Some(value) = accept_encoding {
+        head.push_str("Accept-Encoding: ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    head
 }
 
 /// The request of a subscriber coming back: with `Last-Event-ID` when its
@@ -596,9 +718,8 @@ impl<L: Listener> Crowd<L> {
             match path {
                 Some(path) => {
                     let path = target.path(&path(i), "");
-                    format!("{}\r\n", head_for_path(target, &path))
-                        .into_bytes()
-                        .into()
+                    let head = head_for_path(target, &path, args.accept_encoding.as_deref());
+                    format!("{head}\r\n").into_bytes().into()
                 }
                 None => request.clone(),
             }
@@ -783,6 +904,80 @@ mod tests {
         assert!(rejoin_request(head, &id).is_err());
     }
 
+    #[test]
+    fn subscribers_ask_for_the_coding_they_are_told_to() {
+        let target = Target {
+            addr: "127.0.0.1:8080".parse().unwrap(),
+            authority: "h:8080".into(),
+            base_path: String::new(),
+        };
+        let plain = head_for_path(&target, "/topics/t", None);
+        assert!(
+            !plain.to_ascii_lowercase().contains("accept-encoding"),
+            "{plain}"
+        );
+        let browser = head_for_path(&target, "/topics/t", Some("gzip, deflate, br, zstd"));
+        assert!(
+            browser.ends_with("\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n"),
+            "{browser}"
+        );
+        assert_eq!(header_value(" zstd ").unwrap(), "zstd");
+        assert!(header_value("gzip\r\nX-Evil: 1").is_err());
+        assert!(header_value("").is_err());
+    }
+
+    /// A compressed stream is decoded read by read, however the reads cut
+    /// it, and its lines reach the listener as an identity stream's would.
+    #[tokio::test]
+    async fn a_compressed_stream_gives_the_same_lines_as_identity() {
+        use crate::compress::Compressor;
+
+        #[derive(Default)]
+        struct Lines(Vec<String>);
+        impl Listener for Lines {
+            fn on_data(&mut self, data: &[u8], _: u64) {
+                self.0.push(String::from_utf8_lossy(data).into_owned());
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for codec in [Codec::Zstd, Codec::Brotli, Codec::Gzip] {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut compressor = Compressor::new(codec).unwrap();
+            let mut wire = Vec::new();
+            for n in 0..20 {
+                let event = format!("id: {n}\ndata: {{\"seq\":{n},\"sent_us\":1}}\n\n");
+                wire.extend_from_slice(&compressor.compress(event.as_bytes()).unwrap());
+            }
+            let mut stream = Stream {
+                tcp,
+                body: Body::new(super::super::decode::Framing::UntilClose),
+                lines: DataLines::default(),
+                id: LastId::default(),
+                last_id: LastId::default(),
+                coding: Some(codec),
+                decoder: Some(Box::new(Decompressor::new(codec).unwrap())),
+                opening_bytes: 0,
+                stream_bytes: 0,
+            };
+            let mut lines = Lines::default();
+            for piece in wire.chunks(7) {
+                stream.feed(piece, &mut lines).unwrap();
+            }
+            let want: Vec<String> = (0..20)
+                .map(|n| format!("{{\"seq\":{n},\"sent_us\":1}}"))
+                .collect();
+            assert_eq!(lines.0, want, "{codec:?}");
+            assert_eq!(stream.last_id.get().unwrap(), Some(&b"19"[..]), "{codec:?}");
+            if codec == Codec::Gzip {
+                // A stream that does not decode ends the subscriber, with why.
+                stream.decoder = Some(Box::new(Decompressor::new(codec).unwrap()));
+                let err = stream.feed(b"not gzip at all", &mut lines).unwrap_err();
+                assert!(err.contains("decode"), "{err}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_following_subscriber_does_not_carry_its_read_buffer() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -795,6 +990,10 @@ mod tests {
             lines: DataLines::default(),
             id: LastId::default(),
             last_id: LastId::default(),
+            coding: None,
+            decoder: None,
+            opening_bytes: 0,
+            stream_bytes: 0,
         };
         let (stop, mut listener) = (CancellationToken::new(), ());
         let following = stream.follow(&stop, &mut listener);

@@ -5,7 +5,11 @@
 //! Everything is incremental and allocation-free after setup: a read may end
 //! anywhere (inside a chunk-size line, an event or a stamp), and a subscriber
 //! keeps only a few bytes of state between reads, which is what lets one
-//! process hold tens of thousands of subscribers.
+//! process hold tens of thousands of subscribers. A compressed body is
+//! decoded between [`Body`] and [`DataLines`] by the client, with
+//! [`Decompressor`](crate::compress::Decompressor), as a browser does.
+
+use crate::compress::Codec;
 
 /// How the body of the response is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,11 +25,22 @@ pub enum Framing {
 /// Longest response head accepted.
 pub const MAX_HEAD: usize = 16 * 1024;
 
+/// A response head, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// Where the body starts.
+    pub len: usize,
+    /// The body's content coding (`Content-Encoding`); `None`: identity.
+    pub coding: Option<Codec>,
+}
+
 /// Parses a response head from the start of `buf`. `Ok(None)`: not complete
-/// yet, read more. `Ok(Some((framing, len)))`: the body starts at `len`.
-/// Anything but a `200` with an uncompressed body is an error, since the
-/// bench can only count events it can read.
-pub fn response_head(buf: &[u8]) -> Result<Option<(Framing, usize)>, String> {
+/// yet, read more. Anything but a `200` whose body is identity or in a
+/// coding the bench decodes (zstd, br, gzip) is an error, since the bench
+/// can only count events it can read.
+pub fn response_head(buf: &[u8]) -> Result<Option<Head>, String> {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         if buf.len() > MAX_HEAD {
             return Err(format!("response head longer than {MAX_HEAD} bytes"));
@@ -40,6 +55,7 @@ pub fn response_head(buf: &[u8]) -> Result<Option<(Framing, usize)>, String> {
         return Err(format!("subscribe answered `{status_line}`"));
     }
     let mut framing = Framing::UntilClose;
+    let mut coding = None;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             continue;
@@ -55,15 +71,29 @@ pub fn response_head(buf: &[u8]) -> Result<Option<(Framing, usize)>, String> {
                     .map_err(|_| format!("bad content-length `{value}`"))?;
                 framing = Framing::Length(len);
             }
-            "content-encoding" if !value.eq_ignore_ascii_case("identity") => {
-                return Err(format!(
-                    "the stream is encoded ({value}); it was not asked to be"
-                ));
-            }
+            "content-encoding" => coding = content_coding(value)?,
             _ => {}
         }
     }
-    Ok(Some((framing, end + 4)))
+    Ok(Some(Head {
+        framing,
+        len: end + 4,
+        coding,
+    }))
+}
+
+/// The coding a `Content-Encoding` value names, if the bench can decode it
+/// as a browser would; `None` for identity.
+fn content_coding(value: &str) -> Result<Option<Codec>, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "" | "identity" => Ok(None),
+        "zstd" => Ok(Some(Codec::Zstd)),
+        "br" => Ok(Some(Codec::Brotli)),
+        "gzip" | "x-gzip" => Ok(Some(Codec::Gzip)),
+        _ => Err(format!(
+            "the stream is encoded as `{value}`, which the bench does not decode"
+        )),
+    }
 }
 
 /// Where a [`Body`] stands.
@@ -373,13 +403,16 @@ mod tests {
     #[test]
     fn head_gives_the_framing_and_where_the_body_starts() {
         let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n";
-        let (framing, len) = response_head(head).unwrap().unwrap();
-        assert_eq!(framing, Framing::Chunked);
-        assert_eq!(&head[len..], b"7\r\n");
+        let parsed = response_head(head).unwrap().unwrap();
+        assert_eq!(parsed.framing, Framing::Chunked);
+        assert_eq!(parsed.coding, None);
+        assert_eq!(&head[parsed.len..], b"7\r\n");
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n";
-        assert_eq!(response_head(head).unwrap().unwrap().0, Framing::Length(12));
+        let framing = response_head(head).unwrap().unwrap().framing;
+        assert_eq!(framing, Framing::Length(12));
         let head = b"HTTP/1.0 200 OK\r\nConnection: close\r\n\r\n";
-        assert_eq!(response_head(head).unwrap().unwrap().0, Framing::UntilClose);
+        let framing = response_head(head).unwrap().unwrap().framing;
+        assert_eq!(framing, Framing::UntilClose);
     }
 
     #[test]
@@ -387,7 +420,23 @@ mod tests {
         assert_eq!(response_head(b"HTTP/1.1 200 OK\r\nContent-").unwrap(), None);
         let err = response_head(b"HTTP/1.1 404 Not Found\r\n\r\n").unwrap_err();
         assert!(err.contains("404"), "{err}");
-        assert!(response_head(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n").is_err());
+        let err =
+            response_head(b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\n\r\n").unwrap_err();
+        assert!(err.contains("deflate"), "{err}");
+        let two = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip, br\r\n\r\n";
+        assert!(response_head(two).is_err());
+    }
+
+    #[test]
+    fn head_names_the_coding_of_a_compressed_stream() {
+        let coding = |value: &str| {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Encoding: {value}\r\n\r\n");
+            response_head(head.as_bytes()).unwrap().unwrap().coding
+        };
+        assert_eq!(coding("zstd"), Some(Codec::Zstd));
+        assert_eq!(coding("br"), Some(Codec::Brotli));
+        assert_eq!(coding("GZIP"), Some(Codec::Gzip));
+        assert_eq!(coding("identity"), None);
     }
 
     #[test]

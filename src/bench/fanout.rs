@@ -7,20 +7,28 @@
 //! counts what arrives (lost, duplicated, out of order) and how late. CPU is
 //! measured over the publishing and draining window only, for the hub's
 //! processes and for the tool itself, so each can be put per delivery.
+//!
+//! With `--accept-encoding`, the subscribers ask for a compressed stream and
+//! decode what they receive read by read, as a browser does; every event is
+//! still checked. The result names the coding the hub answered with, the
+//! bytes that came over the wire per event and per subscriber, and the hub's
+//! resident memory before the crowd connected and after the last event, so
+//! that against a fresh hub its growth per subscriber includes what each
+//! stream's compressor came to hold.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::client::{Crowd, Listener, SubscribeArgs, Target, raise_open_files};
+use super::client::{Crowd, Listener, SubscribeArgs, Target, answered, raise_open_files};
 use super::decode::Stamp;
 use super::procfs;
-use super::publish::{PUBLISH_TIMEOUT, Publisher, connect, event, post};
+use super::publish::{PUBLISH_TIMEOUT, Payload, Publisher, connect, post};
 use super::report::{cpu, percentiles_ms, round};
 
 #[derive(Debug, Clone, Args)]
@@ -40,6 +48,10 @@ pub struct FanoutArgs {
     /// Size of each event's payload, in bytes.
     #[arg(long, default_value_t = 200)]
     pub size: usize,
+    /// What each event holds after its stamp: padding, or a metric update
+    /// that changes from event to event (what compression is measured on).
+    #[arg(long, value_enum, default_value = "padded")]
+    pub payload: Payload,
     /// Keep-alive connections publishing in turn.
     #[arg(long, default_value_t = 4)]
     pub publishers: usize,
@@ -154,6 +166,7 @@ struct Publishing {
     target: Arc<Target>,
     path: String,
     size: usize,
+    payload: Payload,
     /// When event 0 is due; event `seq` is due at `start + seq / rate`.
     start: Instant,
     rate: f64,
@@ -214,7 +227,8 @@ impl Publishing {
 
     /// Publishes one event on `publisher`, reconnecting it first if it broke.
     async fn publish(&self, publisher: &mut Option<Publisher>, seq: u64) -> Result<(), String> {
-        post(&self.target, &self.path, publisher, event(seq, self.size)).await
+        let event = self.payload.event(seq, self.size);
+        post(&self.target, &self.path, publisher, event).await
     }
 }
 
@@ -244,6 +258,7 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
         delivered: AtomicU64::new(0),
         latest_max_us: AtomicU64::new(0),
     });
+    let rss_before = procfs::total_memory_bytes(&sub.pids, "VmRSS")?;
     let crowd = Crowd::spawn(sub, &target, |i| Tally::new(shared.clone(), i))?;
     let connected = crowd.wait_connected().await?;
 
@@ -252,6 +267,7 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
         target: target.clone(),
         path: target.path(&args.publish_path, &sub.topic),
         size: args.size,
+        payload: args.payload,
         // Room for the publishers to connect before the first slot.
         start: Instant::now() + CONNECT_LEAD,
         rate: args.rate,
@@ -267,11 +283,16 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
     let window = publishing.start.elapsed().as_secs_f64();
     let (server_cpu_after, tool_cpu_after) = cpu(&sub.pids)?;
     let peak_rss = procfs::total_memory_bytes(&sub.pids, "VmHWM")?;
+    // Every subscriber still connected, every stream past its last event.
+    let rss_after = procfs::total_memory_bytes(&sub.pids, "VmRSS")?;
 
     let disconnected = crowd.dropped();
     let published = publishing.published.load(Ordering::Relaxed);
     let (mut deliveries, mut lost, mut duplicated, mut out_of_order) = (0, 0, 0, 0);
-    for outcome in crowd.close().await?.into_iter().filter(|o| o.connected) {
+    let outcomes = crowd.close().await?;
+    let tool_peak_rss = procfs::memory_bytes(std::process::id(), "VmHWM")?;
+    let (content_encoding, content_encodings, wire) = answered(&outcomes);
+    for outcome in outcomes.into_iter().filter(|o| o.connected) {
         let tally = outcome.listener;
         deliveries += tally.distinct;
         lost += published.saturating_sub(tally.distinct);
@@ -287,15 +308,20 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
     let ms = |us: u64| us as f64 / 1000.0;
     let per_delivery = |cpu_s: f64| round(cpu_s * 1e6 / deliveries.max(1) as f64, 2);
     let tool_cpu = tool_cpu_after - tool_cpu_before;
+    let per_subscriber = |bytes: u64| round(bytes as f64 / connected.max(1) as f64, 1);
     let mut result = json!({
         "scenario": "fanout",
         "url": sub.url,
         "subscribers": sub.subscribers,
+        "accept_encoding": sub.accept_encoding,
+        "content_encoding": content_encoding,
+        "content_encodings": content_encodings,
         "connected": connected,
         "disconnected": disconnected,
         "rate": args.rate,
         "duration_s": args.duration.as_secs_f64(),
         "size": args.size,
+        "payload": args.payload.to_possible_value().map(|v| v.get_name().to_owned()),
         "publishers": args.publishers,
         "published": published,
         "publish_errors": publishing.errors.load(Ordering::Relaxed),
@@ -316,9 +342,16 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
         },
         "window_s": round(window, 3),
         "deliveries_per_s": round(deliveries as f64 / window, 1),
+        "wire": {
+            "bytes_per_subscriber": per_subscriber(wire.opening_bytes + wire.stream_bytes),
+            "opening_bytes_per_subscriber": per_subscriber(wire.opening_bytes),
+            "stream_bytes_per_subscriber": per_subscriber(wire.stream_bytes),
+            "bytes_per_event": round(wire.stream_bytes as f64 / deliveries.max(1) as f64, 1),
+        },
         "tool": {
             "cpu_s": round(tool_cpu, 2),
             "cpu_us_per_delivery": per_delivery(tool_cpu),
+            "peak_rss_bytes": tool_peak_rss,
         },
     });
     if !sub.pids.is_empty() {
@@ -328,6 +361,9 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
             "cpu_s": round(server_cpu, 2),
             "cpu_us_per_delivery": per_delivery(server_cpu),
             "peak_rss_bytes": peak_rss,
+            "rss_before_bytes": rss_before,
+            "rss_after_bytes": rss_after,
+            "rss_growth_per_subscriber": (rss_after as i64 - rss_before as i64) / connected.max(1) as i64,
         });
     }
     Ok(result)

@@ -2,7 +2,9 @@
 //!
 //! Reads the hub's resident memory, opens N subscriptions that receive
 //! nothing, holds them a while (so lazily allocated state settles), and
-//! reads it again. Run it against a fresh hub: memory freed by an earlier
+//! reads it again. With `--accept-encoding`, each stream costs the hub its
+//! compressor too (as much of it as the preamble touched: events fill its
+//! window later, which `bench fanout` against a fresh hub shows). Run it against a fresh hub: memory freed by an earlier
 //! run stays resident and would be reused, hiding part of the cost.
 
 use std::time::Duration;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::json;
 
-use super::client::{Crowd, SubscribeArgs, Target, raise_open_files};
+use super::client::{Crowd, SubscribeArgs, Target, answered, raise_open_files};
 use super::procfs;
 
 #[derive(Debug, Clone, Args)]
@@ -71,7 +73,7 @@ pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
             crowd.first_problem().unwrap_or_default()
         );
     }
-    crowd.close().await?;
+    let (content_encoding, content_encodings, wire) = answered(&crowd.close().await?);
     let growth = rss_after as i64 - rss_before as i64;
     eprintln!(
         "{connected} connections: {:.1} MiB more resident, {} bytes each",
@@ -83,6 +85,9 @@ pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
         "url": sub.url,
         "subscribers": sub.subscribers,
         "topics_per_subscription": k,
+        "accept_encoding": sub.accept_encoding,
+        "content_encoding": content_encoding,
+        "content_encodings": content_encodings,
         "connected": connected,
         "still_connected": still_connected,
         "hold_s": args.hold.as_secs_f64(),
@@ -90,6 +95,7 @@ pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
         "rss_before_bytes": rss_before,
         "rss_after_bytes": rss_after,
         "bytes_per_connection": growth / connected as i64,
+        "wire_bytes_per_subscriber": (wire.opening_bytes + wire.stream_bytes) / connected as u64,
     }))
 }
 

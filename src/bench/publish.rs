@@ -45,6 +45,49 @@ pub fn event(seq: u64, size: usize) -> String {
     )
 }
 
+/// What the body of a `bench fanout` event looks like after its stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Payload {
+    /// Padding only (`"pad":"xxx…"`): compresses to almost nothing.
+    Padded,
+    /// A dashboard-style metric update whose fields change from event to
+    /// event (host, route, percentiles, count), then padding: the JSON
+    /// `bench wire` measures, so compressed streams cost what they would.
+    Metrics,
+}
+
+impl Payload {
+    /// Event `seq` of about `size` bytes, starting with its stamp.
+    pub fn event(self, seq: u64, size: usize) -> String {
+        match self {
+            Payload::Padded => event(seq, size),
+            Payload::Metrics => metrics_event(seq, size),
+        }
+    }
+}
+
+/// A metric update stamped as a bench event, padded to `size` bytes.
+pub fn metrics_event(seq: u64, size: usize) -> String {
+    use std::fmt::Write;
+    const ROUTES: [&str; 4] = ["/api/orders", "/api/users", "/api/cart", "/healthz"];
+    let n = seq as usize;
+    let mut event = Stamp {
+        seq,
+        sent_us: unix_micros(),
+    }
+    .json_prefix();
+    let _ = write!(
+        event,
+        ",\"metric\":\"http.requests.latency_ms\",\"host\":\"web-{:02}.eu-west-1\",\"route\":\"{}\",\"p50\":{},\"p99\":{},\"count\":{}",
+        n % 24,
+        ROUTES[n % 4],
+        12 + (n * 7) % 30,
+        180 + (n * 13) % 400,
+        1000 + (n * 37) % 5000,
+    );
+    padded(event, size)
+}
+
 /// The start of a JSON object (`{"seq":…`), closed with padding so that the
 /// whole is `size` bytes (or just closed, when already longer).
 pub fn padded(mut event: String, size: usize) -> String {
@@ -118,5 +161,19 @@ mod tests {
         let short = padded("{\"seq\":1,\"sent_us\":2".into(), 0);
         assert_eq!(short, "{\"seq\":1,\"sent_us\":2,\"pad\":\"\"}");
         serde_json::from_str::<serde_json::Value>(&event).unwrap();
+    }
+
+    #[test]
+    fn metric_events_are_json_of_their_size_that_change_and_keep_their_stamp() {
+        let (a, b) = (
+            Payload::Metrics.event(7, 200),
+            Payload::Metrics.event(8, 200),
+        );
+        assert_eq!((a.len(), b.len()), (200, 200));
+        assert_eq!(Stamp::parse(a.as_bytes()).map(|s| s.seq), Some(7));
+        let a: serde_json::Value = serde_json::from_str(&a).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_ne!(a["host"], b["host"]);
+        assert_eq!(a["metric"], "http.requests.latency_ms");
     }
 }

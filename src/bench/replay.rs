@@ -14,7 +14,9 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::json;
 
-use super::client::{Crowd, Listener, SubscribeArgs, Target, raise_open_files, unix_micros};
+use super::client::{
+    Crowd, Listener, SubscribeArgs, Target, coding_name, raise_open_files, unix_micros,
+};
 use super::decode::{Line, Stamp};
 use super::publish::{Publisher, connect, event, post_in_time};
 use super::report::ms;
@@ -227,7 +229,9 @@ pub async fn run(args: ReplayArgs) -> Result<serde_json::Value, String> {
     tokio::time::sleep(GRACE).await;
     let dropped = crowd.dropped();
     let problem = crowd.first_problem();
-    let record = crowd.close().await?.pop().ok_or("no subscriber")?.listener;
+    let outcome = crowd.close().await?.pop().ok_or("no subscriber")?;
+    let content_encoding = coding_name(outcome.wire.coding);
+    let record = outcome.listener;
 
     let left_after = record.left_after.unwrap_or(record.events.len());
     let seqs: Vec<u64> = record.events.iter().map(|&(seq, _)| seq).collect();
@@ -253,6 +257,8 @@ pub async fn run(args: ReplayArgs) -> Result<serde_json::Value, String> {
     Ok(json!({
         "scenario": "replay",
         "url": sub.url,
+        "accept_encoding": sub.accept_encoding,
+        "content_encoding": content_encoding,
         "warmup": warmup,
         "missed": missed,
         "live": live,

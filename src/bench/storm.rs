@@ -24,7 +24,9 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::client::{Crowd, Listener, SubscribeArgs, Target, raise_open_files, unix_micros};
+use super::client::{
+    Crowd, Listener, SubscribeArgs, Target, answered, raise_open_files, unix_micros,
+};
 use super::decode::{Line, Stamp, number_after};
 use super::publish::{PUBLISH_TIMEOUT, Publisher, connect, padded, post_in_time};
 use super::report::{cpu, ms, percentiles_ms, round};
@@ -554,7 +556,9 @@ pub async fn run(args: StormArgs) -> Result<serde_json::Value, String> {
 
     let (mut lost, mut duplicated, mut out_of_order, mut resets) = (0, 0, 0, 0);
     let (mut catch_up, mut reconnect, mut missed) = (Vec::new(), Vec::new(), Vec::new());
-    for outcome in crowd.close().await?.into_iter().filter(|o| o.connected) {
+    let outcomes = crowd.close().await?;
+    let (content_encoding, _, _) = answered(&outcomes);
+    for outcome in outcomes.into_iter().filter(|o| o.connected) {
         let tally = outcome.listener;
         lost += published.saturating_sub(tally.distinct);
         duplicated += tally.duplicated;
@@ -582,6 +586,8 @@ pub async fn run(args: StormArgs) -> Result<serde_json::Value, String> {
     let mut result = json!({
         "scenario": "storm",
         "url": sub.url,
+        "accept_encoding": sub.accept_encoding,
+        "content_encoding": content_encoding,
         "subscribers": sub.subscribers,
         "connected": connected,
         "warmed": shared.warmed.load(Ordering::Relaxed),

@@ -644,3 +644,44 @@ async fn after_a_reconnect_a_node_catches_up_once_per_topic_not_once_per_subscri
         sub.expect_quiet(Duration::from_millis(20)).await;
     }
 }
+
+/// Housekeeping takes a node off the channels of topics nobody on it
+/// watches any more, in slices of the topic list, and a topic watched again
+/// is subscribed again: live events reach the new subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_nobody_watches_are_unsubscribed_and_watched_ones_come_back() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // Housekeeping every retention-age / 3: 100 ms.
+    let server = Server::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.retention_age = Duration::from_millis(300);
+    })
+    .await;
+    // More topics than one slice of housekeeping.
+    let topics: Vec<String> = (0..300).map(|i| format!("hk-{i}")).collect();
+    let path = |ts: &[String]| {
+        let query: Vec<String> = ts.iter().map(|t| format!("topic={t}")).collect();
+        format!("/events?{}", query.join("&"))
+    };
+    let mut subscribers = Vec::new();
+    for group in topics.chunks(30) {
+        subscribers.push(server.subscribe(&path(group)).await);
+    }
+    let channels = || -> usize {
+        redis
+            .cli(&["PUBSUB", "CHANNELS", "crier:{hk-*"])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    };
+    assert_eq!(channels(), 300, "every watched topic is subscribed");
+    drop(subscribers);
+    wait_for("the idle topics to be unsubscribed", || channels() == 0).await;
+
+    let mut again = server.subscribe("/topics/hk-7").await;
+    assert_eq!(channels(), 1);
+    let id = server.publish_id("hk-7", "back").await;
+    assert_eq!(again.next().await, Ev::new(&id, "message", "back"));
+    server.stop().await;
+}

@@ -9,6 +9,7 @@
 mod measured;
 mod memory;
 mod redis;
+pub(crate) mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;

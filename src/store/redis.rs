@@ -36,7 +36,9 @@
 //! command connection, then the pub/sub connection), and is not ready while
 //! one is overdue (see [`Canary`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use indexmap::{IndexMap, IndexSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +48,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{Client, Script, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::sweep;
 use super::{History, MAX_SEQ, NewEvent, Retention, Store, StoreError};
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
@@ -127,6 +130,9 @@ return {epoch, first}
 "#
 );
 
+/// Topics per UNSUBSCRIBE and per pipeline of PEXPIRE in housekeeping.
+const HOUSEKEEPING_CHUNK: usize = 1000;
+
 /// Events read per round trip when a node catches up after a reconnect.
 const CATCH_UP_PAGE: usize = 256;
 
@@ -196,7 +202,7 @@ pub struct RedisStore {
     reepoch: Script,
     hub: Hub,
     /// How far this node has seen each watched topic go.
-    floors: std::sync::Mutex<HashMap<Topic, Floor>>,
+    floors: std::sync::Mutex<IndexMap<Topic, Floor>>,
     live: tokio::sync::Mutex<LiveLink>,
     /// Whether the pub/sub connection is up; `watch` waits for it.
     live_up: tokio::sync::watch::Sender<bool>,
@@ -339,7 +345,7 @@ enum Seen {
 #[derive(Default)]
 struct LiveLink {
     sink: Option<PubSubSink>,
-    topics: HashSet<Topic>,
+    topics: IndexSet<Topic>,
 }
 
 /// Key and channel names.
@@ -450,7 +456,7 @@ impl RedisStore {
             read: Script::new(READ),
             reepoch: Script::new(REEPOCH),
             hub,
-            floors: std::sync::Mutex::new(HashMap::new()),
+            floors: std::sync::Mutex::new(IndexMap::new()),
             live: tokio::sync::Mutex::new(LiveLink::default()),
             live_up: tokio::sync::watch::Sender::new(false),
             canary: Canary::new(prefix, canary),
@@ -653,7 +659,7 @@ impl RedisStore {
         self.floors().get(topic).map(|f| (f.epoch, f.seen))
     }
 
-    fn floors(&self) -> std::sync::MutexGuard<'_, HashMap<Topic, Floor>> {
+    fn floors(&self) -> std::sync::MutexGuard<'_, IndexMap<Topic, Floor>> {
         self.floors.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -746,49 +752,81 @@ impl RedisStore {
             // saw the old numbers starts the new epoch instead.
             tracing::warn!(%error, %topic, "could not start a new epoch");
         }
-        self.floors().remove(topic);
+        self.floors().swap_remove(topic);
         self.hub.resync(topic);
     }
 
     /// Unsubscribes from topics nobody on this node watches any more, and
-    /// keeps the `meta` of watched topics alive.
+    /// keeps the `meta` of watched topics alive. It works a slice at a time
+    /// (the link's lock is what `watch` takes; the floors' is taken by every
+    /// publish and live message), so it holds no lock for long whatever the
+    /// number of topics.
     async fn housekeeping(&self) {
-        let mut link = self.live.lock().await;
-        let idle: Vec<Topic> = link
-            .topics
-            .iter()
-            .filter(|t| !self.hub.is_watched(t))
-            .cloned()
-            .collect();
-        if let Some(sink) = link.sink.as_mut()
-            && !idle.is_empty()
-        {
+        // Topics of the link, a slice at a time, from the last index: new
+        // ones go to the end and are left for the next round.
+        let mut idle = Vec::new();
+        let mut watched = Vec::new();
+        let mut next = self.live.lock().await.topics.len();
+        while next > 0 {
+            {
+                let link = self.live.lock().await;
+                let end = next.min(link.topics.len());
+                let start = end.saturating_sub(sweep::SWEEP_SLICE);
+                for topic in (start..end).filter_map(|i| link.topics.get_index(i)) {
+                    if self.hub.is_watched(topic) {
+                        watched.push(topic.clone());
+                    } else {
+                        idle.push(topic.clone());
+                    }
+                }
+                next = start;
+            }
+            tokio::task::yield_now().await;
+        }
+        for chunk in idle.chunks(HOUSEKEEPING_CHUNK) {
+            let mut link = self.live.lock().await;
+            // Looked at again under the lock: a subscriber that joined the
+            // hub since then keeps its topic (its `watch` waits for this
+            // lock, and subscribes again what was taken off the link).
+            let idle: Vec<&Topic> = chunk.iter().filter(|t| !self.hub.is_watched(t)).collect();
+            let Some(sink) = link.sink.as_mut() else {
+                break;
+            };
+            if idle.is_empty() {
+                continue;
+            }
             let channels: Vec<String> = idle.iter().map(|t| self.keys.channel(t)).collect();
             match tokio::time::timeout(self.timeout, sink.unsubscribe(&channels)).await {
                 Ok(Ok(())) => {
-                    for topic in &idle {
-                        link.topics.remove(topic);
+                    for topic in idle {
+                        link.topics.swap_remove(topic);
                     }
                 }
-                _ => tracing::warn!("could not unsubscribe idle topics; will retry"),
+                _ => {
+                    tracing::warn!("could not unsubscribe idle topics; will retry");
+                    break;
+                }
             }
         }
-        let watched: Vec<Topic> = link.topics.iter().cloned().collect();
-        drop(link);
-        self.floors().retain(|topic, _| self.hub.is_watched(topic));
-        if watched.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        for topic in &watched {
-            pipe.cmd("PEXPIRE")
-                .arg(self.keys.meta(topic))
-                .arg(self.meta_ttl_ms())
-                .ignore();
-        }
+        sweep::sweep_map(
+            &self.floors,
+            |topic, _| self.hub.is_watched(topic),
+            &mut sweep::Sweep::default(),
+        )
+        .await;
         let mut commands = self.commands.clone();
-        if let Err(error) = pipe.query_async::<()>(&mut commands).await {
-            tracing::warn!(%error, "could not refresh topic metadata");
+        for chunk in watched.chunks(HOUSEKEEPING_CHUNK) {
+            let mut pipe = redis::pipe();
+            for topic in chunk {
+                pipe.cmd("PEXPIRE")
+                    .arg(self.keys.meta(topic))
+                    .arg(self.meta_ttl_ms())
+                    .ignore();
+            }
+            if let Err(error) = pipe.query_async::<()>(&mut commands).await {
+                tracing::warn!(%error, "could not refresh topic metadata");
+                return;
+            }
         }
     }
 

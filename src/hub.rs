@@ -16,21 +16,24 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
+use crate::compress::{Chain, Chained, Codec, SHARED_CODINGS};
 use crate::event::{Event, Topic};
 use crate::metrics::Metrics;
 
 /// What a topic's live feed carries.
 #[derive(Clone, Debug)]
 pub enum Live {
-    /// The next event of the topic.
-    Event(Arc<Event>),
+    /// The next event of the topic, with the units the topic's chain
+    /// compressed for it (when some stream of the topic wants them).
+    Event(Arc<Event>, Option<Arc<Chained>>),
     /// Live delivery may have missed events (the store lost its connection,
     /// or the topic's history changed): check the store.
     Resync,
@@ -47,6 +50,9 @@ pub struct Hub {
 struct Inner {
     topics: RwLock<HashMap<Topic, Arc<Channel>>>,
     backlog: usize,
+    /// How long a topic must be quiet for its chained compression to start
+    /// a new segment (the heartbeat interval, see `compress`).
+    quiet: Duration,
     /// Numbers every delivery on this node, so that a subscription to several
     /// topics can merge their feeds in the order events were delivered.
     next_order: AtomicU64,
@@ -66,15 +72,17 @@ impl Hub {
     /// `backlog` is how many events a subscriber may fall behind before it is
     /// disconnected.
     pub fn new(backlog: usize) -> Hub {
-        Hub::with_metrics(backlog, Metrics::new())
+        Hub::with_metrics(backlog, Duration::from_secs(15), Metrics::new())
     }
 
-    /// A hub that counts into `metrics`.
-    pub fn with_metrics(backlog: usize, metrics: Metrics) -> Hub {
+    /// A hub that counts into `metrics`; `heartbeat` is the streams'
+    /// heartbeat interval.
+    pub fn with_metrics(backlog: usize, heartbeat: Duration, metrics: Metrics) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 topics: RwLock::new(HashMap::new()),
                 backlog: backlog.max(1),
+                quiet: heartbeat,
                 next_order: AtomicU64::new(1),
                 metrics,
             }),
@@ -95,7 +103,8 @@ impl Hub {
     pub fn deliver(&self, event: &Arc<Event>) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(&event.topic) {
-            let subscribers = tx.send(self.numbered(Live::Event(event.clone())));
+            let chained = tx.chained(event.frame());
+            let subscribers = tx.send(self.numbered(Live::Event(event.clone(), chained)));
             self.inner.metrics.delivered(subscribers);
         }
     }
@@ -145,7 +154,7 @@ impl Hub {
         let mut new_topic = false;
         let channel = topics.entry(topic.clone()).or_insert_with(|| {
             new_topic = true;
-            Arc::new(Channel::new(self.inner.backlog))
+            Arc::new(Channel::new(self.inner.backlog, self.inner.quiet))
         });
         self.inner.metrics.subscription(1.0, new_topic);
         LiveFeed {
@@ -194,6 +203,21 @@ pub struct Feeds {
 }
 
 impl Feeds {
+    /// Asks the topics' chains for units in `codec` (a shared coding) for
+    /// as long as these feeds live.
+    pub fn share(&mut self, codec: Codec) {
+        let Some(slot) = codec.shared_slot() else {
+            return;
+        };
+        for feed in &mut self.feeds {
+            let receiver = &mut feed.events;
+            if receiver.share.is_none() {
+                receiver.channel.shared[slot].fetch_add(1, Ordering::Relaxed);
+                receiver.share = Some(slot);
+            }
+        }
+    }
+
     /// Waits for the next item: the index of its topic and what it carries.
     pub async fn next(&mut self) -> (usize, Result<Live, Lagged>) {
         std::future::poll_fn(|cx| match self.poll_heads(cx) {
@@ -249,6 +273,11 @@ struct Channel {
     ring: Mutex<Ring>,
     notify: Arc<Notify>,
     backlog: usize,
+    /// Receivers that want chained units, per shared coding.
+    shared: [AtomicUsize; SHARED_CODINGS],
+    /// The topic's chained compressors, used by whoever delivers (one at a
+    /// time, in the topic's order).
+    chain: Mutex<Chain>,
 }
 
 struct Ring {
@@ -284,7 +313,7 @@ impl Ring {
 }
 
 impl Channel {
-    fn new(backlog: usize) -> Channel {
+    fn new(backlog: usize, quiet: Duration) -> Channel {
         Channel {
             ring: Mutex::new(Ring {
                 items: VecDeque::new(),
@@ -293,7 +322,21 @@ impl Channel {
             }),
             notify: Arc::new(Notify::new()),
             backlog,
+            shared: Default::default(),
+            chain: Mutex::new(Chain::new(quiet)),
         }
+    }
+
+    /// The next event's chained units, for the codings some receiver wants;
+    /// `None` (without a lock) when none does.
+    fn chained(&self, frame: &[u8]) -> Option<Arc<Chained>> {
+        let wanted: [bool; SHARED_CODINGS] =
+            std::array::from_fn(|slot| self.shared[slot].load(Ordering::Relaxed) > 0);
+        if !wanted.contains(&true) {
+            return None;
+        }
+        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        chain.units(frame, wanted, std::time::Instant::now())
     }
 
     fn lock(&self) -> MutexGuard<'_, Ring> {
@@ -332,6 +375,8 @@ struct Receiver {
     /// A wake-up registered before the ring was last found empty; kept and
     /// re-armed in place, so waiting allocates once per receiver.
     waiting: Option<Pin<Box<OwnedNotified>>>,
+    /// The shared coding this receiver counts in `Channel::shared`.
+    share: Option<usize>,
 }
 
 impl Receiver {
@@ -345,6 +390,7 @@ impl Receiver {
             channel,
             next,
             waiting: None,
+            share: None,
         }
     }
 
@@ -353,6 +399,7 @@ impl Receiver {
             channel,
             next,
             waiting,
+            ..
         } = self;
         loop {
             if let Some(item) = take(channel, next) {
@@ -394,6 +441,14 @@ fn take(channel: &Channel, next: &mut u64) -> Option<Result<Delivery, Lagged>> {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
+        if let Some(slot) = self.share
+            && self.channel.shared[slot].fetch_sub(1, Ordering::Relaxed) == 1
+        {
+            // The last stream of this coding left: free its compressor. (One
+            // that joins meanwhile gets a new one, which starts a segment.)
+            let mut chain = self.channel.chain.lock().unwrap_or_else(|e| e.into_inner());
+            chain.drop_coding(slot);
+        }
         let mut ring = self.channel.lock();
         ring.receivers -= 1;
         let from = usize::try_from(self.next.saturating_sub(ring.first)).unwrap_or(usize::MAX);
@@ -438,7 +493,7 @@ mod tests {
     fn seq_of(item: Option<(usize, Result<Live, Lagged>)>) -> Option<Result<u64, Lagged>> {
         item.map(|(_, r)| {
             r.map(|live| match live {
-                Live::Event(e) => e.seq,
+                Live::Event(e, _) => e.seq,
                 other => panic!("{other:?}"),
             })
         })

@@ -352,7 +352,10 @@ fn chained_zstd() -> std::io::Result<zstd::stream::raw::Encoder<'static>> {
 
 /// Compresses `input` into the encoder's current frame and flushes: the
 /// output ends on a block boundary, the frame left open.
-fn zstd_flushed(encoder: &mut zstd::stream::raw::Encoder<'static>, input: &[u8]) -> std::io::Result<Bytes> {
+fn zstd_flushed(
+    encoder: &mut zstd::stream::raw::Encoder<'static>,
+    input: &[u8],
+) -> std::io::Result<Bytes> {
     use zstd::stream::raw::{InBuffer, OutBuffer};
     let mut out: Vec<u8> = Vec::with_capacity(input.len() / 2 + 64);
     let mut source = InBuffer::around(input);
@@ -659,7 +662,7 @@ impl Wire for SharedUnits {
         self.sent(&event.body());
     }
 
-    fn len(&self) -> usize {
+    fn pending(&self) -> usize {
         self.pending
     }
 
@@ -721,8 +724,8 @@ impl Wire for PerStream {
         self.plain.event_with_id(id, event);
     }
 
-    fn len(&self) -> usize {
-        self.plain.len()
+    fn pending(&self) -> usize {
+        self.plain.pending()
     }
 
     fn take(&mut self) -> Option<std::io::Result<Bytes>> {
@@ -1084,7 +1087,10 @@ mod tests {
     fn events_under_a_streams_own_id_decode_and_share_the_body_unit() {
         for codec in [Codec::Zstd, Codec::Gzip] {
             let events: Vec<Arc<Event>> = (1..=20).map(json_event).collect();
-            let (mut a, mut b) = (SharedUnits::new(codec, false), SharedUnits::new(codec, false));
+            let (mut a, mut b) = (
+                SharedUnits::new(codec, false),
+                SharedUnits::new(codec, false),
+            );
             let (mut wire_a, mut wire_b) = (Vec::new(), Vec::new());
             let mut want = Vec::new();
             for (n, event) in events.iter().enumerate() {
@@ -1103,7 +1109,10 @@ mod tests {
             }
             assert_eq!(strict(codec, &wire_a), want, "{codec:?}");
             let unit = self_contained(&events[0], codec, true);
-            assert_eq!(unit.as_ptr(), self_contained(&events[0], codec, true).as_ptr());
+            assert_eq!(
+                unit.as_ptr(),
+                self_contained(&events[0], codec, true).as_ptr()
+            );
         }
     }
 

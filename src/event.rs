@@ -3,8 +3,8 @@
 //! edge, so the rest of the crate never sees an unchecked string.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 

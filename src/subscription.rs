@@ -302,7 +302,7 @@ impl Subscription {
                     }
                     item = self.live.next() => {
                         let mut lagged = !self.on_live(item, &mut wire);
-                        while !lagged && wire.len() < MAX_CHUNK_BYTES {
+                        while !lagged && wire.pending() < MAX_CHUNK_BYTES {
                             match self.live.try_next() {
                                 Some(item) => lagged = !self.on_live(item, &mut wire),
                                 None => break,
@@ -482,7 +482,7 @@ impl Subscription {
             for event in &history.events {
                 // One write stays within the chunk cap however large the
                 // events: the rest of the page is read again next turn.
-                if wire.len() >= MAX_CHUNK_BYTES {
+                if wire.pending() >= MAX_CHUNK_BYTES {
                     self.metrics.replayed(replayed);
                     return Ok(false);
                 }
@@ -650,7 +650,7 @@ pub trait Wire: Send + 'static {
     /// An event under this stream's own `id:` (multi-topic streams).
     fn event_with_id(&mut self, id: &str, event: &Event);
     /// Uncompressed bytes waiting for the next write.
-    fn len(&self) -> usize;
+    fn pending(&self) -> usize;
     /// The bytes of the next write, if anything waits.
     fn take(&mut self) -> Option<std::io::Result<Bytes>>;
     /// The last write of a stream that ends: what waits, and the coding's
@@ -708,7 +708,7 @@ impl Wire for Plain {
         self.buf.extend_from_slice(&event.body());
     }
 
-    fn len(&self) -> usize {
+    fn pending(&self) -> usize {
         self.single.as_ref().map_or(0, Bytes::len) + self.buf.len()
     }
 
@@ -862,7 +862,11 @@ mod tests {
         let mut subscription =
             Subscription::open(&hub, store.clone(), vec![topic()], IdStyle::Single, start);
         subscription.prepare().await.unwrap();
-        let mut stream = Box::pin(subscription.into_stream(settings(), Plain::default()).map(Result::unwrap));
+        let mut stream = Box::pin(
+            subscription
+                .into_stream(settings(), Plain::default())
+                .map(Result::unwrap),
+        );
         let mut text = String::new();
         let replayed = format!(
             "retry: 1000\n: crier stream open\n\n\
@@ -900,7 +904,9 @@ mod tests {
         let mut subscription =
             Subscription::open(&hub, store.clone(), vec![topic()], IdStyle::Single, start);
         subscription.prepare().await.unwrap();
-        let stream = subscription.into_stream(settings(), Plain::default()).map(Result::unwrap);
+        let stream = subscription
+            .into_stream(settings(), Plain::default())
+            .map(Result::unwrap);
         let chunks: Vec<Bytes> = tokio::time::timeout(Duration::from_secs(5), stream.collect())
             .await
             .expect("the stream ends");

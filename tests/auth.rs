@@ -1215,8 +1215,11 @@ async fn a_compressed_stream_ends_with_reauth_too() {
         let strict = match coding {
             "gzip" => {
                 let mut plain = Vec::new();
-                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&wire[..]), &mut plain)
-                    .expect("a complete gzip member");
+                std::io::Read::read_to_end(
+                    &mut flate2::read::GzDecoder::new(&wire[..]),
+                    &mut plain,
+                )
+                .expect("a complete gzip member");
                 Some(plain)
             }
             "zstd" => Some(zstd::stream::decode_all(&wire[..]).expect("complete zstd frames")),

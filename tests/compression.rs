@@ -63,11 +63,7 @@ impl Plain {
                     }
                     let consumed = (inflate.total_in() - start) as usize;
                     let status = inflate
-                        .decompress_vec(
-                            &wire[consumed..],
-                            &mut out,
-                            flate2::FlushDecompress::Sync,
-                        )
+                        .decompress_vec(&wire[consumed..], &mut out, flate2::FlushDecompress::Sync)
                         .expect("valid deflate");
                     *ended = status == flate2::Status::StreamEnd;
                     let consumed = (inflate.total_in() - start) as usize;
@@ -126,7 +122,8 @@ impl Compressed {
             .unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-encoding"], coding);
-        let (wire, text) = (Arc::default(), Arc::default());
+        let wire: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let text: Arc<Mutex<Vec<u8>>> = Arc::default();
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = mpsc::unbounded_channel::<Result<Bytes, std::io::Error>>();
         let mut body = response.bytes_stream();
@@ -239,8 +236,7 @@ async fn subscribers_joining_at_any_moment_decode_the_same_events_on_arrival() {
         let mut joined = Compressed::open(&server, &path, coding, None).await;
         published.extend(publish_all(&server, &topic, 5..150).await);
         let mut halfway = Compressed::open(&server, &path, coding, None).await;
-        let mut resumed =
-            Compressed::open(&server, &path, coding, Some(&published[2].id)).await;
+        let mut resumed = Compressed::open(&server, &path, coding, Some(&published[2].id)).await;
         let mut last = Compressed::open(&server, &format!("{path}?last=20"), coding, None).await;
         published.extend(publish_all(&server, &topic, 150..300).await);
         // And one more, which every stream decodes on arrival.
@@ -249,7 +245,11 @@ async fn subscribers_joining_at_any_moment_decode_the_same_events_on_arrival() {
         assert_eq!(reference.take(301).await, published, "identity");
         assert_eq!(first.take(296).await, published[5..], "{coding} first");
         assert_eq!(joined.take(296).await, published[5..], "{coding} joined");
-        assert_eq!(halfway.take(151).await, published[150..], "{coding} halfway");
+        assert_eq!(
+            halfway.take(151).await,
+            published[150..],
+            "{coding} halfway"
+        );
         assert_eq!(resumed.take(298).await, published[3..], "{coding} resumed");
         assert_eq!(last.take(171).await, published[130..], "{coding} last=20");
         // The stream in step with the topic's chain paid far less than one

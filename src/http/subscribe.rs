@@ -14,8 +14,8 @@ use super::access::credentials;
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
 use crate::compress::{Codec, PerStream, SharedUnits, negotiate};
-use crate::metrics::BytesWritten;
 use crate::event::{Cursor, Topic};
+use crate::metrics::BytesWritten;
 use crate::store::StoreError;
 use crate::subscription::{IdStyle, Plain, Start, StreamSettings, Subscription};
 
@@ -200,10 +200,18 @@ async fn open(
             Err(error) => {
                 tracing::warn!(%error, coding = own.token(), "no compressor: answering uncompressed");
                 codec = None;
-                stream_body(subscription.into_stream(settings, Plain::default()), &state, codec)
+                stream_body(
+                    subscription.into_stream(settings, Plain::default()),
+                    &state,
+                    codec,
+                )
             }
         },
-        None => stream_body(subscription.into_stream(settings, Plain::default()), &state, codec),
+        None => stream_body(
+            subscription.into_stream(settings, Plain::default()),
+            &state,
+            codec,
+        ),
     };
     let mut response = Response::new(body);
     let headers = response.headers_mut();

@@ -671,7 +671,8 @@ impl Wire for SharedUnits {
         if let Some(single) = self.single.take() {
             return Some(Ok(single));
         }
-        (!self.buf.is_empty()).then(|| Ok(self.buf.split().freeze()))
+        // The buffer goes with the write, so an idle stream holds none.
+        (!self.buf.is_empty()).then(|| Ok(std::mem::take(&mut self.buf).freeze()))
     }
 
     fn finish(&mut self) -> Option<std::io::Result<Bytes>> {

@@ -566,4 +566,35 @@ mod tests {
             .unwrap();
         assert_eq!(got, vec![Some(Ok(1)), Some(Ok(2)), Some(Ok(3))]);
     }
+
+    fn chained_of(item: Option<(usize, Result<Live, Lagged>)>) -> Option<Arc<Chained>> {
+        match item {
+            Some((_, Ok(Live::Event(_, chained)))) => chained,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A topic compresses its events only while a stream of a shared coding
+    /// is subscribed, and frees its compressor when the last one leaves.
+    #[test]
+    fn a_topic_compresses_once_per_event_only_for_streams_that_share() {
+        let hub = Hub::new(8);
+        let t = Topic::parse("t", 10).unwrap();
+        let mut plain = hub.subscribe_all(std::slice::from_ref(&t));
+        hub.deliver(&event(&t, 1));
+        assert!(chained_of(plain.try_next()).is_none());
+        let mut zstd = hub.subscribe_all(std::slice::from_ref(&t));
+        zstd.share(Codec::Zstd);
+        zstd.share(Codec::Zstd); // counted once
+        hub.deliver(&event(&t, 2));
+        let to_plain = chained_of(plain.try_next()).expect("units for the topic");
+        let to_zstd = chained_of(zstd.try_next()).expect("units for the topic");
+        // The same units, compressed once, reach every subscriber.
+        assert!(Arc::ptr_eq(&to_plain, &to_zstd));
+        drop(zstd);
+        hub.deliver(&event(&t, 3));
+        assert!(chained_of(plain.try_next()).is_none());
+        let topics = hub.inner.topics.read().unwrap();
+        assert_eq!(topics[&t].shared[0].load(Ordering::Relaxed), 0);
+    }
 }

@@ -45,6 +45,7 @@
 use std::cell::RefCell;
 use std::io::Write;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -213,6 +214,7 @@ pub const SEGMENT_EVENTS: u32 = 128;
 /// shared coding that some stream of the topic uses.
 #[derive(Debug)]
 pub struct Chained {
+    pub event: Arc<Event>,
     /// Which segment of the topic's chain (never reused within a topic).
     segment: u64,
     /// The unit's place in its segment: 0 refers to nothing before it.
@@ -226,6 +228,8 @@ pub struct Chain {
     /// A topic quiet this long starts a new segment at its next event: a
     /// stream that sent a heartbeat meanwhile rejoins there.
     quiet: Duration,
+    /// The current segment's number, unique in the process (so a chain
+    /// made anew never repeats one).
     segment: u64,
     /// The index of the next unit in the segment.
     index: u32,
@@ -251,7 +255,7 @@ impl Chain {
     /// `None` when no coding is wanted.
     pub fn units(
         &mut self,
-        frame: &[u8],
+        event: &Arc<Event>,
         wanted: [bool; SHARED_CODINGS],
         now: Instant,
     ) -> Option<Arc<Chained>> {
@@ -280,7 +284,7 @@ impl Chain {
             boundary = true;
         }
         if boundary {
-            self.segment += 1;
+            self.segment = NEXT_SEGMENT.fetch_add(1, Ordering::Relaxed);
             self.index = 0;
             if let Some(zstd) = &mut self.zstd
                 && zstd.reinit().is_err()
@@ -293,6 +297,7 @@ impl Chain {
         }
         // A compressor that failed is dropped: the next event makes a new
         // one and starts a segment; this event goes out self-contained.
+        let frame = event.frame();
         let zstd = self.zstd.as_mut().map(|e| zstd_flushed(e, frame));
         let zstd = match zstd {
             Some(Ok(unit)) => Some(unit),
@@ -314,6 +319,7 @@ impl Chain {
             None => None,
         };
         let chained = Chained {
+            event: event.clone(),
             segment: self.segment,
             index: self.index,
             units: [zstd, gzip],
@@ -330,7 +336,15 @@ impl Chain {
             _ => self.deflate = None,
         }
     }
+
+    /// Whether the chain holds no compressor.
+    pub fn is_empty(&self) -> bool {
+        self.zstd.is_none() && self.deflate.is_none()
+    }
 }
+
+/// Numbers segments across every chain of the process.
+static NEXT_SEGMENT: AtomicU64 = AtomicU64::new(1);
 
 /// Level of the topics' chained deflate (as the per-stream one was).
 const CHAINED_DEFLATE_LEVEL: u32 = 5;
@@ -1020,7 +1034,7 @@ mod tests {
                     streams.push((wire, bytes.to_vec(), preamble.to_vec(), decoder));
                 }
                 let event = json_event(seq);
-                let chained = chain.units(event.frame(), wanted, Instant::now()).unwrap();
+                let chained = chain.units(&event, wanted, Instant::now()).unwrap();
                 for (n, (wire, writes, plain, decoder)) in streams.iter_mut().enumerate() {
                     let step = match (seq + n as u64 * 11) % 150 {
                         0 => Step::Heartbeat,
@@ -1125,27 +1139,27 @@ mod tests {
         let mut now = Instant::now();
         let frame = json_event(1);
         let both = [true, true];
-        let first = chain.units(frame.frame(), both, now).unwrap();
+        let first = chain.units(&frame, both, now).unwrap();
         assert_eq!(first.index, 0);
         let mut last = first.segment;
         for n in 1..SEGMENT_EVENTS {
-            let units = chain.units(frame.frame(), both, now).unwrap();
+            let units = chain.units(&frame, both, now).unwrap();
             assert_eq!((units.segment, units.index), (last, n));
         }
-        let next = chain.units(frame.frame(), both, now).unwrap();
+        let next = chain.units(&frame, both, now).unwrap();
         assert_eq!(next.index, 0);
         assert!(next.segment > last);
         last = next.segment;
         now += Duration::from_millis(60);
-        let quiet = chain.units(frame.frame(), both, now).unwrap();
+        let quiet = chain.units(&frame, both, now).unwrap();
         assert_eq!(quiet.index, 0);
         assert!(quiet.segment > last);
         // zstd no longer wanted, then again: a new compressor, a new segment.
-        let gzip_only = chain.units(frame.frame(), [false, true], now).unwrap();
+        let gzip_only = chain.units(&frame, [false, true], now).unwrap();
         assert!(gzip_only.units[0].is_none() && gzip_only.index == 1);
-        let again = chain.units(frame.frame(), both, now).unwrap();
+        let again = chain.units(&frame, both, now).unwrap();
         assert_eq!(again.index, 0);
-        assert!(chain.units(frame.frame(), [false, false], now).is_none());
+        assert!(chain.units(&frame, [false, false], now).is_none());
     }
 
     mod properties {

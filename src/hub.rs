@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,9 +31,11 @@ use crate::metrics::Metrics;
 /// What a topic's live feed carries.
 #[derive(Clone, Debug)]
 pub enum Live {
-    /// The next event of the topic, with the units the topic's chain
-    /// compressed for it (when some stream of the topic wants them).
-    Event(Arc<Event>, Option<Arc<Chained>>),
+    /// The next event of the topic.
+    Event(Arc<Event>),
+    /// The next event of the topic, with the units its chain compressed for
+    /// it (when some stream of the topic wants them).
+    Chained(Arc<Chained>),
     /// Live delivery may have missed events (the store lost its connection,
     /// or the topic's history changed): check the store.
     Resync,
@@ -103,8 +105,11 @@ impl Hub {
     pub fn deliver(&self, event: &Arc<Event>) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(&event.topic) {
-            let chained = tx.chained(event.frame());
-            let subscribers = tx.send(self.numbered(Live::Event(event.clone(), chained)));
+            let live = match tx.chained(event) {
+                Some(chained) => Live::Chained(chained),
+                None => Live::Event(event.clone()),
+            };
+            let subscribers = tx.send(self.numbered(live));
             self.inner.metrics.delivered(subscribers);
         }
     }
@@ -138,6 +143,7 @@ impl Hub {
         Feeds {
             feeds: topics.iter().map(|t| self.subscribe(t)).collect(),
             heads: vec![None; topics.len()],
+            share: None,
         }
     }
 
@@ -154,7 +160,7 @@ impl Hub {
         let mut new_topic = false;
         let channel = topics.entry(topic.clone()).or_insert_with(|| {
             new_topic = true;
-            Arc::new(Channel::new(self.inner.backlog, self.inner.quiet))
+            Arc::new(Channel::new(self.inner.backlog))
         });
         self.inner.metrics.subscription(1.0, new_topic);
         LiveFeed {
@@ -200,6 +206,8 @@ pub struct Feeds {
     feeds: Vec<LiveFeed>,
     /// The next item of each feed, once polled.
     heads: Vec<Option<Result<Delivery, Lagged>>>,
+    /// The shared coding these feeds count in their topics' `Compression`.
+    share: Option<u8>,
 }
 
 impl Feeds {
@@ -209,13 +217,15 @@ impl Feeds {
         let Some(slot) = codec.shared_slot() else {
             return;
         };
-        for feed in &mut self.feeds {
-            let receiver = &mut feed.events;
-            if receiver.share.is_none() {
-                receiver.channel.shared[slot].fetch_add(1, Ordering::Relaxed);
-                receiver.share = Some(slot);
-            }
+        if self.share.is_some() {
+            return;
         }
+        for feed in &self.feeds {
+            let quiet = feed._membership.hub.inner.quiet;
+            let compression = feed.events.channel.compression(quiet);
+            compression.shared[slot].fetch_add(1, Ordering::Relaxed);
+        }
+        self.share = Some(slot as u8);
     }
 
     /// Waits for the next item: the index of its topic and what it carries.
@@ -258,6 +268,26 @@ impl Feeds {
     }
 }
 
+impl Drop for Feeds {
+    fn drop(&mut self) {
+        let Some(slot) = self.share.map(usize::from) else {
+            return;
+        };
+        for feed in &self.feeds {
+            let Some(compression) = feed.events.channel.compression.get() else {
+                continue;
+            };
+            if compression.shared[slot].fetch_sub(1, Ordering::Relaxed) == 1 {
+                // The last stream of this coding left: free its compressor.
+                // (One that joins meanwhile gets a new one, which starts a
+                // segment.)
+                let mut chain = compression.chain.lock().unwrap_or_else(|e| e.into_inner());
+                chain.drop_coding(slot);
+            }
+        }
+    }
+}
+
 struct Membership {
     hub: Hub,
     topic: Topic,
@@ -273,10 +303,17 @@ struct Channel {
     ring: Mutex<Ring>,
     notify: Arc<Notify>,
     backlog: usize,
-    /// Receivers that want chained units, per shared coding.
+    /// Made when a stream of a shared coding first subscribes, so a topic
+    /// without one pays a pointer.
+    compression: OnceLock<Box<Compression>>,
+}
+
+/// A topic's compression for the streams that share units.
+struct Compression {
+    /// Streams that want chained units, per shared coding.
     shared: [AtomicUsize; SHARED_CODINGS],
-    /// The topic's chained compressors, used by whoever delivers (one at a
-    /// time, in the topic's order).
+    /// The chained compressors, used by whoever delivers (one at a time,
+    /// in the topic's order).
     chain: Mutex<Chain>,
 }
 
@@ -313,7 +350,7 @@ impl Ring {
 }
 
 impl Channel {
-    fn new(backlog: usize, quiet: Duration) -> Channel {
+    fn new(backlog: usize) -> Channel {
         Channel {
             ring: Mutex::new(Ring {
                 items: VecDeque::new(),
@@ -322,21 +359,32 @@ impl Channel {
             }),
             notify: Arc::new(Notify::new()),
             backlog,
-            shared: Default::default(),
-            chain: Mutex::new(Chain::new(quiet)),
+            compression: OnceLock::new(),
         }
     }
 
     /// The next event's chained units, for the codings some receiver wants;
     /// `None` (without a lock) when none does.
-    fn chained(&self, frame: &[u8]) -> Option<Arc<Chained>> {
+    fn chained(&self, event: &Arc<Event>) -> Option<Arc<Chained>> {
+        let compression = self.compression.get()?;
         let wanted: [bool; SHARED_CODINGS] =
-            std::array::from_fn(|slot| self.shared[slot].load(Ordering::Relaxed) > 0);
+            std::array::from_fn(|slot| compression.shared[slot].load(Ordering::Relaxed) > 0);
         if !wanted.contains(&true) {
             return None;
         }
-        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
-        chain.units(frame, wanted, std::time::Instant::now())
+        let mut chain = compression.chain.lock().unwrap_or_else(|e| e.into_inner());
+        chain.units(event, wanted, std::time::Instant::now())
+    }
+
+    /// The topic's compression, made now if need be; `quiet` as in
+    /// [`Chain::new`].
+    fn compression(&self, quiet: Duration) -> &Compression {
+        self.compression.get_or_init(|| {
+            Box::new(Compression {
+                shared: Default::default(),
+                chain: Mutex::new(Chain::new(quiet)),
+            })
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Ring> {
@@ -375,8 +423,6 @@ struct Receiver {
     /// A wake-up registered before the ring was last found empty; kept and
     /// re-armed in place, so waiting allocates once per receiver.
     waiting: Option<Pin<Box<OwnedNotified>>>,
-    /// The shared coding this receiver counts in `Channel::shared`.
-    share: Option<usize>,
 }
 
 impl Receiver {
@@ -390,7 +436,6 @@ impl Receiver {
             channel,
             next,
             waiting: None,
-            share: None,
         }
     }
 
@@ -399,7 +444,6 @@ impl Receiver {
             channel,
             next,
             waiting,
-            ..
         } = self;
         loop {
             if let Some(item) = take(channel, next) {
@@ -441,14 +485,6 @@ fn take(channel: &Channel, next: &mut u64) -> Option<Result<Delivery, Lagged>> {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        if let Some(slot) = self.share
-            && self.channel.shared[slot].fetch_sub(1, Ordering::Relaxed) == 1
-        {
-            // The last stream of this coding left: free its compressor. (One
-            // that joins meanwhile gets a new one, which starts a segment.)
-            let mut chain = self.channel.chain.lock().unwrap_or_else(|e| e.into_inner());
-            chain.drop_coding(slot);
-        }
         let mut ring = self.channel.lock();
         ring.receivers -= 1;
         let from = usize::try_from(self.next.saturating_sub(ring.first)).unwrap_or(usize::MAX);
@@ -493,7 +529,7 @@ mod tests {
     fn seq_of(item: Option<(usize, Result<Live, Lagged>)>) -> Option<Result<u64, Lagged>> {
         item.map(|(_, r)| {
             r.map(|live| match live {
-                Live::Event(e, _) => e.seq,
+                Live::Event(e) => e.seq,
                 other => panic!("{other:?}"),
             })
         })
@@ -569,7 +605,8 @@ mod tests {
 
     fn chained_of(item: Option<(usize, Result<Live, Lagged>)>) -> Option<Arc<Chained>> {
         match item {
-            Some((_, Ok(Live::Event(_, chained)))) => chained,
+            Some((_, Ok(Live::Event(_)))) => None,
+            Some((_, Ok(Live::Chained(chained)))) => Some(chained),
             other => panic!("{other:?}"),
         }
     }
@@ -595,6 +632,11 @@ mod tests {
         hub.deliver(&event(&t, 3));
         assert!(chained_of(plain.try_next()).is_none());
         let topics = hub.inner.topics.read().unwrap();
-        assert_eq!(topics[&t].shared[0].load(Ordering::Relaxed), 0);
+        let compression = topics[&t].compression.get().unwrap();
+        assert_eq!(compression.shared[0].load(Ordering::Relaxed), 0);
+        assert!(
+            compression.chain.lock().unwrap().is_empty(),
+            "compressor freed"
+        );
     }
 }

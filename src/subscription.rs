@@ -500,8 +500,9 @@ impl Subscription {
         let Ok(live) = item else {
             return false;
         };
-        let (event, chained) = match live {
-            Live::Event(event, chained) => (event, chained),
+        let (event, chained) = match &live {
+            Live::Event(event) => (event, None),
+            Live::Chained(chained) => (&chained.event, Some(&**chained)),
             Live::Resync => {
                 self.pending[i] = true;
                 self.retry_now = true;
@@ -529,7 +530,7 @@ impl Subscription {
             if let Some(stamp) = event.take_live_stamp() {
                 self.metrics.first_write(stamp);
             }
-            self.emit(i, &event, chained.as_deref(), wire);
+            self.emit(i, event, chained, wire);
         } else {
             // A hole, or a new epoch: the store knows what happened.
             self.pending[i] = true;

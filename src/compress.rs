@@ -1,19 +1,61 @@
-//! Compression of event streams, flushed chunk by chunk.
+//! Compression of event streams: each event compressed once per coding,
+//! and the same compressed bytes written to every subscriber.
 //!
 //! A generic HTTP compressor waits for enough input to fill a block, which
-//! would hold events back. Here each chunk a stream writes (events,
-//! heartbeats) goes through the compressor and is flushed at once (deflate
-//! sync flush, brotli flush, zstd end of block), so the client can decode it
-//! the moment it arrives, while the compression context carries over from
-//! event to event, which is where the savings on repetitive JSON come from.
-//! The window sizes are kept modest because every compressed stream owns
-//! one compressor.
+//! would hold events back; and a compressor per stream costs its memory
+//! (zstd ~100 KiB, gzip ~200 KiB, brotli ~400 KiB) and its CPU (every event
+//! compressed once per subscriber). Here, for zstd and gzip, the hub
+//! compresses each event of a topic once per coding, and every stream of
+//! that coding writes those same bytes: its [`SharedUnits`] keeps only a
+//! few dozen bytes of state.
+//!
+//! Both formats can be cut into units that decode on their own terms:
+//!
+//! - zstd: a payload is a sequence of frames (RFC 8878), so a complete frame
+//!   can follow anything. An event compressed alone is one frame.
+//! - gzip: a member is a 10-byte header, deflate blocks and a trailer. After
+//!   a sync flush the output ends on a byte boundary between blocks, and
+//!   blocks from a fresh compressor refer to nothing before them. Each
+//!   stream writes its own header once, then shared blocks, and keeps the
+//!   CRC-32 and length of what it wrote for its trailer.
+//!
+//! An event compressed alone loses what repetitive JSON gains from the
+//! events before it, so each topic also has a [`Chain`]: one compressor per
+//! coding whose output carries context from event to event within a
+//! *segment* (a zstd frame; deflate blocks since a reset), started anew every
+//! [`SEGMENT_EVENTS`] events and when the topic was quiet for a heartbeat
+//! interval. Back-references are distances into what the decoder produced,
+//! so a stream may write a segment's chained unit only if everything it
+//! wrote since the segment began is exactly that segment's earlier units.
+//! A stream that joined mid-segment, or wrote anything of its own since (its
+//! preamble, a heartbeat, a `reset`, a replayed event), writes each event's
+//! self-contained unit instead (compressed once per event and coding, on
+//! first use, and cached on the event) until the next segment begins. Its
+//! own bytes go out uncompressed: a raw zstd frame, a stored deflate block.
+//! Multi-topic streams, whose `id:` lines differ per stream, write their id
+//! line that way and then the shared self-contained unit of the event's
+//! body.
+//!
+//! Every unit ends flushed, so every event decodes the moment it arrives.
+//!
+//! Brotli streams keep a compressor each ([`Compressor`], flushed per
+//! write): the brotli crate's catable/appendable modes are not used here
+//! (not yet tested against browsers' decoders), so brotli costs what it did.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use zstd::stream::raw::Operation;
+
+use crate::event::Event;
+use crate::sse;
+use crate::subscription::{Plain, Wire};
 
 /// A content coding the hub can produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +72,16 @@ impl Codec {
             Codec::Zstd => "zstd",
             Codec::Brotli => "br",
             Codec::Gzip => "gzip",
+        }
+    }
+
+    /// For codings whose compressed units streams share: its index in the
+    /// per-coding arrays of this module.
+    pub fn shared_slot(self) -> Option<usize> {
+        match self {
+            Codec::Zstd => Some(0),
+            Codec::Gzip => Some(1),
+            Codec::Brotli => None,
         }
     }
 }
@@ -147,6 +199,559 @@ impl Compressor {
             }
         };
         Ok(Bytes::from(std::mem::take(out)))
+    }
+}
+
+/// How many codings share units ([`Codec::shared_slot`]).
+pub const SHARED_CODINGS: usize = 2;
+
+/// Events per segment of a topic's chained units: a stream that joins
+/// mid-segment writes self-contained units (larger) for at most this many
+/// events; a longer segment keeps more context for those in it.
+pub const SEGMENT_EVENTS: u32 = 128;
+
+/// The chained units the hub compressed for one event of a topic, one per
+/// shared coding that some stream of the topic uses.
+#[derive(Debug)]
+pub struct Chained {
+    pub event: Arc<Event>,
+    /// Which segment of the topic's chain (never reused within a topic).
+    segment: u64,
+    /// The unit's place in its segment: 0 refers to nothing before it.
+    index: u32,
+    units: [Option<Bytes>; SHARED_CODINGS],
+}
+
+/// A topic's chained compressors, one per shared coding in use (see the
+/// module docs). Events go through it in the topic's order.
+pub struct Chain {
+    /// A topic quiet this long starts a new segment at its next event: a
+    /// stream that sent a heartbeat meanwhile rejoins there.
+    quiet: Duration,
+    /// The current segment's number, unique in the process (so a chain
+    /// made anew never repeats one).
+    segment: u64,
+    /// The index of the next unit in the segment.
+    index: u32,
+    last: Option<Instant>,
+    zstd: Option<Box<zstd::stream::raw::Encoder<'static>>>,
+    deflate: Option<Box<flate2::Compress>>,
+}
+
+impl Chain {
+    pub fn new(quiet: Duration) -> Chain {
+        Chain {
+            quiet,
+            segment: 0,
+            index: 0,
+            last: None,
+            zstd: None,
+            deflate: None,
+        }
+    }
+
+    /// Compresses the next event's `frame` for the codings `wanted` (by
+    /// [`Codec::shared_slot`]), dropping the compressors of the others.
+    /// `None` when no coding is wanted.
+    pub fn units(
+        &mut self,
+        event: &Arc<Event>,
+        wanted: [bool; SHARED_CODINGS],
+        now: Instant,
+    ) -> Option<Arc<Chained>> {
+        if !wanted.contains(&true) {
+            self.zstd = None;
+            self.deflate = None;
+            return None;
+        }
+        let mut boundary = self.index >= SEGMENT_EVENTS
+            || self
+                .last
+                .is_none_or(|last| now.duration_since(last) >= self.quiet);
+        // A compressor made now has no context: its first unit starts a
+        // segment, for every coding.
+        if !wanted[0] {
+            self.zstd = None;
+        } else if self.zstd.is_none() {
+            self.zstd = chained_zstd().ok().map(Box::new);
+            boundary = true;
+        }
+        if !wanted[1] {
+            self.deflate = None;
+        } else if self.deflate.is_none() {
+            let level = flate2::Compression::new(CHAINED_DEFLATE_LEVEL);
+            self.deflate = Some(Box::new(flate2::Compress::new(level, false)));
+            boundary = true;
+        }
+        if boundary {
+            self.segment = NEXT_SEGMENT.fetch_add(1, Ordering::Relaxed);
+            self.index = 0;
+            if let Some(zstd) = &mut self.zstd
+                && zstd.reinit().is_err()
+            {
+                self.zstd = None;
+            }
+            if let Some(deflate) = &mut self.deflate {
+                deflate.reset();
+            }
+        }
+        // A compressor that failed is dropped: the next event makes a new
+        // one and starts a segment; this event goes out self-contained.
+        let frame = event.frame();
+        let zstd = self.zstd.as_mut().map(|e| zstd_flushed(e, frame));
+        let zstd = match zstd {
+            Some(Ok(unit)) => Some(unit),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "zstd failed on a topic's chain");
+                self.zstd = None;
+                None
+            }
+            None => None,
+        };
+        let gzip = self.deflate.as_mut().map(|c| deflate(c, frame));
+        let gzip = match gzip {
+            Some(Ok(unit)) => Some(unit),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "deflate failed on a topic's chain");
+                self.deflate = None;
+                None
+            }
+            None => None,
+        };
+        let chained = Chained {
+            event: event.clone(),
+            segment: self.segment,
+            index: self.index,
+            units: [zstd, gzip],
+        };
+        self.index += 1;
+        self.last = Some(now);
+        Some(Arc::new(chained))
+    }
+
+    /// Drops the compressor of a coding no stream uses any more.
+    pub fn drop_coding(&mut self, slot: usize) {
+        match slot {
+            0 => self.zstd = None,
+            _ => self.deflate = None,
+        }
+    }
+
+    /// Whether the chain holds no compressor.
+    pub fn is_empty(&self) -> bool {
+        self.zstd.is_none() && self.deflate.is_none()
+    }
+}
+
+/// Numbers segments across every chain of the process.
+static NEXT_SEGMENT: AtomicU64 = AtomicU64::new(1);
+
+/// Level of the topics' chained deflate (as the per-stream one was).
+const CHAINED_DEFLATE_LEVEL: u32 = 5;
+/// Level for events compressed alone: small inputs, compressed once.
+const ALONE_DEFLATE_LEVEL: u32 = 6;
+const ZSTD_LEVEL: i32 = 3;
+
+/// A topic's chained zstd compressor. One per topic (not per stream), so
+/// a 64 KiB window is affordable; small tables keep it near 200 KiB.
+fn chained_zstd() -> std::io::Result<zstd::stream::raw::Encoder<'static>> {
+    use zstd::zstd_safe::CParameter;
+    let mut encoder = zstd::stream::raw::Encoder::new(ZSTD_LEVEL)?;
+    encoder.set_parameter(CParameter::WindowLog(16))?;
+    encoder.set_parameter(CParameter::HashLog(14))?;
+    encoder.set_parameter(CParameter::ChainLog(14))?;
+    encoder.set_parameter(CParameter::ChecksumFlag(false))?;
+    Ok(encoder)
+}
+
+/// Compresses `input` into the encoder's current frame and flushes: the
+/// output ends on a block boundary, the frame left open.
+fn zstd_flushed(
+    encoder: &mut zstd::stream::raw::Encoder<'static>,
+    input: &[u8],
+) -> std::io::Result<Bytes> {
+    use zstd::stream::raw::{InBuffer, OutBuffer};
+    let mut out: Vec<u8> = Vec::with_capacity(input.len() / 2 + 64);
+    let mut source = InBuffer::around(input);
+    loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(256));
+        }
+        let pos = out.len();
+        let mut sink = OutBuffer::around_pos(&mut out, pos);
+        if source.pos() < input.len() {
+            encoder.run(&mut source, &mut sink)?;
+        } else if encoder.flush(&mut sink)? == 0 {
+            break;
+        }
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Compresses `input` and sync-flushes: the output ends on a byte
+/// boundary between blocks.
+fn deflate(compress: &mut flate2::Compress, input: &[u8]) -> std::io::Result<Bytes> {
+    let mut out: Vec<u8> = Vec::with_capacity(input.len() / 2 + 64);
+    let start = compress.total_in();
+    loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(256));
+        }
+        let consumed = (compress.total_in() - start) as usize;
+        compress
+            .compress_vec(&input[consumed..], &mut out, flate2::FlushCompress::Sync)
+            .map_err(std::io::Error::other)?;
+        let consumed = (compress.total_in() - start) as usize;
+        if consumed == input.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    Ok(Bytes::from(out))
+}
+
+thread_local! {
+    /// Compressors for events compressed alone, one per worker thread.
+    static ALONE_ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static ALONE_DEFLATE: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
+}
+
+/// `data` compressed alone, as a unit that refers to nothing before it: a
+/// complete zstd frame, or deflate blocks (sync-flushed) from a fresh
+/// compressor. Should compression fail, the bytes go out uncompressed (a raw
+/// frame, stored blocks), which is as valid.
+pub fn alone(codec: Codec, data: &[u8]) -> Bytes {
+    let compressed = match codec {
+        Codec::Zstd => ALONE_ZSTD.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+            }
+            let compressor = cell.as_mut()?;
+            let mut out = compressor.compress(data).ok()?;
+            out.shrink_to_fit();
+            Some(Bytes::from(out))
+        }),
+        Codec::Gzip => ALONE_DEFLATE.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let compress = cell.get_or_insert_with(|| {
+                flate2::Compress::new(flate2::Compression::new(ALONE_DEFLATE_LEVEL), false)
+            });
+            compress.reset();
+            let out = deflate(compress, data).ok()?;
+            Some(Bytes::copy_from_slice(&out))
+        }),
+        Codec::Brotli => None,
+    };
+    compressed.unwrap_or_else(|| {
+        let mut out = BytesMut::new();
+        uncompressed(codec, &mut out, data);
+        out.freeze()
+    })
+}
+
+/// The self-contained unit of an event (its whole frame, or its body
+/// without the `id:` line), made once per event and coding.
+pub fn self_contained(event: &Event, codec: Codec, body: bool) -> Bytes {
+    let slot = codec.shared_slot().unwrap_or_default() * 2 + usize::from(body);
+    event.unit(slot, || {
+        if body {
+            alone(codec, &event.body())
+        } else {
+            alone(codec, event.frame())
+        }
+    })
+}
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// Largest zstd block.
+const ZSTD_BLOCK_MAX: usize = 128 * 1024;
+/// A zstd block header closing a frame: last block, raw, empty.
+const ZSTD_END_OF_FRAME: [u8; 3] = [0x01, 0x00, 0x00];
+
+/// Appends `data` as one uncompressed zstd frame (RFC 8878, 3.1.1): a
+/// single-segment header giving the content size, then raw blocks.
+pub fn zstd_raw_frame(out: &mut BytesMut, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.put_slice(&ZSTD_MAGIC);
+    let n = data.len();
+    // Frame_Header_Descriptor: Single_Segment_flag (bit 5), and the
+    // Frame_Content_Size field's size in bits 6-7 (0: one byte, 1: two
+    // bytes holding the size minus 256, 2: four bytes).
+    if n < 256 {
+        out.put_u8(0x20);
+        out.put_u8(n as u8);
+    } else if n < 256 + 65536 {
+        out.put_u8(0x60);
+        out.put_u16_le((n - 256) as u16);
+    } else {
+        out.put_u8(0xa0);
+        out.put_u32_le(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    let mut blocks = data.chunks(ZSTD_BLOCK_MAX).peekable();
+    while let Some(block) = blocks.next() {
+        // Block_Header: Last_Block (bit 0), Block_Type 0 = raw (bits 1-2),
+        // Block_Size (bits 3-23), little-endian.
+        let last = u32::from(blocks.peek().is_none());
+        let header = last | ((block.len() as u32) << 3);
+        out.put_slice(&header.to_le_bytes()[..3]);
+        out.put_slice(block);
+    }
+}
+
+/// Appends `data` as stored (uncompressed) deflate blocks, not final. The
+/// output must be at a byte boundary between blocks, and stays there.
+pub fn stored_blocks(out: &mut BytesMut, data: &[u8]) {
+    for block in data.chunks(usize::from(u16::MAX)) {
+        // BFINAL 0, BTYPE 00, then padding to the byte boundary.
+        out.put_u8(0x00);
+        let len = block.len() as u16;
+        out.put_u16_le(len);
+        out.put_u16_le(!len);
+        out.put_slice(block);
+    }
+}
+
+/// `data` uncompressed in `codec`'s shared format.
+fn uncompressed(codec: Codec, out: &mut BytesMut, data: &[u8]) {
+    match codec {
+        Codec::Zstd => zstd_raw_frame(out, data),
+        _ => stored_blocks(out, data),
+    }
+}
+
+/// A gzip member header: deflate, no name, no time, unknown OS.
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
+/// The last deflate block: final, fixed Huffman codes, empty.
+const DEFLATE_END: [u8; 2] = [0x03, 0x00];
+
+/// The heartbeat, precomputed per shared coding.
+static HEARTBEAT_UNITS: LazyLock<[Bytes; SHARED_CODINGS]> = LazyLock::new(|| {
+    [Codec::Zstd, Codec::Gzip].map(|codec| {
+        let mut out = BytesMut::new();
+        uncompressed(codec, &mut out, sse::HEARTBEAT);
+        out.freeze()
+    })
+});
+
+/// One stream's wire in a shared coding (zstd or gzip): it writes the
+/// hub's units, choosing per event between the topic's chained unit and the
+/// event's self-contained one, and its own bytes uncompressed. A few dozen
+/// bytes of state, whatever the coding.
+pub struct SharedUnits {
+    codec: Codec,
+    slot: usize,
+    /// Whether this stream may write the hub's chained units (single-topic
+    /// streams, registered with the hub for them).
+    chains: bool,
+    /// The bytes of the next write: a lone unit as the shared `Bytes` it
+    /// is, several copied into `buf`.
+    single: Option<Bytes>,
+    buf: BytesMut,
+    /// Uncompressed bytes in the next write.
+    pending: usize,
+    /// Whether the gzip header went out.
+    started: bool,
+    /// The chained unit this stream may write next: (segment, index).
+    chain: Option<(u64, u32)>,
+    /// zstd: whether a chained frame is open (and must be closed before
+    /// anything else is written).
+    frame_open: bool,
+    /// gzip: CRC-32 and length of everything written, for the trailer.
+    crc: flate2::Crc,
+}
+
+impl SharedUnits {
+    /// A wire for `codec`, which must be a shared one. `chains`: whether the
+    /// stream has one topic, so it may write that topic's chained units.
+    pub fn new(codec: Codec, chains: bool) -> SharedUnits {
+        SharedUnits {
+            codec,
+            slot: codec.shared_slot().unwrap_or_default(),
+            chains,
+            single: None,
+            buf: BytesMut::new(),
+            pending: 0,
+            started: false,
+            chain: None,
+            frame_open: false,
+            crc: flate2::Crc::new(),
+        }
+    }
+
+    fn spill(&mut self) {
+        if let Some(single) = self.single.take() {
+            self.buf.extend_from_slice(&single);
+        }
+    }
+
+    fn push(&mut self, unit: &Bytes) {
+        if self.single.is_none() && self.buf.is_empty() {
+            self.single = Some(unit.clone());
+        } else {
+            self.spill();
+            self.buf.extend_from_slice(unit);
+        }
+    }
+
+    /// The gzip header, before anything else.
+    fn start(&mut self) {
+        if self.codec == Codec::Gzip && !self.started {
+            self.spill();
+            self.buf.put_slice(&GZIP_HEADER);
+            self.started = true;
+        }
+    }
+
+    /// Leaves the topic's chain: closes an open zstd frame.
+    fn leave_chain(&mut self) {
+        self.chain = None;
+        if self.frame_open {
+            self.spill();
+            self.buf.put_slice(&ZSTD_END_OF_FRAME);
+            self.frame_open = false;
+        }
+    }
+
+    fn sent(&mut self, plain: &[u8]) {
+        if self.codec == Codec::Gzip {
+            self.crc.update(plain);
+        }
+        self.pending += plain.len();
+    }
+}
+
+impl Wire for SharedUnits {
+    fn own(&mut self, bytes: &Bytes) {
+        self.start();
+        self.leave_chain();
+        self.spill();
+        uncompressed(self.codec, &mut self.buf, bytes);
+        self.sent(bytes);
+    }
+
+    fn heartbeat(&mut self) {
+        self.start();
+        self.leave_chain();
+        let unit = HEARTBEAT_UNITS[self.slot].clone();
+        self.push(&unit);
+        self.sent(sse::HEARTBEAT);
+    }
+
+    fn event(&mut self, event: &Event, chained: Option<&Chained>) {
+        self.start();
+        let slot = self.slot;
+        let chained = chained
+            .filter(|_| self.chains)
+            .and_then(|c| Some((c, c.units[slot].as_ref()?)));
+        match chained {
+            Some((c, unit)) if c.index == 0 || self.chain == Some((c.segment, c.index)) => {
+                if c.index == 0 {
+                    self.leave_chain();
+                }
+                self.chain = Some((c.segment, c.index + 1));
+                self.frame_open = self.codec == Codec::Zstd;
+                self.push(unit);
+            }
+            _ => {
+                self.leave_chain();
+                let unit = self_contained(event, self.codec, false);
+                self.push(&unit);
+            }
+        }
+        self.sent(event.frame());
+    }
+
+    fn event_with_id(&mut self, id: &str, event: &Event) {
+        self.start();
+        self.leave_chain();
+        let mut line = BytesMut::with_capacity(id.len() + 5);
+        sse::put_id(&mut line, id);
+        self.spill();
+        uncompressed(self.codec, &mut self.buf, &line);
+        self.sent(&line);
+        let unit = self_contained(event, self.codec, true);
+        self.push(&unit);
+        self.sent(&event.body());
+    }
+
+    fn pending(&self) -> usize {
+        self.pending
+    }
+
+    fn take(&mut self) -> Option<std::io::Result<Bytes>> {
+        self.pending = 0;
+        if let Some(single) = self.single.take() {
+            return Some(Ok(single));
+        }
+        // The buffer goes with the write, so an idle stream holds none.
+        (!self.buf.is_empty()).then(|| Ok(std::mem::take(&mut self.buf).freeze()))
+    }
+
+    fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
+        self.start();
+        self.leave_chain();
+        if self.codec == Codec::Gzip {
+            self.spill();
+            self.buf.put_slice(&DEFLATE_END);
+            self.buf.put_u32_le(self.crc.sum());
+            self.buf.put_u32_le(self.crc.amount());
+        }
+        self.take()
+    }
+
+    fn shares(&self) -> Option<Codec> {
+        self.chains.then_some(self.codec)
+    }
+}
+
+/// One stream's wire in a coding whose streams share nothing (brotli): its
+/// own compressor, flushed at every write.
+pub struct PerStream {
+    plain: Plain,
+    compressor: Compressor,
+}
+
+impl PerStream {
+    pub fn new(codec: Codec) -> std::io::Result<PerStream> {
+        Ok(PerStream {
+            plain: Plain::default(),
+            compressor: Compressor::new(codec)?,
+        })
+    }
+}
+
+impl Wire for PerStream {
+    fn own(&mut self, bytes: &Bytes) {
+        self.plain.own(bytes);
+    }
+
+    fn heartbeat(&mut self) {
+        self.plain.heartbeat();
+    }
+
+    fn event(&mut self, event: &Event, chained: Option<&Chained>) {
+        self.plain.event(event, chained);
+    }
+
+    fn event_with_id(&mut self, id: &str, event: &Event) {
+        self.plain.event_with_id(id, event);
+    }
+
+    fn pending(&self) -> usize {
+        self.plain.pending()
+    }
+
+    fn take(&mut self) -> Option<std::io::Result<Bytes>> {
+        match self.plain.take()? {
+            Ok(plain) => Some(self.compressor.compress(&plain)),
+            Err(error) => Some(Err(error)),
+        }
+    }
+
+    fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
+        self.take()
     }
 }
 
@@ -324,6 +929,237 @@ mod tests {
                 assert_eq!(decoded(&wire), chunk.as_bytes(), "{codec:?} chunk {n}");
             }
         }
+    }
+
+    fn json_event(seq: u64) -> Arc<Event> {
+        let topic = crate::event::Topic::parse("t", 8).unwrap();
+        let data = format!(
+            r#"{{"metric":"cpu","host":"web-{:02}.eu-west","value":{}.{},"tags":{{"env":"production"}},"seq":{seq}}}"#,
+            seq % 17,
+            20 + seq % 60,
+            seq % 10
+        );
+        Arc::new(Event::new(topic, seq, crate::event::Epoch(7), None, &data))
+    }
+
+    /// Decodes a whole body strictly: a complete gzip member (its CRC-32 and
+    /// length checked), or complete zstd frames.
+    fn strict(codec: Codec, wire: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut plain = Vec::new();
+        match codec {
+            Codec::Gzip => {
+                flate2::read::GzDecoder::new(wire)
+                    .read_to_end(&mut plain)
+                    .unwrap();
+            }
+            _ => plain = zstd::stream::decode_all(wire).unwrap(),
+        }
+        plain
+    }
+
+    #[test]
+    fn raw_zstd_frames_of_every_header_size_decode_with_the_zstd_crate() {
+        for n in [1, 255, 256, 300, 65791, 65792, 200_000, 300_000] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+            let mut frame = BytesMut::new();
+            zstd_raw_frame(&mut frame, &data);
+            assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), data, "{n}");
+            // Followed by a compressed frame, and after one.
+            let mut both = BytesMut::from(&alone(Codec::Zstd, b"before")[..]);
+            both.extend_from_slice(&frame);
+            both.extend_from_slice(&alone(Codec::Zstd, b"after"));
+            let mut want = b"before".to_vec();
+            want.extend_from_slice(&data);
+            want.extend_from_slice(b"after");
+            assert_eq!(zstd::stream::decode_all(&both[..]).unwrap(), want, "{n}");
+        }
+        let mut empty = BytesMut::new();
+        zstd_raw_frame(&mut empty, b"");
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn stored_blocks_between_compressed_units_make_a_valid_deflate_stream() {
+        let mut wire = BytesMut::new();
+        stored_blocks(&mut wire, b"own ");
+        wire.extend_from_slice(&alone(Codec::Gzip, b"alone "));
+        let big = vec![b'x'; 70_000];
+        stored_blocks(&mut wire, &big);
+        wire.extend_from_slice(&DEFLATE_END);
+        let mut plain = Vec::new();
+        use std::io::Read;
+        flate2::read::DeflateDecoder::new(&wire[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        let mut want = b"own alone ".to_vec();
+        want.extend_from_slice(&big);
+        assert_eq!(plain, want);
+    }
+
+    /// What a stream of the topic does at one step.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        Event,
+        Heartbeat,
+        Own,
+        Replayed,
+    }
+
+    /// Streams that join a topic's chain at different moments, write
+    /// heartbeats, their own bytes and replayed events in between, all
+    /// decode exactly what they were given, event by event on arrival and
+    /// as a whole (gzip with its trailer checked); and a stream in the chain
+    /// writes the hub's very bytes.
+    #[test]
+    fn streams_joining_a_chain_at_any_moment_decode_exactly_what_they_were_sent() {
+        for codec in [Codec::Zstd, Codec::Gzip] {
+            let slot = codec.shared_slot().unwrap();
+            let mut chain = Chain::new(Duration::from_secs(3600));
+            let mut wanted = [false; SHARED_CODINGS];
+            wanted[slot] = true;
+            // (wire, its writes, the plain text it was given, decoder)
+            let mut streams: Vec<(SharedUnits, Vec<u8>, Vec<u8>, Decompressor)> = Vec::new();
+            let mut shared_writes = 0;
+            let total = 3 * SEGMENT_EVENTS as u64 + 10;
+            for seq in 1..=total {
+                // A new stream every 37 events, starting with its preamble.
+                if seq % 37 == 1 {
+                    let mut wire = SharedUnits::new(codec, true);
+                    let preamble = Bytes::from_static(b"retry: 1000\n: crier stream open\n\n");
+                    wire.own(&preamble);
+                    let mut decoder = Decompressor::new(codec).unwrap();
+                    let bytes = wire.take().unwrap().unwrap();
+                    assert_eq!(decoder.decompress(&bytes).unwrap(), preamble);
+                    streams.push((wire, bytes.to_vec(), preamble.to_vec(), decoder));
+                }
+                let event = json_event(seq);
+                let chained = chain.units(&event, wanted, Instant::now()).unwrap();
+                for (n, (wire, writes, plain, decoder)) in streams.iter_mut().enumerate() {
+                    let step = match (seq + n as u64 * 11) % 150 {
+                        0 => Step::Heartbeat,
+                        1 => Step::Own,
+                        2 => Step::Replayed,
+                        _ => Step::Event,
+                    };
+                    let mut given = Vec::new();
+                    match step {
+                        Step::Heartbeat => {
+                            wire.heartbeat();
+                            given.extend_from_slice(sse::HEARTBEAT);
+                        }
+                        Step::Own => {
+                            let own = Bytes::from(format!("id: {seq}\nevent: reset\ndata: x\n\n"));
+                            wire.own(&own);
+                            given.extend_from_slice(&own);
+                        }
+                        Step::Replayed => {
+                            let old = json_event(seq / 2);
+                            wire.event(&old, None);
+                            given.extend_from_slice(old.frame());
+                        }
+                        Step::Event => {}
+                    }
+                    wire.event(&event, Some(&chained));
+                    given.extend_from_slice(event.frame());
+                    let bytes = wire.take().unwrap().unwrap();
+                    if matches!(step, Step::Event)
+                        && chained.units[slot]
+                            .as_ref()
+                            .is_some_and(|unit| unit.as_ptr() == bytes.as_ptr())
+                    {
+                        shared_writes += 1;
+                    }
+                    assert_eq!(
+                        decoder.decompress(&bytes).unwrap(),
+                        given,
+                        "{codec:?} stream {n} event {seq} ({step:?})"
+                    );
+                    writes.extend_from_slice(&bytes);
+                    plain.extend_from_slice(&given);
+                }
+            }
+            for (n, (mut wire, mut writes, plain, _)) in streams.into_iter().enumerate() {
+                if let Some(last) = wire.finish() {
+                    writes.extend_from_slice(&last.unwrap());
+                }
+                assert_eq!(strict(codec, &writes), plain, "{codec:?} stream {n} whole");
+            }
+            // Many writes were the chained units themselves (streams join
+            // mid-segment, and leave the chain at every heartbeat, own
+            // bytes or replayed event, until the next segment).
+            let writes: u64 = (0..=(total - 1) / 37).map(|k| total - k * 37).sum();
+            assert!(
+                shared_writes * 5 > writes,
+                "{codec:?}: {shared_writes} of {writes} writes shared"
+            );
+        }
+    }
+
+    /// A multi-topic stream's events (its own id line, then the shared body)
+    /// decode exactly, and the body unit is made once per event.
+    #[test]
+    fn events_under_a_streams_own_id_decode_and_share_the_body_unit() {
+        for codec in [Codec::Zstd, Codec::Gzip] {
+            let events: Vec<Arc<Event>> = (1..=20).map(json_event).collect();
+            let (mut a, mut b) = (
+                SharedUnits::new(codec, false),
+                SharedUnits::new(codec, false),
+            );
+            let (mut wire_a, mut wire_b) = (Vec::new(), Vec::new());
+            let mut want = Vec::new();
+            for (n, event) in events.iter().enumerate() {
+                let id = format!("t/{n}.7,0");
+                a.event_with_id(&id, event);
+                b.event_with_id(&id, event);
+                wire_a.extend_from_slice(&a.take().unwrap().unwrap());
+                wire_b.extend_from_slice(&b.take().unwrap().unwrap());
+                want.extend_from_slice(format!("id: {id}\n").as_bytes());
+                want.extend_from_slice(&event.body());
+            }
+            // Same ids, same bytes.
+            assert_eq!(wire_a, wire_b, "{codec:?}");
+            if let Some(last) = a.finish() {
+                wire_a.extend_from_slice(&last.unwrap());
+            }
+            assert_eq!(strict(codec, &wire_a), want, "{codec:?}");
+            let unit = self_contained(&events[0], codec, true);
+            assert_eq!(
+                unit.as_ptr(),
+                self_contained(&events[0], codec, true).as_ptr()
+            );
+        }
+    }
+
+    /// The chain starts a new segment after `SEGMENT_EVENTS` events and
+    /// after a quiet spell, and at a compressor made anew.
+    #[test]
+    fn the_chain_starts_segments_by_count_by_quiet_and_anew() {
+        let mut chain = Chain::new(Duration::from_millis(50));
+        let mut now = Instant::now();
+        let frame = json_event(1);
+        let both = [true, true];
+        let first = chain.units(&frame, both, now).unwrap();
+        assert_eq!(first.index, 0);
+        let mut last = first.segment;
+        for n in 1..SEGMENT_EVENTS {
+            let units = chain.units(&frame, both, now).unwrap();
+            assert_eq!((units.segment, units.index), (last, n));
+        }
+        let next = chain.units(&frame, both, now).unwrap();
+        assert_eq!(next.index, 0);
+        assert!(next.segment > last);
+        last = next.segment;
+        now += Duration::from_millis(60);
+        let quiet = chain.units(&frame, both, now).unwrap();
+        assert_eq!(quiet.index, 0);
+        assert!(quiet.segment > last);
+        // zstd no longer wanted, then again: a new compressor, a new segment.
+        let gzip_only = chain.units(&frame, [false, true], now).unwrap();
+        assert!(gzip_only.units[0].is_none() && gzip_only.index == 1);
+        let again = chain.units(&frame, both, now).unwrap();
+        assert_eq!(again.index, 0);
+        assert!(chain.units(&frame, [false, false], now).is_none());
     }
 
     mod properties {

@@ -288,7 +288,7 @@ pub struct Config {
     /// Codecs offered for event streams and JSON answers, in order of
     /// preference when the client values several equally; `none` disables
     /// compression.
-    #[arg(long, env = "CRIER_COMPRESSION", default_value = "zstd,br,gzip", value_delimiter = ',', value_parser = parse_codec)]
+    #[arg(long, env = "CRIER_COMPRESSION", default_value = "zstd,gzip,br", value_delimiter = ',', value_parser = parse_codec)]
     pub compression: Vec<Option<Codec>>,
 
     /// Web origins allowed to use the hub from a browser, comma separated:

@@ -3,8 +3,8 @@
 //! edge, so the rest of the crate never sees an unchecked string.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
@@ -264,7 +264,15 @@ pub struct Event {
     ///
     /// [`LiveStamp`]: crate::metrics::LiveStamp
     live_at: AtomicU32,
+    /// The event compressed alone, per shared coding, whole and as its body
+    /// (`crate::compress::self_contained`): made on first use, then written
+    /// by every stream that needs it. One pointer until then.
+    units: OnceLock<Box<[OnceLock<Bytes>; UNIT_SLOTS]>>,
 }
+
+/// Cached compressed forms per event: two shared codings, whole frame and
+/// body.
+const UNIT_SLOTS: usize = 4;
 
 impl Event {
     pub fn new(
@@ -284,6 +292,7 @@ impl Event {
             // An id line is `id: ` and a position: a few dozen bytes.
             id_line_len: u32::try_from(id_line_len).unwrap_or(u32::MAX),
             live_at: AtomicU32::new(0),
+            units: OnceLock::new(),
         }
     }
 
@@ -319,6 +328,15 @@ impl Event {
     /// The frame without its `id:` line.
     pub fn body(&self) -> Bytes {
         self.frame.slice(self.id_line_len as usize..)
+    }
+
+    /// The compressed form in `slot` (`0..4`), made by `make` on first use
+    /// and shared from then on.
+    pub fn unit(&self, slot: usize, make: impl FnOnce() -> Bytes) -> Bytes {
+        let units = self
+            .units
+            .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        units[slot % UNIT_SLOTS].get_or_init(make).clone()
     }
 
     /// Bytes this event holds in memory.

@@ -16,13 +16,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
+use crate::compress::{Chain, Chained, Codec, SHARED_CODINGS};
 use crate::event::{Event, Topic};
 use crate::metrics::Metrics;
 
@@ -31,6 +33,9 @@ use crate::metrics::Metrics;
 pub enum Live {
     /// The next event of the topic.
     Event(Arc<Event>),
+    /// The next event of the topic, with the units its chain compressed for
+    /// it (when some stream of the topic wants them).
+    Chained(Arc<Chained>),
     /// Live delivery may have missed events (the store lost its connection,
     /// or the topic's history changed): check the store.
     Resync,
@@ -47,6 +52,9 @@ pub struct Hub {
 struct Inner {
     topics: RwLock<HashMap<Topic, Arc<Channel>>>,
     backlog: usize,
+    /// How long a topic must be quiet for its chained compression to start
+    /// a new segment (the heartbeat interval, see `compress`).
+    quiet: Duration,
     /// Numbers every delivery on this node, so that a subscription to several
     /// topics can merge their feeds in the order events were delivered.
     next_order: AtomicU64,
@@ -66,15 +74,17 @@ impl Hub {
     /// `backlog` is how many events a subscriber may fall behind before it is
     /// disconnected.
     pub fn new(backlog: usize) -> Hub {
-        Hub::with_metrics(backlog, Metrics::new())
+        Hub::with_metrics(backlog, Duration::from_secs(15), Metrics::new())
     }
 
-    /// A hub that counts into `metrics`.
-    pub fn with_metrics(backlog: usize, metrics: Metrics) -> Hub {
+    /// A hub that counts into `metrics`; `heartbeat` is the streams'
+    /// heartbeat interval.
+    pub fn with_metrics(backlog: usize, heartbeat: Duration, metrics: Metrics) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 topics: RwLock::new(HashMap::new()),
                 backlog: backlog.max(1),
+                quiet: heartbeat,
                 next_order: AtomicU64::new(1),
                 metrics,
             }),
@@ -95,7 +105,11 @@ impl Hub {
     pub fn deliver(&self, event: &Arc<Event>) {
         let topics = self.inner.topics.read().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = topics.get(&event.topic) {
-            let subscribers = tx.send(self.numbered(Live::Event(event.clone())));
+            let live = match tx.chained(event) {
+                Some(chained) => Live::Chained(chained),
+                None => Live::Event(event.clone()),
+            };
+            let subscribers = tx.send(self.numbered(live));
             self.inner.metrics.delivered(subscribers);
         }
     }
@@ -129,6 +143,7 @@ impl Hub {
         Feeds {
             feeds: topics.iter().map(|t| self.subscribe(t)).collect(),
             heads: vec![None; topics.len()],
+            share: None,
         }
     }
 
@@ -191,9 +206,28 @@ pub struct Feeds {
     feeds: Vec<LiveFeed>,
     /// The next item of each feed, once polled.
     heads: Vec<Option<Result<Delivery, Lagged>>>,
+    /// The shared coding these feeds count in their topics' `Compression`.
+    share: Option<u8>,
 }
 
 impl Feeds {
+    /// Asks the topics' chains for units in `codec` (a shared coding) for
+    /// as long as these feeds live.
+    pub fn share(&mut self, codec: Codec) {
+        let Some(slot) = codec.shared_slot() else {
+            return;
+        };
+        if self.share.is_some() {
+            return;
+        }
+        for feed in &self.feeds {
+            let quiet = feed._membership.hub.inner.quiet;
+            let compression = feed.events.channel.compression(quiet);
+            compression.shared[slot].fetch_add(1, Ordering::Relaxed);
+        }
+        self.share = Some(slot as u8);
+    }
+
     /// Waits for the next item: the index of its topic and what it carries.
     pub async fn next(&mut self) -> (usize, Result<Live, Lagged>) {
         std::future::poll_fn(|cx| match self.poll_heads(cx) {
@@ -234,6 +268,26 @@ impl Feeds {
     }
 }
 
+impl Drop for Feeds {
+    fn drop(&mut self) {
+        let Some(slot) = self.share.map(usize::from) else {
+            return;
+        };
+        for feed in &self.feeds {
+            let Some(compression) = feed.events.channel.compression.get() else {
+                continue;
+            };
+            if compression.shared[slot].fetch_sub(1, Ordering::Relaxed) == 1 {
+                // The last stream of this coding left: free its compressor.
+                // (One that joins meanwhile gets a new one, which starts a
+                // segment.)
+                let mut chain = compression.chain.lock().unwrap_or_else(|e| e.into_inner());
+                chain.drop_coding(slot);
+            }
+        }
+    }
+}
+
 struct Membership {
     hub: Hub,
     topic: Topic,
@@ -249,6 +303,18 @@ struct Channel {
     ring: Mutex<Ring>,
     notify: Arc<Notify>,
     backlog: usize,
+    /// Made when a stream of a shared coding first subscribes, so a topic
+    /// without one pays a pointer.
+    compression: OnceLock<Box<Compression>>,
+}
+
+/// A topic's compression for the streams that share units.
+struct Compression {
+    /// Streams that want chained units, per shared coding.
+    shared: [AtomicUsize; SHARED_CODINGS],
+    /// The chained compressors, used by whoever delivers (one at a time,
+    /// in the topic's order).
+    chain: Mutex<Chain>,
 }
 
 struct Ring {
@@ -293,7 +359,32 @@ impl Channel {
             }),
             notify: Arc::new(Notify::new()),
             backlog,
+            compression: OnceLock::new(),
         }
+    }
+
+    /// The next event's chained units, for the codings some receiver wants;
+    /// `None` (without a lock) when none does.
+    fn chained(&self, event: &Arc<Event>) -> Option<Arc<Chained>> {
+        let compression = self.compression.get()?;
+        let wanted: [bool; SHARED_CODINGS] =
+            std::array::from_fn(|slot| compression.shared[slot].load(Ordering::Relaxed) > 0);
+        if !wanted.contains(&true) {
+            return None;
+        }
+        let mut chain = compression.chain.lock().unwrap_or_else(|e| e.into_inner());
+        chain.units(event, wanted, std::time::Instant::now())
+    }
+
+    /// The topic's compression, made now if need be; `quiet` as in
+    /// [`Chain::new`].
+    fn compression(&self, quiet: Duration) -> &Compression {
+        self.compression.get_or_init(|| {
+            Box::new(Compression {
+                shared: Default::default(),
+                chain: Mutex::new(Chain::new(quiet)),
+            })
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Ring> {
@@ -510,5 +601,42 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(got, vec![Some(Ok(1)), Some(Ok(2)), Some(Ok(3))]);
+    }
+
+    fn chained_of(item: Option<(usize, Result<Live, Lagged>)>) -> Option<Arc<Chained>> {
+        match item {
+            Some((_, Ok(Live::Event(_)))) => None,
+            Some((_, Ok(Live::Chained(chained)))) => Some(chained),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A topic compresses its events only while a stream of a shared coding
+    /// is subscribed, and frees its compressor when the last one leaves.
+    #[test]
+    fn a_topic_compresses_once_per_event_only_for_streams_that_share() {
+        let hub = Hub::new(8);
+        let t = Topic::parse("t", 10).unwrap();
+        let mut plain = hub.subscribe_all(std::slice::from_ref(&t));
+        hub.deliver(&event(&t, 1));
+        assert!(chained_of(plain.try_next()).is_none());
+        let mut zstd = hub.subscribe_all(std::slice::from_ref(&t));
+        zstd.share(Codec::Zstd);
+        zstd.share(Codec::Zstd); // counted once
+        hub.deliver(&event(&t, 2));
+        let to_plain = chained_of(plain.try_next()).expect("units for the topic");
+        let to_zstd = chained_of(zstd.try_next()).expect("units for the topic");
+        // The same units, compressed once, reach every subscriber.
+        assert!(Arc::ptr_eq(&to_plain, &to_zstd));
+        drop(zstd);
+        hub.deliver(&event(&t, 3));
+        assert!(chained_of(plain.try_next()).is_none());
+        let topics = hub.inner.topics.read().unwrap();
+        let compression = topics[&t].compression.get().unwrap();
+        assert_eq!(compression.shared[0].load(Ordering::Relaxed), 0);
+        assert!(
+            compression.chain.lock().unwrap().is_empty(),
+            "compressor freed"
+        );
     }
 }

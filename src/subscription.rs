@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
+use crate::compress::{Chained, Codec};
 use crate::drain::Drain;
 use crate::event::{Cursor, Event, Position, REAUTH_EVENT, RESET_EVENT, Topic};
 use crate::hub::{Feeds, Hub, Lagged, Live};
@@ -193,15 +194,31 @@ impl Subscription {
     /// hub shuts down. While the store cannot be reached the stream stays
     /// open, sends heartbeats, and retries with backoff; when the store
     /// refuses its work (which asking again cannot change) it ends.
-    pub fn into_stream(mut self, settings: StreamSettings) -> impl Stream<Item = Bytes> {
+    ///
+    /// The stream hands its items (its own bytes, shared events, heartbeats)
+    /// to `wire`, which makes each write's bytes: [`Plain`] SSE, or a
+    /// content coding (`crate::compress`). A stream that ends (rather than
+    /// being dropped) ends with what `wire` finishes with (a gzip trailer).
+    pub fn into_stream<W: Wire>(
+        mut self,
+        settings: StreamSettings,
+        mut wire: W,
+    ) -> impl Stream<Item = std::io::Result<Bytes>> {
         // Counted open from here (even if never polled), and its end counted
         // by the last reason set; dropped without one, the client left.
         let mut open = self.metrics.stream();
+        if let Some(codec) = wire.shares()
+            && self.style == IdStyle::Single
+        {
+            self.live.share(codec);
+        }
         async_stream::stream! {
-            let mut chunk = Chunk::default();
             let mut retry = Backoff::default();
             let start = self.start_id();
-            yield sse::preamble(settings.retry.as_millis() as u64, start.as_deref());
+            wire.own(&sse::preamble(settings.retry.as_millis() as u64, start.as_deref()));
+            if let Some(bytes) = wire.take() {
+                yield bytes;
+            }
             // The heartbeat timer is not re-armed on every write (a timer
             // operation per event per subscriber); when it fires early it is
             // pushed to one quiet period after the last write instead.
@@ -223,26 +240,25 @@ impl Subscription {
                 }
             };
             tokio::pin!(expiry);
-            loop {
+            // Every end but the client's leaving comes out of this loop with
+            // its reason, its last words (if any) handed to `wire`.
+            let end = loop {
                 // Work owed to the store comes first: it only moves forward.
                 // (The live path below sees shutdown through `select!`;
                 // checking the token takes a lock, so only here.)
                 if self.owes_store_work() && retry.is_ready() {
                     if settings.shutdown.is_cancelled() {
-                        open.ends(StreamEnd::Shutdown);
-                        return;
+                        break StreamEnd::Shutdown;
                     }
                     if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                        open.ends(StreamEnd::Shutdown);
-                        yield farewell(&settings);
-                        return;
+                        wire.own(&farewell(&settings));
+                        break StreamEnd::Shutdown;
                     }
                     if settings.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                        open.ends(StreamEnd::TokenExpired);
-                        yield reauth();
-                        return;
+                        wire.own(&reauth());
+                        break StreamEnd::TokenExpired;
                     }
-                    let refused = match self.store_step(&mut chunk).await {
+                    let refused = match self.store_step(&mut wire).await {
                         Ok(()) => {
                             retry.succeeded();
                             false
@@ -259,13 +275,12 @@ impl Subscription {
                             false
                         }
                     };
-                    if let Some(bytes) = chunk.take() {
+                    if refused {
+                        break StreamEnd::StoreError;
+                    }
+                    if let Some(bytes) = wire.take() {
                         yield bytes;
                         last_write = tokio::time::Instant::now();
-                    }
-                    if refused {
-                        open.ends(StreamEnd::StoreError);
-                        return;
                     }
                     continue;
                 }
@@ -273,8 +288,7 @@ impl Subscription {
                     biased;
                     () = &mut signal => {
                         if settings.shutdown.is_cancelled() {
-                            open.ends(StreamEnd::Shutdown);
-                            return;
+                            break StreamEnd::Shutdown;
                         }
                         closing_at = settings.drain.close_at();
                         signal.set(settings.shutdown.clone().cancelled_owned());
@@ -283,33 +297,30 @@ impl Subscription {
                         }
                     }
                     () = &mut expiry => {
-                        open.ends(StreamEnd::TokenExpired);
-                        yield reauth();
-                        return;
+                        wire.own(&reauth());
+                        break StreamEnd::TokenExpired;
                     }
                     item = self.live.next() => {
-                        let mut lagged = !self.on_live(item, &mut chunk);
-                        while !lagged && chunk.len() < MAX_CHUNK_BYTES {
+                        let mut lagged = !self.on_live(item, &mut wire);
+                        while !lagged && wire.pending() < MAX_CHUNK_BYTES {
                             match self.live.try_next() {
-                                Some(item) => lagged = !self.on_live(item, &mut chunk),
+                                Some(item) => lagged = !self.on_live(item, &mut wire),
                                 None => break,
                             }
                         }
-                        if let Some(bytes) = chunk.take() {
-                            yield bytes;
-                            last_write = tokio::time::Instant::now();
-                        }
                         if lagged {
                             tracing::debug!("ending a stream: the subscriber fell behind the live feed");
-                            open.ends(StreamEnd::SlowConsumer);
-                            return;
+                            break StreamEnd::SlowConsumer;
+                        }
+                        if let Some(bytes) = wire.take() {
+                            yield bytes;
+                            last_write = tokio::time::Instant::now();
                         }
                         // A busy stream may never let the heartbeat branch
                         // run: its drain instant is checked here as well.
                         if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                            open.ends(StreamEnd::Shutdown);
-                            yield farewell(&settings);
-                            return;
+                            wire.own(&farewell(&settings));
+                            break StreamEnd::Shutdown;
                         }
                         if std::mem::take(&mut self.retry_now) {
                             // The store is back: retry now, not after the backoff.
@@ -320,19 +331,27 @@ impl Subscription {
                     () = &mut heartbeat => {
                         // Ending here, between writes, never cuts an event.
                         if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                            open.ends(StreamEnd::Shutdown);
-                            yield farewell(&settings);
-                            return;
+                            wire.own(&farewell(&settings));
+                            break StreamEnd::Shutdown;
                         }
                         let due = last_write + settings.heartbeat;
                         if tokio::time::Instant::now() >= due {
-                            yield Bytes::from_static(sse::HEARTBEAT);
+                            wire.heartbeat();
+                            if let Some(bytes) = wire.take() {
+                                yield bytes;
+                            }
                             last_write = tokio::time::Instant::now();
                         }
                         let next = last_write + settings.heartbeat;
                         heartbeat.as_mut().reset(closing_at.map_or(next, |at| at.min(next)));
                     }
                 }
+            };
+            open.ends(end);
+            // What is still pending (events before a lag or a refusal, the
+            // last words) and the coding's end, in one write.
+            if let Some(bytes) = wire.finish() {
+                yield bytes;
             }
         }
     }
@@ -355,14 +374,14 @@ impl Subscription {
 
     /// Does the next piece of work owed to the store: watch, set the
     /// starting positions, or replay one page of one topic.
-    async fn store_step(&mut self, chunk: &mut Chunk) -> Result<(), StoreError> {
+    async fn store_step(&mut self, wire: &mut impl Wire) -> Result<(), StoreError> {
         if !self.watching || self.start.is_some() {
             return self.prepare().await;
         }
         let Some(i) = self.pending.iter().position(|p| *p) else {
             return Ok(());
         };
-        if self.catch_up_page(i, chunk).await? {
+        if self.catch_up_page(i, wire).await? {
             self.pending[i] = false;
             let position = self.positions[i];
             if let Some(wanted) = self.wanted[i].take()
@@ -416,7 +435,7 @@ impl Subscription {
     /// Replays one page of topic `i` after its position, first emitting a
     /// `reset` if the position cannot be honoured. Returns whether the topic
     /// is caught up with the store.
-    async fn catch_up_page(&mut self, i: usize, chunk: &mut Chunk) -> Result<bool, StoreError> {
+    async fn catch_up_page(&mut self, i: usize, wire: &mut impl Wire) -> Result<bool, StoreError> {
         loop {
             let position = self.positions[i];
             let history = match self
@@ -446,7 +465,7 @@ impl Subscription {
             let Some(epoch) = history.epoch else {
                 if let Some(reason) = reason {
                     self.positions[i] = Position::default();
-                    self.emit_reset(i, reason, position, None, chunk);
+                    self.emit_reset(i, reason, position, None, wire);
                 }
                 return Ok(true);
             };
@@ -454,7 +473,7 @@ impl Subscription {
                 self.positions[i] = Position::new(history.oldest.saturating_sub(1), epoch);
                 let oldest =
                     (history.oldest <= history.head).then(|| Position::new(history.oldest, epoch));
-                self.emit_reset(i, reason, position, oldest, chunk);
+                self.emit_reset(i, reason, position, oldest, wire);
                 continue;
             }
             self.positions[i].epoch = Some(epoch);
@@ -463,11 +482,11 @@ impl Subscription {
             for event in &history.events {
                 // One write stays within the chunk cap however large the
                 // events: the rest of the page is read again next turn.
-                if chunk.len() >= MAX_CHUNK_BYTES {
+                if wire.pending() >= MAX_CHUNK_BYTES {
                     self.metrics.replayed(replayed);
                     return Ok(false);
                 }
-                self.emit(i, event, chunk);
+                self.emit(i, event, None, wire);
                 replayed += 1;
             }
             self.metrics.replayed(replayed);
@@ -477,12 +496,13 @@ impl Subscription {
 
     /// Handles one item of the live feed. Returns `false` when the
     /// subscriber lagged past the backlog and the stream must end.
-    fn on_live(&mut self, (i, item): (usize, Result<Live, Lagged>), chunk: &mut Chunk) -> bool {
+    fn on_live(&mut self, (i, item): (usize, Result<Live, Lagged>), wire: &mut impl Wire) -> bool {
         let Ok(live) = item else {
             return false;
         };
-        let event = match live {
-            Live::Event(event) => event,
+        let (event, chained) = match &live {
+            Live::Event(event) => (event, None),
+            Live::Chained(chained) => (&chained.event, Some(&**chained)),
             Live::Resync => {
                 self.pending[i] = true;
                 self.retry_now = true;
@@ -510,7 +530,7 @@ impl Subscription {
             if let Some(stamp) = event.take_live_stamp() {
                 self.metrics.first_write(stamp);
             }
-            self.emit(i, &event, chunk);
+            self.emit(i, event, chained, wire);
         } else {
             // A hole, or a new epoch: the store knows what happened.
             self.pending[i] = true;
@@ -519,13 +539,15 @@ impl Subscription {
         true
     }
 
-    fn emit(&mut self, i: usize, event: &Event, chunk: &mut Chunk) {
+    /// Writes `event` of topic `i`, with the chained units the hub made
+    /// for it if it came live.
+    fn emit(&mut self, i: usize, event: &Event, chained: Option<&Chained>, wire: &mut impl Wire) {
         self.positions[i] = event.position();
         match self.style {
-            IdStyle::Single => chunk.push_shared(event.frame()),
+            IdStyle::Single => wire.event(event, chained),
             IdStyle::Multi => {
                 let id = self.multi_id(i);
-                chunk.push_with_id(&id, &event.body());
+                wire.event_with_id(&id, event);
             }
         }
     }
@@ -536,7 +558,7 @@ impl Subscription {
         reason: ResetReason,
         requested: Position,
         oldest: Option<Position>,
-        chunk: &mut Chunk,
+        wire: &mut impl Wire,
     ) {
         self.metrics.reset(reason.outcome());
         let id = match self.style {
@@ -549,7 +571,7 @@ impl Subscription {
             "requested": requested.to_string(),
             "oldest": oldest.map(|p| p.to_string()),
         });
-        chunk.push_shared(&sse::encode_control(&id, RESET_EVENT, &data));
+        wire.own(&sse::encode_control(&id, RESET_EVENT, &data));
     }
 
     fn multi_id(&self, i: usize) -> String {
@@ -614,20 +636,44 @@ impl Backoff {
     }
 }
 
-/// The bytes of one write. A single ready frame is passed on as the shared
-/// `Bytes` it already is; several are copied into one buffer so the socket
-/// sees one write.
+/// How a stream's items become the bytes of its writes. The engine hands
+/// over what to send, in order, and asks for the bytes of each write with
+/// [`Wire::take`]; [`Plain`] writes SSE as it is, `crate::compress` the
+/// content codings.
+pub trait Wire: Send + 'static {
+    /// Bytes of this stream's own: the preamble, control events.
+    fn own(&mut self, bytes: &Bytes);
+    /// A heartbeat comment.
+    fn heartbeat(&mut self);
+    /// An event whose frame every single-topic stream of its topic writes,
+    /// with the chained units the hub compressed for it, if it came live.
+    fn event(&mut self, event: &Event, chained: Option<&Chained>);
+    /// An event under this stream's own `id:` (multi-topic streams).
+    fn event_with_id(&mut self, id: &str, event: &Event);
+    /// Uncompressed bytes waiting for the next write.
+    fn pending(&self) -> usize;
+    /// The bytes of the next write, if anything waits.
+    fn take(&mut self) -> Option<std::io::Result<Bytes>>;
+    /// The last write of a stream that ends: what waits, and the coding's
+    /// end (a gzip trailer), if any.
+    fn finish(&mut self) -> Option<std::io::Result<Bytes>>;
+    /// The shared coding whose chained units this stream writes, if any: the
+    /// engine asks the hub for them (single-topic streams only).
+    fn shares(&self) -> Option<Codec> {
+        None
+    }
+}
+
+/// Plain SSE. A single ready frame is passed on as the shared `Bytes` it
+/// already is; several are copied into one buffer so the socket sees one
+/// write.
 #[derive(Default)]
-struct Chunk {
+pub struct Plain {
     single: Option<Bytes>,
     buf: BytesMut,
 }
 
-impl Chunk {
-    fn len(&self) -> usize {
-        self.single.as_ref().map_or(0, Bytes::len) + self.buf.len()
-    }
-
+impl Plain {
     fn push_shared(&mut self, frame: &Bytes) {
         if self.single.is_none() && self.buf.is_empty() {
             self.single = Some(frame.clone());
@@ -637,24 +683,46 @@ impl Chunk {
         }
     }
 
-    fn push_with_id(&mut self, id: &str, body: &[u8]) {
-        self.spill();
-        sse::put_id(&mut self.buf, id);
-        self.buf.extend_from_slice(body);
-    }
-
     fn spill(&mut self) {
         if let Some(single) = self.single.take() {
             self.buf.extend_from_slice(&single);
         }
     }
+}
 
-    fn take(&mut self) -> Option<Bytes> {
+impl Wire for Plain {
+    fn own(&mut self, bytes: &Bytes) {
+        self.push_shared(bytes);
+    }
+
+    fn heartbeat(&mut self) {
+        self.push_shared(&Bytes::from_static(sse::HEARTBEAT));
+    }
+
+    fn event(&mut self, event: &Event, _: Option<&Chained>) {
+        self.push_shared(event.frame());
+    }
+
+    fn event_with_id(&mut self, id: &str, event: &Event) {
+        self.spill();
+        sse::put_id(&mut self.buf, id);
+        self.buf.extend_from_slice(&event.body());
+    }
+
+    fn pending(&self) -> usize {
+        self.single.as_ref().map_or(0, Bytes::len) + self.buf.len()
+    }
+
+    fn take(&mut self) -> Option<std::io::Result<Bytes>> {
         if let Some(single) = self.single.take() {
             debug_assert!(self.buf.is_empty());
-            return Some(single);
+            return Some(Ok(single));
         }
-        (!self.buf.is_empty()).then(|| self.buf.split().freeze())
+        (!self.buf.is_empty()).then(|| Ok(self.buf.split().freeze()))
+    }
+
+    fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
+        self.take()
     }
 }
 
@@ -795,7 +863,11 @@ mod tests {
         let mut subscription =
             Subscription::open(&hub, store.clone(), vec![topic()], IdStyle::Single, start);
         subscription.prepare().await.unwrap();
-        let mut stream = Box::pin(subscription.into_stream(settings()));
+        let mut stream = Box::pin(
+            subscription
+                .into_stream(settings(), Plain::default())
+                .map(Result::unwrap),
+        );
         let mut text = String::new();
         let replayed = format!(
             "retry: 1000\n: crier stream open\n\n\
@@ -833,7 +905,9 @@ mod tests {
         let mut subscription =
             Subscription::open(&hub, store.clone(), vec![topic()], IdStyle::Single, start);
         subscription.prepare().await.unwrap();
-        let stream = subscription.into_stream(settings());
+        let stream = subscription
+            .into_stream(settings(), Plain::default())
+            .map(Result::unwrap);
         let chunks: Vec<Bytes> = tokio::time::timeout(Duration::from_secs(5), stream.collect())
             .await
             .expect("the stream ends");

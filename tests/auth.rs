@@ -1211,6 +1211,24 @@ async fn a_compressed_stream_ends_with_reauth_too() {
             format!("{}id: {id}\ndata: squeezed\n\n{REAUTH}", preamble("0")),
             "{coding}"
         );
+        // Complete: a gzip member whose trailer's CRC-32 and length are
+        // right, whole zstd frames.
+        let strict = match coding {
+            "gzip" => {
+                let mut plain = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut flate2::read::GzDecoder::new(&wire[..]),
+                    &mut plain,
+                )
+                .expect("a complete gzip member");
+                Some(plain)
+            }
+            "zstd" => Some(zstd::stream::decode_all(&wire[..]).expect("complete zstd frames")),
+            _ => None,
+        };
+        if let Some(strict) = strict {
+            assert_eq!(strict, text.as_bytes(), "{coding}");
+        }
     }
     assert_reached(exp);
 }

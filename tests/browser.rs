@@ -142,6 +142,122 @@ async fn a_browser_multiplexes_twelve_event_sources_over_http2_with_compression(
     server.stop().await;
 }
 
+/// The browser's own decoders take the units the hub compressed once per
+/// event, in zstd and in gzip: EventSources that joined at different
+/// moments (one resuming with `lastEventId`), heartbeats between events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_joined() {
+    for coding in [crier::compress::Codec::Zstd, crier::compress::Codec::Gzip] {
+        let certs = TestCerts::new();
+        let (cert, key) = (certs.cert.clone(), certs.key.clone());
+        let server = Server::start_with(move |config: &mut Config| {
+            config.tls_cert = Some(cert);
+            config.tls_key = Some(key);
+            config.compression = vec![Some(coding)];
+            config.heartbeat = Duration::from_millis(100);
+        })
+        .await;
+        let origin = format!("https://{}", server.addr);
+        let client = https_client(&certs.ca_cert);
+        let chromium = Chromium::launch().await;
+        let tab = chromium.open(&format!("{origin}/")).await;
+        let row = |n: usize| {
+            format!(
+                r#"{{"metric":"cpu","host":"web-{:02}","value":{n},"tags":["alpha","beta"]}}"#,
+                n % 7
+            )
+        };
+        let mut sent = Vec::new();
+        let mut publish_rows = async |range: std::ops::Range<usize>| {
+            for n in range {
+                let data = row(n);
+                sent.push((publish(&client, &origin, "shared", &data).await, data));
+            }
+            sent.clone()
+        };
+        let open = |name: &str, path: &str| {
+            format!(
+                r#"(() => {{
+  window.got = window.got || {{}}; window.opened = window.opened || 0; window.errors = window.errors || 0;
+  window.got["{name}"] = [];
+  const es = new EventSource("{path}");
+  es.onopen = () => {{ window.opened++; }};
+  es.onerror = () => {{ window.errors++; }};
+  es.onmessage = (e) => {{ window.got["{name}"].push([e.lastEventId, e.data]); }};
+  return JSON.stringify(true);
+}})()"#
+            )
+        };
+        tab.evaluate::<bool>(&open("first", "/topics/shared")).await;
+        tab.poll::<usize>("window.opened", "one EventSource open", |&n| n == 1)
+            .await;
+        publish_rows(0..5).await;
+        tab.evaluate::<bool>(&open("joined", "/topics/shared"))
+            .await;
+        tab.poll::<usize>("window.opened", "two EventSources open", |&n| n == 2)
+            .await;
+        let so_far = publish_rows(5..10).await;
+        let resume = format!("/topics/shared?lastEventId={}", so_far[2].0);
+        tab.evaluate::<bool>(&open("resumed", &resume)).await;
+        tab.poll::<usize>("window.opened", "three EventSources open", |&n| n == 3)
+            .await;
+        // Quiet for heartbeats: a stream of our own sees three, so the
+        // browser's streams have sent theirs too.
+        let mut watcher = client
+            .get(format!("{origin}/topics/shared"))
+            .send()
+            .await
+            .unwrap();
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while text.matches(": heartbeat").count() < 3 {
+            let chunk = tokio::time::timeout_at(deadline, watcher.chunk())
+                .await
+                .expect("heartbeats in time")
+                .unwrap()
+                .expect("the stream stays open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let all = publish_rows(10..20).await;
+        let got: BTreeMap<String, Vec<(String, String)>> = tab
+            .poll(
+                "window.got",
+                "every event on every EventSource",
+                |got: &BTreeMap<String, Vec<(String, String)>>| {
+                    got.get("first").is_some_and(|e| e.len() >= 20)
+                        && got.get("joined").is_some_and(|e| e.len() >= 15)
+                        && got.get("resumed").is_some_and(|e| e.len() >= 17)
+                },
+            )
+            .await;
+        assert_eq!(got["first"], all, "{coding:?} first");
+        assert_eq!(got["joined"], all[5..], "{coding:?} joined");
+        assert_eq!(got["resumed"], all[3..], "{coding:?} resumed");
+        let errors: usize = tab.evaluate("JSON.stringify(window.errors)").await;
+        assert_eq!(
+            errors, 0,
+            "{coding:?}: no EventSource failed or reconnected"
+        );
+        let responses = tab
+            .wait_events(
+                "Network.responseReceived",
+                "a response per EventSource",
+                |events| event_sources(events).len() >= 3,
+            )
+            .await;
+        for response in event_sources(&responses).iter().map(|e| &e["response"]) {
+            assert_eq!(
+                header(&response["headers"], "content-encoding").as_deref(),
+                Some(coding.token()),
+                "{coding:?}"
+            );
+        }
+        drop(watcher);
+        drop(chromium);
+        server.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_resumes_exactly_after_the_hub_restarts() {
     let redis = RedisServer::start();

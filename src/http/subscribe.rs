@@ -7,15 +7,17 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
-use tokio_stream::StreamExt;
+use bytes::Bytes;
+use tokio_stream::{Stream, StreamExt};
 
 use super::access::credentials;
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
-use crate::compress::{Compressor, negotiate};
+use crate::compress::{Codec, PerStream, SharedUnits, negotiate};
 use crate::event::{Cursor, Topic};
+use crate::metrics::BytesWritten;
 use crate::store::StoreError;
-use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
+use crate::subscription::{IdStyle, Plain, Start, StreamSettings, Subscription};
 
 pub async fn topic(
     State(state): State<AppState>,
@@ -181,31 +183,35 @@ async fn open(
         drain: state.drain.clone(),
         expires: expires.map(instant_of),
     };
-    let stream = subscription.into_stream(settings);
-    let codec = negotiate(
+    let mut codec = negotiate(
         request_headers.get(header::ACCEPT_ENCODING),
         &state.config.codecs(),
     );
-    // Bytes are counted as written, after compression: one relaxed add per
-    // write on a counter resolved here, once per stream.
-    let body = match codec.map(Compressor::new) {
-        Some(Ok(mut compressor)) => {
-            let written = state.metrics.written(codec);
-            Body::from_stream(stream.map(move |chunk| {
-                let out = compressor.compress(&chunk);
-                if let Ok(bytes) = &out {
-                    written.add(bytes.len());
-                }
-                out
-            }))
+    // zstd and gzip streams write the units the hub compressed once per
+    // event (single-topic streams also its chained ones); brotli streams
+    // compress for themselves.
+    let body = match codec {
+        Some(shared) if shared.shared_slot().is_some() => {
+            let wire = SharedUnits::new(shared, style == IdStyle::Single);
+            stream_body(subscription.into_stream(settings, wire), &state, codec)
         }
-        _ => {
-            let written = state.metrics.written(None);
-            Body::from_stream(stream.map(move |chunk| {
-                written.add(chunk.len());
-                Ok::<_, std::io::Error>(chunk)
-            }))
-        }
+        Some(own) => match PerStream::new(own) {
+            Ok(wire) => stream_body(subscription.into_stream(settings, wire), &state, codec),
+            Err(error) => {
+                tracing::warn!(%error, coding = own.token(), "no compressor: answering uncompressed");
+                codec = None;
+                stream_body(
+                    subscription.into_stream(settings, Plain::default()),
+                    &state,
+                    codec,
+                )
+            }
+        },
+        None => stream_body(
+            subscription.into_stream(settings, Plain::default()),
+            &state,
+            codec,
+        ),
     };
     let mut response = Response::new(body);
     let headers = response.headers_mut();
@@ -223,6 +229,23 @@ async fn open(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// The response body of a stream whose writes are in `codec`. Bytes are
+/// counted as written, after compression: one relaxed add per write on a
+/// counter resolved here, once per stream.
+fn stream_body(
+    stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    state: &AppState,
+    codec: Option<Codec>,
+) -> Body {
+    let written: BytesWritten = state.metrics.written(codec);
+    Body::from_stream(stream.map(move |write| {
+        if let Ok(bytes) = &write {
+            written.add(bytes.len());
+        }
+        write
+    }))
 }
 
 /// Decides whether the request may read `topics`, by ticket or token, and

@@ -1,0 +1,372 @@
+//! Compressed streams write units the hub compressed once per event: every
+//! subscriber, whenever it joined and whatever it wrote of its own
+//! (preamble, heartbeats, `reset`, replayed events), decodes exactly its
+//! events the moment they arrive, with independent decoders; and a stream
+//! that ends cleanly is a complete gzip member (CRC-32 and length checked)
+//! or complete zstd frames.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use crier::compress::Decompressor;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+const SHARED: [&str; 2] = ["zstd", "gzip"];
+
+/// The coding's own crate, driven by hand: a decoder independent of the
+/// suite's `Decompressor` (raw deflate after the gzip header; zstd's
+/// streaming decoder, frame after frame).
+enum Plain {
+    Gzip {
+        header: usize,
+        inflate: flate2::Decompress,
+        ended: bool,
+    },
+    Zstd(Box<zstd::stream::raw::Decoder<'static>>),
+}
+
+impl Plain {
+    fn new(coding: &str) -> Plain {
+        match coding {
+            "gzip" => Plain::Gzip {
+                header: 0,
+                inflate: flate2::Decompress::new(false),
+                ended: false,
+            },
+            _ => Plain::Zstd(Box::new(zstd::stream::raw::Decoder::new().unwrap())),
+        }
+    }
+
+    fn decode(&mut self, mut wire: &[u8]) -> Vec<u8> {
+        let mut out: Vec<u8> = Vec::with_capacity(wire.len() * 8 + 1024);
+        match self {
+            Plain::Gzip {
+                header,
+                inflate,
+                ended,
+            } => {
+                let skip = (10 - *header).min(wire.len());
+                *header += skip;
+                wire = &wire[skip..];
+                let start = inflate.total_in();
+                // After the final block come the trailer's 8 bytes.
+                while !*ended {
+                    if out.capacity() - out.len() < 1024 {
+                        out.reserve(out.capacity());
+                    }
+                    let consumed = (inflate.total_in() - start) as usize;
+                    let status = inflate
+                        .decompress_vec(&wire[consumed..], &mut out, flate2::FlushDecompress::Sync)
+                        .expect("valid deflate");
+                    *ended = status == flate2::Status::StreamEnd;
+                    let consumed = (inflate.total_in() - start) as usize;
+                    if consumed == wire.len() && out.len() < out.capacity() {
+                        break;
+                    }
+                }
+            }
+            Plain::Zstd(decoder) => {
+                use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+                let mut input = InBuffer::around(wire);
+                loop {
+                    if out.capacity() - out.len() < 1024 {
+                        out.reserve(out.capacity());
+                    }
+                    let pos = out.len();
+                    let mut output = OutBuffer::around_pos(&mut out, pos);
+                    let hint = decoder.run(&mut input, &mut output).expect("valid zstd");
+                    let written = output.pos() - pos;
+                    if hint == 0 {
+                        // A frame ended: the next bytes start another.
+                        decoder.reinit().unwrap();
+                    }
+                    if input.pos() == wire.len() && written == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A compressed subscription: each chunk decoded on arrival by the suite's
+/// `Decompressor` and by [`Plain`], which must agree; the events parsed
+/// from that text, and every byte of the wire.
+struct Compressed {
+    events: std::pin::Pin<Box<dyn futures_util::Stream<Item = Ev> + Send>>,
+    wire: Arc<Mutex<Vec<u8>>>,
+    text: Arc<Mutex<Vec<u8>>>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Compressed {
+    async fn open(server: &Server, path: &str, coding: &str, last_event_id: Option<&str>) -> Self {
+        let mut request = server
+            .client
+            .get(server.url(path))
+            .header("accept-encoding", coding);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = tokio::time::timeout(DEADLINE, request.send())
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-encoding"], coding);
+        let wire: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let text: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = mpsc::unbounded_channel::<Result<Bytes, std::io::Error>>();
+        let mut body = response.bytes_stream();
+        let mut suite = Decompressor::new(coding.parse().unwrap()).unwrap();
+        let mut plain = Plain::new(coding);
+        let (wire_in, text_in, ended_in) = (Arc::clone(&wire), Arc::clone(&text), ended.clone());
+        let coding = coding.to_owned();
+        tokio::spawn(async move {
+            while let Some(chunk) = body.next().await {
+                let Ok(chunk) = chunk else {
+                    return; // a broken body: `ended` stays false
+                };
+                wire_in.lock().unwrap().extend_from_slice(&chunk);
+                let decoded = suite.decompress(&chunk).expect("decodable on arrival");
+                let by_hand = plain.decode(&chunk);
+                assert_eq!(decoded, by_hand, "{coding}: the two decoders disagree");
+                text_in.lock().unwrap().extend_from_slice(&decoded);
+                if tx.send(Ok(Bytes::from(decoded))).is_err() {
+                    return;
+                }
+            }
+            ended_in.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let events = UnboundedReceiverStream::new(rx).eventsource().map(|e| {
+            let e = e.expect("well-formed stream");
+            Ev::new(&e.id, &e.event, &e.data)
+        });
+        Compressed {
+            events: Box::pin(events),
+            wire,
+            text,
+            ended,
+        }
+    }
+
+    async fn next(&mut self) -> Ev {
+        tokio::time::timeout(DEADLINE, self.events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<Ev> {
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            events.push(self.next().await);
+        }
+        events
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
+    }
+}
+
+/// Decodes a whole body strictly: one complete gzip member (CRC-32 and
+/// length checked), or complete zstd frames.
+fn strict(coding: &str, wire: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    match coding {
+        "gzip" => {
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(wire)
+                .read_to_end(&mut plain)
+                .expect("a complete gzip member");
+            plain
+        }
+        _ => zstd::stream::decode_all(wire).expect("complete zstd frames"),
+    }
+}
+
+/// A dashboard metric: repetitive JSON, like most event streams.
+fn metric(n: usize) -> String {
+    format!(
+        r#"{{"metric":"cpu.utilisation","host":"web-{:02}.eu-west","value":{}.{},"unit":"percent","tags":{{"env":"production","team":"platform"}},"seq":{n}}}"#,
+        n % 17,
+        20 + n % 60,
+        n % 10
+    )
+}
+
+async fn publish_all(server: &Server, topic: &str, range: std::ops::Range<usize>) -> Vec<Ev> {
+    let mut published = Vec::new();
+    for n in range {
+        let data = metric(n);
+        let id = server.publish_id(topic, &data).await;
+        published.push(Ev::new(&id, "message", &data));
+    }
+    published
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_joining_at_any_moment_decode_the_same_events_on_arrival() {
+    let server = Server::start().await;
+    for coding in SHARED {
+        let topic = format!("join-{coding}");
+        let path = format!("/topics/{topic}");
+        let mut first = Compressed::open(&server, &path, coding, None).await;
+        let mut reference = server.subscribe(&path).await;
+        // One at a time: each decodes on its own arrival.
+        let mut published = Vec::new();
+        for n in 0..5 {
+            let event = publish_all(&server, &topic, n..n + 1).await.remove(0);
+            assert_eq!(first.next().await, event, "{coding}");
+            published.push(event);
+        }
+        // A stream that joins mid-segment, then a burst across segments,
+        // with more streams joining halfway, resuming after event 3 and
+        // asking for the last 20.
+        let mut joined = Compressed::open(&server, &path, coding, None).await;
+        published.extend(publish_all(&server, &topic, 5..150).await);
+        let mut halfway = Compressed::open(&server, &path, coding, None).await;
+        let mut resumed = Compressed::open(&server, &path, coding, Some(&published[2].id)).await;
+        let mut last = Compressed::open(&server, &format!("{path}?last=20"), coding, None).await;
+        published.extend(publish_all(&server, &topic, 150..300).await);
+        // And one more, which every stream decodes on arrival.
+        published.extend(publish_all(&server, &topic, 300..301).await);
+
+        assert_eq!(reference.take(301).await, published, "identity");
+        assert_eq!(first.take(296).await, published[5..], "{coding} first");
+        assert_eq!(joined.take(296).await, published[5..], "{coding} joined");
+        assert_eq!(
+            halfway.take(151).await,
+            published[150..],
+            "{coding} halfway"
+        );
+        assert_eq!(resumed.take(298).await, published[3..], "{coding} resumed");
+        assert_eq!(last.take(171).await, published[130..], "{coding} last=20");
+        // The stream in step with the topic's chain paid far less than one
+        // that compressed every event alone would (~150 bytes each here).
+        let bytes = first.wire.lock().unwrap().len();
+        assert!(bytes < 301 * 90, "{coding}: {bytes} bytes for 301 events");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_between_events_keep_every_stream_decodable() {
+    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(50)).await;
+    for coding in SHARED {
+        let topic = format!("hb-{coding}");
+        let path = format!("/topics/{topic}");
+        let mut a = Compressed::open(&server, &path, coding, None).await;
+        let mut b = Compressed::open(&server, &path, coding, None).await;
+        for round in 0..4 {
+            // A few events close together, then quiet until both streams
+            // have sent two more heartbeats.
+            let published = publish_all(&server, &topic, round * 10..round * 10 + 3).await;
+            assert_eq!(a.take(3).await, published, "{coding} round {round}");
+            assert_eq!(b.take(3).await, published, "{coding} round {round}");
+            let beats = |s: &Compressed| s.text().matches(": heartbeat\n\n").count();
+            let (at_a, at_b) = (beats(&a), beats(&b));
+            wait_for("two heartbeats on each stream", || {
+                beats(&a) >= at_a + 2 && beats(&b) >= at_b + 2
+            })
+            .await;
+        }
+        assert!(a.text().ends_with(": heartbeat\n\n"), "{coding}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_then_live_events_decode_on_a_compressed_stream() {
+    let server = Server::start().await;
+    for coding in SHARED {
+        let topic = format!("reset-{coding}");
+        let path = format!("/topics/{topic}");
+        let mut published = publish_all(&server, &topic, 0..3).await;
+        let epoch = published[0].id.split('.').nth(1).unwrap().to_owned();
+        // A position from another epoch: `reset`, then everything retained.
+        let mut stream = Compressed::open(&server, &path, coding, Some("2.zzzzzz")).await;
+        let reset = stream.next().await;
+        assert_eq!(reset.event, "reset", "{coding}");
+        assert_eq!(reset.id, format!("0.{epoch}"), "{coding}");
+        assert_eq!(stream.take(3).await, published, "{coding}");
+        for n in 3..40 {
+            let event = publish_all(&server, &topic, n..n + 1).await.remove(0);
+            assert_eq!(stream.next().await, event, "{coding} live {n}");
+            published.push(event);
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_topic_streams_write_their_own_ids_and_decode_on_arrival() {
+    let server = Server::start().await;
+    let path = "/events?topic=ma&topic=mb";
+    let mut reference = server.subscribe(path).await;
+    let mut streams = Vec::new();
+    for coding in SHARED {
+        streams.push((coding, Compressed::open(&server, path, coding, None).await));
+    }
+    for n in 0..60 {
+        let topic = if n % 3 == 0 { "mb" } else { "ma" };
+        server.publish_id(topic, &metric(n)).await;
+        let want = reference.next().await;
+        assert!(want.id.starts_with(&format!("{topic}/")), "{want:?}");
+        assert_eq!(want.data, metric(n));
+        for (coding, stream) in &mut streams {
+            assert_eq!(stream.next().await, want, "{coding} event {n}");
+        }
+    }
+    server.stop().await;
+}
+
+/// A stream the server ends (here: shutdown) is a complete body: a gzip
+/// member whose trailer holds the right CRC-32 and length, complete zstd
+/// frames; single-topic and multi-topic, with heartbeats in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_cleanly_is_a_complete_gzip_member_or_zstd_frames() {
+    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(100)).await;
+    let mut streams = Vec::new();
+    for coding in SHARED {
+        for path in ["/topics/end", "/events?topic=end&topic=other"] {
+            streams.push((coding, Compressed::open(&server, path, coding, None).await));
+        }
+    }
+    let published = publish_all(&server, "end", 0..40).await;
+    for (coding, stream) in &mut streams {
+        let got: Vec<String> = stream.take(40).await.into_iter().map(|e| e.data).collect();
+        let want: Vec<String> = published.iter().map(|e| e.data.clone()).collect();
+        assert_eq!(got, want, "{coding}");
+    }
+    wait_for("a heartbeat on every stream", || {
+        streams
+            .iter()
+            .all(|(_, s)| s.text().contains(": heartbeat\n\n"))
+    })
+    .await;
+    publish_all(&server, "end", 40..41).await;
+    for (_, stream) in &mut streams {
+        stream.next().await;
+    }
+    server.stop().await;
+    for (coding, stream) in &streams {
+        wait_for("the body to end", || {
+            stream.ended.load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
+        let wire = stream.wire.lock().unwrap().clone();
+        let text = stream.text.lock().unwrap().clone();
+        assert_eq!(strict(coding, &wire), text, "{coding}");
+    }
+}

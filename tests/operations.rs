@@ -336,8 +336,14 @@ async fn sigterm_moves_200_subscribers_to_another_node_spread_over_the_window_wi
     // Events published on b throughout, every 20 ms, until told to stop;
     // then `end`.
     let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
     let publisher = {
-        let (client, url, stop) = (client.clone(), b.url("/topics/drain"), stop.clone());
+        let (client, url, stop, sent) = (
+            client.clone(),
+            b.url("/topics/drain"),
+            stop.clone(),
+            sent.clone(),
+        );
         tokio::spawn(async move {
             let mut published = Vec::new();
             let mut n = 0;
@@ -360,6 +366,7 @@ async fn sigterm_moves_200_subscribers_to_another_node_spread_over_the_window_wi
                     .unwrap();
                 let id = answer["id"].as_str().expect("published").to_owned();
                 published.push(Ev::new(&id, "message", &data));
+                sent.fetch_add(1, Ordering::SeqCst);
                 if done {
                     return published;
                 }
@@ -393,9 +400,12 @@ async fn sigterm_moves_200_subscribers_to_another_node_spread_over_the_window_wi
         resumed.load(Ordering::SeqCst) == SUBSCRIBERS
     })
     .await;
-    // A few more events (the publisher's pace) after everyone moved, then
-    // `end`.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A few more events after everyone moved, then `end`.
+    let moved = sent.load(Ordering::SeqCst);
+    wait_for("five more events published on b", || {
+        sent.load(Ordering::SeqCst) >= moved + 5
+    })
+    .await;
     stop.store(true, Ordering::SeqCst);
     let published = publisher.await.unwrap();
 

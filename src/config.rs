@@ -112,7 +112,7 @@ pub struct Config {
     pub idempotency_window: Duration,
 
     /// Most idempotency keys the embedded store remembers at once (about
-    /// 200 bytes each); a publish with a new key past it gets 507. (With
+    /// 300 bytes each); a publish with a new key past it gets 507. (With
     /// Redis, keys live in Redis, each expiring after the window.)
     #[arg(long, env = "CRIER_IDEMPOTENCY_MAX_KEYS", default_value_t = 100_000)]
     pub idempotency_max_keys: usize,

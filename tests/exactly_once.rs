@@ -148,15 +148,15 @@ async fn concurrent_publishes_with_one_key_store_one_event_and_share_its_answer(
         (0..20).map(|_| publish_keyed(&server, "pay", "payment-77", "paid 77")),
     )
     .await;
-    let first = answers
-        .iter()
-        .filter(|a| !a.replayed)
-        .collect::<Vec<_>>();
+    let first = answers.iter().filter(|a| !a.replayed).collect::<Vec<_>>();
     assert_eq!(first.len(), 1, "exactly one stored: {answers:?}");
     assert_stored(first[0], "pay", 1);
     for answer in &answers {
         assert_eq!(answer.status, 201, "{answer:?}");
-        assert_eq!(answer.body, first[0].body, "every answer names the one event");
+        assert_eq!(
+            answer.body, first[0].body,
+            "every answer names the one event"
+        );
     }
     let next = server.publish_id("pay", "after").await;
     assert_eq!(
@@ -186,7 +186,10 @@ async fn a_key_is_forgotten_after_the_idempotency_window() {
             break answer;
         }
         assert_replay_of(&answer, &first);
-        assert!(tokio::time::Instant::now() < deadline, "the key never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the key never expired"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     assert!(
@@ -254,13 +257,22 @@ async fn a_key_reused_for_another_event_is_refused_and_nothing_is_stored() {
         ]
     );
     assert_eq!(seq_of(&first_b), 1, "nothing was stored on b");
-    assert_eq!(other.next().await, Ev::new(&first_b, "message", "first of b"));
+    assert_eq!(
+        other.next().await,
+        Ev::new(&first_b, "message", "first of b")
+    );
 }
 
 async fn a_malformed_idempotency_key_is_refused_without_quoting_it() {
     let server = Server::start().await;
     let long = "x".repeat(129);
-    let bad: [&[u8]; 5] = [b"", long.as_bytes(), b"two words", b"caf\xc3\xa9", b"tab\there"];
+    let bad: [&[u8]; 5] = [
+        b"",
+        long.as_bytes(),
+        b"two words",
+        b"caf\xc3\xa9",
+        b"tab\there",
+    ];
     for key in bad {
         let response = server
             .client
@@ -300,7 +312,10 @@ async fn a_malformed_idempotency_key_is_refused_without_quoting_it() {
         .await
         .unwrap();
     let body = assert_problem(in_batch, 400, "invalid-idempotency-key").await;
-    assert!(body["detail"].as_str().unwrap().contains("item 1"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("item 1"),
+        "{body}"
+    );
     // 128 visible characters are a key; nothing above was stored.
     let longest = "~".repeat(128);
     assert_stored(&publish_keyed(&server, "t", &longest, "data").await, "t", 1);
@@ -325,12 +340,18 @@ async fn batches_store_new_keyed_items_and_answer_seen_ones_with_their_receipts(
         ids.iter().map(|id| seq_of(id)).collect::<Vec<_>>(),
         [1, 2, 1]
     );
-    assert!(first.body["events"][0].get("replayed").is_none(), "{first:?}");
+    assert!(
+        first.body["events"][0].get("replayed").is_none(),
+        "{first:?}"
+    );
 
     // The whole batch again: every item replayed, nothing stored.
     let retry = publish_batch(&server, batch).await;
     assert_eq!(retry.status, 201);
-    assert!(retry.replayed, "a batch replayed whole is marked: {retry:?}");
+    assert!(
+        retry.replayed,
+        "a batch replayed whole is marked: {retry:?}"
+    );
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(retry.body["events"][i]["id"], id.as_str());
         assert_eq!(retry.body["events"][i]["replayed"], true);
@@ -353,8 +374,14 @@ async fn batches_store_new_keyed_items_and_answer_seen_ones_with_their_receipts(
     let items = mixed.body["events"].as_array().unwrap();
     assert_eq!(items[0]["id"], ids[1].as_str());
     assert_eq!(items[0]["replayed"], true);
-    assert_eq!((items[1]["seq"].as_u64(), items[1].get("replayed")), (Some(3), None));
-    assert_eq!((items[2]["seq"].as_u64(), items[2].get("replayed")), (Some(2), None));
+    assert_eq!(
+        (items[1]["seq"].as_u64(), items[1].get("replayed")),
+        (Some(3), None)
+    );
+    assert_eq!(
+        (items[2]["seq"].as_u64(), items[2].get("replayed")),
+        (Some(2), None)
+    );
     assert_eq!(items[3]["id"], items[2]["id"]);
     assert_eq!(items[3]["replayed"], true);
 
@@ -378,7 +405,10 @@ async fn batches_store_new_keyed_items_and_answer_seen_ones_with_their_receipts(
             .await
             .unwrap();
         let body = assert_problem(response, 422, "idempotency-key-reused").await;
-        assert!(body["detail"].as_str().unwrap().contains("item 1"), "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("item 1"),
+            "{body}"
+        );
     }
     // Nothing of them was stored, and their new keys were not kept.
     let f = publish_keyed(&server, "t", "k-f", "f").await;
@@ -419,8 +449,13 @@ async fn keys_belong_to_their_token_subject() {
         auth::signed(&claims)
     };
     let (alice, bob) = (token_of("alice"), token_of("bob"));
-    let mut sub =
-        SseClient::open(server.client.get(server.url("/topics/t")).bearer_auth(&alice)).await;
+    let mut sub = SseClient::open(
+        server
+            .client
+            .get(server.url("/topics/t"))
+            .bearer_auth(&alice),
+    )
+    .await;
     let as_alice = |r: reqwest::RequestBuilder| r.bearer_auth(&alice);
     let as_bob = |r: reqwest::RequestBuilder| r.bearer_auth(&bob);
     let a = publish_keyed_with(&server, "t", "same", "from alice", as_alice).await;

@@ -699,7 +699,11 @@ async fn publish_keyed(server: &Server, topic: &str, key: &str, data: &str) -> (
         .expect("publish request");
     let status = response.status().as_u16();
     let replayed = response.headers().get("idempotent-replayed").is_some();
-    (status, replayed, response.json().await.expect("JSON answer"))
+    (
+        status,
+        replayed,
+        response.json().await.expect("JSON answer"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -736,7 +740,10 @@ async fn a_publish_answered_503_because_redis_was_slow_is_stored_once_when_retri
         assert!(tokio::time::Instant::now() < deadline, "never answered 201");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(replayed, "the retry is answered from the key's record: {retry}");
+    assert!(
+        replayed,
+        "the retry is answered from the key's record: {retry}"
+    );
     let id = retry["id"].as_str().unwrap();
     assert_eq!(seq_of(id), 2);
     let after = b.publish_id("t", "after").await;

@@ -3,10 +3,10 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::response::{IntoResponse, Response};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 
@@ -256,10 +256,8 @@ pub async fn batch(
             other => other.into(),
         })?;
     state.metrics.batch_stored();
-    let all_replayed = !appended.is_empty()
-        && appended
-            .iter()
-            .all(|a| matches!(a, Appended::Replayed(_)));
+    let all_replayed =
+        !appended.is_empty() && appended.iter().all(|a| matches!(a, Appended::Replayed(_)));
     let events = appended
         .iter()
         .map(|a| BatchReceipt {

@@ -27,7 +27,9 @@ impl std::fmt::Debug for IdempotencyKey {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("an idempotency key has 1 to {MAX_KEY_LEN} visible ASCII characters (`!` to `~`, no spaces)")]
+#[error(
+    "an idempotency key has 1 to {MAX_KEY_LEN} visible ASCII characters (`!` to `~`, no spaces)"
+)]
 pub struct InvalidIdempotencyKey;
 
 impl IdempotencyKey {
@@ -151,7 +153,14 @@ mod tests {
         assert!(IdempotencyKey::parse(b"a").is_ok());
         assert!(IdempotencyKey::parse(&[b'~'; 128]).is_ok());
         assert!(IdempotencyKey::parse(b"\"8e03978e-40d5\"").is_ok());
-        for bad in [&b""[..], &[b'x'; 129], b"has space", b"tab\t", b"caf\xc3\xa9", b"\x7f"] {
+        for bad in [
+            &b""[..],
+            &[b'x'; 129],
+            b"has space",
+            b"tab\t",
+            b"caf\xc3\xa9",
+            b"\x7f",
+        ] {
             assert_eq!(IdempotencyKey::parse(bad), Err(InvalidIdempotencyKey));
         }
     }
@@ -161,7 +170,10 @@ mod tests {
         let key = IdempotencyKey::parse(b"k1").unwrap();
         assert_eq!(key.scoped("sub:a"), key.scoped("sub:a"));
         assert_ne!(key.scoped("sub:a"), key.scoped("sub:b"));
-        assert_ne!(key.scoped(""), IdempotencyKey::parse(b"k2").unwrap().scoped(""));
+        assert_ne!(
+            key.scoped(""),
+            IdempotencyKey::parse(b"k2").unwrap().scoped("")
+        );
         assert_eq!(key.scoped("").hex().len(), 64);
     }
 

@@ -977,9 +977,7 @@ impl RedisStore {
     ) -> (Vec<String>, Vec<String>) {
         let mut redis_keys = vec![self.keys.meta(topic), self.keys.events(topic)];
         redis_keys.extend(keys.iter().map(|once| self.keys.once(&once.key)));
-        let window_ms = u64::try_from(window.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut args = vec![
             self.keys.channel(topic),
             self.retention.max_events.max(1).to_string(),
@@ -1072,7 +1070,10 @@ fn malformed(what: &str) -> StoreError {
 impl Store for RedisStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
         let appended = self
-            .append_once(events.into_iter().map(|e| (e, None)).collect(), Duration::ZERO)
+            .append_once(
+                events.into_iter().map(|e| (e, None)).collect(),
+                Duration::ZERO,
+            )
             .await?;
         appended
             .into_iter()
@@ -1125,8 +1126,7 @@ impl Store for RedisStore {
                 for (topic, list) in many {
                     // EVAL, not EVALSHA: inside MULTI a missing script
                     // would fail alone and let the rest of the batch in.
-                    let (redis_keys, args) =
-                        self.publish_args(topic, &events, list, &keys, window);
+                    let (redis_keys, args) = self.publish_args(topic, &events, list, &keys, window);
                     pipe.cmd("EVAL")
                         .arg(PUBLISH)
                         .arg(redis_keys.len())

@@ -476,7 +476,46 @@ async fn keys_belong_to_their_token_subject() {
     );
 }
 
+async fn a_browser_may_send_a_key_and_read_the_replay_header() {
+    let server = Server::start().await;
+    let origin = "https://app.example.com";
+    let preflight = server
+        .client
+        .request(reqwest::Method::OPTIONS, server.url("/topics/t"))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "idempotency-key")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("idempotency-key"), "{allowed}");
+    let with_origin = |r: reqwest::RequestBuilder| r.header("origin", origin);
+    let first = publish_keyed_with(&server, "t", "k", "x", with_origin).await;
+    assert_stored(&first, "t", 1);
+    let response = server
+        .client
+        .post(server.url("/topics/t"))
+        .header("origin", origin)
+        .header("idempotency-key", "k")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains(REPLAYED), "{exposed}");
+    assert_replay_of(&Answer::of(response).await, &first);
+}
+
 on_every_store!(
+    a_browser_may_send_a_key_and_read_the_replay_header,
     a_publish_whose_answer_is_lost_is_stored_once_when_retried,
     concurrent_publishes_with_one_key_store_one_event_and_share_its_answer,
     a_key_is_forgotten_after_the_idempotency_window,

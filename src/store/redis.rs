@@ -50,7 +50,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::sweep;
 use super::{
-    Appended, History, KeyDigest, MAX_SEQ, NewEvent, Once, Receipt, Retention, Store, StoreError,
+    Appended, Fingerprint, History, KeyDigest, MAX_SEQ, NewEvent, Once, Receipt, Retention, Store,
+    StoreError,
 };
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
@@ -102,11 +103,13 @@ const PUBLISH: &str = concat!(
     lua_fresh_epoch!(),
     r#"
 local nkeys = tonumber(ARGV[8])
+local records = {}
 for k = 1, nkeys do
   local record = redis.call('GET', KEYS[2 + k])
   if record and string.sub(record, 1, 64) ~= ARGV[8 + k] then
     return {'reused', k}
   end
+  records[k] = record
 end
 local base = 8 + nkeys
 local count = (#ARGV - base) / 3
@@ -116,7 +119,7 @@ for i = 0, count - 1 do
   local k = tonumber(ARGV[base + 3 * i + 1])
   if k == 0 then
     fresh = fresh + 1
-  elseif not claimed[k] and redis.call('EXISTS', KEYS[2 + k]) == 0 then
+  elseif not records[k] and not claimed[k] then
     claimed[k] = true
     fresh = fresh + 1
   end
@@ -145,17 +148,16 @@ for i = 0, count - 1 do
   local k = tonumber(ARGV[base + 3 * i + 1])
   local name = ARGV[base + 3 * i + 2]
   local data = ARGV[base + 3 * i + 3]
-  local record = false
-  if k > 0 then record = redis.call('GET', KEYS[2 + k]) end
-  if record then
-    table.insert(out, string.sub(record, 66))
+  if k > 0 and records[k] then
+    table.insert(out, string.sub(records[k], 66))
   else
     seq = seq + 1
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], string.format('%d-0', seq),
       't', now_ms, 'e', name, 'd', data)
     redis.call('PUBLISH', ARGV[1], string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
     if k > 0 then
-      redis.call('SET', KEYS[2 + k], ARGV[8 + k] .. string.format(' %d %s', seq, epoch), 'PX', ARGV[7])
+      records[k] = ARGV[8 + k] .. string.format(' %d %s', seq, epoch)
+      redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
     end
     table.insert(out, '')
   end
@@ -972,11 +974,11 @@ impl RedisStore {
         topic: &Topic,
         all: &[(NewEvent, Option<Once>)],
         events: &[usize],
-        keys: &[Once],
+        keys: &IndexMap<KeyDigest, Fingerprint>,
         window: Duration,
     ) -> (Vec<String>, Vec<String>) {
         let mut redis_keys = vec![self.keys.meta(topic), self.keys.events(topic)];
-        redis_keys.extend(keys.iter().map(|once| self.keys.once(&once.key)));
+        redis_keys.extend(keys.keys().map(|key| self.keys.once(key)));
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut args = vec![
             self.keys.channel(topic),
@@ -990,11 +992,11 @@ impl RedisStore {
         }
         args.push(window_ms.to_string());
         args.push(keys.len().to_string());
-        args.extend(keys.iter().map(|once| once.fingerprint.hex()));
+        args.extend(keys.values().map(Fingerprint::hex));
         for &i in events {
             let (event, once) = &all[i];
             let k = once
-                .and_then(|once| keys.iter().position(|k| k.key == once.key))
+                .and_then(|once| keys.get_index_of(&once.key))
                 .map_or(0, |k| k + 1);
             args.push(k.to_string());
             args.push(event.name.as_ref().map_or("", EventName::as_str).to_owned());
@@ -1092,16 +1094,16 @@ impl Store for RedisStore {
         // Group by topic, keeping each topic's order, and remember where
         // each event goes back in the answer.
         let mut topics: Vec<(&Topic, Vec<usize>)> = Vec::new();
-        let mut keys: Vec<Once> = Vec::new();
+        // The request's distinct keys, each with its fingerprint (callers
+        // never pass one key with two).
+        let mut keys: IndexMap<KeyDigest, Fingerprint> = IndexMap::new();
         for (i, (event, once)) in events.iter().enumerate() {
             match topics.iter_mut().find(|(t, _)| *t == &event.topic) {
                 Some((_, list)) => list.push(i),
                 None => topics.push((&event.topic, vec![i])),
             }
-            if let Some(once) = once
-                && !keys.iter().any(|k| k.key == once.key)
-            {
-                keys.push(*once);
+            if let Some(once) = once {
+                keys.entry(once.key).or_insert(once.fingerprint);
             }
         }
         let mut commands = self.commands.clone();
@@ -1148,14 +1150,14 @@ impl Store for RedisStore {
             if parts.first().and_then(as_text).as_deref() == Some("reused") {
                 // Every topic's script saw the same records: nothing of the
                 // request was stored. Name the first event with that key.
-                let k = parts
+                let (key, _) = parts
                     .get(1)
                     .and_then(as_u64)
-                    .and_then(|k| keys.get(usize::try_from(k).ok()?.checked_sub(1)?))
+                    .and_then(|k| keys.get_index(usize::try_from(k).ok()?.checked_sub(1)?))
                     .ok_or_else(|| malformed("publish"))?;
                 let item = events
                     .iter()
-                    .position(|(_, once)| once.is_some_and(|o| o.key == k.key))
+                    .position(|(_, once)| once.is_some_and(|o| o.key == *key))
                     .ok_or_else(|| malformed("publish"))?;
                 return Err(StoreError::KeyReused { item });
             }

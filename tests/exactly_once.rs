@@ -208,6 +208,21 @@ async fn a_key_is_forgotten_after_the_idempotency_window() {
     );
 }
 
+async fn a_zero_window_checks_keys_but_remembers_none() {
+    let server = Server::start_with(|c| c.idempotency_window = Duration::ZERO).await;
+    assert_stored(&publish_keyed(&server, "z", "k", "same").await, "z", 1);
+    assert_stored(&publish_keyed(&server, "z", "k", "same").await, "z", 2);
+    let bad = server
+        .client
+        .post(server.url("/topics/z"))
+        .header("idempotency-key", "not ok")
+        .body("same")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(bad, 400, "invalid-idempotency-key").await;
+}
+
 async fn a_key_reused_for_another_event_is_refused_and_nothing_is_stored() {
     let server = Server::start().await;
     let mut sub = server.subscribe("/topics/a").await;
@@ -519,6 +534,7 @@ on_every_store!(
     a_publish_whose_answer_is_lost_is_stored_once_when_retried,
     concurrent_publishes_with_one_key_store_one_event_and_share_its_answer,
     a_key_is_forgotten_after_the_idempotency_window,
+    a_zero_window_checks_keys_but_remembers_none,
     a_key_reused_for_another_event_is_refused_and_nothing_is_stored,
     a_malformed_idempotency_key_is_refused_without_quoting_it,
     batches_store_new_keyed_items_and_answer_seen_ones_with_their_receipts,

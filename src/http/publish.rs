@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::access::credentials;
 use super::{ApiError, AppState};
 use crate::auth::OriginKind;
-use crate::event::{Event, EventName, Topic};
+use crate::event::{EventName, Position, Topic};
 use crate::limits::ClientKey;
 use crate::store::{Appended, IdempotencyKey, NewEvent, Once, Receipt, StoreError};
 
@@ -21,7 +21,8 @@ use crate::store::{Appended, IdempotencyKey, NewEvent, Once, Receipt, StoreError
 /// now, and the body is the first request's.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
-/// What a publisher learns about each stored event.
+/// What a publisher learns about each stored event (from its receipt, so a
+/// replay answers exactly what the first request was answered).
 #[derive(Debug, Serialize)]
 pub struct Published {
     topic: String,
@@ -30,21 +31,11 @@ pub struct Published {
     seq: u64,
 }
 
-impl From<&Event> for Published {
-    fn from(event: &Event) -> Published {
-        Published {
-            topic: event.topic.to_string(),
-            id: event.position().to_string(),
-            seq: event.seq,
-        }
-    }
-}
-
 impl From<&Receipt> for Published {
     fn from(receipt: &Receipt) -> Published {
         Published {
             topic: receipt.topic.to_string(),
-            id: crate::event::Position::new(receipt.seq, receipt.epoch).to_string(),
+            id: Position::new(receipt.seq, receipt.epoch).to_string(),
             seq: receipt.seq,
         }
     }

@@ -105,6 +105,18 @@ pub struct Config {
     #[arg(long, env = "CRIER_MAX_TOPICS", default_value_t = 100_000)]
     pub max_topics: usize,
 
+    /// How long an `Idempotency-Key` is remembered: a publish repeating a
+    /// key within it stores nothing and is answered like the first (0:
+    /// keys are checked but not remembered).
+    #[arg(long, env = "CRIER_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
+
+    /// Most idempotency keys the embedded store remembers at once (about
+    /// 300 bytes each); a publish with a new key past it gets 507. (With
+    /// Redis, keys live in Redis, each expiring after the window.)
+    #[arg(long, env = "CRIER_IDEMPOTENCY_MAX_KEYS", default_value_t = 100_000)]
+    pub idempotency_max_keys: usize,
+
     /// Largest event payload accepted, in bytes, counted as encoded: each
     /// line break adds a `data: ` line of 7 bytes (larger ones get 413).
     #[arg(long, env = "CRIER_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
@@ -386,6 +398,7 @@ impl Config {
         crate::store::Budget {
             max_bytes: self.max_retained_bytes,
             max_topics: self.max_topics,
+            max_keys: self.idempotency_max_keys,
         }
     }
 

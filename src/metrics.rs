@@ -48,6 +48,7 @@ struct Inner {
     subscriptions: Gauge,
     watched_topics: Gauge,
     published: [Counter; PublishResult::ALL.len()],
+    idempotency: [Counter; Idempotency::ALL.len()],
     batches: Counter,
     deliveries: HotCounter,
     deliveries_out: Counter,
@@ -173,6 +174,26 @@ impl PublishResult {
             PublishResult::StorageFull => "storage_full",
             PublishResult::StoreUnavailable => "store_unavailable",
             PublishResult::StoreError => "store_error",
+        }
+    }
+}
+
+/// What an idempotency key did to a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotency {
+    /// An event answered from its key's record, not stored again.
+    Replayed,
+    /// A request refused (422): a key of it was used for another event.
+    Mismatch,
+}
+
+impl Idempotency {
+    const ALL: [Idempotency; 2] = [Idempotency::Replayed, Idempotency::Mismatch];
+
+    fn label(self) -> &'static str {
+        match self {
+            Idempotency::Replayed => "replayed",
+            Idempotency::Mismatch => "mismatch",
         }
     }
 }
@@ -478,6 +499,12 @@ impl Metrics {
             "result",
             PublishResult::ALL.map(PublishResult::label),
         );
+        let idempotency = r.counters(
+            "crier_idempotency_total",
+            "Events answered from their Idempotency-Key's record instead of stored again (replayed), and publishes refused with 422 because a key was used for another event (mismatch).",
+            "outcome",
+            Idempotency::ALL.map(Idempotency::label),
+        );
         let batches = r.counter(
             "crier_publish_batches_total",
             "Batches (POST /events) stored.",
@@ -547,6 +574,7 @@ impl Metrics {
                 subscriptions,
                 watched_topics,
                 published,
+                idempotency,
                 batches,
                 deliveries: HotCounter::default(),
                 deliveries_out,
@@ -628,6 +656,16 @@ impl Metrics {
             .position(|r| *r == result)
             .unwrap_or_default();
         self.inner.published[i].increment(events as u64);
+    }
+
+    pub fn idempotency(&self, outcome: Idempotency, n: usize) {
+        let i = Idempotency::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or_default();
+        if n > 0 {
+            self.inner.idempotency[i].increment(n as u64);
+        }
     }
 
     pub fn batch_stored(&self) {

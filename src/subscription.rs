@@ -796,6 +796,7 @@ mod tests {
                 crate::store::Budget {
                     max_bytes: usize::MAX,
                     max_topics: usize::MAX,
+                    max_keys: usize::MAX,
                 },
             ),
             refuse_after,

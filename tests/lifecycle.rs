@@ -104,6 +104,8 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ("--write-timeout", "CRIER_WRITE_TIMEOUT"),
         ("--max-retained-bytes", "CRIER_MAX_RETAINED_BYTES"),
         ("--max-topics", "CRIER_MAX_TOPICS"),
+        ("--idempotency-window", "CRIER_IDEMPOTENCY_WINDOW"),
+        ("--idempotency-max-keys", "CRIER_IDEMPOTENCY_MAX_KEYS"),
         ("--listen-backlog", "CRIER_LISTEN_BACKLOG"),
         ("--log-format", "CRIER_LOG_FORMAT"),
         ("--tls-cert", "CRIER_TLS_CERT"),

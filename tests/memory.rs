@@ -518,3 +518,58 @@ async fn a_topic_explosion_stops_at_the_topic_budget_with_bounded_memory() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_past_their_cap_are_refused_and_memory_stays_bounded() {
+    const KEYS: usize = 50_000;
+    let hub = Process::start(&[
+        "--idempotency-max-keys",
+        &KEYS.to_string(),
+        "--publish-rate",
+        "0",
+        "--retention-events",
+        "1",
+    ]);
+    let client = common::client();
+    let batch = |from: usize| {
+        let items: Vec<serde_json::Value> = (from..from + 1000)
+            .map(|n| serde_json::json!({"topic": "t", "data": "x", "idempotency_key": format!("key-{n}")}))
+            .collect();
+        client
+            .post(format!("{}/events", hub.base))
+            .json(&items)
+            .send()
+    };
+    let before = hub.rss_kib();
+    for from in (0..KEYS).step_by(1000) {
+        assert_eq!(batch(from).await.unwrap().status(), 201);
+    }
+    let rise = hub.rss_kib().saturating_sub(before);
+    eprintln!(
+        "{KEYS} idempotency keys: RSS rise {rise} KiB, {} bytes a key",
+        rise * 1024 / KEYS as u64
+    );
+    assert!(
+        rise < 24 * 1024,
+        "resident memory rose by {rise} KiB for {KEYS} keys"
+    );
+    // At the cap a new key is refused, nothing of its batch stored; a
+    // retry of keys already held, and a publish without a key, go on.
+    assert_problem(batch(KEYS).await.unwrap(), 507, "storage-full").await;
+    let retry = batch(KEYS - 1000).await.unwrap();
+    assert_eq!(retry.status(), 201);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let plain = client
+        .post(format!("{}/topics/t", hub.base))
+        .body("no key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 201);
+    let answer: serde_json::Value = plain.json().await.unwrap();
+    assert_eq!(
+        answer["seq"],
+        KEYS as u64 + 1,
+        "the refused batch stored nothing"
+    );
+}

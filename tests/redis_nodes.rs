@@ -685,3 +685,103 @@ async fn topics_nobody_watches_are_unsubscribed_and_watched_ones_come_back() {
     assert_eq!(again.next().await, Ev::new(&id, "message", "back"));
     server.stop().await;
 }
+
+/// A publish of `data` to `topic` with an `Idempotency-Key`: the answer's
+/// status, whether it is marked as a replay, and its body.
+async fn publish_keyed(server: &Server, topic: &str, key: &str, data: &str) -> (u16, bool, Value) {
+    let response = server
+        .client
+        .post(server.url(&format!("/topics/{topic}")))
+        .header("idempotency-key", key)
+        .body(data.to_owned())
+        .send()
+        .await
+        .expect("publish request");
+    let status = response.status().as_u16();
+    let replayed = response.headers().get("idempotent-replayed").is_some();
+    (
+        status,
+        replayed,
+        response.json().await.expect("JSON answer"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_answered_503_because_redis_was_slow_is_stored_once_when_retried() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis.url()).await, node(&redis.url()).await);
+    let mut on_b = b.subscribe("/topics/t").await;
+    let warm = a.publish_id("t", "before").await;
+    let data = "invoice 9 sent";
+    // Redis freezes for longer than --redis-timeout: the publish has
+    // reached it, and the publisher is told 503.
+    let (status, _, body) = {
+        let _paused = redis.pause();
+        publish_keyed(&a, "t", "invoice-9", data).await
+    };
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:crier:problem:store-unavailable");
+    // Redis goes on and runs what it had received: the event is stored,
+    // though its publisher was told otherwise (a blind retry would store
+    // it twice).
+    wait_for("Redis to store the unanswered publish", || {
+        redis.cli(&["XLEN", "crier:{t}:events"]) == "2"
+    })
+    .await;
+
+    // The publisher retries until it is answered: a replay of that event.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let (replayed, retry) = loop {
+        let (status, replayed, body) = publish_keyed(&a, "t", "invoice-9", data).await;
+        if status == 201 {
+            break (replayed, body);
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "never answered 201");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        replayed,
+        "the retry is answered from the key's record: {retry}"
+    );
+    let id = retry["id"].as_str().unwrap();
+    assert_eq!(seq_of(id), 2);
+    let after = b.publish_id("t", "after").await;
+    assert_eq!(
+        on_b.take(3).await,
+        [
+            Ev::new(&warm, "message", "before"),
+            Ev::new(id, "message", data),
+            Ev::new(&after, "message", "after"),
+        ]
+    );
+    assert_eq!(seq_of(&after), 3, "stored once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_used_on_one_node_is_replayed_on_another() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis.url()).await, node(&redis.url()).await);
+    let mut on_a = a.subscribe("/topics/t").await;
+    let (status, replayed, first) = publish_keyed(&a, "t", "k-1", "once").await;
+    assert_eq!((status, replayed), (201, false), "{first}");
+    let (status, replayed, again) = publish_keyed(&b, "t", "k-1", "once").await;
+    assert_eq!((status, replayed), (201, true), "{again}");
+    assert_eq!(again, first, "node b answers with node a's receipt");
+    let (status, _, refused) = publish_keyed(&b, "t", "k-1", "twice").await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["type"], "urn:crier:problem:idempotency-key-reused");
+    // The record lives in Redis, under the prefix, expiring with the window.
+    let records = redis.cli(&["KEYS", "crier:once:*"]);
+    assert_eq!(records.lines().count(), 1, "{records}");
+    let ttl: u64 = redis.cli(&["PTTL", records.trim()]).parse().unwrap();
+    assert!((1..=300_000).contains(&ttl), "{ttl}");
+    let next = b.publish_id("t", "next").await;
+    assert_eq!(
+        on_a.take(2).await,
+        [
+            Ev::new(first["id"].as_str().unwrap(), "message", "once"),
+            Ev::new(&next, "message", "next"),
+        ]
+    );
+}

@@ -101,6 +101,20 @@ impl Principal {
             _ => format!("ip:{client}"),
         }
     }
+
+    /// Whose idempotency keys these are: the token's subject, so publishers
+    /// with their own subjects can neither collide nor probe each other's
+    /// keys. Without tokens, and for tokens without a subject, one scope is
+    /// shared (not the client address: a retry may come from another one).
+    pub fn key_scope(&self) -> String {
+        match self {
+            Principal::Token(Verified {
+                subject: Some(subject),
+                ..
+            }) => format!("sub:{subject}"),
+            _ => String::new(),
+        }
+    }
 }
 
 impl Auth {

@@ -88,8 +88,13 @@ pub fn cors_layer(origins: &AllowedOrigins) -> CorsLayer {
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
             HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("idempotency-key"),
         ])
-        .expose_headers([header::WWW_AUTHENTICATE, header::RETRY_AFTER])
+        .expose_headers([
+            header::WWW_AUTHENTICATE,
+            header::RETRY_AFTER,
+            HeaderName::from_static(super::publish::REPLAYED_HEADER),
+        ])
         .max_age(Duration::from_secs(3600));
     if origins.is_any() {
         return layer.allow_origin(AllowOrigin::any());

@@ -9,7 +9,7 @@ use crate::auth::{AuthError, TokenError};
 use crate::event::{InvalidCursor, InvalidEventName, InvalidTopic};
 use crate::limits::LimitError;
 use crate::metrics::Refusal;
-use crate::store::StoreError;
+use crate::store::{InvalidIdempotencyKey, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -38,6 +38,19 @@ pub enum ApiError {
     NoTopic,
     #[error("a subscription may name at most {limit} topics")]
     TooManyTopics { limit: usize },
+    #[error("invalid {place}: {reason}")]
+    InvalidIdempotencyKey {
+        place: String,
+        reason: InvalidIdempotencyKey,
+    },
+    #[error(
+        "this Idempotency-Key was used within the idempotency window for another event (another topic, event name or data); nothing was stored"
+    )]
+    KeyReused,
+    #[error(
+        "the idempotency_key of item {item} was used within the idempotency window for another event (another topic, event name or data); nothing of the batch was stored"
+    )]
+    BatchKeyReused { item: usize },
     #[error("malformed batch: {0}")]
     MalformedBatch(String),
     #[error("the batch holds more than {limit} events")]
@@ -68,6 +81,9 @@ impl ApiError {
             }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::KeyReused
+            | ApiError::BatchKeyReused { .. }
+            | ApiError::Store(StoreError::KeyReused { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             // Asking again cannot help: not an outage.
             ApiError::Store(StoreError::Rejected(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(StoreError::Full(_)) => StatusCode::INSUFFICIENT_STORAGE,
@@ -98,6 +114,10 @@ impl ApiError {
             ApiError::InvalidParameter { .. } => "invalid-parameter",
             ApiError::NoTopic => "no-topic",
             ApiError::TooManyTopics { .. } => "too-many-topics",
+            ApiError::InvalidIdempotencyKey { .. } => "invalid-idempotency-key",
+            ApiError::KeyReused
+            | ApiError::BatchKeyReused { .. }
+            | ApiError::Store(StoreError::KeyReused { .. }) => "idempotency-key-reused",
             ApiError::MalformedBatch(_) => "malformed-batch",
             ApiError::BatchTooLong { .. } => "batch-too-long",
             ApiError::MethodNotAllowed { .. } => "method-not-allowed",
@@ -135,6 +155,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } | ApiError::NotFound(_) => Refusal::NotFound,
             ApiError::Store(StoreError::Full(_)) => Refusal::StorageFull,
             ApiError::Store(StoreError::Rejected(_)) => Refusal::StoreError,
+            ApiError::Store(StoreError::KeyReused { .. }) => Refusal::BadInput,
             ApiError::Store(_) => Refusal::StoreUnavailable,
             ApiError::Draining => Refusal::Draining,
             ApiError::Auth(AuthError::Origin(_)) => Refusal::Origin,
@@ -154,6 +175,9 @@ impl ApiError {
             | ApiError::NoTopic
             | ApiError::TooManyTopics { .. }
             | ApiError::MalformedBatch(_)
+            | ApiError::InvalidIdempotencyKey { .. }
+            | ApiError::KeyReused
+            | ApiError::BatchKeyReused { .. }
             | ApiError::BatchTooLong { .. }
             | ApiError::MalformedTicketRequest(_) => Refusal::BadInput,
         }

@@ -6,17 +6,23 @@ use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 
 use super::access::credentials;
 use super::{ApiError, AppState};
 use crate::auth::OriginKind;
-use crate::event::{Event, EventName, Topic};
+use crate::event::{EventName, Position, Topic};
 use crate::limits::ClientKey;
-use crate::store::NewEvent;
+use crate::store::{Appended, IdempotencyKey, NewEvent, Once, Receipt, StoreError};
 
-/// What a publisher learns about each stored event.
+/// The answer header that says a publish was a retry: nothing was stored
+/// now, and the body is the first request's.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// What a publisher learns about each stored event (from its receipt, so a
+/// replay answers exactly what the first request was answered).
 #[derive(Debug, Serialize)]
 pub struct Published {
     topic: String,
@@ -25,14 +31,46 @@ pub struct Published {
     seq: u64,
 }
 
-impl From<&Event> for Published {
-    fn from(event: &Event) -> Published {
+impl From<&Receipt> for Published {
+    fn from(receipt: &Receipt) -> Published {
         Published {
-            topic: event.topic.to_string(),
-            id: event.position().to_string(),
-            seq: event.seq,
+            topic: receipt.topic.to_string(),
+            id: Position::new(receipt.seq, receipt.epoch).to_string(),
+            seq: receipt.seq,
         }
     }
+}
+
+/// A `201` answer, marked as a replay when nothing was stored now.
+fn created(body: impl Serialize, replayed: bool) -> Response {
+    let mut response = (StatusCode::CREATED, Json(body)).into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert(REPLAYED_HEADER, header::HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// The `Idempotency-Key` header, if the request has one (only one).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let place = || "Idempotency-Key header".to_owned();
+    if values.next().is_some() {
+        return Err(ApiError::InvalidIdempotencyKey {
+            place: place(),
+            reason: crate::store::InvalidIdempotencyKey,
+        });
+    }
+    IdempotencyKey::parse(value.as_bytes())
+        .map(Some)
+        .map_err(|reason| ApiError::InvalidIdempotencyKey {
+            place: place(),
+            reason,
+        })
 }
 
 pub async fn one(
@@ -43,8 +81,9 @@ pub async fn one(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Published>), ApiError> {
+) -> Result<Response, ApiError> {
     let topic = super::subscribe::parse_topic(path, &state)?;
+    let key = idempotency_key(&headers)?;
     // Who is asking, and may they, before the body is read.
     let principal =
         state
@@ -73,19 +112,24 @@ pub async fn one(
             limit: state.config.max_event_bytes,
         });
     }
-    let stored = state
+    let event = NewEvent { topic, name, data };
+    let window = state.config.idempotency_window;
+    let once = key
+        .filter(|_| !window.is_zero())
+        .map(|key| Once::new(&key, &principal.key_scope(), &event));
+    let appended = state
         .store
-        .append(vec![NewEvent { topic, name, data }])
-        .await?;
-    let published = stored
-        .first()
-        .map(|e| Published::from(&**e))
-        .ok_or_else(|| {
-            ApiError::Store(crate::store::StoreError::Unavailable(
-                "the store stored nothing".into(),
-            ))
+        .append_once(vec![(event, once)], window)
+        .await
+        .map_err(|error| match error {
+            StoreError::KeyReused { .. } => ApiError::KeyReused,
+            other => other.into(),
         })?;
-    Ok((StatusCode::CREATED, Json(published)))
+    let appended = appended.first().ok_or_else(|| {
+        ApiError::Store(StoreError::Unavailable("the store stored nothing".into()))
+    })?;
+    let replayed = matches!(appended, Appended::Replayed(_));
+    Ok(created(Published::from(&appended.receipt()), replayed))
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,11 +139,23 @@ struct BatchItem {
     data: serde_json::Value,
     #[serde(default)]
     event: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct BatchPublished {
-    events: Vec<Published>,
+    events: Vec<BatchReceipt>,
+}
+
+/// One item's answer: where its event is, and `replayed: true` when its
+/// key's record answered it and nothing was stored now.
+#[derive(Debug, Serialize)]
+struct BatchReceipt {
+    #[serde(flatten)]
+    published: Published,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replayed: bool,
 }
 
 pub async fn batch(
@@ -108,7 +164,7 @@ pub async fn batch(
     client: Option<Extension<ClientKey>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<BatchPublished>), ApiError> {
+) -> Result<Response, ApiError> {
     let config = &state.config;
     // A bad token is refused before the body is read; grants are checked
     // once the body says which topics it names.
@@ -124,6 +180,7 @@ pub async fn batch(
         });
     }
     let mut events = Vec::with_capacity(items.len());
+    let mut keys = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let bad = |what: String| ApiError::MalformedBatch(format!("item {i}: {what}"));
         let topic = Topic::parse(&item.topic, config.max_topic_len)
@@ -144,7 +201,17 @@ pub async fn batch(
                 config.max_event_bytes
             )));
         }
+        let key = item
+            .idempotency_key
+            .as_deref()
+            .map(|key| IdempotencyKey::parse(key.as_bytes()))
+            .transpose()
+            .map_err(|reason| ApiError::InvalidIdempotencyKey {
+                place: format!("idempotency_key of item {i}"),
+                reason,
+            })?;
         events.push(NewEvent { topic, name, data });
+        keys.push(key);
     }
     state
         .auth
@@ -152,14 +219,44 @@ pub async fn batch(
     state
         .limits
         .publish(&principal.rate_key(&client_name(client)), events.len())?;
-    let stored = state.store.append(events).await?;
+    let window = config.idempotency_window;
+    let scope = principal.key_scope();
+    let events: Vec<(NewEvent, Option<Once>)> = events
+        .into_iter()
+        .zip(keys)
+        .map(|(event, key)| {
+            let once = key
+                .filter(|_| !window.is_zero())
+                .map(|key| Once::new(&key, &scope, &event));
+            (event, once)
+        })
+        .collect();
+    let onces: Vec<Option<Once>> = events.iter().map(|(_, once)| *once).collect();
+    if let Some(item) = crate::store::once::conflict_within(&onces) {
+        state
+            .metrics
+            .idempotency(crate::metrics::Idempotency::Mismatch, 1);
+        return Err(ApiError::BatchKeyReused { item });
+    }
+    let appended = state
+        .store
+        .append_once(events, window)
+        .await
+        .map_err(|error| match error {
+            StoreError::KeyReused { item } => ApiError::BatchKeyReused { item },
+            other => other.into(),
+        })?;
     state.metrics.batch_stored();
-    Ok((
-        StatusCode::CREATED,
-        Json(BatchPublished {
-            events: stored.iter().map(|e| Published::from(&**e)).collect(),
-        }),
-    ))
+    let all_replayed =
+        !appended.is_empty() && appended.iter().all(|a| matches!(a, Appended::Replayed(_)));
+    let events = appended
+        .iter()
+        .map(|a| BatchReceipt {
+            published: Published::from(&a.receipt()),
+            replayed: matches!(a, Appended::Replayed(_)),
+        })
+        .collect();
+    Ok(created(BatchPublished { events }, all_replayed))
 }
 
 /// Whether `data` stays within `limit` once encoded: a payload of `limit`

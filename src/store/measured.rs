@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{History, NewEvent, Store, StoreError};
+use super::{Appended, History, NewEvent, Once, Store, StoreError};
 use crate::event::{Event, Topic};
-use crate::metrics::{Metrics, PublishResult, StoreErrorKind, StoreOp};
+use crate::metrics::{Idempotency, Metrics, PublishResult, StoreErrorKind, StoreOp};
 
 pub struct Measured {
     inner: Arc<dyn Store>,
@@ -31,10 +31,22 @@ impl Measured {
                 }
                 StoreError::Rejected(_) => StoreErrorKind::Rejected,
                 StoreError::Full(_) => StoreErrorKind::Full,
+                // The request's fault, not the store's: counted apart.
+                StoreError::KeyReused { .. } => return result,
             };
             self.metrics.store_failed(op, kind);
         }
         result
+    }
+}
+
+/// What became of the events of an append, for the metrics.
+fn outcome<T>(result: &Result<T, StoreError>) -> PublishResult {
+    match result {
+        Ok(_) => PublishResult::Stored,
+        Err(StoreError::Full(_)) => PublishResult::StorageFull,
+        Err(StoreError::Rejected(_)) => PublishResult::StoreError,
+        Err(_) => PublishResult::StoreUnavailable,
     }
 }
 
@@ -45,13 +57,33 @@ impl Store for Measured {
         let start = Instant::now();
         let result = self.inner.append(events).await;
         self.metrics.store_took(StoreOp::Append, start.elapsed());
-        let outcome = match &result {
-            Ok(_) => PublishResult::Stored,
-            Err(StoreError::Full(_)) => PublishResult::StorageFull,
-            Err(StoreError::Rejected(_)) => PublishResult::StoreError,
-            Err(_) => PublishResult::StoreUnavailable,
-        };
-        self.metrics.published(outcome, n);
+        self.metrics.published(outcome(&result), n);
+        self.failed(StoreOp::Append, result)
+    }
+
+    async fn append_once(
+        &self,
+        events: Vec<(NewEvent, Option<Once>)>,
+        window: Duration,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let n = events.len();
+        let start = Instant::now();
+        let result = self.inner.append_once(events, window).await;
+        self.metrics.store_took(StoreOp::Append, start.elapsed());
+        match &result {
+            Ok(appended) => {
+                let replayed = appended
+                    .iter()
+                    .filter(|a| matches!(a, Appended::Replayed(_)))
+                    .count();
+                self.metrics.published(PublishResult::Stored, n - replayed);
+                self.metrics.idempotency(Idempotency::Replayed, replayed);
+            }
+            Err(StoreError::KeyReused { .. }) => {
+                self.metrics.idempotency(Idempotency::Mismatch, 1);
+            }
+            Err(_) => self.metrics.published(outcome(&result), n),
+        }
         self.failed(StoreOp::Append, result)
     }
 

@@ -16,7 +16,10 @@ use indexmap::IndexMap;
 use tokio_util::sync::CancellationToken;
 
 use super::sweep::{Sweep, sweep_map};
-use super::{History, MAX_SEQ, NewEvent, Retention, Store, StoreError};
+use super::{
+    Appended, Fingerprint, History, KeyDigest, MAX_SEQ, NewEvent, Once, Receipt, Retention, Store,
+    StoreError,
+};
 use crate::event::{Epoch, Event, Topic};
 use crate::hub::Hub;
 
@@ -34,6 +37,48 @@ pub struct MemoryStore {
     topic_count: AtomicUsize,
     /// Tickets by digest: record and expiry. Expired ones are swept.
     tickets: Mutex<IndexMap<String, (String, Instant)>>,
+    /// Idempotency records. A keyed append holds this lock from its check
+    /// to its record, around the topics' own locks: concurrent appends with
+    /// one key are thereby one after the other.
+    once: Mutex<OnceRecords>,
+}
+
+/// Idempotency records by key, and their keys in order of expiry (one
+/// window for all: the order they were made), so expired ones are dropped
+/// from the front as new ones come, without a scan.
+#[derive(Default)]
+struct OnceRecords {
+    by_key: std::collections::HashMap<KeyDigest, OnceRecord>,
+    expiry: VecDeque<(Instant, KeyDigest)>,
+}
+
+struct OnceRecord {
+    fingerprint: Fingerprint,
+    receipt: Receipt,
+    expires: Instant,
+}
+
+impl OnceRecords {
+    /// Forgets records past their window.
+    fn prune(&mut self, now: Instant) -> usize {
+        let mut pruned = 0;
+        while let Some(&(expires, key)) = self.expiry.front() {
+            if expires > now {
+                break;
+            }
+            self.expiry.pop_front();
+            // A key recorded again since has a later expiry of its own.
+            if self.by_key.get(&key).is_some_and(|r| r.expires == expires) {
+                self.by_key.remove(&key);
+                pruned += 1;
+            }
+        }
+        pruned
+    }
+
+    fn live(&self, key: &KeyDigest, now: Instant) -> Option<&OnceRecord> {
+        self.by_key.get(key).filter(|r| r.expires > now)
+    }
 }
 
 /// How much the store may hold: a publish that would take it past either
@@ -42,6 +87,8 @@ pub struct MemoryStore {
 pub struct Budget {
     pub max_bytes: usize,
     pub max_topics: usize,
+    /// Idempotency records kept at once (`--idempotency-max-keys`).
+    pub max_keys: usize,
 }
 
 const SHARDS: usize = 256;
@@ -125,6 +172,7 @@ impl MemoryStore {
             retained_bytes: Arc::new(AtomicUsize::new(0)),
             topic_count: AtomicUsize::new(0),
             tickets: Mutex::new(IndexMap::new()),
+            once: Mutex::new(OnceRecords::default()),
         }
     }
 
@@ -158,6 +206,7 @@ impl MemoryStore {
         let now = started;
         let mut sweep = Sweep::default();
         let tickets = sweep_map(&self.tickets, |_, (_, expires)| *expires > now, &mut sweep).await;
+        let keys_expired = lock(&self.once).prune(now);
         let mut topics = 0;
         for shard in self.shards.iter() {
             let removed = sweep_map(
@@ -181,6 +230,7 @@ impl MemoryStore {
             slow_holds = sweep.slow_holds,
             topics_forgotten = topics,
             tickets_expired = tickets,
+            keys_expired,
             longest_hold_us = sweep.longest_hold.as_micros() as u64,
             took_ms = started.elapsed().as_millis() as u64,
             "swept the store"
@@ -241,6 +291,21 @@ impl MemoryStore {
         }
     }
 
+    /// Numbers and stores `events`, all or none.
+    fn append_now(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
+        // All or none: room for the whole batch, and every topic it names,
+        // is checked before anything is stored.
+        let bytes = events
+            .iter()
+            .map(|e| crate::sse::encoded_data_len(&e.data) + 64)
+            .sum();
+        self.check_room(bytes)?;
+        for event in &events {
+            drop(self.log(&event.topic)?);
+        }
+        events.into_iter().map(|e| self.append_one(e)).collect()
+    }
+
     /// Whether `bytes` more fit in the budget. Concurrent publishes may
     /// each pass before the other is stored, so the budget can be exceeded
     /// by the batches in flight at one moment, never more.
@@ -259,17 +324,91 @@ impl MemoryStore {
 #[async_trait]
 impl Store for MemoryStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
-        // All or none: room for the whole batch, and every topic it names,
-        // is checked before anything is stored.
-        let bytes = events
-            .iter()
-            .map(|e| crate::sse::encoded_data_len(&e.data) + 64)
-            .sum();
-        self.check_room(bytes)?;
-        for event in &events {
-            drop(self.log(&event.topic)?);
+        self.append_now(events)
+    }
+
+    async fn append_once(
+        &self,
+        events: Vec<(NewEvent, Option<Once>)>,
+        window: Duration,
+    ) -> Result<Vec<Appended>, StoreError> {
+        if events.iter().all(|(_, once)| once.is_none()) {
+            let stored = self.append_now(events.into_iter().map(|(e, _)| e).collect())?;
+            return Ok(stored.into_iter().map(Appended::Stored).collect());
         }
-        events.into_iter().map(|e| self.append_one(e)).collect()
+        let mut records = lock(&self.once);
+        let now = Instant::now();
+        records.prune(now);
+        // What each event is: a replay of a record, of an earlier event of
+        // this call, or new. A key used for another event refuses it all.
+        enum Plan {
+            Replay(Receipt),
+            SameAs(usize),
+            New,
+        }
+        let mut plans = Vec::with_capacity(events.len());
+        let mut new_keys = 0;
+        for (i, (_, once)) in events.iter().enumerate() {
+            let Some(once) = once else {
+                plans.push(Plan::New);
+                continue;
+            };
+            if let Some(record) = records.live(&once.key, now) {
+                if record.fingerprint != once.fingerprint {
+                    return Err(StoreError::KeyReused { item: i });
+                }
+                plans.push(Plan::Replay(record.receipt.clone()));
+            } else if let Some(j) = events[..i]
+                .iter()
+                .position(|(_, o)| o.is_some_and(|o| o.key == once.key))
+            {
+                plans.push(Plan::SameAs(j));
+            } else {
+                new_keys += 1;
+                plans.push(Plan::New);
+            }
+        }
+        if records.by_key.len() + new_keys > self.budget.max_keys {
+            return Err(StoreError::Full(format!(
+                "the hub holds {} idempotency keys, its limit (--idempotency-max-keys)",
+                self.budget.max_keys
+            )));
+        }
+        let fresh: Vec<NewEvent> = events
+            .iter()
+            .zip(&plans)
+            .filter(|(_, plan)| matches!(plan, Plan::New))
+            .map(|((event, _), _)| event.clone())
+            .collect();
+        let mut stored = self.append_now(fresh)?.into_iter();
+        let expires = now + window;
+        let mut answers: Vec<Appended> = Vec::with_capacity(events.len());
+        for ((_, once), plan) in events.iter().zip(plans) {
+            let answer = match plan {
+                Plan::Replay(receipt) => Appended::Replayed(receipt),
+                Plan::SameAs(j) => Appended::Replayed(answers[j].receipt()),
+                Plan::New => {
+                    let event = stored.next().ok_or_else(|| {
+                        StoreError::Rejected("the store stored fewer events than asked".into())
+                    })?;
+                    if let Some(once) = once {
+                        let receipt = Receipt::from(&*event);
+                        records.by_key.insert(
+                            once.key,
+                            OnceRecord {
+                                fingerprint: once.fingerprint,
+                                receipt,
+                                expires,
+                            },
+                        );
+                        records.expiry.push_back((expires, once.key));
+                    }
+                    Appended::Stored(event)
+                }
+            };
+            answers.push(answer);
+        }
+        Ok(answers)
     }
 
     async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError> {

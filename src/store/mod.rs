@@ -8,6 +8,7 @@
 
 mod measured;
 mod memory;
+pub mod once;
 mod redis;
 pub(crate) mod sweep;
 
@@ -20,6 +21,7 @@ use crate::event::{Epoch, Event, EventName, Topic};
 
 pub use measured::Measured;
 pub use memory::{Budget, MemoryStore};
+pub use once::{Fingerprint, IdempotencyKey, InvalidIdempotencyKey, KeyDigest, Once};
 pub use redis::{CanarySettings, RedisStore};
 
 /// The highest sequence number a store hands out: 2^53 - 1, the largest
@@ -82,6 +84,50 @@ pub enum StoreError {
     /// A setting the store cannot work with; reported at start-up.
     #[error("invalid store configuration: {0}")]
     Config(String),
+    /// The idempotency key of event `item` of the request was used, within
+    /// the window, for another event (topic, name or data differ): nothing
+    /// of the request was stored.
+    #[error("the idempotency key of item {item} was already used for another event")]
+    KeyReused { item: usize },
+}
+
+/// Where a publish went: the topic, number and epoch a publisher is
+/// answered with, whether the event was stored now or by an earlier request
+/// with the same idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub topic: Topic,
+    pub seq: u64,
+    pub epoch: Epoch,
+}
+
+impl From<&Event> for Receipt {
+    fn from(event: &Event) -> Receipt {
+        Receipt {
+            topic: event.topic.clone(),
+            seq: event.seq,
+            epoch: event.epoch,
+        }
+    }
+}
+
+/// What became of one event of [`Store::append_once`].
+#[derive(Debug)]
+pub enum Appended {
+    /// Numbered and stored by this call.
+    Stored(Arc<Event>),
+    /// Its key was used within the window for this very event: nothing was
+    /// stored, and this is where the first request put it.
+    Replayed(Receipt),
+}
+
+impl Appended {
+    pub fn receipt(&self) -> Receipt {
+        match self {
+            Appended::Stored(event) => Receipt::from(&**event),
+            Appended::Replayed(receipt) => receipt.clone(),
+        }
+    }
 }
 
 #[async_trait]
@@ -104,6 +150,44 @@ pub trait Store: Send + Sync + 'static {
     async fn watch(&self, topic: &Topic) -> Result<(), StoreError> {
         let _ = topic;
         Ok(())
+    }
+
+    /// [`Store::append`] for events that may carry an idempotency key
+    /// ([`Once`]), so that a publisher's retries store each event once.
+    ///
+    /// What a store must do, all in one atomic step with the append (of two
+    /// concurrent calls with one key, on any node sharing the store, one
+    /// stores and the other replays):
+    /// - if any keyed event's key holds a record, made less than `window`
+    ///   ago, with another fingerprint: store nothing, `KeyReused { item }`;
+    /// - a keyed event whose key holds a live record with its fingerprint
+    ///   is not stored: `Replayed` with the receipt kept in the record;
+    /// - every other event is numbered and stored as `append` does (all or
+    ///   none, same limits): `Stored`; for a keyed one, a record of its
+    ///   fingerprint and receipt is kept under its key for `window`, so a
+    ///   later event of the same call with that key replays it.
+    ///
+    /// Answers come in the order of `events`. Callers never pass one key
+    /// twice with different fingerprints (see [`once::conflict_within`]).
+    /// Records count against the store's limits: past them, `Full`.
+    ///
+    /// The default serves calls without keys only, so a store that does not
+    /// keep records refuses keyed publishes rather than store duplicates.
+    async fn append_once(
+        &self,
+        events: Vec<(NewEvent, Option<Once>)>,
+        window: Duration,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let _ = window;
+        if events.iter().any(|(_, once)| once.is_some()) {
+            return Err(StoreError::Rejected(
+                "this store does not keep idempotency keys".into(),
+            ));
+        }
+        let stored = self
+            .append(events.into_iter().map(|(event, _)| event).collect())
+            .await?;
+        Ok(stored.into_iter().map(Appended::Stored).collect())
     }
 
     /// Keeps a ticket's record under `key` (the ticket's digest) for `ttl`.

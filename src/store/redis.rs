@@ -49,7 +49,10 @@ use redis::{Client, Script, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::sweep;
-use super::{History, MAX_SEQ, NewEvent, Retention, Store, StoreError};
+use super::{
+    Appended, Fingerprint, History, KeyDigest, MAX_SEQ, NewEvent, Once, Receipt, Retention, Store,
+    StoreError,
+};
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
 
@@ -72,10 +75,14 @@ end
     };
 }
 
-/// Numbers, appends, trims and publishes one topic's events.
-/// KEYS: meta, events. ARGV: channel, max events, max age ms, meta ttl ms,
-/// the epoch and number this node has already seen for the topic (empty if
-/// none), then a name and a data per event.
+/// Numbers, appends, trims and publishes one topic's events, and keeps
+/// their idempotency records.
+/// KEYS: meta, events, then the record key of every idempotency key of the
+/// whole request (all topics). ARGV: channel, max events, max age ms, meta
+/// ttl ms, the epoch and number this node has already seen for the topic
+/// (empty if none), the idempotency window ms, the number K of record keys,
+/// K fingerprints (hex), then per event: its record key's index (0: none),
+/// name, data.
 ///
 /// A number below what a node has already seen in the same epoch means the
 /// history went back in time (a restored snapshot, a failover to a lagging
@@ -85,33 +92,77 @@ end
 ///
 /// A topic whose number is not one the script could have written, or that
 /// would pass `MAX_SEQ`, is refused before anything is written: a script's
-/// earlier writes are not undone when a later command fails.
+/// earlier writes are not undone when a later command fails. So is a
+/// request one of whose keys holds another fingerprint (`{'reused', k}`);
+/// every topic's script of a batch checks every key of the batch, so they
+/// all see the same records and agree, and a batch is stored whole or not
+/// at all. An event whose key holds a record is not stored: its answer is
+/// the record's `SEQ EPOCH`; a stored event's answer is empty.
+/// A record is `FINGERPRINT SEQ EPOCH`, expiring after the window.
 const PUBLISH: &str = concat!(
     lua_fresh_epoch!(),
     r#"
+local nkeys = tonumber(ARGV[8])
+local records = {}
+for k = 1, nkeys do
+  local record = redis.call('GET', KEYS[2 + k])
+  if record and string.sub(record, 1, 64) ~= ARGV[8 + k] then
+    return {'reused', k}
+  end
+  records[k] = record
+end
+local base = 8 + nkeys
+local count = (#ARGV - base) / 3
+local fresh = 0
+local claimed = {}
+for i = 0, count - 1 do
+  local k = tonumber(ARGV[base + 3 * i + 1])
+  if k == 0 then
+    fresh = fresh + 1
+  elseif not records[k] and not claimed[k] then
+    claimed[k] = true
+    fresh = fresh + 1
+  end
+end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local epoch = '0'
 local seq = 0
-if not epoch then
-  epoch = fresh_epoch(nil)
-  redis.call('DEL', KEYS[2])
-else
-  seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-  if not seq or seq < 0 or seq % 1 ~= 0 or seq + (#ARGV - 6) / 2 > 9007199254740991 then
-    return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
-  end
-  if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
-    epoch = fresh_epoch(epoch)
+if fresh > 0 then
+  epoch = redis.call('HGET', KEYS[1], 'epoch')
+  if not epoch then
+    epoch = fresh_epoch(nil)
+    redis.call('DEL', KEYS[2])
+  else
+    seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+    if not seq or seq < 0 or seq % 1 ~= 0 or seq + fresh > 9007199254740991 then
+      return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
+    end
+    if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
+      epoch = fresh_epoch(epoch)
+    end
   end
 end
-local first = seq + 1
-for i = 7, #ARGV, 2 do
-  seq = seq + 1
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], string.format('%d-0', seq),
-    't', now_ms, 'e', ARGV[i], 'd', ARGV[i + 1])
-  redis.call('PUBLISH', ARGV[1], string.format('%d %s\n', seq, epoch) .. ARGV[i] .. '\n' .. ARGV[i + 1])
+local out = {epoch, seq + 1}
+for i = 0, count - 1 do
+  local k = tonumber(ARGV[base + 3 * i + 1])
+  local name = ARGV[base + 3 * i + 2]
+  local data = ARGV[base + 3 * i + 3]
+  if k > 0 and records[k] then
+    table.insert(out, string.sub(records[k], 66))
+  else
+    seq = seq + 1
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], string.format('%d-0', seq),
+      't', now_ms, 'e', name, 'd', data)
+    redis.call('PUBLISH', ARGV[1], string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
+    if k > 0 then
+      records[k] = ARGV[8 + k] .. string.format(' %d %s', seq, epoch)
+      redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
+    end
+    table.insert(out, '')
+  end
 end
+if fresh == 0 then return out end
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq)
 local cutoff = now_ms - tonumber(ARGV[3])
 while true do
@@ -126,7 +177,7 @@ while true do
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {epoch, first}
+return out
 "#
 );
 
@@ -361,6 +412,14 @@ impl Keys {
 
     fn events(&self, topic: &Topic) -> String {
         format!("{}{{{topic}}}:events", self.prefix)
+    }
+
+    /// An idempotency record. Not in its topic's hash slot: a key names
+    /// one event whatever its topic, so using it for another topic must be
+    /// seen. (The store works with one Redis, primary and replicas, not a
+    /// cluster: batches over several topics already need that.)
+    fn once(&self, key: &KeyDigest) -> String {
+        format!("{}once:{}", self.prefix, key.hex())
     }
 
     fn ticket(&self, digest: &str) -> String {
@@ -907,9 +966,20 @@ impl RedisStore {
         })
     }
 
-    /// The keys and arguments of the `PUBLISH` script for one topic's events.
-    fn publish_args(&self, topic: &Topic, events: &[&NewEvent]) -> ([String; 2], Vec<String>) {
-        let keys = [self.keys.meta(topic), self.keys.events(topic)];
+    /// The keys and arguments of the `PUBLISH` script for one topic's
+    /// events: `events` are indices into `all`, and `keys` the request's
+    /// distinct idempotency keys (every topic's script checks them all).
+    fn publish_args(
+        &self,
+        topic: &Topic,
+        all: &[(NewEvent, Option<Once>)],
+        events: &[usize],
+        keys: &IndexMap<KeyDigest, Fingerprint>,
+        window: Duration,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut redis_keys = vec![self.keys.meta(topic), self.keys.events(topic)];
+        redis_keys.extend(keys.keys().map(|key| self.keys.once(key)));
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut args = vec![
             self.keys.channel(topic),
             self.retention.max_events.max(1).to_string(),
@@ -920,11 +990,19 @@ impl RedisStore {
             Some((epoch, seq)) => args.extend([epoch.0.to_string(), seq.to_string()]),
             None => args.extend([String::new(), "0".to_owned()]),
         }
-        for event in events {
+        args.push(window_ms.to_string());
+        args.push(keys.len().to_string());
+        args.extend(keys.values().map(Fingerprint::hex));
+        for &i in events {
+            let (event, once) = &all[i];
+            let k = once
+                .and_then(|once| keys.get_index_of(&once.key))
+                .map_or(0, |k| k + 1);
+            args.push(k.to_string());
             args.push(event.name.as_ref().map_or("", EventName::as_str).to_owned());
             args.push(event.data.clone());
         }
-        (keys, args)
+        (redis_keys, args)
     }
 }
 
@@ -949,6 +1027,22 @@ fn parse_live(topic: Topic, payload: &[u8]) -> Option<Event> {
         name.as_ref(),
         data,
     ))
+}
+
+/// The `SEQ EPOCH` an idempotency record keeps, as a receipt.
+fn parse_receipt(topic: &Topic, text: &str) -> Result<Receipt, StoreError> {
+    let (seq, epoch) = text.split_once(' ').ok_or_else(|| malformed("publish"))?;
+    let seq = seq
+        .parse()
+        .ok()
+        .filter(|seq| (1..=MAX_SEQ).contains(seq))
+        .ok_or_else(|| malformed("publish"))?;
+    let epoch = epoch.parse().map_err(|_| malformed("publish"))?;
+    Ok(Receipt {
+        topic: topic.clone(),
+        seq,
+        epoch: Epoch(epoch),
+    })
 }
 
 fn as_u64(value: &Value) -> Option<u64> {
@@ -977,22 +1071,48 @@ fn malformed(what: &str) -> StoreError {
 #[async_trait]
 impl Store for RedisStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
+        let appended = self
+            .append_once(
+                events.into_iter().map(|e| (e, None)).collect(),
+                Duration::ZERO,
+            )
+            .await?;
+        appended
+            .into_iter()
+            .map(|a| match a {
+                Appended::Stored(event) => Ok(event),
+                Appended::Replayed(_) => Err(malformed("publish")),
+            })
+            .collect()
+    }
+
+    async fn append_once(
+        &self,
+        events: Vec<(NewEvent, Option<Once>)>,
+        window: Duration,
+    ) -> Result<Vec<Appended>, StoreError> {
         // Group by topic, keeping each topic's order, and remember where
         // each event goes back in the answer.
-        let mut topics: Vec<(&Topic, Vec<&NewEvent>)> = Vec::new();
-        for event in &events {
+        let mut topics: Vec<(&Topic, Vec<usize>)> = Vec::new();
+        // The request's distinct keys, each with its fingerprint (callers
+        // never pass one key with two).
+        let mut keys: IndexMap<KeyDigest, Fingerprint> = IndexMap::new();
+        for (i, (event, once)) in events.iter().enumerate() {
             match topics.iter_mut().find(|(t, _)| *t == &event.topic) {
-                Some((_, list)) => list.push(event),
-                None => topics.push((&event.topic, vec![event])),
+                Some((_, list)) => list.push(i),
+                None => topics.push((&event.topic, vec![i])),
+            }
+            if let Some(once) = once {
+                keys.entry(once.key).or_insert(once.fingerprint);
             }
         }
         let mut commands = self.commands.clone();
         let replies: Vec<Value> = match topics.as_slice() {
             [] => Vec::new(),
             [(topic, list)] => {
-                let (keys, args) = self.publish_args(topic, list);
+                let (redis_keys, args) = self.publish_args(topic, &events, list, &keys, window);
                 let mut invocation = self.publish.prepare_invoke();
-                invocation.key(&keys[..]).arg(args);
+                invocation.key(&redis_keys[..]).arg(args);
                 vec![
                     invocation
                         .invoke_async(&mut commands)
@@ -1008,63 +1128,86 @@ impl Store for RedisStore {
                 for (topic, list) in many {
                     // EVAL, not EVALSHA: inside MULTI a missing script
                     // would fail alone and let the rest of the batch in.
-                    let (keys, args) = self.publish_args(topic, list);
+                    let (redis_keys, args) = self.publish_args(topic, &events, list, &keys, window);
                     pipe.cmd("EVAL")
                         .arg(PUBLISH)
-                        .arg(2)
-                        .arg(&keys[..])
+                        .arg(redis_keys.len())
+                        .arg(&redis_keys[..])
                         .arg(args);
                 }
                 pipe.query_async(&mut commands).await.map_err(store_error)?
             }
         };
+        if replies.len() != topics.len() {
+            return Err(malformed("publish"));
+        }
 
-        let mut numbered: Vec<(Epoch, u64)> = Vec::with_capacity(topics.len());
-        for (reply, (_, list)) in replies.iter().zip(&topics) {
+        let mut answers: Vec<Option<Appended>> = (0..events.len()).map(|_| None).collect();
+        for (reply, (topic, list)) in replies.iter().zip(&topics) {
             let Value::Array(parts) = reply else {
                 return Err(malformed("publish"));
             };
-            let epoch = parts
-                .first()
-                .and_then(as_u64)
-                .ok_or_else(|| malformed("publish"))?;
+            if parts.first().and_then(as_text).as_deref() == Some("reused") {
+                // Every topic's script saw the same records: nothing of the
+                // request was stored. Name the first event with that key.
+                let (key, _) = parts
+                    .get(1)
+                    .and_then(as_u64)
+                    .and_then(|k| keys.get_index(usize::try_from(k).ok()?.checked_sub(1)?))
+                    .ok_or_else(|| malformed("publish"))?;
+                let item = events
+                    .iter()
+                    .position(|(_, once)| once.is_some_and(|o| o.key == *key))
+                    .ok_or_else(|| malformed("publish"))?;
+                return Err(StoreError::KeyReused { item });
+            }
+            let outcomes = parts.get(2..).filter(|o| o.len() == list.len());
+            let (Some(epoch), Some(first), Some(outcomes)) = (
+                parts.first().and_then(as_u64),
+                parts.get(1).and_then(as_u64),
+                outcomes,
+            ) else {
+                return Err(malformed("publish"));
+            };
+            let epoch = Epoch(epoch);
+            let stored = outcomes
+                .iter()
+                .filter(|o| as_text(o).is_some_and(|t| t.is_empty()))
+                .count();
             // The script numbers within 1..=MAX_SEQ; checked here so the
             // numbering below cannot overflow whatever came back.
-            let first = parts
-                .get(1)
-                .and_then(as_u64)
-                .filter(|first| {
-                    *first >= 1
-                        && u64::try_from(list.len())
-                            .ok()
-                            .and_then(|n| first.checked_add(n.saturating_sub(1)))
-                            .is_some_and(|last| last <= MAX_SEQ)
-                })
-                .ok_or_else(|| malformed("publish"))?;
-            numbered.push((Epoch(epoch), first));
+            let in_range = first >= 1
+                && u64::try_from(stored)
+                    .ok()
+                    .and_then(|n| first.checked_add(n.saturating_sub(1)))
+                    .is_some_and(|last| last <= MAX_SEQ);
+            if stored > 0 && !in_range {
+                return Err(malformed("publish"));
+            }
+            let mut seq = first;
+            for (outcome, &i) in outcomes.iter().zip(list) {
+                let outcome = as_text(outcome).ok_or_else(|| malformed("publish"))?;
+                let (event, _) = &events[i];
+                answers[i] = Some(if outcome.is_empty() {
+                    self.saw(topic, epoch, seq, false);
+                    let stored = Event::new(
+                        event.topic.clone(),
+                        seq,
+                        epoch,
+                        event.name.as_ref(),
+                        &event.data,
+                    );
+                    seq += 1;
+                    Appended::Stored(Arc::new(stored))
+                } else {
+                    Appended::Replayed(parse_receipt(topic, &outcome)?)
+                });
+            }
         }
-        if numbered.len() != topics.len() {
-            return Err(malformed("publish"));
-        }
-        let mut next: Vec<u64> = numbered.iter().map(|(_, first)| *first).collect();
-        let mut stored = Vec::with_capacity(events.len());
-        for event in &events {
-            let t = topics
-                .iter()
-                .position(|(t, _)| *t == &event.topic)
-                .ok_or_else(|| malformed("publish"))?;
-            let seq = next[t];
-            next[t] += 1;
-            self.saw(&event.topic, numbered[t].0, seq, false);
-            stored.push(Arc::new(Event::new(
-                event.topic.clone(),
-                seq,
-                numbered[t].0,
-                event.name.as_ref(),
-                &event.data,
-            )));
-        }
-        Ok(stored)
+        answers
+            .into_iter()
+            .map(|a| a.ok_or_else(|| malformed("publish")))
+            .collect()
     }
 
     async fn read(&self, topic: &Topic, after: u64, limit: usize) -> Result<History, StoreError> {

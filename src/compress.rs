@@ -55,7 +55,7 @@ use zstd::stream::raw::Operation;
 
 use crate::event::Event;
 use crate::sse;
-use crate::subscription::{Plain, Wire};
+use crate::subscription::Wire;
 
 /// A content coding the hub can produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl Codec {
         match self {
             Codec::Zstd => Some(0),
             Codec::Gzip => Some(1),
-            Codec::Brotli => None,
+            Codec::Brotli => Some(2),
         }
     }
 }
@@ -203,7 +203,7 @@ impl Compressor {
 }
 
 /// How many codings share units ([`Codec::shared_slot`]).
-pub const SHARED_CODINGS: usize = 2;
+pub const SHARED_CODINGS: usize = 3;
 
 /// Events per segment of a topic's chained units: a stream that joins
 /// mid-segment writes self-contained units (larger) for at most this many
@@ -236,6 +236,8 @@ pub struct Chain {
     last: Option<Instant>,
     zstd: Option<Box<zstd::stream::raw::Encoder<'static>>>,
     deflate: Option<Box<flate2::Compress>>,
+    /// brotli has no reset: a new compressor per segment.
+    brotli: Option<Box<BrotliWriter>>,
 }
 
 impl Chain {
@@ -247,6 +249,7 @@ impl Chain {
             last: None,
             zstd: None,
             deflate: None,
+            brotli: None,
         }
     }
 
@@ -262,6 +265,7 @@ impl Chain {
         if !wanted.contains(&true) {
             self.zstd = None;
             self.deflate = None;
+            self.brotli = None;
             return None;
         }
         let mut boundary = self.index >= SEGMENT_EVENTS
@@ -283,6 +287,11 @@ impl Chain {
             self.deflate = Some(Box::new(flate2::Compress::new(level, false)));
             boundary = true;
         }
+        if !wanted[2] {
+            self.brotli = None;
+        } else if self.brotli.is_none() {
+            boundary = true;
+        }
         if boundary {
             self.segment = NEXT_SEGMENT.fetch_add(1, Ordering::Relaxed);
             self.index = 0;
@@ -293,6 +302,9 @@ impl Chain {
             }
             if let Some(deflate) = &mut self.deflate {
                 deflate.reset();
+            }
+            if wanted[2] {
+                self.brotli = Some(Box::new(brotli_catable(CHAINED_BROTLI_QUALITY, 0)));
             }
         }
         // A compressor that failed is dropped: the next event makes a new
@@ -318,11 +330,21 @@ impl Chain {
             }
             None => None,
         };
+        let brotli = self.brotli.as_mut().map(|w| brotli_flushed(w, frame));
+        let brotli = match brotli {
+            Some(Ok(unit)) => Some(unit),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "brotli failed on a topic's chain");
+                self.brotli = None;
+                None
+            }
+            None => None,
+        };
         let chained = Chained {
             event: event.clone(),
             segment: self.segment,
             index: self.index,
-            units: [zstd, gzip],
+            units: [zstd, gzip, brotli],
         };
         self.index += 1;
         self.last = Some(now);
@@ -333,13 +355,14 @@ impl Chain {
     pub fn drop_coding(&mut self, slot: usize) {
         match slot {
             0 => self.zstd = None,
-            _ => self.deflate = None,
+            1 => self.deflate = None,
+            _ => self.brotli = None,
         }
     }
 
     /// Whether the chain holds no compressor.
     pub fn is_empty(&self) -> bool {
-        self.zstd.is_none() && self.deflate.is_none()
+        self.zstd.is_none() && self.deflate.is_none() && self.brotli.is_none()
     }
 }
 
@@ -351,6 +374,44 @@ const CHAINED_DEFLATE_LEVEL: u32 = 5;
 /// Level for events compressed alone: small inputs, compressed once.
 const ALONE_DEFLATE_LEVEL: u32 = 6;
 const ZSTD_LEVEL: i32 = 3;
+/// brotli quality of the topics' chains and of events compressed alone.
+const CHAINED_BROTLI_QUALITY: i32 = 5;
+const ALONE_BROTLI_QUALITY: i32 = 5;
+/// The window of every brotli stream and unit (log2 bytes): what a unit
+/// may refer back to, and what a browser's decoder allocates per stream.
+const BROTLI_LGWIN: i32 = 16;
+
+type BrotliWriter = brotli::CompressorWriter<Vec<u8>>;
+
+/// A brotli compressor whose output can follow any byte-aligned point of
+/// any brotli stream: `catable` (no reference to anything before its
+/// start, no static dictionary, its first two bytes stored so literal
+/// contexts never look before it, distance cache unused until it has
+/// distances of its own), `bare_stream` (no window-size header, no final
+/// meta-block) and byte-aligned at every flush. `size_hint`: the input's
+/// size when known (0: unknown), so a small input gets small tables.
+fn brotli_catable(quality: i32, size_hint: usize) -> BrotliWriter {
+    let params = brotli::enc::BrotliEncoderParams {
+        quality,
+        lgwin: BROTLI_LGWIN,
+        size_hint,
+        catable: true,
+        appendable: true,
+        use_dictionary: false,
+        bare_stream: true,
+        byte_align: true,
+        ..Default::default()
+    };
+    brotli::CompressorWriter::with_params(Vec::new(), 1024, &params)
+}
+
+/// Compresses `input` and flushes: the output ends on a byte boundary
+/// between meta-blocks.
+fn brotli_flushed(writer: &mut BrotliWriter, input: &[u8]) -> std::io::Result<Bytes> {
+    writer.write_all(input)?;
+    writer.flush()?;
+    Ok(Bytes::from(std::mem::take(writer.get_mut())))
+}
 
 /// A topic's chained zstd compressor. One per topic (not per stream), so
 /// a 64 KiB window is affordable; small tables keep it near 200 KiB.
@@ -440,7 +501,12 @@ pub fn alone(codec: Codec, data: &[u8]) -> Bytes {
             let out = deflate(compress, data).ok()?;
             Some(Bytes::copy_from_slice(&out))
         }),
-        Codec::Brotli => None,
+        Codec::Brotli => {
+            let mut writer = brotli_catable(ALONE_BROTLI_QUALITY, data.len());
+            brotli_flushed(&mut writer, data)
+                .ok()
+                .map(|out| Bytes::copy_from_slice(&out))
+        }
     };
     compressed.unwrap_or_else(|| {
         let mut out = BytesMut::new();
@@ -517,9 +583,41 @@ pub fn stored_blocks(out: &mut BytesMut, data: &[u8]) {
 fn uncompressed(codec: Codec, out: &mut BytesMut, data: &[u8]) {
     match codec {
         Codec::Zstd => zstd_raw_frame(out, data),
-        _ => stored_blocks(out, data),
+        Codec::Gzip => stored_blocks(out, data),
+        Codec::Brotli => brotli_uncompressed(out, data),
     }
 }
+
+/// Appends `data` as uncompressed brotli meta-blocks (RFC 7932, 9.2), not
+/// last. The output must be at a byte boundary, and stays there.
+pub fn brotli_uncompressed(out: &mut BytesMut, data: &[u8]) {
+    for block in data.chunks(1 << 16) {
+        // ISLAST 0 (bit 0), MNIBBLES 4 (bits 1-2: 0), MLEN-1 (bits 3-18),
+        // ISUNCOMPRESSED 1 (bit 19), then zero bits to the byte boundary.
+        let header = ((block.len() as u32 - 1) << 3) | (1 << 19);
+        out.put_slice(&header.to_le_bytes()[..3]);
+        out.put_slice(block);
+    }
+}
+
+/// A brotli stream's start: the window size (RFC 7932, 9.1), then an empty
+/// metadata meta-block (ISLAST 0, MNIBBLES 0b11, reserved 0, MSKIPBYTES 0)
+/// and zero bits to the byte boundary, where every unit may begin.
+fn brotli_stream_start() -> Vec<u8> {
+    let lgwin = BROTLI_LGWIN as u32;
+    let (bits, len): (u32, u32) = match lgwin {
+        16 => (0, 1),
+        17 => (0b000_0001, 7),
+        18.. => (1 | ((lgwin - 17) << 1), 4),
+        _ => (1 | ((lgwin - 8) << 4), 7),
+    };
+    let all = bits | (0b0110 << len);
+    let bytes = (len + 6).div_ceil(8) as usize;
+    all.to_le_bytes()[..bytes].to_vec()
+}
+
+/// The end of a brotli stream: ISLAST 1, ISLASTEMPTY 1, then zero bits.
+const BROTLI_END: u8 = 0x03;
 
 /// A gzip member header: deflate, no name, no time, unknown OS.
 const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
@@ -528,7 +626,7 @@ const DEFLATE_END: [u8; 2] = [0x03, 0x00];
 
 /// The heartbeat, precomputed per shared coding.
 static HEARTBEAT_UNITS: LazyLock<[Bytes; SHARED_CODINGS]> = LazyLock::new(|| {
-    [Codec::Zstd, Codec::Gzip].map(|codec| {
+    [Codec::Zstd, Codec::Gzip, Codec::Brotli].map(|codec| {
         let mut out = BytesMut::new();
         uncompressed(codec, &mut out, sse::HEARTBEAT);
         out.freeze()
@@ -551,7 +649,7 @@ pub struct SharedUnits {
     buf: BytesMut,
     /// Uncompressed bytes in the next write.
     pending: usize,
-    /// Whether the gzip header went out.
+    /// Whether the gzip header (brotli: the window size) went out.
     started: bool,
     /// The chained unit this stream may write next: (segment, index).
     chain: Option<(u64, u32)>,
@@ -595,12 +693,22 @@ impl SharedUnits {
         }
     }
 
-    /// The gzip header, before anything else.
+    /// The gzip header, or brotli's window size, before anything else.
     fn start(&mut self) {
-        if self.codec == Codec::Gzip && !self.started {
-            self.spill();
-            self.buf.put_slice(&GZIP_HEADER);
-            self.started = true;
+        if self.started {
+            return;
+        }
+        self.started = true;
+        match self.codec {
+            Codec::Gzip => {
+                self.spill();
+                self.buf.put_slice(&GZIP_HEADER);
+            }
+            Codec::Brotli => {
+                self.spill();
+                self.buf.put_slice(&brotli_stream_start());
+            }
+            Codec::Zstd => {}
         }
     }
 
@@ -692,66 +800,24 @@ impl Wire for SharedUnits {
     fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
         self.start();
         self.leave_chain();
-        if self.codec == Codec::Gzip {
-            self.spill();
-            self.buf.put_slice(&DEFLATE_END);
-            self.buf.put_u32_le(self.crc.sum());
-            self.buf.put_u32_le(self.crc.amount());
+        match self.codec {
+            Codec::Gzip => {
+                self.spill();
+                self.buf.put_slice(&DEFLATE_END);
+                self.buf.put_u32_le(self.crc.sum());
+                self.buf.put_u32_le(self.crc.amount());
+            }
+            Codec::Brotli => {
+                self.spill();
+                self.buf.put_u8(BROTLI_END);
+            }
+            Codec::Zstd => {}
         }
         self.take()
     }
 
     fn shares(&self) -> Option<Codec> {
         self.chains.then_some(self.codec)
-    }
-}
-
-/// One stream's wire in a coding whose streams share nothing (brotli): its
-/// own compressor, flushed at every write.
-pub struct PerStream {
-    plain: Plain,
-    compressor: Compressor,
-}
-
-impl PerStream {
-    pub fn new(codec: Codec) -> std::io::Result<PerStream> {
-        Ok(PerStream {
-            plain: Plain::default(),
-            compressor: Compressor::new(codec)?,
-        })
-    }
-}
-
-impl Wire for PerStream {
-    fn own(&mut self, bytes: &Bytes) {
-        self.plain.own(bytes);
-    }
-
-    fn heartbeat(&mut self) {
-        self.plain.heartbeat();
-    }
-
-    fn event(&mut self, event: &Event, chained: Option<&Chained>) {
-        self.plain.event(event, chained);
-    }
-
-    fn event_with_id(&mut self, id: &str, event: &Event) {
-        self.plain.event_with_id(id, event);
-    }
-
-    fn pending(&self) -> usize {
-        self.plain.pending()
-    }
-
-    fn take(&mut self) -> Option<std::io::Result<Bytes>> {
-        match self.plain.take()? {
-            Ok(plain) => Some(self.compressor.compress(&plain)),
-            Err(error) => Some(Err(error)),
-        }
-    }
-
-    fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
-        self.take()
     }
 }
 
@@ -943,7 +1009,8 @@ mod tests {
     }
 
     /// Decodes a whole body strictly: a complete gzip member (its CRC-32 and
-    /// length checked), or complete zstd frames.
+    /// length checked), complete zstd frames, or a complete brotli stream
+    /// (its last meta-block read, nothing after it).
     fn strict(codec: Codec, wire: &[u8]) -> Vec<u8> {
         use std::io::Read;
         let mut plain = Vec::new();
@@ -953,7 +1020,12 @@ mod tests {
                     .read_to_end(&mut plain)
                     .unwrap();
             }
-            _ => plain = zstd::stream::decode_all(wire).unwrap(),
+            Codec::Brotli => {
+                let mut input = wire;
+                brotli::BrotliDecompress(&mut input, &mut plain).unwrap();
+                assert!(input.is_empty(), "bytes after the brotli stream's end");
+            }
+            Codec::Zstd => plain = zstd::stream::decode_all(wire).unwrap(),
         }
         plain
     }
@@ -1013,7 +1085,7 @@ mod tests {
     /// writes the hub's very bytes.
     #[test]
     fn streams_joining_a_chain_at_any_moment_decode_exactly_what_they_were_sent() {
-        for codec in [Codec::Zstd, Codec::Gzip] {
+        for codec in [Codec::Zstd, Codec::Gzip, Codec::Brotli] {
             let slot = codec.shared_slot().unwrap();
             let mut chain = Chain::new(Duration::from_secs(3600));
             let mut wanted = [false; SHARED_CODINGS];
@@ -1100,7 +1172,7 @@ mod tests {
     /// decode exactly, and the body unit is made once per event.
     #[test]
     fn events_under_a_streams_own_id_decode_and_share_the_body_unit() {
-        for codec in [Codec::Zstd, Codec::Gzip] {
+        for codec in [Codec::Zstd, Codec::Gzip, Codec::Brotli] {
             let events: Vec<Arc<Event>> = (1..=20).map(json_event).collect();
             let (mut a, mut b) = (
                 SharedUnits::new(codec, false),
@@ -1138,7 +1210,7 @@ mod tests {
         let mut chain = Chain::new(Duration::from_millis(50));
         let mut now = Instant::now();
         let frame = json_event(1);
-        let both = [true, true];
+        let both = [true, true, true];
         let first = chain.units(&frame, both, now).unwrap();
         assert_eq!(first.index, 0);
         let mut last = first.segment;
@@ -1155,11 +1227,11 @@ mod tests {
         assert_eq!(quiet.index, 0);
         assert!(quiet.segment > last);
         // zstd no longer wanted, then again: a new compressor, a new segment.
-        let gzip_only = chain.units(&frame, [false, true], now).unwrap();
+        let gzip_only = chain.units(&frame, [false, true, true], now).unwrap();
         assert!(gzip_only.units[0].is_none() && gzip_only.index == 1);
         let again = chain.units(&frame, both, now).unwrap();
         assert_eq!(again.index, 0);
-        assert!(chain.units(&frame, [false, false], now).is_none());
+        assert!(chain.units(&frame, [false; SHARED_CODINGS], now).is_none());
     }
 
     mod properties {

@@ -270,9 +270,9 @@ pub struct Event {
     units: OnceLock<Box<[OnceLock<Bytes>; UNIT_SLOTS]>>,
 }
 
-/// Cached compressed forms per event: two shared codings, whole frame and
+/// Cached compressed forms per event: three shared codings, whole frame and
 /// body.
-const UNIT_SLOTS: usize = 4;
+const UNIT_SLOTS: usize = 6;
 
 impl Event {
     pub fn new(
@@ -330,7 +330,7 @@ impl Event {
         self.frame.slice(self.id_line_len as usize..)
     }
 
-    /// The compressed form in `slot` (`0..4`), made by `make` on first use
+    /// The compressed form in `slot` (`0..6`), made by `make` on first use
     /// and shared from then on.
     pub fn unit(&self, slot: usize, make: impl FnOnce() -> Bytes) -> Bytes {
         let units = self

@@ -13,7 +13,7 @@ use tokio_stream::{Stream, StreamExt};
 use super::access::credentials;
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
-use crate::compress::{Codec, PerStream, SharedUnits, negotiate};
+use crate::compress::{Codec, SharedUnits, negotiate};
 use crate::event::{Cursor, Topic};
 use crate::metrics::BytesWritten;
 use crate::store::StoreError;
@@ -183,30 +183,17 @@ async fn open(
         drain: state.drain.clone(),
         expires: expires.map(instant_of),
     };
-    let mut codec = negotiate(
+    let codec = negotiate(
         request_headers.get(header::ACCEPT_ENCODING),
         &state.config.codecs(),
     );
-    // zstd and gzip streams write the units the hub compressed once per
-    // event (single-topic streams also its chained ones); brotli streams
-    // compress for themselves.
+    // Compressed streams write the units the hub compressed once per event
+    // (single-topic streams also its chained ones).
     let body = match codec {
-        Some(shared) if shared.shared_slot().is_some() => {
+        Some(shared) => {
             let wire = SharedUnits::new(shared, style == IdStyle::Single);
             stream_body(subscription.into_stream(settings, wire), &state, codec)
         }
-        Some(own) => match PerStream::new(own) {
-            Ok(wire) => stream_body(subscription.into_stream(settings, wire), &state, codec),
-            Err(error) => {
-                tracing::warn!(%error, coding = own.token(), "no compressor: answering uncompressed");
-                codec = None;
-                stream_body(
-                    subscription.into_stream(settings, Plain::default()),
-                    &state,
-                    codec,
-                )
-            }
-        },
         None => stream_body(
             subscription.into_stream(settings, Plain::default()),
             &state,

@@ -143,11 +143,18 @@ async fn a_browser_multiplexes_twelve_event_sources_over_http2_with_compression(
 }
 
 /// The browser's own decoders take the units the hub compressed once per
-/// event, in zstd and in gzip: EventSources that joined at different
-/// moments (one resuming with `lastEventId`), heartbeats between events.
+/// event, in zstd, gzip and brotli (over HTTP/2, and brotli over HTTP/1.1
+/// too): EventSources that joined at different moments (one resuming with
+/// `lastEventId`), heartbeats between events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_joined() {
-    for coding in [crier::compress::Codec::Zstd, crier::compress::Codec::Gzip] {
+    use crier::compress::Codec;
+    for (coding, protocol) in [
+        (Codec::Zstd, "h2"),
+        (Codec::Gzip, "h2"),
+        (Codec::Brotli, "h2"),
+        (Codec::Brotli, "http/1.1"),
+    ] {
         let certs = TestCerts::new();
         let (cert, key) = (certs.cert.clone(), certs.key.clone());
         let server = Server::start_with(move |config: &mut Config| {
@@ -159,7 +166,10 @@ async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_jo
         .await;
         let origin = format!("https://{}", server.addr);
         let client = https_client(&certs.ca_cert);
-        let chromium = Chromium::launch().await;
+        let chromium = match protocol {
+            "h2" => Chromium::launch().await,
+            _ => Chromium::launch_with(&["--disable-http2"]).await,
+        };
         let tab = chromium.open(&format!("{origin}/")).await;
         let row = |n: usize| {
             format!(
@@ -230,13 +240,13 @@ async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_jo
                 },
             )
             .await;
-        assert_eq!(got["first"], all, "{coding:?} first");
-        assert_eq!(got["joined"], all[5..], "{coding:?} joined");
-        assert_eq!(got["resumed"], all[3..], "{coding:?} resumed");
+        assert_eq!(got["first"], all, "{coding:?} over {protocol} first");
+        assert_eq!(got["joined"], all[5..], "{coding:?} over {protocol} joined");
+        assert_eq!(got["resumed"], all[3..], "{coding:?} over {protocol} resumed");
         let errors: usize = tab.evaluate("JSON.stringify(window.errors)").await;
         assert_eq!(
             errors, 0,
-            "{coding:?}: no EventSource failed or reconnected"
+            "{coding:?} over {protocol}: no EventSource failed or reconnected"
         );
         let responses = tab
             .wait_events(
@@ -249,8 +259,9 @@ async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_jo
             assert_eq!(
                 header(&response["headers"], "content-encoding").as_deref(),
                 Some(coding.token()),
-                "{coding:?}"
+                "{coding:?} over {protocol}"
             );
+            assert_eq!(response["protocol"], protocol, "{coding:?} over {protocol}");
         }
         drop(watcher);
         drop(chromium);
@@ -1215,6 +1226,11 @@ struct Chromium {
 
 impl Chromium {
     async fn launch() -> Chromium {
+        Chromium::launch_with(&[]).await
+    }
+
+    /// A browser started with `extra` switches besides the usual ones.
+    async fn launch_with(extra: &[&str]) -> Chromium {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "crier-test-chromium-{}-{}",
@@ -1239,6 +1255,7 @@ impl Chromium {
             .arg("--ignore-certificate-errors")
             // The DevTools endpoint, on a free port it names in the profile.
             .arg("--remote-debugging-port=0")
+            .args(extra)
             .arg("about:blank")
             .process_group(0)
             .stdin(Stdio::null())

@@ -1,9 +1,10 @@
 //! Compressed streams write units the hub compressed once per event: every
 //! subscriber, whenever it joined and whatever it wrote of its own
 //! (preamble, heartbeats, `reset`, replayed events), decodes exactly its
-//! events the moment they arrive, with independent decoders; and a stream
-//! that ends cleanly is a complete gzip member (CRC-32 and length checked)
-//! or complete zstd frames.
+//! events the moment they arrive, with independent decoders (brotli's is
+//! Node's zlib); and a stream that ends cleanly is a complete gzip member
+//! (CRC-32 and length checked), complete zstd frames or a complete brotli
+//! stream.
 
 mod common;
 
@@ -18,11 +19,11 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-const SHARED: [&str; 2] = ["zstd", "gzip"];
+const SHARED: [&str; 3] = ["zstd", "gzip", "br"];
 
-/// The coding's own crate, driven by hand: a decoder independent of the
-/// suite's `Decompressor` (raw deflate after the gzip header; zstd's
-/// streaming decoder, frame after frame).
+/// A decoder independent of the suite's `Decompressor`: the coding's own
+/// crate driven by hand (raw deflate after the gzip header; zstd's
+/// streaming decoder, frame after frame), and for brotli Node's zlib.
 enum Plain {
     Gzip {
         header: usize,
@@ -30,6 +31,97 @@ enum Plain {
         ended: bool,
     },
     Zstd(Box<zstd::stream::raw::Decoder<'static>>),
+    Brotli(NodeBrotli),
+}
+
+/// Node's streaming brotli decoder (`zlib.createBrotliDecompress`) in a
+/// child process: each chunk goes in length-prefixed, and what it decodes
+/// to once flushed comes back the same way, so a chunk that does not
+/// decode on arrival shows as missing text.
+struct NodeBrotli {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::process::ChildStdout,
+}
+
+const NODE_BROTLI: &str = r#"
+const zlib = require('zlib');
+const d = zlib.createBrotliDecompress();
+let out = [];
+d.on('data', (c) => out.push(c));
+d.on('error', (e) => { process.stderr.write('node brotli: ' + e.message + '\n'); process.exit(1); });
+let buf = Buffer.alloc(0);
+let busy = false;
+const queue = [];
+function answer() {
+  const body = Buffer.concat(out); out = [];
+  const head = Buffer.alloc(4); head.writeUInt32BE(body.length);
+  process.stdout.write(Buffer.concat([head, body]));
+  busy = false; pump();
+}
+function pump() {
+  if (busy || queue.length === 0) return;
+  busy = true;
+  const chunk = queue.shift();
+  d.write(chunk);
+  d.flush(zlib.constants.BROTLI_OPERATION_FLUSH, () => setImmediate(answer));
+}
+process.stdin.on('data', (c) => {
+  buf = Buffer.concat([buf, c]);
+  while (buf.length >= 4) {
+    const n = buf.readUInt32BE(0);
+    if (buf.length < 4 + n) break;
+    queue.push(buf.subarray(4, 4 + n)); buf = buf.subarray(4 + n);
+  }
+  pump();
+});
+"#;
+
+impl NodeBrotli {
+    fn start() -> NodeBrotli {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("node")
+            .args(["-e", NODE_BROTLI])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("node, for its brotli decoder (apt-get install -y nodejs)");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        NodeBrotli {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn decode(&mut self, wire: &[u8]) -> Vec<u8> {
+        use std::io::{Read, Write};
+        if wire.is_empty() {
+            return Vec::new();
+        }
+        tokio::task::block_in_place(|| {
+            self.stdin
+                .write_all(&(wire.len() as u32).to_be_bytes())
+                .unwrap();
+            self.stdin.write_all(wire).unwrap();
+            self.stdin.flush().unwrap();
+            let mut len = [0; 4];
+            self.stdout
+                .read_exact(&mut len)
+                .expect("node decoded the chunk");
+            let mut out = vec![0; u32::from_be_bytes(len) as usize];
+            self.stdout.read_exact(&mut out).unwrap();
+            out
+        })
+    }
+}
+
+impl Drop for NodeBrotli {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Plain {
@@ -40,6 +132,7 @@ impl Plain {
                 inflate: flate2::Decompress::new(false),
                 ended: false,
             },
+            "br" => Plain::Brotli(NodeBrotli::start()),
             _ => Plain::Zstd(Box::new(zstd::stream::raw::Decoder::new().unwrap())),
         }
     }
@@ -47,6 +140,7 @@ impl Plain {
     fn decode(&mut self, mut wire: &[u8]) -> Vec<u8> {
         let mut out: Vec<u8> = Vec::with_capacity(wire.len() * 8 + 1024);
         match self {
+            Plain::Brotli(node) => return node.decode(wire),
             Plain::Gzip {
                 header,
                 inflate,
@@ -180,10 +274,18 @@ impl Compressed {
 }
 
 /// Decodes a whole body strictly: one complete gzip member (CRC-32 and
-/// length checked), or complete zstd frames.
+/// length checked), complete zstd frames, or one complete brotli stream
+/// (its last meta-block read, nothing after it).
 fn strict(coding: &str, wire: &[u8]) -> Vec<u8> {
     use std::io::Read;
     match coding {
+        "br" => {
+            let mut plain = Vec::new();
+            let mut input = wire;
+            brotli::BrotliDecompress(&mut input, &mut plain).expect("a complete brotli stream");
+            assert!(input.is_empty(), "bytes after the brotli stream's end");
+            plain
+        }
         "gzip" => {
             let mut plain = Vec::new();
             flate2::read::GzDecoder::new(wire)
@@ -333,9 +435,9 @@ async fn multi_topic_streams_write_their_own_ids_and_decode_on_arrival() {
 
 /// A stream the server ends (here: shutdown) is a complete body: a gzip
 /// member whose trailer holds the right CRC-32 and length, complete zstd
-/// frames; single-topic and multi-topic, with heartbeats in between.
+/// frames, a brotli stream ending in its last meta-block; single-topic and multi-topic, with heartbeats in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_that_ends_cleanly_is_a_complete_gzip_member_or_zstd_frames() {
+async fn a_stream_that_ends_cleanly_is_a_complete_gzip_member_zstd_frames_or_brotli_stream() {
     let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(100)).await;
     let mut streams = Vec::new();
     for coding in SHARED {

@@ -3,7 +3,7 @@
 //! edge, so the rest of the crate never sees an unchecked string.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -268,6 +268,59 @@ pub struct Event {
     /// (`crate::compress::self_contained`): made on first use, then written
     /// by every stream that needs it. One pointer until then.
     units: OnceLock<Box<[OnceLock<Bytes>; UNIT_SLOTS]>>,
+    /// The budget the event is retained under (the memory store's), which
+    /// its cached units count against while it is retained.
+    budget: Option<Arc<RetainedBytes>>,
+    /// Bytes of the units cached and counted against `budget`; the top bit
+    /// ([`RELEASED`]) once the store let the event go.
+    unit_bytes: AtomicUsize,
+}
+
+/// Set in [`Event::unit_bytes`] once the store no longer retains the event.
+const RELEASED: usize = 1 << (usize::BITS - 1);
+
+/// The memory store's count of the bytes it retains, against its budget
+/// (`--max-retained-bytes`): each retained event's frame and the compressed
+/// units cached on it.
+#[derive(Debug)]
+pub struct RetainedBytes {
+    bytes: AtomicUsize,
+    max: usize,
+}
+
+impl RetainedBytes {
+    pub fn new(max: usize) -> RetainedBytes {
+        RetainedBytes {
+            bytes: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn get(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn sub(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Adds `n` if the total stays within the budget.
+    fn try_add(&self, n: usize) -> bool {
+        let before = self.bytes.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.max {
+            self.bytes.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
 }
 
 /// Cached compressed forms per event: three shared codings, whole frame and
@@ -293,6 +346,49 @@ impl Event {
             id_line_len: u32::try_from(id_line_len).unwrap_or(u32::MAX),
             live_at: AtomicU32::new(0),
             units: OnceLock::new(),
+            budget: None,
+            unit_bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// The event, with the units cached on it counted against `budget`
+    /// until [`Event::release`] (the memory store's events).
+    pub fn retained_under(mut self, budget: Arc<RetainedBytes>) -> Event {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// The store no longer retains the event: the bytes of its cached units
+    /// counted so far, which the store gives back with its frame's. Units
+    /// made from now on are not cached.
+    pub fn release(&self) -> usize {
+        self.unit_bytes.fetch_or(RELEASED, Ordering::Relaxed) & !RELEASED
+    }
+
+    /// Counts a unit of `n` bytes against the budget, if it fits and the
+    /// event is retained. The budget is added to before the event's count,
+    /// and taken back after it, so a concurrent [`Event::release`] never
+    /// takes it below zero.
+    fn charge(&self, n: usize) -> bool {
+        let Some(budget) = &self.budget else {
+            return true;
+        };
+        if !budget.try_add(n) {
+            return false;
+        }
+        if self.unit_bytes.fetch_add(n, Ordering::Relaxed) & RELEASED != 0 {
+            budget.sub(n);
+            return false;
+        }
+        true
+    }
+
+    /// Takes back a unit counted by [`Event::charge`] but not cached.
+    fn refund(&self, n: usize) {
+        if let Some(budget) = &self.budget
+            && self.unit_bytes.fetch_sub(n, Ordering::Relaxed) & RELEASED == 0
+        {
+            budget.sub(n);
         }
     }
 
@@ -331,12 +427,28 @@ impl Event {
     }
 
     /// The compressed form in `slot` (`0..6`), made by `make` on first use
-    /// and shared from then on.
+    /// and shared from then on, if it fits the budget the event is retained
+    /// under (else made anew for each caller: CPU rather than memory).
     pub fn unit(&self, slot: usize, make: impl FnOnce() -> Bytes) -> Bytes {
         let units = self
             .units
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-        units[slot % UNIT_SLOTS].get_or_init(make).clone()
+        let cell = &units[slot % UNIT_SLOTS];
+        if let Some(unit) = cell.get() {
+            return unit.clone();
+        }
+        let unit = make();
+        if !self.charge(unit.len()) {
+            return unit;
+        }
+        match cell.set(unit.clone()) {
+            Ok(()) => unit,
+            // Another caller cached it first.
+            Err(_) => {
+                self.refund(unit.len());
+                cell.get().cloned().unwrap_or(unit)
+            }
+        }
     }
 
     /// Bytes this event holds in memory.
@@ -348,6 +460,38 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Units count against the budget while the event is retained and fit;
+    /// one that does not fit, or made after the event was let go, is made
+    /// for its caller and not cached.
+    #[test]
+    fn cached_units_count_against_the_budget_until_the_event_is_released() {
+        let budget = Arc::new(RetainedBytes::new(1000));
+        let topic = Topic::parse("t", 8).unwrap();
+        let event = Event::new(topic, 1, Epoch(1), None, "x").retained_under(budget.clone());
+        let made = std::cell::Cell::new(0);
+        let unit = |slot: usize, len: usize| {
+            event.unit(slot, || {
+                made.set(made.get() + 1);
+                Bytes::from(vec![0; len])
+            })
+        };
+        assert_eq!(unit(0, 300).len(), 300);
+        assert_eq!(unit(0, 300).len(), 300);
+        assert_eq!((made.get(), budget.get()), (1, 300), "cached, counted once");
+        unit(1, 800);
+        unit(1, 800);
+        assert_eq!((made.get(), budget.get()), (3, 300), "too big: not cached");
+        unit(2, 700);
+        assert_eq!(budget.get(), 1000, "fits exactly");
+        assert_eq!(event.release(), 1000);
+        budget.sub(1000);
+        unit(3, 10);
+        unit(3, 10);
+        assert_eq!((made.get(), budget.get()), (6, 0), "released: not cached");
+        unit(0, 300);
+        assert_eq!(made.get(), 6, "what was cached stays");
+    }
 
     #[test]
     fn topic_charset_and_length() {

@@ -242,7 +242,11 @@ async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_jo
             .await;
         assert_eq!(got["first"], all, "{coding:?} over {protocol} first");
         assert_eq!(got["joined"], all[5..], "{coding:?} over {protocol} joined");
-        assert_eq!(got["resumed"], all[3..], "{coding:?} over {protocol} resumed");
+        assert_eq!(
+            got["resumed"],
+            all[3..],
+            "{coding:?} over {protocol} resumed"
+        );
         let errors: usize = tab.evaluate("JSON.stringify(window.errors)").await;
         assert_eq!(
             errors, 0,

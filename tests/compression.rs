@@ -472,3 +472,101 @@ async fn a_stream_that_ends_cleanly_is_a_complete_gzip_member_zstd_frames_or_bro
         assert_eq!(strict(coding, &wire), text, "{coding}");
     }
 }
+
+/// Text that compresses little (about 6 bits a byte): letters, digits and
+/// `-_` from a linear congruential sequence.
+fn noise(seed: usize, len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut x = (seed as u64).wrapping_mul(2_862_933_555_777_941_757) ^ 3_037_000_493;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ALPHABET[(x >> 58) as usize] as char
+        })
+        .collect()
+}
+
+/// Publishes 8 KiB events to `u` until the hub answers 507, each read by
+/// `reference` (identity) and by every stream of `streams` before the next
+/// is published, so the units they need are made by then. The events
+/// stored, as `reference` saw them.
+async fn fill(server: &Server, reference: &mut SseClient, streams: &mut [Compressed]) -> Vec<Ev> {
+    let mut stored = Vec::new();
+    for n in 0.. {
+        assert!(n < 1000, "the budget never filled");
+        let response = server
+            .client
+            .post(server.url("/topics/u"))
+            .body(noise(n, 8 * 1024))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 507 {
+            assert_problem(response, 507, "storage-full").await;
+            return stored;
+        }
+        assert_eq!(response.status(), 201);
+        let event = reference.next().await;
+        for stream in streams.iter_mut() {
+            assert_eq!(stream.next().await, event);
+        }
+        stored.push(event);
+    }
+    unreachable!()
+}
+
+/// The units the hub caches on events count against `--max-retained-bytes`
+/// with the events themselves: with a multi-topic stream per coding (each
+/// caching a unit of every event's body), the same budget holds far fewer
+/// events than with identity streams only. Once it is full, a stream that
+/// replays them gets units made for it alone, and decodes them exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_compressed_units_count_against_the_retained_bytes_budget() {
+    const BUDGET: usize = 512 * 1024;
+    let path = "/events?topic=u&topic=v";
+    let configure = |c: &mut Config| {
+        c.max_retained_bytes = BUDGET;
+        c.retention_age = Duration::from_secs(600);
+    };
+    let plain_hub = Server::start_with(configure).await;
+    let mut reference = plain_hub.subscribe(path).await;
+    let plain = fill(&plain_hub, &mut reference, &mut []).await.len();
+    plain_hub.stop().await;
+
+    let server = Server::start_with(configure).await;
+    let mut reference = server.subscribe(path).await;
+    let mut streams = Vec::new();
+    for coding in SHARED {
+        streams.push(Compressed::open(&server, path, coding, None).await);
+    }
+    let stored = fill(&server, &mut reference, &mut streams).await;
+    eprintln!(
+        "{plain} events fit the budget alone, {} with units",
+        stored.len()
+    );
+    // An event's frame is about 8 KiB, and each coding's unit of it about
+    // 6 KiB: some 64 events alone, some 20 with three units each.
+    assert!((60..=64).contains(&plain), "{plain} events alone");
+    assert!(
+        (14..=26).contains(&stored.len()),
+        "{} events with three units each",
+        stored.len()
+    );
+
+    for coding in SHARED {
+        let mut late = Compressed::open(
+            &server,
+            &format!("/topics/u?last={}", stored.len()),
+            coding,
+            None,
+        )
+        .await;
+        let replayed = late.take(stored.len()).await;
+        let data: Vec<&str> = replayed.iter().map(|e| e.data.as_str()).collect();
+        let want: Vec<&str> = stored.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, want, "{coding}");
+    }
+    server.stop().await;
+}

@@ -20,7 +20,7 @@ use super::{
     Appended, Fingerprint, History, KeyDigest, MAX_SEQ, NewEvent, Once, Receipt, Retention, Store,
     StoreError,
 };
-use crate::event::{Epoch, Event, Topic};
+use crate::event::{Epoch, Event, RetainedBytes, Topic};
 use crate::hub::Hub;
 
 pub struct MemoryStore {
@@ -31,8 +31,9 @@ pub struct MemoryStore {
     hub: Hub,
     retention: Retention,
     budget: Budget,
-    /// Bytes of the events retained, all topics together.
-    retained_bytes: Arc<AtomicUsize>,
+    /// Bytes of the events retained, all topics together, with the
+    /// compressed units cached on them.
+    retained_bytes: Arc<RetainedBytes>,
     /// Topics with a log.
     topic_count: AtomicUsize,
     /// Tickets by digest: record and expiry. Expired ones are swept.
@@ -104,16 +105,18 @@ struct Log {
     /// raced with it starts over with a fresh log.
     removed: bool,
     /// The store's count of retained bytes, kept by every removal.
-    retained_bytes: Arc<AtomicUsize>,
+    retained_bytes: Arc<RetainedBytes>,
 }
 
-/// What an event counts against the budget: its encoded frame.
+/// What an event counts against the budget when stored: its encoded
+/// frame. The compressed units cached on it later count as they are made
+/// ([`Event::unit`]), and are given back with it.
 fn cost(event: &Event) -> usize {
     event.frame().len()
 }
 
 impl Log {
-    fn new(retained_bytes: Arc<AtomicUsize>) -> Log {
+    fn new(retained_bytes: Arc<RetainedBytes>) -> Log {
         Log {
             epoch: Epoch::random(),
             head: 0,
@@ -131,8 +134,7 @@ impl Log {
 
     fn pop_oldest(&mut self) {
         if let Some((_, event)) = self.events.pop_front() {
-            self.retained_bytes
-                .fetch_sub(cost(&event), Ordering::Relaxed);
+            self.retained_bytes.sub(cost(&event) + event.release());
         }
     }
 
@@ -169,7 +171,7 @@ impl MemoryStore {
             hub,
             retention,
             budget,
-            retained_bytes: Arc::new(AtomicUsize::new(0)),
+            retained_bytes: Arc::new(RetainedBytes::new(budget.max_bytes)),
             topic_count: AtomicUsize::new(0),
             tickets: Mutex::new(IndexMap::new()),
             once: Mutex::new(OnceRecords::default()),
@@ -273,16 +275,12 @@ impl MemoryStore {
                     new.topic
                 )));
             }
-            let event = Arc::new(Event::new(
-                new.topic,
-                seq,
-                log.epoch,
-                new.name.as_ref(),
-                &new.data,
-            ));
+            let event = Arc::new(
+                Event::new(new.topic, seq, log.epoch, new.name.as_ref(), &new.data)
+                    .retained_under(self.retained_bytes.clone()),
+            );
             log.head = seq;
-            self.retained_bytes
-                .fetch_add(cost(&event), Ordering::Relaxed);
+            self.retained_bytes.add(cost(&event));
             log.events.push_back((now, event.clone()));
             log.trim(&self.retention, now);
             event.stamp_live();
@@ -310,7 +308,7 @@ impl MemoryStore {
     /// each pass before the other is stored, so the budget can be exceeded
     /// by the batches in flight at one moment, never more.
     fn check_room(&self, bytes: usize) -> Result<(), StoreError> {
-        let retained = self.retained_bytes.load(Ordering::Relaxed);
+        let retained = self.retained_bytes.get();
         if retained.saturating_add(bytes) > self.budget.max_bytes {
             return Err(StoreError::Full(format!(
                 "the events retained would exceed {} bytes (--max-retained-bytes)",

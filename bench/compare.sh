@@ -63,11 +63,9 @@ declare -A SUB_PATH=(
 )
 declare -A PORT=() SERVER_PIDS=()
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'compare.sh: %s\n' "$*" >&2; exit 1; }
-dry() { [ "$DRY_RUN" = 1 ]; }
-# Prints a command the way a shell would read it back.
-show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
+NAME=compare.sh
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 for hub in $HUBS; do
     [ -n "${PUB_PATH[$hub]+x}" ] || die "unknown hub '$hub' (crier, crier-redis, nchan)"
@@ -89,67 +87,8 @@ accept_args() {
     [ "$1" = identity ] || printf -- '--accept-encoding\n%s\n' "$1"
 }
 
-# ---------------------------------------------------------------- processes
-
-CHILDREN=()      # every long-lived child, stopped in reverse order on exit
-TMP=""
-cleanup() {
-    local rc=$? pid i
-    trap - EXIT INT TERM
-    for ((i = ${#CHILDREN[@]} - 1; i >= 0; i--)); do
-        pid=${CHILDREN[i]}
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${CHILDREN[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "pid $pid did not stop within 5 s: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ -n "$TMP" ] && [ -d "$TMP" ]; then
-        # Kept after a failure, not after Ctrl-C (130) or SIGTERM (143).
-        if [ "$rc" -ne 0 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ] &&
-            [ -n "$(ls "$TMP"/*.log 2>/dev/null)" ]; then
-            log "logs of the hubs kept in $TMP"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# run_child OUT ERR CMD...: runs CMD as a tracked background child writing to
-# OUT and ERR, and waits for it, so that a signal reaching this script
-# interrupts the wait and the trap stops the child.
-run_child() {
-    local out=$1 err=$2 pid rc=0
-    shift 2
-    "$@" >"$out" 2>"$err" &
-    pid=$!
-    CHILDREN+=("$pid")
-    wait "$pid" || rc=$?
-    unset 'CHILDREN[${#CHILDREN[@]}-1]'
-    return "$rc"
-}
-
-# A TCP port on 127.0.0.1 that nothing listens on (bash's /dev/tcp, no tools).
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            # Not handed out twice in one run.
-            case " ${PORT[*]:-} ${REDIS_PORT:-} " in *" $port "*) continue ;; esac
-            echo "$port"
-            return
-        fi
-    done
-}
+# Children are started, waited for and stopped by bench/lib.sh (run_child,
+# cleanup); free_port is there too.
 
 # Waits until 127.0.0.1:$1 accepts connections, while pid $2 lives.
 wait_port() {
@@ -233,7 +172,7 @@ start_crier() {   # start_crier NAME [crier flags...]
     # No drain on SIGTERM (a restart between idle runs wants a fresh hub now).
     set -- --max-connections-per-ip 1000000 --max-streams-per-ip 1000000 \
         --connection-rate 0 --publish-rate 0 --drain-delay 0 --drain-window 0 "$@"
-    port=$(free_port)
+    port=$(free_port "${PORT[@]}")
     PORT[$name]=$port
     if dry; then
         show "$CRIER" --listen "127.0.0.1:$port" --shutdown-timeout 2s "$@"
@@ -283,7 +222,7 @@ start_redis() {
     local redis
     redis=$(find_cmd redis-server)
     dry && redis=${redis:-redis-server}
-    REDIS_PORT=$(free_port)
+    REDIS_PORT=$(free_port "${PORT[@]}")
     if dry; then
         show "$redis" --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no
         REDIS_PID="<redis-pid>"
@@ -298,7 +237,7 @@ start_redis() {
 
 start_nchan() {
     local port prefix module nginx master workers
-    port=$(free_port)
+    port=$(free_port "${PORT[@]}" "${REDIS_PORT:-}")
     PORT[nchan]=$port
     prefix=$TMP/nchan
     module=$(nchan_module)

@@ -45,10 +45,9 @@ RESULTS=${RESULTS:-$HERE/results/floods-$STAMP.jsonl}
 TOOL_LOG=${RESULTS%.jsonl}.log
 CRIER=$ROOT/target/release/crier
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'floods.sh: %s\n' "$*" >&2; exit 1; }
-dry() { [ "$DRY_RUN" = 1 ]; }
-show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
+NAME=floods.sh
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 for attack in $ATTACKS; do
     case $attack in
@@ -59,70 +58,8 @@ done
 SECONDS_LONG=$(sed -n 's/^\([0-9]\+\)s$/\1/p' <<<"$DURATION")
 [ -n "$SECONDS_LONG" ] || die "DURATION must be whole seconds, like 30s"
 
-# ---------------------------------------------------------------- processes
-
-CHILDREN=()      # every live child, stopped in reverse order on exit
-TMP=""
-cleanup() {
-    local rc=$? pid i
-    trap - EXIT INT TERM
-    for ((i = ${#CHILDREN[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${CHILDREN[i]}" 2>/dev/null || true
-    done
-    for pid in "${CHILDREN[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "pid $pid did not stop within 5 s: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ -n "$TMP" ] && [ -d "$TMP" ]; then
-        if [ "$rc" -ne 0 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
-            log "logs kept in $TMP"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# forget PID: a child that has been waited for leaves the list.
-forget() {
-    local pid=$1 i
-    for i in "${!CHILDREN[@]}"; do
-        [ "${CHILDREN[i]}" = "$pid" ] && unset 'CHILDREN[i]'
-    done
-    CHILDREN=("${CHILDREN[@]}")
-}
-
-# start OUT ERR CMD...: runs CMD as a tracked background child; its PID in $STARTED.
-start() {
-    local out=$1 err=$2
-    shift 2
-    "$@" >"$out" 2>"$err" &
-    STARTED=$!
-    CHILDREN+=("$STARTED")
-}
-
-# finish PID: waits for a child started by `start`; its exit status.
-finish() {
-    local rc=0
-    wait "$1" || rc=$?
-    forget "$1"
-    return "$rc"
-}
-
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 12000))
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
-    done
-}
+# Children are started, waited for and stopped by bench/lib.sh (start,
+# finish, cleanup); free_port is there too.
 
 # ---------------------------------------------------------------- the hub
 

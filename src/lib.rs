@@ -182,13 +182,9 @@ async fn serve_with(
         }
         let router = http::metrics_app(state.clone());
         let stop = shutdown.clone();
+        let settings = config.clone();
         tokio::spawn(async move {
-            let served = axum::serve(metrics_listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::warn!(%error, "the metrics listener failed");
-            }
+            server::serve_metrics(metrics_listener, router, &settings, stop).await;
         });
     }
     let draining = state.drain.clone();

@@ -830,3 +830,52 @@ fn the_parser_is_strict() {
         assert!(parse(bad).is_err(), "accepted {bad:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_serves_a_bounded_number_of_connections_and_closes_silent_ones() {
+    let server = Server::start_with_metrics_listener(|c| {
+        c.header_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr = server.metrics_addr.unwrap();
+    // Silent connections take every slot the listener has.
+    let mut silent = Vec::new();
+    for _ in 0..crier::server::METRICS_MAX_CONNECTIONS {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Past them, a scraper is refused with a problem at once...
+    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    over.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, over.read_to_end(&mut answer))
+        .await
+        .expect("the refusal comes at once")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(
+        answer.contains("urn:crier:problem:over-capacity"),
+        "{answer}"
+    );
+    // ...and the silent ones are closed at the header timeout, which frees
+    // the slots again.
+    for mut connection in silent {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, connection.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a silent metrics connection was kept open");
+    }
+    // A slot is free once its connection's task has ended, just after the
+    // close: scrape until served, within the deadline.
+    let client = common::client();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let response = client.get(format!("http://{addr}/metrics")).send().await;
+        if response.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot came free");
+        tokio::task::yield_now().await;
+    }
+}

@@ -365,6 +365,35 @@ async fn a_topic_whose_keys_were_overwritten_by_hand_is_refused_not_retried_fore
         .expect("batch request");
     assert_problem(response, 500, "store-error").await;
     assert_eq!(redis.cli(&["XLEN", "crier:{t}:events"]), "2");
+    // A batch over several topics is refused whole, whichever topic comes
+    // first: the sound topics store nothing either.
+    for body in [
+        r#"[{"topic":"sound","data":"s1"},{"topic":"t","data":"t3"}]"#,
+        r#"[{"topic":"t","data":"t3"},{"topic":"sound","data":"s1"}]"#,
+    ] {
+        let response = server
+            .client
+            .post(server.url("/events"))
+            .body(body)
+            .send()
+            .await
+            .expect("batch request");
+        assert_problem(response, 500, "store-error").await;
+    }
+    assert_eq!(redis.cli(&["EXISTS", "crier:{sound}:events"]), "0");
+    assert_eq!(redis.cli(&["EXISTS", "crier:{sound}:meta"]), "0");
+    // An events key of the wrong type is refused the same way.
+    server.publish_id("wrong", "w0").await;
+    assert_eq!(redis.cli(&["SET", "crier:{wrong}:events", "x"]), "OK");
+    let response = server
+        .client
+        .post(server.url("/events"))
+        .body(r#"[{"topic":"sound","data":"s1"},{"topic":"wrong","data":"w1"}]"#)
+        .send()
+        .await
+        .expect("batch request");
+    assert_problem(response, 500, "store-error").await;
+    assert_eq!(redis.cli(&["EXISTS", "crier:{sound}:events"]), "0");
 
     // A stream that starts by reading the topic is refused outright...
     let response = server

@@ -78,11 +78,13 @@ end
 /// Numbers, appends, trims and publishes one topic's events, and keeps
 /// their idempotency records.
 /// KEYS: meta, events, then the record key of every idempotency key of the
-/// whole request (all topics). ARGV: channel, max events, max age ms, meta
-/// ttl ms, the epoch and number this node has already seen for the topic
-/// (empty if none), the idempotency window ms, the number K of record keys,
-/// K fingerprints (hex), then per event: its record key's index (0: none),
-/// name, data.
+/// whole request (all topics), then, for a request of several topics, the
+/// meta and events keys of each of its topics. ARGV: channel, max events,
+/// max age ms, meta ttl ms, the epoch and number this node has already seen
+/// for the topic (empty if none), the idempotency window ms, the number K
+/// of record keys, K fingerprints (hex), the number G of guarded topics, G
+/// counts of their events, then per event: its record key's index (0:
+/// none), name, data.
 ///
 /// A number below what a node has already seen in the same epoch means the
 /// history went back in time (a restored snapshot, a failover to a lagging
@@ -92,7 +94,10 @@ end
 ///
 /// A topic whose number is not one the script could have written, or that
 /// would pass `MAX_SEQ`, is refused before anything is written: a script's
-/// earlier writes are not undone when a later command fails. So is a
+/// earlier writes are not undone when a later command fails. Nor are an
+/// earlier script's in a transaction, so in a request of several topics
+/// every topic's script first checks every topic's keys (the guard): one
+/// topic's corrupt keys refuse the whole batch in each script alike. So is a
 /// request one of whose keys holds another fingerprint (`{'reused', k}`);
 /// every topic's script of a batch checks every key of the batch, so they
 /// all see the same records and agree, and a batch is stored whole or not
@@ -103,6 +108,26 @@ const PUBLISH: &str = concat!(
     lua_fresh_epoch!(),
     r#"
 local nkeys = tonumber(ARGV[8])
+local guard = 8 + nkeys + 1
+local nguard = tonumber(ARGV[guard])
+for g = 1, nguard do
+  local meta = KEYS[2 + nkeys + 2 * g - 1]
+  local meta_type = redis.call('TYPE', meta)['ok']
+  local events_type = redis.call('TYPE', KEYS[2 + nkeys + 2 * g])['ok']
+  -- Without a meta hash the topic starts afresh (its events key is
+  -- deleted), so only a topic that has one is checked further.
+  local ok = meta_type == 'none' or meta_type == 'hash'
+  if ok and meta_type == 'hash' then
+    ok = events_type == 'none' or events_type == 'stream'
+  end
+  if ok and meta_type == 'hash' then
+    local n = tonumber(redis.call('HGET', meta, 'seq') or '0')
+    ok = n and n >= 0 and n % 1 == 0 and n + tonumber(ARGV[guard + g]) <= 9007199254740991
+  end
+  if not ok then
+    return redis.error_reply('ERR crier: the number of ' .. meta .. ' is corrupt or would pass 2^53 - 1')
+  end
+end
 local records = {}
 for k = 1, nkeys do
   local record = redis.call('GET', KEYS[2 + k])
@@ -111,7 +136,7 @@ for k = 1, nkeys do
   end
   records[k] = record
 end
-local base = 8 + nkeys
+local base = guard + nguard
 local count = (#ARGV - base) / 3
 local fresh = 0
 local claimed = {}
@@ -968,7 +993,9 @@ impl RedisStore {
 
     /// The keys and arguments of the `PUBLISH` script for one topic's
     /// events: `events` are indices into `all`, and `keys` the request's
-    /// distinct idempotency keys (every topic's script checks them all).
+    /// distinct idempotency keys (every topic's script checks them all), and
+    /// `guarded` the topics of a request of several (every topic's script
+    /// checks all their keys before it writes).
     fn publish_args(
         &self,
         topic: &Topic,
@@ -976,9 +1003,13 @@ impl RedisStore {
         events: &[usize],
         keys: &IndexMap<KeyDigest, Fingerprint>,
         window: Duration,
+        guarded: &[(&Topic, Vec<usize>)],
     ) -> (Vec<String>, Vec<String>) {
         let mut redis_keys = vec![self.keys.meta(topic), self.keys.events(topic)];
         redis_keys.extend(keys.keys().map(|key| self.keys.once(key)));
+        for (other, _) in guarded {
+            redis_keys.extend([self.keys.meta(other), self.keys.events(other)]);
+        }
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut args = vec![
             self.keys.channel(topic),
@@ -993,6 +1024,8 @@ impl RedisStore {
         args.push(window_ms.to_string());
         args.push(keys.len().to_string());
         args.extend(keys.values().map(Fingerprint::hex));
+        args.push(guarded.len().to_string());
+        args.extend(guarded.iter().map(|(_, list)| list.len().to_string()));
         for &i in events {
             let (event, once) = &all[i];
             let k = once
@@ -1110,7 +1143,8 @@ impl Store for RedisStore {
         let replies: Vec<Value> = match topics.as_slice() {
             [] => Vec::new(),
             [(topic, list)] => {
-                let (redis_keys, args) = self.publish_args(topic, &events, list, &keys, window);
+                let (redis_keys, args) =
+                    self.publish_args(topic, &events, list, &keys, window, &[]);
                 let mut invocation = self.publish.prepare_invoke();
                 invocation.key(&redis_keys[..]).arg(args);
                 vec![
@@ -1128,7 +1162,8 @@ impl Store for RedisStore {
                 for (topic, list) in many {
                     // EVAL, not EVALSHA: inside MULTI a missing script
                     // would fail alone and let the rest of the batch in.
-                    let (redis_keys, args) = self.publish_args(topic, &events, list, &keys, window);
+                    let (redis_keys, args) =
+                        self.publish_args(topic, &events, list, &keys, window, many);
                     pipe.cmd("EVAL")
                         .arg(PUBLISH)
                         .arg(redis_keys.len())

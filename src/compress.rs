@@ -45,7 +45,7 @@
 use std::cell::RefCell;
 use std::io::Write;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -222,6 +222,49 @@ pub struct Chained {
     units: [Option<Bytes>; SHARED_CODINGS],
 }
 
+/// How many chained compressors the node may hold at once
+/// (`--max-compression-chains`): each is one topic's compressor for one
+/// coding, 0.3–0.7 MiB. A topic that gets none has its streams write each
+/// event compressed alone (larger on the wire, as correct).
+#[derive(Debug)]
+pub struct ChainPermits {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl ChainPermits {
+    pub fn new(max: usize) -> Arc<ChainPermits> {
+        Arc::new(ChainPermits {
+            held: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Chained compressors held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn take(self: &Arc<Self>) -> Option<ChainPermit> {
+        let before = self.held.fetch_add(1, Ordering::Relaxed);
+        if before >= self.max {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ChainPermit(self.clone()))
+    }
+}
+
+/// One chained compressor's place in [`ChainPermits`], given back on drop.
+#[derive(Debug)]
+struct ChainPermit(Arc<ChainPermits>);
+
+impl Drop for ChainPermit {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A topic's chained compressors, one per shared coding in use (see the
 /// module docs). Events go through it in the topic's order.
 pub struct Chain {
@@ -238,11 +281,16 @@ pub struct Chain {
     deflate: Option<Box<flate2::Compress>>,
     /// brotli has no reset: a new compressor per segment.
     brotli: Option<Box<BrotliWriter>>,
+    permits: Arc<ChainPermits>,
+    /// The permit of each coding's compressor, while it has one.
+    held: [Option<ChainPermit>; SHARED_CODINGS],
 }
 
 impl Chain {
-    pub fn new(quiet: Duration) -> Chain {
+    pub fn new(quiet: Duration, permits: Arc<ChainPermits>) -> Chain {
         Chain {
+            permits,
+            held: Default::default(),
             quiet,
             segment: 0,
             index: 0,
@@ -266,6 +314,7 @@ impl Chain {
             self.zstd = None;
             self.deflate = None;
             self.brotli = None;
+            self.release_idle();
             return None;
         }
         let mut boundary = self.index >= SEGMENT_EVENTS
@@ -276,20 +325,20 @@ impl Chain {
         // segment, for every coding.
         if !wanted[0] {
             self.zstd = None;
-        } else if self.zstd.is_none() {
+        } else if self.zstd.is_none() && self.permit(0) {
             self.zstd = chained_zstd().ok().map(Box::new);
             boundary = true;
         }
         if !wanted[1] {
             self.deflate = None;
-        } else if self.deflate.is_none() {
+        } else if self.deflate.is_none() && self.permit(1) {
             let level = flate2::Compression::new(CHAINED_DEFLATE_LEVEL);
             self.deflate = Some(Box::new(flate2::Compress::new(level, false)));
             boundary = true;
         }
         if !wanted[2] {
             self.brotli = None;
-        } else if self.brotli.is_none() {
+        } else if self.brotli.is_none() && self.permit(2) {
             boundary = true;
         }
         if boundary {
@@ -303,7 +352,7 @@ impl Chain {
             if let Some(deflate) = &mut self.deflate {
                 deflate.reset();
             }
-            if wanted[2] {
+            if wanted[2] && self.held[2].is_some() {
                 self.brotli = Some(Box::new(brotli_catable(CHAINED_BROTLI_QUALITY, 0)));
             }
         }
@@ -348,7 +397,31 @@ impl Chain {
         };
         self.index += 1;
         self.last = Some(now);
+        self.release_idle();
         Some(Arc::new(chained))
+    }
+
+    /// Whether the coding in `slot` holds a permit for a compressor, taken
+    /// now if need be.
+    fn permit(&mut self, slot: usize) -> bool {
+        if self.held[slot].is_none() {
+            self.held[slot] = self.permits.take();
+        }
+        self.held[slot].is_some()
+    }
+
+    /// Gives back the permits of codings without a compressor.
+    fn release_idle(&mut self) {
+        let idle = [
+            self.zstd.is_none(),
+            self.deflate.is_none(),
+            self.brotli.is_none(),
+        ];
+        for (held, idle) in self.held.iter_mut().zip(idle) {
+            if idle {
+                *held = None;
+            }
+        }
     }
 
     /// Drops the compressor of a coding no stream uses any more.
@@ -358,6 +431,7 @@ impl Chain {
             1 => self.deflate = None,
             _ => self.brotli = None,
         }
+        self.release_idle();
     }
 
     /// Whether the chain holds no compressor.
@@ -1089,7 +1163,7 @@ mod tests {
     fn streams_joining_a_chain_at_any_moment_decode_exactly_what_they_were_sent() {
         for codec in [Codec::Zstd, Codec::Gzip, Codec::Brotli] {
             let slot = codec.shared_slot().unwrap();
-            let mut chain = Chain::new(Duration::from_secs(3600));
+            let mut chain = Chain::new(Duration::from_secs(3600), ChainPermits::new(8));
             let mut wanted = [false; SHARED_CODINGS];
             wanted[slot] = true;
             // (wire, its writes, the plain text it was given, decoder)
@@ -1209,7 +1283,7 @@ mod tests {
     /// after a quiet spell, and at a compressor made anew.
     #[test]
     fn the_chain_starts_segments_by_count_by_quiet_and_anew() {
-        let mut chain = Chain::new(Duration::from_millis(50));
+        let mut chain = Chain::new(Duration::from_millis(50), ChainPermits::new(8));
         let mut now = Instant::now();
         let frame = json_event(1);
         let both = [true, true, true];

@@ -303,6 +303,13 @@ pub struct Config {
     #[arg(long, env = "CRIER_COMPRESSION", default_value = "zstd,gzip,br", value_delimiter = ',', value_parser = parse_codec)]
     pub compression: Vec<Option<Codec>>,
 
+    /// Most chained compressors the topics hold at once: one per topic and
+    /// coding with a compressed single-topic stream on this node, 0.3–0.7
+    /// MiB each. Past it, a topic's compressed streams write each event
+    /// compressed alone (larger on the wire).
+    #[arg(long, env = "CRIER_MAX_COMPRESSION_CHAINS", default_value_t = 256)]
+    pub max_compression_chains: usize,
+
     /// Web origins allowed to use the hub from a browser, comma separated:
     /// `https://app.example.com`, `https://*.example.com` (subdomains), or
     /// `*` (any origin may read public answers; no cookies). A request whose

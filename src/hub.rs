@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
-use crate::compress::{Chain, Chained, Codec, SHARED_CODINGS};
+use crate::compress::{Chain, ChainPermits, Chained, Codec, SHARED_CODINGS};
 use crate::event::{Event, Topic};
 use crate::metrics::Metrics;
 
@@ -55,6 +55,9 @@ struct Inner {
     /// How long a topic must be quiet for its chained compression to start
     /// a new segment (the heartbeat interval, see `compress`).
     quiet: Duration,
+    /// The topics' chained compressors held at once, against
+    /// `--max-compression-chains`.
+    chain_permits: Arc<ChainPermits>,
     /// Numbers every delivery on this node, so that a subscription to several
     /// topics can merge their feeds in the order events were delivered.
     next_order: AtomicU64,
@@ -74,17 +77,24 @@ impl Hub {
     /// `backlog` is how many events a subscriber may fall behind before it is
     /// disconnected.
     pub fn new(backlog: usize) -> Hub {
-        Hub::with_metrics(backlog, Duration::from_secs(15), Metrics::new())
+        Hub::with_metrics(backlog, Duration::from_secs(15), 256, Metrics::new())
     }
 
     /// A hub that counts into `metrics`; `heartbeat` is the streams'
-    /// heartbeat interval.
-    pub fn with_metrics(backlog: usize, heartbeat: Duration, metrics: Metrics) -> Hub {
+    /// heartbeat interval, `max_chains` the most chained compressors its
+    /// topics hold at once.
+    pub fn with_metrics(
+        backlog: usize,
+        heartbeat: Duration,
+        max_chains: usize,
+        metrics: Metrics,
+    ) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 topics: RwLock::new(HashMap::new()),
                 backlog: backlog.max(1),
                 quiet: heartbeat,
+                chain_permits: ChainPermits::new(max_chains),
                 next_order: AtomicU64::new(1),
                 metrics,
             }),
@@ -221,8 +231,11 @@ impl Feeds {
             return;
         }
         for feed in &self.feeds {
-            let quiet = feed._membership.hub.inner.quiet;
-            let compression = feed.events.channel.compression(quiet);
+            let inner = &feed._membership.hub.inner;
+            let compression = feed
+                .events
+                .channel
+                .compression(inner.quiet, &inner.chain_permits);
             compression.shared[slot].fetch_add(1, Ordering::Relaxed);
         }
         self.share = Some(slot as u8);
@@ -376,13 +389,13 @@ impl Channel {
         chain.units(event, wanted, std::time::Instant::now())
     }
 
-    /// The topic's compression, made now if need be; `quiet` as in
-    /// [`Chain::new`].
-    fn compression(&self, quiet: Duration) -> &Compression {
+    /// The topic's compression, made now if need be; `quiet` and
+    /// `permits` as in [`Chain::new`].
+    fn compression(&self, quiet: Duration, permits: &Arc<ChainPermits>) -> &Compression {
         self.compression.get_or_init(|| {
             Box::new(Compression {
                 shared: Default::default(),
-                chain: Mutex::new(Chain::new(quiet)),
+                chain: Mutex::new(Chain::new(quiet, permits.clone())),
             })
         })
     }

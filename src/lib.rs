@@ -64,7 +64,12 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
     // may share a process (the tests run many), each showing its own.
     let metrics = Metrics::new();
     tokio::spawn(upkeep_until(metrics.clone(), shutdown.clone()));
-    let hub = Hub::with_metrics(config.subscriber_backlog, config.heartbeat, metrics.clone());
+    let hub = Hub::with_metrics(
+        config.subscriber_backlog,
+        config.heartbeat,
+        config.max_compression_chains,
+        metrics.clone(),
+    );
     let store: Arc<dyn Store> = match &config.redis_url {
         Some(url) => {
             let store = Arc::new(RedisStore::new(

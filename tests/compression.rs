@@ -570,3 +570,68 @@ async fn cached_compressed_units_count_against_the_retained_bytes_budget() {
     }
     server.stop().await;
 }
+
+/// Publishes the next `n` metrics to each of `topics` in turn, each read by
+/// its stream before the next is published.
+async fn publish_to_each(
+    server: &Server,
+    topics: &[&str],
+    streams: &mut [&mut Compressed],
+    range: std::ops::Range<usize>,
+) {
+    for n in range {
+        for (topic, stream) in topics.iter().zip(streams.iter_mut()) {
+            let event = publish_all(server, topic, n..n + 1).await.remove(0);
+            assert_eq!(stream.next().await, event, "{topic} {n}");
+        }
+    }
+}
+
+/// `--max-compression-chains` bounds the topics' chained compressors: past
+/// it a topic's streams write events compressed alone (decoding as well,
+/// larger), and a compressor given back is taken by the next topic that
+/// wants one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_compressors_past_their_limit_leave_streams_on_units_compressed_alone() {
+    for coding in SHARED {
+        let server = Server::start_with(|c| c.max_compression_chains = 1).await;
+        let (a, b) = (format!("chain-a-{coding}"), format!("chain-b-{coding}"));
+        let mut on_a = Compressed::open(&server, &format!("/topics/{a}"), coding, None).await;
+        let mut on_b = Compressed::open(&server, &format!("/topics/{b}"), coding, None).await;
+        let topics = [a.as_str(), b.as_str()];
+        // `a` publishes first, so it holds the one compressor.
+        let start = (
+            on_a.wire.lock().unwrap().len(),
+            on_b.wire.lock().unwrap().len(),
+        );
+        publish_to_each(&server, &topics, &mut [&mut on_a, &mut on_b], 0..60).await;
+        let chained = on_a.wire.lock().unwrap().len() - start.0;
+        let alone = on_b.wire.lock().unwrap().len() - start.1;
+        eprintln!("{coding}: 60 events chained {chained} bytes, alone {alone}");
+        assert!(
+            chained * 2 < alone,
+            "{coding}: chained {chained}, alone {alone}"
+        );
+        // `a`'s stream leaves (its reader drops the body at the next chunk,
+        // and the hub notices at a write after that): its compressor goes
+        // to `b`.
+        drop(on_a);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut n = 60;
+        loop {
+            publish_all(&server, &a, n..n + 1).await;
+            let before = on_b.wire.lock().unwrap().len();
+            publish_to_each(&server, &topics[1..], &mut [&mut on_b], n..n + 20).await;
+            n += 20;
+            let batch = on_b.wire.lock().unwrap().len() - before;
+            if batch * 2 * 3 < alone {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{coding}: b never got a compressor ({batch} bytes for 20 events)"
+            );
+        }
+        server.stop().await;
+    }
+}

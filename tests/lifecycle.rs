@@ -113,6 +113,7 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ("--http2-max-streams", "CRIER_HTTP2_MAX_STREAMS"),
         ("--http2-keepalive", "CRIER_HTTP2_KEEPALIVE"),
         ("--compression", "CRIER_COMPRESSION"),
+        ("--max-compression-chains", "CRIER_MAX_COMPRESSION_CHAINS"),
         ("--redis", "CRIER_REDIS_URL"),
         ("--redis-ca-cert", "CRIER_REDIS_CA_CERT"),
         ("--redis-prefix", "CRIER_REDIS_PREFIX"),

@@ -3,13 +3,12 @@
 //!
 //! A generic HTTP compressor waits for enough input to fill a block, which
 //! would hold events back; and a compressor per stream costs its memory
-//! (zstd ~100 KiB, gzip ~200 KiB, brotli ~400 KiB) and its CPU (every event
-//! compressed once per subscriber). Here, for zstd and gzip, the hub
-//! compresses each event of a topic once per coding, and every stream of
-//! that coding writes those same bytes: its [`SharedUnits`] keeps only a
-//! few dozen bytes of state.
+//! (zstd ~100 KiB, gzip ~200 KiB, brotli ~670 KiB) and its CPU (every event
+//! compressed once per subscriber). Here the hub compresses each event of a
+//! topic once per coding, and every stream of that coding writes those same
+//! bytes: its [`SharedUnits`] keeps only a few dozen bytes of state.
 //!
-//! Both formats can be cut into units that decode on their own terms:
+//! Each format can be cut into units that decode on their own terms:
 //!
 //! - zstd: a payload is a sequence of frames (RFC 8878), so a complete frame
 //!   can follow anything. An event compressed alone is one frame.
@@ -18,29 +17,45 @@
 //!   blocks from a fresh compressor refer to nothing before them. Each
 //!   stream writes its own header once, then shared blocks, and keeps the
 //!   CRC-32 and length of what it wrote for its trailer.
+//! - brotli (RFC 7932): a stream is a window size, then meta-blocks, the
+//!   last one marked. The brotli crate's *catable* mode makes output that
+//!   may follow any byte-aligned point of another stream: it never refers
+//!   before its own start (nor to the static dictionary, whose references
+//!   are distances past the decoder's position), stores its first two bytes
+//!   uncompressed (literal contexts look at the two bytes before), and uses
+//!   no remembered distance until it has made its own; with `bare_stream`
+//!   it has no window-size header and no last meta-block, and a flush ends
+//!   it on a byte boundary. Each stream writes the window size (64 KiB, the
+//!   units' own) and an empty metadata block once, then shared units, its
+//!   own bytes as uncompressed meta-blocks, and the last (empty) meta-block
+//!   when it ends. Checked with the brotli crate's decoder, Node's zlib and
+//!   Chromium's, event by event (tests/compression.rs, tests/browser.rs).
 //!
 //! An event compressed alone loses what repetitive JSON gains from the
 //! events before it, so each topic also has a [`Chain`]: one compressor per
 //! coding whose output carries context from event to event within a
-//! *segment* (a zstd frame; deflate blocks since a reset), started anew every
-//! [`SEGMENT_EVENTS`] events and when the topic was quiet for a heartbeat
-//! interval. Back-references are distances into what the decoder produced,
-//! so a stream may write a segment's chained unit only if everything it
-//! wrote since the segment began is exactly that segment's earlier units.
-//! A stream that joined mid-segment, or wrote anything of its own since (its
-//! preamble, a heartbeat, a `reset`, a replayed event), writes each event's
+//! *segment* (a zstd frame; deflate blocks since a reset; a catable brotli
+//! compressor's output), started anew every [`SEGMENT_EVENTS`] events and
+//! when the topic was quiet for a heartbeat interval. Back-references are
+//! distances into what the decoder produced (and brotli's remembered
+//! distances and literal contexts are the decoder's state too), so a stream
+//! may write a segment's chained unit only if everything it wrote since the
+//! segment began is exactly that segment's earlier units. A stream that
+//! joined mid-segment, or wrote anything of its own since (its preamble, a
+//! heartbeat, a `reset`, a replayed event), writes each event's
 //! self-contained unit instead (compressed once per event and coding, on
 //! first use, and cached on the event) until the next segment begins. Its
-//! own bytes go out uncompressed: a raw zstd frame, a stored deflate block.
-//! Multi-topic streams, whose `id:` lines differ per stream, write their id
-//! line that way and then the shared self-contained unit of the event's
-//! body.
+//! own bytes go out uncompressed: a raw zstd frame, a stored deflate block,
+//! an uncompressed brotli meta-block. Multi-topic streams, whose `id:` lines
+//! differ per stream, write their id line that way and then the shared
+//! self-contained unit of the event's body.
 //!
 //! Every unit ends flushed, so every event decodes the moment it arrives.
 //!
-//! Brotli streams keep a compressor each ([`Compressor`], flushed per
-//! write): the brotli crate's catable/appendable modes are not used here
-//! (not yet tested against browsers' decoders), so brotli costs what it did.
+//! Memory: the node holds at most `--max-compression-chains` chained
+//! compressors ([`ChainPermits`]); a topic past it has its streams write
+//! self-contained units. Units cached on events retained by the embedded
+//! store count against `--max-retained-bytes` (see `Event::unit`).
 
 use std::cell::RefCell;
 use std::io::Write;

@@ -301,7 +301,7 @@ pub struct Config {
     /// Codecs offered for event streams and JSON answers, in order of
     /// preference when the client values several equally; `none` disables
     /// compression.
-    #[arg(long, env = "CRIER_COMPRESSION", default_value = "zstd,gzip,br", value_delimiter = ',', value_parser = parse_codec)]
+    #[arg(long, env = "CRIER_COMPRESSION", default_value = "zstd,br,gzip", value_delimiter = ',', value_parser = parse_codec)]
     pub compression: Vec<Option<Codec>>,
 
     /// Most chained compressors the topics hold at once: one per topic and

@@ -1160,6 +1160,25 @@ mod tests {
         assert_eq!(plain, want);
     }
 
+    /// A brotli stream made by hand (its start, uncompressed meta-blocks of
+    /// every length around 64 KiB, catable units, its end) is one complete
+    /// stream to the brotli crate's decoder.
+    #[test]
+    fn uncompressed_meta_blocks_between_catable_units_make_a_valid_brotli_stream() {
+        let mut wire = BytesMut::from(&brotli_stream_start()[..]);
+        let mut want = Vec::new();
+        for n in [1, 2, 255, 65535, 65536, 65537, 200_000] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+            brotli_uncompressed(&mut wire, &data);
+            want.extend_from_slice(&data);
+            let unit = alone(Codec::Brotli, b"data: {\"alone\":true}\n\n");
+            wire.extend_from_slice(&unit);
+            want.extend_from_slice(b"data: {\"alone\":true}\n\n");
+        }
+        wire.put_u8(BROTLI_END);
+        assert_eq!(strict(Codec::Brotli, &wire), want);
+    }
+
     /// What a stream of the topic does at one step.
     #[derive(Clone, Copy, Debug)]
     enum Step {

@@ -635,3 +635,63 @@ async fn chained_compressors_past_their_limit_leave_streams_on_units_compressed_
         server.stop().await;
     }
 }
+
+/// curl's own decoders (`--compressed`) read each coding's stream, single-
+/// and multi-topic, as the events arrive, and the end the server writes
+/// when it stops is a clean end to curl (exit status 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_decodes_every_coding_as_events_arrive_and_ends_cleanly() {
+    use std::process::{Command, Stdio};
+    let server = Server::start().await;
+    let mut curls = Vec::new();
+    for coding in SHARED {
+        for path in ["/topics/curl", "/events?topic=curl&topic=other"] {
+            let out = std::env::temp_dir().join(format!(
+                "crier-curl-{}-{coding}-{}.out",
+                std::process::id(),
+                curls.len()
+            ));
+            let child = Command::new("curl")
+                .args(["-s", "-S", "-N", "--compressed", "-H"])
+                .arg(format!("accept-encoding: {coding}"))
+                .arg("-o")
+                .arg(&out)
+                .arg(server.url(path))
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("curl");
+            curls.push((coding, path, child, out));
+        }
+    }
+    let read = |out: &std::path::Path| std::fs::read_to_string(out).unwrap_or_default();
+    wait_for("every curl's stream open", || {
+        curls
+            .iter()
+            .all(|(_, _, _, out)| read(out).contains(": crier stream open"))
+    })
+    .await;
+    let published = publish_all(&server, "curl", 0..30).await;
+    let last = format!("data: {}\n\n", published[29].data);
+    wait_for("every event decoded by every curl", || {
+        curls
+            .iter()
+            .all(|(_, _, _, out)| read(out).ends_with(&last))
+    })
+    .await;
+    server.stop().await;
+    for (coding, path, mut child, out) in curls {
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{coding} {path}: curl exited {status:?}");
+        let text = read(&out);
+        let _ = std::fs::remove_file(&out);
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .collect();
+        let want: Vec<&str> = published.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, want, "{coding} {path}");
+    }
+}

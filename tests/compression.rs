@@ -2,10 +2,9 @@
 //! subscriber, whenever it joined and whatever it wrote of its own
 //! (preamble, heartbeats, `reset`, replayed events), decodes exactly its
 //! events the moment they arrive, with independent decoders (brotli's is
-//! Node's zlib; and curl's `--compressed` for all three); and a stream that
-//! ends cleanly is a complete gzip member
-//! (CRC-32 and length checked), complete zstd frames or a complete brotli
-//! stream.
+//! Node's zlib; curl's `--compressed` for all three); and a stream that ends
+//! cleanly is a complete gzip member (CRC-32 and length checked), complete
+//! zstd frames or a complete brotli stream.
 
 mod common;
 

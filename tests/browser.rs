@@ -145,7 +145,7 @@ async fn a_browser_multiplexes_twelve_event_sources_over_http2_with_compression(
 /// The browser's own decoders take the units the hub compressed once per
 /// event, in zstd, gzip and brotli (over HTTP/2, and brotli over HTTP/1.1
 /// too): EventSources that joined at different moments (one resuming with
-/// `lastEventId`), heartbeats between events.
+/// `lastEventId`, one on two topics), heartbeats between events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_joined() {
     use crier::compress::Codec;
@@ -211,6 +211,11 @@ async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_jo
         tab.evaluate::<bool>(&open("resumed", &resume)).await;
         tab.poll::<usize>("window.opened", "three EventSources open", |&n| n == 3)
             .await;
+        // A multi-topic stream: its own id lines, the events' shared bodies.
+        tab.evaluate::<bool>(&open("multi", "/events?topic=shared&topic=elsewhere"))
+            .await;
+        tab.poll::<usize>("window.opened", "four EventSources open", |&n| n == 4)
+            .await;
         // Quiet for heartbeats: a stream of our own sees three, so the
         // browser's streams have sent theirs too.
         let mut watcher = client
@@ -237,9 +242,16 @@ async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_jo
                     got.get("first").is_some_and(|e| e.len() >= 20)
                         && got.get("joined").is_some_and(|e| e.len() >= 15)
                         && got.get("resumed").is_some_and(|e| e.len() >= 17)
+                        && got.get("multi").is_some_and(|e| e.len() >= 10)
                 },
             )
             .await;
+        // Its ids name both topics' positions, in topic order.
+        let multi: Vec<(String, String)> = all[10..]
+            .iter()
+            .map(|(id, data)| (format!("shared/0,{id}"), data.clone()))
+            .collect();
+        assert_eq!(got["multi"], multi, "{coding:?} over {protocol} multi");
         assert_eq!(got["first"], all, "{coding:?} over {protocol} first");
         assert_eq!(got["joined"], all[5..], "{coding:?} over {protocol} joined");
         assert_eq!(
@@ -256,7 +268,7 @@ async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_jo
             .wait_events(
                 "Network.responseReceived",
                 "a response per EventSource",
-                |events| event_sources(events).len() >= 3,
+                |events| event_sources(events).len() >= 4,
             )
             .await;
         for response in event_sources(&responses).iter().map(|e| &e["response"]) {

@@ -255,11 +255,6 @@ impl ChainPermits {
         })
     }
 
-    /// Chained compressors held now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
-    }
-
     fn take(self: &Arc<Self>) -> Option<ChainPermit> {
         let before = self.held.fetch_add(1, Ordering::Relaxed);
         if before >= self.max {

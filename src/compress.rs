@@ -55,7 +55,8 @@ use zstd::stream::raw::Operation;
 
 use crate::event::Event;
 use crate::sse;
-use crate::subscription::{Plain, Wire};
+use crate::subscription::{Control, Wire};
+use crate::transport::sse::Plain;
 
 /// A content coding the hub can produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -623,7 +624,10 @@ impl SharedUnits {
 }
 
 impl Wire for SharedUnits {
-    fn own(&mut self, bytes: &Bytes) {
+    type Out = std::io::Result<Bytes>;
+
+    fn control(&mut self, control: &Control) {
+        let bytes = &crate::transport::sse::encode(control);
         self.start();
         self.leave_chain();
         self.spill();
@@ -723,8 +727,10 @@ impl PerStream {
 }
 
 impl Wire for PerStream {
-    fn own(&mut self, bytes: &Bytes) {
-        self.plain.own(bytes);
+    type Out = std::io::Result<Bytes>;
+
+    fn control(&mut self, control: &Control) {
+        self.plain.control(control);
     }
 
     fn heartbeat(&mut self) {
@@ -1027,7 +1033,10 @@ mod tests {
                 if seq % 37 == 1 {
                     let mut wire = SharedUnits::new(codec, true);
                     let preamble = Bytes::from_static(b"retry: 1000\n: crier stream open\n\n");
-                    wire.own(&preamble);
+                    wire.control(&Control::Open {
+                        retry: Duration::from_secs(1),
+                        start: None,
+                    });
                     let mut decoder = Decompressor::new(codec).unwrap();
                     let bytes = wire.take().unwrap().unwrap();
                     assert_eq!(decoder.decompress(&bytes).unwrap(), preamble);
@@ -1049,8 +1058,11 @@ mod tests {
                             given.extend_from_slice(sse::HEARTBEAT);
                         }
                         Step::Own => {
-                            let own = Bytes::from(format!("id: {seq}\nevent: reset\ndata: x\n\n"));
-                            wire.own(&own);
+                            let own = Bytes::from(format!("id: {seq}\nevent: reset\ndata: 1\n\n"));
+                            wire.control(&Control::Reset {
+                                id: seq.to_string(),
+                                data: 1.into(),
+                            });
                             given.extend_from_slice(&own);
                         }
                         Step::Replayed => {

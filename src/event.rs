@@ -270,9 +270,13 @@ pub struct Event {
     units: OnceLock<Box<[OnceLock<Bytes>; UNIT_SLOTS]>>,
 }
 
-/// Cached compressed forms per event: two shared codings, whole frame and
-/// body.
-const UNIT_SLOTS: usize = 4;
+/// Cached forms per event: two shared codings, whole frame and body; then
+/// the event's JSON (WebSocket frames, long-poll entries).
+const UNIT_SLOTS: usize = 5;
+
+/// The slot of [`Event::unit`] that holds the event's JSON
+/// (`crate::transport::websocket::event_json`).
+pub const JSON_UNIT: usize = 4;
 
 impl Event {
     pub fn new(
@@ -330,7 +334,7 @@ impl Event {
         self.frame.slice(self.id_line_len as usize..)
     }
 
-    /// The compressed form in `slot` (`0..4`), made by `make` on first use
+    /// The form in `slot` (`0..4` compressed, [`JSON_UNIT`]), made by `make` on first use
     /// and shared from then on.
     pub fn unit(&self, slot: usize, make: impl FnOnce() -> Bytes) -> Bytes {
         let units = self

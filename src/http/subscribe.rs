@@ -17,7 +17,8 @@ use crate::compress::{Codec, PerStream, SharedUnits, negotiate};
 use crate::event::{Cursor, Topic};
 use crate::metrics::BytesWritten;
 use crate::store::StoreError;
-use crate::subscription::{IdStyle, Plain, Start, StreamSettings, Subscription};
+use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
+use crate::transport::sse::Plain;
 
 pub async fn topic(
     State(state): State<AppState>,

@@ -223,9 +223,8 @@ pub async fn poll_once(client: &reqwest::Client, url: &str, next: Option<&str>) 
     response.json().await.expect("long-poll answer is JSON")
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The next text frame's JSON, or `None` at the close.
 pub async fn next_text(socket: &mut Socket) -> Option<Value> {

@@ -383,6 +383,112 @@ async fn a_browser_resumes_exactly_after_the_hub_restarts() {
     drop(redis);
 }
 
+/// A page that subscribes with `new WebSocket(...)` and reconnects with the
+/// last id it saw (`lastEventId=`) whenever its socket closes: across a
+/// restart of the hub (on Redis, a second node taking the publishes while
+/// it is down) it receives every event exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_page_resumes_exactly_after_the_hub_restarts() {
+    let redis = RedisServer::start();
+    let redis_url = redis.url();
+    let args = ["--redis", redis_url.as_str()];
+    let mut hub = tokio::task::block_in_place(|| Process::start(&args));
+    let origin = hub.base.clone();
+    let addr = origin.trim_start_matches("http://").to_owned();
+    let publisher = reqwest::Client::new();
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("{origin}/")).await;
+
+    let topic = "ws-restart";
+    let script = format!(
+        r#"
+        window.wsGot = []; window.wsOpens = 0; window.wsResets = []; window.wsLast = null;
+        function connect() {{
+            const from = window.wsLast === null ? '' : '?lastEventId=' + encodeURIComponent(window.wsLast);
+            const ws = new WebSocket('ws://' + location.host + '/topics/{topic}' + from);
+            ws.onmessage = (m) => {{
+                const frame = JSON.parse(m.data);
+                if (frame.type === 'open') {{
+                    window.wsOpens++;
+                    if (frame.id !== undefined) window.wsLast = frame.id;
+                }} else if (frame.type === 'event') {{
+                    window.wsGot.push([frame.id, frame.data]);
+                    window.wsLast = frame.id;
+                }} else if (frame.type === 'reset') {{
+                    window.wsResets.push(frame);
+                    window.wsLast = frame.id;
+                }}
+            }};
+            ws.onclose = () => setTimeout(connect, 200);
+        }}
+        connect();
+        'true'
+        "#
+    );
+    tab.evaluate::<bool>(&script).await;
+    tab.poll::<usize>("window.wsOpens", "the WebSocket opens", |&n| n == 1)
+        .await;
+    let got = |n: usize| {
+        let tab = &tab;
+        async move {
+            let got: Vec<(String, String)> = tab
+                .poll(
+                    "window.wsGot",
+                    "the page's events",
+                    |got: &Vec<(String, String)>| got.len() >= n,
+                )
+                .await;
+            got
+        }
+    };
+    let mut expected = Vec::new();
+    for n in 1..=5 {
+        let data = format!("event {n} before the restart");
+        expected.push((publish(&publisher, &origin, topic, &data).await, data));
+    }
+    assert_eq!(got(5).await, expected, "events 1..5 before the restart");
+
+    let other = tokio::task::block_in_place(|| Process::start(&args));
+    let other_origin = other.base.clone();
+    hub.terminate();
+    let status = tokio::task::block_in_place(|| hub.wait_exit(DEADLINE));
+    assert!(
+        status.success(),
+        "crier exits cleanly on SIGTERM: {status:?}"
+    );
+    drop(hub);
+    for n in 6..=10 {
+        let data = format!("event {n} while the hub is down");
+        expected.push((publish(&publisher, &other_origin, topic, &data).await, data));
+    }
+    let _hub = tokio::task::block_in_place(|| FixedPortCrier::start(&addr, &args));
+    assert_eq!(
+        got(10).await,
+        expected,
+        "after the restart, exactly the events published while the hub was down"
+    );
+    for n in 11..=12 {
+        let data = format!("event {n} after the restart");
+        expected.push((publish(&publisher, &origin, topic, &data).await, data));
+    }
+    assert_eq!(
+        got(12).await,
+        expected,
+        "events 1..12, no gap, no duplicate"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all: Vec<(String, String)> = tab.evaluate("JSON.stringify(window.wsGot)").await;
+    assert_eq!(all, expected, "still exactly events 1..12");
+    let resets: Vec<Value> = tab.evaluate("JSON.stringify(window.wsResets)").await;
+    assert_eq!(resets, Vec::<Value>::new(), "no reset");
+    let opens: usize = tab.evaluate("JSON.stringify(window.wsOpens)").await;
+    assert!(opens >= 2, "the page reconnected: {opens} opens");
+
+    drop(chromium);
+    drop(other);
+    drop(redis);
+}
+
 // ---------------------------------------------------------------------------
 // The page
 // ---------------------------------------------------------------------------

@@ -395,7 +395,7 @@ async fn a_websocket_page_resumes_exactly_after_the_hub_restarts() {
     let mut hub = tokio::task::block_in_place(|| Process::start(&args));
     let origin = hub.base.clone();
     let addr = origin.trim_start_matches("http://").to_owned();
-    let publisher = reqwest::Client::new();
+    let publisher = common::client();
     let chromium = Chromium::launch().await;
     let tab = chromium.open(&format!("{origin}/")).await;
 

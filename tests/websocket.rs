@@ -211,7 +211,7 @@ async fn publishing_over_the_socket_needs_the_grant_and_is_acknowledged_with_its
     .await;
     // The ack and the event itself (the writer reads the topic too), in
     // either order.
-    let mut frames = vec![next_frame(&mut writer).await, next_frame(&mut writer).await];
+    let mut frames = [next_frame(&mut writer).await, next_frame(&mut writer).await];
     frames.sort_by_key(|f| f["type"].as_str().unwrap().to_owned());
     let ack = &frames[0];
     assert_eq!(ack["type"], "ack", "{ack}");

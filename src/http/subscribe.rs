@@ -34,8 +34,7 @@ pub async fn topic(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    client: Option<Extension<ClientKey>>,
-    slot: Option<Extension<HeldSlot>>,
+    (client, slot): (Option<Extension<ClientKey>>, Option<Extension<HeldSlot>>),
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let peer = PeerParts { client, slot };
@@ -60,8 +59,7 @@ pub async fn topics(
     Extension(origin): Extension<OriginKind>,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    client: Option<Extension<ClientKey>>,
-    slot: Option<Extension<HeldSlot>>,
+    (client, slot): (Option<Extension<ClientKey>>, Option<Extension<HeldSlot>>),
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let peer = PeerParts { client, slot };

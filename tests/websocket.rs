@@ -300,3 +300,67 @@ async fn a_thousand_sockets_receive_the_identical_sequence() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn sockets_count_against_the_stream_cap_until_they_close() {
+    let server = Server::start_with(|c| c.max_streams_per_ip = 2).await;
+    let first = open(&server, "/topics/cap", &[]).await;
+    let _second = open(&server, "/topics/cap", &[]).await;
+    match connect(&server, "/topics/cap", &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+        }
+        other => panic!("expected a 429, got {other:?}"),
+    }
+    drop(first);
+    // The slot is released once the server has seen the socket go.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match connect(&server, "/topics/cap", &[]).await {
+            Ok(_) => break,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot was never released: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_ticket_opens_one_socket_once() {
+    let server = Server::start_with(with_secret).await;
+    let response = server
+        .client
+        .post(server.url("/tickets"))
+        .bearer_auth(token(&[], &["news"]))
+        .json(&json!({"topics": ["news"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let ticket: Value = response.json().await.unwrap();
+    let path = format!("/topics/news?ticket={}", ticket["ticket"].as_str().unwrap());
+    let mut socket = open(&server, &path, &[]).await;
+    let id = server
+        .client
+        .post(server.url("/topics/news"))
+        .bearer_auth(token(&["news"], &[]))
+        .body("hi")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .clone();
+    assert_eq!(next_frame(&mut socket).await["id"], id);
+    match connect(&server, &path, &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+        }
+        other => panic!("a spent ticket must be refused, got {other:?}"),
+    }
+    server.stop().await;
+}

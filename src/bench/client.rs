@@ -435,25 +435,28 @@ impl Stream {
                     }
                 }
             }
-            // Declared after the await, so it lives on the worker's stack
-            // during this read only, not in every subscriber's task.
-            let mut buf = [0u8; 16 * 1024];
-            match self.tcp.try_read(&mut buf) {
-                Ok(0) => return Ending::Dropped("the hub closed the connection".into()),
-                Ok(n) => {
-                    self.stream_bytes += n as u64;
-                    if let Err(e) = self.feed(&buf[..n], listener) {
-                        return Ending::Dropped(e);
-                    }
-                    while self.pongs > 0 {
-                        self.pongs -= 1;
-                        if let Err(e) = self.tcp.write_all(&WS_PONG).await {
-                            return Ending::Dropped(e.to_string());
+            {
+                // Declared after the await, so it lives on the worker's
+                // stack during this read only, not in every subscriber's
+                // task (the block ends it before the pongs' await).
+                let mut buf = [0u8; 16 * 1024];
+                match self.tcp.try_read(&mut buf) {
+                    Ok(0) => return Ending::Dropped("the hub closed the connection".into()),
+                    Ok(n) => {
+                        self.stream_bytes += n as u64;
+                        if let Err(e) = self.feed(&buf[..n], listener) {
+                            return Ending::Dropped(e);
                         }
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Ending::Dropped(e.to_string()),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Ending::Dropped(e.to_string()),
+            }
+            while self.pongs > 0 {
+                self.pongs -= 1;
+                if let Err(e) = self.tcp.write_all(&WS_PONG).await {
+                    return Ending::Dropped(e.to_string());
+                }
             }
         }
     }
@@ -1024,6 +1027,8 @@ mod tests {
                 decoder: Some(Box::new(Decompressor::new(codec).unwrap())),
                 opening_bytes: 0,
                 stream_bytes: 0,
+                ws: None,
+                pongs: 0,
             };
             let mut lines = Lines::default();
             for piece in wire.chunks(7) {
@@ -1059,6 +1064,8 @@ mod tests {
             decoder: None,
             opening_bytes: 0,
             stream_bytes: 0,
+            ws: None,
+            pongs: 0,
         };
         let (stop, mut listener) = (CancellationToken::new(), ());
         let following = stream.follow(&stop, &mut listener);

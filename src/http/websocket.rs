@@ -73,6 +73,12 @@ enum ClientFrameKind {
     Publish,
 }
 
+/// Bytes a socket reads at a time.
+const READ_BUFFER: usize = 4 * 1024;
+/// Frames are gathered up to this size before a write (and always written
+/// at the end of a batch).
+const WRITE_BUFFER: usize = 16 * 1024;
+
 /// Answers the handshake and serves the socket. Frames (and messages) are
 /// limited to what an HTTP publish body may be (`--max-batch-bytes`).
 pub fn upgrade(
@@ -85,6 +91,12 @@ pub fn upgrade(
     upgrade
         .max_message_size(limit)
         .max_frame_size(limit)
+        // tungstenite's defaults (128 KiB each, the read buffer allocated up
+        // front) would cost an idle socket ~8 times an idle SSE stream. A
+        // client sends pongs and small publishes; larger frames take more
+        // reads. A write of several frames still goes out as one.
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |ws| serve(ws, subscription, settings, socket))
 }
 
@@ -98,7 +110,10 @@ async fn serve(
     let written = socket.state.metrics.written(None);
     let frames = subscription.into_stream(settings, Frames::default());
     tokio::pin!(frames);
-    let (mut sink, mut incoming) = ws.split();
+    // Not split: both halves would take a lock on every poll. Reading is
+    // cancel-safe, so a read pending when a batch is ready is dropped, and
+    // the socket written, between two turns.
+    let mut ws = ws;
     // Set when a ping goes out unanswered: the peer must have answered by
     // then (any frame counts).
     let mut answer_by: Option<tokio::time::Instant> = None;
@@ -121,15 +136,15 @@ async fn serve(
                         Message::Text(text) => written.add(text.len()),
                         _ => {}
                     }
-                    if sink.feed(message).await.is_err() {
+                    if ws.feed(message).await.is_err() {
                         return;
                     }
                 }
-                if sink.flush().await.is_err() {
+                if ws.flush().await.is_err() {
                     return;
                 }
             }
-            message = incoming.next() => {
+            message = ws.recv() => {
                 answer_by = None;
                 let reply = match message {
                     None | Some(Ok(Message::Close(_))) => break,
@@ -150,18 +165,18 @@ async fn serve(
                     }
                 };
                 let closing = matches!(reply, Message::Close(_));
-                if sink.send(reply).await.is_err() || closing {
+                if ws.send(reply).await.is_err() || closing {
                     break;
                 }
             }
             () = silence => {
                 tracing::debug!("closing a WebSocket whose peer answers no pings");
-                let _ = sink.send(close_frame(close::INTERNAL, "no pong")).await;
+                let _ = ws.send(close_frame(close::INTERNAL, "no pong")).await;
                 break;
             }
         }
     }
-    let _ = sink.close().await;
+    let _ = SinkExt::close(&mut ws).await;
 }
 
 /// Whether a read failed on a frame or message over the size limit.

@@ -489,6 +489,58 @@ async fn a_websocket_page_resumes_exactly_after_the_hub_restarts() {
     drop(redis);
 }
 
+/// crier.js's `transport` option: the same subscription over SSE, a
+/// WebSocket and long-polling in one page gives the same events, ids and
+/// data, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crier_js_gives_the_same_events_over_every_transport() {
+    let server = Server::start().await;
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&server.url("/")).await;
+    let script = r#"(() => {
+  window.tri = { sse: [], websocket: [], poll: [] }; window.triErrors = [];
+  import("/crier.js").then(({ subscribe }) => {
+    for (const transport of ["sse", "websocket", "poll"]) {
+      subscribe({
+        topics: ["tri"],
+        transport,
+        lastEventId: "0",
+        onEvent: (e) => { window.tri[transport].push([e.topic, e.event, e.id, e.data]); },
+        onError: (error) => { window.triErrors.push(transport + ": " + error.message); },
+      });
+    }
+  }, (error) => { window.triErrors.push("import: " + error); });
+  return JSON.stringify(true);
+})()"#;
+    tab.evaluate::<bool>(script).await;
+    let mut expected = Vec::new();
+    for n in 1..=3 {
+        let data = format!("tri {n}");
+        let id = server.publish_id("tri", &data).await;
+        expected.push(("tri".to_owned(), "message".to_owned(), id, data));
+    }
+    type Got = std::collections::BTreeMap<String, Vec<(String, String, String, String)>>;
+    let got: Got = tab
+        .poll(
+            "window.tri",
+            "three events on every transport",
+            |got: &Got| got.values().all(|events| events.len() >= 3),
+        )
+        .await;
+    for (transport, events) in &got {
+        assert_eq!(events, &expected, "{transport}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Got = tab.evaluate("JSON.stringify(window.tri)").await;
+    for (transport, events) in &got {
+        assert_eq!(events, &expected, "{transport}: nothing more");
+    }
+    let errors: Vec<String> = tab.evaluate("JSON.stringify(window.triErrors)").await;
+    assert_eq!(errors, Vec::<String>::new());
+    drop(chromium);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // The page
 // ---------------------------------------------------------------------------

@@ -364,3 +364,29 @@ async fn a_ticket_opens_one_socket_once() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_socket_is_closed_with_1012_when_the_hub_shuts_down() {
+    let server = Server::start().await;
+    let mut socket = open(&server, "/topics/bye", &[]).await;
+    let stopping = tokio::spawn(server.stop());
+    assert_eq!(close_code(&mut socket).await, CloseCode::Restart);
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_socket_whose_token_expires_gets_reauth_then_1008() {
+    let server = Server::start_with(with_secret).await;
+    let exp = common::auth::now() + 2;
+    let token = common::auth::signed(&common::auth::claims(&[], &["news"], exp));
+    let mut socket = open(
+        &server,
+        "/topics/news",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    let reauth = next_frame(&mut socket).await;
+    assert_eq!(reauth, json!({"type": "reauth", "reason": "token-expired"}));
+    assert_eq!(close_code(&mut socket).await, CloseCode::Policy);
+    server.stop().await;
+}

@@ -247,47 +247,42 @@ pub async fn send_text(socket: &mut Socket, text: &str) {
         .expect("sending a frame");
 }
 
-/// Declares each listed `async fn` as a test per transport:
-/// `sse::NAME`, `websocket::NAME` and `poll::NAME`, so every transport
-/// passes the same behavioural suite.
+/// Declares each listed `async fn` as a test per transport and store:
+/// `sse::memory::NAME`, `sse::redis::NAME`, `websocket::…`, `poll::…`, so
+/// every transport passes the same behavioural suite on both stores.
 #[macro_export]
 macro_rules! on_every_transport {
     ($($name:ident),* $(,)?) => {
-        mod sse {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    $crate::common::transport::on(
-                        $crate::common::transport::Transport::Sse,
-                        super::$name(),
-                    )
-                    .await
-                }
-            )*
-        }
-        mod websocket {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    $crate::common::transport::on(
-                        $crate::common::transport::Transport::WebSocket,
-                        super::$name(),
-                    )
-                    .await
-                }
-            )*
-        }
-        mod poll {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    $crate::common::transport::on(
-                        $crate::common::transport::Transport::Poll,
-                        super::$name(),
-                    )
-                    .await
-                }
-            )*
+        $crate::on_every_transport!(@transport sse, Sse, $($name),*);
+        $crate::on_every_transport!(@transport websocket, WebSocket, $($name),*);
+        $crate::on_every_transport!(@transport poll, Poll, $($name),*);
+    };
+    (@transport $module:ident, $transport:ident, $($name:ident),*) => {
+        mod $module {
+            mod memory {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        $crate::common::transport::on(
+                            $crate::common::transport::Transport::$transport,
+                            super::super::$name(),
+                        )
+                        .await
+                    }
+                )*
+            }
+            mod redis {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        $crate::common::on_redis($crate::common::transport::on(
+                            $crate::common::transport::Transport::$transport,
+                            super::super::$name(),
+                        ))
+                        .await
+                    }
+                )*
+            }
         }
     };
 }

@@ -390,3 +390,56 @@ async fn a_socket_whose_token_expires_gets_reauth_then_1008() {
     assert_eq!(close_code(&mut socket).await, CloseCode::Policy);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_socket_on_a_public_topic_stops_publishing_when_its_token_expires() {
+    let server = Server::start_with(|c| {
+        with_secret(c);
+        c.public_topics = vec!["lobby".into()];
+        c.jwt.jwt_leeway = Duration::ZERO;
+    })
+    .await;
+    let exp = common::auth::now() + 2;
+    let token = common::auth::signed(&common::auth::claims(&["lobby"], &[], exp));
+    let mut socket = open(
+        &server,
+        "/topics/lobby",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    let frame = json!({"type": "publish", "topic": "lobby", "data": "x", "ref": 1}).to_string();
+    send_text(&mut socket, &frame).await;
+    let mut answers = [next_frame(&mut socket).await, next_frame(&mut socket).await];
+    answers.sort_by_key(|f| f["type"].as_str().unwrap().to_owned());
+    assert_eq!(answers[0]["type"], "ack", "{answers:?}");
+    // The stream of a public topic does not end with the token.
+    tokio::time::sleep_until(
+        tokio::time::Instant::now()
+            + Duration::from_secs(exp + 1).saturating_sub(Duration::from_secs(common::auth::now())),
+    )
+    .await;
+    send_text(&mut socket, &frame).await;
+    let refused = next_frame(&mut socket).await;
+    assert_eq!(
+        refused["problem"]["type"], "urn:crier:problem:token-expired",
+        "{refused}"
+    );
+    // One event stored: a fresh publish is the second.
+    let probe: Value = server
+        .client
+        .post(server.url("/topics/lobby"))
+        .bearer_auth(token_for(&["lobby"]))
+        .body("probe")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(probe["seq"], 2, "{probe}");
+    server.stop().await;
+}
+
+fn token_for(publish: &[&str]) -> String {
+    token(publish, &[])
+}

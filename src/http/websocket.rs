@@ -228,6 +228,16 @@ impl Socket {
     async fn store(&self, frame: ClientFrame) -> Result<Appended, serde_json::Value> {
         let principal = self.publisher.as_ref().map_err(Clone::clone)?;
         let problem = |error: ApiError| error.problem();
+        // The socket may outlive the token it was opened with (a public
+        // topic's socket does not end when it expires): a publish counts
+        // the token's expiry as an HTTP publish would.
+        if let Principal::Token(verified) = principal
+            && crate::auth::now_unix() > verified.expires_at
+        {
+            return Err(problem(ApiError::Auth(crate::auth::AuthError::Token(
+                crate::auth::TokenError::Expired,
+            ))));
+        }
         let config = &self.state.config;
         let event = item_event(config, &frame.topic, frame.event.as_deref(), frame.data)
             .map_err(|what| problem(ApiError::MalformedFrame(what)))?;

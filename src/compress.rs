@@ -70,7 +70,7 @@ use zstd::stream::raw::Operation;
 
 use crate::event::Event;
 use crate::sse;
-use crate::subscription::Wire;
+use crate::subscription::{Control, Wire};
 
 /// A content coding the hub can produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -817,7 +817,10 @@ impl SharedUnits {
 }
 
 impl Wire for SharedUnits {
-    fn own(&mut self, bytes: &Bytes) {
+    type Out = std::io::Result<Bytes>;
+
+    fn control(&mut self, control: &Control) {
+        let bytes = &crate::transport::sse::encode(control);
         self.start();
         self.leave_chain();
         self.spill();
@@ -1204,7 +1207,10 @@ mod tests {
                 if seq % 37 == 1 {
                     let mut wire = SharedUnits::new(codec, true);
                     let preamble = Bytes::from_static(b"retry: 1000\n: crier stream open\n\n");
-                    wire.own(&preamble);
+                    wire.control(&Control::Open {
+                        retry: Duration::from_secs(1),
+                        start: None,
+                    });
                     let mut decoder = Decompressor::new(codec).unwrap();
                     let bytes = wire.take().unwrap().unwrap();
                     assert_eq!(decoder.decompress(&bytes).unwrap(), preamble);
@@ -1226,8 +1232,11 @@ mod tests {
                             given.extend_from_slice(sse::HEARTBEAT);
                         }
                         Step::Own => {
-                            let own = Bytes::from(format!("id: {seq}\nevent: reset\ndata: x\n\n"));
-                            wire.own(&own);
+                            let own = Bytes::from(format!("id: {seq}\nevent: reset\ndata: 1\n\n"));
+                            wire.control(&Control::Reset {
+                                id: seq.to_string(),
+                                data: 1.into(),
+                            });
                             given.extend_from_slice(&own);
                         }
                         Step::Replayed => {

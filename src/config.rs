@@ -148,6 +148,12 @@ pub struct Config {
     #[arg(long, env = "CRIER_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
 
+    /// Longest a long-poll request (`?poll=1`, `Accept: application/json`)
+    /// waits for an event before answering with none; under common proxy
+    /// timeouts (30s and up).
+    #[arg(long, env = "CRIER_POLL_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub poll_timeout: Duration,
+
     /// Reconnection delay suggested to EventSource clients (`retry:`).
     #[arg(long, env = "CRIER_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
     pub retry: Duration,

@@ -323,9 +323,13 @@ impl RetainedBytes {
     }
 }
 
-/// Cached compressed forms per event: three shared codings, whole frame and
-/// body.
-const UNIT_SLOTS: usize = 6;
+/// Cached forms per event: three shared codings, whole frame and body; then
+/// the event's JSON (WebSocket frames, long-poll entries).
+const UNIT_SLOTS: usize = 7;
+
+/// The slot of [`Event::unit`] that holds the event's JSON
+/// (`crate::transport::websocket::event_json`).
+pub const JSON_UNIT: usize = 6;
 
 impl Event {
     pub fn new(
@@ -426,9 +430,10 @@ impl Event {
         self.frame.slice(self.id_line_len as usize..)
     }
 
-    /// The compressed form in `slot` (`0..6`), made by `make` on first use
-    /// and shared from then on, if it fits the budget the event is retained
-    /// under (else made anew for each caller: CPU rather than memory).
+    /// The form in `slot` (`0..6` compressed, [`JSON_UNIT`]), made by
+    /// `make` on first use and shared from then on, if it fits the budget
+    /// the event is retained under (else made anew for each caller: CPU
+    /// rather than memory).
     pub fn unit(&self, slot: usize, make: impl FnOnce() -> Bytes) -> Bytes {
         let units = self
             .units

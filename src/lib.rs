@@ -22,6 +22,7 @@ pub mod server;
 pub mod sse;
 pub mod store;
 pub mod subscription;
+pub mod transport;
 
 use std::sync::Arc;
 

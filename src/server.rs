@@ -212,8 +212,21 @@ impl Conn {
             .connection(crate::metrics::Protocol::Http1, self.tls);
         let mut http1 = self.protocols.http1.clone();
         http1.header_read_timeout(spread(self.protocols.header_timeout));
-        let conn = http1.serve_connection(TokioIo::new(io), self.service(None));
-        Ok(self.watcher.watch(conn).await?)
+        // With upgrades: a WebSocket handshake hands the connection over to
+        // its socket task, after which this future ends.
+        let conn = http1
+            .serve_connection(TokioIo::new(io), self.service(None))
+            .with_upgrades();
+        // Graceful shutdown waits for this task while it holds the watcher;
+        // the connection hears of shutdown from `self.shutdown`.
+        let _watcher = self.watcher;
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => return Ok(result?),
+            () = self.shutdown.cancelled() => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        Ok(conn.await?)
     }
 
     /// Serves HTTP/2 until the client leaves, the hub shuts down, no

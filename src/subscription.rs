@@ -10,17 +10,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
 use crate::compress::{Chained, Codec};
 use crate::drain::Drain;
-use crate::event::{Cursor, Event, Position, REAUTH_EVENT, RESET_EVENT, Topic};
+use crate::event::{Cursor, Event, Position, Topic};
 use crate::hub::{Feeds, Hub, Lagged, Live};
 use crate::metrics::{Metrics, Resume, StreamEnd};
-use crate::sse;
 use crate::store::{History, Store, StoreError};
 
 /// Events read from the store per round trip while replaying.
@@ -196,14 +194,14 @@ impl Subscription {
     /// refuses its work (which asking again cannot change) it ends.
     ///
     /// The stream hands its items (its own bytes, shared events, heartbeats)
-    /// to `wire`, which makes each write's bytes: [`Plain`] SSE, or a
+    /// to `wire`, which makes each write's bytes: [`crate::transport::sse::Plain`] SSE, or a
     /// content coding (`crate::compress`). A stream that ends (rather than
     /// being dropped) ends with what `wire` finishes with (a gzip trailer).
     pub fn into_stream<W: Wire>(
         mut self,
         settings: StreamSettings,
         mut wire: W,
-    ) -> impl Stream<Item = std::io::Result<Bytes>> {
+    ) -> impl Stream<Item = W::Out> {
         // Counted open from here (even if never polled), and its end counted
         // by the last reason set; dropped without one, the client left.
         let mut open = self.metrics.stream();
@@ -215,7 +213,10 @@ impl Subscription {
         async_stream::stream! {
             let mut retry = Backoff::default();
             let start = self.start_id();
-            wire.own(&sse::preamble(settings.retry.as_millis() as u64, start.as_deref()));
+            wire.control(&Control::Open {
+                retry: settings.retry,
+                start,
+            });
             if let Some(bytes) = wire.take() {
                 yield bytes;
             }
@@ -251,11 +252,11 @@ impl Subscription {
                         break StreamEnd::Shutdown;
                     }
                     if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                        wire.own(&farewell(&settings));
+                        wire.control(&farewell(&settings));
                         break StreamEnd::Shutdown;
                     }
                     if settings.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                        wire.own(&reauth());
+                        wire.control(&Control::Reauth);
                         break StreamEnd::TokenExpired;
                     }
                     let refused = match self.store_step(&mut wire).await {
@@ -297,7 +298,7 @@ impl Subscription {
                         }
                     }
                     () = &mut expiry => {
-                        wire.own(&reauth());
+                        wire.control(&Control::Reauth);
                         break StreamEnd::TokenExpired;
                     }
                     item = self.live.next() => {
@@ -319,7 +320,7 @@ impl Subscription {
                         // A busy stream may never let the heartbeat branch
                         // run: its drain instant is checked here as well.
                         if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                            wire.own(&farewell(&settings));
+                            wire.control(&farewell(&settings));
                             break StreamEnd::Shutdown;
                         }
                         if std::mem::take(&mut self.retry_now) {
@@ -331,7 +332,7 @@ impl Subscription {
                     () = &mut heartbeat => {
                         // Ending here, between writes, never cuts an event.
                         if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                            wire.own(&farewell(&settings));
+                            wire.control(&farewell(&settings));
                             break StreamEnd::Shutdown;
                         }
                         let due = last_write + settings.heartbeat;
@@ -348,6 +349,7 @@ impl Subscription {
                 }
             };
             open.ends(end);
+            wire.ended(end);
             // What is still pending (events before a lag or a refusal, the
             // last words) and the coding's end, in one write.
             if let Some(bytes) = wire.finish() {
@@ -360,7 +362,7 @@ impl Subscription {
     /// "now" or at `last=N`, once fixed): what the client should resume
     /// from if it leaves before the first event. A start the client gave
     /// (`Last-Event-ID`) it knows already.
-    fn start_id(&self) -> Option<String> {
+    pub fn start_id(&self) -> Option<String> {
         if !self.announce_start || self.start.is_some() {
             return None;
         }
@@ -571,7 +573,7 @@ impl Subscription {
             "requested": requested.to_string(),
             "oldest": oldest.map(|p| p.to_string()),
         });
-        wire.own(&sse::encode_control(&id, RESET_EVENT, &data));
+        wire.control(&Control::Reset { id, data });
     }
 
     fn multi_id(&self, i: usize) -> String {
@@ -590,17 +592,13 @@ impl Subscription {
     }
 }
 
-/// The last bytes of a stream closed by the drain: a `retry:` hint,
-/// spread over up to `--retry`, so clients closed in the same instant still
+/// The last words of a stream closed by the drain: a retry hint, spread
+/// over up to `--retry`, so clients closed in the same instant still
 /// reconnect (to another node) apart.
-fn farewell(settings: &StreamSettings) -> Bytes {
-    let retry = settings.drain.retry_hint(settings.retry);
-    sse::farewell(retry.as_millis() as u64)
-}
-
-/// The last bytes of a stream whose credentials expired.
-fn reauth() -> Bytes {
-    sse::encode_control_without_id(REAUTH_EVENT, &json!({ "reason": "token-expired" }))
+fn farewell(settings: &StreamSettings) -> Control {
+    Control::Farewell {
+        retry: settings.drain.retry_hint(settings.retry),
+    }
 }
 
 /// When to try the store again after it failed.
@@ -636,93 +634,66 @@ impl Backoff {
     }
 }
 
-/// How a stream's items become the bytes of its writes. The engine hands
-/// over what to send, in order, and asks for the bytes of each write with
-/// [`Wire::take`]; [`Plain`] writes SSE as it is, `crate::compress` the
-/// content codings.
+/// What a stream says besides events: every transport encodes these in its
+/// own way (SSE comments and control events, WebSocket frames, long-poll
+/// entries).
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// The stream is open. `start` is the cursor it starts from when the
+    /// hub chose it (see [`Subscription::start_id`]); `retry` the delay a
+    /// client should wait before reconnecting.
+    Open {
+        retry: Duration,
+        start: Option<String>,
+    },
+    /// The position of one topic could not be honoured: the stream goes on
+    /// from `id`. `data` says which topic, why, and what is left.
+    Reset { id: String, data: serde_json::Value },
+    /// The credentials that opened the stream expired: its last words.
+    Reauth,
+    /// The node drains: the stream's last words, with the delay to wait
+    /// before reconnecting (elsewhere).
+    Farewell { retry: Duration },
+}
+
+impl Control {
+    /// The data of a `reauth`.
+    pub fn reauth_data() -> serde_json::Value {
+        json!({ "reason": "token-expired" })
+    }
+}
+
+/// How a stream's items become its writes. The engine hands over what to
+/// send, in order, and asks for each write with [`Wire::take`]: SSE bytes
+/// (`crate::transport::sse`, `crate::compress`), WebSocket frames
+/// (`crate::transport::websocket`) or long-poll entries
+/// (`crate::transport::poll`).
 pub trait Wire: Send + 'static {
-    /// Bytes of this stream's own: the preamble, control events.
-    fn own(&mut self, bytes: &Bytes);
-    /// A heartbeat comment.
+    /// One write.
+    type Out: Send + 'static;
+    /// A control item: the stream's opening, a reset, its last words.
+    fn control(&mut self, control: &Control);
+    /// A heartbeat (an SSE comment, a WebSocket ping).
     fn heartbeat(&mut self);
     /// An event whose frame every single-topic stream of its topic writes,
     /// with the chained units the hub compressed for it, if it came live.
     fn event(&mut self, event: &Event, chained: Option<&Chained>);
-    /// An event under this stream's own `id:` (multi-topic streams).
+    /// An event under this stream's own id (multi-topic streams).
     fn event_with_id(&mut self, id: &str, event: &Event);
     /// Uncompressed bytes waiting for the next write.
     fn pending(&self) -> usize;
-    /// The bytes of the next write, if anything waits.
-    fn take(&mut self) -> Option<std::io::Result<Bytes>>;
+    /// The next write, if anything waits.
+    fn take(&mut self) -> Option<Self::Out>;
+    /// Why the stream ends (not called when the client left): before
+    /// [`Wire::finish`].
+    fn ended(&mut self, _end: StreamEnd) {}
     /// The last write of a stream that ends: what waits, and the coding's
     /// end (a gzip trailer), if any.
-    fn finish(&mut self) -> Option<std::io::Result<Bytes>>;
+    fn finish(&mut self) -> Option<Self::Out>;
     /// The shared coding whose chained units this stream writes, if any: the
     /// engine asks the hub for them (single-topic streams only).
     fn shares(&self) -> Option<Codec> {
         None
-    }
-}
-
-/// Plain SSE. A single ready frame is passed on as the shared `Bytes` it
-/// already is; several are copied into one buffer so the socket sees one
-/// write.
-#[derive(Default)]
-pub struct Plain {
-    single: Option<Bytes>,
-    buf: BytesMut,
-}
-
-impl Plain {
-    fn push_shared(&mut self, frame: &Bytes) {
-        if self.single.is_none() && self.buf.is_empty() {
-            self.single = Some(frame.clone());
-        } else {
-            self.spill();
-            self.buf.extend_from_slice(frame);
-        }
-    }
-
-    fn spill(&mut self) {
-        if let Some(single) = self.single.take() {
-            self.buf.extend_from_slice(&single);
-        }
-    }
-}
-
-impl Wire for Plain {
-    fn own(&mut self, bytes: &Bytes) {
-        self.push_shared(bytes);
-    }
-
-    fn heartbeat(&mut self) {
-        self.push_shared(&Bytes::from_static(sse::HEARTBEAT));
-    }
-
-    fn event(&mut self, event: &Event, _: Option<&Chained>) {
-        self.push_shared(event.frame());
-    }
-
-    fn event_with_id(&mut self, id: &str, event: &Event) {
-        self.spill();
-        sse::put_id(&mut self.buf, id);
-        self.buf.extend_from_slice(&event.body());
-    }
-
-    fn pending(&self) -> usize {
-        self.single.as_ref().map_or(0, Bytes::len) + self.buf.len()
-    }
-
-    fn take(&mut self) -> Option<std::io::Result<Bytes>> {
-        if let Some(single) = self.single.take() {
-            debug_assert!(self.buf.is_empty());
-            return Some(Ok(single));
-        }
-        (!self.buf.is_empty()).then(|| Ok(self.buf.split().freeze()))
-    }
-
-    fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
-        self.take()
     }
 }
 
@@ -733,8 +704,12 @@ mod tests {
     use async_trait::async_trait;
     use tokio_stream::StreamExt;
 
+    use bytes::Bytes;
+
     use super::*;
+    use crate::sse;
     use crate::store::{MemoryStore, NewEvent, Retention};
+    use crate::transport::sse::Plain;
 
     /// A store that refuses, for good, to read after any position past
     /// `refuse_after`, or every read at all.

@@ -32,6 +32,11 @@
  *              (used only until the first event arrives); default: from now
  *   withCredentials  send cookies to a hub on another origin
  *   onOpen()   each time a stream is open
+ *   transport  "sse" (default: EventSource), "websocket" (one JSON frame per
+ *              event, for networks that pass WebSockets but buffer streams),
+ *              or "poll" (long-polling: a request per batch of events, for
+ *              networks that pass neither). The same ids, so a page may
+ *              switch by subscribing anew with `lastEventId` set.
  *   minDelay, maxDelay  the backoff's bounds in ms (250, 10000)
  * `error.refused` says the hub answered with an error status rather than the
  * network failing; `error.retryIn` is the wait (ms) before the next attempt.
@@ -54,7 +59,11 @@ export function subscribe({
   onOpen = () => {},
   minDelay = 250,
   maxDelay = 10000,
+  transport = "sse",
 }) {
+  if (!["sse", "websocket", "poll"].includes(transport)) {
+    throw new TypeError("crier subscribe: transport is sse, websocket or poll");
+  }
   topics = [].concat(topics || []);
   if (!topics.length) throw new TypeError("crier subscribe: name at least one topic");
   const single = topics.length === 1 ? topics[0] : null;
@@ -93,6 +102,79 @@ export function subscribe({
     source = null;
   }
 
+  // A WebSocket frame or long-poll entry, handled as the SSE event it
+  // stands for. Returns false for `reauth` (reopen with fresh credentials).
+  function entry(frame, from) {
+    if (frame.type === "open") {
+      // The start the hub chose: resume from it if nothing comes first.
+      if (!lastId && frame.id) lastId = frame.id;
+      failures = 0;
+      onOpen();
+    } else if (frame.type === "event") {
+      lastId = frame.id;
+      const event = frame.event || "message";
+      if (names.has(event)) onEvent({ topic: frame.topic, id: frame.id, event, data: frame.data });
+    } else if (frame.type === "reset") {
+      lastId = frame.id;
+      const { type, id, ...info } = frame;
+      onReset(info, { topic: info.topic, id });
+    } else if (frame.type === "reauth") {
+      return false;
+    }
+    return from === source;
+  }
+
+  function openSocket(ticketString) {
+    const ws = new WebSocket(url(ticketString).replace(/^http/, "ws"));
+    const handle = { close: () => ws.close() };
+    source = handle;
+    let reauth = false;
+    ws.onmessage = (m) => {
+      if (handle !== source) return;
+      let frame;
+      try { frame = JSON.parse(m.data); } catch (_) { return; }
+      if (!entry(frame, handle)) reauth = frame.type === "reauth";
+    };
+    ws.onclose = (e) => {
+      if (handle !== source) return;
+      source = null;
+      if (reauth || e.code === 1008) return connect();
+      const error = new Error("the socket closed (" + e.code + ")");
+      error.refused = e.code === 1006 && !e.wasClean && failures > 0;
+      retry(error);
+    };
+  }
+
+  async function openPoll(ticketString) {
+    const handle = { closed: false, close() { this.closed = true; } };
+    source = handle;
+    const u = new URL(url(ticketString));
+    u.searchParams.set("poll", "1");
+    let response;
+    try {
+      response = await fetch(u.href, { credentials: withCredentials ? "include" : "same-origin" });
+    } catch (error) {
+      if (handle !== source || handle.closed) return;
+      source = null;
+      return retry(new Error("the poll was interrupted"));
+    }
+    if (handle !== source || handle.closed) return;
+    if (!response.ok) {
+      source = null;
+      const error = new Error("the hub refused the poll (" + response.status + ")");
+      error.refused = true;
+      return retry(error);
+    }
+    const answer = await response.json();
+    if (handle !== source || handle.closed) return;
+    failures = 0;
+    let reauth = false;
+    for (const frame of answer.events) if (!entry(frame, handle)) reauth ||= frame.type === "reauth";
+    if (answer.next) lastId = answer.next;
+    source = null;
+    connect(); // at once: the next poll waits on the hub
+  }
+
   async function connect() {
     timer = null;
     let ticketString = null;
@@ -104,6 +186,8 @@ export function subscribe({
       }
       if (closed) return;
     }
+    if (transport === "websocket") return openSocket(ticketString);
+    if (transport === "poll") return openPoll(ticketString);
     const es = new EventSource(url(ticketString), { withCredentials });
     source = es;
     es.onopen = () => { failures = 0; onOpen(); };
@@ -144,7 +228,7 @@ export function subscribe({
     listen(name) {
       if (names.has(name) || name === "reset" || name === "reauth") return;
       names.add(name);
-      if (source) source.addEventListener(name, deliver);
+      if (source && source.addEventListener) source.addEventListener(name, deliver);
     },
     get lastEventId() {
       return lastId;

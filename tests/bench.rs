@@ -176,6 +176,51 @@ async fn idle_holds_compressed_streams() {
     server.stop().await;
 }
 
+/// `--transport ws`: the same fanout over WebSockets, every delivery
+/// counted exactly; and idle sockets held (their pings answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_and_idle_over_websockets_count_every_delivery_exactly() {
+    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(100)).await;
+    let result = bench(
+        &server,
+        &[
+            "fanout",
+            "--transport",
+            "ws",
+            "--subscribers",
+            "50",
+            "--rate",
+            "50",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(result["connected"], 50, "{result}");
+    assert_eq!(result["published"], 50, "{result}");
+    assert_eq!(result["deliveries"], 2500, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["duplicated"], 0, "{result}");
+    assert_eq!(result["out_of_order"], 0, "{result}");
+    let result = bench(
+        &server,
+        &[
+            "idle",
+            "--transport",
+            "ws",
+            "--subscribers",
+            "50",
+            "--hold",
+            "500ms",
+        ],
+    )
+    .await;
+    assert_eq!(result["connected"], 50, "{result}");
+    // Pinged every 100ms and answering: none was closed.
+    assert_eq!(result["still_connected"], 50, "{result}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_reports_the_hubs_memory_per_connection() {
     let server = Server::start().await;

@@ -410,6 +410,164 @@ async fn a_browser_resumes_exactly_after_the_hub_restarts() {
     drop(redis);
 }
 
+/// A page that subscribes with `new WebSocket(...)` and reconnects with the
+/// last id it saw (`lastEventId=`) whenever its socket closes: across a
+/// restart of the hub (on Redis, a second node taking the publishes while
+/// it is down) it receives every event exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_page_resumes_exactly_after_the_hub_restarts() {
+    let redis = RedisServer::start();
+    let redis_url = redis.url();
+    let args = ["--redis", redis_url.as_str()];
+    let mut hub = tokio::task::block_in_place(|| Process::start(&args));
+    let origin = hub.base.clone();
+    let addr = origin.trim_start_matches("http://").to_owned();
+    let publisher = common::client();
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&format!("{origin}/")).await;
+
+    let topic = "ws-restart";
+    let script = format!(
+        r#"
+        window.wsGot = []; window.wsOpens = 0; window.wsResets = []; window.wsLast = null;
+        function connect() {{
+            const from = window.wsLast === null ? '' : '?lastEventId=' + encodeURIComponent(window.wsLast);
+            const ws = new WebSocket('ws://' + location.host + '/topics/{topic}' + from);
+            ws.onmessage = (m) => {{
+                const frame = JSON.parse(m.data);
+                if (frame.type === 'open') {{
+                    window.wsOpens++;
+                    if (frame.id !== undefined) window.wsLast = frame.id;
+                }} else if (frame.type === 'event') {{
+                    window.wsGot.push([frame.id, frame.data]);
+                    window.wsLast = frame.id;
+                }} else if (frame.type === 'reset') {{
+                    window.wsResets.push(frame);
+                    window.wsLast = frame.id;
+                }}
+            }};
+            ws.onclose = () => setTimeout(connect, 200);
+        }}
+        connect();
+        'true'
+        "#
+    );
+    tab.evaluate::<bool>(&script).await;
+    tab.poll::<usize>("window.wsOpens", "the WebSocket opens", |&n| n == 1)
+        .await;
+    let got = |n: usize| {
+        let tab = &tab;
+        async move {
+            let got: Vec<(String, String)> = tab
+                .poll(
+                    "window.wsGot",
+                    "the page's events",
+                    |got: &Vec<(String, String)>| got.len() >= n,
+                )
+                .await;
+            got
+        }
+    };
+    let mut expected = Vec::new();
+    for n in 1..=5 {
+        let data = format!("event {n} before the restart");
+        expected.push((publish(&publisher, &origin, topic, &data).await, data));
+    }
+    assert_eq!(got(5).await, expected, "events 1..5 before the restart");
+
+    let other = tokio::task::block_in_place(|| Process::start(&args));
+    let other_origin = other.base.clone();
+    hub.terminate();
+    let status = tokio::task::block_in_place(|| hub.wait_exit(DEADLINE));
+    assert!(
+        status.success(),
+        "crier exits cleanly on SIGTERM: {status:?}"
+    );
+    drop(hub);
+    for n in 6..=10 {
+        let data = format!("event {n} while the hub is down");
+        expected.push((publish(&publisher, &other_origin, topic, &data).await, data));
+    }
+    let _hub = tokio::task::block_in_place(|| FixedPortCrier::start(&addr, &args));
+    assert_eq!(
+        got(10).await,
+        expected,
+        "after the restart, exactly the events published while the hub was down"
+    );
+    for n in 11..=12 {
+        let data = format!("event {n} after the restart");
+        expected.push((publish(&publisher, &origin, topic, &data).await, data));
+    }
+    assert_eq!(
+        got(12).await,
+        expected,
+        "events 1..12, no gap, no duplicate"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all: Vec<(String, String)> = tab.evaluate("JSON.stringify(window.wsGot)").await;
+    assert_eq!(all, expected, "still exactly events 1..12");
+    let resets: Vec<Value> = tab.evaluate("JSON.stringify(window.wsResets)").await;
+    assert_eq!(resets, Vec::<Value>::new(), "no reset");
+    let opens: usize = tab.evaluate("JSON.stringify(window.wsOpens)").await;
+    assert!(opens >= 2, "the page reconnected: {opens} opens");
+
+    drop(chromium);
+    drop(other);
+    drop(redis);
+}
+
+/// crier.js's `transport` option: the same subscription over SSE, a
+/// WebSocket and long-polling in one page gives the same events, ids and
+/// data, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crier_js_gives_the_same_events_over_every_transport() {
+    let server = Server::start().await;
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&server.url("/")).await;
+    let script = r#"(() => {
+  window.tri = { sse: [], websocket: [], poll: [] }; window.triErrors = [];
+  import("/crier.js").then(({ subscribe }) => {
+    for (const transport of ["sse", "websocket", "poll"]) {
+      subscribe({
+        topics: ["tri"],
+        transport,
+        lastEventId: "0",
+        onEvent: (e) => { window.tri[transport].push([e.topic, e.event, e.id, e.data]); },
+        onError: (error) => { window.triErrors.push(transport + ": " + error.message); },
+      });
+    }
+  }, (error) => { window.triErrors.push("import: " + error); });
+  return JSON.stringify(true);
+})()"#;
+    tab.evaluate::<bool>(script).await;
+    let mut expected = Vec::new();
+    for n in 1..=3 {
+        let data = format!("tri {n}");
+        let id = server.publish_id("tri", &data).await;
+        expected.push(("tri".to_owned(), "message".to_owned(), id, data));
+    }
+    type Got = std::collections::BTreeMap<String, Vec<(String, String, String, String)>>;
+    let got: Got = tab
+        .poll(
+            "window.tri",
+            "three events on every transport",
+            |got: &Got| got.values().all(|events| events.len() >= 3),
+        )
+        .await;
+    for (transport, events) in &got {
+        assert_eq!(events, &expected, "{transport}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Got = tab.evaluate("JSON.stringify(window.tri)").await;
+    for (transport, events) in &got {
+        assert_eq!(events, &expected, "{transport}: nothing more");
+    }
+    let errors: Vec<String> = tab.evaluate("JSON.stringify(window.triErrors)").await;
+    assert_eq!(errors, Vec::<String>::new());
+    drop(chromium);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // The page
 // ---------------------------------------------------------------------------

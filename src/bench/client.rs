@@ -31,7 +31,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::decode::{Body, DataLines, LastId, Line, response_head};
+use super::decode::{
+    Body, DataLines, LastId, Line, WS_CLOSE, WS_PING, WS_PONG, WS_TEXT, WsFrames, response_head,
+};
 use crate::compress::{Codec, Decompressor};
 
 /// What every many-subscriber scenario is told about its subscribers.
@@ -67,6 +69,18 @@ pub struct SubscribeArgs {
     /// result names the coding it answered with [default: no header]
     #[arg(long, value_parser = header_value)]
     pub accept_encoding: Option<String>,
+    /// How subscribers subscribe: `sse` (an event stream), or `ws` (a
+    /// WebSocket handshake on the same path: one JSON text frame per event;
+    /// pings answered).
+    #[arg(long, value_enum, default_value = "sse")]
+    pub transport: Transport,
+}
+
+/// The transport a crowd subscribes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Sse,
+    Ws,
 }
 
 /// A value that can go in a request header as it is: printable ASCII.
@@ -254,6 +268,9 @@ struct Stream {
     /// Bytes read from the socket by [`open`](Stream::open), and since.
     opening_bytes: u64,
     stream_bytes: u64,
+    /// A WebSocket's frames (`--transport ws`), and pongs owed.
+    ws: Option<Box<WsFrames>>,
+    pongs: usize,
 }
 
 impl Stream {
@@ -315,6 +332,8 @@ impl Stream {
             decoder,
             opening_bytes: head.len() as u64,
             stream_bytes: 0,
+            ws: answer.upgraded.then(Box::default),
+            pongs: 0,
         };
         let mut seen = stream.feed(&head[answer.len..], listener)?;
         while !seen {
@@ -336,6 +355,31 @@ impl Stream {
     /// Decodes bytes read from the socket; whether they held body data.
     fn feed(&mut self, bytes: &[u8], listener: &mut impl Listener) -> Result<bool, String> {
         let arrived_us = unix_micros();
+        if let Some(ws) = self.ws.as_deref_mut() {
+            let (id, last_id, pongs) = (&mut self.id, &mut self.last_id, &mut self.pongs);
+            let mut frames = Vec::new();
+            let mut closed = false;
+            ws.feed(bytes, |opcode, payload| match opcode {
+                WS_TEXT => frames.push(payload.to_vec()),
+                WS_PING => *pongs += 1,
+                WS_CLOSE => closed = true,
+                _ => {}
+            })?;
+            for frame in &frames {
+                ws.event_lines(frame, |line| {
+                    match line {
+                        Line::Id(value) => id.set(Some(value)),
+                        Line::End => *last_id = *id,
+                        _ => {}
+                    }
+                    listener.on_line(line, arrived_us);
+                });
+            }
+            if closed {
+                return Err("the hub closed the WebSocket".into());
+            }
+            return Ok(!bytes.is_empty());
+        }
         let mut any = false;
         let mut broken = None;
         let (lines, id, last_id) = (&mut self.lines, &mut self.id, &mut self.last_id);
@@ -391,19 +435,28 @@ impl Stream {
                     }
                 }
             }
-            // Declared after the await, so it lives on the worker's stack
-            // during this read only, not in every subscriber's task.
-            let mut buf = [0u8; 16 * 1024];
-            match self.tcp.try_read(&mut buf) {
-                Ok(0) => return Ending::Dropped("the hub closed the connection".into()),
-                Ok(n) => {
-                    self.stream_bytes += n as u64;
-                    if let Err(e) = self.feed(&buf[..n], listener) {
-                        return Ending::Dropped(e);
+            {
+                // Declared after the await, so it lives on the worker's
+                // stack during this read only, not in every subscriber's
+                // task (the block ends it before the pongs' await).
+                let mut buf = [0u8; 16 * 1024];
+                match self.tcp.try_read(&mut buf) {
+                    Ok(0) => return Ending::Dropped("the hub closed the connection".into()),
+                    Ok(n) => {
+                        self.stream_bytes += n as u64;
+                        if let Err(e) = self.feed(&buf[..n], listener) {
+                            return Ending::Dropped(e);
+                        }
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Ending::Dropped(e.to_string()),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Ending::Dropped(e.to_string()),
+            }
+            while self.pongs > 0 {
+                self.pongs -= 1;
+                if let Err(e) = self.tcp.write_all(&WS_PONG).await {
+                    return Ending::Dropped(e.to_string());
+                }
             }
         }
     }
@@ -625,11 +678,26 @@ impl Task {
 
 /// The subscribe request head (without its final empty line).
 fn request_head(target: &Target, args: &SubscribeArgs) -> String {
-    head_for_path(
+    head_for(
         target,
         &target.path(&args.subscribe_path, &args.topic),
-        args.accept_encoding.as_deref(),
+        args,
     )
+}
+
+/// The subscribe request head for `path` on the crowd's transport.
+fn head_for(target: &Target, path: &str, args: &SubscribeArgs) -> String {
+    match args.transport {
+        Transport::Sse => head_for_path(target, path, args.accept_encoding.as_deref()),
+        Transport::Ws => {
+            let mut head = head_for_path(target, path, None);
+            head.push_str(
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+            );
+            head
+        }
+    }
 }
 
 /// The subscribe request head for a full `path`, with `Accept-Encoding`
@@ -718,7 +786,7 @@ impl<L: Listener> Crowd<L> {
             match path {
                 Some(path) => {
                     let path = target.path(&path(i), "");
-                    let head = head_for_path(target, &path, args.accept_encoding.as_deref());
+                    let head = head_for(target, &path, args);
                     format!("{head}\r\n").into_bytes().into()
                 }
                 None => request.clone(),
@@ -959,6 +1027,8 @@ mod tests {
                 decoder: Some(Box::new(Decompressor::new(codec).unwrap())),
                 opening_bytes: 0,
                 stream_bytes: 0,
+                ws: None,
+                pongs: 0,
             };
             let mut lines = Lines::default();
             for piece in wire.chunks(7) {
@@ -994,6 +1064,8 @@ mod tests {
             decoder: None,
             opening_bytes: 0,
             stream_bytes: 0,
+            ws: None,
+            pongs: 0,
         };
         let (stop, mut listener) = (CancellationToken::new(), ());
         let following = stream.follow(&stop, &mut listener);

@@ -34,6 +34,8 @@ pub struct Head {
     pub len: usize,
     /// The body's content coding (`Content-Encoding`); `None`: identity.
     pub coding: Option<Codec>,
+    /// A WebSocket: what follows the head is frames.
+    pub upgraded: bool,
 }
 
 /// Parses a response head from the start of `buf`. `Ok(None)`: not complete
@@ -51,7 +53,9 @@ pub fn response_head(buf: &[u8]) -> Result<Option<Head>, String> {
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line.split(' ').nth(1).unwrap_or_default();
-    if status != "200" {
+    // 101: a WebSocket handshake accepted (`--transport ws`).
+    let upgraded = status == "101";
+    if status != "200" && !upgraded {
         return Err(format!("subscribe answered `{status_line}`"));
     }
     let mut framing = Framing::UntilClose;
@@ -76,9 +80,14 @@ pub fn response_head(buf: &[u8]) -> Result<Option<Head>, String> {
         }
     }
     Ok(Some(Head {
-        framing,
+        framing: if upgraded {
+            Framing::UntilClose
+        } else {
+            framing
+        },
         len: end + 4,
         coding,
+        upgraded,
     }))
 }
 
@@ -386,9 +395,134 @@ pub fn number_after(data: &[u8], key: &[u8]) -> Option<u64> {
         })?
 }
 
+/// WebSocket frames from a server (unmasked), read as they arrive: each
+/// complete frame is handed over with its opcode. Event frames become the
+/// lines an SSE stream would have given (`id`, `data`, end), so listeners
+/// do not know the transport.
+#[derive(Default)]
+pub struct WsFrames {
+    buf: Vec<u8>,
+    /// The data of the last event frame, unescaped.
+    data: Vec<u8>,
+}
+
+/// Opcodes the bench acts on.
+pub const WS_TEXT: u8 = 0x1;
+pub const WS_CLOSE: u8 = 0x8;
+pub const WS_PING: u8 = 0x9;
+
+/// A pong with no payload, masked (every client frame is), answering the
+/// hub's pings.
+pub const WS_PONG: [u8; 6] = [0x8a, 0x80, 0, 0, 0, 0];
+
+impl WsFrames {
+    /// Takes `bytes` read from the socket; calls `on_frame` per complete
+    /// frame.
+    pub fn feed(
+        &mut self,
+        bytes: &[u8],
+        mut on_frame: impl FnMut(u8, &[u8]),
+    ) -> Result<(), String> {
+        self.buf.extend_from_slice(bytes);
+        let mut at = 0;
+        loop {
+            let rest = &self.buf[at..];
+            if rest.len() < 2 {
+                break;
+            }
+            let opcode = rest[0] & 0x0f;
+            if rest[1] & 0x80 != 0 {
+                return Err("a masked frame from the server".into());
+            }
+            let (len, header) = match rest[1] & 0x7f {
+                126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+                127 if rest.len() >= 10 => {
+                    let mut n = [0u8; 8];
+                    n.copy_from_slice(&rest[2..10]);
+                    (u64::from_be_bytes(n) as usize, 10)
+                }
+                126 | 127 => break,
+                n => (n as usize, 2),
+            };
+            if rest.len() < header + len {
+                break;
+            }
+            on_frame(opcode, &rest[header..header + len]);
+            at += header + len;
+        }
+        self.buf.drain(..at);
+        Ok(())
+    }
+
+    /// The lines of an event frame (`{"id":…,"type":"event",…,"data":"…"}`):
+    /// its id, its data unescaped, the end. Other frames give none.
+    pub fn event_lines(&mut self, frame: &[u8], mut on_line: impl FnMut(Line<'_>)) {
+        if !frame.starts_with(b"{\"id\":\"") || !frame.ends_with(b"\"}") {
+            return;
+        }
+        let rest = &frame[7..];
+        let Some(end) = rest.iter().position(|b| *b == b'"') else {
+            return;
+        };
+        let id = &rest[..end];
+        let Some(start) = find(frame, b",\"data\":\"") else {
+            return;
+        };
+        let escaped = &frame[start + 9..frame.len() - 2];
+        self.data.clear();
+        let mut bytes = escaped.iter();
+        while let Some(&b) = bytes.next() {
+            if b == b'\\' {
+                match bytes.next() {
+                    Some(b'n') => self.data.push(b'\n'),
+                    Some(b't') => self.data.push(b'\t'),
+                    Some(&other) => self.data.push(other),
+                    None => {}
+                }
+            } else {
+                self.data.push(b);
+            }
+        }
+        on_line(Line::Id(id));
+        on_line(Line::Data(&self.data));
+        on_line(Line::End);
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn websocket_event_frames_give_the_lines_of_their_sse_event() {
+        let json = br#"{"id":"3.ab","type":"event","topic":"t","seq":3,"data":"{\"seq\":2,\"x\":\"a\\\\b\"}"}"#;
+        let mut wire = vec![0x81, 126, 0, json.len() as u8];
+        wire.extend_from_slice(json);
+        wire.extend_from_slice(&[0x89, 0]);
+        let mut frames = WsFrames::default();
+        let mut got = Vec::new();
+        // In two reads, split inside the first frame.
+        for part in [&wire[..10], &wire[10..]] {
+            frames
+                .feed(part, |opcode, payload| got.push((opcode, payload.to_vec())))
+                .unwrap();
+        }
+        assert_eq!(got, vec![(WS_TEXT, json.to_vec()), (WS_PING, Vec::new())]);
+        let mut lines = Vec::new();
+        frames.event_lines(json, |line| {
+            lines.push(match line {
+                Line::Id(id) => format!("id {}", String::from_utf8_lossy(id)),
+                Line::Data(data) => format!("data {}", String::from_utf8_lossy(data)),
+                Line::End => "end".into(),
+                _ => "other".into(),
+            })
+        });
+        assert_eq!(lines, ["id 3.ab", r#"data {"seq":2,"x":"a\\b"}"#, "end"]);
+    }
 
     /// Feeds `input` to a body in pieces of `step` bytes; returns the data.
     fn unframe(framing: Framing, input: &[u8], step: usize) -> (Vec<u8>, bool) {

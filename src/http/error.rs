@@ -71,6 +71,10 @@ pub enum ApiError {
     MalformedTicketRequest(String),
     #[error("this node is shutting down and closing its streams; use another node")]
     Draining,
+    #[error("not a WebSocket handshake: {0}")]
+    BadUpgrade(String),
+    #[error("malformed frame: {0}")]
+    MalformedFrame(String),
 }
 
 impl ApiError {
@@ -128,6 +132,8 @@ impl ApiError {
             ApiError::Store(_) => "store-unavailable",
             ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",
             ApiError::Draining => "draining",
+            ApiError::BadUpgrade(_) => "bad-upgrade",
+            ApiError::MalformedFrame(_) => "malformed-frame",
             ApiError::Limit(LimitError::Streams { .. }) => "too-many-streams",
             ApiError::Limit(LimitError::PublishRate { .. }) => "publish-rate",
             ApiError::Limit(LimitError::BatchOverBurst { .. }) => "batch-over-burst",
@@ -179,7 +185,9 @@ impl ApiError {
             | ApiError::KeyReused
             | ApiError::BatchKeyReused { .. }
             | ApiError::BatchTooLong { .. }
-            | ApiError::MalformedTicketRequest(_) => Refusal::BadInput,
+            | ApiError::MalformedTicketRequest(_)
+            | ApiError::BadUpgrade(_)
+            | ApiError::MalformedFrame(_) => Refusal::BadInput,
         }
     }
 
@@ -198,15 +206,24 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The problem's RFC 9457 fields (also what a WebSocket `problem` frame
+    /// carries).
+    pub fn problem(&self) -> serde_json::Value {
         let status = self.status();
-        let body = json!({
+        json!({
             "type": format!("urn:crier:problem:{}", self.kind()),
             "title": status.canonical_reason().unwrap_or("Error"),
             "status": status.as_u16(),
             "detail": self.to_string(),
-        });
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = self.problem();
         let mut response = (status, body.to_string()).into_response();
         // Counted by the metrics layer, which holds the metrics.
         response.extensions_mut().insert(self.refusal());

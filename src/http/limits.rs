@@ -40,9 +40,12 @@ pub async fn hold_stream(
             .client_of(peer.ip(), forwarded.as_deref(), x_forwarded_for.as_deref());
     request.extensions_mut().insert(client);
     let slot = match state.limits.open_stream(client) {
-        Ok(slot) => slot,
+        Ok(slot) => Arc::new(slot),
         Err(error) => return ApiError::from(error).into_response(),
     };
+    // A WebSocket outlives its handshake's answer: its task holds the slot
+    // too.
+    request.extensions_mut().insert(HeldSlot(slot.clone()));
     let activity = request
         .extensions()
         .get::<Arc<Activity>>()
@@ -62,10 +65,15 @@ fn joined(values: axum::http::header::GetAll<'_, axum::http::HeaderValue>) -> Op
     (!parts.is_empty()).then(|| parts.join(","))
 }
 
+/// The request's share of its client's cap, for a task that outlives the
+/// answer (a WebSocket's): released when the answer and the task are done.
+#[derive(Clone)]
+pub struct HeldSlot(#[allow(dead_code)] Arc<Slot>);
+
 /// A response body that holds the request's counts until it is dropped.
 struct Held {
     inner: Body,
-    _slot: Slot,
+    _slot: Arc<Slot>,
     /// On HTTP/2: the stream's share of its connection's activity, told
     /// each time hyper asks for more (a starved stream is never asked).
     activity: Option<StreamActivity>,

@@ -5,9 +5,11 @@ mod access;
 mod error;
 mod limits;
 mod metrics;
+mod poll;
 mod publish;
 mod subscribe;
 mod tickets;
+mod websocket;
 
 use std::sync::Arc;
 use std::time::Duration;

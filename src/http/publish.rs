@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::access::credentials;
 use super::{ApiError, AppState};
-use crate::auth::OriginKind;
+use crate::auth::{OriginKind, Principal};
 use crate::event::{EventName, Position, Topic};
 use crate::limits::ClientKey;
 use crate::store::{Appended, IdempotencyKey, NewEvent, Once, Receipt, StoreError};
@@ -53,7 +53,7 @@ fn created(body: impl Serialize, replayed: bool) -> Response {
 }
 
 /// The `Idempotency-Key` header, if the request has one (only one).
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     let mut values = headers.get_all("idempotency-key").iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -113,23 +113,79 @@ pub async fn one(
         });
     }
     let event = NewEvent { topic, name, data };
+    let appended = store_one(&state, &principal, event, key).await?;
+    let replayed = matches!(appended, Appended::Replayed(_));
+    Ok(created(Published::from(&appended.receipt()), replayed))
+}
+
+/// Stores `events` for `principal`, each under its idempotency key if it
+/// has one (scoped to the principal, remembered for the window): the one
+/// way into the store for every publish, over HTTP or a WebSocket. Grants
+/// and rates are the caller's to check first.
+pub(super) async fn store_events(
+    state: &AppState,
+    principal: &Principal,
+    events: Vec<(NewEvent, Option<IdempotencyKey>)>,
+) -> Result<Vec<Appended>, StoreError> {
     let window = state.config.idempotency_window;
-    let once = key
-        .filter(|_| !window.is_zero())
-        .map(|key| Once::new(&key, &principal.key_scope(), &event));
-    let appended = state
-        .store
-        .append_once(vec![(event, once)], window)
+    let scope = principal.key_scope();
+    let events: Vec<(NewEvent, Option<Once>)> = events
+        .into_iter()
+        .map(|(event, key)| {
+            let once = key
+                .filter(|_| !window.is_zero())
+                .map(|key| Once::new(&key, &scope, &event));
+            (event, once)
+        })
+        .collect();
+    state.store.append_once(events, window).await
+}
+
+/// Stores one event: [`store_events`] for a single publish.
+pub(super) async fn store_one(
+    state: &AppState,
+    principal: &Principal,
+    event: NewEvent,
+    key: Option<IdempotencyKey>,
+) -> Result<Appended, ApiError> {
+    let appended = store_events(state, principal, vec![(event, key)])
         .await
         .map_err(|error| match error {
             StoreError::KeyReused { .. } => ApiError::KeyReused,
             other => other.into(),
         })?;
-    let appended = appended.first().ok_or_else(|| {
-        ApiError::Store(StoreError::Unavailable("the store stored nothing".into()))
-    })?;
-    let replayed = matches!(appended, Appended::Replayed(_));
-    Ok(created(Published::from(&appended.receipt()), replayed))
+    appended
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::Store(StoreError::Unavailable("the store stored nothing".into())))
+}
+
+/// One event as a batch item or a WebSocket publish frame names it:
+/// validated against the limits HTTP bodies are held to. The error says
+/// what is wrong (the caller says where).
+pub(super) fn item_event(
+    config: &crate::config::Config,
+    topic: &str,
+    event: Option<&str>,
+    data: serde_json::Value,
+) -> Result<NewEvent, String> {
+    let topic = Topic::parse(topic, config.max_topic_len)
+        .map_err(|e| format!("invalid topic `{topic}`: {e}"))?;
+    let name = event
+        .map(EventName::parse)
+        .transpose()
+        .map_err(|e| format!("invalid event name: {e}"))?;
+    let data = match data {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    };
+    if !fits(&data, config.max_event_bytes) {
+        return Err(format!(
+            "data is larger than the limit of {} bytes once encoded (each line break adds a `data: ` line)",
+            config.max_event_bytes
+        ));
+    }
+    Ok(NewEvent { topic, name, data })
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,25 +238,8 @@ pub async fn batch(
     let mut events = Vec::with_capacity(items.len());
     let mut keys = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
-        let bad = |what: String| ApiError::MalformedBatch(format!("item {i}: {what}"));
-        let topic = Topic::parse(&item.topic, config.max_topic_len)
-            .map_err(|e| bad(format!("invalid topic `{}`: {e}", item.topic)))?;
-        let name = item
-            .event
-            .as_deref()
-            .map(EventName::parse)
-            .transpose()
-            .map_err(|e| bad(format!("invalid event name: {e}")))?;
-        let data = match item.data {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
-        };
-        if !fits(&data, config.max_event_bytes) {
-            return Err(bad(format!(
-                "data is larger than the limit of {} bytes once encoded (each line break adds a `data: ` line)",
-                config.max_event_bytes
-            )));
-        }
+        let event = item_event(config, &item.topic, item.event.as_deref(), item.data)
+            .map_err(|what| ApiError::MalformedBatch(format!("item {i}: {what}")))?;
         let key = item
             .idempotency_key
             .as_deref()
@@ -210,7 +249,7 @@ pub async fn batch(
                 place: format!("idempotency_key of item {i}"),
                 reason,
             })?;
-        events.push(NewEvent { topic, name, data });
+        events.push(event);
         keys.push(key);
     }
     state
@@ -221,26 +260,22 @@ pub async fn batch(
         .publish(&principal.rate_key(&client_name(client)), events.len())?;
     let window = config.idempotency_window;
     let scope = principal.key_scope();
-    let events: Vec<(NewEvent, Option<Once>)> = events
-        .into_iter()
-        .zip(keys)
+    let onces: Vec<Option<Once>> = events
+        .iter()
+        .zip(&keys)
         .map(|(event, key)| {
-            let once = key
+            key.as_ref()
                 .filter(|_| !window.is_zero())
-                .map(|key| Once::new(&key, &scope, &event));
-            (event, once)
+                .map(|key| Once::new(key, &scope, event))
         })
         .collect();
-    let onces: Vec<Option<Once>> = events.iter().map(|(_, once)| *once).collect();
     if let Some(item) = crate::store::once::conflict_within(&onces) {
         state
             .metrics
             .idempotency(crate::metrics::Idempotency::Mismatch, 1);
         return Err(ApiError::BatchKeyReused { item });
     }
-    let appended = state
-        .store
-        .append_once(events, window)
+    let appended = store_events(&state, &principal, events.into_iter().zip(keys).collect())
         .await
         .map_err(|error| match error {
             StoreError::KeyReused { item } => ApiError::BatchKeyReused { item },
@@ -269,7 +304,7 @@ fn fits(data: &str, limit: usize) -> bool {
 
 /// The client a request came from, for limits ("unknown" only when the
 /// router is served without the accept loop).
-fn client_name(client: Option<Extension<ClientKey>>) -> String {
+pub(super) fn client_name(client: Option<Extension<ClientKey>>) -> String {
     client.map_or_else(|| "unknown".to_owned(), |Extension(c)| c.to_string())
 }
 

@@ -1,9 +1,15 @@
 //! `GET /topics/{topic}` and `GET /events?topic=…`: parse where the client
-//! wants to start, open a subscription, and stream it as `text/event-stream`.
-//! The `Accept` header is not required: `curl -N` users forget it.
+//! wants to start, check who asks, open a subscription, and hand it to its
+//! transport: `text/event-stream` (the default; the `Accept` header is not
+//! required: `curl -N` users forget it), a WebSocket (`Upgrade: websocket`,
+//! `crate::http::websocket`) or a long-poll (`?poll=1`, `Accept:
+//! application/json`, `crate::http::poll`). Every transport shares the
+//! start positions, the authorization and the limits.
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
@@ -11,23 +17,30 @@ use bytes::Bytes;
 use tokio_stream::{Stream, StreamExt};
 
 use super::access::credentials;
+use super::limits::HeldSlot;
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
 use crate::compress::{Codec, SharedUnits, negotiate};
 use crate::event::{Cursor, Topic};
+use crate::limits::ClientKey;
 use crate::metrics::BytesWritten;
 use crate::store::StoreError;
-use crate::subscription::{IdStyle, Plain, Start, StreamSettings, Subscription};
+use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
+use crate::transport::sse::Plain;
 
 pub async fn topic(
     State(state): State<AppState>,
     Extension(origin): Extension<OriginKind>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    (client, slot): (Option<Extension<ClientKey>>, Option<Extension<HeldSlot>>),
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let peer = PeerParts { client, slot };
     let topic = parse_topic(path, &state)?;
     let params = Params::parse(query.as_deref(), &state, false)?;
+    let transport = Transport::of(&params, &headers, upgrade)?;
     open(
         state,
         vec![topic],
@@ -35,6 +48,8 @@ pub async fn topic(
         params,
         &headers,
         origin,
+        transport,
+        peer,
     )
     .await
 }
@@ -43,8 +58,11 @@ pub async fn topics(
     State(state): State<AppState>,
     Extension(origin): Extension<OriginKind>,
     RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    (client, slot): (Option<Extension<ClientKey>>, Option<Extension<HeldSlot>>),
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let peer = PeerParts { client, slot };
     let params = Params::parse(query.as_deref(), &state, true)?;
     let mut topics = params.topics.clone();
     topics.sort();
@@ -52,7 +70,67 @@ pub async fn topics(
     if topics.is_empty() {
         return Err(ApiError::NoTopic);
     }
-    open(state, topics, IdStyle::Multi, params, &headers, origin).await
+    let transport = Transport::of(&params, &headers, upgrade)?;
+    open(
+        state,
+        topics,
+        IdStyle::Multi,
+        params,
+        &headers,
+        origin,
+        transport,
+        peer,
+    )
+    .await
+}
+
+/// What the accept loop and the limits said about the request's client.
+struct PeerParts {
+    client: Option<Extension<ClientKey>>,
+    slot: Option<Extension<HeldSlot>>,
+}
+
+/// How the subscription travels. A WebSocket handshake (`Upgrade:
+/// websocket`) wins; then a long-poll (`poll=` other than `0`/`false`, or an
+/// `Accept` naming `application/json` and not `text/event-stream`); SSE
+/// otherwise.
+enum Transport {
+    Sse,
+    Poll,
+    WebSocket(WebSocketUpgrade),
+}
+
+impl Transport {
+    fn of(
+        params: &Params,
+        headers: &HeaderMap,
+        upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ) -> Result<Transport, ApiError> {
+        let asks_websocket = headers.get_all(header::UPGRADE).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains("websocket"))
+        });
+        match upgrade {
+            Ok(upgrade) => return Ok(Transport::WebSocket(upgrade)),
+            Err(rejection) if asks_websocket => {
+                return Err(ApiError::BadUpgrade(rejection.body_text()));
+            }
+            Err(_) => {}
+        }
+        if params.poll {
+            return Ok(Transport::Poll);
+        }
+        let accept: Vec<&str> = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let accept = accept.join(",").to_ascii_lowercase();
+        if accept.contains("application/json") && !accept.contains("text/event-stream") {
+            return Ok(Transport::Poll);
+        }
+        Ok(Transport::Sse)
+    }
 }
 
 pub(super) fn parse_topic(
@@ -82,6 +160,8 @@ struct Params {
     last: Option<u64>,
     /// A single-use ticket from `POST /tickets`.
     ticket: Option<String>,
+    /// `poll=…`: answer as a long-poll.
+    poll: bool,
 }
 
 impl Params {
@@ -91,6 +171,7 @@ impl Params {
             last_event_id: None,
             last: None,
             ticket: None,
+            poll: false,
         };
         let limit = state.config.max_topics_per_subscription;
         for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
@@ -109,6 +190,7 @@ impl Params {
                     params.topics.push(topic);
                 }
                 "ticket" if !value.is_empty() => params.ticket = Some(value.into_owned()),
+                "poll" => params.poll = !matches!(&*value, "" | "0" | "false"),
                 "lastEventId" if !value.is_empty() => {
                     params.last_event_id = Some(value.into_owned())
                 }
@@ -153,6 +235,7 @@ fn start(params: &Params, headers: &HeaderMap, topics: usize) -> Result<Start, A
         })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn open(
     state: AppState,
     topics: Vec<Topic>,
@@ -160,8 +243,14 @@ async fn open(
     params: Params,
     request_headers: &HeaderMap,
     origin: OriginKind,
+    transport: Transport,
+    peer: PeerParts,
 ) -> Result<Response, ApiError> {
     let start = start(&params, request_headers, topics.len())?;
+    let given = match &start {
+        Start::After(cursor) => Some(cursor.to_string()),
+        Start::Now | Start::Last(_) => None,
+    };
     let expires = authorize(&state, &topics, &params, request_headers, origin).await?;
     let mut subscription =
         Subscription::open(&state.hub, state.store.clone(), topics, style, start);
@@ -183,6 +272,32 @@ async fn open(
         drain: state.drain.clone(),
         expires: expires.map(instant_of),
     };
+    match transport {
+        Transport::Sse => {}
+        Transport::Poll => {
+            return Ok(super::poll::answer(&state, subscription, settings, given).await);
+        }
+        Transport::WebSocket(upgrade) => {
+            let credentials = credentials(request_headers, origin, &state.config.auth_cookie);
+            let publisher = state
+                .auth
+                .publisher(&credentials)
+                .map_err(|error| ApiError::from(error).problem());
+            let client = super::publish::client_name(peer.client);
+            let socket = super::websocket::Socket::new(
+                state.clone(),
+                publisher,
+                client,
+                peer.slot.map(|Extension(slot)| slot),
+            );
+            return Ok(super::websocket::upgrade(
+                upgrade,
+                subscription,
+                settings,
+                socket,
+            ));
+        }
+    }
     let codec = negotiate(
         request_headers.get(header::ACCEPT_ENCODING),
         &state.config.codecs(),

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod process;
 pub mod redis;
 pub mod tls;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -1,0 +1,16 @@
+//! One face per transport. Each wraps the same engine
+//! ([`crate::subscription`]) and encodes its items: the same events, ids,
+//! resets and ends, whichever way they travel.
+//!
+//! - [`sse`]: `text/event-stream` bytes (and, in `crate::compress`, their
+//!   content codings).
+//! - [`websocket`]: one JSON text frame per event or control item; pings for
+//!   heartbeats; a close code for each way a stream ends.
+//! - [`poll`]: the entries of one long-poll answer.
+//!
+//! An event's JSON (what WebSocket frames and long-poll entries carry) is
+//! made once per event and shared, like its SSE frame.
+
+pub mod poll;
+pub mod sse;
+pub mod websocket;

@@ -1,0 +1,288 @@
+//! One subscriber over any transport: SSE (a real SSE parser), WebSocket (a
+//! real WebSocket client, tokio-tungstenite) or long-poll (a loop of real
+//! HTTP requests, each from the last answer's `next`). Each shows what it
+//! receives as [`Ev`]s, exactly as an EventSource would see the same
+//! stream, so one suite checks every transport (see
+//! [`on_every_transport!`]).
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{DEADLINE, Ev, Server, SseClient};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Sse,
+    WebSocket,
+    Poll,
+}
+
+tokio::task_local! {
+    /// The transport the current test's subscribers use.
+    static TRANSPORT: Transport;
+}
+
+/// The transport the current test runs on (SSE outside
+/// [`on_every_transport!`]).
+pub fn current() -> Transport {
+    TRANSPORT.try_with(|t| *t).unwrap_or(Transport::Sse)
+}
+
+/// Runs `test` with its subscribers on `transport`.
+pub async fn on<F: std::future::Future>(transport: Transport, test: F) -> F::Output {
+    TRANSPORT.scope(transport, test).await
+}
+
+/// What a WebSocket or long-poll entry shows as an event: events under
+/// their name (`message` without one), `reset` with its fields (less
+/// `type` and `id`) as its data, as SSE writes them.
+pub fn entry_to_ev(entry: &Value) -> Option<Ev> {
+    let id = entry["id"].as_str().unwrap_or_default().to_owned();
+    match entry["type"].as_str()? {
+        "event" => Some(Ev {
+            id,
+            event: entry["event"].as_str().unwrap_or("message").to_owned(),
+            data: entry["data"].as_str().expect("data is a string").to_owned(),
+        }),
+        kind @ ("reset" | "reauth") => {
+            let mut data = entry.clone();
+            let object = data.as_object_mut().expect("an object");
+            object.shift_remove("type");
+            object.shift_remove("id");
+            Some(Ev {
+                id,
+                event: kind.to_owned(),
+                data: data.to_string(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A subscriber on some transport.
+pub struct Feed {
+    events: mpsc::UnboundedReceiver<Ev>,
+    /// Keeps the SSE stream or the WebSocket reader alive.
+    _task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if let Some(task) = &self._task {
+            task.abort();
+        }
+    }
+}
+
+impl Feed {
+    /// Subscribes to `path` on the current transport, from `last_event_id`
+    /// if given. Returns once the server has fixed the start (SSE and
+    /// WebSocket: the stream is open; long-poll needs a position to start
+    /// from, so give it one, or `last=N`).
+    pub async fn open(server: &Server, path: &str, last_event_id: Option<&str>) -> Feed {
+        Feed::open_on(current(), server, path, last_event_id).await
+    }
+
+    pub async fn open_on(
+        transport: Transport,
+        server: &Server,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> Feed {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = match transport {
+            Transport::Sse => {
+                let mut sse = match last_event_id {
+                    Some(id) => server.resume(path, id).await,
+                    None => server.subscribe(path).await,
+                };
+                assert_eq!(sse.status, 200, "subscribing to {path}");
+                tokio::spawn(async move {
+                    while let Some(ev) = next_sse(&mut sse).await {
+                        if tx.send(ev).is_err() {
+                            return;
+                        }
+                    }
+                })
+            }
+            Transport::WebSocket => {
+                let url = with_position(&server.url(path), last_event_id).replacen("http", "ws", 1);
+                let (mut socket, _) =
+                    tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
+                        .await
+                        .expect("handshake in time")
+                        .expect("WebSocket handshake");
+                // The first frame says the stream is open.
+                let open = next_text(&mut socket).await.expect("an open frame");
+                assert_eq!(open["type"], "open", "{open}");
+                tokio::spawn(async move {
+                    while let Some(entry) = next_text(&mut socket).await {
+                        if let Some(ev) = entry_to_ev(&entry)
+                            && tx.send(ev).is_err()
+                        {
+                            return;
+                        }
+                    }
+                })
+            }
+            Transport::Poll => {
+                let client = server.client.clone();
+                let url = server.url(path);
+                let mut next = last_event_id.map(str::to_owned);
+                tokio::spawn(async move {
+                    loop {
+                        let answer = poll_once(&client, &url, next.as_deref()).await;
+                        for entry in answer["events"].as_array().expect("events") {
+                            if let Some(ev) = entry_to_ev(entry)
+                                && tx.send(ev).is_err()
+                            {
+                                return;
+                            }
+                        }
+                        if let Some(id) = answer["next"].as_str() {
+                            next = Some(id.to_owned());
+                        }
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                })
+            }
+        };
+        Feed {
+            events: rx,
+            _task: Some(task),
+        }
+    }
+
+    /// The next event; fails the test after the deadline.
+    pub async fn next(&mut self) -> Ev {
+        match tokio::time::timeout(DEADLINE, self.events.recv()).await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => panic!("the feed ended while an event was expected"),
+            Err(_) => panic!("no event within {DEADLINE:?}"),
+        }
+    }
+
+    /// The next `n` events.
+    pub async fn take(&mut self, n: usize) -> Vec<Ev> {
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            events.push(self.next().await);
+        }
+        events
+    }
+
+    /// Asserts that no event arrives within `quiet`.
+    pub async fn expect_quiet(&mut self, quiet: Duration) {
+        if let Ok(Some(ev)) = tokio::time::timeout(quiet, self.events.recv()).await {
+            panic!("expected no event, got {ev:?}");
+        }
+    }
+}
+
+async fn next_sse(sse: &mut SseClient) -> Option<Ev> {
+    // Feeds live as long as the test wants: no deadline here.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3600), sse.next_or_end()).await {
+            Ok(ev) => return ev,
+            Err(_) => continue,
+        }
+    }
+}
+
+/// `url` with `lastEventId=` added when there is a position.
+pub fn with_position(url: &str, last_event_id: Option<&str>) -> String {
+    match last_event_id {
+        None => url.to_owned(),
+        Some(id) => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let id: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
+            format!("{url}{sep}lastEventId={id}")
+        }
+    }
+}
+
+/// One long-poll: `url?poll=1`, from `next` (as `Last-Event-ID`).
+pub async fn poll_once(client: &reqwest::Client, url: &str, next: Option<&str>) -> Value {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let mut request = client.get(format!("{url}{sep}poll=1"));
+    if let Some(id) = next {
+        request = request.header("last-event-id", id);
+    }
+    let response = tokio::time::timeout(Duration::from_secs(60), request.send())
+        .await
+        .expect("a long-poll answers within a minute")
+        .expect("long-poll request");
+    assert_eq!(response.status(), 200, "long-poll of {url}");
+    assert_eq!(response.headers()["content-type"], "application/json");
+    response.json().await.expect("long-poll answer is JSON")
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text frame's JSON, or `None` at the close.
+pub async fn next_text(socket: &mut Socket) -> Option<Value> {
+    loop {
+        match socket.next().await? {
+            Ok(Message::Text(text)) => {
+                return Some(serde_json::from_str(&text).expect("frames are JSON"));
+            }
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Sends a text frame.
+pub async fn send_text(socket: &mut Socket, text: &str) {
+    socket
+        .send(Message::text(text.to_owned()))
+        .await
+        .expect("sending a frame");
+}
+
+/// Declares each listed `async fn` as a test per transport and store:
+/// `sse::memory::NAME`, `sse::redis::NAME`, `websocket::…`, `poll::…`, so
+/// every transport passes the same behavioural suite on both stores.
+#[macro_export]
+macro_rules! on_every_transport {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_every_transport!(@transport sse, Sse, $($name),*);
+        $crate::on_every_transport!(@transport websocket, WebSocket, $($name),*);
+        $crate::on_every_transport!(@transport poll, Poll, $($name),*);
+    };
+    (@transport $module:ident, $transport:ident, $($name:ident),*) => {
+        mod $module {
+            mod memory {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        $crate::common::transport::on(
+                            $crate::common::transport::Transport::$transport,
+                            super::super::$name(),
+                        )
+                        .await
+                    }
+                )*
+            }
+            mod redis {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        $crate::common::on_redis($crate::common::transport::on(
+                            $crate::common::transport::Transport::$transport,
+                            super::super::$name(),
+                        ))
+                        .await
+                    }
+                )*
+            }
+        }
+    };
+}

@@ -1,0 +1,445 @@
+//! The WebSocket face: the handshake's defences, pings, frames that close
+//! the socket, publishing over it, and a crowd of sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::auth::{token, with_secret};
+use common::transport::{next_text, send_text};
+use common::{DEADLINE, Server};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a socket on `path` with these extra handshake headers.
+async fn connect(
+    server: &Server,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let url = server.url(path).replacen("http", "ws", 1);
+    let mut request = url.into_client_request().expect("a request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake in time")
+        .map(|(socket, _)| socket)
+}
+
+/// Opens a socket and reads its `open` frame.
+async fn open(server: &Server, path: &str, headers: &[(&str, &str)]) -> Socket {
+    let mut socket = connect(server, path, headers).await.expect("handshake");
+    let open = next_frame(&mut socket).await;
+    assert_eq!(open["type"], "open", "{open}");
+    socket
+}
+
+async fn next_frame(socket: &mut Socket) -> Value {
+    tokio::time::timeout(DEADLINE, next_text(socket))
+        .await
+        .expect("a frame in time")
+        .expect("a frame before the close")
+}
+
+/// Reads until the server's close frame and returns its code (frames
+/// before it are skipped).
+async fn close_code(socket: &mut Socket) -> CloseCode {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => panic!("no close within {DEADLINE:?}"),
+            Ok(None) => panic!("the socket ended without a close frame"),
+            Ok(Some(Err(error))) => panic!("the socket broke instead of closing: {error}"),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return frame.expect("a close frame with a code").code;
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+/// How many events `topic` holds (a replay from the start).
+async fn stored(server: &Server, topic: &str) -> u64 {
+    let answer = server.publish(topic, "probe").await;
+    answer["seq"].as_u64().expect("seq") - 1
+}
+
+#[tokio::test]
+async fn a_cross_site_origin_is_refused_at_the_handshake() {
+    let server = Server::start_with(|c| {
+        c.allowed_origins = vec!["https://listed.example".into()];
+    })
+    .await;
+    let refused = connect(
+        &server,
+        "/topics/news",
+        &[("origin", "https://evil.example")],
+    )
+    .await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["type"], "urn:crier:problem:origin-not-allowed");
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    let mut socket = open(
+        &server,
+        "/topics/news",
+        &[("origin", "https://listed.example")],
+    )
+    .await;
+    let id = server.publish_id("news", "hi").await;
+    let frame = next_frame(&mut socket).await;
+    assert_eq!(
+        frame,
+        json!({"id": id, "type": "event", "topic": "news", "seq": 1, "data": "hi"})
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_answers_no_pings_is_closed() {
+    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(200)).await;
+    let mut socket = open(&server, "/topics/quiet", &[]).await;
+    // Not reading: no pong goes back. A ping after 200ms, no answer by 400ms.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Reading now answers the queued pings, which may fail on the closed
+    // connection before the close frame is read: either way it is closed.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => panic!("the socket is still open"),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                assert_eq!(frame.expect("a close frame").code, CloseCode::Error);
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(None | Some(Err(_))) => break,
+        }
+    }
+
+    // A peer that reads (and so answers pings) stays.
+    let mut socket = open(&server, "/topics/quiet", &[]).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), next_text(&mut socket)).await;
+    assert!(quiet.is_err(), "a reading peer was closed: {quiet:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009_and_stores_nothing() {
+    let server = Server::start_with(|c| c.max_batch_bytes = 1024).await;
+    let mut socket = open(&server, "/topics/big", &[]).await;
+    let frame = json!({"type": "publish", "topic": "big", "data": "x".repeat(2000)});
+    send_text(&mut socket, &frame.to_string()).await;
+    assert_eq!(close_code(&mut socket).await, CloseCode::Size);
+    assert_eq!(stored(&server, "big").await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_frame_closes_with_1007_and_a_binary_one_with_1003_storing_nothing() {
+    let server = Server::start().await;
+    for bad in [
+        "not json",
+        r#"{"type":"publish","topic":"bad"}"#,
+        r#"{"type":"subscribe","topic":"bad","data":"x"}"#,
+        r#"{"type":"publish","topic":"bad","data":"x","extra":1}"#,
+    ] {
+        let mut socket = open(&server, "/topics/bad", &[]).await;
+        send_text(&mut socket, bad).await;
+        assert_eq!(close_code(&mut socket).await, CloseCode::Invalid, "{bad}");
+    }
+    let mut socket = open(&server, "/topics/bad", &[]).await;
+    futures_util::SinkExt::send(&mut socket, Message::binary(b"{}".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut socket).await, CloseCode::Unsupported);
+    assert_eq!(stored(&server, "bad").await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn publishing_over_the_socket_needs_the_grant_and_is_acknowledged_with_its_id() {
+    let server = Server::start_with(with_secret).await;
+    let may = token(&["news"], &["news"]);
+    let may_not = token(&[], &["news"]);
+
+    let mut reader = open(
+        &server,
+        "/topics/news",
+        &[("authorization", &format!("Bearer {may_not}"))],
+    )
+    .await;
+    send_text(
+        &mut reader,
+        &json!({"type": "publish", "topic": "news", "data": "no", "ref": 1}).to_string(),
+    )
+    .await;
+    let problem = next_frame(&mut reader).await;
+    assert_eq!(problem["type"], "problem", "{problem}");
+    assert_eq!(problem["ref"], 1);
+    assert_eq!(
+        problem["problem"]["type"],
+        "urn:crier:problem:forbidden-topic"
+    );
+    assert_eq!(problem["problem"]["status"], 403);
+
+    let mut writer = open(
+        &server,
+        "/topics/news",
+        &[("authorization", &format!("Bearer {may}"))],
+    )
+    .await;
+    send_text(
+        &mut writer,
+        &json!({"type": "publish", "topic": "news", "event": "note", "data": {"n": 1}, "ref": "a"})
+            .to_string(),
+    )
+    .await;
+    // The ack and the event itself (the writer reads the topic too), in
+    // either order.
+    let mut frames = [next_frame(&mut writer).await, next_frame(&mut writer).await];
+    frames.sort_by_key(|f| f["type"].as_str().unwrap().to_owned());
+    let ack = &frames[0];
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["ref"], "a");
+    assert_eq!(ack["topic"], "news");
+    assert_eq!(ack["seq"], 1);
+    let id = ack["id"].as_str().unwrap();
+    let event = json!({"id": id, "type": "event", "topic": "news", "seq": 1, "event": "note", "data": "{\"n\":1}"});
+    assert_eq!(frames[1], event);
+    // Every reader sees it once, and the refused publish never happened.
+    assert_eq!(next_frame(&mut reader).await, event);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_publish_retried_with_its_idempotency_key_is_stored_once() {
+    let server = Server::start().await;
+    let mut socket = open(&server, "/topics/other", &[]).await;
+    let frame = |data: &str| {
+        json!({"type": "publish", "topic": "once", "data": data, "idempotency_key": "k-1"})
+            .to_string()
+    };
+    send_text(&mut socket, &frame("x")).await;
+    let first = next_frame(&mut socket).await;
+    assert_eq!(first["type"], "ack", "{first}");
+    assert_eq!(first.get("replayed"), None);
+    send_text(&mut socket, &frame("x")).await;
+    let again = next_frame(&mut socket).await;
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["replayed"], true);
+    send_text(&mut socket, &frame("y")).await;
+    let reused = next_frame(&mut socket).await;
+    assert_eq!(
+        reused["problem"]["type"],
+        "urn:crier:problem:idempotency-key-reused"
+    );
+    // The same key over HTTP is the same publisher's key: a replay.
+    let response = server
+        .client
+        .post(server.url("/topics/once"))
+        .header("idempotency-key", "k-1")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(stored(&server, "once").await, 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sockets_receive_the_identical_sequence() {
+    const SOCKETS: usize = 1000;
+    const EVENTS: usize = 20;
+    let server = Server::start_with(|c| {
+        c.max_streams_per_ip = 10_000;
+        c.max_connections_per_ip = 10_000;
+    })
+    .await;
+    let mut sockets = Vec::with_capacity(SOCKETS);
+    for _ in 0..SOCKETS {
+        sockets.push(open(&server, "/topics/crowd", &[]).await);
+    }
+    let mut expected = Vec::new();
+    for n in 1..=EVENTS {
+        let answer = server.publish("crowd", &format!("crowd-{n}")).await;
+        expected.push(json!({
+            "id": answer["id"], "type": "event", "topic": "crowd", "seq": n, "data": format!("crowd-{n}"),
+        }));
+    }
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|mut socket| {
+            tokio::spawn(async move {
+                let mut got = Vec::with_capacity(EVENTS);
+                for _ in 0..EVENTS {
+                    got.push(next_frame(&mut socket).await);
+                }
+                got
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), expected);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sockets_count_against_the_stream_cap_until_they_close() {
+    let server = Server::start_with(|c| c.max_streams_per_ip = 2).await;
+    let first = open(&server, "/topics/cap", &[]).await;
+    let _second = open(&server, "/topics/cap", &[]).await;
+    match connect(&server, "/topics/cap", &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+        }
+        other => panic!("expected a 429, got {other:?}"),
+    }
+    drop(first);
+    // The slot is released once the server has seen the socket go.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match connect(&server, "/topics/cap", &[]).await {
+            Ok(_) => break,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot was never released: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_ticket_opens_one_socket_once() {
+    let server = Server::start_with(with_secret).await;
+    let response = server
+        .client
+        .post(server.url("/tickets"))
+        .bearer_auth(token(&[], &["news"]))
+        .json(&json!({"topics": ["news"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let ticket: Value = response.json().await.unwrap();
+    let path = format!("/topics/news?ticket={}", ticket["ticket"].as_str().unwrap());
+    let mut socket = open(&server, &path, &[]).await;
+    let id = server
+        .client
+        .post(server.url("/topics/news"))
+        .bearer_auth(token(&["news"], &[]))
+        .body("hi")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .clone();
+    assert_eq!(next_frame(&mut socket).await["id"], id);
+    match connect(&server, &path, &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+        }
+        other => panic!("a spent ticket must be refused, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_socket_is_closed_with_1012_when_the_hub_shuts_down() {
+    let server = Server::start().await;
+    let mut socket = open(&server, "/topics/bye", &[]).await;
+    let stopping = tokio::spawn(server.stop());
+    assert_eq!(close_code(&mut socket).await, CloseCode::Restart);
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_socket_whose_token_expires_gets_reauth_then_1008() {
+    let server = Server::start_with(with_secret).await;
+    let exp = common::auth::now() + 2;
+    let token = common::auth::signed(&common::auth::claims(&[], &["news"], exp));
+    let mut socket = open(
+        &server,
+        "/topics/news",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    let reauth = next_frame(&mut socket).await;
+    assert_eq!(reauth, json!({"type": "reauth", "reason": "token-expired"}));
+    assert_eq!(close_code(&mut socket).await, CloseCode::Policy);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_socket_on_a_public_topic_stops_publishing_when_its_token_expires() {
+    let server = Server::start_with(|c| {
+        with_secret(c);
+        c.public_topics = vec!["lobby".into()];
+        c.jwt.jwt_leeway = Duration::ZERO;
+    })
+    .await;
+    let exp = common::auth::now() + 2;
+    let token = common::auth::signed(&common::auth::claims(&["lobby"], &[], exp));
+    let mut socket = open(
+        &server,
+        "/topics/lobby",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    let frame = json!({"type": "publish", "topic": "lobby", "data": "x", "ref": 1}).to_string();
+    send_text(&mut socket, &frame).await;
+    let mut answers = [next_frame(&mut socket).await, next_frame(&mut socket).await];
+    answers.sort_by_key(|f| f["type"].as_str().unwrap().to_owned());
+    assert_eq!(answers[0]["type"], "ack", "{answers:?}");
+    // The stream of a public topic does not end with the token.
+    tokio::time::sleep_until(
+        tokio::time::Instant::now()
+            + Duration::from_secs(exp + 1).saturating_sub(Duration::from_secs(common::auth::now())),
+    )
+    .await;
+    send_text(&mut socket, &frame).await;
+    let refused = next_frame(&mut socket).await;
+    assert_eq!(
+        refused["problem"]["type"], "urn:crier:problem:token-expired",
+        "{refused}"
+    );
+    // One event stored: a fresh publish is the second.
+    let probe: Value = server
+        .client
+        .post(server.url("/topics/lobby"))
+        .bearer_auth(token_for(&["lobby"]))
+        .body("probe")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(probe["seq"], 2, "{probe}");
+    server.stop().await;
+}
+
+fn token_for(publish: &[&str]) -> String {
+    token(publish, &[])
+}

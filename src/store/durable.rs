@@ -163,10 +163,7 @@ fn parse_event(value: &[u8]) -> Option<(u64, Option<EventName>, String)> {
         1 => {
             let len = u32::from_be_bytes(value.get(9..13)?.try_into().ok()?) as usize;
             let name = std::str::from_utf8(value.get(13..13 + len)?).ok()?;
-            (
-                Some(EventName::parse(name).ok()?),
-                value.get(13 + len..)?,
-            )
+            (Some(EventName::parse(name).ok()?), value.get(13 + len..)?)
         }
         _ => return None,
     };

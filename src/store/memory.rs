@@ -312,9 +312,8 @@ impl MemoryStore {
                 |topic, log| {
                     let mut log = lock(log);
                     log.trim(&self.retention, now);
-                    let keep = !self.forget_idle
-                        || !log.events.is_empty()
-                        || self.hub.is_watched(topic);
+                    let keep =
+                        !self.forget_idle || !log.events.is_empty() || self.hub.is_watched(topic);
                     log.removed = !keep;
                     keep
                 },

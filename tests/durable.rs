@@ -395,3 +395,191 @@ async fn publishing_many_events_to_a_topic_keeping_few_leaves_the_directory_boun
     eprintln!("{bytes} bytes on disk after 20 MB published, 100 KB retained");
     server.stop().await;
 }
+
+/// The journal file of a stopped crier's data directory.
+fn journal(dir: &Path) -> std::path::PathBuf {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("events"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
+        .collect();
+    files.sort();
+    files.pop().expect("a journal file")
+}
+
+/// Publishes `n` events `event number I` and kills crier: returns their ids.
+async fn publish_then_kill(dir: &Path, n: usize) -> Vec<String> {
+    let client = common::client();
+    let mut crier = start(dir, &[]);
+    let mut ids = Vec::new();
+    for i in 1..=n {
+        ids.push(publish(&client, &crier, "a", &format!("event number {i}")).await);
+    }
+    crier.kill();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_record_after_a_kill_is_recovered_to_the_last_complete_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let ids = publish_then_kill(&dir, 5).await;
+    // What a kill in the middle of a write leaves: the start of one more
+    // record after the last complete one.
+    let path = journal(&dir);
+    let bytes = std::fs::read(&path).unwrap();
+    let end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+    let last = bytes[..end]
+        .windows(14)
+        .rposition(|w| w == b"event number 4")
+        .unwrap()
+        + 14;
+    let record = &bytes[last..end];
+    let mut torn = bytes[..end].to_vec();
+    torn.extend_from_slice(&record[..record.len() * 6 / 10]);
+    std::fs::write(&path, &torn).unwrap();
+
+    let client = common::client();
+    let crier = start(&dir, &[]);
+    let epoch = epoch_of(&ids[0]);
+    let mut sub = SseClient::connect(
+        &client,
+        &crier.url("/topics/a"),
+        Some(&format!("0.{epoch}")),
+    )
+    .await;
+    let expected: Vec<Ev> = (1..=5)
+        .map(|i| msg(&ids[i - 1], &format!("event number {i}")))
+        .collect();
+    assert_eq!(sub.take(5).await, expected);
+    assert_eq!(
+        publish(&client, &crier, "a", "six").await,
+        format!("6.{epoch}")
+    );
+    stop(crier).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_journal_refuses_start_naming_the_file_and_leaves_it_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    publish_then_kill(&dir, 5).await;
+    let path = journal(&dir);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(14)
+        .position(|w| w == b"event number 3")
+        .unwrap();
+    bytes[at..at + 5].copy_from_slice(b"EVENT");
+    std::fs::write(&path, &bytes).unwrap();
+
+    let log = refused(&["--data-dir", dir.to_str().unwrap()]);
+    assert!(log.contains(&path.display().to_string()), "{log}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the file is left as it was"
+    );
+}
+
+/// Unmounts a test's tmpfs.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    assert!(
+        mounted.success(),
+        "this test mounts a small tmpfs (it runs as root)"
+    );
+    let _mounted = Mounted(mnt.clone());
+    let dir = mnt.join("data");
+    let server = Server::start_with(|config| {
+        config.data_dir = Some(dir.clone());
+        config.publish_rate = 1_000_000;
+        config.publish_burst = 1_000_000;
+    })
+    .await;
+    let mut acked = Vec::new();
+    for i in 1..=10 {
+        acked.push((
+            server.publish_id("d", &format!("before-{i}")).await,
+            format!("before-{i}"),
+        ));
+    }
+    // Fill what is left of the disk.
+    let filler = mnt.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![1u8; 64 * 1024];
+        while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    }
+    let pad = "f".repeat(4000);
+    let mut refused = None;
+    for i in 0..1000 {
+        let data = format!("full-{i}-{pad}");
+        let response = server
+            .client
+            .post(server.url("/topics/d"))
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 201 {
+            let answer: Value = response.json().await.unwrap();
+            acked.push((answer["id"].as_str().unwrap().to_owned(), data));
+            continue;
+        }
+        assert_problem(response, 507, "storage-full").await;
+        refused = Some(data);
+        break;
+    }
+    let refused = refused.expect("a publish is refused once the disk is full");
+    // Space comes back: publishing works again (the first try may find the
+    // store still reopening its files).
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    let after = loop {
+        let response = server
+            .client
+            .post(server.url("/topics/d"))
+            .body("after")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 201 {
+            let answer: Value = response.json().await.unwrap();
+            break answer["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "publishing works again: {}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Nothing half-stored: the refused event is nowhere, numbering is dense.
+    assert_eq!(seq_of(&after) as usize, acked.len() + 1);
+    let epoch = epoch_of(&after);
+    let mut sub = server.resume("/topics/d", &format!("0.{epoch}")).await;
+    let mut expected: Vec<Ev> = acked.iter().map(|(id, data)| msg(id, data)).collect();
+    expected.push(msg(&after, "after"));
+    let got = sub.take(expected.len()).await;
+    assert_eq!(got, expected);
+    assert!(got.iter().all(|e| e.data != refused));
+    server.stop().await;
+}

@@ -294,6 +294,24 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// The journal files of the database at `path`, for a message.
+fn journals(path: &Path) -> String {
+    let mut files: Vec<String> = std::fs::read_dir(path)
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    match files.is_empty() {
+        true => path.display().to_string(),
+        false => format!("a journal file ({})", files.join(", ")),
+    }
+}
+
 /// Where one topic's records on disk start and end.
 #[derive(Clone, Copy)]
 struct OnDisk {
@@ -319,9 +337,13 @@ impl DurableStore {
         check_format(dir)?;
         let path = dir.join("events");
         let db = Db::open(&path).map_err(|e| {
+            let which = match &e {
+                // Name the journal files: one of them failed its checksums.
+                fjall::Error::JournalRecovery(_) => journals(&path),
+                _ => path.display().to_string(),
+            };
             config_error(format!(
-                "cannot open the event database {}: {e}; it was left as it is",
-                path.display()
+                "cannot open the event database: {which}: {e}; it was left as it is"
             ))
         })?;
         let corrupt = |what: &str| {

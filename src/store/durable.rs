@@ -47,6 +47,10 @@ pub const FORMAT: &str = "crier-data 1";
 /// Requests a writer takes into one batch at most.
 const GROUP: usize = 1024;
 
+/// Longest a writer with `--fsync always` waits for the rest of a group
+/// (as many requests as the last group had) before writing what it has.
+const LINGER: Duration = Duration::from_micros(300);
+
 /// How often the writer trims disk to memory's retention and forgets idle
 /// topics.
 const TICK: Duration = Duration::from_secs(1);
@@ -571,6 +575,7 @@ impl Writer {
     fn run(&mut self, queue: mpsc::Receiver<Job>) {
         let mut last_tick = Instant::now();
         let mut last_sync = Instant::now();
+        let mut last_group = 1;
         loop {
             let wait = match self.fsync {
                 Fsync::Interval if self.unsynced => self.fsync_interval,
@@ -588,6 +593,7 @@ impl Writer {
             let mut group = Vec::new();
             let mut close = None;
             let mut next = first;
+            let mut started = None;
             while let Some(job) = next {
                 match job {
                     Job::Append {
@@ -604,7 +610,18 @@ impl Writer {
                     break;
                 }
                 next = queue.try_recv().ok();
+                // With `always`, publishers answered together come back
+                // together: wait a moment for as many as came last time,
+                // so they share the next sync instead of the one after.
+                if next.is_none() && self.fsync == Fsync::Always && group.len() < last_group {
+                    let linger = started.map_or(LINGER, |at: Instant| {
+                        LINGER.saturating_sub(at.elapsed())
+                    });
+                    next = queue.recv_timeout(linger).ok();
+                }
+                started.get_or_insert_with(Instant::now);
             }
+            last_group = group.len().max(1);
             if !group.is_empty() {
                 self.write_group(group);
             }
@@ -704,7 +721,16 @@ impl Writer {
         let mut planned = Vec::with_capacity(group.len());
         let mut group_bytes = 0usize;
         for (events, window, reply) in group {
-            match self.plan(&events, &tips, group_bytes, now_ms) {
+            let planned_now = self.plan(&events, &tips, group_bytes, now_ms);
+            // A topic the plan created in memory is tracked even if nothing
+            // of it gets stored, so the tick forgets it once idle.
+            for (new, _) in &events {
+                if !self.disk.contains_key(&new.topic) {
+                    self.disk
+                        .insert(new.topic.clone(), OnDisk { low: 1, head: 0 });
+                }
+            }
+            match planned_now {
                 Err(error) => {
                     let _ = reply.send(Err(error));
                 }
@@ -745,6 +771,8 @@ impl Writer {
                 topic_value(*epoch, *head),
             );
         }
+        let writing = Instant::now();
+        let requests = planned.len();
         let written = batch.commit().and_then(|()| match self.fsync {
             Fsync::Always => self
                 .db
@@ -752,6 +780,11 @@ impl Writer {
                 .map_or(Ok(()), |db| db.db.persist(PersistMode::SyncData)),
             Fsync::Interval => Ok(()),
         });
+        tracing::trace!(
+            requests,
+            took_us = writing.elapsed().as_micros() as u64,
+            "wrote a group"
+        );
         if let Err(error) = written {
             let error = self.failed(&error);
             for (key, before) in undo.into_iter().rev() {

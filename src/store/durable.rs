@@ -69,11 +69,17 @@ pub struct DurableStore {
     lock: Mutex<Option<File>>,
 }
 
+/// Where a request's answer goes.
+type Reply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
+
+/// An append waiting for the writer: its events, the key window, the reply.
+type Request = (Vec<(NewEvent, Option<Once>)>, Duration, Reply);
+
 enum Job {
     Append {
         events: Vec<(NewEvent, Option<Once>)>,
         window: Duration,
-        reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+        reply: Reply,
     },
     Close {
         reply: oneshot::Sender<()>,
@@ -567,7 +573,7 @@ enum Answer {
 }
 
 struct Planned {
-    reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    reply: Reply,
     answers: Vec<Answer>,
 }
 
@@ -614,9 +620,8 @@ impl Writer {
                 // together: wait a moment for as many as came last time,
                 // so they share the next sync instead of the one after.
                 if next.is_none() && self.fsync == Fsync::Always && group.len() < last_group {
-                    let linger = started.map_or(LINGER, |at: Instant| {
-                        LINGER.saturating_sub(at.elapsed())
-                    });
+                    let linger =
+                        started.map_or(LINGER, |at: Instant| LINGER.saturating_sub(at.elapsed()));
                     next = queue.recv_timeout(linger).ok();
                 }
                 started.get_or_insert_with(Instant::now);
@@ -692,14 +697,7 @@ impl Writer {
 
     /// Numbers, writes and syncs every request of `group` that can be
     /// stored, then publishes them in order and answers each.
-    fn write_group(
-        &mut self,
-        group: Vec<(
-            Vec<(NewEvent, Option<Once>)>,
-            Duration,
-            oneshot::Sender<Result<Vec<Appended>, StoreError>>,
-        )>,
-    ) {
+    fn write_group(&mut self, group: Vec<Request>) {
         let now_ms = wall_ms();
         let db = match self.db() {
             Ok(db) => db,

@@ -630,3 +630,52 @@ async fn with_fsync_always_a_kill_then_a_machine_restart_keeps_every_epoch() {
     assert_eq!(first, msg(&ids[2], "r3"));
     assert_eq!(next, format!("4.{}", epoch_of(&ids[0])));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_expires_is_removed_from_disk_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let client = common::client();
+    let args = [
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--retention-age",
+        "300ms",
+    ];
+    let debug = [("RUST_LOG", "info,crier::store::durable=debug")];
+    let crier = Process::start_with_env(&args, &debug);
+    let old = publish(&client, &crier, "brief", "gone soon").await;
+    // Once its only event expired and nobody watches it, the topic is
+    // forgotten (the writer looks every second) and deleted from disk.
+    wait_for("the expired topic removed from disk", || {
+        crier
+            .log()
+            .iter()
+            .any(|l| l.contains("removed expired topics from disk"))
+    })
+    .await;
+    stop(crier).await;
+    let db = fjall::Database::builder(dir.join("events")).open().unwrap();
+    let topics = db
+        .keyspace("topics", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    let stored = db
+        .keyspace("events", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    assert!(
+        topics.get("brief").unwrap().is_none(),
+        "the topic's record is deleted"
+    );
+    assert_eq!(
+        stored.prefix(b"brief\0").count(),
+        0,
+        "its events are deleted"
+    );
+    drop((topics, stored, db));
+
+    let crier = Process::start_with_env(&args, &debug);
+    let again = publish(&client, &crier, "brief", "new").await;
+    assert_eq!(seq_of(&again), 1, "numbering starts again");
+    assert_ne!(epoch_of(&again), epoch_of(&old), "in a new epoch");
+    stop(crier).await;
+}

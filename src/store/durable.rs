@@ -958,6 +958,9 @@ impl Writer {
             .collect();
         let all: Vec<Topic> = self.disk.keys().cloned().collect();
         self.trim(&all);
+        if !idle.is_empty() {
+            tracing::debug!(topics = idle.len(), "removed expired topics from disk");
+        }
         for topic in idle {
             self.disk.remove(&topic);
         }

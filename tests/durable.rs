@@ -386,13 +386,12 @@ async fn publishing_many_events_to_a_topic_keeping_few_leaves_the_directory_boun
     let last = server.publish_id("few", "last").await;
     assert_eq!(seq_of(&last), 80_001);
     let bytes = dir_bytes(&dir);
-    // 20 MB published; the bound (docs/OPERATIONS.md) is the journal's
-    // 64 MiB plus what is retained.
-    assert!(
-        bytes < 64 * 1024 * 1024 + 1024 * 1024,
-        "{bytes} bytes on disk"
-    );
-    eprintln!("{bytes} bytes on disk after 20 MB published, 100 KB retained");
+    // 72 MB published, 90 KB retained: past the journal's 64 MiB, which
+    // is then recycled. The bound (docs/OPERATIONS.md): the journal's
+    // 64 MiB, plus a few MiB of tables, plus what is retained. (The
+    // padding compresses in the tables, not in the journal.)
+    assert!(bytes < 72 * 1024 * 1024, "{bytes} bytes on disk");
+    eprintln!("{bytes} bytes on disk after 72 MB published, 90 KB retained");
     server.stop().await;
 }
 

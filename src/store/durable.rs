@@ -982,3 +982,63 @@ fn clone_error(error: &StoreError) -> StoreError {
         other => StoreError::Unavailable(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_records_read_back_as_written() {
+        let name = EventName::parse("update").unwrap();
+        for (name, data) in [
+            (None, ""),
+            (Some(&name), "line one\nline two"),
+            (None, "ünïcødé"),
+        ] {
+            let value = event_value(1_700_000_000_123, name, data);
+            let (at, read_name, read_data) = parse_event(&value).unwrap();
+            assert_eq!(at, 1_700_000_000_123);
+            assert_eq!(
+                read_name.as_ref().map(EventName::as_str),
+                name.map(EventName::as_str)
+            );
+            assert_eq!(read_data, data);
+        }
+        assert!(parse_event(b"short").is_none());
+        assert!(parse_event(&[0, 0, 0, 0, 0, 0, 0, 0, 7]).is_none());
+    }
+
+    #[test]
+    fn event_keys_sort_by_topic_then_number_and_a_prefix_holds_one_topic() {
+        let (a, ab) = (
+            Topic::parse("a", 128).unwrap(),
+            Topic::parse("ab", 128).unwrap(),
+        );
+        assert!(event_key(&a, 9) < event_key(&a, 10));
+        assert!(event_key(&a, u64::MAX) < event_key(&ab, 1));
+        assert!(event_key(&a, 3).starts_with(&event_prefix(&a)));
+        assert!(!event_key(&ab, 3).starts_with(&event_prefix(&a)));
+    }
+
+    #[test]
+    fn topic_and_idempotency_records_read_back_as_written() {
+        assert_eq!(
+            parse_topic_value(&topic_value(Epoch(42), 7)),
+            Some((Epoch(42), 7))
+        );
+        let record = Record {
+            fingerprint: Fingerprint([3; 32]),
+            receipt: Receipt {
+                topic: Topic::parse("orders", 128).unwrap(),
+                seq: 17,
+                epoch: Epoch(99),
+            },
+            expires_ms: 123_456,
+        };
+        let read = parse_record(&record_value(&record)).unwrap();
+        assert_eq!(read.fingerprint, record.fingerprint);
+        assert_eq!(read.receipt, record.receipt);
+        assert_eq!(read.expires_ms, 123_456);
+        assert!(parse_record(&[0; 20]).is_none());
+    }
+}

@@ -24,6 +24,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -327,7 +328,10 @@ fn journals(path: &Path) -> String {
 struct OnDisk {
     /// No event below this number is on disk.
     low: u64,
+    /// The last number written, in `epoch`: the writer numbers after it
+    /// (memory may not have committed it yet).
     head: u64,
+    epoch: Epoch,
 }
 
 impl DurableStore {
@@ -421,7 +425,7 @@ impl DurableStore {
                 (epoch, head)
             };
             mem.restore(&topic, epoch, head, events)?;
-            disk.insert(topic, OnDisk { low, head });
+            disk.insert(topic, OnDisk { low, head, epoch });
         }
         let mut records = HashMap::new();
         let mut expiry = Vec::new();
@@ -450,8 +454,41 @@ impl DurableStore {
             "opened the data directory"
         );
 
+        // Written groups are made visible and answered by a task on the
+        // runtime, in order: waking thousands of subscribers from there
+        // queues them locally, where the writer thread would go through
+        // the runtime's global queue for each.
+        let (commits, mut written) =
+            tokio::sync::mpsc::unbounded_channel::<(Vec<Planned>, Instant)>();
+        let committed = Arc::new(AtomicU64::new(0));
+        let (visible, done) = (mem.clone(), committed.clone());
+        tokio::runtime::Handle::try_current()
+            .map_err(|e| config_error(format!("the durable store needs a runtime: {e}")))?
+            .spawn(async move {
+                while let Some((planned, at)) = written.recv().await {
+                    for plan in planned {
+                        let mut out: Vec<Appended> = Vec::with_capacity(plan.answers.len());
+                        for answer in plan.answers {
+                            let appended = match answer {
+                                Answer::Stored(event) => {
+                                    visible.commit(event.clone(), at);
+                                    Appended::Stored(event)
+                                }
+                                Answer::Replayed(receipt) => Appended::Replayed(receipt),
+                                Answer::SameAs(j) => Appended::Replayed(out[j].receipt()),
+                            };
+                            out.push(appended);
+                        }
+                        let _ = plan.reply.send(Ok(out));
+                    }
+                    done.fetch_add(1, Ordering::Release);
+                }
+            });
         let (jobs, queue) = mpsc::channel();
         let mut writer = Writer {
+            commits,
+            committed,
+            sent: 0,
             db: Some(db),
             path,
             mem: mem.clone(),
@@ -551,6 +588,11 @@ impl Store for DurableStore {
 
 /// The one thread that writes: numbers, stores, syncs, then publishes.
 struct Writer {
+    /// Written groups, to be made visible and answered (in order).
+    commits: tokio::sync::mpsc::UnboundedSender<(Vec<Planned>, Instant)>,
+    /// Groups sent to `commits`, and those it has made visible.
+    sent: u64,
+    committed: Arc<AtomicU64>,
     /// `None` after a failed write, until the database is reopened.
     db: Option<Db>,
     path: PathBuf,
@@ -719,16 +761,7 @@ impl Writer {
         let mut planned = Vec::with_capacity(group.len());
         let mut group_bytes = 0usize;
         for (events, window, reply) in group {
-            let planned_now = self.plan(&events, &tips, group_bytes, now_ms);
-            // A topic the plan created in memory is tracked even if nothing
-            // of it gets stored, so the tick forgets it once idle.
-            for (new, _) in &events {
-                if !self.disk.contains_key(&new.topic) {
-                    self.disk
-                        .insert(new.topic.clone(), OnDisk { low: 1, head: 0 });
-                }
-            }
-            match planned_now {
+            match self.plan(&events, &tips, group_bytes, now_ms) {
                 Err(error) => {
                     let _ = reply.send(Err(error));
                 }
@@ -797,28 +830,14 @@ impl Writer {
             return;
         }
         self.unsynced = self.fsync == Fsync::Interval;
-        let now = Instant::now();
-        for plan in planned {
-            let mut out: Vec<Appended> = Vec::with_capacity(plan.answers.len());
-            for answer in plan.answers {
-                let appended = match answer {
-                    Answer::Stored(event) => {
-                        self.mem.commit(event.clone(), now);
-                        Appended::Stored(event)
-                    }
-                    Answer::Replayed(receipt) => Appended::Replayed(receipt),
-                    Answer::SameAs(j) => Appended::Replayed(out[j].receipt()),
-                };
-                out.push(appended);
-            }
-            let _ = plan.reply.send(Ok(out));
-        }
         for (topic, (_, head)) in &tips {
-            let entry = self.disk.entry(topic.clone()).or_insert(OnDisk {
-                low: 1,
-                head: *head,
-            });
-            entry.head = *head;
+            if let Some(entry) = self.disk.get_mut(topic) {
+                entry.head = *head;
+            }
+        }
+        self.sent += 1;
+        if self.commits.send((planned, Instant::now())).is_err() {
+            tracing::error!("the durable store's committer stopped: written events are not served");
         }
         let touched: Vec<Topic> = tips.into_keys().collect();
         self.trim(&touched);
@@ -828,7 +847,7 @@ impl Writer {
     /// heads so far (`tips`, then memory). All or none.
     #[allow(clippy::type_complexity)]
     fn plan(
-        &self,
+        &mut self,
         events: &[(NewEvent, Option<Once>)],
         tips: &HashMap<Topic, (Epoch, u64)>,
         group_bytes: usize,
@@ -877,9 +896,28 @@ impl Writer {
         self.mem.room(group_bytes + bytes)?;
         for &i in &fresh {
             let new = &events[i].0;
-            let (epoch, head) = match local.get(&new.topic).or_else(|| tips.get(&new.topic)) {
-                Some(tip) => *tip,
-                None => self.mem.tip(&new.topic)?,
+            let known = local
+                .get(&new.topic)
+                .or_else(|| tips.get(&new.topic))
+                .copied()
+                .or_else(|| self.disk.get(&new.topic).map(|d| (d.epoch, d.head)));
+            let (epoch, head) = match known {
+                Some(tip) => tip,
+                None => {
+                    // A new topic: its log (and epoch) made in memory, and
+                    // tracked so the tick forgets it once idle, even if
+                    // nothing of it gets stored.
+                    let (epoch, head) = self.mem.tip(&new.topic)?;
+                    self.disk.insert(
+                        new.topic.clone(),
+                        OnDisk {
+                            low: head + 1,
+                            head,
+                            epoch,
+                        },
+                    );
+                    (epoch, head)
+                }
             };
             let seq = head + 1;
             if seq > MAX_SEQ {
@@ -950,12 +988,18 @@ impl Writer {
     /// Trims every topic, forgets idle ones (from memory and disk), and
     /// drops expired idempotency records.
     fn tick(&mut self) {
-        let idle: Vec<Topic> = self
-            .disk
-            .keys()
-            .filter(|topic| self.mem.forget_if_idle(topic))
-            .cloned()
-            .collect();
+        // Only once memory holds everything written: a topic whose events
+        // are still on their way there must not be forgotten.
+        let settled = self.committed.load(Ordering::Acquire) == self.sent;
+        let idle: Vec<Topic> = match settled {
+            true => self
+                .disk
+                .keys()
+                .filter(|topic| self.mem.forget_if_idle(topic))
+                .cloned()
+                .collect(),
+            false => Vec::new(),
+        };
         let all: Vec<Topic> = self.disk.keys().cloned().collect();
         self.trim(&all);
         if !idle.is_empty() {

@@ -283,6 +283,23 @@ pub struct Config {
     #[arg(long, env = "CRIER_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
 
+    /// Keep events on disk in DIR (created if missing), so a restart keeps
+    /// every topic's numbering, epoch and retained events; without it the
+    /// embedded store lives in memory. Not with `--redis`.
+    #[arg(long, env = "CRIER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+
+    /// With `--data-dir`, when a publish is answered: `always`, once the
+    /// event is synced to disk (concurrent publishes share one sync); or
+    /// `interval`, once the OS holds it, syncing every `--fsync-interval`
+    /// (a power loss may lose the last moments).
+    #[arg(long, env = "CRIER_FSYNC", value_enum, default_value_t = Fsync::Always)]
+    pub fsync: Fsync,
+
+    /// With `--fsync interval`, how often the data directory is synced.
+    #[arg(long, env = "CRIER_FSYNC_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub fsync_interval: Duration,
+
     /// Keep events in Redis instead of in memory, so several nodes serve one
     /// feed: redis://[USER:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS.
     #[arg(long = "redis", env = "CRIER_REDIS_URL", value_name = "URL")]
@@ -356,6 +373,15 @@ pub struct Config {
     /// How long a ticket from POST /tickets stays usable (once).
     #[arg(long, env = "CRIER_TICKET_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ticket_ttl: Duration,
+}
+
+/// When the durable store answers a publish (`--fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fsync {
+    /// After the event is synced to disk: nothing acknowledged is ever lost.
+    Always,
+    /// After the OS holds the event; synced every `--fsync-interval`.
+    Interval,
 }
 
 /// How log lines are written.

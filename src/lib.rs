@@ -35,7 +35,7 @@ pub use http::{AppState, app};
 use crate::auth::Auth;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::{Measured, MemoryStore, RedisStore, Store, StoreError};
+use crate::store::{DurableStore, Measured, MemoryStore, RedisStore, Store, StoreError};
 
 /// A setting the hub cannot start with.
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +71,29 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         config.max_compression_chains,
         metrics.clone(),
     );
-    let store: Arc<dyn Store> = match &config.redis_url {
-        Some(url) => {
+    if config.data_dir.is_some() && config.redis_url.is_some() {
+        return Err(SetupError::Config(
+            "--data-dir and --redis cannot be used together: events live either on this \
+             node's disk or in Redis"
+                .into(),
+        ));
+    }
+    let store: Arc<dyn Store> = match (&config.redis_url, &config.data_dir) {
+        (None, Some(dir)) => {
+            let store = Arc::new(DurableStore::open(
+                store::DurableSettings {
+                    dir: dir.clone(),
+                    fsync: config.fsync,
+                    fsync_interval: config.fsync_interval,
+                },
+                hub.clone(),
+                config.retention(),
+                config.budget(),
+            )?);
+            tokio::spawn(store.clone().sweep_until(shutdown.clone()));
+            store
+        }
+        (Some(url), _) => {
             let store = Arc::new(RedisStore::new(
                 url,
                 config.redis_ca_cert.as_deref(),
@@ -88,7 +109,7 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
             tokio::spawn(store.clone().run_until(shutdown.clone()));
             store
         }
-        None => {
+        (None, None) => {
             let store = Arc::new(MemoryStore::new(
                 hub.clone(),
                 config.retention(),
@@ -212,8 +233,9 @@ async fn serve_with(
     )
     .await;
     // Background tasks (the store's live feed) ran through the drain; now
-    // they stop.
+    // they stop, and the store syncs and unlocks its data directory.
     shutdown.cancel();
+    state.store.close().await;
     result
 }
 

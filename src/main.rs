@@ -61,7 +61,8 @@ async fn main() -> std::process::ExitCode {
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`): as text for
 /// people, or as one JSON object per line for log collectors.
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

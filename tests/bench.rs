@@ -443,3 +443,42 @@ async fn a_publish_flood_is_refused_past_the_rate_and_what_is_stored_is_dense() 
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_measures_rate_and_latency_of_concurrent_publishers_on_the_durable_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = Server::start_with(|config| {
+        config.data_dir = Some(dir.clone());
+        config.publish_rate = 1_000_000;
+        config.publish_burst = 1_000_000;
+    })
+    .await;
+    let result = bench(
+        &server,
+        &[
+            "publish",
+            "--publishers",
+            "4",
+            "--topics",
+            "2",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(result["scenario"], "publish", "{result}");
+    assert_eq!(result["failed"], 0, "{result}");
+    let published = result["published"].as_u64().expect("published");
+    assert!(published > 0, "{result}");
+    assert!(result["events_per_second"].as_f64() > Some(0.0), "{result}");
+    assert!(result["latency_ms"]["p99"].as_f64() > Some(0.0), "{result}");
+    // Every answered publish was stored, densely numbered per topic.
+    let mut stored = 0;
+    for topic in ["bench-publish-0", "bench-publish-1"] {
+        let id = server.publish_id(topic, "last").await;
+        stored += seq_of(&id) - 1;
+    }
+    assert_eq!(stored, published, "{result}");
+    server.stop().await;
+}

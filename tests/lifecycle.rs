@@ -119,6 +119,9 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ("--redis-ca-cert", "CRIER_REDIS_CA_CERT"),
         ("--redis-prefix", "CRIER_REDIS_PREFIX"),
         ("--redis-timeout", "CRIER_REDIS_TIMEOUT"),
+        ("--data-dir", "CRIER_DATA_DIR"),
+        ("--fsync", "CRIER_FSYNC"),
+        ("--fsync-interval", "CRIER_FSYNC_INTERVAL"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
         assert!(help.contains(env), "{env} missing from --help");

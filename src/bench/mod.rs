@@ -11,6 +11,7 @@ mod publish;
 mod replay;
 mod report;
 mod storm;
+mod throughput;
 mod wire;
 
 use clap::{Args, Subcommand};
@@ -45,6 +46,9 @@ pub enum Scenario {
     /// for a while: what the hub answered, and its memory and descriptors
     /// before, during and after.
     Attack(Box<attack::AttackArgs>),
+    /// Publish rate and latency: N concurrent publishers, each posting its
+    /// next event as soon as the last is answered, for a while.
+    Publish(throughput::PublishArgs),
 }
 
 /// Runs a scenario and prints its JSON result on stdout.
@@ -56,6 +60,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Storm(args) => storm::run(*args).await?,
         Scenario::Replay(args) => replay::run(*args).await?,
         Scenario::Attack(args) => attack::run(*args).await?,
+        Scenario::Publish(args) => throughput::run(args).await?,
     };
     println!("{result}");
     Ok(())

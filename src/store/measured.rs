@@ -109,6 +109,10 @@ impl Store for Measured {
         self.failed(StoreOp::Ticket, result)
     }
 
+    async fn close(&self) {
+        self.inner.close().await
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         // Readiness probes are not store work; their answer is /readyz's.
         self.inner.check().await

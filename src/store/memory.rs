@@ -42,6 +42,10 @@ pub struct MemoryStore {
     /// to its record, around the topics' own locks: concurrent appends with
     /// one key are thereby one after the other.
     once: Mutex<OnceRecords>,
+    /// Whether the sweeper forgets idle topics. The durable store's writer
+    /// forgets them itself (from memory and disk together), since it alone
+    /// numbers events.
+    forget_idle: bool,
 }
 
 /// Idempotency records by key, and their keys in order of expiry (one
@@ -175,7 +179,106 @@ impl MemoryStore {
             topic_count: AtomicUsize::new(0),
             tickets: Mutex::new(IndexMap::new()),
             once: Mutex::new(OnceRecords::default()),
+            forget_idle: true,
         }
+    }
+
+    /// The in-memory copy of a durable store: appends go through
+    /// [`MemoryStore::tip`] and [`MemoryStore::commit`] only, and idle
+    /// topics are forgotten by [`MemoryStore::forget_if_idle`].
+    pub(crate) fn for_durable(hub: Hub, retention: Retention, budget: Budget) -> MemoryStore {
+        MemoryStore {
+            forget_idle: false,
+            ..MemoryStore::new(hub, retention, budget)
+        }
+    }
+
+    /// The epoch and head of `topic`, whose log is created (with a fresh
+    /// epoch) if missing, within the topic budget.
+    pub(crate) fn tip(&self, topic: &Topic) -> Result<(Epoch, u64), StoreError> {
+        let log = self.log(topic)?;
+        let log = lock(&log);
+        Ok((log.epoch, log.head))
+    }
+
+    /// The count events are retained under: an event made elsewhere (the
+    /// durable store's) takes it with `Event::retained_under` before it is
+    /// committed or restored, so its cached units count too.
+    pub(crate) fn retained_bytes(&self) -> Arc<RetainedBytes> {
+        self.retained_bytes.clone()
+    }
+
+    /// Makes `event`, numbered after [`MemoryStore::tip`], visible to
+    /// readers and hands it to the hub. Events of a topic come in sequence
+    /// order, each once.
+    pub(crate) fn commit(&self, event: Arc<Event>, at: Instant) {
+        let Ok(log) = self.log(&event.topic) else {
+            return;
+        };
+        let mut log = lock(&log);
+        if log.epoch != event.epoch || event.seq != log.head + 1 {
+            tracing::error!(topic = %event.topic, seq = event.seq, head = log.head, "an event committed out of order was dropped");
+            return;
+        }
+        log.head = event.seq;
+        self.retained_bytes.add(cost(&event));
+        log.events.push_back((at, event.clone()));
+        log.trim(&self.retention, Instant::now());
+        event.stamp_live();
+        self.hub.deliver(&event);
+    }
+
+    /// Puts back a topic read from disk at start-up: its epoch, head and
+    /// retained events (oldest first, each with when it was stored).
+    pub(crate) fn restore(
+        &self,
+        topic: &Topic,
+        epoch: Epoch,
+        head: u64,
+        events: Vec<(Instant, Arc<Event>)>,
+    ) -> Result<(), StoreError> {
+        let log = self.log(topic)?;
+        let mut log = lock(&log);
+        log.epoch = epoch;
+        log.head = head;
+        for (at, event) in events {
+            self.retained_bytes.add(cost(&event));
+            log.events.push_back((at, event));
+        }
+        log.trim(&self.retention, Instant::now());
+        Ok(())
+    }
+
+    /// The oldest retained sequence number of `topic` after trimming, or
+    /// `None` when the store does not know the topic.
+    pub(crate) fn oldest(&self, topic: &Topic) -> Option<u64> {
+        let log = lock(self.shard(topic)).get(topic).cloned()?;
+        let mut log = lock(&log);
+        log.trim(&self.retention, Instant::now());
+        Some(log.oldest())
+    }
+
+    /// Forgets `topic` if it has no events left and no subscriber on this
+    /// node; true when it is (now) unknown.
+    pub(crate) fn forget_if_idle(&self, topic: &Topic) -> bool {
+        let mut topics = lock(self.shard(topic));
+        let Some(log) = topics.get(topic).cloned() else {
+            return true;
+        };
+        let mut log = lock(&log);
+        log.trim(&self.retention, Instant::now());
+        if !log.events.is_empty() || self.hub.is_watched(topic) {
+            return false;
+        }
+        log.removed = true;
+        topics.swap_remove(topic);
+        self.topic_count.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether `bytes` more fit in the budget (see `check_room`).
+    pub(crate) fn room(&self, bytes: usize) -> Result<(), StoreError> {
+        self.check_room(bytes)
     }
 
     fn shard(&self, topic: &Topic) -> &Shard {
@@ -216,7 +319,8 @@ impl MemoryStore {
                 |topic, log| {
                     let mut log = lock(log);
                     log.trim(&self.retention, now);
-                    let keep = !log.events.is_empty() || self.hub.is_watched(topic);
+                    let keep =
+                        !self.forget_idle || !log.events.is_empty() || self.hub.is_watched(topic);
                     log.removed = !keep;
                     keep
                 },

@@ -3,9 +3,11 @@
 //! hands every event it learns of to the node's [`Hub`](crate::hub::Hub) in
 //! sequence order per topic (its live tail).
 //!
-//! The embedded [`MemoryStore`] is the default; [`RedisStore`] lets several
-//! nodes serve one feed. Both pass the same behavioural tests through HTTP.
+//! The embedded [`MemoryStore`] is the default; [`DurableStore`] keeps it on
+//! disk as well (`--data-dir`); [`RedisStore`] lets several nodes serve one
+//! feed. All pass the same behavioural tests through HTTP.
 
+mod durable;
 mod measured;
 mod memory;
 pub mod once;
@@ -19,6 +21,7 @@ use async_trait::async_trait;
 
 use crate::event::{Epoch, Event, EventName, Topic};
 
+pub use durable::{DurableSettings, DurableStore};
 pub use measured::Measured;
 pub use memory::{Budget, MemoryStore};
 pub use once::{Fingerprint, IdempotencyKey, InvalidIdempotencyKey, KeyDigest, Once};
@@ -204,4 +207,9 @@ pub trait Store: Send + Sync + 'static {
     async fn check(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Stops the store once the server is done with it: the durable store
+    /// syncs what it holds, marks a clean stop and unlocks its directory.
+    /// Later appends fail with `Unavailable`.
+    async fn close(&self) {}
 }

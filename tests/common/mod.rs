@@ -56,6 +56,9 @@ impl Server {
         if let Ok(Some(url)) = STORE.try_with(|url| url.clone()) {
             config.redis_url = Some(url);
         }
+        if let Ok(dir) = DATA_DIR.try_with(|dir| dir.clone()) {
+            config.data_dir = Some(dir);
+        }
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -346,6 +349,27 @@ tokio::task_local! {
     static STORE: Option<String>;
 }
 
+tokio::task_local! {
+    /// The data directory the current test's servers use (inside
+    /// [`on_durable`]): the durable embedded store.
+    static DATA_DIR: std::path::PathBuf;
+}
+
+/// Whether the current test runs on the durable store (inside
+/// [`on_durable`]).
+pub fn on_durable_store() -> bool {
+    DATA_DIR.try_with(|_| ()).is_ok()
+}
+
+/// Runs `test` with every `Server` it starts on the durable embedded store,
+/// in a fresh data directory removed afterwards.
+pub async fn on_durable<F: std::future::Future>(test: F) -> F::Output {
+    let dir = tempfile::tempdir().expect("a temporary data directory");
+    let output = DATA_DIR.scope(dir.path().join("data"), test).await;
+    drop(dir);
+    output
+}
+
 /// Whether the current test runs on Redis (inside [`on_redis`]).
 pub fn on_redis_store() -> bool {
     STORE.try_with(|url| url.is_some()).unwrap_or(false)
@@ -360,9 +384,10 @@ pub async fn on_redis<F: std::future::Future>(test: F) -> F::Output {
     output
 }
 
-/// Declares each listed `async fn` as two tests: `memory::NAME` on the
-/// embedded store and `redis::NAME` on a fresh `redis-server`, so both
-/// stores pass the same behavioural suite.
+/// Declares each listed `async fn` as three tests: `memory::NAME` on the
+/// embedded store, `durable::NAME` on the embedded store with a data
+/// directory, and `redis::NAME` on a fresh `redis-server`, so every store
+/// passes the same behavioural suite.
 #[macro_export]
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
@@ -371,6 +396,14 @@ macro_rules! on_every_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name().await
+                }
+            )*
+        }
+        mod durable {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::on_durable(super::$name()).await
                 }
             )*
         }

@@ -248,8 +248,9 @@ pub async fn send_text(socket: &mut Socket, text: &str) {
 }
 
 /// Declares each listed `async fn` as a test per transport and store:
-/// `sse::memory::NAME`, `sse::redis::NAME`, `websocket::…`, `poll::…`, so
-/// every transport passes the same behavioural suite on both stores.
+/// `sse::memory::NAME`, `sse::durable::NAME`, `sse::redis::NAME`,
+/// `websocket::…`, `poll::…`, so every transport passes the same
+/// behavioural suite on every store.
 #[macro_export]
 macro_rules! on_every_transport {
     ($($name:ident),* $(,)?) => {
@@ -267,6 +268,18 @@ macro_rules! on_every_transport {
                             $crate::common::transport::Transport::$transport,
                             super::super::$name(),
                         )
+                        .await
+                    }
+                )*
+            }
+            mod durable {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        $crate::common::on_durable($crate::common::transport::on(
+                            $crate::common::transport::Transport::$transport,
+                            super::super::$name(),
+                        ))
                         .await
                     }
                 )*

@@ -108,7 +108,10 @@ impl Protocols {
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024)
             .max_send_buf_size(128 * 1024)
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+            // WebSockets over HTTP/2 (RFC 8441): a stream opened with an
+            // extended CONNECT carries one socket.
+            .enable_connect_protocol();
         Protocols {
             http1,
             http2,

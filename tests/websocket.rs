@@ -443,3 +443,131 @@ async fn a_socket_on_a_public_topic_stops_publishing_when_its_token_expires() {
 fn token_for(publish: &[&str]) -> String {
     token(publish, &[])
 }
+
+/// RFC 8441: over HTTP/2 (here h2c with prior knowledge) a socket opens
+/// with an extended CONNECT, and carries the same subscription: the same
+/// `open`, replay from the client's position, and live events with the
+/// same ids; and it counts as an open stream, so its connection outlives
+/// the idle timeout for connections without streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_over_http2_opens_with_an_extended_connect_and_resumes_exactly() {
+    use http_body_util::Empty;
+    use hyper::ext::Protocol;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let server = Server::start_with(|c| {
+        c.idle_timeout = Duration::from_secs(1);
+        c.heartbeat = Duration::from_millis(300);
+    })
+    .await;
+    let first = server.publish("h2", "one").await;
+    server.publish("h2", "two").await;
+
+    let io = TokioIo::new(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(io)
+        .await
+        .expect("an HTTP/2 connection");
+    tokio::spawn(conn);
+    let request = axum::http::Request::builder()
+        .method(axum::http::Method::CONNECT)
+        .uri(format!(
+            "http://{}/topics/h2?lastEventId={}",
+            server.addr,
+            first["id"].as_str().unwrap()
+        ))
+        .extension(Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let mut response = tokio::time::timeout(DEADLINE, send.send_request(request))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut response).await.expect("upgraded");
+    let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    assert_eq!(next_json(&mut socket).await["type"], "open");
+    let replayed = next_json(&mut socket).await;
+    assert_eq!(
+        (
+            replayed["type"].as_str(),
+            replayed["seq"].as_u64(),
+            replayed["data"].as_str()
+        ),
+        (Some("event"), Some(2), Some("two"))
+    );
+    // Pings come every heartbeat (answered as they are read); five of them
+    // take the socket past the idle timeout.
+    let mut pings = 0;
+    while pings < 5 {
+        let message = tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .expect("a ping in time")
+            .expect("the socket still open")
+            .expect("a frame");
+        if matches!(message, Message::Ping(_)) {
+            pings += 1;
+        }
+    }
+    // The connection was not taken for idle (which would have sent GOAWAY):
+    // it still opens new streams.
+    let health = axum::http::Request::builder()
+        .uri(format!("http://{}/healthz", server.addr))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let health = tokio::time::timeout(DEADLINE, send.send_request(health))
+        .await
+        .expect("an answer in time")
+        .expect("a new stream on the socket's connection");
+    assert_eq!(health.status(), 200);
+    // Another connection publishes; the socket hears it.
+    let publish = axum::http::Request::builder()
+        .method(axum::http::Method::POST)
+        .uri(format!("http://{}/topics/h2", server.addr))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"three",
+        )))
+        .unwrap();
+    let mut publisher = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, http_body_util::Full<bytes::Bytes>>(TokioIo::new(
+            tokio::net::TcpStream::connect(server.addr).await.unwrap(),
+        ))
+        .await
+        .unwrap();
+    tokio::spawn(publisher.1);
+    let answer = publisher.0.send_request(publish).await.unwrap();
+    assert_eq!(answer.status(), 201);
+    let live = next_json(&mut socket).await;
+    assert_eq!(
+        (
+            live["type"].as_str(),
+            live["seq"].as_u64(),
+            live["data"].as_str()
+        ),
+        (Some("event"), Some(3), Some("three"))
+    );
+}
+
+/// The next text frame of any socket, as JSON (pings are answered as read).
+async fn next_json<S>(socket: &mut S) -> Value
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let message = tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .expect("a frame in time")
+            .expect("a frame before the end")
+            .expect("a frame");
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}

@@ -76,12 +76,15 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/topics/{topic}",
             get(subscribe::topic)
+                // A WebSocket over HTTP/2 opens with an extended CONNECT.
+                .connect(subscribe::topic)
                 .post(publish::one.layer(compression.clone()))
                 .fallback(not_allowed("GET, POST")),
         )
         .route(
             "/events",
             get(subscribe::topics)
+                .connect(subscribe::topics)
                 .post(publish::batch.layer(compression.clone()))
                 .fallback(not_allowed("GET, POST")),
         )

@@ -11,8 +11,10 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::Response;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tokio_stream::{Stream, StreamExt};
 
@@ -24,6 +26,7 @@ use crate::compress::{Codec, SharedUnits, negotiate};
 use crate::event::{Cursor, Topic};
 use crate::limits::ClientKey;
 use crate::metrics::BytesWritten;
+use crate::server::Activity;
 use crate::store::StoreError;
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 use crate::transport::sse::Plain;
@@ -34,13 +37,17 @@ pub async fn topic(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    (client, slot): (Option<Extension<ClientKey>>, Option<Extension<HeldSlot>>),
-    headers: HeaderMap,
+    (client, slot, activity): PeerExtensions,
+    (method, headers): (Method, HeaderMap),
 ) -> Result<Response, ApiError> {
-    let peer = PeerParts { client, slot };
+    let peer = PeerParts {
+        client,
+        slot,
+        activity,
+    };
     let topic = parse_topic(path, &state)?;
     let params = Params::parse(query.as_deref(), &state, false)?;
-    let transport = Transport::of(&params, &headers, upgrade)?;
+    let transport = Transport::of(&params, &method, &headers, upgrade)?;
     open(
         state,
         vec![topic],
@@ -59,10 +66,14 @@ pub async fn topics(
     Extension(origin): Extension<OriginKind>,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    (client, slot): (Option<Extension<ClientKey>>, Option<Extension<HeldSlot>>),
-    headers: HeaderMap,
+    (client, slot, activity): PeerExtensions,
+    (method, headers): (Method, HeaderMap),
 ) -> Result<Response, ApiError> {
-    let peer = PeerParts { client, slot };
+    let peer = PeerParts {
+        client,
+        slot,
+        activity,
+    };
     let params = Params::parse(query.as_deref(), &state, true)?;
     let mut topics = params.topics.clone();
     topics.sort();
@@ -70,7 +81,7 @@ pub async fn topics(
     if topics.is_empty() {
         return Err(ApiError::NoTopic);
     }
-    let transport = Transport::of(&params, &headers, upgrade)?;
+    let transport = Transport::of(&params, &method, &headers, upgrade)?;
     open(
         state,
         topics,
@@ -84,10 +95,20 @@ pub async fn topics(
     .await
 }
 
-/// What the accept loop and the limits said about the request's client.
+/// [`PeerParts`] as extracted.
+type PeerExtensions = (
+    Option<Extension<ClientKey>>,
+    Option<Extension<HeldSlot>>,
+    Option<Extension<Arc<Activity>>>,
+);
+
+/// What the accept loop and the limits said about the request's client,
+/// and, on HTTP/2, its connection's activity (a WebSocket there counts as
+/// an open stream while it lives).
 struct PeerParts {
     client: Option<Extension<ClientKey>>,
     slot: Option<Extension<HeldSlot>>,
+    activity: Option<Extension<Arc<Activity>>>,
 }
 
 /// How the subscription travels. A WebSocket handshake (`Upgrade:
@@ -103,13 +124,16 @@ enum Transport {
 impl Transport {
     fn of(
         params: &Params,
+        method: &Method,
         headers: &HeaderMap,
         upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     ) -> Result<Transport, ApiError> {
-        let asks_websocket = headers.get_all(header::UPGRADE).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.to_ascii_lowercase().contains("websocket"))
-        });
+        // A CONNECT is only ever a WebSocket handshake over HTTP/2.
+        let asks_websocket = method == Method::CONNECT
+            || headers.get_all(header::UPGRADE).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("websocket"))
+            });
         match upgrade {
             Ok(upgrade) => return Ok(Transport::WebSocket(upgrade)),
             Err(rejection) if asks_websocket => {
@@ -289,6 +313,7 @@ async fn open(
                 publisher,
                 client,
                 peer.slot.map(|Extension(slot)| slot),
+                peer.activity.map(|Extension(activity)| activity.open()),
             );
             return Ok(super::websocket::upgrade(
                 upgrade,

@@ -19,6 +19,7 @@ use super::limits::HeldSlot;
 use super::publish::{Published, item_event, store_one};
 use super::{ApiError, AppState};
 use crate::auth::Principal;
+use crate::server::StreamActivity;
 use crate::store::{Appended, IdempotencyKey};
 use crate::subscription::{StreamSettings, Subscription};
 use crate::transport::websocket::{Frames, close, close_frame};
@@ -32,6 +33,11 @@ pub struct Socket {
     client: String,
     /// The socket's share of its client's cap, held until it closes.
     _slot: Option<HeldSlot>,
+    /// Over HTTP/2, the socket's stream, open while the socket lives and
+    /// noted each time a write goes through (see `server::Activity`): a
+    /// socket whose peer stopped reading ends its connection like a starved
+    /// SSE stream.
+    stream: Option<StreamActivity>,
 }
 
 impl Socket {
@@ -40,12 +46,14 @@ impl Socket {
         publisher: Result<Principal, serde_json::Value>,
         client: String,
         slot: Option<HeldSlot>,
+        stream: Option<StreamActivity>,
     ) -> Socket {
         Socket {
             state,
             publisher,
             client,
             _slot: slot,
+            stream,
         }
     }
 }
@@ -143,6 +151,9 @@ async fn serve(
                 if ws.flush().await.is_err() {
                     return;
                 }
+                if let Some(stream) = &socket.stream {
+                    stream.polled();
+                }
             }
             message = ws.recv() => {
                 answer_by = None;
@@ -167,6 +178,9 @@ async fn serve(
                 let closing = matches!(reply, Message::Close(_));
                 if ws.send(reply).await.is_err() || closing {
                     break;
+                }
+                if let Some(stream) = &socket.stream {
+                    stream.polled();
                 }
             }
             () = silence => {

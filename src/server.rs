@@ -641,6 +641,21 @@ impl AcceptErrors {
     fn succeeded(&mut self) {
         self.pause = Duration::from_millis(5);
     }
+
+    /// The next connection of `listener`; failing accepts are reported and
+    /// waited out meanwhile. Cancel-safe: dropped mid-pause, it only skips
+    /// the rest of the pause.
+    async fn accept(&mut self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok(accepted) => {
+                    self.succeeded();
+                    return accepted;
+                }
+                Err(error) => tokio::time::sleep(self.failed(&error)).await,
+            }
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, or until
@@ -715,19 +730,7 @@ pub async fn serve(
                 limits.sweep();
                 continue;
             }
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => {
-                    accept_errors.succeeded();
-                    accepted
-                }
-                Err(error) => {
-                    let pause = accept_errors.failed(&error);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(pause) => continue,
-                    }
-                }
-            },
+            accepted = accept_errors.accept(&listener) => accepted,
         };
         let permit = match limits.admit(peer.ip()) {
             Ok(permit) => permit,
@@ -818,19 +821,7 @@ pub async fn serve_metrics(
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => {
-                    accept_errors.succeeded();
-                    accepted
-                }
-                Err(error) => {
-                    let pause = accept_errors.failed(&error);
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(pause) => continue,
-                    }
-                }
-            },
+            accepted = accept_errors.accept(&listener) => accepted,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "refusing a metrics connection: all slots taken");

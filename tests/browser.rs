@@ -503,9 +503,11 @@ async fn a_websocket_page_resumes_exactly_after_the_hub_restarts() {
         expected,
         "events 1..12, no gap, no duplicate"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let all: Vec<(String, String)> = tab.evaluate("JSON.stringify(window.wsGot)").await;
-    assert_eq!(all, expected, "still exactly events 1..12");
+    // Nothing else came (a late duplicate, a replay): a last event arrives
+    // right after event 12.
+    let data = "the last event".to_owned();
+    expected.push((publish(&publisher, &origin, topic, &data).await, data));
+    assert_eq!(got(13).await, expected, "exactly events 1..13");
     let resets: Vec<Value> = tab.evaluate("JSON.stringify(window.wsResets)").await;
     assert_eq!(resets, Vec::<Value>::new(), "no reset");
     let opens: usize = tab.evaluate("JSON.stringify(window.wsOpens)").await;
@@ -557,8 +559,21 @@ async fn crier_js_gives_the_same_events_over_every_transport() {
     for (transport, events) in &got {
         assert_eq!(events, &expected, "{transport}");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let got: Got = tab.evaluate("JSON.stringify(window.tri)").await;
+    // Nothing else came: a last event arrives right after the three.
+    let id = server.publish_id("tri", "tri last").await;
+    expected.push((
+        "tri".to_owned(),
+        "message".to_owned(),
+        id,
+        "tri last".to_owned(),
+    ));
+    let got: Got = tab
+        .poll(
+            "window.tri",
+            "the last event on every transport",
+            |got: &Got| got.values().all(|events| events.len() >= 4),
+        )
+        .await;
     for (transport, events) in &got {
         assert_eq!(events, &expected, "{transport}: nothing more");
     }

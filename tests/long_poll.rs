@@ -46,7 +46,8 @@ async fn a_waiting_poll_answers_as_soon_as_an_event_is_published() {
         let first = first.clone();
         tokio::spawn(async move { poll_once(&client, &url, Some(&first)).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The poll is waiting in the hub before the event comes.
+    server.wait_for_metric("crier_open_streams 1").await;
     let started = Instant::now();
     let second = server.publish_id("news", "b").await;
     let answer = tokio::time::timeout(Duration::from_secs(5), poll)

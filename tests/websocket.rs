@@ -114,8 +114,9 @@ async fn a_cross_site_origin_is_refused_at_the_handshake() {
 async fn a_peer_that_answers_no_pings_is_closed() {
     let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(200)).await;
     let mut socket = open(&server, "/topics/quiet", &[]).await;
-    // Not reading: no pong goes back. A ping after 200ms, no answer by 400ms.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Not reading: no pong goes back. A ping after 200ms, no answer by
+    // 400ms: the hub ends the socket's stream.
+    server.wait_for_metric("crier_open_streams 0").await;
     // Reading now answers the queued pings, which may fail on the closed
     // connection before the close frame is read: either way it is closed.
     let deadline = tokio::time::Instant::now() + DEADLINE;

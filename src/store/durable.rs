@@ -530,21 +530,7 @@ impl DurableStore {
 #[async_trait]
 impl Store for DurableStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
-        let appended = self
-            .append_once(
-                events.into_iter().map(|e| (e, None)).collect(),
-                Duration::ZERO,
-            )
-            .await?;
-        appended
-            .into_iter()
-            .map(|a| match a {
-                Appended::Stored(event) => Ok(event),
-                Appended::Replayed(_) => Err(StoreError::Rejected(
-                    "an event without a key was replayed".into(),
-                )),
-            })
-            .collect()
+        super::append_without_keys(self, events).await
     }
 
     async fn append_once(

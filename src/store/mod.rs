@@ -133,6 +133,26 @@ impl Appended {
     }
 }
 
+/// `append` for a store whose `append_once` is the real one: the same call
+/// without keys (each event is then stored, never a replay).
+pub(crate) async fn append_without_keys<S: Store + ?Sized>(
+    store: &S,
+    events: Vec<NewEvent>,
+) -> Result<Vec<Arc<Event>>, StoreError> {
+    let keyless = events.into_iter().map(|e| (e, None)).collect();
+    store
+        .append_once(keyless, Duration::ZERO)
+        .await?
+        .into_iter()
+        .map(|a| match a {
+            Appended::Stored(event) => Ok(event),
+            Appended::Replayed(_) => Err(StoreError::Rejected(
+                "an event without a key was answered as a replay".into(),
+            )),
+        })
+        .collect()
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Numbers and stores `events`, all or none, and returns them in order.

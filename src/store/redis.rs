@@ -1104,19 +1104,7 @@ fn malformed(what: &str) -> StoreError {
 #[async_trait]
 impl Store for RedisStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
-        let appended = self
-            .append_once(
-                events.into_iter().map(|e| (e, None)).collect(),
-                Duration::ZERO,
-            )
-            .await?;
-        appended
-            .into_iter()
-            .map(|a| match a {
-                Appended::Stored(event) => Ok(event),
-                Appended::Replayed(_) => Err(malformed("publish")),
-            })
-            .collect()
+        super::append_without_keys(self, events).await
     }
 
     async fn append_once(

@@ -85,6 +85,32 @@ impl Server {
         }
     }
 
+    /// Scrapes the main listener's `/metrics` (an open hub) until a line of
+    /// it reads `line` exactly, failing after the deadline: how a test waits
+    /// for what happens inside the hub (a stream opened, a socket closed).
+    pub async fn wait_for_metric(&self, line: &str) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let text = self
+                .client
+                .get(self.url("/metrics"))
+                .send()
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("scrape body");
+            if text.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no metric line {line:?} within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

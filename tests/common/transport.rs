@@ -250,11 +250,13 @@ pub async fn send_text(socket: &mut Socket, text: &str) {
 /// Declares each listed `async fn` as a test per transport and store:
 /// `sse::memory::NAME`, `sse::durable::NAME`, `sse::redis::NAME`,
 /// `websocket::…`, `poll::…`, so every transport passes the same
-/// behavioural suite on every store.
+/// behavioural suite on every store; and SSE again on compressed streams
+/// ([`on_every_coding!`](crate::on_every_coding): `zstd::memory::NAME`, …).
 #[macro_export]
 macro_rules! on_every_transport {
     ($($name:ident),* $(,)?) => {
         $crate::on_every_transport!(@transport sse, Sse, $($name),*);
+        $crate::on_every_coding!($($name),*);
         $crate::on_every_transport!(@transport websocket, WebSocket, $($name),*);
         $crate::on_every_transport!(@transport poll, Poll, $($name),*);
     };

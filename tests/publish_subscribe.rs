@@ -271,7 +271,8 @@ async fn payloads_round_trip_exactly_with_cr_and_crlf_arriving_as_lf() {
         .collect();
     lines.last_mut().unwrap().push_str(&"z".repeat(23));
     let at_limit = lines.join("\n");
-    assert_eq!(936 * 70 + 23, 64 * 1024 + 7);
+    let encoded: usize = lines.iter().map(|l| "data: ".len() + l.len() + 1).sum();
+    assert_eq!(encoded, 64 * 1024 + 7);
 
     let unicode = "emoji 😀👩‍👩‍👧🇫🇷 | CJK 中文 日本語 한국어 | combining e\u{301} a\u{308} n\u{303} | RTL עברית العربية \u{200f}x\u{200e} | NBSP\u{a0}end";
     let json_text = r#"{"user":{"id":7,"name":"Zoë"},"tags":["a","b"],"ok":true,"n":null}"#;

@@ -480,8 +480,20 @@ pub async fn on_memory<F: std::future::Future>(test: F) -> F::Output {
 /// paths (chains, joins, units compressed alone) are covered on one store,
 /// and what a store changes (when and in what batches its events reach the
 /// hub) on one coding each, keeping the suite's time bounded.
+/// `on_every_coding!(@memory …)`: every coding on the embedded store only.
 #[macro_export]
 macro_rules! on_every_coding {
+    (@memory $($name:ident),* $(,)?) => {
+        mod zstd {
+            $crate::on_every_coding!(@store memory, on_memory, "zstd", $($name),*);
+        }
+        mod gzip {
+            $crate::on_every_coding!(@store memory, on_memory, "gzip", $($name),*);
+        }
+        mod br {
+            $crate::on_every_coding!(@store memory, on_memory, "br", $($name),*);
+        }
+    };
     ($($name:ident),* $(,)?) => {
         mod zstd {
             $crate::on_every_coding!(@store memory, on_memory, "zstd", $($name),*);

@@ -251,12 +251,14 @@ pub async fn send_text(socket: &mut Socket, text: &str) {
 /// `sse::memory::NAME`, `sse::durable::NAME`, `sse::redis::NAME`,
 /// `websocket::…`, `poll::…`, so every transport passes the same
 /// behavioural suite on every store; and SSE again on compressed streams
-/// ([`on_every_coding!`](crate::on_every_coding): `zstd::memory::NAME`, …).
+/// of every coding on the embedded store
+/// ([`on_every_coding!`](crate::on_every_coding): `zstd::memory::NAME`, …;
+/// replay.rs runs the compressed streams on the other stores).
 #[macro_export]
 macro_rules! on_every_transport {
     ($($name:ident),* $(,)?) => {
         $crate::on_every_transport!(@transport sse, Sse, $($name),*);
-        $crate::on_every_coding!($($name),*);
+        $crate::on_every_coding!(@memory $($name),*);
         $crate::on_every_transport!(@transport websocket, WebSocket, $($name),*);
         $crate::on_every_transport!(@transport poll, Poll, $($name),*);
     };

@@ -1,4 +1,5 @@
-//! One subscriber over any transport: SSE (a real SSE parser), WebSocket (a
+//! One subscriber over any transport: SSE (a real SSE parser; compressed
+//! and decoded on arrival inside `coding::on`), WebSocket (a
 //! real WebSocket client, tokio-tungstenite) or long-poll (a loop of real
 //! HTTP requests, each from the last answer's `next`). Each shows what it
 //! receives as [`Ev`]s, exactly as an EventSource would see the same

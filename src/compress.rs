@@ -69,6 +69,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use zstd::stream::raw::Operation;
 
 use crate::event::Event;
+use crate::metrics::Metrics;
 use crate::sse;
 use crate::subscription::{Control, Wire};
 
@@ -240,38 +241,59 @@ pub struct Chained {
 /// How many chained compressors the node may hold at once
 /// (`--max-compression-chains`): each is one topic's compressor for one
 /// coding, 0.3–0.7 MiB. A topic that gets none has its streams write each
-/// event compressed alone (larger on the wire, as correct).
-#[derive(Debug)]
+/// event compressed alone (larger on the wire, as correct). Counts what it
+/// holds, by coding, and each refusal, in the node's metrics.
 pub struct ChainPermits {
     held: AtomicUsize,
     max: usize,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for ChainPermits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainPermits")
+            .field("held", &self.held)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChainPermits {
-    pub fn new(max: usize) -> Arc<ChainPermits> {
+    pub fn new(max: usize, metrics: Metrics) -> Arc<ChainPermits> {
         Arc::new(ChainPermits {
             held: AtomicUsize::new(0),
             max,
+            metrics,
         })
     }
 
-    fn take(self: &Arc<Self>) -> Option<ChainPermit> {
+    /// A place for a compressor of the coding in `slot`, if one is free.
+    fn take(self: &Arc<Self>, slot: usize) -> Option<ChainPermit> {
         let before = self.held.fetch_add(1, Ordering::Relaxed);
         if before >= self.max {
             self.held.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.chain_refused(slot);
             return None;
         }
-        Some(ChainPermit(self.clone()))
+        self.metrics.chain_held(slot, 1.0);
+        Some(ChainPermit {
+            permits: self.clone(),
+            slot,
+        })
     }
 }
 
 /// One chained compressor's place in [`ChainPermits`], given back on drop.
 #[derive(Debug)]
-struct ChainPermit(Arc<ChainPermits>);
+struct ChainPermit {
+    permits: Arc<ChainPermits>,
+    slot: usize,
+}
 
 impl Drop for ChainPermit {
     fn drop(&mut self) {
-        self.0.held.fetch_sub(1, Ordering::Relaxed);
+        self.permits.held.fetch_sub(1, Ordering::Relaxed);
+        self.permits.metrics.chain_held(self.slot, -1.0);
     }
 }
 
@@ -415,7 +437,7 @@ impl Chain {
     /// now if need be.
     fn permit(&mut self, slot: usize) -> bool {
         if self.held[slot].is_none() {
-            self.held[slot] = self.permits.take();
+            self.held[slot] = self.permits.take(slot);
         }
         self.held[slot].is_some()
     }
@@ -1195,7 +1217,10 @@ mod tests {
     fn streams_joining_a_chain_at_any_moment_decode_exactly_what_they_were_sent() {
         for codec in [Codec::Zstd, Codec::Gzip, Codec::Brotli] {
             let slot = codec.shared_slot().unwrap();
-            let mut chain = Chain::new(Duration::from_secs(3600), ChainPermits::new(8));
+            let mut chain = Chain::new(
+                Duration::from_secs(3600),
+                ChainPermits::new(8, Metrics::new()),
+            );
             let mut wanted = [false; SHARED_CODINGS];
             wanted[slot] = true;
             // (wire, its writes, the plain text it was given, decoder)
@@ -1321,7 +1346,10 @@ mod tests {
     /// after a quiet spell, and at a compressor made anew.
     #[test]
     fn the_chain_starts_segments_by_count_by_quiet_and_anew() {
-        let mut chain = Chain::new(Duration::from_millis(50), ChainPermits::new(8));
+        let mut chain = Chain::new(
+            Duration::from_millis(50),
+            ChainPermits::new(8, Metrics::new()),
+        );
         let mut now = Instant::now();
         let frame = json_event(1);
         let both = [true, true, true];

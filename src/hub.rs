@@ -94,7 +94,7 @@ impl Hub {
                 topics: RwLock::new(HashMap::new()),
                 backlog: backlog.max(1),
                 quiet: heartbeat,
-                chain_permits: ChainPermits::new(max_chains),
+                chain_permits: ChainPermits::new(max_chains, metrics.clone()),
                 next_order: AtomicU64::new(1),
                 metrics,
             }),

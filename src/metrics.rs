@@ -22,7 +22,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::compress::Codec;
+use crate::compress::{Codec, SHARED_CODINGS};
 
 /// The `Content-Type` of a scrape answer.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -54,6 +54,8 @@ struct Inner {
     deliveries_out: Counter,
     written: [HotCounter; CODINGS.len()],
     written_out: [Counter; CODINGS.len()],
+    chains: [Gauge; SHARED_CODINGS],
+    chain_refusals: [Counter; SHARED_CODINGS],
     resumes: [Counter; Resume::ALL.len()],
     resets: [Counter; 3],
     replayed: Counter,
@@ -69,6 +71,10 @@ struct Inner {
 #[repr(align(64))]
 #[derive(Default)]
 struct HotCounter(AtomicU64);
+
+/// The codings of the topics' chained compressors, in the order of
+/// `Codec::shared_slot`.
+const CHAIN_CODINGS: [&str; SHARED_CODINGS] = ["zstd", "gzip", "br"];
 
 /// The content codings a stream is written with, in label order.
 const CODINGS: [&str; 4] = ["identity", "gzip", "br", "zstd"];
@@ -519,6 +525,17 @@ impl Metrics {
             "coding",
             CODINGS,
         );
+        let chains = {
+            let name = "crier_compression_chains";
+            let help = "Topics' chained compressors held, by coding (one per topic and coding with a compressed single-topic stream and an event since), against --max-compression-chains for all codings together.";
+            CHAIN_CODINGS.map(|coding| r.gauge(name, help, &[("coding", coding)]))
+        };
+        let chain_refusals = r.counters(
+            "crier_compression_chain_refusals_total",
+            "Events of a topic whose streams of a coding wanted a chained compressor and got none, because --max-compression-chains were held: those streams wrote the event compressed alone. Counted once per event, topic and coding.",
+            "coding",
+            CHAIN_CODINGS,
+        );
         let resumes = r.counters(
             "crier_resumes_total",
             "Topics of streams opened with a position (Last-Event-ID), by outcome.",
@@ -580,6 +597,8 @@ impl Metrics {
                 deliveries_out,
                 written: Default::default(),
                 written_out,
+                chains,
+                chain_refusals,
                 resumes,
                 resets,
                 replayed,
@@ -686,6 +705,22 @@ impl Metrics {
         BytesWritten {
             metrics: self.clone(),
             i: coding_index(codec),
+        }
+    }
+
+    /// A chained compressor of the coding in `slot` (`Codec::shared_slot`)
+    /// was made (`+1`) or dropped (`-1`).
+    pub fn chain_held(&self, slot: usize, delta: f64) {
+        if let Some(gauge) = self.inner.chains.get(slot) {
+            gauge.increment(delta);
+        }
+    }
+
+    /// An event's chained unit in the coding in `slot` was not made for
+    /// want of a place under `--max-compression-chains`.
+    pub fn chain_refused(&self, slot: usize) {
+        if let Some(counter) = self.inner.chain_refusals.get(slot) {
+            counter.increment(1);
         }
     }
 

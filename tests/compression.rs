@@ -12,188 +12,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::coding::{OnArrival, SHARED};
 use common::*;
-use crier::compress::Decompressor;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-const SHARED: [&str; 3] = ["zstd", "gzip", "br"];
-
-/// A decoder independent of the suite's `Decompressor`: the coding's own
-/// crate driven by hand (raw deflate after the gzip header; zstd's
-/// streaming decoder, frame after frame), and for brotli Node's zlib.
-enum Plain {
-    Gzip {
-        header: usize,
-        inflate: flate2::Decompress,
-        ended: bool,
-    },
-    Zstd(Box<zstd::stream::raw::Decoder<'static>>),
-    Brotli(NodeBrotli),
-}
-
-/// Node's streaming brotli decoder (`zlib.createBrotliDecompress`) in a
-/// child process: each chunk goes in length-prefixed, and what it decodes
-/// to once flushed comes back the same way, so a chunk that does not
-/// decode on arrival shows as missing text.
-struct NodeBrotli {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    stdout: std::process::ChildStdout,
-}
-
-const NODE_BROTLI: &str = r#"
-const zlib = require('zlib');
-const d = zlib.createBrotliDecompress();
-let out = [];
-d.on('data', (c) => out.push(c));
-d.on('error', (e) => { process.stderr.write('node brotli: ' + e.message + '\n'); process.exit(1); });
-let buf = Buffer.alloc(0);
-let busy = false;
-const queue = [];
-function answer() {
-  const body = Buffer.concat(out); out = [];
-  const head = Buffer.alloc(4); head.writeUInt32BE(body.length);
-  process.stdout.write(Buffer.concat([head, body]));
-  busy = false; pump();
-}
-function pump() {
-  if (busy || queue.length === 0) return;
-  busy = true;
-  const chunk = queue.shift();
-  d.write(chunk);
-  d.flush(zlib.constants.BROTLI_OPERATION_FLUSH, () => setImmediate(answer));
-}
-process.stdin.on('data', (c) => {
-  buf = Buffer.concat([buf, c]);
-  while (buf.length >= 4) {
-    const n = buf.readUInt32BE(0);
-    if (buf.length < 4 + n) break;
-    queue.push(buf.subarray(4, 4 + n)); buf = buf.subarray(4 + n);
-  }
-  pump();
-});
-"#;
-
-impl NodeBrotli {
-    fn start() -> NodeBrotli {
-        use std::process::{Command, Stdio};
-        let mut child = Command::new("node")
-            .args(["-e", NODE_BROTLI])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("node, for its brotli decoder (apt-get install -y nodejs)");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        NodeBrotli {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn decode(&mut self, wire: &[u8]) -> Vec<u8> {
-        use std::io::{Read, Write};
-        if wire.is_empty() {
-            return Vec::new();
-        }
-        tokio::task::block_in_place(|| {
-            self.stdin
-                .write_all(&(wire.len() as u32).to_be_bytes())
-                .unwrap();
-            self.stdin.write_all(wire).unwrap();
-            self.stdin.flush().unwrap();
-            let mut len = [0; 4];
-            self.stdout
-                .read_exact(&mut len)
-                .expect("node decoded the chunk");
-            let mut out = vec![0; u32::from_be_bytes(len) as usize];
-            self.stdout.read_exact(&mut out).unwrap();
-            out
-        })
-    }
-}
-
-impl Drop for NodeBrotli {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Plain {
-    fn new(coding: &str) -> Plain {
-        match coding {
-            "gzip" => Plain::Gzip {
-                header: 0,
-                inflate: flate2::Decompress::new(false),
-                ended: false,
-            },
-            "br" => Plain::Brotli(NodeBrotli::start()),
-            _ => Plain::Zstd(Box::new(zstd::stream::raw::Decoder::new().unwrap())),
-        }
-    }
-
-    fn decode(&mut self, mut wire: &[u8]) -> Vec<u8> {
-        let mut out: Vec<u8> = Vec::with_capacity(wire.len() * 8 + 1024);
-        match self {
-            Plain::Brotli(node) => return node.decode(wire),
-            Plain::Gzip {
-                header,
-                inflate,
-                ended,
-            } => {
-                let skip = (10 - *header).min(wire.len());
-                *header += skip;
-                wire = &wire[skip..];
-                let start = inflate.total_in();
-                // After the final block come the trailer's 8 bytes.
-                while !*ended {
-                    if out.capacity() - out.len() < 1024 {
-                        out.reserve(out.capacity());
-                    }
-                    let consumed = (inflate.total_in() - start) as usize;
-                    let status = inflate
-                        .decompress_vec(&wire[consumed..], &mut out, flate2::FlushDecompress::Sync)
-                        .expect("valid deflate");
-                    *ended = status == flate2::Status::StreamEnd;
-                    let consumed = (inflate.total_in() - start) as usize;
-                    if consumed == wire.len() && out.len() < out.capacity() {
-                        break;
-                    }
-                }
-            }
-            Plain::Zstd(decoder) => {
-                use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-                let mut input = InBuffer::around(wire);
-                loop {
-                    if out.capacity() - out.len() < 1024 {
-                        out.reserve(out.capacity());
-                    }
-                    let pos = out.len();
-                    let mut output = OutBuffer::around_pos(&mut out, pos);
-                    let hint = decoder.run(&mut input, &mut output).expect("valid zstd");
-                    let written = output.pos() - pos;
-                    if hint == 0 {
-                        // A frame ended: the next bytes start another.
-                        decoder.reinit().unwrap();
-                    }
-                    if input.pos() == wire.len() && written == 0 {
-                        break;
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
 /// A compressed subscription: each chunk decoded on arrival by the suite's
-/// `Decompressor` and by [`Plain`], which must agree; the events parsed
-/// from that text, and every byte of the wire.
+/// `Decompressor` and by an independent decoder, which must agree
+/// ([`OnArrival`]); the events parsed from that text, and every byte of the
+/// wire.
 struct Compressed {
     events: std::pin::Pin<Box<dyn futures_util::Stream<Item = Ev> + Send>>,
     wire: Arc<Mutex<Vec<u8>>>,
@@ -221,19 +50,15 @@ impl Compressed {
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = mpsc::unbounded_channel::<Result<Bytes, std::io::Error>>();
         let mut body = response.bytes_stream();
-        let mut suite = Decompressor::new(coding.parse().unwrap()).unwrap();
-        let mut plain = Plain::new(coding);
+        let mut decoder = OnArrival::new(coding);
         let (wire_in, text_in, ended_in) = (Arc::clone(&wire), Arc::clone(&text), ended.clone());
-        let coding = coding.to_owned();
         tokio::spawn(async move {
             while let Some(chunk) = body.next().await {
                 let Ok(chunk) = chunk else {
                     return; // a broken body: `ended` stays false
                 };
                 wire_in.lock().unwrap().extend_from_slice(&chunk);
-                let decoded = suite.decompress(&chunk).expect("decodable on arrival");
-                let by_hand = plain.decode(&chunk);
-                assert_eq!(decoded, by_hand, "{coding}: the two decoders disagree");
+                let decoded = decoder.decode(&chunk);
                 text_in.lock().unwrap().extend_from_slice(&decoded);
                 if tx.send(Ok(Bytes::from(decoded))).is_err() {
                     return;

@@ -517,6 +517,80 @@ async fn stream_bytes_are_counted_by_content_coding_as_sent() {
     );
 }
 
+/// The topics' chained compressors are counted by coding while they live,
+/// against `--max-compression-chains` (2 here), and each event whose chained
+/// unit a topic could not make for want of one is counted once (its stream
+/// still decodes it, compressed alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_chains_are_counted_by_coding_and_refusals_past_the_cap() {
+    let hub = Hub::start(|c| {
+        c.max_compression_chains = 2;
+        // Quick heartbeats: a stream whose client left is noticed at once.
+        c.heartbeat = Duration::from_millis(50);
+    })
+    .await;
+    let server = &hub.server;
+    let chains = |coding| ("crier_compression_chains", [("coding", coding)]);
+    let refusals = |coding| {
+        (
+            "crier_compression_chain_refusals_total",
+            [("coding", coding)],
+        )
+    };
+    let zero = hub.scrape().await;
+    for coding in coding::SHARED {
+        let (name, labels) = chains(coding);
+        assert_eq!(zero.get(name, &labels), 0.0, "{coding}");
+        let (name, labels) = refusals(coding);
+        assert_eq!(zero.get(name, &labels), 0.0, "{coding}");
+    }
+    async fn stream(server: &Server, coding: &'static str, topic: &str) -> SseClient {
+        coding::on(coding, server.subscribe(&format!("/topics/{topic}"))).await
+    }
+    async fn publish(server: &Server, sub: &mut SseClient, topic: &str, data: &str) {
+        let id = server.publish_id(topic, data).await;
+        assert_eq!(sub.next().await, Ev::new(&id, "message", data));
+    }
+    // A compressor is made when the first event of the topic goes out.
+    let mut a = stream(server, "zstd", "secret-alpha").await;
+    let (name, labels) = chains("zstd");
+    hub.wait(name, &labels, 0.0).await;
+    publish(server, &mut a, "secret-alpha", "a-1").await;
+    hub.wait(name, &labels, 1.0).await;
+    let mut b = stream(server, "zstd", "secret-beta").await;
+    publish(server, &mut b, "secret-beta", "b-1").await;
+    hub.wait(name, &labels, 2.0).await;
+    // The cap is reached: a gzip stream's topic gets no compressor, and
+    // each of its events is counted, sent compressed alone.
+    let mut c = stream(server, "gzip", "secret-slow").await;
+    publish(server, &mut c, "secret-slow", "c-1").await;
+    publish(server, &mut c, "secret-slow", "c-2").await;
+    let scrape = hub.scrape().await;
+    let (gzip, gzip_labels) = chains("gzip");
+    assert_eq!(scrape.get(gzip, &gzip_labels), 0.0);
+    let (refused, refused_labels) = refusals("gzip");
+    assert_eq!(scrape.get(refused, &refused_labels), 2.0);
+    assert_eq!(scrape.get(name, &labels), 2.0);
+    // The last zstd stream of a topic leaves: its compressor goes, and the
+    // gzip topic takes the place at its next event.
+    drop(a);
+    hub.wait(name, &labels, 1.0).await;
+    publish(server, &mut c, "secret-slow", "c-3").await;
+    let scrape = hub.scrape().await;
+    assert_eq!(scrape.get(gzip, &gzip_labels), 1.0);
+    assert_eq!(scrape.get(refused, &refused_labels), 2.0);
+    assert_eq!(scrape.get(name, &labels), 1.0);
+    drop((b, c));
+    hub.wait(name, &labels, 0.0).await;
+    hub.wait(gzip, &gzip_labels, 0.0).await;
+    let scrape = hub.scrape().await;
+    for coding in coding::SHARED {
+        let (name, labels) = refusals(coding);
+        let expected = if coding == "gzip" { 2.0 } else { 0.0 };
+        assert_eq!(scrape.get(name, &labels), expected, "{coding}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_cut_is_counted_as_such() {
     let hub = Hub::start(|c| {

@@ -6,6 +6,10 @@
 //! and data. Replays are bounded by publishing one live event afterwards and
 //! expecting it next, so "nothing more was replayed" is checked without
 //! waiting for silence.
+//!
+//! The suite runs on every store over plain SSE, and again on compressed
+//! streams (`on_every_store_and_coding!`: zstd, gzip and brotli, each chunk
+//! decoded on arrival), where the same exact sequences must hold.
 
 mod common;
 
@@ -1069,6 +1073,45 @@ async fn resuming_from_a_multi_topic_reset_id_sends_no_second_reset_and_nothing_
 }
 
 // ---------------------------------------------------------------------------
+// Heartbeats and the stream's end
+// ---------------------------------------------------------------------------
+
+/// Reads `sub` until `n` more heartbeats have arrived, with no event
+/// meanwhile.
+async fn heartbeats(sub: &mut SseClient, n: usize) {
+    let count = |sub: &SseClient| sub.raw_text().matches(": heartbeat\n\n").count();
+    let want = count(sub) + n;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while count(sub) < want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {n} heartbeats within {DEADLINE:?}"
+        );
+        sub.expect_quiet(Duration::from_millis(20)).await;
+    }
+}
+
+/// Heartbeats in the silences between a replay and live events, and
+/// between live events, change nothing of the sequence (on a compressed
+/// stream they are the stream's own bytes between shared units, after which
+/// it rejoins the topic's chain), and at shutdown the stream ends with a
+/// proper end of body after its last event.
+async fn heartbeats_between_replayed_and_live_events_then_a_clean_end_at_shutdown() {
+    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(50)).await;
+    let old = publish_n(&server, "news", 1..=3).await;
+    let mut sub = server.resume("/topics/news", &old[0].id).await;
+    assert_eq!(sub.take(2).await, old[1..]);
+    heartbeats(&mut sub, 2).await;
+    let live = publish_n(&server, "news", 4..=6).await;
+    assert_eq!(sub.take(3).await, live);
+    heartbeats(&mut sub, 2).await;
+    let live = publish_n(&server, "news", 7..=8).await;
+    assert_eq!(sub.take(2).await, live);
+    server.stop().await;
+    assert_eq!(sub.until_end().await, vec![]);
+}
+
+// ---------------------------------------------------------------------------
 // Long replays and multi-topic races
 // ---------------------------------------------------------------------------
 
@@ -1280,7 +1323,7 @@ async fn live_events_of_several_topics_arrive_in_publish_order() {
     server.stop().await;
 }
 
-on_every_store!(
+on_every_store_and_coding!(
     reconnect_with_last_event_id_header_replays_exactly_the_missed_events_then_live,
     reconnect_with_last_event_id_parameter_replays_exactly_the_missed_events_then_live,
     last_event_id_header_wins_over_the_parameter,
@@ -1318,4 +1361,5 @@ on_every_store!(
     multi_topic_replay_longer_than_one_store_page_sends_each_topic_in_turn,
     multi_topic_reconnects_during_concurrent_publishing_lose_and_duplicate_nothing,
     live_events_of_several_topics_arrive_in_publish_order,
+    heartbeats_between_replayed_and_live_events_then_a_clean_end_at_shutdown,
 );

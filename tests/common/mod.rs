@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod coding;
 pub mod process;
 pub mod redis;
 pub mod tls;
@@ -208,7 +209,10 @@ pub fn seq_of(id: &str) -> u64 {
 type Events = Pin<Box<dyn Stream<Item = Result<Ev, String>> + Send>>;
 
 /// A subscriber: the response's status and headers, its parsed events, and
-/// every raw byte received (to look at comments and heartbeats).
+/// every raw byte received (to look at comments and heartbeats). Inside
+/// [`coding::on`] it asks for that coding, checks that a stream (200) is
+/// sent with it, and decodes each chunk on arrival ([`coding::OnArrival`]):
+/// its events and `raw` are what an EventSource would see.
 pub struct SseClient {
     pub status: reqwest::StatusCode,
     pub headers: reqwest::header::HeaderMap,
@@ -232,17 +236,33 @@ impl SseClient {
     /// Subscribes with `request` (a GET with whatever headers the test
     /// needs: credentials, `Origin`, `Last-Event-ID`).
     pub async fn open(request: reqwest::RequestBuilder) -> SseClient {
-        let request = request.header("accept", "text/event-stream");
+        let mut request = request.header("accept", "text/event-stream");
+        let coding = coding::current();
+        if let Some(coding) = coding {
+            request = request.header("accept-encoding", coding);
+        }
         let response = tokio::time::timeout(DEADLINE, request.send())
             .await
             .expect("subscribe answers in time")
             .expect("subscribe request");
         let status = response.status();
         let headers = response.headers().clone();
+        let mut decoder = match coding {
+            Some(coding) if status == 200 => {
+                let sent = headers.get("content-encoding").map(|v| v.to_str().unwrap());
+                assert_eq!(sent, Some(coding), "the stream's Content-Encoding");
+                Some(coding::OnArrival::new(coding))
+            }
+            _ => None,
+        };
         let raw = Arc::new(Mutex::new(Vec::new()));
         let tee = raw.clone();
         let events = response
             .bytes_stream()
+            .map(move |chunk| match &mut decoder {
+                Some(decoder) => chunk.map(|wire| decoder.decode(&wire).into()),
+                None => chunk,
+            })
             .inspect(move |chunk| {
                 if let Ok(bytes) = chunk {
                     tee.lock().unwrap().extend_from_slice(bytes);
@@ -441,5 +461,74 @@ macro_rules! on_every_store {
                 }
             )*
         }
+    };
+}
+
+/// Runs `test` as it is: on the embedded store, without a data directory
+/// (the counterpart of [`on_durable`] and [`on_redis`] in the macros).
+pub async fn on_memory<F: std::future::Future>(test: F) -> F::Output {
+    test.await
+}
+
+/// Declares each listed `async fn` again with its SSE subscribers on
+/// compressed streams ([`coding::on`]: `Accept-Encoding` sent,
+/// `Content-Encoding` checked, every chunk decoded on arrival by two
+/// decoders): every shared coding on the embedded store
+/// (`zstd::memory::NAME`, `gzip::memory::NAME`, `br::memory::NAME`), and one
+/// coding on each other store (`gzip::durable::NAME`, `zstd::redis::NAME`).
+/// Compression happens in the hub, after the store, so each coding's own
+/// paths (chains, joins, units compressed alone) are covered on one store,
+/// and what a store changes (when and in what batches its events reach the
+/// hub) on one coding each, keeping the suite's time bounded.
+/// `on_every_coding!(@memory …)`: every coding on the embedded store only.
+#[macro_export]
+macro_rules! on_every_coding {
+    (@memory $($name:ident),* $(,)?) => {
+        mod zstd {
+            $crate::on_every_coding!(@store memory, on_memory, "zstd", $($name),*);
+        }
+        mod gzip {
+            $crate::on_every_coding!(@store memory, on_memory, "gzip", $($name),*);
+        }
+        mod br {
+            $crate::on_every_coding!(@store memory, on_memory, "br", $($name),*);
+        }
+    };
+    ($($name:ident),* $(,)?) => {
+        mod zstd {
+            $crate::on_every_coding!(@store memory, on_memory, "zstd", $($name),*);
+            $crate::on_every_coding!(@store redis, on_redis, "zstd", $($name),*);
+        }
+        mod gzip {
+            $crate::on_every_coding!(@store memory, on_memory, "gzip", $($name),*);
+            $crate::on_every_coding!(@store durable, on_durable, "gzip", $($name),*);
+        }
+        mod br {
+            $crate::on_every_coding!(@store memory, on_memory, "br", $($name),*);
+        }
+    };
+    (@store $store:ident, $on_store:ident, $coding:literal, $($name:ident),*) => {
+        mod $store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::$on_store($crate::common::coding::on(
+                        $coding,
+                        super::super::$name(),
+                    ))
+                    .await
+                }
+            )*
+        }
+    };
+}
+
+/// [`on_every_store!`] and [`on_every_coding!`]: each listed `async fn` on
+/// every store over plain SSE, and on compressed SSE streams.
+#[macro_export]
+macro_rules! on_every_store_and_coding {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_every_store!($($name),*);
+        $crate::on_every_coding!($($name),*);
     };
 }

@@ -1,4 +1,5 @@
-//! One subscriber over any transport: SSE (a real SSE parser), WebSocket (a
+//! One subscriber over any transport: SSE (a real SSE parser; compressed
+//! and decoded on arrival inside `coding::on`), WebSocket (a
 //! real WebSocket client, tokio-tungstenite) or long-poll (a loop of real
 //! HTTP requests, each from the last answer's `next`). Each shows what it
 //! receives as [`Ev`]s, exactly as an EventSource would see the same
@@ -250,11 +251,15 @@ pub async fn send_text(socket: &mut Socket, text: &str) {
 /// Declares each listed `async fn` as a test per transport and store:
 /// `sse::memory::NAME`, `sse::durable::NAME`, `sse::redis::NAME`,
 /// `websocket::…`, `poll::…`, so every transport passes the same
-/// behavioural suite on every store.
+/// behavioural suite on every store; and SSE again on compressed streams
+/// of every coding on the embedded store
+/// ([`on_every_coding!`](crate::on_every_coding): `zstd::memory::NAME`, …;
+/// replay.rs runs the compressed streams on the other stores).
 #[macro_export]
 macro_rules! on_every_transport {
     ($($name:ident),* $(,)?) => {
         $crate::on_every_transport!(@transport sse, Sse, $($name),*);
+        $crate::on_every_coding!(@memory $($name),*);
         $crate::on_every_transport!(@transport websocket, WebSocket, $($name),*);
         $crate::on_every_transport!(@transport poll, Poll, $($name),*);
     };

@@ -4,26 +4,43 @@
 //! coding the current test's SSE subscribers ask for (see
 //! [`on_every_store_and_coding!`](crate::on_every_store_and_coding)).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crier::compress::Decompressor;
 
 /// The codings whose compressed units the hub shares between streams.
 pub const SHARED: [&str; 3] = ["zstd", "gzip", "br"];
 
 tokio::task_local! {
-    /// The content coding the current test's SSE subscribers ask for.
-    static CODING: &'static str;
+    /// The content coding the current test's SSE subscribers ask for, and
+    /// how many of them did.
+    static CODING: (&'static str, Arc<AtomicUsize>);
 }
 
 /// The coding the current test's SSE subscribers ask for (`None`: they ask
-/// for none, and get the identity).
+/// for none, and get the identity). Counts the asking subscriber.
 pub fn current() -> Option<&'static str> {
-    CODING.try_with(|c| *c).ok()
+    CODING
+        .try_with(|(coding, asked)| {
+            asked.fetch_add(1, Ordering::Relaxed);
+            *coding
+        })
+        .ok()
 }
 
 /// Runs `test` with its SSE subscribers asking for `coding`
 /// (`Accept-Encoding`), checking that they get it, and decoding on arrival.
+/// Fails if none asked: a subscriber opened in a spawned task does not
+/// inherit the coding, and the test would pass on a plain stream unseen.
 pub async fn on<F: std::future::Future>(coding: &'static str, test: F) -> F::Output {
-    CODING.scope(coding, test).await
+    let asked = Arc::new(AtomicUsize::new(0));
+    let output = CODING.scope((coding, asked.clone()), test).await;
+    assert!(
+        asked.load(Ordering::Relaxed) > 0,
+        "no SSE subscriber of this test asked for {coding}"
+    );
+    output
 }
 
 /// Both decoders of one stream.

@@ -158,13 +158,17 @@ impl<F: Future> Future for WokenOnly<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
         match &this.seen {
+            // Not woken: a plain load, once per event.
             Some(flag)
-                if flag.task.will_wake(cx.waker())
-                    && !flag.woken.swap(false, Ordering::Acquire) =>
+                if flag.task.will_wake(cx.waker()) && !flag.woken.load(Ordering::Acquire) =>
             {
                 return Poll::Pending;
             }
-            Some(flag) if flag.task.will_wake(cx.waker()) => {}
+            // Woken: cleared before the future is polled, so a wake-up
+            // during that poll is not lost.
+            Some(flag) if flag.task.will_wake(cx.waker()) => {
+                flag.woken.store(false, Ordering::Relaxed);
+            }
             _ => {
                 this.seen = Some(Arc::new(Flag {
                     woken: AtomicBool::new(false),

@@ -11,7 +11,9 @@
 #   RUNS=3                              runs per hub and N (the table shows medians)
 #   DURATION=20s                        publishing time of one fanout run
 #   SIZE=200                            event payload, bytes
-#   HUBS="crier crier-redis nchan"      which hubs, in this order
+#   HUBS="crier crier-redis nchan"      which hubs, in this order; also `bare`, the
+#                                       floor: `crier bench bare-hub`, a bare tokio
+#                                       broadcast-to-socket loop (identity only)
 #   CODINGS="identity zstd br gzip"     what crier's subscribers ask for (one row
 #                                       each; Nchan does not compress: identity)
 #   PAYLOAD=metrics                     event body after the stamp: metrics (JSON
@@ -57,9 +59,11 @@ BUILD=${BUILD:-1}
 # Path templates given to the load tool; {topic} is the tool's placeholder.
 declare -A PUB_PATH=(
     [crier]='/topics/{topic}' [crier-redis]='/topics/{topic}' [nchan]='/pub?id={topic}'
+    [bare]='/topics/{topic}'
 )
 declare -A SUB_PATH=(
     [crier]='/topics/{topic}' [crier-redis]='/topics/{topic}' [nchan]='/sub/{topic}'
+    [bare]='/topics/{topic}'
 )
 declare -A PORT=() SERVER_PIDS=()
 
@@ -68,7 +72,7 @@ NAME=compare.sh
 . "$HERE/lib.sh"
 
 for hub in $HUBS; do
-    [ -n "${PUB_PATH[$hub]+x}" ] || die "unknown hub '$hub' (crier, crier-redis, nchan)"
+    [ -n "${PUB_PATH[$hub]+x}" ] || die "unknown hub '$hub' (crier, crier-redis, nchan, bare)"
 done
 [ "$RUNS" -ge 1 ] 2>/dev/null || die "RUNS must be a positive integer"
 for coding in $CODINGS; do
@@ -77,10 +81,10 @@ done
 [ -n "$CODINGS" ] || die "CODINGS is empty (identity, zstd, br, gzip)"
 case $PAYLOAD in metrics | padded) ;; *) die "PAYLOAD must be metrics or padded" ;; esac
 
-# The codings a hub's subscribers ask for: crier's from CODINGS; Nchan does
-# not compress event streams, so it has its identity row only.
+# The codings a hub's subscribers ask for: crier's from CODINGS; Nchan and
+# the bare loop do not compress event streams, so they have identity only.
 codings_for() {
-    case $1 in nchan) echo identity ;; *) echo "$CODINGS" ;; esac
+    case $1 in nchan | bare) echo identity ;; *) echo "$CODINGS" ;; esac
 }
 # The tool's flag for a coding: no Accept-Encoding at all for identity.
 accept_args() {
@@ -187,12 +191,31 @@ start_crier() {   # start_crier NAME [crier flags...]
     SERVER_PIDS[$name]=$pid
 }
 
+# The floor: a bare tokio broadcast-to-socket loop in the same binary
+# (`crier bench bare-hub`), the same event bytes and chunk framing as crier.
+start_bare() {
+    local port pid
+    port=$(free_port "${PORT[@]}")
+    PORT[bare]=$port
+    if dry; then
+        show "$CRIER" bench bare-hub --listen "127.0.0.1:$port"
+        SERVER_PIDS[bare]="<bare-pid>"
+        return
+    fi
+    "$CRIER" bench bare-hub --listen "127.0.0.1:$port" >"$TMP/bare.log" 2>&1 &
+    pid=$!
+    CHILDREN+=("$pid")
+    wait_port "$port" "$pid" bare
+    SERVER_PIDS[bare]=$pid
+}
+
 # Starts a hub (crier-redis: its redis-server must be running).
 start_hub() {
     case $1 in
         crier) start_crier crier ;;
         crier-redis) start_crier crier-redis --redis "redis://127.0.0.1:$REDIS_PORT" ;;
         nchan) start_nchan ;;
+        bare) start_bare ;;
     esac
 }
 
@@ -381,6 +404,42 @@ machine() {
         "$("$(find_cmd redis-server)" --version 2>/dev/null | awk '{print $1, $2, $3}' || echo redis)."
 }
 
+# ratios REF TITLE: each crier row of the medians against hub REF's
+# identity row of the same N and rate, when REF was measured.
+ratios() {
+    local ref=$1 title=$2
+    awk -F'\t' -v ref="$ref" '$1 == ref { f = 1 } END { exit !f }' "$TMP/medians.tsv" || return 0
+    echo "$title (deliveries/s: higher is better; latency and CPU: lower is better):"
+    echo
+    awk -F'\t' -v ref="$ref" '
+        function ratio(a, b) { return (a == "-" || b == "-" || b + 0 == 0) ? "-" : sprintf("%.2f", a / b) }
+        BEGIN {
+            print "| hub | coding | N | events/s | deliveries/s | p50 | p99 | server CPU / delivery |"
+            print "|-----|--------|--:|---------:|-------------:|----:|----:|----------------------:|"
+        }
+        $1 == "nchan" || $1 == "bare" {
+            if ($1 == ref) base[$3 SUBSEP $5] = $0
+            next
+        }
+        {
+            key = $3 SUBSEP $5
+            row = $1 SUBSEP $2
+            line[row, key] = $0
+            if (!(key in seen)) { seen[key] = 1; ks[++k] = key }
+            if (!(row in rs)) { rs[row] = 1; rows[++r] = row }
+        }
+        END {
+            for (i = 1; i <= k; i++) for (j = 1; j <= r; j++) {
+                key = ks[i]; row = rows[j]
+                if (!((row, key) in line) || !(key in base)) continue
+                split(line[row, key], c, "\t"); split(base[key], x, "\t")
+                printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", c[1], c[2], c[3], c[5],
+                    ratio(c[7], x[7]), ratio(c[8], x[8]), ratio(c[9], x[9]), ratio(c[11], x[11])
+            }
+        }' "$TMP/medians.tsv"
+    echo
+}
+
 report() {
     [ -s "$RESULTS" ] || { log "no results in $RESULTS"; return 0; }
     local hubs_json ns_json codings_json
@@ -479,35 +538,10 @@ report() {
             }
         }' "$TMP/medians.tsv"
     echo
-    # Ratios crier / Nchan, per crier flavour, coding and N (Nchan: identity).
-    if awk -F'\t' '$1 == "nchan" { f = 1 } END { exit !f }' "$TMP/medians.tsv"; then
-        echo "crier / Nchan (deliveries/s: higher is better; latency and CPU: lower is better):"
-        echo
-        awk -F'\t' '
-            function ratio(a, b) { return (a == "-" || b == "-" || b + 0 == 0) ? "-" : sprintf("%.2f", a / b) }
-            BEGIN {
-                print "| hub | coding | N | events/s | deliveries/s | p50 | p99 | server CPU / delivery |"
-                print "|-----|--------|--:|---------:|-------------:|----:|----:|----------------------:|"
-            }
-            {
-                key = $3 SUBSEP $5
-                if ($1 == "nchan") { nchan[key] = $0; next }
-                row = $1 SUBSEP $2
-                line[row, key] = $0
-                if (!(key in seen)) { seen[key] = 1; ks[++k] = key }
-                if (!(row in rs)) { rs[row] = 1; rows[++r] = row }
-            }
-            END {
-                for (i = 1; i <= k; i++) for (j = 1; j <= r; j++) {
-                    key = ks[i]; row = rows[j]
-                    if (!((row, key) in line) || !(key in nchan)) continue
-                    split(line[row, key], c, "\t"); split(nchan[key], x, "\t")
-                    printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", c[1], c[2], c[3], c[5],
-                        ratio(c[7], x[7]), ratio(c[8], x[8]), ratio(c[9], x[9]), ratio(c[11], x[11])
-                }
-            }' "$TMP/medians.tsv"
-        echo
-    fi
+    # Ratios of each crier row to Nchan's identity row, then to the bare
+    # loop's (the floor), per crier flavour, coding and N.
+    ratios nchan "crier / Nchan"
+    ratios bare "crier / the bare tokio loop (the floor)"
     if jq -e -s 'any(.[]; .kind == "idle")' "$RESULTS" >/dev/null; then
         echo "Idle connections (\`crier bench idle\`, server RSS growth / connection, a fresh hub per row):"
         echo

@@ -9,9 +9,12 @@
 //! the window: a low-discrepancy sequence, so however many streams there
 //! are, every slice of the window gets its share of closes. No I/O here.
 
+use std::future::Future;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -106,9 +109,102 @@ impl Drain {
     }
 }
 
+/// A future polled again only once it has asked to be: after its own waker
+/// fired, or when the task's waker changed. A stream's select polls every
+/// branch on each wake-up, and the shutdown and drain signals
+/// (`CancellationToken::cancelled_owned`) take their token's lock on every
+/// poll, a lock all streams share; behind this, they are looked at once per
+/// stream until they fire, and an event's wake-up costs an atomic load.
+pub struct WokenOnly<F> {
+    future: Pin<Box<F>>,
+    /// The waker `future` was last polled with, and whether it fired.
+    seen: Option<Arc<Flag>>,
+}
+
+struct Flag {
+    woken: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+impl<F: Future> WokenOnly<F> {
+    pub fn new(future: F) -> WokenOnly<F> {
+        WokenOnly {
+            future: Box::pin(future),
+            seen: None,
+        }
+    }
+
+    /// Waits for `future` instead, from the next poll on.
+    pub fn set(&mut self, future: F) {
+        self.future.set(future);
+        self.seen = None;
+    }
+}
+
+impl<F: Future> Future for WokenOnly<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        match &this.seen {
+            // Not woken: a plain load, once per event.
+            Some(flag)
+                if flag.task.will_wake(cx.waker()) && !flag.woken.load(Ordering::Acquire) =>
+            {
+                return Poll::Pending;
+            }
+            // Woken: cleared before the future is polled, so a wake-up
+            // during that poll is not lost.
+            Some(flag) if flag.task.will_wake(cx.waker()) => {
+                flag.woken.store(false, Ordering::Relaxed);
+            }
+            _ => {
+                this.seen = Some(Arc::new(Flag {
+                    woken: AtomicBool::new(false),
+                    task: cx.waker().clone(),
+                }));
+            }
+        }
+        let flag = this.seen.clone().expect("set above");
+        let waker = Waker::from(flag);
+        this.future.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_woken_only_signal_fires_once_cancelled_whatever_the_waker() {
+        let token = CancellationToken::new();
+        let mut signal = WokenOnly::new(token.clone().cancelled_owned());
+        assert!(futures_util::poll!(&mut signal).is_pending());
+        assert!(futures_util::poll!(&mut signal).is_pending());
+        // Polled by another task's waker (the future moved): registered anew.
+        let noop = Waker::noop();
+        let polled = Pin::new(&mut signal).poll(&mut Context::from_waker(noop));
+        assert!(polled.is_pending());
+        token.cancel();
+        assert!(futures_util::poll!(&mut signal).is_ready());
+        // Another signal in its place (draining, then shutdown).
+        let shutdown = CancellationToken::new();
+        signal.set(shutdown.clone().cancelled_owned());
+        assert!(futures_util::poll!(&mut signal).is_pending());
+        shutdown.cancel();
+        assert!(futures_util::poll!(&mut signal).is_ready());
+    }
 
     #[test]
     fn closes_fall_in_the_window_and_fill_every_tenth_of_it_evenly() {

@@ -229,8 +229,9 @@ impl Subscription {
             // One registration with a signal for the stream's life, rather
             // than one per loop turn: first the drain's (which also fires
             // on shutdown), then, once draining, the shutdown's.
-            let signal = settings.drain.signal().clone().cancelled_owned();
-            tokio::pin!(signal);
+            // Polled only once it fired: not a lock per event.
+            let mut signal =
+                crate::drain::WokenOnly::new(settings.drain.signal().clone().cancelled_owned());
             // When draining, the moment this stream ends. The heartbeat
             // timer doubles as its alarm: no second timer per stream.
             let mut closing_at: Option<tokio::time::Instant> = None;

@@ -11,11 +11,17 @@ use serde_json::Value;
 /// Runs `crier bench ARGS…` against `server` and returns its JSON result.
 async fn bench(server: &Server, args: &[&str]) -> Value {
     let url = format!("http://{}", server.addr);
-    let pid = std::process::id().to_string();
+    bench_at(&url, std::process::id(), args).await
+}
+
+/// Runs `crier bench ARGS…` against the hub at `url` whose process is
+/// `pid`, and returns its JSON result.
+async fn bench_at(url: &str, pid: u32, args: &[&str]) -> Value {
+    let pid = pid.to_string();
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
         .arg("bench")
         .args(args)
-        .args(["--url", &url, "--pid", &pid])
+        .args(["--url", url, "--pid", &pid])
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(60), run)
@@ -481,4 +487,106 @@ async fn publish_measures_rate_and_latency_of_concurrent_publishers_on_the_durab
     }
     assert_eq!(stored, published, "{result}");
     server.stop().await;
+}
+
+/// `crier bench bare-hub`, the floor crier is measured against: `fanout`
+/// measures it as it measures crier (every delivery checked, its CPU read
+/// from /proc by its pid), its events are crier's bytes (ids `SEQ.EPOCH`,
+/// read here by the suite's SSE parser), and it stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bare_hub_is_measured_like_crier_and_writes_crier_events() {
+    use tokio::io::AsyncBufReadExt;
+    let mut hub = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["bench", "bare-hub", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the bare hub");
+    let pid = hub.id().expect("its pid");
+    let mut lines = tokio::io::BufReader::new(hub.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the bare hub says where it listens in time")
+        .expect("its stderr")
+        .expect("a line");
+    let addr = first
+        .strip_prefix("bare hub listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line `{first}`"));
+    let url = format!("http://{addr}");
+
+    let result = bench_at(
+        &url,
+        pid,
+        &[
+            "fanout",
+            "--subscribers",
+            "50",
+            "--rate",
+            "50",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(result["connected"], 50, "{result}");
+    assert_eq!(result["published"], 50, "{result}");
+    assert_eq!(result["expected_deliveries"], 2500, "{result}");
+    assert_eq!(result["deliveries"], 2500, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["duplicated"], 0, "{result}");
+    assert_eq!(result["out_of_order"], 0, "{result}");
+    assert_eq!(result["content_encoding"], "identity", "{result}");
+    assert!(result["server"]["cpu_s"].as_f64() > Some(0.0), "{result}");
+
+    // A stream read by the suite's SSE parser (subscribed once its head
+    // came): crier's preamble, then each event with its id and its data as
+    // published (lines split as crier splits them).
+    let client = client();
+    let mut stream = SseClient::connect(&client, &format!("{url}/topics/t"), None).await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(stream.headers["content-type"], "text/event-stream");
+    for data in ["one", "two\r\nlines"] {
+        let published = client
+            .post(format!("{url}/topics/t"))
+            .body(data)
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(published.status(), 201);
+    }
+    let events = stream.take(2).await;
+    let epoch = events[0]
+        .id
+        .split_once('.')
+        .expect("SEQ.EPOCH")
+        .1
+        .to_owned();
+    assert_eq!(
+        events,
+        [
+            Ev::new(&format!("1.{epoch}"), "message", "one"),
+            Ev::new(&format!("2.{epoch}"), "message", "two\nlines"),
+        ]
+    );
+    // The bytes themselves: the preamble, then crier's frames.
+    assert_eq!(
+        String::from_utf8_lossy(&stream.raw.lock().unwrap()),
+        format!(
+            "retry: 3000\n: crier stream open\n\n\
+             id: 1.{epoch}\ndata: one\n\n\
+             id: 2.{epoch}\ndata: two\ndata: lines\n\n"
+        )
+    );
+    let refused = client.get(format!("{url}/elsewhere")).send().await.unwrap();
+    assert_eq!(refused.status(), 404);
+
+    // SIGTERM: it stops, cleanly.
+    // SAFETY: kill(2) on the pid of a child this test started and still owns.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(10), hub.wait())
+        .await
+        .expect("the bare hub stops in time")
+        .expect("its status");
+    assert!(status.success(), "{status}");
 }

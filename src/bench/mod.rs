@@ -2,6 +2,7 @@
 //! well as crier. Progress goes to stderr, one JSON result to stdout.
 
 mod attack;
+mod bare;
 mod client;
 mod decode;
 mod fanout;
@@ -49,6 +50,11 @@ pub enum Scenario {
     /// Publish rate and latency: N concurrent publishers, each posting its
     /// next event as soon as the last is answered, for a while.
     Publish(throughput::PublishArgs),
+    /// Not a measurement but a hub to measure: the floor, a bare tokio
+    /// broadcast-to-socket loop (one task per subscriber, `recv` then
+    /// `write_all` of bytes encoded once per event) that `fanout` and
+    /// `idle` can measure like crier. Loopback only; runs until SIGTERM.
+    BareHub(bare::BareHubArgs),
 }
 
 /// Runs a scenario and prints its JSON result on stdout.
@@ -61,6 +67,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Replay(args) => replay::run(*args).await?,
         Scenario::Attack(args) => attack::run(*args).await?,
         Scenario::Publish(args) => throughput::run(args).await?,
+        Scenario::BareHub(args) => bare::run(args).await?,
     };
     println!("{result}");
     Ok(())

@@ -240,8 +240,9 @@ pub struct Config {
 
     /// How late the runtime may run ready work before new connections
     /// wait (admitted, not yet served) so that open streams are served
-    /// first; a batch still starts every 10 ms however busy (0: off).
-    #[arg(long, env = "CRIER_BUSY_LAG", default_value = "10ms", value_parser = humantime::parse_duration)]
+    /// first; a batch still starts every 10 ms however busy (0s: off, the
+    /// default; 10ms is the setting measured in docs/BENCHMARKS.md).
+    #[arg(long, env = "CRIER_BUSY_LAG", default_value = "0s", value_parser = humantime::parse_duration)]
     pub busy_lag: Duration,
 
     /// Events per second one publisher may publish (per token subject when

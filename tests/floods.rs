@@ -653,12 +653,14 @@ async fn counter(hub: &Server, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_runtime_is_busy_new_connections_wait_their_turn_and_open_streams_are_served() {
-    let hub = Server::start().await;
+    let hub = Server::start_with(|c| c.busy_lag = Duration::from_millis(10)).await;
     let url = |p: &str| hub.url(p);
     let honest = Honest::new("127.0.0.3");
     let mut sub = honest.subscribe(&url("/topics/honest")).await;
     honest.round_trip(&url, &mut sub, "before", 2).await;
-    assert_eq!(counter(&hub, "crier_waited_connections_total").await, 0.0);
+    // (Not necessarily zero: on a loaded machine the test's own
+    // connections may already have met a late runtime.)
+    let waited_before = counter(&hub, "crier_waited_connections_total").await;
 
     // Two tasks on the hub's runtime that each hold a worker for 40 ms at
     // a time: ready work runs up to 40 ms late, over the 10 ms bound.
@@ -693,8 +695,8 @@ async fn while_the_runtime_is_busy_new_connections_wait_their_turn_and_open_stre
     }
     let waited = counter(&hub, "crier_waited_connections_total").await;
     assert!(
-        waited >= 1.0,
-        "connections arriving at a busy runtime waited: {waited}"
+        waited > waited_before,
+        "connections arriving at a busy runtime waited: {waited_before} then {waited}"
     );
     drop(opened);
     honest.round_trip(&url, &mut sub, "after", 2).await;

@@ -298,7 +298,8 @@ curl_check() {
             printf "\"latency_ms\":{\"p50\":%.2f,\"p99\":%.2f,\"max\":%.2f},", t[rank(0.5, NR)], t[rank(0.99, NR)], t[NR]
             printf "\"handshake_ms\":{\"p50\":%.2f,\"max\":%.2f}}\n", h[rank(0.5, m)], h[m]
         }' "$dir/total.txt" >"$dir/probes.json"
-    awk -F'[ .]' '/^id: / { n++; if ($2 != n) bad++ } END { printf "{\"received\":%d,\"in_order\":%s}\n", n, bad ? "false" : "true" }' \
+    # (The stream's first `id: 0` only marks where it starts: not an event.)
+    awk -F'[ .]' '/^id: / && $2 != "0" { n++; if ($2 != n) bad++ } END { printf "{\"received\":%d,\"in_order\":%s}\n", n, bad ? "false" : "true" }' \
         "$dir/sub.txt" >"$dir/sub.json"
     jq -s --argjson load "{$load}" '.[0] + .[1] + {lost: (.[0].ok - .[1].received)} + $load' \
         "$dir/probes.json" "$dir/sub.json" >"$dir/result.json"

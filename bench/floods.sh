@@ -15,7 +15,7 @@
 #   ADDRESSES=20000         addresses: connections from 12 addresses, in two
 #                           processes (each may open 20,000 files at most)
 #   SILENT=8000 TLS_HALF=8000 SLOWLORIS=4000 DRIBBLE=20 PUBLISHERS=64
-#   PROBE_EVERY=0.2         tls-half: seconds between two curl probes
+#   PROBE_EVERY=0.05        tls-half: seconds between two curl probes
 #   ATTACK_NICE=0           run the attacking processes at this niceness (19:
 #                           an attacker on another machine, roughly; the
 #                           hub and the honest crowd keep theirs)
@@ -45,7 +45,7 @@ TLS_HALF=${TLS_HALF:-8000}
 SLOWLORIS=${SLOWLORIS:-4000}
 DRIBBLE=${DRIBBLE:-20}
 PUBLISHERS=${PUBLISHERS:-64}
-PROBE_EVERY=${PROBE_EVERY:-0.2}
+PROBE_EVERY=${PROBE_EVERY:-0.05}
 ATTACK_NICE=${ATTACK_NICE:-0}
 DRY_RUN=${DRY_RUN:-0}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)

@@ -15,6 +15,12 @@
 #   ADDRESSES=20000         addresses: connections from 12 addresses, in two
 #                           processes (each may open 20,000 files at most)
 #   SILENT=8000 TLS_HALF=8000 SLOWLORIS=4000 DRIBBLE=20 PUBLISHERS=64
+#   PROBE_EVERY=0.05        tls-half: seconds between two curl probes
+#   ATTACK_NICE=0           run the attacking processes at this niceness (19:
+#                           an attacker on another machine, roughly; the
+#                           hub and the honest crowd keep theirs)
+#   CRIER=PATH              measure this binary, built by nobody (default:
+#                           build, and use $CARGO_TARGET_DIR/release/crier)
 #   RESULTS=bench/results/floods-DATE.jsonl
 #   DRY_RUN=1               print the commands, run nothing
 #
@@ -39,11 +45,15 @@ TLS_HALF=${TLS_HALF:-8000}
 SLOWLORIS=${SLOWLORIS:-4000}
 DRIBBLE=${DRIBBLE:-20}
 PUBLISHERS=${PUBLISHERS:-64}
+PROBE_EVERY=${PROBE_EVERY:-0.05}
+ATTACK_NICE=${ATTACK_NICE:-0}
 DRY_RUN=${DRY_RUN:-0}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=${RESULTS:-$HERE/results/floods-$STAMP.jsonl}
 TOOL_LOG=${RESULTS%.jsonl}.log
-CRIER=$ROOT/target/release/crier
+BUILD=1
+if [ -n "${CRIER:-}" ]; then BUILD=0; fi
+CRIER=${CRIER:-${CARGO_TARGET_DIR:-$ROOT/target}/release/crier}
 
 NAME=floods.sh
 # shellcheck source=bench/lib.sh
@@ -178,7 +188,7 @@ start_attack() {
     while read -r sources connections kind flags; do
         i=$((i + 1))
         # shellcheck disable=SC2086 # flags split on purpose
-        set -- "$CRIER" bench attack --kind "$kind" --url "$HUB_URL" \
+        set -- nice -n "$ATTACK_NICE" "$CRIER" bench attack --kind "$kind" --url "$HUB_URL" \
             --connections "$connections" --sources "$sources" --duration "$DURATION" $flags
         if [ "$i" = 1 ]; then set -- "$@" --pid "$HUB_PID"; fi
         if dry; then show "$@"; continue; fi
@@ -267,7 +277,7 @@ curl_check() {
             -w '%{http_code} %{time_appconnect} %{time_total}\n' \
             -X POST "$HUB_URL/topics/$topic" -d "probe-$i" >>"$dir/probes.txt" 2>/dev/null ||
             echo "000 0 0" >>"$dir/probes.txt"
-        sleep 0.2
+        sleep "$PROBE_EVERY"
     done
     if [ "$phase" = with ]; then finish_attack "$name"; fi
     sleep 1
@@ -288,7 +298,8 @@ curl_check() {
             printf "\"latency_ms\":{\"p50\":%.2f,\"p99\":%.2f,\"max\":%.2f},", t[rank(0.5, NR)], t[rank(0.99, NR)], t[NR]
             printf "\"handshake_ms\":{\"p50\":%.2f,\"max\":%.2f}}\n", h[rank(0.5, m)], h[m]
         }' "$dir/total.txt" >"$dir/probes.json"
-    awk -F'[ .]' '/^id: / { n++; if ($2 != n) bad++ } END { printf "{\"received\":%d,\"in_order\":%s}\n", n, bad ? "false" : "true" }' \
+    # (The stream's first `id: 0` only marks where it starts: not an event.)
+    awk -F'[ .]' '/^id: / && $2 != "0" { n++; if ($2 != n) bad++ } END { printf "{\"received\":%d,\"in_order\":%s}\n", n, bad ? "false" : "true" }' \
         "$dir/sub.txt" >"$dir/sub.json"
     jq -s --argjson load "{$load}" '.[0] + .[1] + {lost: (.[0].ok - .[1].received)} + $load' \
         "$dir/probes.json" "$dir/sub.json" >"$dir/result.json"
@@ -329,6 +340,7 @@ report() {
     echo "## Floods ($(date -u +%Y-%m-%d), $SUBSCRIBERS honest subscribers at $RATE events/s, $DURATION per run)"
     echo
     machine
+    echo "Attacking processes at niceness $ATTACK_NICE (ATTACK_NICE)."
     echo "Results: ${RESULTS#"$ROOT"/} (the tools' messages: ${TOOL_LOG#"$ROOT"/})."
     echo
     echo "| attack | honest p99 ms without → with | honest lost without / with | target | hub RSS MiB fresh / before / during / after | hub fds fresh / before / during / after | what the attacker got | others' CPU % (stolen) without / with |"
@@ -365,7 +377,7 @@ report() {
           ]
         | "| " + join(" | ") + " |"' "$RESULTS"
     echo
-    echo "Honest p99 and loss: \`crier bench fanout\` over its whole run (tls-half: curl probes, each a new TLS connection and a publish, p99 over ~$((SECONDS_LONG * 4)) probes; lost: published but not received by the held curl subscriber). Before: the crowd connected, the attack not yet started; during: the highest sample (every 0.2 s); after: 2 s after the attack's last socket closed (the honest run has ended by then). Others' CPU: the share of the machine's cores that processes other than the hub and the bench used during the run (stolen: taken by the hypervisor)."
+    echo "Honest p99 and loss: \`crier bench fanout\` over its whole run (tls-half: curl probes, each a new TLS connection and a publish, p99 over the probes sent, one every $PROBE_EVERY s; lost: published but not received by the held curl subscriber). Before: the crowd connected, the attack not yet started; during: the highest sample (every 0.2 s); after: 2 s after the attack's last socket closed (the honest run has ended by then). Others' CPU: the share of the machine's cores that processes other than the hub and the bench used during the run (stolen: taken by the hypervisor)."
 }
 
 # -------------------------------------------------------------------- main
@@ -377,8 +389,10 @@ if dry; then
 else
     TMP=$(mktemp -d /tmp/crier-floods.XXXXXX)
     for tool in jq curl openssl; do command -v "$tool" >/dev/null || die "needs $tool"; done
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --quiet)
+    if [ "$BUILD" = 1 ]; then
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release --quiet)
+    fi
     [ -x "$CRIER" ] || die "no $CRIER after the build"
     "$CRIER" bench attack --help >/dev/null 2>&1 || die "this crier has no \`crier bench attack\`"
     mkdir -p "$(dirname "$RESULTS")"

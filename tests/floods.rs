@@ -634,3 +634,70 @@ async fn an_http2_connection_without_streams_is_closed_after_the_idle_timeout() 
     assert_eq!(event, Ev::new(&id, "message", "kept"));
     assert!(!busy_conn.is_finished());
 }
+
+/// The value of an unlabelled counter in the hub's `/metrics`.
+async fn counter(hub: &Server, name: &str) -> f64 {
+    let text = common::client()
+        .get(hub.url("/metrics"))
+        .timeout(DEADLINE)
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("scrape body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_runtime_is_busy_new_connections_wait_their_turn_and_open_streams_are_served() {
+    let hub = Server::start_with(|c| c.busy_lag = Duration::from_millis(10)).await;
+    let url = |p: &str| hub.url(p);
+    let honest = Honest::new("127.0.0.3");
+    let mut sub = honest.subscribe(&url("/topics/honest")).await;
+    honest.round_trip(&url, &mut sub, "before", 2).await;
+    // (Not necessarily zero: on a loaded machine the test's own
+    // connections may already have met a late runtime.)
+    let waited_before = counter(&hub, "crier_waited_connections_total").await;
+
+    // Two tasks on the hub's runtime that each hold a worker for 40 ms at
+    // a time: ready work runs up to 40 ms late, over the 10 ms bound.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(40));
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    // 200 event streams from another address, asked for all at once: each
+    // is answered (new clients wait their turn, they are not starved).
+    let stream = "GET /topics/flood HTTP/1.1\r\nHost: hub\r\nAccept: text/event-stream\r\n\r\n";
+    let opened = futures_util::future::join_all((0..200).map(|_| async {
+        let mut s = connect_from("127.0.0.2", hub.addr).await;
+        let status = status_of(&mut s, stream).await;
+        (status, s)
+    }))
+    .await;
+    let statuses: Vec<u16> = opened.iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses, vec![200; 200]);
+    // The open stream got every event once, meanwhile.
+    honest.round_trip(&url, &mut sub, "during", 3).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for hog in hogs {
+        hog.await.unwrap();
+    }
+    let waited = counter(&hub, "crier_waited_connections_total").await;
+    assert!(
+        waited > waited_before,
+        "connections arriving at a busy runtime waited: {waited_before} then {waited}"
+    );
+    drop(opened);
+    honest.round_trip(&url, &mut sub, "after", 2).await;
+}

@@ -446,14 +446,14 @@ impl Attack {
     /// until the hub closes it.
     async fn publish(&self, mut tcp: TcpStream) {
         let mut buf = Vec::new();
-        loop {
+        while !self.stop.is_cancelled() {
             let since = Instant::now();
             if tcp.write_all(&self.head).await.is_err() {
                 // The hub closed it; its answer, if any, was counted.
                 self.note(Heard::Closed, since, "closed before a request");
                 return;
             }
-            let heard = self.hear(&mut tcp, &mut buf).await;
+            let heard = self.hear_in_flight(&mut tcp, &mut buf).await;
             let again = matches!(&heard, Heard::Answer(a) if !a.close);
             self.note(heard, since, "closed without an answer");
             if !again {
@@ -463,8 +463,32 @@ impl Attack {
     }
 
     /// Reads one answer (or the close) from the hub, unless the attack
-    /// ends first. What follows the answer in `buf` is kept for the next.
+    /// ends first.
     async fn hear(&self, tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Heard {
+        tokio::select! {
+            () = self.stop.cancelled() => Heard::Stopped,
+            heard = Self::read_answer(tcp, buf) => heard,
+        }
+    }
+
+    /// Reads the answer to a request already sent, past the attack's end
+    /// too (for at most [`ANSWER_TIMEOUT`] after it): a publish the hub
+    /// stored is counted, so the stored numbers are checked whole.
+    async fn hear_in_flight(&self, tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Heard {
+        let read = Self::read_answer(tcp, buf);
+        tokio::pin!(read);
+        tokio::select! {
+            heard = &mut read => return heard,
+            () = self.stop.cancelled() => {}
+        }
+        tokio::time::timeout(ANSWER_TIMEOUT, read)
+            .await
+            .unwrap_or(Heard::Stopped)
+    }
+
+    /// Reads one answer (or the close). What follows it in `buf` is kept
+    /// for the next.
+    async fn read_answer(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Heard {
         let read = async {
             loop {
                 if let Some((answer, len)) = Answer::parse(buf).map_err(Heard::Broken)? {
@@ -490,12 +514,9 @@ impl Attack {
                 }
             }
         };
-        tokio::select! {
-            () = self.stop.cancelled() => Heard::Stopped,
-            heard = read => match heard {
-                Ok(answer) => Heard::Answer(answer),
-                Err(heard) => heard,
-            },
+        match read.await {
+            Ok(answer) => Heard::Answer(answer),
+            Err(heard) => heard,
         }
     }
 

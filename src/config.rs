@@ -238,13 +238,6 @@ pub struct Config {
     #[arg(long, env = "CRIER_CONNECTION_BURST", default_value_t = 2048)]
     pub connection_burst: u32,
 
-    /// How late the runtime may run ready work before new connections
-    /// wait (admitted, not yet served) so that open streams are served
-    /// first; a batch still starts every 10 ms however busy (0s: off, the
-    /// default; 10ms is the setting measured in docs/BENCHMARKS.md).
-    #[arg(long, env = "CRIER_BUSY_LAG", default_value = "0s", value_parser = humantime::parse_duration)]
-    pub busy_lag: Duration,
-
     /// Events per second one publisher may publish (per token subject when
     /// tokens are on, else per client address; a batch counts its events;
     /// 0: no limit). Over it, 429 and nothing of the request is stored.

@@ -18,7 +18,6 @@ pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
-pub mod pacing;
 pub mod server;
 pub mod sse;
 pub mod store;

@@ -43,7 +43,6 @@ struct Inner {
     handle: PrometheusHandle,
     connections: [[Gauge; 2]; 2],
     refused_connections: [Counter; ConnectionRefusal::ALL.len()],
-    waited_connections: Counter,
     streams: Gauge,
     stream_ends: [Counter; StreamEnd::ALL.len()],
     subscriptions: Gauge,
@@ -483,10 +482,6 @@ impl Metrics {
             "reason",
             ConnectionRefusal::ALL.map(ConnectionRefusal::label),
         );
-        let waited_connections = r.counter(
-            "crier_waited_connections_total",
-            "Connections admitted while the runtime was busy (--busy-lag), served after the open ones.",
-        );
         let streams = r.gauge("crier_open_streams", "Event streams open.", &[]);
         let stream_ends = r.counters(
             "crier_stream_ends_total",
@@ -591,7 +586,6 @@ impl Metrics {
             inner: Arc::new(Inner {
                 connections,
                 refused_connections,
-                waited_connections,
                 streams,
                 stream_ends,
                 subscriptions,
@@ -655,11 +649,6 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or_default();
         self.inner.refused_connections[i].increment(1);
-    }
-
-    /// A connection waits for a busy runtime before it is served.
-    pub fn connection_waited(&self) {
-        self.inner.waited_connections.increment(1);
     }
 
     /// Counts an event stream as open until it ends; the guard records why.

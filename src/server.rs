@@ -7,7 +7,6 @@
 //! and over HTTP/1.1 they allow just six connections, hence six
 //! EventSources, per origin.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -29,7 +28,6 @@ use crate::config::Config;
 use crate::drain::Drain;
 use crate::limits::{ConnectionPermit, Limits, Refusal};
 use crate::metrics::{ConnectionRefusal, Metrics};
-use crate::pacing::Pacer;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 type Service = TowerToHyperService<PeerService>;
@@ -506,15 +504,6 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, c: Conn) -> Result<
     }
 }
 
-/// Serves an admitted connection on a task of its own.
-fn start(stream: TcpStream, conn: Conn, tls: Option<&TlsAcceptor>) {
-    let peer = conn.peer;
-    match tls {
-        None => tokio::spawn(logged(peer, serve_plain(stream, conn))),
-        Some(acceptor) => tokio::spawn(logged(peer, serve_tls(stream, acceptor.clone(), conn))),
-    };
-}
-
 /// Turns a refused connection away as cheaply as possible: on a plain
 /// listener with the canned HTTP/1.1 answer, written once without waiting;
 /// over TLS by closing it (answering would cost a handshake). A few refused
@@ -734,21 +723,11 @@ pub async fn serve(
         }
     };
     tokio::pin!(stop_accepting);
-    // Admitted connections not yet started because the runtime is busy
-    // serving the open ones (`--busy-lag`), oldest first.
-    let mut pacer = Pacer::new(config.busy_lag);
-    let mut waiting: VecDeque<(TcpStream, Conn)> = VecDeque::new();
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut stop_accepting => break,
             _ = sweep.tick() => {
                 limits.sweep();
-                continue;
-            }
-            batch = pacer.turn(), if !waiting.is_empty() => {
-                for (stream, conn) in waiting.drain(..batch.min(waiting.len())) {
-                    start(stream, conn, tls.as_ref());
-                }
                 continue;
             }
             accepted = accept_errors.accept(&listener) => accepted,
@@ -779,16 +758,12 @@ pub async fn serve(
             metrics: metrics.clone(),
             tls: tls.is_some(),
         };
-        if waiting.is_empty() && !pacer.busy() {
-            start(stream, conn, tls.as_ref());
-        } else {
-            metrics.connection_waited();
-            waiting.push_back((stream, conn));
-        }
+        match tls.clone() {
+            None => tokio::spawn(logged(peer, serve_plain(stream, conn))),
+            Some(acceptor) => tokio::spawn(logged(peer, serve_tls(stream, acceptor, conn))),
+        };
     }
     drop(listener);
-    // Never started: closed unanswered, like those still in the backlog.
-    drop(waiting);
     closing.cancel();
     let finished = graceful.shutdown();
     tokio::pin!(finished);

@@ -94,7 +94,6 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ("--max-streams-per-ip", "CRIER_MAX_STREAMS_PER_IP"),
         ("--connection-rate", "CRIER_CONNECTION_RATE"),
         ("--connection-burst", "CRIER_CONNECTION_BURST"),
-        ("--busy-lag", "CRIER_BUSY_LAG"),
         ("--publish-rate", "CRIER_PUBLISH_RATE"),
         ("--publish-burst", "CRIER_PUBLISH_BURST"),
         ("--trusted-proxies", "CRIER_TRUSTED_PROXIES"),

@@ -309,7 +309,7 @@ mod tests {
                 .unwrap();
         assert_eq!(
             (head.post, head.topic.as_deref(), head.content_length, len),
-            (true, Some("a"), 3, 48)
+            (true, Some("a"), 3, 50)
         );
         assert!(parse_head(b"GET /topics/a HTTP/1.1\r\n").unwrap().is_none());
         let (head, _) = parse_head(b"GET /other HTTP/1.1\r\n\r\n").unwrap().unwrap();

@@ -51,14 +51,8 @@ async fn fanout_counts_every_delivery_exactly_and_measures_the_hub() {
     )
     .await;
     assert_eq!(result["scenario"], "fanout", "{result}");
-    assert_eq!(result["connected"], 50, "{result}");
-    assert_eq!(result["published"], 50, "{result}");
+    assert_every_event_once(&result, 50, 50);
     assert_eq!(result["publish_errors"], 0, "{result}");
-    assert_eq!(result["expected_deliveries"], 2500, "{result}");
-    assert_eq!(result["deliveries"], 2500, "{result}");
-    assert_eq!(result["lost"], 0, "{result}");
-    assert_eq!(result["duplicated"], 0, "{result}");
-    assert_eq!(result["out_of_order"], 0, "{result}");
     let p50 = result["latency_ms"]["p50"].as_f64().expect("p50");
     assert!(p50 > 0.0, "{result}");
     assert!(
@@ -95,13 +89,7 @@ async fn fanout_with(server: &Server, topic: &str, accept_encoding: Option<&str>
         args.extend(["--accept-encoding", value]);
     }
     let result = bench(server, &args).await;
-    assert_eq!(result["connected"], 20, "{result}");
-    assert_eq!(result["published"], 50, "{result}");
-    assert_eq!(result["expected_deliveries"], 1000, "{result}");
-    assert_eq!(result["deliveries"], 1000, "{result}");
-    assert_eq!(result["lost"], 0, "{result}");
-    assert_eq!(result["duplicated"], 0, "{result}");
-    assert_eq!(result["out_of_order"], 0, "{result}");
+    assert_every_event_once(&result, 20, 50);
     assert_eq!(result["payload"], "metrics", "{result}");
     result
 }
@@ -202,12 +190,7 @@ async fn fanout_and_idle_over_websockets_count_every_delivery_exactly() {
         ],
     )
     .await;
-    assert_eq!(result["connected"], 50, "{result}");
-    assert_eq!(result["published"], 50, "{result}");
-    assert_eq!(result["deliveries"], 2500, "{result}");
-    assert_eq!(result["lost"], 0, "{result}");
-    assert_eq!(result["duplicated"], 0, "{result}");
-    assert_eq!(result["out_of_order"], 0, "{result}");
+    assert_every_event_once(&result, 50, 50);
     let result = bench(
         &server,
         &[
@@ -529,13 +512,7 @@ async fn the_bare_hub_is_measured_like_crier_and_writes_crier_events() {
         ],
     )
     .await;
-    assert_eq!(result["connected"], 50, "{result}");
-    assert_eq!(result["published"], 50, "{result}");
-    assert_eq!(result["expected_deliveries"], 2500, "{result}");
-    assert_eq!(result["deliveries"], 2500, "{result}");
-    assert_eq!(result["lost"], 0, "{result}");
-    assert_eq!(result["duplicated"], 0, "{result}");
-    assert_eq!(result["out_of_order"], 0, "{result}");
+    assert_every_event_once(&result, 50, 50);
     assert_eq!(result["content_encoding"], "identity", "{result}");
     assert!(result["server"]["cpu_s"].as_f64() > Some(0.0), "{result}");
 
@@ -589,4 +566,17 @@ async fn the_bare_hub_is_measured_like_crier_and_writes_crier_events() {
         .expect("the bare hub stops in time")
         .expect("its status");
     assert!(status.success(), "{status}");
+}
+
+/// A fan-out run in which each of `subscribers` got each of `published`
+/// events exactly once, in order.
+fn assert_every_event_once(result: &Value, subscribers: u64, published: u64) {
+    assert_eq!(result["connected"], subscribers, "{result}");
+    assert_eq!(result["published"], published, "{result}");
+    let expected = subscribers * published;
+    assert_eq!(result["expected_deliveries"], expected, "{result}");
+    assert_eq!(result["deliveries"], expected, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["duplicated"], 0, "{result}");
+    assert_eq!(result["out_of_order"], 0, "{result}");
 }

@@ -399,9 +399,18 @@ machine() {
     cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     echo "Machine: $(nproc) cores ($cpu), $mem memory, $(uname -sr)."
     echo "Versions: $("$CRIER" --version 2>/dev/null || echo crier);" \
-        "$( ("$(find_cmd nginx)" -v 2>&1 || true) | sed 's/^nginx version: //')" \
+        "$(version_of nginx -v | sed 's/^nginx version: //')" \
         "with Nchan $(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null || echo '?');" \
-        "$("$(find_cmd redis-server)" --version 2>/dev/null | awk '{print $1, $2, $3}' || echo redis)."
+        "$(version_of redis-server --version | awk '{print $1, $2, $3}')."
+}
+
+# version_of CMD FLAG: what CMD says of its version, or "no CMD" where it
+# is not installed (a run of crier alone needs neither nginx nor Redis).
+version_of() {
+    local cmd
+    cmd=$(find_cmd "$1")
+    if [ -z "$cmd" ]; then echo "no $1"; return; fi
+    "$cmd" "$2" 2>&1 || true
 }
 
 # ratios REF TITLE: each crier row of the medians against hub REF's

@@ -82,18 +82,24 @@ struct Protocols {
     stall_timeout: Duration,
 }
 
+/// HTTP/1.1 as both listeners serve it: the header timeout and size limit.
+fn http1_builder(config: &Config) -> http1::Builder {
+    let mut http1 = http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        // Also how long a keep-alive connection may idle between
+        // requests: hyper starts the timer as soon as it waits for one.
+        .header_read_timeout(config.header_timeout)
+        // Bounds the request head, and the read buffer a connection
+        // keeps for its whole life.
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .keep_alive(true);
+    http1
+}
+
 impl Protocols {
     fn new(config: &Config) -> Protocols {
-        let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            // Also how long a keep-alive connection may idle between
-            // requests: hyper starts the timer as soon as it waits for one.
-            .header_read_timeout(config.header_timeout)
-            // Bounds the request head, and the read buffer a connection
-            // keeps for its whole life.
-            .max_buf_size(config.max_header_bytes.max(8192))
-            .keep_alive(true);
+        let http1 = http1_builder(config);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -809,12 +815,7 @@ pub async fn serve_metrics(
     config: &Config,
     shutdown: CancellationToken,
 ) {
-    let mut http1 = http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
-        .keep_alive(true);
+    let http1 = http1_builder(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
     let lingering = Arc::new(AtomicUsize::new(0));
     let mut accept_errors = AcceptErrors::new();

@@ -315,17 +315,10 @@ async fn sockets_count_against_the_stream_cap_until_they_close() {
     }
     drop(first);
     // The slot is released once the server has seen the socket go.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        match connect(&server, "/topics/cap", &[]).await {
-            Ok(_) => break,
-            Err(error) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "the slot was never released: {error}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually("the slot is released", || {
+        connect(&server, "/topics/cap", &[])
+    })
+    .await;
     server.stop().await;
 }
 

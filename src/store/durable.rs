@@ -529,10 +529,6 @@ impl DurableStore {
 
 #[async_trait]
 impl Store for DurableStore {
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
-        super::append_without_keys(self, events).await
-    }
-
     async fn append_once(
         &self,
         events: Vec<(NewEvent, Option<Once>)>,

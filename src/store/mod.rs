@@ -133,30 +133,24 @@ impl Appended {
     }
 }
 
-/// `append` for a store whose `append_once` is the real one: the same call
-/// without keys (each event is then stored, never a replay).
-pub(crate) async fn append_without_keys<S: Store + ?Sized>(
-    store: &S,
-    events: Vec<NewEvent>,
-) -> Result<Vec<Arc<Event>>, StoreError> {
-    let keyless = events.into_iter().map(|e| (e, None)).collect();
-    store
-        .append_once(keyless, Duration::ZERO)
-        .await?
-        .into_iter()
-        .map(|a| match a {
-            Appended::Stored(event) => Ok(event),
-            Appended::Replayed(_) => Err(StoreError::Rejected(
-                "an event without a key was answered as a replay".into(),
-            )),
-        })
-        .collect()
-}
-
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Numbers and stores `events`, all or none, and returns them in order.
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError>;
+    /// By default `append_once` without keys (each event is then stored,
+    /// never a replay); a store with a cheaper path of its own overrides it.
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
+        let keyless = events.into_iter().map(|e| (e, None)).collect();
+        self.append_once(keyless, Duration::ZERO)
+            .await?
+            .into_iter()
+            .map(|a| match a {
+                Appended::Stored(event) => Ok(event),
+                Appended::Replayed(_) => Err(StoreError::Rejected(
+                    "an event without a key was answered as a replay".into(),
+                )),
+            })
+            .collect()
+    }
 
     /// Reads up to `limit` retained events of `topic` with a sequence number
     /// above `after`, with the topic's bounds. `limit == 0` reads the bounds

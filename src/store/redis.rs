@@ -1103,10 +1103,6 @@ fn malformed(what: &str) -> StoreError {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
-        super::append_without_keys(self, events).await
-    }
-
     async fn append_once(
         &self,
         events: Vec<(NewEvent, Option<Once>)>,

@@ -90,8 +90,7 @@ impl Server {
     /// it reads `line` exactly, failing after the deadline: how a test waits
     /// for what happens inside the hub (a stream opened, a socket closed).
     pub async fn wait_for_metric(&self, line: &str) {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
+        eventually(&format!("metric line {line:?}"), || async {
             let text = self
                 .client
                 .get(self.url("/metrics"))
@@ -101,15 +100,12 @@ impl Server {
                 .text()
                 .await
                 .expect("scrape body");
-            if text.lines().any(|l| l == line) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no metric line {line:?} within {DEADLINE:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            text.lines()
+                .any(|l| l == line)
+                .then_some(())
+                .ok_or("absent")
+        })
+        .await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -199,6 +195,28 @@ impl Ev {
     /// The sequence number of a single-topic id (`SEQ.EPOCH`).
     pub fn seq(&self) -> u64 {
         seq_of(&self.id)
+    }
+}
+
+/// Tries `attempt` until it succeeds, every 20 ms, failing the test with
+/// `what` and the last reason once [`DEADLINE`] has passed: for conditions
+/// the test can only ask about (a metric, a released slot, a store back).
+pub async fn eventually<T, E, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match attempt().await {
+            Ok(done) => return done,
+            Err(why) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within {DEADLINE:?} ({why})"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

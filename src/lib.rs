@@ -122,7 +122,7 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
     let store = Arc::new(Measured::new(store, metrics.clone()));
     let limits = Arc::new(limits::Limits::new(config.limit_settings()?));
     let drain = drain::Drain::new(config.drain_delay, config.drain_window, &shutdown);
-    Ok(AppState {
+    Ok(AppState::new(http::Shared {
         drain,
         hub,
         store,
@@ -131,7 +131,7 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         limits,
         config: Arc::new(config),
         shutdown,
-    })
+    }))
 }
 
 /// Serves the hub on `listener` until `shutdown` is cancelled, then stops
@@ -229,7 +229,7 @@ async fn serve_with(
         metrics,
         &config,
         shutdown.clone(),
-        state.drain,
+        state.drain.clone(),
     )
     .await;
     // Background tasks (the store's live feed) ran through the drain; now

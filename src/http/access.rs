@@ -4,41 +4,26 @@
 
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::{ApiError, AppState};
 use crate::auth::{AllowedOrigins, Credentials, OriginKind};
 
 /// Refuses a request from a foreign origin before anything else is done
-/// with it, and tells the handlers how its origin relates to the list.
-pub async fn check_origin(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let host = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    let origin = request.headers().get(header::ORIGIN).map(|o| o.as_bytes());
-    match state.auth.check_origin(origin, host.as_deref()) {
-        Ok(kind) => {
-            request.extensions_mut().insert(kind);
-            next.run(request).await
-        }
-        Err(refused) => ApiError::from(refused).into_response(),
-    }
+/// with it, and tells the handlers how its origin relates to the list (an
+/// [`OriginKind`] among the request's extensions).
+pub fn check_origin(state: &AppState, request: &mut Request) -> Result<(), ApiError> {
+    let headers = request.headers();
+    let host = match request.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+    };
+    let origin = headers.get(header::ORIGIN).map(|o| o.as_bytes());
+    let kind = state.auth.check_origin(origin, host)?;
+    request.extensions_mut().insert(kind);
+    Ok(())
 }
 
 /// The credentials `headers` carry. `origin` decides elsewhere whether the

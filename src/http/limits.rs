@@ -3,60 +3,140 @@
 //! its concurrent requests whose count is held by the response body, so an
 //! event stream counts until it really ends.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
 
 use super::{ApiError, AppState};
 use crate::limits::Slot;
 use crate::server::{Activity, Peer, StreamActivity};
 
+/// Wraps the routes in [`HoldStream`].
+#[derive(Clone)]
+pub struct HoldStreamLayer(pub AppState);
+
+impl<S> Layer<S> for HoldStreamLayer {
+    type Service = HoldStream<S>;
+
+    fn layer(&self, inner: S) -> HoldStream<S> {
+        HoldStream {
+            inner,
+            state: self.0.clone(),
+        }
+    }
+}
+
 /// Names the request's client and counts the request against its cap until
-/// the response body is dropped.
-pub async fn hold_stream(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let Some(Peer(peer)) = request.extensions().get::<Peer>().copied() else {
-        // Served without the accept loop (never in the binary): no peer to
-        // count against.
-        return next.run(request).await;
-    };
-    let headers = request.headers();
-    let forwarded = joined(headers.get_all(header::FORWARDED));
-    let x_forwarded_for = joined(headers.get_all("x-forwarded-for"));
-    let client =
-        state
-            .limits
-            .client_of(peer.ip(), forwarded.as_deref(), x_forwarded_for.as_deref());
-    request.extensions_mut().insert(client);
-    let slot = match state.limits.open_stream(client) {
-        Ok(slot) => Arc::new(slot),
-        Err(error) => return ApiError::from(error).into_response(),
-    };
-    // A WebSocket outlives its handshake's answer: its task holds the slot
-    // too.
-    request.extensions_mut().insert(HeldSlot(slot.clone()));
-    let activity = request
-        .extensions()
-        .get::<Arc<Activity>>()
-        .map(Activity::open);
-    next.run(request).await.map(|body| {
-        Body::new(Held {
-            inner: body,
-            _slot: slot,
-            activity,
-        })
-    })
+/// the response body is dropped. (A tower service rather than `from_fn`
+/// middleware, for the reason given in [`super::edge`].)
+#[derive(Clone)]
+pub struct HoldStream<S> {
+    inner: S,
+    state: AppState,
+}
+
+impl<S> Service<Request> for HoldStream<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = HoldFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let Some(Peer(peer)) = request.extensions().get::<Peer>().copied() else {
+            // Served without the accept loop (never in the binary): no peer to
+            // count against.
+            return HoldFuture::Routed {
+                future: self.inner.call(request),
+                held: None,
+            };
+        };
+        let headers = request.headers();
+        let forwarded = joined(headers.get_all(header::FORWARDED));
+        let x_forwarded_for = joined(headers.get_all("x-forwarded-for"));
+        let client = self.state.limits.client_of(
+            peer.ip(),
+            forwarded.as_deref(),
+            x_forwarded_for.as_deref(),
+        );
+        request.extensions_mut().insert(client);
+        let slot = match self.state.limits.open_stream(client) {
+            Ok(slot) => Arc::new(slot),
+            Err(error) => {
+                return HoldFuture::Refused {
+                    response: Some(ApiError::from(error).into_response()),
+                };
+            }
+        };
+        // A WebSocket outlives its handshake's answer: its task holds the slot
+        // too.
+        request.extensions_mut().insert(HeldSlot(slot.clone()));
+        let activity = request
+            .extensions()
+            .get::<Arc<Activity>>()
+            .map(Activity::open);
+        HoldFuture::Routed {
+            future: self.inner.call(request),
+            held: Some((slot, activity)),
+        }
+    }
+}
+
+pin_project! {
+    #[project = HoldProj]
+    pub enum HoldFuture<F> {
+        Routed {
+            #[pin]
+            future: F,
+            // What the answer's body holds, if the request was counted.
+            held: Option<(Arc<Slot>, Option<StreamActivity>)>,
+        },
+        Refused { response: Option<Response> },
+    }
+}
+
+impl<F> Future for HoldFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            HoldProj::Routed { future, held } => {
+                let Ok(response) = ready!(future.poll(cx));
+                let Some((slot, activity)) = held.take() else {
+                    return Poll::Ready(Ok(response));
+                };
+                Poll::Ready(Ok(response.map(|body| {
+                    Body::new(Held {
+                        inner: body,
+                        _slot: slot,
+                        activity,
+                    })
+                })))
+            }
+            HoldProj::Refused { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+        }
+    }
 }
 
 /// A header that may be repeated, as one comma-separated value.

@@ -1,18 +1,16 @@
 //! `GET /metrics`: the Prometheus scrape, on the main listener (behind a
 //! token granting `metrics` when tokens are configured) or on the
-//! `--metrics-listen` listener (no token: operators keep it private). Also
-//! the layer that counts refused requests by the reason their problem
-//! carries. The text itself is made by [`crate::metrics`].
+//! `--metrics-listen` listener (no token: operators keep it private). The
+//! text itself is made by [`crate::metrics`]; refused requests are counted
+//! by [`super::edge`].
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use super::{ApiError, AppState};
-use crate::metrics::Refusal;
 
 /// The scrape on the main listener. With `--metrics-listen` set, the
 /// metrics are not served here at all.
@@ -51,18 +49,4 @@ fn answer(state: &AppState) -> Response {
         state.metrics.render(),
     )
         .into_response()
-}
-
-/// Counts every refused request under the reason its problem was given
-/// (set by [`ApiError`]'s answer).
-pub async fn count_refusals(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let response = next.run(request).await;
-    if let Some(reason) = response.extensions().get::<Refusal>() {
-        state.metrics.refused(*reason);
-    }
-    response
 }

@@ -2,6 +2,7 @@
 //! domain types, call the store or open a subscription, and map the result.
 
 mod access;
+mod edge;
 mod error;
 mod limits;
 mod metrics;
@@ -18,11 +19,11 @@ use axum::Router;
 use axum::extract::Request;
 use axum::extract::State;
 use axum::handler::Handler;
-use axum::http::{HeaderValue, Method, StatusCode, Uri, Version, header};
-use axum::middleware::Next;
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
 use tower_http::compression::CompressionLayer;
 use tower_http::trace::TraceLayer;
 
@@ -35,9 +36,30 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};
 
-/// Everything a handler may touch; cheap to clone.
+/// Everything a handler may touch: a handle, one reference count to clone.
+/// Handlers and layers clone it for every request (axum's extractors and
+/// services take it by value), so a clone of each part here would be a
+/// reference count (or a lock, for the cancellation tokens) per part, many
+/// times per request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] hands out.
+pub struct Shared {
     pub hub: Hub,
     pub store: Arc<dyn Store>,
     pub config: Arc<Config>,
@@ -102,37 +124,32 @@ pub fn app(state: AppState) -> Router {
             get(metrics::scrape.layer(compression)).fallback(not_allowed("GET, HEAD")),
         )
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            limits::hold_stream,
-        ))
         .with_state(state.clone());
-    // The origin check comes before CORS, so a foreign origin's preflight is
-    // refused like any of its requests rather than answered.
-    let router = router
-        .layer(cors)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            access::check_origin,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state,
-            metrics::count_refusals,
-        ));
-    let router = router.layer(axum::middleware::from_fn(close_after_refused_body));
+    // One layer, a stack of plain services. Each `Router::layer` wraps every
+    // route in a boxed service of its own, and a call clones the boxed
+    // stack beneath it, so layers added one by one cost clones and boxes
+    // per request in the square of their number.
+    let trace = TraceLayer::new_for_http()
+        // The path only: a query string may carry a ticket.
+        .make_span_with(|request: &Request<_>| {
+            tracing::info_span!(
+                "request",
+                method = %request.method(),
+                path = %request.uri().path(),
+                version = ?request.version(),
+            )
+        })
+        .on_request(())
+        .on_response(log_response);
     router.layer(
-        TraceLayer::new_for_http()
-            // The path only: a query string may carry a ticket.
-            .make_span_with(|request: &Request<_>| {
-                tracing::info_span!(
-                    "request",
-                    method = %request.method(),
-                    path = %request.uri().path(),
-                    version = ?request.version(),
-                )
-            })
-            .on_request(())
-            .on_response(log_response),
+        ServiceBuilder::new()
+            .layer(trace)
+            // The origin check comes before CORS, so a foreign origin's
+            // preflight is refused like any of its requests rather than
+            // answered.
+            .layer(edge::EdgeLayer(state.clone()))
+            .layer(cors)
+            .layer(limits::HoldStreamLayer(state)),
     )
 }
 
@@ -187,28 +204,6 @@ impl LogBudget {
         window.1 += 1;
         Some(self.suppressed.swap(0, Ordering::Relaxed))
     }
-}
-
-/// A request refused with its body perhaps unread (a bad topic is refused
-/// before the body is looked at) cannot be followed by another on its
-/// HTTP/1.1 connection: hyper closes it after the answer. The answer says so,
-/// so a keep-alive client does not send its next request into a closing
-/// socket. (HTTP/2 streams are independent; nothing to say there.)
-async fn close_after_refused_body(request: Request, next: Next) -> Response {
-    let headers = request.headers();
-    let has_body = request.version() < Version::HTTP_2
-        && (headers.contains_key(header::TRANSFER_ENCODING)
-            || headers
-                .get(header::CONTENT_LENGTH)
-                .is_some_and(|length| length.as_bytes() != b"0"));
-    let mut response = next.run(request).await;
-    let refused = response.status().is_client_error() || response.status().is_server_error();
-    if has_body && refused {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
 }
 
 fn not_allowed(allow: &'static str) -> MethodRouter<AppState> {

@@ -481,6 +481,14 @@ impl Subscription {
             }
             self.positions[i].epoch = Some(epoch);
             let page_len = history.events.len();
+            if page_len > 1 {
+                let page_bytes = history
+                    .events
+                    .iter()
+                    .map(|e| e.frame().len())
+                    .sum::<usize>();
+                wire.reserve(page_bytes.min(MAX_CHUNK_BYTES));
+            }
             let mut replayed = 0;
             for event in &history.events {
                 // One write stays within the chunk cap however large the
@@ -685,6 +693,10 @@ pub trait Wire: Send + 'static {
     fn pending(&self) -> usize;
     /// The next write, if anything waits.
     fn take(&mut self) -> Option<Self::Out>;
+    /// About `bytes` more (a replay page) come before the next write: a
+    /// wire that copies them into one buffer can make room once, rather
+    /// than grow it event by event.
+    fn reserve(&mut self, _bytes: usize) {}
     /// Why the stream ends (not called when the client left): before
     /// [`Wire::finish`].
     fn ended(&mut self, _end: StreamEnd) {}

@@ -27,6 +27,9 @@ pub fn encode(control: &Control) -> Bytes {
 pub struct Plain {
     single: Option<Bytes>,
     buf: BytesMut,
+    /// Bytes said to come before the next write ([`Wire::reserve`]): room
+    /// made for them at once when a second frame comes.
+    expected: usize,
 }
 
 impl Plain {
@@ -40,7 +43,11 @@ impl Plain {
     }
 
     fn spill(&mut self) {
-        if let Some(single) = self.single.take() {
+        let single = self.single.take();
+        let expected = std::mem::take(&mut self.expected);
+        self.buf
+            .reserve(single.as_ref().map_or(0, Bytes::len) + expected);
+        if let Some(single) = single {
             self.buf.extend_from_slice(&single);
         }
     }
@@ -72,14 +79,62 @@ impl Wire for Plain {
     }
 
     fn take(&mut self) -> Option<std::io::Result<Bytes>> {
+        self.expected = 0;
         if let Some(single) = self.single.take() {
             debug_assert!(self.buf.is_empty());
             return Some(Ok(single));
         }
-        (!self.buf.is_empty()).then(|| Ok(self.buf.split().freeze()))
+        // The buffer goes with the write, so an idle stream holds none. (A
+        // split would leave the stream holding the whole allocation, a
+        // replay page's 32 KiB for as long as it lives.)
+        (!self.buf.is_empty()).then(|| Ok(std::mem::take(&mut self.buf).freeze()))
+    }
+
+    fn reserve(&mut self, bytes: usize) {
+        self.expected = bytes;
     }
 
     fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
         self.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Epoch, Topic};
+
+    fn event(seq: u64) -> Event {
+        Event::new(Topic::parse("t", 64).unwrap(), seq, Epoch(1), None, "data")
+    }
+
+    #[test]
+    fn a_gathered_write_takes_its_buffer_so_the_stream_keeps_none() {
+        let events: Vec<Event> = (1..=3).map(event).collect();
+        let mut plain = Plain::default();
+        plain.reserve(events.iter().map(|e| e.frame().len()).sum());
+        for e in &events {
+            plain.event(e, None);
+        }
+        let write = plain.take().unwrap().unwrap();
+        let expected: Vec<u8> = events.iter().flat_map(|e| e.frame().to_vec()).collect();
+        assert_eq!(write, expected);
+        assert_eq!(
+            plain.buf.capacity(),
+            0,
+            "the stream still holds the write's buffer"
+        );
+        assert!(plain.take().is_none());
+    }
+
+    #[test]
+    fn a_lone_frame_is_written_as_the_shared_bytes_it_is() {
+        let e = event(1);
+        let mut plain = Plain::default();
+        plain.reserve(4096);
+        plain.event(&e, None);
+        let write = plain.take().unwrap().unwrap();
+        assert_eq!(write.as_ptr(), e.frame().as_ptr());
+        assert_eq!(plain.buf.capacity(), 0, "room was made for nothing");
     }
 }

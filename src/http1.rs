@@ -75,9 +75,9 @@ where
             () = shutdown.cancelled() => return After::Close,
         };
         let (request, len, keep_alive) = match head {
-            Err(_) | Ok(Read::Closed) => return After::Close,
-            Ok(Read::NotOurs) => return After::Hyper(buf),
-            Ok(Read::Ours {
+            Err(_) | Ok(Parsed::Closed | Parsed::Partial) => return After::Close,
+            Ok(Parsed::NotOurs) => return After::Hyper(buf),
+            Ok(Parsed::Ours {
                 request,
                 len,
                 keep_alive,
@@ -110,55 +110,40 @@ where
     }
 }
 
-/// A request head as read.
-enum Read {
-    /// A subscribe request crier answers itself, `len` bytes long.
-    Ours {
-        request: Request<Body>,
-        len: usize,
-        keep_alive: bool,
-    },
-    /// Anything else: hyper's.
-    NotOurs,
-    /// The client left (or the read failed) before a whole head.
-    Closed,
-}
-
 /// Reads into `buf` until it holds a whole head, or more than `max` bytes.
-async fn read_head<I: AsyncRead + Unpin>(io: &mut I, buf: &mut Vec<u8>, max: usize) -> Read {
+/// Never `Partial`.
+async fn read_head<I: AsyncRead + Unpin>(io: &mut I, buf: &mut Vec<u8>, max: usize) -> Parsed {
     loop {
         if !buf.is_empty() {
             match parse(buf) {
                 Parsed::Partial if buf.len() <= max => {}
-                Parsed::Partial | Parsed::NotOurs => return Read::NotOurs,
+                Parsed::Partial => return Parsed::NotOurs,
                 // Whole, but over the limit: hyper refuses it.
-                Parsed::Ours { len, .. } if len > max => return Read::NotOurs,
-                Parsed::Ours {
-                    request,
-                    len,
-                    keep_alive,
-                } => {
-                    return Read::Ours {
-                        request,
-                        len,
-                        keep_alive,
-                    };
-                }
+                Parsed::Ours { len, .. } if len > max => return Parsed::NotOurs,
+                parsed => return parsed,
             }
         }
         if buf.len() == buf.capacity() {
             buf.reserve(buf.len().clamp(512, 4096));
         }
         match io.read_buf(buf).await {
-            Ok(0) | Err(_) => return Read::Closed,
+            Ok(0) | Err(_) => return Parsed::Closed,
             Ok(_) => {}
         }
     }
 }
 
+/// A request head as read. (Only ever a value on the stack, on its way to
+/// the router: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
+    /// Not all of it yet.
     Partial,
+    /// Anything but a subscribe request: hyper's.
     NotOurs,
+    /// The client left (or the read failed) before a whole head.
+    Closed,
+    /// A subscribe request crier answers itself, `len` bytes long.
     Ours {
         request: Request<Body>,
         len: usize,

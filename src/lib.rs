@@ -15,6 +15,7 @@ pub mod config;
 pub mod drain;
 pub mod event;
 pub mod http;
+pub mod http1;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

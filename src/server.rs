@@ -14,7 +14,9 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::Router;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
+
+use crate::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
@@ -72,8 +74,9 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
 /// the first 24 bytes in a read of their own, after which hyper grows its
 /// read buffer from 8 to 16 KiB, on every connection.
 struct Protocols {
-    http1: http1::Builder,
+    http1: hyper::server::conn::http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    max_header_bytes: usize,
     header_timeout: Duration,
     tls_handshake_timeout: Duration,
     idle_timeout: Duration,
@@ -83,8 +86,8 @@ struct Protocols {
 }
 
 /// HTTP/1.1 as both listeners serve it: the header timeout and size limit.
-fn http1_builder(config: &Config) -> http1::Builder {
-    let mut http1 = http1::Builder::new();
+fn http1_builder(config: &Config) -> hyper::server::conn::http1::Builder {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())
         // Also how long a keep-alive connection may idle between
@@ -121,6 +124,7 @@ impl Protocols {
         Protocols {
             http1,
             http2,
+            max_header_bytes: config.max_header_bytes,
             header_timeout: config.header_timeout,
             tls_handshake_timeout: config.tls_handshake_timeout,
             idle_timeout: config.idle_timeout,
@@ -219,17 +223,40 @@ impl Conn {
         let _open = self
             .metrics
             .connection(crate::metrics::Protocol::Http1, self.tls);
-        let mut http1 = self.protocols.http1.clone();
-        http1.header_read_timeout(spread(self.protocols.header_timeout));
-        // With upgrades: a WebSocket handshake hands the connection over to
-        // its socket task, after which this future ends.
-        let conn = http1
-            .serve_connection(TokioIo::new(io), self.service(None))
-            .with_upgrades();
         // Graceful shutdown waits for this task while it holds the watcher;
         // the connection hears of shutdown from `self.shutdown`.
         let _watcher = self.watcher;
-        tokio::pin!(conn);
+        let mut io = io;
+        let header_timeout = spread(self.protocols.header_timeout);
+        // Subscribe requests first: crier reads and answers them itself.
+        let limits = http1::HeadLimits {
+            timeout: header_timeout,
+            max_bytes: self.protocols.max_header_bytes,
+        };
+        let mut service = PeerService {
+            router: self.router.clone(),
+            peer: Peer(self.peer),
+            activity: None,
+        };
+        let mut call = |request| tower::Service::call(&mut service, request);
+        let read = match http1::serve(&mut io, &mut call, &limits, &self.shutdown).await {
+            http1::After::Close => return Ok(()),
+            http1::After::Hyper(read) => read,
+        };
+        let mut builder = self.protocols.http1.clone();
+        builder.header_read_timeout(header_timeout);
+        // With upgrades: a WebSocket handshake hands the connection over to
+        // its socket task, after which this future ends. Boxed: hyper's
+        // connection state would otherwise size every HTTP/1.1 task, the
+        // event streams' too.
+        let mut conn = Box::pin(
+            builder
+                .serve_connection(
+                    TokioIo::new(http1::Prefixed::new(read, io)),
+                    TowerToHyperService::new(service),
+                )
+                .with_upgrades(),
+        );
         tokio::select! {
             result = conn.as_mut() => return Ok(result?),
             () = self.shutdown.cancelled() => {}

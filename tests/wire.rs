@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -497,5 +498,223 @@ async fn an_http2_stream_starved_of_window_closes_its_connection_in_bounded_time
     let mut resumed = server.resume("/topics/starved", &starved_ids[0]).await;
     let ids: Vec<String> = resumed.take(7).await.into_iter().map(|e| e.id).collect();
     assert_eq!(ids, starved_ids[1..]);
+    server.stop().await;
+}
+
+/// One HTTP/1.1 answer read off a raw connection.
+struct Answer {
+    status: u16,
+    /// Names lowercased.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+}
+
+type RawReader = tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>;
+
+async fn read_line(reader: &mut RawReader) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    let n = tokio::time::timeout(DEADLINE, reader.read_line(&mut line))
+        .await
+        .expect("a line in time")
+        .unwrap();
+    assert!(n > 0, "the connection closed mid-answer");
+    line.trim_end_matches("\r\n").to_owned()
+}
+
+/// Reads a status line and headers.
+async fn read_head(reader: &mut RawReader) -> Answer {
+    let status_line = read_line(reader).await;
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {status_line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let line = read_line(reader).await;
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':').expect("a header line");
+        headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    Answer {
+        status,
+        headers,
+        body: Vec::new(),
+    }
+}
+
+/// Reads one chunk of a chunked body; `None` for the last (empty) one.
+async fn read_chunk(reader: &mut RawReader) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let size = usize::from_str_radix(&read_line(reader).await, 16).expect("a chunk size");
+    let mut chunk = vec![0; size + 2];
+    tokio::time::timeout(DEADLINE, reader.read_exact(&mut chunk))
+        .await
+        .expect("a chunk in time")
+        .unwrap();
+    assert_eq!(&chunk[size..], b"\r\n", "a chunk ends its line");
+    chunk.truncate(size);
+    (size > 0).then_some(chunk)
+}
+
+/// Reads a whole answer, its body delimited by length or chunks.
+async fn read_answer(reader: &mut RawReader) -> Answer {
+    use tokio::io::AsyncReadExt;
+    let mut answer = read_head(reader).await;
+    if answer.header("transfer-encoding") == Some("chunked") {
+        while let Some(chunk) = read_chunk(reader).await {
+            answer.body.extend_from_slice(&chunk);
+        }
+    } else {
+        let len: usize = answer
+            .header("content-length")
+            .expect("a length or chunks")
+            .parse()
+            .unwrap();
+        answer.body = vec![0; len];
+        reader.read_exact(&mut answer.body).await.unwrap();
+    }
+    answer
+}
+
+async fn raw_connection(server: &Server) -> (RawReader, tokio::net::tcp::OwnedWriteHalf) {
+    let (read, write) = TcpStream::connect(server.addr).await.unwrap().into_split();
+    (tokio::io::BufReader::new(read), write)
+}
+
+/// crier answers HTTP/1.1 subscribe requests itself and hands the rest of
+/// a connection to hyper at the first other request: one keep-alive
+/// connection carrying pipelined long-polls, then a publish, then a
+/// long-poll that closes the connection, gets every answer, in order.
+#[tokio::test]
+async fn one_http1_connection_carries_pipelined_subscribe_answers_then_other_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start().await;
+    let a = server.publish_id("kept", "a").await;
+    let b = server.publish_id("kept", "b").await;
+    let (mut reader, mut writer) = raw_connection(&server).await;
+    let requests = [
+        "GET /topics/kept?poll=1&last=2 HTTP/1.1\r\nHost: hub\r\n\r\n",
+        "GET /topics/kept?poll=1&last=1 HTTP/1.1\r\nHost: hub\r\n\r\n",
+        "POST /topics/kept HTTP/1.1\r\nHost: hub\r\nContent-Length: 1\r\n\r\nc",
+        "GET /topics/kept?poll=1&last=1 HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n",
+    ];
+    writer
+        .write_all(requests.concat().as_bytes())
+        .await
+        .unwrap();
+
+    let event = |id: &str, seq: u64, data: &str| json!({"id": id, "type": "event", "topic": "kept", "seq": seq, "data": data});
+    let first = read_answer(&mut reader).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("content-type"), Some("application/json"));
+    assert!(first.header("date").is_some(), "{:?}", first.headers);
+    assert_eq!(
+        first.json(),
+        json!({"events": [event(&a, 1, "a"), event(&b, 2, "b")], "next": b})
+    );
+    let second = read_answer(&mut reader).await;
+    assert_eq!(
+        second.json(),
+        json!({"events": [event(&b, 2, "b")], "next": b})
+    );
+    let published = read_answer(&mut reader).await;
+    assert_eq!(published.status, 201);
+    let c = published.json()["id"].as_str().unwrap().to_owned();
+    let last = read_answer(&mut reader).await;
+    assert_eq!(
+        last.json(),
+        json!({"events": [event(&c, 3, "c")], "next": c})
+    );
+    assert_eq!(last.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, reader.read_to_end(&mut rest))
+        .await
+        .expect("the hub closes the connection after `Connection: close`")
+        .unwrap();
+    assert_eq!(rest, b"");
+    server.stop().await;
+}
+
+/// An HTTP/1.1 event stream is chunked, each event in one chunk as it is
+/// published; the client leaving frees its share of the per-client cap.
+#[tokio::test]
+async fn an_http1_event_stream_sends_each_event_as_one_chunk_and_frees_its_slot_when_the_client_leaves()
+ {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start_with(|c| {
+        c.max_streams_per_ip = 2;
+        c.retry = Duration::from_millis(1500);
+        c.heartbeat = Duration::from_secs(600);
+    })
+    .await;
+    let request = "GET /topics/raw HTTP/1.1\r\nHost: hub\r\n\r\n";
+    let (mut reader, mut writer) = raw_connection(&server).await;
+    writer.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut reader).await;
+    assert_eq!(head.status, 200);
+    for (name, value) in [
+        ("content-type", "text/event-stream"),
+        ("transfer-encoding", "chunked"),
+        ("cache-control", "no-cache"),
+    ] {
+        assert_eq!(head.header(name), Some(value), "{:?}", head.headers);
+    }
+    assert_eq!(head.header("content-length"), None);
+    assert!(head.header("date").is_some());
+    assert_eq!(
+        read_chunk(&mut reader).await.unwrap(),
+        b"retry: 1500\nid: 0\n: crier stream open\n\n"
+    );
+    for data in ["one", "two"] {
+        let id = server.publish_id("raw", data).await;
+        assert_eq!(
+            String::from_utf8(read_chunk(&mut reader).await.unwrap()).unwrap(),
+            format!("id: {id}\ndata: {data}\n\n")
+        );
+    }
+
+    // The open stream and a second one fill the cap of 2; a third request
+    // is refused until the first client leaves.
+    let (_second_reader, mut second) = raw_connection(&server).await;
+    second.write_all(request.as_bytes()).await.unwrap();
+    let refused = server
+        .client
+        .post(server.url("/topics/raw"))
+        .body("three")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(refused, 429, "too-many-streams").await;
+    drop((reader, writer));
+    eventually("the first stream's slot freed", || async {
+        let answer = server
+            .client
+            .post(server.url("/topics/raw"))
+            .body("three")
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        (answer.status() == 201)
+            .then_some(())
+            .ok_or(format!("{}", answer.status()))
+    })
+    .await;
     server.stop().await;
 }

@@ -50,7 +50,11 @@ pub async fn hold_stream(
         .extensions()
         .get::<Arc<Activity>>()
         .map(Activity::open);
-    next.run(request).await.map(|body| {
+    let response = next.run(request).await;
+    if response.extensions().get::<BodyHoldsSlot>().is_some() {
+        return response;
+    }
+    response.map(|body| {
         Body::new(Held {
             inner: body,
             _slot: slot,
@@ -66,9 +70,18 @@ fn joined(values: axum::http::header::GetAll<'_, axum::http::HeaderValue>) -> Op
 }
 
 /// The request's share of its client's cap, for a task that outlives the
-/// answer (a WebSocket's): released when the answer and the task are done.
+/// answer (a WebSocket's) or a body that holds it itself (an event
+/// stream's): released when the answer and they are done.
 #[derive(Clone)]
 pub struct HeldSlot(#[allow(dead_code)] Arc<Slot>);
+
+/// Marks a response whose body holds the request's [`HeldSlot`] and, on
+/// HTTP/2, its stream's activity itself (an event stream: the connection
+/// polls its body for every event, and each wrapper around it is one more
+/// object to reach per event). [`hold_stream`] then leaves the body as it
+/// is.
+#[derive(Clone, Copy)]
+pub struct BodyHoldsSlot;
 
 /// A response body that holds the request's counts until it is dropped.
 struct Held {

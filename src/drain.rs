@@ -114,12 +114,18 @@ impl Drain {
 /// branch on each wake-up, and the shutdown and drain signals
 /// (`CancellationToken::cancelled_owned`) take their token's lock on every
 /// poll, a lock all streams share; behind this, they are looked at once per
-/// stream until they fire, and an event's wake-up costs an atomic load.
+/// stream until they fire. Until some `WokenOnly`'s waker fired, an event's
+/// wake-up costs a load of one process-wide flag that nothing writes, and
+/// no look at the stream's own flag (an allocation of its own).
 pub struct WokenOnly<F> {
     future: Pin<Box<F>>,
-    /// The waker `future` was last polled with, and whether it fired.
-    seen: Option<Arc<Flag>>,
+    /// The task's waker `future` was last polled under, and its own flag.
+    seen: Option<(Waker, Arc<Flag>)>,
 }
+
+/// Set once any [`WokenOnly`]'s waker fired in this process (a drain or a
+/// shutdown began): from then on each one looks at its own flag.
+static ANY_WOKEN: AtomicBool = AtomicBool::new(false);
 
 struct Flag {
     woken: AtomicBool,
@@ -133,6 +139,7 @@ impl Wake for Flag {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
+        ANY_WOKEN.store(true, Ordering::Release);
         self.task.wake_by_ref();
     }
 }
@@ -157,26 +164,26 @@ impl<F: Future> Future for WokenOnly<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        match &this.seen {
-            // Not woken: a plain load, once per event.
-            Some(flag)
-                if flag.task.will_wake(cx.waker()) && !flag.woken.load(Ordering::Acquire) =>
-            {
-                return Poll::Pending;
-            }
-            // Woken: cleared before the future is polled, so a wake-up
-            // during that poll is not lost.
-            Some(flag) if flag.task.will_wake(cx.waker()) => {
+        let flag = match &this.seen {
+            Some((task, flag)) if task.will_wake(cx.waker()) => {
+                // Not woken: a load or two, once per event.
+                if !ANY_WOKEN.load(Ordering::Acquire) || !flag.woken.load(Ordering::Acquire) {
+                    return Poll::Pending;
+                }
+                // Woken: cleared before the future is polled, so a wake-up
+                // during that poll is not lost.
                 flag.woken.store(false, Ordering::Relaxed);
+                flag.clone()
             }
             _ => {
-                this.seen = Some(Arc::new(Flag {
+                let flag = Arc::new(Flag {
                     woken: AtomicBool::new(false),
                     task: cx.waker().clone(),
-                }));
+                });
+                this.seen = Some((cx.waker().clone(), flag.clone()));
+                flag
             }
-        }
-        let flag = this.seen.clone().expect("set above");
+        };
         let waker = Waker::from(flag);
         this.future.as_mut().poll(&mut Context::from_waker(&waker))
     }

@@ -14,15 +14,12 @@
 //! a client names. A topic with no subscribers has no entry at all.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::Notify;
-use tokio::sync::futures::OwnedNotified;
+use smallvec::SmallVec;
 
 use crate::compress::{Chain, ChainPermits, Chained, Codec, SHARED_CODINGS};
 use crate::event::{Event, Topic};
@@ -152,7 +149,6 @@ impl Hub {
     pub fn subscribe_all(&self, topics: &[Topic]) -> Feeds {
         Feeds {
             feeds: topics.iter().map(|t| self.subscribe(t)).collect(),
-            heads: vec![None; topics.len()],
             share: None,
         }
     }
@@ -175,6 +171,7 @@ impl Hub {
         self.inner.metrics.subscription(1.0, new_topic);
         LiveFeed {
             events: Receiver::new(channel.clone()),
+            head: None,
             _membership: Membership {
                 hub: self.clone(),
                 topic: topic.clone(),
@@ -203,6 +200,8 @@ pub struct LiveFeed {
     /// Declared first so the receiver is dropped before `Membership` checks
     /// whether it was the last one.
     events: Receiver,
+    /// The next item, once taken, while a merge waits for other topics'.
+    head: Option<Result<Delivery, Lagged>>,
     _membership: Membership,
 }
 
@@ -213,9 +212,8 @@ pub struct Lagged;
 /// The live feeds of a subscription's topics, merged: items come out in the
 /// order the hub delivered them, whichever topic they belong to.
 pub struct Feeds {
-    feeds: Vec<LiveFeed>,
-    /// The next item of each feed, once polled.
-    heads: Vec<Option<Result<Delivery, Lagged>>>,
+    /// In place for a single topic: no allocation to reach per event.
+    feeds: SmallVec<[LiveFeed; 1]>,
     /// The shared coding these feeds count in their topics' `Compression`.
     share: Option<u8>,
 }
@@ -243,40 +241,42 @@ impl Feeds {
 
     /// Waits for the next item: the index of its topic and what it carries.
     pub async fn next(&mut self) -> (usize, Result<Live, Lagged>) {
-        std::future::poll_fn(|cx| match self.poll_heads(cx) {
+        std::future::poll_fn(|cx| match self.poll_heads(Some(cx)) {
             Some(item) => Poll::Ready(item),
             None => Poll::Pending,
         })
         .await
     }
 
-    /// The next item if one is ready now.
+    /// The next item if one is ready now (without waiting for more).
     pub fn try_next(&mut self) -> Option<(usize, Result<Live, Lagged>)> {
-        self.poll_heads(&mut Context::from_waker(std::task::Waker::noop()))
+        self.poll_heads(None)
     }
 
     /// Fills every empty head that is ready, then takes the earliest one (a
-    /// lag first: the stream ends anyway).
-    fn poll_heads(&mut self, cx: &mut Context<'_>) -> Option<(usize, Result<Live, Lagged>)> {
-        for (feed, head) in self.feeds.iter_mut().zip(self.heads.iter_mut()) {
-            if head.is_none()
-                && let Poll::Ready(item) = feed.events.poll_recv(cx)
-            {
-                *head = Some(item);
+    /// lag first: the stream ends anyway). With `cx`, a feed that has
+    /// nothing wakes its task on the next send.
+    fn poll_heads(
+        &mut self,
+        mut cx: Option<&mut Context<'_>>,
+    ) -> Option<(usize, Result<Live, Lagged>)> {
+        for feed in &mut self.feeds {
+            if feed.head.is_none() {
+                feed.head = feed.events.recv(cx.as_deref_mut());
             }
         }
         let i = self
-            .heads
+            .feeds
             .iter()
             .enumerate()
-            .filter_map(|(i, head)| match head {
+            .filter_map(|(i, feed)| match &feed.head {
                 Some(Ok(delivery)) => Some((delivery.order, i)),
                 Some(Err(Lagged)) => Some((0, i)),
                 None => None,
             })
             .min()?
             .1;
-        let item = self.heads[i].take()?;
+        let item = self.feeds[i].head.take()?;
         Some((i, item.map(|delivery| delivery.live)))
     }
 }
@@ -311,10 +311,13 @@ struct Membership {
 /// Items stay until every receiver that was there when they were sent has
 /// taken them (then they are dropped from the front), or until the ring
 /// holds `backlog` of them (then the oldest is dropped and whoever had not
-/// taken it lagged). Receivers wait on one `Notify`, woken once per send.
+/// taken it lagged). A receiver that finds nothing leaves its waker in the
+/// ring; the next send wakes them all.
 struct Channel {
     ring: Mutex<Ring>,
-    notify: Arc<Notify>,
+    /// [`Ring::end`], readable without the lock: a receiver that has taken
+    /// everything and is already waiting learns that here.
+    end: AtomicU64,
     backlog: usize,
     /// Made when a stream of a shared coding first subscribes, so a topic
     /// without one pays a pointer.
@@ -336,6 +339,13 @@ struct Ring {
     /// The index of `items[0]`; indexes only grow.
     first: u64,
     receivers: usize,
+    /// The wakers of receivers that took everything, for the next send to
+    /// wake. A receiver's entry is valid while [`Ring::end`] is what it
+    /// was when it registered (every send moves it, and takes them all);
+    /// a receiver that leaves before empties its entry.
+    waiting: Vec<Option<Waker>>,
+    /// Emptied entries of `waiting`, reused before it grows.
+    vacant: Vec<usize>,
 }
 
 struct Slot {
@@ -369,8 +379,10 @@ impl Channel {
                 items: VecDeque::new(),
                 first: 0,
                 receivers: 0,
+                waiting: Vec::new(),
+                vacant: Vec::new(),
             }),
-            notify: Arc::new(Notify::new()),
+            end: AtomicU64::new(0),
             backlog,
             compression: OnceLock::new(),
         }
@@ -404,9 +416,10 @@ impl Channel {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `delivery` for every receiver; returns how many there are.
+    /// Queues `delivery` for every receiver and wakes those waiting;
+    /// returns how many receivers there are.
     fn send(&self, delivery: Delivery) -> usize {
-        let unseen = {
+        let (unseen, waiting) = {
             let mut ring = self.lock();
             if ring.receivers == 0 {
                 return 0;
@@ -417,9 +430,16 @@ impl Channel {
                 ring.items.pop_front();
                 ring.first += 1;
             }
-            unseen
+            self.end.store(ring.end(), Ordering::Release);
+            ring.vacant.clear();
+            // Room for as many as waited this time, in one allocation.
+            let room = Vec::with_capacity(ring.waiting.len());
+            (unseen, std::mem::replace(&mut ring.waiting, room))
         };
-        self.notify.notify_waiters();
+        // Woken outside the lock, which receivers take to register again.
+        for waker in waiting.into_iter().flatten() {
+            waker.wake();
+        }
         unseen
     }
 
@@ -433,9 +453,15 @@ struct Receiver {
     channel: Arc<Channel>,
     /// The index of the next item to take.
     next: u64,
-    /// A wake-up registered before the ring was last found empty; kept and
-    /// re-armed in place, so waiting allocates once per receiver.
-    waiting: Option<Pin<Box<OwnedNotified>>>,
+    /// Where this receiver's waker waits in [`Ring::waiting`], the waker,
+    /// and the ring's end when it was put there.
+    registered: Option<Registration>,
+}
+
+struct Registration {
+    entry: usize,
+    waker: Waker,
+    at: u64,
 }
 
 impl Receiver {
@@ -448,40 +474,75 @@ impl Receiver {
         Receiver {
             channel,
             next,
-            waiting: None,
+            registered: None,
         }
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, Lagged>> {
-        let Receiver {
-            channel,
-            next,
-            waiting,
-        } = self;
-        loop {
-            if let Some(item) = take(channel, next) {
-                return Poll::Ready(item);
-            }
-            // Register for the next send *before* looking again, so a send
-            // between the look and the wait is not missed.
-            let waiting =
-                waiting.get_or_insert_with(|| Box::pin(channel.notify.clone().notified_owned()));
-            waiting.as_mut().enable();
-            if let Some(item) = take(channel, next) {
-                waiting.set(channel.notify.clone().notified_owned());
-                return Poll::Ready(item);
-            }
-            match waiting.as_mut().poll(cx) {
-                Poll::Ready(()) => waiting.set(channel.notify.clone().notified_owned()),
-                Poll::Pending => return Poll::Pending,
+    /// The next item, if there is one. With `cx`, when this takes the
+    /// last one or finds none, the task is woken by the next send; the
+    /// lock is taken only to take an item or to register, so a receiver
+    /// polled again before the next send pays a load.
+    fn recv(&mut self, cx: Option<&mut Context<'_>>) -> Option<Result<Delivery, Lagged>> {
+        let end = self.channel.end.load(Ordering::Acquire);
+        if self.next == end {
+            let waiting = self.registered.as_ref().is_some_and(|registered| {
+                registered.at == end
+                    && cx
+                        .as_ref()
+                        .is_none_or(|cx| registered.waker.will_wake(cx.waker()))
+            });
+            if waiting || cx.is_none() {
+                return None;
             }
         }
+        let mut ring = self.channel.lock();
+        let item = take(&mut ring, &mut self.next);
+        if let Some(cx) = cx
+            && self.next == ring.end()
+        {
+            register(&mut self.registered, &mut ring, cx.waker());
+        }
+        item
     }
 }
 
-/// Takes the item at `next` from `channel`'s ring, if it is there yet.
-fn take(channel: &Channel, next: &mut u64) -> Option<Result<Delivery, Lagged>> {
-    let mut ring = channel.lock();
+/// Leaves `waker` in the ring for the next send to wake (in place of an
+/// earlier one of the same receiver, still there).
+fn register(registered: &mut Option<Registration>, ring: &mut Ring, waker: &Waker) {
+    let end = ring.end();
+    if let Some(current) = registered
+        && current.at == end
+    {
+        if !current.waker.will_wake(waker) {
+            current.waker.clone_from(waker);
+            ring.waiting[current.entry] = Some(waker.clone());
+        }
+        return;
+    }
+    let entry = match ring.vacant.pop() {
+        Some(entry) => {
+            ring.waiting[entry] = Some(waker.clone());
+            entry
+        }
+        None => {
+            // A topic's first waiter makes room for one: most idle topics
+            // have a single subscriber.
+            if ring.waiting.capacity() == 0 {
+                ring.waiting.reserve_exact(1);
+            }
+            ring.waiting.push(Some(waker.clone()));
+            ring.waiting.len() - 1
+        }
+    };
+    *registered = Some(Registration {
+        entry,
+        waker: waker.clone(),
+        at: end,
+    });
+}
+
+/// Takes the item at `next` from the ring, if it is there yet.
+fn take(ring: &mut Ring, next: &mut u64) -> Option<Result<Delivery, Lagged>> {
     if *next < ring.first {
         return Some(Err(Lagged));
     }
@@ -499,6 +560,12 @@ fn take(channel: &Channel, next: &mut u64) -> Option<Result<Delivery, Lagged>> {
 impl Drop for Receiver {
     fn drop(&mut self) {
         let mut ring = self.channel.lock();
+        if let Some(registered) = &self.registered
+            && registered.at == ring.end()
+        {
+            ring.waiting[registered.entry] = None;
+            ring.vacant.push(registered.entry);
+        }
         ring.receivers -= 1;
         let from = usize::try_from(self.next.saturating_sub(ring.first)).unwrap_or(usize::MAX);
         for slot in ring.items.iter_mut().skip(from) {
@@ -591,6 +658,63 @@ mod tests {
         assert_eq!(ring_len(&hub, &t).0, 0);
         hub.deliver(&event(&t, 7));
         assert_eq!(seq_of(fast.try_next()), Some(Ok(7)));
+    }
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll_with(feeds: &mut Feeds, waker: &Arc<Counting>) -> Option<Result<u64, Lagged>> {
+        let waker = Waker::from(waker.clone());
+        seq_of(feeds.poll_heads(Some(&mut Context::from_waker(&waker))))
+    }
+
+    #[test]
+    fn a_send_wakes_the_waker_a_receiver_was_last_polled_with_once() {
+        let hub = Hub::new(8);
+        let t = Topic::parse("t", 10).unwrap();
+        let mut feeds = hub.subscribe_all(std::slice::from_ref(&t));
+        let (first, second) = (Arc::default(), Arc::default());
+        assert_eq!(poll_with(&mut feeds, &first), None);
+        assert_eq!(poll_with(&mut feeds, &first), None);
+        // The stream moved to another task.
+        assert_eq!(poll_with(&mut feeds, &second), None);
+        hub.deliver(&event(&t, 1));
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        // Taking the last item leaves the waker for the next send at once;
+        // polling again before it costs no second registration.
+        assert_eq!(poll_with(&mut feeds, &second), Some(Ok(1)));
+        assert_eq!(poll_with(&mut feeds, &second), None);
+        assert_eq!(feeds.try_next().map(|(_, item)| item.is_ok()), None);
+        hub.deliver(&event(&t, 2));
+        assert_eq!(second.0.load(Ordering::SeqCst), 2);
+        assert_eq!(feeds.try_next().map(|(_, item)| item.is_ok()), Some(true));
+    }
+
+    #[test]
+    fn receivers_that_wait_and_leave_without_a_send_leave_nothing_behind() {
+        let hub = Hub::new(8);
+        let t = Topic::parse("t", 10).unwrap();
+        let _stays = hub.subscribe_all(std::slice::from_ref(&t));
+        let waker = Arc::default();
+        for _ in 0..1000 {
+            let mut feeds = hub.subscribe_all(std::slice::from_ref(&t));
+            assert_eq!(poll_with(&mut feeds, &waker), None);
+        }
+        let topics = hub.inner.topics.read().unwrap();
+        let ring = topics[&t].lock();
+        assert!(ring.waiting.len() <= 1, "{} entries", ring.waiting.len());
+        drop(ring);
+        drop(topics);
+        hub.deliver(&event(&t, 1));
+        assert_eq!(waker.0.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use smallvec::SmallVec;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
@@ -111,7 +112,9 @@ impl ResetReason {
 
 pub struct Subscription {
     topics: Vec<Topic>,
-    positions: Vec<Position>,
+    /// Where the stream stands in each topic, read for every live event:
+    /// in place for a single topic (no allocation to reach per event).
+    places: SmallVec<[Place; 1]>,
     style: IdStyle,
     store: Arc<dyn Store>,
     live: Feeds,
@@ -119,11 +122,6 @@ pub struct Subscription {
     watching: bool,
     /// Where to start, until the starting positions are set.
     start: Option<Start>,
-    /// Topics whose position must be brought up to date from the store.
-    pending: Vec<bool>,
-    /// The newest live event seen per pending topic: the store must have
-    /// caught up with it before the topic is in step again.
-    wanted: Vec<Option<Position>>,
     /// Whether the start is the hub's to announce (not the client's cursor).
     announce_start: bool,
     /// Set when store work put off after a failure should be tried now:
@@ -134,6 +132,18 @@ pub struct Subscription {
     /// unless the stream resumes.
     resuming: Vec<bool>,
     metrics: Metrics,
+}
+
+/// Where a stream stands in one of its topics.
+#[derive(Debug, Clone, Copy, Default)]
+struct Place {
+    /// The last event sent (or the start).
+    position: Position,
+    /// Whether the position must be brought up to date from the store.
+    pending: bool,
+    /// The newest live event seen while pending: the store must have
+    /// caught up with it before the topic is in step again.
+    wanted: Option<Position>,
 }
 
 impl Subscription {
@@ -150,7 +160,7 @@ impl Subscription {
         let n = topics.len();
         let announce_start = !matches!(start, Start::After(_));
         Subscription {
-            positions: vec![Position::default(); n],
+            places: SmallVec::from_elem(Place::default(), n),
             topics,
             style,
             store,
@@ -158,8 +168,6 @@ impl Subscription {
             watching: false,
             start: Some(start),
             announce_start,
-            pending: vec![false; n],
-            wanted: vec![None; n],
             retry_now: false,
             resuming: Vec::new(),
             metrics: hub.metrics().clone(),
@@ -222,26 +230,24 @@ impl Subscription {
             }
             // The heartbeat timer is not re-armed on every write (a timer
             // operation per event per subscriber); when it fires early it is
-            // pushed to one quiet period after the last write instead.
-            let heartbeat = tokio::time::sleep(settings.heartbeat);
-            tokio::pin!(heartbeat);
+            // pushed to one quiet period after the last write instead. It
+            // doubles as the alarm of the credentials' expiry and of the
+            // drain's closing (below): one timer per stream.
             let mut last_write = tokio::time::Instant::now();
+            let heartbeat = tokio::time::sleep_until(alarm(
+                last_write + settings.heartbeat,
+                None,
+                settings.expires,
+            ));
+            tokio::pin!(heartbeat);
             // One registration with a signal for the stream's life, rather
             // than one per loop turn: first the drain's (which also fires
             // on shutdown), then, once draining, the shutdown's.
             // Polled only once it fired: not a lock per event.
             let mut signal =
                 crate::drain::WokenOnly::new(settings.drain.signal().clone().cancelled_owned());
-            // When draining, the moment this stream ends. The heartbeat
-            // timer doubles as its alarm: no second timer per stream.
+            // When draining, the moment this stream ends.
             let mut closing_at: Option<tokio::time::Instant> = None;
-            let expiry = async {
-                match settings.expires {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(expiry);
             // Every end but the client's leaving comes out of this loop with
             // its reason, its last words (if any) handed to `wire`.
             let end = loop {
@@ -294,13 +300,13 @@ impl Subscription {
                         }
                         closing_at = settings.drain.close_at();
                         signal.set(settings.shutdown.clone().cancelled_owned());
-                        if let Some(at) = closing_at {
-                            heartbeat.as_mut().reset(at.min(last_write + settings.heartbeat));
+                        if closing_at.is_some() {
+                            heartbeat.as_mut().reset(alarm(
+                                last_write + settings.heartbeat,
+                                closing_at,
+                                settings.expires,
+                            ));
                         }
-                    }
-                    () = &mut expiry => {
-                        wire.control(&Control::Reauth);
-                        break StreamEnd::TokenExpired;
                     }
                     item = self.live.next() => {
                         let mut lagged = !self.on_live(item, &mut wire);
@@ -319,7 +325,12 @@ impl Subscription {
                             last_write = tokio::time::Instant::now();
                         }
                         // A busy stream may never let the heartbeat branch
-                        // run: its drain instant is checked here as well.
+                        // run: its alarms are checked here as well (against
+                        // the last write's time: no clock read per event).
+                        if settings.expires.is_some_and(|at| at <= last_write) {
+                            wire.control(&Control::Reauth);
+                            break StreamEnd::TokenExpired;
+                        }
                         if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
                             wire.control(&farewell(&settings));
                             break StreamEnd::Shutdown;
@@ -332,6 +343,10 @@ impl Subscription {
                     () = retry.wait(), if self.owes_store_work() => {}
                     () = &mut heartbeat => {
                         // Ending here, between writes, never cuts an event.
+                        if settings.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                            wire.control(&Control::Reauth);
+                            break StreamEnd::TokenExpired;
+                        }
                         if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
                             wire.control(&farewell(&settings));
                             break StreamEnd::Shutdown;
@@ -344,8 +359,11 @@ impl Subscription {
                             }
                             last_write = tokio::time::Instant::now();
                         }
-                        let next = last_write + settings.heartbeat;
-                        heartbeat.as_mut().reset(closing_at.map_or(next, |at| at.min(next)));
+                        heartbeat.as_mut().reset(alarm(
+                            last_write + settings.heartbeat,
+                            closing_at,
+                            settings.expires,
+                        ));
                     }
                 }
             };
@@ -367,12 +385,16 @@ impl Subscription {
         if !self.announce_start || self.start.is_some() {
             return None;
         }
-        let positions: Vec<String> = self.positions.iter().map(ToString::to_string).collect();
+        let positions: Vec<String> = self
+            .places
+            .iter()
+            .map(|place| place.position.to_string())
+            .collect();
         Some(positions.join(","))
     }
 
     fn owes_store_work(&self) -> bool {
-        !self.watching || self.start.is_some() || self.pending.contains(&true)
+        !self.watching || self.start.is_some() || self.places.iter().any(|place| place.pending)
     }
 
     /// Does the next piece of work owed to the store: watch, set the
@@ -381,20 +403,20 @@ impl Subscription {
         if !self.watching || self.start.is_some() {
             return self.prepare().await;
         }
-        let Some(i) = self.pending.iter().position(|p| *p) else {
+        let Some(i) = self.places.iter().position(|place| place.pending) else {
             return Ok(());
         };
         if self.catch_up_page(i, wire).await? {
-            self.pending[i] = false;
-            let position = self.positions[i];
-            if let Some(wanted) = self.wanted[i].take()
-                && wanted.epoch == position.epoch
-                && wanted.seq > position.seq
+            let place = &mut self.places[i];
+            place.pending = false;
+            if let Some(wanted) = place.wanted.take()
+                && wanted.epoch == place.position.epoch
+                && wanted.seq > place.position.seq
             {
                 // The store is behind its own live feed (a lagging replica):
                 // try again shortly rather than skip the event.
-                self.pending[i] = true;
-                self.wanted[i] = Some(wanted);
+                place.pending = true;
+                place.wanted = Some(wanted);
                 return Err(StoreError::Unavailable(format!(
                     "the store has not yet got event {wanted} of {}",
                     self.topics[i]
@@ -407,18 +429,22 @@ impl Subscription {
     /// Sets each topic's starting position.
     async fn set_start(&mut self, start: &Start) -> Result<(), StoreError> {
         // Live events seen so far precede the positions set here.
-        self.wanted.fill(None);
+        for place in &mut self.places {
+            place.wanted = None;
+        }
         match start {
             Start::After(cursor) => {
-                self.positions.clone_from(&cursor.0);
-                self.pending.fill(true);
+                for (place, position) in self.places.iter_mut().zip(&cursor.0) {
+                    place.position = *position;
+                    place.pending = true;
+                }
                 self.resuming = vec![true; self.topics.len()];
             }
             Start::Now | Start::Last(_) => {
                 let last = if let Start::Last(n) = start { *n } else { 0 };
                 for (i, topic) in self.topics.iter().enumerate() {
                     let history = self.store.read(topic, 0, 0).await?;
-                    self.positions[i] = match history.epoch {
+                    self.places[i].position = match history.epoch {
                         Some(epoch) => {
                             let from = history
                                 .head
@@ -429,7 +455,9 @@ impl Subscription {
                         None => Position::default(),
                     };
                 }
-                self.pending.fill(last > 0);
+                for place in &mut self.places {
+                    place.pending = last > 0;
+                }
             }
         }
         Ok(())
@@ -440,7 +468,7 @@ impl Subscription {
     /// is caught up with the store.
     async fn catch_up_page(&mut self, i: usize, wire: &mut impl Wire) -> Result<bool, StoreError> {
         loop {
-            let position = self.positions[i];
+            let position = self.places[i].position;
             let history = match self
                 .store
                 .read(&self.topics[i], position.seq, REPLAY_PAGE)
@@ -467,19 +495,19 @@ impl Subscription {
             }
             let Some(epoch) = history.epoch else {
                 if let Some(reason) = reason {
-                    self.positions[i] = Position::default();
+                    self.places[i].position = Position::default();
                     self.emit_reset(i, reason, position, None, wire);
                 }
                 return Ok(true);
             };
             if let Some(reason) = reason {
-                self.positions[i] = Position::new(history.oldest.saturating_sub(1), epoch);
+                self.places[i].position = Position::new(history.oldest.saturating_sub(1), epoch);
                 let oldest =
                     (history.oldest <= history.head).then(|| Position::new(history.oldest, epoch));
                 self.emit_reset(i, reason, position, oldest, wire);
                 continue;
             }
-            self.positions[i].epoch = Some(epoch);
+            self.places[i].position.epoch = Some(epoch);
             let page_len = history.events.len();
             if page_len > 1 {
                 let page_bytes = history
@@ -501,7 +529,7 @@ impl Subscription {
                 replayed += 1;
             }
             self.metrics.replayed(replayed);
-            return Ok(page_len < REPLAY_PAGE || self.positions[i].seq >= history.head);
+            return Ok(page_len < REPLAY_PAGE || self.places[i].position.seq >= history.head);
         }
     }
 
@@ -515,7 +543,7 @@ impl Subscription {
             Live::Event(event) => (event, None),
             Live::Chained(chained) => (&chained.event, Some(&**chained)),
             Live::Resync => {
-                self.pending[i] = true;
+                self.places[i].pending = true;
                 self.retry_now = true;
                 return true;
             }
@@ -524,15 +552,19 @@ impl Subscription {
                 return true;
             }
         };
-        if self.pending[i] || self.start.is_some() || !self.watching {
+        let place = &mut self.places[i];
+        if place.pending || self.start.is_some() || !self.watching {
             // The store work owed will cover this event; remember it so that
             // work is not considered done before it has.
-            if self.wanted[i].is_none_or(|w| w.epoch != Some(event.epoch) || w.seq < event.seq) {
-                self.wanted[i] = Some(event.position());
+            if place
+                .wanted
+                .is_none_or(|w| w.epoch != Some(event.epoch) || w.seq < event.seq)
+            {
+                place.wanted = Some(event.position());
             }
             return true;
         }
-        let position = self.positions[i];
+        let position = place.position;
         let in_step =
             position.epoch == Some(event.epoch) || (position.epoch.is_none() && position.seq == 0);
         if in_step && event.seq <= position.seq {
@@ -544,8 +576,8 @@ impl Subscription {
             self.emit(i, event, chained, wire);
         } else {
             // A hole, or a new epoch: the store knows what happened.
-            self.pending[i] = true;
-            self.wanted[i] = Some(event.position());
+            place.pending = true;
+            place.wanted = Some(event.position());
         }
         true
     }
@@ -553,7 +585,7 @@ impl Subscription {
     /// Writes `event` of topic `i`, with the chained units the hub made
     /// for it if it came live.
     fn emit(&mut self, i: usize, event: &Event, chained: Option<&Chained>, wire: &mut impl Wire) {
-        self.positions[i] = event.position();
+        self.places[i].position = event.position();
         match self.style {
             IdStyle::Single => wire.event(event, chained),
             IdStyle::Multi => {
@@ -573,7 +605,7 @@ impl Subscription {
     ) {
         self.metrics.reset(reason.outcome());
         let id = match self.style {
-            IdStyle::Single => self.positions[i].to_string(),
+            IdStyle::Single => self.places[i].position.to_string(),
             IdStyle::Multi => self.multi_id(i),
         };
         let data = json!({
@@ -587,18 +619,30 @@ impl Subscription {
 
     fn multi_id(&self, i: usize) -> String {
         use std::fmt::Write;
-        let mut id =
-            String::with_capacity(self.topics[i].as_str().len() + 16 * self.positions.len());
+        let mut id = String::with_capacity(self.topics[i].as_str().len() + 16 * self.places.len());
         id.push_str(self.topics[i].as_str());
         id.push('/');
-        for (n, p) in self.positions.iter().enumerate() {
+        for (n, place) in self.places.iter().enumerate() {
             if n > 0 {
                 id.push(',');
             }
-            let _ = write!(id, "{p}");
+            let _ = write!(id, "{}", place.position);
         }
         id
     }
+}
+
+/// When a stream's timer should fire: its next heartbeat, or earlier if it
+/// closes (draining) or its credentials expire before.
+fn alarm(
+    heartbeat: tokio::time::Instant,
+    closing_at: Option<tokio::time::Instant>,
+    expires: Option<tokio::time::Instant>,
+) -> tokio::time::Instant {
+    [closing_at, expires]
+        .into_iter()
+        .flatten()
+        .fold(heartbeat, std::cmp::Ord::min)
 }
 
 /// The last words of a stream closed by the drain: a retry hint, spread

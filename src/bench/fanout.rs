@@ -263,6 +263,7 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
     let connected = crowd.wait_connected().await?;
 
     let (server_cpu_before, tool_cpu_before) = cpu(&sub.pids)?;
+    let server_user_before = procfs::total_user_seconds(&sub.pids)?;
     let publishing = Arc::new(Publishing {
         target: target.clone(),
         path: target.path(&args.publish_path, &sub.topic),
@@ -282,6 +283,7 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
     publish_and_drain(&publishing, &shared, &crowd, connected).await?;
     let window = publishing.start.elapsed().as_secs_f64();
     let (server_cpu_after, tool_cpu_after) = cpu(&sub.pids)?;
+    let server_user = procfs::total_user_seconds(&sub.pids)? - server_user_before;
     let peak_rss = procfs::total_memory_bytes(&sub.pids, "VmHWM")?;
     // Every subscriber still connected, every stream past its last event.
     let rss_after = procfs::total_memory_bytes(&sub.pids, "VmRSS")?;
@@ -360,6 +362,9 @@ pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
             "pids": sub.pids,
             "cpu_s": round(server_cpu, 2),
             "cpu_us_per_delivery": per_delivery(server_cpu),
+            // The hub's own code (and its libraries'), without the kernel's
+            // share (the socket writes).
+            "user_us_per_delivery": per_delivery(server_user),
             "peak_rss_bytes": peak_rss,
             "rss_before_bytes": rss_before,
             "rss_after_bytes": rss_after,

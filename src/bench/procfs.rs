@@ -15,6 +15,13 @@ fn read(pid: u32, file: &str) -> Result<String, String> {
 /// User plus system CPU time used so far by all threads of `pid`, in
 /// seconds (10 ms resolution).
 pub fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let (user, system) = cpu_times(pid)?;
+    Ok(user + system)
+}
+
+/// User and system CPU time used so far by all threads of `pid`, in
+/// seconds (10 ms resolution).
+pub fn cpu_times(pid: u32) -> Result<(f64, f64), String> {
     let stat = read(pid, "stat")?;
     // The command name (field 2) may hold spaces and parentheses: count
     // fields after its closing parenthesis. utime and stime are fields 14
@@ -29,7 +36,10 @@ pub fn cpu_seconds(pid: u32) -> Result<f64, String> {
             .and_then(|f| f.parse().ok())
             .ok_or_else(|| format!("unexpected /proc/{pid}/stat: {stat}"))
     };
-    Ok((ticks(11)? + ticks(12)?) as f64 / TICKS_PER_SECOND)
+    Ok((
+        ticks(11)? as f64 / TICKS_PER_SECOND,
+        ticks(12)? as f64 / TICKS_PER_SECOND,
+    ))
 }
 
 /// A memory figure of `pid` from `/proc/PID/status` (`VmRSS`: resident now,
@@ -57,6 +67,11 @@ pub fn open_descriptors(pid: u32) -> Result<usize, String> {
 /// CPU seconds summed over `pids`.
 pub fn total_cpu_seconds(pids: &[u32]) -> Result<f64, String> {
     pids.iter().map(|&pid| cpu_seconds(pid)).sum()
+}
+
+/// User-space CPU seconds summed over `pids`.
+pub fn total_user_seconds(pids: &[u32]) -> Result<f64, String> {
+    pids.iter().map(|&pid| Ok(cpu_times(pid)?.0)).sum()
 }
 
 /// A memory figure summed over `pids`.

@@ -124,6 +124,10 @@ where
                 let Some((slot, activity)) = held.take() else {
                     return Poll::Ready(Ok(response));
                 };
+                // An event stream's body holds the slot and activity itself.
+                if response.extensions().get::<BodyHoldsSlot>().is_some() {
+                    return Poll::Ready(Ok(response));
+                }
                 Poll::Ready(Ok(response.map(|body| {
                     Body::new(Held {
                         inner: body,
@@ -146,9 +150,18 @@ fn joined(values: axum::http::header::GetAll<'_, axum::http::HeaderValue>) -> Op
 }
 
 /// The request's share of its client's cap, for a task that outlives the
-/// answer (a WebSocket's): released when the answer and the task are done.
+/// answer (a WebSocket's) or a body that holds it itself (an event
+/// stream's): released when the answer and they are done.
 #[derive(Clone)]
 pub struct HeldSlot(#[allow(dead_code)] Arc<Slot>);
+
+/// Marks a response whose body holds the request's [`HeldSlot`] and, on
+/// HTTP/2, its stream's activity itself (an event stream: the connection
+/// polls its body for every event, and each wrapper around it is one more
+/// object to reach per event). [`hold_stream`] then leaves the body as it
+/// is.
+#[derive(Clone, Copy)]
+pub struct BodyHoldsSlot;
 
 /// A response body that holds the request's counts until it is dropped.
 struct Held {

@@ -10,22 +10,20 @@ mod poll;
 mod publish;
 mod subscribe;
 mod tickets;
+mod trace;
 mod websocket;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use axum::extract::Request;
 use axum::extract::State;
 use axum::handler::Handler;
 use axum::http::{Method, StatusCode, Uri, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, IntoResponse};
 use axum::routing::{MethodRouter, get};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::compression::CompressionLayer;
-use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 pub use metrics::metrics_app;
@@ -129,21 +127,9 @@ pub fn app(state: AppState) -> Router {
     // route in a boxed service of its own, and a call clones the boxed
     // stack beneath it, so layers added one by one cost clones and boxes
     // per request in the square of their number.
-    let trace = TraceLayer::new_for_http()
-        // The path only: a query string may carry a ticket.
-        .make_span_with(|request: &Request<_>| {
-            tracing::info_span!(
-                "request",
-                method = %request.method(),
-                path = %request.uri().path(),
-                version = ?request.version(),
-            )
-        })
-        .on_request(())
-        .on_response(log_response);
     router.layer(
         ServiceBuilder::new()
-            .layer(trace)
+            .layer(trace::TraceLayer)
             // The origin check comes before CORS, so a foreign origin's
             // preflight is refused like any of its requests rather than
             // answered.
@@ -151,59 +137,6 @@ pub fn app(state: AppState) -> Router {
             .layer(cors)
             .layer(limits::HoldStreamLayer(state)),
     )
-}
-
-/// Served requests are logged at DEBUG: at INFO, a flood of requests would
-/// be a flood of log. Refused ones (4xx, 5xx) are logged at INFO, at most
-/// [`REFUSALS_PER_SECOND`] a second, with a count of those left out.
-fn log_response<B>(response: &Response<B>, latency: Duration, _span: &tracing::Span) {
-    let status = response.status().as_u16();
-    let latency_us = latency.as_micros() as u64;
-    if status < 400 {
-        tracing::debug!(status, latency_us, "served");
-    } else if let Some(suppressed) = REFUSAL_LOG.allow() {
-        tracing::info!(status, latency_us, suppressed, "refused");
-    }
-}
-
-const REFUSALS_PER_SECOND: u64 = 20;
-static REFUSAL_LOG: LogBudget = LogBudget::new();
-
-/// A budget of log lines per second, shared by every task.
-struct LogBudget {
-    /// The current second (since the process started) and lines used in it.
-    window: std::sync::Mutex<(u64, u64)>,
-    /// Lines left out since the last one written.
-    suppressed: std::sync::atomic::AtomicU64,
-}
-
-impl LogBudget {
-    const fn new() -> LogBudget {
-        LogBudget {
-            window: std::sync::Mutex::new((0, 0)),
-            suppressed: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines left out since the last one)` when a line may be written.
-    fn allow(&self) -> Option<u64> {
-        use std::sync::atomic::Ordering;
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let second = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs();
-        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        if window.0 != second {
-            *window = (second, 0);
-        }
-        if window.1 >= REFUSALS_PER_SECOND {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        window.1 += 1;
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
 }
 
 fn not_allowed(allow: &'static str) -> MethodRouter<AppState> {

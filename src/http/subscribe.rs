@@ -13,20 +13,23 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::Response;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio_stream::{Stream, StreamExt};
+use hyper::body::Frame;
+use tokio_stream::Stream;
 
 use super::access::credentials;
-use super::limits::HeldSlot;
+use super::limits::{BodyHoldsSlot, HeldSlot};
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
-use crate::compress::{Codec, SharedUnits, negotiate};
+use crate::compress::{SharedUnits, negotiate};
 use crate::event::{Cursor, Topic};
 use crate::limits::ClientKey;
 use crate::metrics::BytesWritten;
-use crate::server::Activity;
+use crate::server::{Activity, StreamActivity};
 use crate::store::StoreError;
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 use crate::transport::sse::Plain;
@@ -332,20 +335,22 @@ async fn open(
         request_headers.get(header::ACCEPT_ENCODING),
         &state.config.codecs(),
     );
+    let holds = Holds {
+        written: state.metrics.written(codec),
+        _slot: peer.slot.map(|Extension(slot)| slot),
+        activity: peer.activity.map(|Extension(activity)| activity.open()),
+    };
     // Compressed streams write the units the hub compressed once per event
     // (single-topic streams also its chained ones).
     let body = match codec {
         Some(shared) => {
             let wire = SharedUnits::new(shared, style == IdStyle::Single);
-            stream_body(subscription.into_stream(settings, wire), &state, codec)
+            event_body(subscription.into_stream(settings, wire), holds)
         }
-        None => stream_body(
-            subscription.into_stream(settings, Plain::default()),
-            &state,
-            codec,
-        ),
+        None => event_body(subscription.into_stream(settings, Plain::default()), holds),
     };
     let mut response = Response::new(body);
+    response.extensions_mut().insert(BodyHoldsSlot);
     let headers = response.headers_mut();
     if let Some(codec) = codec {
         headers.insert(
@@ -363,21 +368,79 @@ async fn open(
     Ok(response)
 }
 
-/// The response body of a stream whose writes are in `codec`. Bytes are
-/// counted as written, after compression: one relaxed add per write on a
-/// counter resolved here, once per stream.
-fn stream_body(
-    stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
-    state: &AppState,
-    codec: Option<Codec>,
-) -> Body {
-    let written: BytesWritten = state.metrics.written(codec);
-    Body::from_stream(stream.map(move |write| {
-        if let Ok(bytes) = &write {
-            written.add(bytes.len());
+/// What an event stream's body holds besides the stream.
+struct Holds {
+    /// Bytes are counted as written, after compression: one relaxed add per
+    /// write on a counter resolved once per stream.
+    written: BytesWritten,
+    /// The request's share of its client's cap, released when the stream
+    /// ends (its body is dropped).
+    _slot: Option<HeldSlot>,
+    /// On HTTP/2: the stream's share of its connection's activity, told
+    /// each time the connection asks for more (a starved stream is never
+    /// asked).
+    activity: Option<StreamActivity>,
+}
+
+pin_project_lite::pin_project! {
+    /// An event stream's response body: the stream, with what it holds and
+    /// the request's span, in one object the connection polls directly.
+    /// Nothing wraps it on its way out (`hold_stream` sees
+    /// [`BodyHoldsSlot`], and the trace does not wrap bodies), so an event
+    /// crosses one boxed body to reach its stream, not one per layer.
+    struct EventBody<S> {
+        #[pin]
+        stream: S,
+        holds: Holds,
+        // The request's span, entered while the stream runs, as its log
+        // lines were when the trace layer wrapped the body.
+        span: tracing::Span,
+        opened: std::time::Instant,
+    }
+}
+
+/// `stream` as an event stream's response body.
+fn event_body<S>(stream: S, holds: Holds) -> Body
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
+    Body::new(EventBody {
+        stream,
+        holds,
+        span: tracing::Span::current(),
+        opened: std::time::Instant::now(),
+    })
+}
+
+impl<S> hyper::body::Body for EventBody<S>
+where
+    S: Stream<Item = std::io::Result<Bytes>>,
+{
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.project();
+        if let Some(activity) = &this.holds.activity {
+            activity.polled();
         }
-        write
-    }))
+        let _entered = this.span.enter();
+        match std::task::ready!(this.stream.poll_next(cx)) {
+            Some(Ok(bytes)) => {
+                this.holds.written.add(bytes.len());
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Some(Err(error)) => Poll::Ready(Some(Err(error))),
+            None => {
+                let stream_duration_ms = this.opened.elapsed().as_millis() as u64;
+                tracing::debug!(stream_duration_ms, "end of stream");
+                Poll::Ready(None)
+            }
+        }
+    }
 }
 
 /// Decides whether the request may read `topics`, by ticket or token, and

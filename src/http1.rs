@@ -397,15 +397,25 @@ impl Out {
             return;
         }
         if framing == Framing::Chunked {
-            use std::io::Write as _;
-            self.buf.reserve(data.len() + 12);
-            let _ = write!(self.buf, "{:x}\r\n", data.len());
+            self.buf.reserve(data.len() + 20);
+            chunk_size(&mut self.buf, data.len());
             self.buf.extend_from_slice(data);
             self.buf.extend_from_slice(b"\r\n");
         } else {
             self.buf.extend_from_slice(data);
         }
     }
+}
+
+/// Appends a chunk's size line (`{:x}\r\n`) without the formatter, which
+/// is written once per event per subscriber.
+fn chunk_size(buf: &mut Vec<u8>, size: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - size.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        buf.push(HEX[(size >> (i * 4)) & 0xf]);
+    }
+    buf.extend_from_slice(b"\r\n");
 }
 
 /// Reads what the client sends while its answer is being made or written:
@@ -534,6 +544,15 @@ mod tests {
             parse(b"GET /topics/a HTTP/1.1\r\nhost: x\r\n"),
             Parsed::Partial
         ));
+    }
+
+    #[test]
+    fn chunk_sizes_are_lower_case_hex_as_the_formatter_writes_them() {
+        for size in [0, 1, 9, 10, 15, 16, 255, 256, 4095, 65_536, usize::MAX] {
+            let mut buf = Vec::new();
+            chunk_size(&mut buf, size);
+            assert_eq!(buf, format!("{size:x}\r\n").into_bytes());
+        }
     }
 
     #[test]

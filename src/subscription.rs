@@ -213,6 +213,9 @@ impl Subscription {
         // Counted open from here (even if never polled), and its end counted
         // by the last reason set; dropped without one, the client left.
         let mut open = self.metrics.stream();
+        // The request's span (made in its handler), named by the stream's
+        // log lines: the body does not enter it on every poll.
+        let span = tracing::Span::current();
         if let Some(codec) = wire.shares()
             && self.style == IdStyle::Single
         {
@@ -272,13 +275,13 @@ impl Subscription {
                             false
                         }
                         Err(StoreError::Rejected(error)) => {
-                            tracing::warn!(%error, "ending a stream: the store refuses its work");
+                            tracing::warn!(parent: &span, %error, "ending a stream: the store refuses its work");
                             true
                         }
                         Err(error) => {
                             // The store logs its own outage once; this is
                             // per stream, so it stays at debug.
-                            tracing::debug!(%error, "a stream waits for the store");
+                            tracing::debug!(parent: &span, %error, "a stream waits for the store");
                             retry.failed();
                             false
                         }
@@ -317,7 +320,7 @@ impl Subscription {
                             }
                         }
                         if lagged {
-                            tracing::debug!("ending a stream: the subscriber fell behind the live feed");
+                            tracing::debug!(parent: &span, "ending a stream: the subscriber fell behind the live feed");
                             break StreamEnd::SlowConsumer;
                         }
                         if let Some(bytes) = wire.take() {

@@ -392,8 +392,10 @@ pin_project_lite::pin_project! {
         #[pin]
         stream: S,
         holds: Holds,
-        // The request's span, entered while the stream runs, as its log
-        // lines were when the trace layer wrapped the body.
+        // The request's span, the parent of the stream's last log line.
+        // Not entered on every poll: entering costs the log filter a
+        // lookup under a lock all streams share, per event per subscriber
+        // (the stream's own log lines name the span themselves).
         span: tracing::Span,
         opened: std::time::Instant,
     }
@@ -427,7 +429,6 @@ where
         if let Some(activity) = &this.holds.activity {
             activity.polled();
         }
-        let _entered = this.span.enter();
         match std::task::ready!(this.stream.poll_next(cx)) {
             Some(Ok(bytes)) => {
                 this.holds.written.add(bytes.len());
@@ -436,7 +437,8 @@ where
             Some(Err(error)) => Poll::Ready(Some(Err(error))),
             None => {
                 let stream_duration_ms = this.opened.elapsed().as_millis() as u64;
-                tracing::debug!(stream_duration_ms, "end of stream");
+                let span: &tracing::Span = this.span;
+                tracing::debug!(parent: span, stream_duration_ms, "end of stream");
                 Poll::Ready(None)
             }
         }

@@ -158,7 +158,7 @@ pub struct HeldSlot(#[allow(dead_code)] Arc<Slot>);
 /// Marks a response whose body holds the request's [`HeldSlot`] and, on
 /// HTTP/2, its stream's activity itself (an event stream: the connection
 /// polls its body for every event, and each wrapper around it is one more
-/// object to reach per event). [`hold_stream`] then leaves the body as it
+/// object to reach per event). [`HoldStream`] then leaves the body as it
 /// is.
 #[derive(Clone, Copy)]
 pub struct BodyHoldsSlot;

@@ -385,7 +385,7 @@ struct Holds {
 pin_project_lite::pin_project! {
     /// An event stream's response body: the stream, with what it holds and
     /// the request's span, in one object the connection polls directly.
-    /// Nothing wraps it on its way out (`hold_stream` sees
+    /// Nothing wraps it on its way out (`HoldStream` sees
     /// [`BodyHoldsSlot`], and the trace does not wrap bodies), so an event
     /// crosses one boxed body to reach its stream, not one per layer.
     struct EventBody<S> {

@@ -233,3 +233,50 @@ async fn json_logs_are_one_object_per_line_with_the_request_fields() {
     assert_eq!(no["span"]["path"], "/nowhere", "the path, never the query");
     assert!(!crier.log().iter().any(|l| l.contains("secret=query")));
 }
+
+/// An event stream's own log lines carry its request's span (the body does
+/// not enter the span on every poll; the lines name it): here the line of
+/// a stream ended by shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_s_log_lines_carry_its_request_span() {
+    let mut crier = Process::start_with_env(
+        &[
+            "--log-format",
+            "json",
+            "--drain-delay",
+            "0s",
+            "--drain-window",
+            "0s",
+        ],
+        &[("RUST_LOG", "debug,hyper=info,h2=info")],
+    );
+    let client = common::client();
+    let mut sub = SseClient::connect(
+        &client,
+        &format!("{}/topics/logged?secret=query", crier.base),
+        None,
+    )
+    .await;
+    crier.terminate();
+    assert_eq!(sub.until_end().await, vec![]);
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let status = crier.wait_exit(DEADLINE);
+        (status, crier.full_log())
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let end = log
+        .iter()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|l| l["message"] == "end of stream")
+        .unwrap_or_else(|| panic!("no end of stream line: {log:#?}"));
+    assert_eq!(end["level"], "DEBUG");
+    assert_eq!(end["span"]["name"], "request", "{end}");
+    assert_eq!(end["span"]["method"], "GET");
+    assert_eq!(
+        end["span"]["path"], "/topics/logged",
+        "the path, never the query"
+    );
+    assert!(!log.iter().any(|l| l.contains("secret=query")));
+}

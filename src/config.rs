@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::compress::Codec;
+use crate::coding::Codec;
 use crate::store::Retention;
 
 #[derive(Debug, Parser)]

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -244,6 +245,20 @@ impl fmt::Display for Cursor {
     }
 }
 
+/// When a live event was numbered, in microseconds since the process's
+/// first stamp, wrapping (about every 71 minutes; latencies are far
+/// shorter). Never 0: an event holds 0 once its sample was taken, or when it
+/// was never live.
+pub struct LiveStamp;
+
+impl LiveStamp {
+    pub fn now() -> u32 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        let micros = START.get_or_init(Instant::now).elapsed().as_micros();
+        (micros as u32).max(1)
+    }
+}
+
 /// One stored event, as every store hands it out.
 ///
 /// The event is kept only in its encoded SSE form: `frame` is the complete
@@ -262,7 +277,6 @@ pub struct Event {
     /// publish-to-write latency was sampled. (With `id_line_len` as `u32`,
     /// the event is no larger than without it.)
     ///
-    /// [`LiveStamp`]: crate::metrics::LiveStamp
     live_at: AtomicU32,
     /// The event compressed alone, per shared coding, whole and as its body
     /// (`crate::compress::self_contained`): made on first use, then written
@@ -399,8 +413,7 @@ impl Event {
     /// Marks the event as going out live now: the first stream to write it
     /// samples the publish-to-write latency.
     pub fn stamp_live(&self) {
-        self.live_at
-            .store(crate::metrics::LiveStamp::now(), Ordering::Relaxed);
+        self.live_at.store(LiveStamp::now(), Ordering::Relaxed);
     }
 
     /// The live stamp, taken by the first caller only: one sample per event

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use crate::compress::{Chain, ChainPermits, Chained, Codec, SHARED_CODINGS};
+use crate::coding::{Codec, SHARED_CODINGS};
+use crate::compress::{Chain, ChainPermits, Chained};
 use crate::event::{Event, Topic};
 use crate::metrics::Metrics;
 

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod coding;
 pub mod compress;
 pub mod config;
 pub mod drain;

@@ -15,14 +15,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::compress::{Codec, SHARED_CODINGS};
+use crate::coding::{Codec, SHARED_CODINGS};
+use crate::event::LiveStamp;
 
 /// The `Content-Type` of a scrape answer.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -862,20 +863,6 @@ impl BytesWritten {
         self.metrics.inner.written[self.i]
             .0
             .fetch_add(bytes as u64, Ordering::Relaxed);
-    }
-}
-
-/// When a live event was numbered, in microseconds since the process's
-/// first stamp, wrapping (about every 71 minutes; latencies are far
-/// shorter). Never 0: an event holds 0 once its sample was taken, or when it
-/// was never live.
-pub struct LiveStamp;
-
-impl LiveStamp {
-    pub fn now() -> u32 {
-        static START: OnceLock<Instant> = OnceLock::new();
-        let micros = START.get_or_init(Instant::now).elapsed().as_micros();
-        (micros as u32).max(1)
     }
 }
 

@@ -15,7 +15,8 @@ use smallvec::SmallVec;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
-use crate::compress::{Chained, Codec};
+use crate::coding::Codec;
+use crate::compress::Chained;
 use crate::drain::Drain;
 use crate::event::{Cursor, Event, Position, Topic};
 use crate::hub::{Feeds, Hub, Lagged, Live};

@@ -148,7 +148,7 @@ async fn a_browser_multiplexes_twelve_event_sources_over_http2_with_compression(
 /// `lastEventId`, one on two topics), heartbeats between events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_joined() {
-    use crier::compress::Codec;
+    use crier::coding::Codec;
     for (coding, protocol) in [
         (Codec::Zstd, "h2"),
         (Codec::Gzip, "h2"),

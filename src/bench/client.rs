@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 use super::decode::{
     Body, DataLines, LastId, Line, WS_CLOSE, WS_PING, WS_PONG, WS_TEXT, WsFrames, response_head,
 };
-use crate::compress::{Codec, Decompressor};
+use crate::coding::Codec;
+use crate::compress::Decompressor;
 
 /// What every many-subscriber scenario is told about its subscribers.
 #[derive(Debug, Clone, Args)]

@@ -9,7 +9,7 @@
 //! decoded between [`Body`] and [`DataLines`] by the client, with
 //! [`Decompressor`](crate::compress::Decompressor), as a browser does.
 
-use crate::compress::Codec;
+use crate::coding::Codec;
 
 /// How the body of the response is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

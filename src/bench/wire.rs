@@ -17,7 +17,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use crate::compress::{Codec, Decompressor};
+use crate::coding::Codec;
+use crate::compress::Decompressor;
 
 #[derive(Debug, Clone, Args)]
 pub struct WireArgs {

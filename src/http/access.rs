@@ -78,7 +78,7 @@ pub fn cors_layer(origins: &AllowedOrigins) -> CorsLayer {
         .expose_headers([
             header::WWW_AUTHENTICATE,
             header::RETRY_AFTER,
-            HeaderName::from_static(super::publish::REPLAYED_HEADER),
+            HeaderName::from_static(super::request::REPLAYED_HEADER),
         ])
         .max_age(Duration::from_secs(3600));
     if origins.is_any() {

@@ -8,6 +8,7 @@ mod limits;
 mod metrics;
 mod poll;
 mod publish;
+mod request;
 mod subscribe;
 mod tickets;
 mod trace;
@@ -29,7 +30,7 @@ pub use error::ApiError;
 pub use metrics::metrics_app;
 
 use crate::auth::Auth;
-use crate::compress::Codec;
+use crate::coding::Codec;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};

@@ -11,15 +11,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 
 use super::access::credentials;
+use super::request::{REPLAYED_HEADER, client_name, parse_topic};
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, Principal};
 use crate::event::{EventName, Position, Topic};
 use crate::limits::ClientKey;
 use crate::store::{Appended, IdempotencyKey, NewEvent, Once, Receipt, StoreError};
-
-/// The answer header that says a publish was a retry: nothing was stored
-/// now, and the body is the first request's.
-pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
 /// What a publisher learns about each stored event (from its receipt, so a
 /// replay answers exactly what the first request was answered).
@@ -82,7 +79,7 @@ pub async fn one(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let topic = super::subscribe::parse_topic(path, &state)?;
+    let topic = parse_topic(path, &state)?;
     let key = idempotency_key(&headers)?;
     // Who is asking, and may they, before the body is read.
     let principal =
@@ -300,12 +297,6 @@ pub async fn batch(
 /// sent past the limit.
 fn fits(data: &str, limit: usize) -> bool {
     crate::sse::encoded_data_len(data) <= limit.saturating_add(7)
-}
-
-/// The client a request came from, for limits ("unknown" only when the
-/// router is served without the accept loop).
-pub(super) fn client_name(client: Option<Extension<ClientKey>>) -> String {
-    client.map_or_else(|| "unknown".to_owned(), |Extension(c)| c.to_string())
 }
 
 /// Reads a request body of at most `limit` bytes within `timeout`, refusing

@@ -23,9 +23,11 @@ use tokio_stream::Stream;
 
 use super::access::credentials;
 use super::limits::{BodyHoldsSlot, HeldSlot};
+use super::request::{client_name, parse_topic};
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
-use crate::compress::{SharedUnits, negotiate};
+use crate::coding::negotiate;
+use crate::compress::SharedUnits;
 use crate::event::{Cursor, Topic};
 use crate::limits::ClientKey;
 use crate::metrics::BytesWritten;
@@ -158,25 +160,6 @@ impl Transport {
         }
         Ok(Transport::Sse)
     }
-}
-
-pub(super) fn parse_topic(
-    path: Result<Path<String>, PathRejection>,
-    state: &AppState,
-) -> Result<Topic, ApiError> {
-    let name = match path {
-        Ok(Path(name)) => name,
-        // The only way a `{topic}` segment fails to extract is percent-
-        // encoding that is not UTF-8: outside the charset either way.
-        Err(rejection) => {
-            return Err(ApiError::InvalidTopic {
-                name: format!("({})", rejection.body_text()),
-                reason: crate::event::InvalidTopic::Charset,
-            });
-        }
-    };
-    Topic::parse(&name, state.config.max_topic_len)
-        .map_err(|reason| ApiError::InvalidTopic { name, reason })
 }
 
 /// The query parameters a subscription understands; others are ignored
@@ -315,7 +298,7 @@ async fn open(
                 .auth
                 .publisher(&credentials)
                 .map_err(|error| ApiError::from(error).problem());
-            let client = super::publish::client_name(peer.client);
+            let client = client_name(peer.client);
             let socket = super::websocket::Socket::new(
                 state.clone(),
                 publisher,

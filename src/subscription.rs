@@ -769,7 +769,7 @@ mod tests {
 
     use super::*;
     use crate::sse;
-    use crate::store::{MemoryStore, NewEvent, Retention};
+    use crate::store::{Appended, MemoryStore, NewEvent, Once, Retention};
     use crate::transport::sse::Plain;
 
     /// A store that refuses, for good, to read after any position past
@@ -783,8 +783,12 @@ mod tests {
 
     #[async_trait]
     impl Store for Refusing {
-        async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Arc<Event>>, StoreError> {
-            self.inner.append(events).await
+        async fn append_once(
+            &self,
+            events: Vec<(NewEvent, Option<Once>)>,
+            window: Duration,
+        ) -> Result<Vec<Appended>, StoreError> {
+            self.inner.append_once(events, window).await
         }
 
         async fn read(

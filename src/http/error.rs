@@ -100,7 +100,21 @@ impl ApiError {
             ApiError::Limit(LimitError::BatchOverBurst { .. }) => StatusCode::BAD_REQUEST,
             ApiError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            _ => StatusCode::BAD_REQUEST,
+            // Listed one by one: a new variant must choose its status here.
+            ApiError::InvalidTopic { .. }
+            | ApiError::InvalidEventName(_)
+            | ApiError::NotUtf8
+            | ApiError::UnreadableBody(_)
+            | ApiError::InvalidPosition { .. }
+            | ApiError::InvalidParameter { .. }
+            | ApiError::NoTopic
+            | ApiError::TooManyTopics { .. }
+            | ApiError::InvalidIdempotencyKey { .. }
+            | ApiError::MalformedBatch(_)
+            | ApiError::BatchTooLong { .. }
+            | ApiError::MalformedTicketRequest(_)
+            | ApiError::BadUpgrade(_)
+            | ApiError::MalformedFrame(_) => StatusCode::BAD_REQUEST,
         }
     }
 

@@ -188,24 +188,13 @@ pub trait Store: Send + Sync + 'static {
     /// twice with different fingerprints (see [`once::conflict_within`]).
     /// Records count against the store's limits: past them, `Full`.
     ///
-    /// The default serves calls without keys only, so a store that does not
-    /// keep records refuses keyed publishes rather than store duplicates.
+    /// Every store implements this one; `append` is built on it, so a store
+    /// cannot leave both to defaults that call each other.
     async fn append_once(
         &self,
         events: Vec<(NewEvent, Option<Once>)>,
         window: Duration,
-    ) -> Result<Vec<Appended>, StoreError> {
-        let _ = window;
-        if events.iter().any(|(_, once)| once.is_some()) {
-            return Err(StoreError::Rejected(
-                "this store does not keep idempotency keys".into(),
-            ));
-        }
-        let stored = self
-            .append(events.into_iter().map(|(event, _)| event).collect())
-            .await?;
-        Ok(stored.into_iter().map(Appended::Stored).collect())
-    }
+    ) -> Result<Vec<Appended>, StoreError>;
 
     /// Keeps a ticket's record under `key` (the ticket's digest) for `ttl`.
     async fn put_ticket(&self, key: &str, record: &str, ttl: Duration) -> Result<(), StoreError>;

@@ -331,6 +331,7 @@ async fn a_foreign_format_or_directory_refuses_start_naming_the_file_and_changes
         std::fs::read_to_string(dir.join("FORMAT")).unwrap(),
         "bolt 2\n"
     );
+    assert!(!dir.join("LOCK").exists(), "nothing is written into it");
 
     let other = tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
@@ -346,6 +347,7 @@ async fn a_foreign_format_or_directory_refuses_start_naming_the_file_and_changes
         "not ours"
     );
     assert!(!other.join("FORMAT").exists());
+    assert!(!other.join("LOCK").exists(), "nothing is written into it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,13 +465,190 @@ async fn a_corrupted_journal_refuses_start_naming_the_file_and_leaves_it_alone()
     bytes[at..at + 5].copy_from_slice(b"EVENT");
     std::fs::write(&path, &bytes).unwrap();
 
+    let before = snapshot(&dir);
     let log = refused(&["--data-dir", dir.to_str().unwrap()]);
     assert!(log.contains(&path.display().to_string()), "{log}");
+    assert!(log.contains("crier repair"), "{log}");
     assert_eq!(
         std::fs::read(&path).unwrap(),
         bytes,
         "the file is left as it was"
     );
+    assert!(snapshot(&dir) == before, "the directory is left as it was");
+}
+
+/// Every file under `dir` with its bytes, sorted: to show that something
+/// left a directory exactly as it was.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(snapshot(&path));
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            files.push((path, bytes));
+        }
+    }
+    files.sort();
+    files
+}
+
+/// What one topic was acknowledged: (id, data), in order.
+type Acked = Vec<(String, String)>;
+
+/// Publishes 30 events to each of `a`, `b` and `c` one by one (a journal
+/// batch each), `b-007` for the seventh of `b`, and stops crier cleanly.
+async fn three_topics_then_stop(dir: &Path) -> Vec<(&'static str, Acked)> {
+    let client = common::client();
+    let crier = start(dir, &[]);
+    let mut topics: Vec<(&'static str, Acked)> = vec![("a", vec![]), ("b", vec![]), ("c", vec![])];
+    for i in 1..=30 {
+        for (topic, acked) in &mut topics {
+            let data = format!("{topic}-{i:03}");
+            acked.push((publish(&client, &crier, topic, &data).await, data));
+        }
+    }
+    stop(crier).await;
+    topics
+}
+
+/// Flips the 8 bytes of the value's length fields of the event `data` (of
+/// a one-letter topic) in the journal: what fjall 3 took for the end of the
+/// journal, cutting it there and losing everything after. Returns the file.
+fn damage_the_lengths_of(dir: &Path, data: &str) -> std::path::PathBuf {
+    let path = journal(dir);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(data.len())
+        .position(|w| w == data.as_bytes())
+        .expect("the event is in the journal");
+    // Before the data: stored-at (8) and the name flag (1); before that the
+    // key (topic, 0, seq: 10 bytes), and before the key the value's length
+    // and stored length (u32 each, little-endian).
+    let lengths = at - 9 - 10 - 8;
+    let value_len = (9 + data.len()) as u32;
+    assert_eq!(
+        bytes[lengths..lengths + 8],
+        [value_len.to_le_bytes(), value_len.to_le_bytes()].concat(),
+        "fjall's journal layout as this test knows it"
+    );
+    for byte in &mut bytes[lengths..lengths + 8] {
+        *byte ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+/// `crier repair --data-dir DIR`: whether it succeeded, and what it said.
+fn repair(dir: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["repair", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("run crier repair");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_damaged_in_the_middle_refuses_start_naming_it_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    three_topics_then_stop(&dir).await;
+    let path = damage_the_lengths_of(&dir, "b-015");
+    let before = snapshot(&dir);
+
+    let log = refused(&["--data-dir", dir.to_str().unwrap()]);
+    assert!(log.contains(&path.display().to_string()), "{log}");
+    assert!(log.contains("not a torn tail"), "{log}");
+    assert!(
+        log.contains(&format!("crier repair --data-dir {}", dir.display())),
+        "{log}"
+    );
+    assert!(snapshot(&dir) == before, "the directory is left as it was");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_keeps_every_intact_event_in_a_new_epoch_and_no_id_is_handed_out_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let topics = three_topics_then_stop(&dir).await;
+    let path = damage_the_lengths_of(&dir, "b-015");
+
+    let (ok, said) = repair(&dir);
+    assert!(ok, "{said}");
+    assert!(said.contains(&path.display().to_string()), "{said}");
+    assert!(said.contains("3 topics start a new epoch"), "{said}");
+    // Again: nothing left to do, and nothing done.
+    let repaired = snapshot(&dir);
+    let (ok, said) = repair(&dir);
+    assert!(ok && said.contains("nothing was changed"), "{said}");
+    assert!(
+        snapshot(&dir) == repaired,
+        "a second repair changes nothing"
+    );
+
+    let client = common::client();
+    let crier = start(&dir, &[]);
+    let acked: std::collections::HashSet<&str> = topics
+        .iter()
+        .flat_map(|(_, acked)| acked.iter().map(|(id, _)| id.as_str()))
+        .collect();
+    let old = epoch_of(&topics[0].1[0].0);
+    for (topic, sent) in &topics {
+        // Resuming from the last id acknowledged (past the damage): reset,
+        // then every intact event in the new epoch, numbered densely up to
+        // the head. `b-015` is lost; b's older events move up to close the
+        // hole.
+        let last = &sent.last().unwrap().0;
+        let mut sub =
+            SseClient::connect(&client, &crier.url(&format!("/topics/{topic}")), Some(last)).await;
+        let reset = sub.next().await;
+        assert_eq!(reset.event, "reset", "{reset:?}");
+        let reason: Value = serde_json::from_str(&reset.data).unwrap();
+        assert_eq!(reason["reason"], "epoch", "{reset:?}");
+        let kept: Vec<&str> = sent
+            .iter()
+            .map(|(_, data)| data.as_str())
+            .filter(|data| *data != "b-015")
+            .collect();
+        let got = sub.take(kept.len()).await;
+        let new = epoch_of(&got[0].id);
+        assert_ne!(new, old, "{topic} starts a new epoch");
+        let first = 31 - kept.len();
+        let expected: Vec<Ev> = kept
+            .iter()
+            .enumerate()
+            .map(|(i, data)| msg(&format!("{}.{new}", first + i), data))
+            .collect();
+        assert_eq!(got, expected, "{topic}");
+        sub.expect_quiet(Duration::from_millis(100)).await;
+        // New events: numbered on after the head, in the new epoch.
+        let next = publish(&client, &crier, topic, "after repair").await;
+        assert_eq!(next, format!("31.{new}"));
+        assert!(
+            !acked.contains(next.as_str()),
+            "{next} was acknowledged before"
+        );
+        assert_eq!(sub.next().await, msg(&next, "after repair"));
+    }
+    // A client that saw the damaged event itself hears reset too.
+    let lost = &topics[1].1[14].0;
+    let mut sub = SseClient::connect(&client, &crier.url("/topics/b"), Some(lost)).await;
+    assert_eq!(sub.next().await.event, "reset");
+    stop(crier).await;
+
+    // The new epochs are kept by a restart: the repair is done.
+    let crier = start(&dir, &[]);
+    let next = publish(&client, &crier, "b", "later").await;
+    assert_eq!(seq_of(&next), 32);
+    assert!(!acked.contains(next.as_str()));
+    stop(crier).await;
 }
 
 /// Unmounts a test's tmpfs.
@@ -517,9 +696,12 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
         let chunk = vec![1u8; 64 * 1024];
         while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
     }
+    // Publish on into the full disk: every refusal is the same clean 507,
+    // whatever fjall makes of the failed writes (it poisons the database
+    // after the first; a write that finds a little room may succeed).
     let pad = "f".repeat(4000);
-    let mut refused = None;
-    for i in 0..1000 {
+    let mut refused = Vec::new();
+    for i in 0..400 {
         let data = format!("full-{i}-{pad}");
         let response = server
             .client
@@ -533,29 +715,27 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
             acked.push((answer["id"].as_str().unwrap().to_owned(), data));
             continue;
         }
-        assert_problem(response, 507, "storage-full").await;
-        refused = Some(data);
-        break;
-    }
-    let refused = refused.expect("a publish is refused once the disk is full");
-    // Space comes back: publishing works again (the first try may find the
-    // store still reopening its files).
-    std::fs::remove_file(&filler).unwrap();
-    let after = common::eventually("publishing works again", || async {
-        let response = server
-            .client
-            .post(server.url("/topics/d"))
-            .body("after")
-            .send()
-            .await
-            .unwrap();
-        if response.status() != 201 {
-            return Err(response.status());
+        let problem = assert_problem(response, 507, "storage-full").await;
+        assert_eq!(
+            problem["detail"],
+            "the store is full: the disk of the data directory is full",
+            "refusal {} (after {} acknowledged)",
+            refused.len() + 1,
+            acked.len()
+        );
+        refused.push(data);
+        if refused.len() == 40 {
+            break;
         }
-        let answer: Value = response.json().await.unwrap();
-        Ok(answer["id"].as_str().unwrap().to_owned())
-    })
-    .await;
+    }
+    assert_eq!(
+        refused.len(),
+        40,
+        "publishes are refused once the disk is full"
+    );
+    // Space comes back: the next publish is stored, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let after = server.publish_id("d", "after").await;
     // Nothing half-stored: the refused event is nowhere, numbering is dense.
     assert_eq!(seq_of(&after) as usize, acked.len() + 1);
     let epoch = epoch_of(&after);
@@ -564,7 +744,8 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
     expected.push(msg(&after, "after"));
     let got = sub.take(expected.len()).await;
     assert_eq!(got, expected);
-    assert!(got.iter().all(|e| e.data != refused));
+    sub.expect_quiet(Duration::from_millis(200)).await;
+    assert!(got.iter().all(|e| !refused.contains(&e.data)));
     server.stop().await;
 }
 

@@ -675,11 +675,17 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
         "this test mounts a small tmpfs (it runs as root)"
     );
     let _mounted = Mounted(mnt.clone());
+    // 3 MiB to give back later; publishes fill the rest (the journal, and
+    // fjall's flushes of its memtables, which then fail in the background).
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![1u8; 3 * 1024 * 1024]).unwrap();
     let dir = mnt.join("data");
     let server = Server::start_with(|config| {
         config.data_dir = Some(dir.clone());
         config.publish_rate = 1_000_000;
         config.publish_burst = 1_000_000;
+        // Every acknowledged event stays readable, to be checked.
+        config.retention_events = 100_000;
     })
     .await;
     let mut acked = Vec::new();
@@ -689,19 +695,12 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
             format!("before-{i}"),
         ));
     }
-    // Fill what is left of the disk.
-    let filler = mnt.join("filler");
-    {
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![1u8; 64 * 1024];
-        while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
-    }
     // Publish on into the full disk: every refusal is the same clean 507,
     // whatever fjall makes of the failed writes (it poisons the database
     // after the first; a write that finds a little room may succeed).
     let pad = "f".repeat(4000);
     let mut refused = Vec::new();
-    for i in 0..400 {
+    for i in 0..4000 {
         let data = format!("full-{i}-{pad}");
         let response = server
             .client
@@ -715,13 +714,22 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
             acked.push((answer["id"].as_str().unwrap().to_owned(), data));
             continue;
         }
-        let problem = assert_problem(response, 507, "storage-full").await;
-        assert_eq!(
-            problem["detail"],
-            "the store is full: the disk of the data directory is full",
-            "refusal {} (after {} acknowledged)",
+        let (status, kind) = (
+            response.status(),
+            response.headers().get("content-type").cloned(),
+        );
+        let problem: Value = response.json().await.unwrap();
+        let which = format!(
+            "refusal {} after {} acknowledged: {problem}",
             refused.len() + 1,
             acked.len()
+        );
+        assert_eq!(status, 507, "{which}");
+        assert_eq!(kind.unwrap(), "application/problem+json", "{which}");
+        assert_eq!(problem["type"], "urn:crier:problem:storage-full", "{which}");
+        assert_eq!(
+            problem["detail"], "the store is full: the disk of the data directory is full",
+            "{which}"
         );
         refused.push(data);
         if refused.len() == 40 {
@@ -746,6 +754,16 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
     assert_eq!(got, expected);
     sub.expect_quiet(Duration::from_millis(200)).await;
     assert!(got.iter().all(|e| !refused.contains(&e.data)));
+    server.stop().await;
+    // Nor on disk: a restart reads back exactly the same.
+    let server = Server::start_with(|config| {
+        config.data_dir = Some(dir.clone());
+        config.retention_events = 100_000;
+    })
+    .await;
+    let mut sub = server.resume("/topics/d", &format!("0.{epoch}")).await;
+    assert_eq!(sub.take(expected.len()).await, expected);
+    sub.expect_quiet(Duration::from_millis(200)).await;
     server.stop().await;
 }
 

@@ -106,7 +106,7 @@ impl Db {
             .worker_threads(1)
             .cache_size(8 * 1024 * 1024)
             .open()?;
-        let small = || KeyspaceCreateOptions::default().max_memtable_size(4 * 1024 * 1024);
+        let small = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE);
         Ok(Db {
             events: db.keyspace("events", small)?,
             topics: db.keyspace("topics", small)?,
@@ -268,13 +268,38 @@ fn parse_record(value: &[u8]) -> Option<Record> {
 
 /// What a storage error means to a publisher: a full disk is `Full` (507),
 /// anything else `Unavailable` (503). Either way nothing was stored.
-fn storage_error(error: &fjall::Error) -> StoreError {
+///
+/// fjall poisons the database when a write of its own fails (a flush of a
+/// memtable in the background, say) and then refuses every write with
+/// `Poisoned`, the cause lost: that counts as a full disk when the
+/// filesystem of `dir` has less room left than a flush may need.
+fn storage_error(error: &fjall::Error, dir: &Path) -> StoreError {
     let text = format!("{error:?}");
-    if text.contains("StorageFull") || text.contains("No space left") {
-        StoreError::Full("the disk of the data directory is full".into())
-    } else {
-        StoreError::Unavailable(format!("the data directory cannot be written: {error}"))
+    let full = text.contains("StorageFull")
+        || text.contains("QuotaExceeded")
+        || text.contains("No space left")
+        || (matches!(error, fjall::Error::Poisoned)
+            && free_bytes(dir).is_some_and(|free| free < FLUSH_ROOM));
+    match full {
+        true => StoreError::Full("the disk of the data directory is full".into()),
+        false => StoreError::Unavailable(format!("the data directory cannot be written: {error}")),
     }
+}
+
+/// Room a flush may need: the memtables of the four keyspaces, full.
+const FLUSH_ROOM: u64 = 4 * MEMTABLE;
+
+/// The size at which a keyspace's memtable is flushed to a table.
+const MEMTABLE: u64 = 4 * 1024 * 1024;
+
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct it is given, from a C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    let done = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    (done == 0).then(|| (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 /// The id of the running boot of the machine (Linux), or "" if unknown.
@@ -982,10 +1007,10 @@ impl Writer {
     /// the journal, so that nothing of a refused request is ever stored.
     fn db(&mut self) -> Result<&Db, StoreError> {
         if self.db.is_none() {
-            let db = Db::open(&self.path).map_err(|e| storage_error(&e))?;
+            let db = Db::open(&self.path).map_err(|e| storage_error(&e, &self.path))?;
             if !self.undo.is_empty() {
                 db.write(&self.undo, Fsync::Always)
-                    .map_err(|e| storage_error(&e))?;
+                    .map_err(|e| storage_error(&e, &self.path))?;
                 self.undo.clear();
             }
             self.db = Some(db);
@@ -1047,7 +1072,7 @@ impl Writer {
         self.poisoned = matches!(error, fjall::Error::Poisoned);
         tracing::warn!(%error, "writing the data directory failed; reopening it");
         self.db = None;
-        storage_error(error)
+        storage_error(error, &self.path)
     }
 
     fn sync(&mut self, mode: PersistMode) {
@@ -1356,6 +1381,7 @@ impl Writer {
 fn clone_error(error: &StoreError) -> StoreError {
     match error {
         StoreError::Full(s) => StoreError::Full(s.clone()),
+        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
         other => StoreError::Unavailable(other.to_string()),
     }
 }

@@ -565,7 +565,7 @@ async fn a_journal_damaged_in_the_middle_refuses_start_naming_it_and_changes_not
 
     let log = refused(&["--data-dir", dir.to_str().unwrap()]);
     assert!(log.contains(&path.display().to_string()), "{log}");
-    assert!(log.contains("not a torn tail"), "{log}");
+    assert!(log.contains("not as a torn tail"), "{log}");
     assert!(
         log.contains(&format!("crier repair --data-dir {}", dir.display())),
         "{log}"
@@ -648,6 +648,38 @@ async fn repair_keeps_every_intact_event_in_a_new_epoch_and_no_id_is_handed_out_
     let next = publish(&client, &crier, "b", "later").await;
     assert_eq!(seq_of(&next), 32);
     assert!(!acked.contains(next.as_str()));
+    stop(crier).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_interrupted_before_the_new_epochs_is_finished_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let client = common::client();
+    let crier = start(&dir, &[]);
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        ids.push(publish(&client, &crier, "r", &format!("r{i}")).await);
+    }
+    stop(crier).await;
+    // What `crier repair` leaves if it stops after mending the journals.
+    std::fs::write(dir.join("RENEW"), "").unwrap();
+
+    let crier = start(&dir, &[]);
+    assert!(!dir.join("RENEW").exists(), "the repair is finished");
+    let mut sub = SseClient::connect(&client, &crier.url("/topics/r"), Some(&ids[2])).await;
+    assert_eq!(sub.next().await.event, "reset");
+    let kept = sub.take(3).await;
+    let new = epoch_of(&kept[0].id);
+    assert_ne!(new, epoch_of(&ids[0]));
+    let expected: Vec<Ev> = (1..=3)
+        .map(|i| msg(&format!("{i}.{new}"), &format!("r{i}")))
+        .collect();
+    assert_eq!(kept, expected);
+    assert_eq!(
+        publish(&client, &crier, "r", "r4").await,
+        format!("4.{new}")
+    );
     stop(crier).await;
 }
 

@@ -403,9 +403,9 @@ fn check_journals(dir: &Path) -> Result<(), StoreError> {
     match damage {
         None => Ok(()),
         Some(damage) => Err(config_error(format!(
-            "the journal file {} is damaged at byte {}, before its last intact batch (not a \
-             torn tail): starting would lose the acknowledged events after it and hand their \
-             ids out again; nothing was changed. `crier repair --data-dir {}` keeps every \
+            "the journal file {} is damaged at byte {}, and not as a torn tail (the \
+             incomplete last write of a kill): starting would lose the acknowledged events \
+             after it and hand their ids out again; nothing was changed. `crier repair --data-dir {}` keeps every \
              intact event and starts every topic in a new epoch (clients get reset)",
             damage.file.display(),
             damage.at,
@@ -533,10 +533,12 @@ pub fn repair(dir: &Path) -> Result<Option<Repaired>, StoreError> {
     let db_path = dir.join("events");
     let io = |what: &Path, e: std::io::Error| config_error(format!("{}: {e}", what.display()));
     let mut damaged = Vec::new();
-    for file in journal::files(&db_path).map_err(|e| io(&db_path, e))? {
+    let files = journal::files(&db_path).map_err(|e| io(&db_path, e))?;
+    let newest = files.len();
+    for (i, file) in files.into_iter().enumerate() {
         let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
         let batches = journal::intact(&bytes);
-        if journal::damage(&batches).is_some() {
+        if journal::damage(&bytes, &batches, i + 1 == newest).is_some() {
             damaged.push((file, bytes, batches));
         }
     }

@@ -60,21 +60,28 @@ pub fn files(db: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|(_, path)| path).collect())
 }
 
-/// The first journal of `db` damaged before its end, if any.
+/// The first journal of `db` that is damaged, if any.
 pub fn first_damage(db: &Path) -> std::io::Result<Option<Damage>> {
-    for file in files(db)? {
-        let bytes = std::fs::read(&file)?;
-        if let Some(at) = damage(&intact(&bytes)) {
-            return Ok(Some(Damage { file, at }));
+    let files = files(db)?;
+    for (i, file) in files.iter().enumerate() {
+        let bytes = std::fs::read(file)?;
+        if let Some(at) = damage(&bytes, &intact(&bytes), i + 1 == files.len()) {
+            return Ok(Some(Damage {
+                file: file.clone(),
+                at,
+            }));
         }
     }
     Ok(None)
 }
 
-/// Where the intact batches of `batches` (from [`intact`]) stop being one
-/// run from the start of the file: the damage, if any. Bytes after the last
-/// intact batch are a torn tail (or the zeros of a new file), not damage.
-pub fn damage(batches: &[Range<usize>]) -> Option<usize> {
+/// Where a journal is damaged, given its intact `batches` (from
+/// [`intact`]): where they stop being one run from the start of the file.
+/// After the last intact batch, bytes that are no batch are the torn tail
+/// of a write a kill interrupted, in the `newest` journal (fjall writes
+/// there only); an older journal was synced whole before the next one
+/// began, so anything there but zeros is damage too.
+pub fn damage(bytes: &[u8], batches: &[Range<usize>], newest: bool) -> Option<usize> {
     let mut expected = 0;
     for batch in batches {
         if batch.start != expected {
@@ -82,7 +89,8 @@ pub fn damage(batches: &[Range<usize>]) -> Option<usize> {
         }
         expected = batch.end;
     }
-    None
+    let rest = &bytes[expected.min(bytes.len())..];
+    (!newest && rest.iter().any(|&b| b != 0)).then_some(expected)
 }
 
 /// Every intact batch of a journal, in order: read one after another from
@@ -229,7 +237,8 @@ mod tests {
         let (mut bytes, ranges) = journal();
         bytes.extend_from_slice(&[0; 4096]);
         assert_eq!(intact(&bytes), ranges);
-        assert_eq!(damage(&intact(&bytes)), None);
+        assert_eq!(damage(&bytes, &intact(&bytes), true), None);
+        assert_eq!(damage(&bytes, &intact(&bytes), false), None);
         assert_eq!(intact(&[]), vec![]);
     }
 
@@ -240,7 +249,13 @@ mod tests {
             let mut torn = bytes[..cut].to_vec();
             torn.extend_from_slice(&[0; 64]);
             assert_eq!(intact(&torn), ranges[..3], "cut at {cut}");
-            assert_eq!(damage(&intact(&torn)), None, "cut at {cut}");
+            assert_eq!(damage(&torn, &intact(&torn), true), None, "cut at {cut}");
+            // Not in a journal fjall had finished with.
+            assert_eq!(
+                damage(&torn, &intact(&torn), false),
+                Some(ranges[3].start),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -252,7 +267,11 @@ mod tests {
             bad[at] ^= 0x5a;
             let which = ranges.iter().position(|r| r.contains(&at)).unwrap();
             let found = intact(&bad);
-            assert_eq!(damage(&found), Some(ranges[which].start), "byte {at}");
+            assert_eq!(
+                damage(&bad, &found, true),
+                Some(ranges[which].start),
+                "byte {at}"
+            );
             // Every other batch is still found, for repair to keep.
             let others: Vec<_> = ranges
                 .iter()

@@ -13,9 +13,10 @@
 //! value type, compression, keyspace u64, key length u16, value length
 //! u32, stored length u32, key, stored value) or keyspace clears (tag 4:
 //! keyspace u64), and an end marker (tag 3, the xxh3 of the items' bytes,
-//! the trailer `FJL\x03`); integers little-endian. A new journal is zeros
-//! (preallocated) after its last batch. The tests in tests/durable.rs pin
-//! this against the fjall in Cargo.lock.
+//! the trailer `FJL\x03`); integers little-endian. (The seqno is covered
+//! by no checksum: a change there goes unseen, by fjall too.) A new
+//! journal is zeros (preallocated) after its last batch. The tests in
+//! tests/durable.rs pin this against the fjall in Cargo.lock.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -263,9 +264,14 @@ mod tests {
     fn any_byte_changed_before_the_last_batch_is_damage_at_its_batch() {
         let (bytes, ranges) = journal();
         for at in 0..ranges[2].end {
+            let which = ranges.iter().position(|r| r.contains(&at)).unwrap();
+            // A batch's seqno is covered by no checksum in fjall's layout:
+            // a change there cannot be told from a write.
+            if (5..13).contains(&(at - ranges[which].start)) {
+                continue;
+            }
             let mut bad = bytes.clone();
             bad[at] ^= 0x5a;
-            let which = ranges.iter().position(|r| r.contains(&at)).unwrap();
             let found = intact(&bad);
             assert_eq!(
                 damage(&bad, &found, true),

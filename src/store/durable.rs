@@ -405,8 +405,9 @@ fn check_journals(dir: &Path) -> Result<(), StoreError> {
         Some(damage) => Err(config_error(format!(
             "the journal file {} is damaged at byte {}, and not as a torn tail (the \
              incomplete last write of a kill): starting would lose the acknowledged events \
-             after it and hand their ids out again; nothing was changed. `crier repair --data-dir {}` keeps every \
-             intact event and starts every topic in a new epoch (clients get reset)",
+             after it and hand their ids out again; nothing was changed. `crier repair \
+             --data-dir {}` keeps every intact event and starts every topic in a new epoch \
+             (clients get reset)",
             damage.file.display(),
             damage.at,
             dir.display()

@@ -32,6 +32,18 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Print a signed token (JWT) made with the configured HMAC secret.
     Token(TokenArgs),
+    /// Repair a data directory crier refuses for a damaged journal: keep
+    /// every intact event, start every topic in a new epoch (run it with
+    /// crier stopped; docs/OPERATIONS.md, "The data directory").
+    Repair(RepairArgs),
+}
+
+/// `crier repair`: the data directory to repair.
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// The data directory (`--data-dir` of `serve`).
+    #[arg(long, env = "CRIER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: std::path::PathBuf,
 }
 
 /// `crier token`: what the token grants and for how long.

@@ -20,6 +20,7 @@ async fn main() -> std::process::ExitCode {
         None => cli.serve,
         Some(Command::Serve(config)) => *config,
         Some(Command::Token(args)) => return print_token(args),
+        Some(Command::Repair(args)) => return repair(&args.data_dir),
         Some(Command::Bench(args)) => {
             return match crier::bench::run(args).await {
                 Ok(()) => std::process::ExitCode::SUCCESS,
@@ -97,6 +98,46 @@ fn print_token(args: crier::config::TokenArgs) -> std::process::ExitCode {
         }
         Err(error) => {
             eprintln!("crier token: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `crier repair`: repairs a data directory and says what it did.
+fn repair(dir: &std::path::Path) -> std::process::ExitCode {
+    match crier::store::repair(dir) {
+        Ok(None) => {
+            println!(
+                "crier repair: no damaged journal in {}; nothing was changed",
+                dir.display()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(Some(repaired)) => {
+            for (journal, dropped) in &repaired.journals {
+                println!(
+                    "crier repair: {}: cut out {dropped} damaged bytes, kept every intact batch",
+                    journal.display()
+                );
+            }
+            if let Some(saved) = &repaired.saved {
+                println!(
+                    "crier repair: the damaged journals as they were: {}",
+                    saved.display()
+                );
+            }
+            println!(
+                "crier repair: {} topics start a new epoch: clients resuming get reset",
+                repaired.topics
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(crier::store::StoreError::Config(what)) => {
+            eprintln!("crier repair: {what}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("crier repair: {error}");
             std::process::ExitCode::FAILURE
         }
     }

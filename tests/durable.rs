@@ -331,6 +331,7 @@ async fn a_foreign_format_or_directory_refuses_start_naming_the_file_and_changes
         std::fs::read_to_string(dir.join("FORMAT")).unwrap(),
         "bolt 2\n"
     );
+    assert!(!dir.join("LOCK").exists(), "nothing is written into it");
 
     let other = tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
@@ -346,6 +347,7 @@ async fn a_foreign_format_or_directory_refuses_start_naming_the_file_and_changes
         "not ours"
     );
     assert!(!other.join("FORMAT").exists());
+    assert!(!other.join("LOCK").exists(), "nothing is written into it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,13 +465,325 @@ async fn a_corrupted_journal_refuses_start_naming_the_file_and_leaves_it_alone()
     bytes[at..at + 5].copy_from_slice(b"EVENT");
     std::fs::write(&path, &bytes).unwrap();
 
+    let before = snapshot(&dir);
     let log = refused(&["--data-dir", dir.to_str().unwrap()]);
     assert!(log.contains(&path.display().to_string()), "{log}");
+    assert!(log.contains("crier repair"), "{log}");
     assert_eq!(
         std::fs::read(&path).unwrap(),
         bytes,
         "the file is left as it was"
     );
+    assert!(snapshot(&dir) == before, "the directory is left as it was");
+}
+
+/// Every file under `dir` with its bytes, sorted: to show that something
+/// left a directory exactly as it was.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(snapshot(&path));
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            files.push((path, bytes));
+        }
+    }
+    files.sort();
+    files
+}
+
+/// What one topic was acknowledged: (id, data), in order.
+type Acked = Vec<(String, String)>;
+
+/// Publishes 30 events to each of `a`, `b` and `c` one by one (a journal
+/// batch each), `b-007` for the seventh of `b`, and stops crier cleanly.
+async fn three_topics_then_stop(dir: &Path) -> Vec<(&'static str, Acked)> {
+    let client = common::client();
+    let crier = start(dir, &[]);
+    let mut topics: Vec<(&'static str, Acked)> = vec![("a", vec![]), ("b", vec![]), ("c", vec![])];
+    for i in 1..=30 {
+        for (topic, acked) in &mut topics {
+            let data = format!("{topic}-{i:03}");
+            acked.push((publish(&client, &crier, topic, &data).await, data));
+        }
+    }
+    stop(crier).await;
+    topics
+}
+
+/// Flips the 8 bytes of the value's length fields of the event `data` (of
+/// a one-letter topic) in the journal: what fjall 3 took for the end of the
+/// journal, cutting it there and losing everything after. Returns the file.
+fn damage_the_lengths_of(dir: &Path, data: &str) -> std::path::PathBuf {
+    let path = journal(dir);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(data.len())
+        .position(|w| w == data.as_bytes())
+        .expect("the event is in the journal");
+    // Before the data: stored-at (8) and the name flag (1); before that the
+    // key (topic, 0, seq: 10 bytes), and before the key the value's length
+    // and stored length (u32 each, little-endian).
+    let lengths = at - 9 - 10 - 8;
+    let value_len = (9 + data.len()) as u32;
+    assert_eq!(
+        bytes[lengths..lengths + 8],
+        [value_len.to_le_bytes(), value_len.to_le_bytes()].concat(),
+        "fjall's journal layout as this test knows it"
+    );
+    for byte in &mut bytes[lengths..lengths + 8] {
+        *byte ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+/// `crier repair --data-dir DIR`: whether it succeeded, and what it said.
+fn repair(dir: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["repair", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("run crier repair");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_damaged_in_the_middle_refuses_start_naming_it_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    three_topics_then_stop(&dir).await;
+    let path = damage_the_lengths_of(&dir, "b-015");
+    let before = snapshot(&dir);
+
+    let log = refused(&["--data-dir", dir.to_str().unwrap()]);
+    assert!(log.contains(&path.display().to_string()), "{log}");
+    assert!(log.contains("not as a torn tail"), "{log}");
+    assert!(
+        log.contains(&format!("crier repair --data-dir {}", dir.display())),
+        "{log}"
+    );
+    assert!(snapshot(&dir) == before, "the directory is left as it was");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_keeps_every_intact_event_in_a_new_epoch_and_no_id_is_handed_out_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let topics = three_topics_then_stop(&dir).await;
+    let path = damage_the_lengths_of(&dir, "b-015");
+
+    let (ok, said) = repair(&dir);
+    assert!(ok, "{said}");
+    assert!(said.contains(&path.display().to_string()), "{said}");
+    assert!(said.contains("3 topics start a new epoch"), "{said}");
+    // Again: nothing left to do, and nothing done.
+    let repaired = snapshot(&dir);
+    let (ok, said) = repair(&dir);
+    assert!(ok && said.contains("nothing was changed"), "{said}");
+    assert!(
+        snapshot(&dir) == repaired,
+        "a second repair changes nothing"
+    );
+
+    let client = common::client();
+    let crier = start(&dir, &[]);
+    let acked: std::collections::HashSet<&str> = topics
+        .iter()
+        .flat_map(|(_, acked)| acked.iter().map(|(id, _)| id.as_str()))
+        .collect();
+    let old = epoch_of(&topics[0].1[0].0);
+    for (topic, sent) in &topics {
+        // Resuming from the last id acknowledged (past the damage): reset,
+        // then every intact event in the new epoch, numbered densely up to
+        // the head. `b-015` is lost; b's older events move up to close the
+        // hole.
+        let last = &sent.last().unwrap().0;
+        let mut sub =
+            SseClient::connect(&client, &crier.url(&format!("/topics/{topic}")), Some(last)).await;
+        let reset = sub.next().await;
+        assert_eq!(reset.event, "reset", "{reset:?}");
+        let reason: Value = serde_json::from_str(&reset.data).unwrap();
+        assert_eq!(reason["reason"], "epoch", "{reset:?}");
+        let kept: Vec<&str> = sent
+            .iter()
+            .map(|(_, data)| data.as_str())
+            .filter(|data| *data != "b-015")
+            .collect();
+        let got = sub.take(kept.len()).await;
+        let new = epoch_of(&got[0].id);
+        assert_ne!(new, old, "{topic} starts a new epoch");
+        let first = 31 - kept.len();
+        let expected: Vec<Ev> = kept
+            .iter()
+            .enumerate()
+            .map(|(i, data)| msg(&format!("{}.{new}", first + i), data))
+            .collect();
+        assert_eq!(got, expected, "{topic}");
+        sub.expect_quiet(Duration::from_millis(100)).await;
+        // New events: numbered on after the head, in the new epoch.
+        let next = publish(&client, &crier, topic, "after repair").await;
+        assert_eq!(next, format!("31.{new}"));
+        assert!(
+            !acked.contains(next.as_str()),
+            "{next} was acknowledged before"
+        );
+        assert_eq!(sub.next().await, msg(&next, "after repair"));
+    }
+    // A client that saw the damaged event itself hears reset too.
+    let lost = &topics[1].1[14].0;
+    let mut sub = SseClient::connect(&client, &crier.url("/topics/b"), Some(lost)).await;
+    assert_eq!(sub.next().await.event, "reset");
+    stop(crier).await;
+
+    // The new epochs are kept by a restart: the repair is done.
+    let crier = start(&dir, &[]);
+    let next = publish(&client, &crier, "b", "later").await;
+    assert_eq!(seq_of(&next), 32);
+    assert!(!acked.contains(next.as_str()));
+    stop(crier).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_bytes_flipped_mid_journal_refuse_start_and_after_repair_no_id_is_reissued() {
+    // The report: publishers at once, a clean stop, 8 bytes flipped in the
+    // middle of the used part of the journal, a restart.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let client = common::client();
+    let crier = start(&dir, &[]);
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let (client, base) = (client.clone(), crier.base.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut acked: Acked = Vec::new();
+            // Under the retention (1,000): no batch of the journal is a
+            // trim, each holds events.
+            while Instant::now() < until && acked.len() < 500 {
+                let data = format!("p{p}-{}", acked.len() + 1);
+                let response = client
+                    .post(format!("{base}/topics/p{p}"))
+                    .body(data.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 201);
+                let answer: Value = response.json().await.unwrap();
+                acked.push((answer["id"].as_str().unwrap().to_owned(), data));
+            }
+            acked
+        }));
+    }
+    let mut topics = Vec::new();
+    for publisher in publishers {
+        topics.push(publisher.await.unwrap());
+    }
+    stop(crier).await;
+    let path = journal(&dir);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let used = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+    let mut at = used / 2;
+    // Not exactly a batch's seqno, the one field no checksum covers.
+    while bytes[at - 5] == 1 {
+        at += 1;
+    }
+    for byte in &mut bytes[at..at + 8] {
+        *byte ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let log = refused(&["--data-dir", dir.to_str().unwrap()]);
+    assert!(log.contains(&path.display().to_string()), "{log}");
+
+    let (ok, said) = repair(&dir);
+    assert!(ok, "{said}");
+    let crier = start(&dir, &[]);
+    let acked: std::collections::HashSet<String> = topics
+        .iter()
+        .flat_map(|acked| acked.iter().map(|(id, _)| id.clone()))
+        .collect();
+    let mut lost = 0;
+    for (p, sent) in topics.iter().enumerate() {
+        let head = sent.len();
+        let last = &sent.last().unwrap().0;
+        let mut sub =
+            SseClient::connect(&client, &crier.url(&format!("/topics/p{p}")), Some(last)).await;
+        assert_eq!(sub.next().await.event, "reset", "p{p}");
+        let next = publish(&client, &crier, &format!("p{p}"), "after").await;
+        assert!(!acked.contains(&next), "{next} was acknowledged before");
+        // Up to "after": the kept events, in order, numbered densely in
+        // the new epoch up to the head, then "after" right past it.
+        let mut got = Vec::new();
+        loop {
+            let event = sub.next().await;
+            if event.data == "after" {
+                assert_eq!(event.id, next);
+                break;
+            }
+            got.push(event);
+        }
+        let new = epoch_of(&next);
+        assert_eq!(seq_of(&next) as usize, head + 1, "p{p}");
+        let first = head + 1 - got.len();
+        for (i, event) in got.iter().enumerate() {
+            assert_eq!(event.id, format!("{}.{new}", first + i), "p{p}");
+        }
+        let mut remaining = sent.iter().map(|(_, data)| data);
+        for event in &got {
+            assert!(
+                remaining.any(|data| *data == event.data),
+                "p{p}: {event:?} is an acknowledged event, in order"
+            );
+        }
+        lost += head - got.len();
+    }
+    // One batch or two (the 8 bytes may straddle two) of four requests at
+    // most, out of every event acknowledged.
+    assert!(
+        (1..=8).contains(&lost),
+        "{lost} events lost of {}",
+        acked.len()
+    );
+    stop(crier).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_interrupted_before_the_new_epochs_is_finished_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let client = common::client();
+    let crier = start(&dir, &[]);
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        ids.push(publish(&client, &crier, "r", &format!("r{i}")).await);
+    }
+    stop(crier).await;
+    // What `crier repair` leaves if it stops after mending the journals.
+    std::fs::write(dir.join("RENEW"), "").unwrap();
+
+    let crier = start(&dir, &[]);
+    assert!(!dir.join("RENEW").exists(), "the repair is finished");
+    let mut sub = SseClient::connect(&client, &crier.url("/topics/r"), Some(&ids[2])).await;
+    assert_eq!(sub.next().await.event, "reset");
+    let kept = sub.take(3).await;
+    let new = epoch_of(&kept[0].id);
+    assert_ne!(new, epoch_of(&ids[0]));
+    let expected: Vec<Ev> = (1..=3)
+        .map(|i| msg(&format!("{i}.{new}"), &format!("r{i}")))
+        .collect();
+    assert_eq!(kept, expected);
+    assert_eq!(
+        publish(&client, &crier, "r", "r4").await,
+        format!("4.{new}")
+    );
+    stop(crier).await;
 }
 
 /// Unmounts a test's tmpfs.
@@ -496,11 +810,17 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
         "this test mounts a small tmpfs (it runs as root)"
     );
     let _mounted = Mounted(mnt.clone());
+    // 3 MiB to give back later; publishes fill the rest (the journal, and
+    // fjall's flushes of its memtables, which then fail in the background).
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![1u8; 3 * 1024 * 1024]).unwrap();
     let dir = mnt.join("data");
     let server = Server::start_with(|config| {
         config.data_dir = Some(dir.clone());
         config.publish_rate = 1_000_000;
         config.publish_burst = 1_000_000;
+        // Every acknowledged event stays readable, to be checked.
+        config.retention_events = 100_000;
     })
     .await;
     let mut acked = Vec::new();
@@ -510,16 +830,12 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
             format!("before-{i}"),
         ));
     }
-    // Fill what is left of the disk.
-    let filler = mnt.join("filler");
-    {
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![1u8; 64 * 1024];
-        while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
-    }
+    // Publish on into the full disk: every refusal is the same clean 507,
+    // whatever fjall makes of the failed writes (it poisons the database
+    // after the first; a write that finds a little room may succeed).
     let pad = "f".repeat(4000);
-    let mut refused = None;
-    for i in 0..1000 {
+    let mut refused = Vec::new();
+    for i in 0..4000 {
         let data = format!("full-{i}-{pad}");
         let response = server
             .client
@@ -533,29 +849,36 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
             acked.push((answer["id"].as_str().unwrap().to_owned(), data));
             continue;
         }
-        assert_problem(response, 507, "storage-full").await;
-        refused = Some(data);
-        break;
-    }
-    let refused = refused.expect("a publish is refused once the disk is full");
-    // Space comes back: publishing works again (the first try may find the
-    // store still reopening its files).
-    std::fs::remove_file(&filler).unwrap();
-    let after = common::eventually("publishing works again", || async {
-        let response = server
-            .client
-            .post(server.url("/topics/d"))
-            .body("after")
-            .send()
-            .await
-            .unwrap();
-        if response.status() != 201 {
-            return Err(response.status());
+        let (status, kind) = (
+            response.status(),
+            response.headers().get("content-type").cloned(),
+        );
+        let problem: Value = response.json().await.unwrap();
+        let which = format!(
+            "refusal {} after {} acknowledged: {problem}",
+            refused.len() + 1,
+            acked.len()
+        );
+        assert_eq!(status, 507, "{which}");
+        assert_eq!(kind.unwrap(), "application/problem+json", "{which}");
+        assert_eq!(problem["type"], "urn:crier:problem:storage-full", "{which}");
+        assert_eq!(
+            problem["detail"], "the store is full: the disk of the data directory is full",
+            "{which}"
+        );
+        refused.push(data);
+        if refused.len() == 40 {
+            break;
         }
-        let answer: Value = response.json().await.unwrap();
-        Ok(answer["id"].as_str().unwrap().to_owned())
-    })
-    .await;
+    }
+    assert_eq!(
+        refused.len(),
+        40,
+        "publishes are refused once the disk is full"
+    );
+    // Space comes back: the next publish is stored, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let after = server.publish_id("d", "after").await;
     // Nothing half-stored: the refused event is nowhere, numbering is dense.
     assert_eq!(seq_of(&after) as usize, acked.len() + 1);
     let epoch = epoch_of(&after);
@@ -564,7 +887,18 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
     expected.push(msg(&after, "after"));
     let got = sub.take(expected.len()).await;
     assert_eq!(got, expected);
-    assert!(got.iter().all(|e| e.data != refused));
+    sub.expect_quiet(Duration::from_millis(200)).await;
+    assert!(got.iter().all(|e| !refused.contains(&e.data)));
+    server.stop().await;
+    // Nor on disk: a restart reads back exactly the same.
+    let server = Server::start_with(|config| {
+        config.data_dir = Some(dir.clone());
+        config.retention_events = 100_000;
+    })
+    .await;
+    let mut sub = server.resume("/topics/d", &format!("0.{epoch}")).await;
+    assert_eq!(sub.take(expected.len()).await, expected);
+    sub.expect_quiet(Duration::from_millis(200)).await;
     server.stop().await;
 }
 

@@ -34,6 +34,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::journal;
 use super::{
     Appended, Budget, Fingerprint, History, KeyDigest, MAX_SEQ, MemoryStore, NewEvent, Once,
     Receipt, Retention, Store, StoreError,
@@ -105,7 +106,7 @@ impl Db {
             .worker_threads(1)
             .cache_size(8 * 1024 * 1024)
             .open()?;
-        let small = || KeyspaceCreateOptions::default().max_memtable_size(4 * 1024 * 1024);
+        let small = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE);
         Ok(Db {
             events: db.keyspace("events", small)?,
             topics: db.keyspace("topics", small)?,
@@ -113,6 +114,50 @@ impl Db {
             state: db.keyspace("state", small)?,
             db,
         })
+    }
+}
+
+/// A keyspace of [`Db`], by name.
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    Events,
+    Topics,
+    Once,
+}
+
+/// One write of a group, kept apart from any batch: a group is written
+/// again to a reopened database, and undone after a failure.
+#[derive(Debug, Clone)]
+enum Change {
+    Put(Space, Vec<u8>, Vec<u8>),
+    Delete(Space, Vec<u8>),
+}
+
+impl Db {
+    fn space(&self, space: Space) -> &Keyspace {
+        match space {
+            Space::Events => &self.events,
+            Space::Topics => &self.topics,
+            Space::Once => &self.once,
+        }
+    }
+
+    /// Writes `changes` in one batch, synced with `always`.
+    fn write(&self, changes: &[Change], fsync: Fsync) -> Result<(), fjall::Error> {
+        let mut batch = self.db.batch();
+        for change in changes {
+            match change {
+                Change::Put(space, key, value) => {
+                    batch.insert(self.space(*space), key.as_slice(), value.as_slice())
+                }
+                Change::Delete(space, key) => batch.remove(self.space(*space), key.as_slice()),
+            }
+        }
+        batch.commit()?;
+        match fsync {
+            Fsync::Always => self.db.persist(PersistMode::SyncData),
+            Fsync::Interval => Ok(()),
+        }
     }
 }
 
@@ -223,13 +268,38 @@ fn parse_record(value: &[u8]) -> Option<Record> {
 
 /// What a storage error means to a publisher: a full disk is `Full` (507),
 /// anything else `Unavailable` (503). Either way nothing was stored.
-fn storage_error(error: &fjall::Error) -> StoreError {
+///
+/// fjall poisons the database when a write of its own fails (a flush of a
+/// memtable in the background, say) and then refuses every write with
+/// `Poisoned`, the cause lost: that counts as a full disk when the
+/// filesystem of `dir` has less room left than a flush may need.
+fn storage_error(error: &fjall::Error, dir: &Path) -> StoreError {
     let text = format!("{error:?}");
-    if text.contains("StorageFull") || text.contains("No space left") {
-        StoreError::Full("the disk of the data directory is full".into())
-    } else {
-        StoreError::Unavailable(format!("the data directory cannot be written: {error}"))
+    let full = text.contains("StorageFull")
+        || text.contains("QuotaExceeded")
+        || text.contains("No space left")
+        || (matches!(error, fjall::Error::Poisoned)
+            && free_bytes(dir).is_some_and(|free| free < FLUSH_ROOM));
+    match full {
+        true => StoreError::Full("the disk of the data directory is full".into()),
+        false => StoreError::Unavailable(format!("the data directory cannot be written: {error}")),
     }
+}
+
+/// Room a flush may need: the memtables of the four keyspaces, full.
+const FLUSH_ROOM: u64 = 4 * MEMTABLE;
+
+/// The size at which a keyspace's memtable is flushed to a table.
+const MEMTABLE: u64 = 4 * 1024 * 1024;
+
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct it is given, from a C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    let done = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    (done == 0).then(|| (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 /// The id of the running boot of the machine (Linux), or "" if unknown.
@@ -247,7 +317,7 @@ fn config_error(what: String) -> StoreError {
 fn take_lock(dir: &Path) -> Result<File, StoreError> {
     use std::os::fd::AsRawFd;
     let path = dir.join("LOCK");
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
@@ -264,17 +334,31 @@ fn take_lock(dir: &Path) -> Result<File, StoreError> {
             holder.trim()
         )));
     }
-    let _ = file.set_len(0);
-    let _ = writeln!(file, "{}", std::process::id());
     Ok(file)
 }
 
-/// Checks `DIR/FORMAT`, writing it into a new, empty directory; a foreign
-/// directory or layout refuses start naming the file.
-fn check_format(dir: &Path) -> Result<(), StoreError> {
+/// Writes our pid into the `LOCK` file we hold: only once the directory
+/// is known to be ours and sound, so a refusal leaves it as it was.
+fn claim_lock(lock: &mut File) {
+    let _ = lock.set_len(0);
+    let _ = writeln!(lock, "{}", std::process::id());
+}
+
+/// What `DIR` is, found without writing anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Empty (or only a `LOCK`): a new data directory.
+    New,
+    /// `DIR/FORMAT` names this build's layout.
+    Ours,
+}
+
+/// Reads `DIR/FORMAT`: a foreign directory or layout refuses start naming
+/// the file, before anything is written into it.
+fn check_format(dir: &Path) -> Result<Found, StoreError> {
     let path = dir.join("FORMAT");
     match std::fs::read_to_string(&path) {
-        Ok(found) if found.trim() == FORMAT => Ok(()),
+        Ok(found) if found.trim() == FORMAT => Ok(Found::Ours),
         Ok(found) => Err(config_error(format!(
             "{} says {:?}, not {FORMAT:?}: this data directory is not one this crier can read; \
              nothing was changed",
@@ -294,15 +378,223 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
                     dir.display()
                 )));
             }
-            let mut file = File::create(&path)
-                .map_err(|e| config_error(format!("cannot write {}: {e}", path.display())))?;
-            writeln!(file, "{FORMAT}")
-                .and_then(|()| file.sync_all())
-                .map_err(|e| config_error(format!("cannot write {}: {e}", path.display())))?;
-            Ok(())
+            Ok(Found::New)
         }
         Err(e) => Err(config_error(format!("cannot read {}: {e}", path.display()))),
     }
+}
+
+/// Makes `DIR` a data directory of this layout.
+fn write_format(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join("FORMAT");
+    let mut file = File::create(&path)
+        .map_err(|e| config_error(format!("cannot write {}: {e}", path.display())))?;
+    writeln!(file, "{FORMAT}")
+        .and_then(|()| file.sync_all())
+        .map_err(|e| config_error(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Refuses a journal damaged before its end (fjall would cut it there,
+/// silently losing acknowledged events), naming it; reads only.
+fn check_journals(dir: &Path) -> Result<(), StoreError> {
+    let db = dir.join("events");
+    let damage = journal::first_damage(&db)
+        .map_err(|e| config_error(format!("cannot read the journals in {}: {e}", db.display())))?;
+    match damage {
+        None => Ok(()),
+        Some(damage) => Err(config_error(format!(
+            "the journal file {} is damaged at byte {}, and not as a torn tail (the \
+             incomplete last write of a kill): starting would lose the acknowledged events \
+             after it and hand their ids out again; nothing was changed. `crier repair \
+             --data-dir {}` keeps every intact event and starts every topic in a new epoch \
+             (clients get reset)",
+            damage.file.display(),
+            damage.at,
+            dir.display()
+        ))),
+    }
+}
+
+/// `DIR/RENEW`: written by `crier repair` before it changes a journal, and
+/// removed once every topic has its new epoch; while it is there, the next
+/// open (or repair) renews every epoch first.
+fn renew_mark(dir: &Path) -> PathBuf {
+    dir.join("RENEW")
+}
+
+/// Gives every topic of `db` a new epoch, keeping its events and head:
+/// ids handed out before can then name nothing new, and clients resuming
+/// from them get `reset`. Memory serves one run of numbers ending at the
+/// head, so the events before a hole (a repaired journal may leave one)
+/// are numbered up to close it, in order; in a new epoch every id is new
+/// anyway. Returns how many topics there are.
+fn renew_every_epoch(db: &Db) -> Result<usize, fjall::Error> {
+    let mut batch = db.db.batch();
+    let mut topics = 0;
+    for item in db.topics.iter() {
+        let (key, value) = item.into_inner()?;
+        let Some((old, head)) = parse_topic_value(&value) else {
+            continue;
+        };
+        let Some(topic) = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|name| Topic::parse(name, usize::MAX).ok())
+        else {
+            continue;
+        };
+        let mut events = Vec::new();
+        for item in db.events.prefix(event_prefix(&topic)) {
+            let (key, value) = item.into_inner()?;
+            let seq = key
+                .get(key.len().saturating_sub(8)..)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            match seq {
+                Some(seq) if seq <= head => events.push((seq, value)),
+                _ => batch.remove(&db.events, key),
+            }
+        }
+        // The n-th newest event takes the number head - n: each key is
+        // written or removed at most once.
+        let first = head + 1 - events.len() as u64;
+        let targets = first..=head;
+        for (i, (seq, value)) in events.iter().enumerate() {
+            let target = first + i as u64;
+            if *seq != target {
+                batch.insert(&db.events, event_key(&topic, target), value.clone());
+                if !targets.contains(seq) {
+                    batch.remove(&db.events, event_key(&topic, *seq));
+                }
+            }
+        }
+        let mut epoch = Epoch::random();
+        while epoch == old {
+            epoch = Epoch::random();
+        }
+        batch.insert(&db.topics, key, topic_value(epoch, head));
+        topics += 1;
+    }
+    batch.commit()?;
+    db.db.persist(PersistMode::SyncAll)?;
+    Ok(topics)
+}
+
+/// Creates or removes a file and syncs it and its directory, so that the
+/// step it marks survives a crash.
+fn mark(path: &Path, present: bool) -> std::io::Result<()> {
+    match present {
+        true => File::create(path)?.sync_all()?,
+        false => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        },
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Writes `bytes` to a new file `path`, its trailing zeros (a journal's
+/// preallocated room) as a hole: the same content, not 64 MiB of disk.
+fn save(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let used = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let mut file = File::create_new(path)?;
+    file.write_all(&bytes[..used])?;
+    file.set_len(bytes.len() as u64)?;
+    file.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// What `crier repair` did to a data directory.
+#[derive(Debug, Default)]
+pub struct Repaired {
+    /// Each damaged journal, and the bytes of it that were no intact batch
+    /// (dropped).
+    pub journals: Vec<(PathBuf, usize)>,
+    /// Where the damaged journals were copied as they were.
+    pub saved: Option<PathBuf>,
+    /// Topics given a new epoch.
+    pub topics: usize,
+}
+
+/// `crier repair`: cuts what is not an intact batch out of every damaged
+/// journal (keeping every intact event, after the damage too), then gives
+/// every topic a new epoch, since any of them may have lost acknowledged
+/// events. Safe to run again, also after a crash halfway: `Ok(None)` when
+/// there is nothing to do, and nothing was changed.
+pub fn repair(dir: &Path) -> Result<Option<Repaired>, StoreError> {
+    if check_format(dir)? == Found::New {
+        return Err(config_error(format!(
+            "{} holds no data directory (no FORMAT): nothing to repair; nothing was changed",
+            dir.display()
+        )));
+    }
+    let mut lock = take_lock(dir)?;
+    let db_path = dir.join("events");
+    let io = |what: &Path, e: std::io::Error| config_error(format!("{}: {e}", what.display()));
+    let mut damaged = Vec::new();
+    let files = journal::files(&db_path).map_err(|e| io(&db_path, e))?;
+    let newest = files.len();
+    for (i, file) in files.into_iter().enumerate() {
+        let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
+        let batches = journal::intact(&bytes);
+        if journal::damage(&bytes, &batches, i + 1 == newest).is_some() {
+            damaged.push((file, bytes, batches));
+        }
+    }
+    let renew = renew_mark(dir);
+    if damaged.is_empty() && !renew.exists() {
+        return Ok(None);
+    }
+    claim_lock(&mut lock);
+    mark(&renew, true).map_err(|e| io(&renew, e))?;
+    let mut repaired = Repaired::default();
+    if !damaged.is_empty() {
+        let saved = dir.join(format!("damaged-{}", wall_ms() / 1000));
+        std::fs::create_dir_all(&saved).map_err(|e| io(&saved, e))?;
+        for (file, bytes, batches) in damaged {
+            let name = file.file_name().unwrap_or_default();
+            let copy = saved.join(name);
+            save(&copy, &bytes).map_err(|e| io(&copy, e))?;
+            let mut kept = Vec::with_capacity(bytes.len());
+            for batch in &batches {
+                kept.extend_from_slice(&bytes[batch.clone()]);
+            }
+            // Written beside the copy, then moved into place: fjall never
+            // sees a half-written journal.
+            let next = saved.join(format!("{}.repaired", name.to_string_lossy()));
+            std::fs::write(&next, &kept)
+                .and_then(|()| File::open(&next)?.sync_all())
+                .and_then(|()| sync_dir(&saved))
+                .and_then(|()| std::fs::rename(&next, &file))
+                .and_then(|()| sync_dir(&db_path))
+                .map_err(|e| io(&file, e))?;
+            let dropped = batches.last().map_or(0, |b| b.end) - kept.len();
+            tracing::warn!(
+                journal = %file.display(),
+                dropped_bytes = dropped,
+                "cut the damaged parts out of a journal"
+            );
+            repaired.journals.push((file, dropped));
+        }
+        repaired.saved = Some(saved);
+    }
+    let db = Db::open(&db_path).map_err(|e| {
+        config_error(format!(
+            "cannot open the event database {}: {e}",
+            db_path.display()
+        ))
+    })?;
+    repaired.topics = renew_every_epoch(&db).map_err(|e| {
+        config_error(format!(
+            "cannot write the event database {}: {e}",
+            db_path.display()
+        ))
+    })?;
+    drop(db);
+    mark(&renew, false).map_err(|e| io(&renew, e))?;
+    Ok(Some(repaired))
 }
 
 /// The journal files of the database at `path`, for a message.
@@ -347,8 +639,17 @@ impl DurableStore {
         let dir = &settings.dir;
         std::fs::create_dir_all(dir)
             .map_err(|e| config_error(format!("cannot create {}: {e}", dir.display())))?;
-        let lock = take_lock(dir)?;
-        check_format(dir)?;
+        // Nothing is written into the directory before it is known to be
+        // a sound crier directory (or an empty one).
+        let found = check_format(dir)?;
+        let mut lock = take_lock(dir)?;
+        if found == Found::Ours {
+            check_journals(dir)?;
+        }
+        claim_lock(&mut lock);
+        if found == Found::New {
+            write_format(dir)?;
+        }
         let path = dir.join("events");
         let db = Db::open(&path).map_err(|e| {
             let which = match &e {
@@ -372,6 +673,17 @@ impl DurableStore {
                 path.display()
             ))
         };
+        let renewing = renew_mark(dir);
+        if renewing.exists() {
+            // A repair stopped before every topic had its new epoch.
+            let topics = renew_every_epoch(&db).map_err(read_error)?;
+            mark(&renewing, false)
+                .map_err(|e| config_error(format!("cannot remove {}: {e}", renewing.display())))?;
+            tracing::warn!(
+                topics,
+                "finished an interrupted repair: every topic has a new epoch"
+            );
+        }
         let mem = Arc::new(MemoryStore::for_durable(hub, retention, budget));
 
         // Could acknowledged events be missing? Only after an unclean stop
@@ -416,6 +728,18 @@ impl DurableStore {
                 let event = Event::new(topic.clone(), seq, epoch, name.as_ref(), &data)
                     .retained_under(mem.retained_bytes());
                 events.push((instant_of(at_ms, now, now_ms), Arc::new(event)));
+            }
+            // Memory serves one run of numbers ending at the head: events
+            // before a hole in it (a repaired journal may leave one) go.
+            let run = events
+                .iter()
+                .rev()
+                .zip((0..=head).rev())
+                .take_while(|((_, event), seq)| event.seq == *seq)
+                .count();
+            let holed = events.len() - run;
+            for (_, event) in events.drain(..holed) {
+                fix.remove(&db.events, event_key(&topic, event.seq));
             }
             let (epoch, head) = if renew {
                 let epoch = Epoch::random();
@@ -500,6 +824,8 @@ impl DurableStore {
             expiry: expiry.into(),
             disk,
             unsynced: false,
+            undo: Vec::new(),
+            poisoned: false,
         };
         std::thread::Builder::new()
             .name("crier-writer".into())
@@ -588,6 +914,11 @@ struct Writer {
     disk: HashMap<Topic, OnDisk>,
     /// Written since the last sync (`interval`).
     unsynced: bool,
+    /// What undoes a group whose write failed, written first thing after
+    /// the database is reopened.
+    undo: Vec<Change>,
+    /// The last write failed because fjall had poisoned the database.
+    poisoned: bool,
 }
 
 /// One request's events, numbered, with where each went.
@@ -675,23 +1006,76 @@ impl Writer {
     }
 
     /// The database, reopened after a failed write (fjall refuses writes
-    /// after one).
+    /// after one): first undoing what the failed group may have left in
+    /// the journal, so that nothing of a refused request is ever stored.
     fn db(&mut self) -> Result<&Db, StoreError> {
         if self.db.is_none() {
-            match Db::open(&self.path) {
-                Ok(db) => self.db = Some(db),
-                Err(e) => return Err(storage_error(&e)),
+            let db = Db::open(&self.path).map_err(|e| storage_error(&e, &self.path))?;
+            if !self.undo.is_empty() {
+                db.write(&self.undo, Fsync::Always)
+                    .map_err(|e| storage_error(&e, &self.path))?;
+                self.undo.clear();
             }
+            self.db = Some(db);
         }
         self.db
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the event database is not open".into()))
     }
 
+    /// Writes one group's `changes`. A database fjall has poisoned (after
+    /// a failure of its own flush, say) refuses every write with no cause
+    /// given: it is reopened and the group written once more, so that the
+    /// answer says what is wrong now (a full disk is 507, not 503).
+    fn write(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut again = true;
+        loop {
+            let fsync = self.fsync;
+            let result = self.db()?.write(changes, fsync);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    self.undo_later(changes);
+                    let error = self.failed(&error);
+                    if !std::mem::take(&mut again) || !self.poisoned {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What undoes `changes` if they reach the journal after all: their
+    /// events and records deleted, their topics' heads put back.
+    fn undo_later(&mut self, changes: &[Change]) {
+        for change in changes {
+            let undo = match change {
+                Change::Put(Space::Topics, key, _) => {
+                    let on_disk = std::str::from_utf8(key)
+                        .ok()
+                        .and_then(|name| Topic::parse(name, usize::MAX).ok())
+                        .and_then(|topic| self.disk.get(&topic).copied());
+                    match on_disk {
+                        Some(d) => Change::Put(
+                            Space::Topics,
+                            key.clone(),
+                            topic_value(d.epoch, d.head).to_vec(),
+                        ),
+                        None => Change::Delete(Space::Topics, key.clone()),
+                    }
+                }
+                Change::Put(space, key, _) => Change::Delete(*space, key.clone()),
+                Change::Delete(..) => continue,
+            };
+            self.undo.push(undo);
+        }
+    }
+
     fn failed(&mut self, error: &fjall::Error) -> StoreError {
+        self.poisoned = matches!(error, fjall::Error::Poisoned);
         tracing::warn!(%error, "writing the data directory failed; reopening it");
         self.db = None;
-        storage_error(error)
+        storage_error(error, &self.path)
     }
 
     fn sync(&mut self, mode: PersistMode) {
@@ -724,19 +1108,11 @@ impl Writer {
     /// stored, then publishes them in order and answers each.
     fn write_group(&mut self, group: Vec<Request>) {
         let now_ms = wall_ms();
-        let db = match self.db() {
-            Ok(db) => db,
-            Err(error) => {
-                for (_, _, reply) in group {
-                    let _ = reply.send(Err(clone_error(&error)));
-                }
-                return;
-            }
-        };
-        let mut batch = db.db.batch();
-        let (events_ks, topics_ks, once_ks) =
-            (db.events.clone(), db.topics.clone(), db.once.clone());
-        self.prune_records(now_ms, &mut batch, &once_ks);
+        let mut changes: Vec<Change> = self
+            .prune_records(now_ms)
+            .into_iter()
+            .map(|key| Change::Delete(Space::Once, key.0.to_vec()))
+            .collect();
         // Heads numbered in this group, and the records it made (to undo
         // if the write fails).
         let mut tips: HashMap<Topic, (Epoch, u64)> = HashMap::new();
@@ -756,11 +1132,11 @@ impl Writer {
                         let Answer::Stored(event) = answer else {
                             continue;
                         };
-                        batch.insert(
-                            &events_ks,
+                        changes.push(Change::Put(
+                            Space::Events,
                             event_key(&event.topic, event.seq),
                             event_value(now_ms, new.name.as_ref(), &new.data),
-                        );
+                        ));
                         if let Some(once) = once
                             && !window.is_zero()
                         {
@@ -769,7 +1145,11 @@ impl Writer {
                                 receipt: Receipt::from(&**event),
                                 expires_ms,
                             };
-                            batch.insert(&once_ks, once.key.0, record_value(&record));
+                            changes.push(Change::Put(
+                                Space::Once,
+                                once.key.0.to_vec(),
+                                record_value(&record),
+                            ));
                             undo.push((once.key, self.records.insert(once.key, record)));
                             self.expiry.push_back((expires_ms, once.key));
                         }
@@ -779,28 +1159,21 @@ impl Writer {
             }
         }
         for (topic, (epoch, head)) in &tips {
-            batch.insert(
-                &topics_ks,
-                topic.as_str().as_bytes(),
-                topic_value(*epoch, *head),
-            );
+            changes.push(Change::Put(
+                Space::Topics,
+                topic.as_str().as_bytes().to_vec(),
+                topic_value(*epoch, *head).to_vec(),
+            ));
         }
         let writing = Instant::now();
         let requests = planned.len();
-        let written = batch.commit().and_then(|()| match self.fsync {
-            Fsync::Always => self
-                .db
-                .as_ref()
-                .map_or(Ok(()), |db| db.db.persist(PersistMode::SyncData)),
-            Fsync::Interval => Ok(()),
-        });
+        let written = self.write(&changes);
         tracing::trace!(
             requests,
             took_us = writing.elapsed().as_micros() as u64,
             "wrote a group"
         );
         if let Err(error) = written {
-            let error = self.failed(&error);
             for (key, before) in undo.into_iter().rev() {
                 match before {
                     Some(record) => self.records.insert(key, record),
@@ -921,8 +1294,9 @@ impl Writer {
         Ok((answers, local, bytes))
     }
 
-    /// Forgets expired records, deleting them from disk with `batch`.
-    fn prune_records(&mut self, now_ms: u64, batch: &mut fjall::OwnedWriteBatch, once: &Keyspace) {
+    /// Forgets expired records; returns their keys, to delete from disk.
+    fn prune_records(&mut self, now_ms: u64) -> Vec<KeyDigest> {
+        let mut gone = Vec::new();
         while let Some(&(expires, key)) = self.expiry.front() {
             if expires > now_ms {
                 break;
@@ -934,9 +1308,10 @@ impl Writer {
                 .is_some_and(|r| r.expires_ms == expires)
             {
                 self.records.remove(&key);
-                batch.remove(once, key.0);
+                gone.push(key);
             }
         }
+        gone
     }
 
     /// Deletes from disk what memory no longer retains of `topics`, and
@@ -992,14 +1367,16 @@ impl Writer {
         for topic in idle {
             self.disk.remove(&topic);
         }
-        let now_ms = wall_ms();
-        if let Ok(db) = self.db() {
-            let once = db.once.clone();
-            let mut batch = db.db.batch();
-            self.prune_records(now_ms, &mut batch, &once);
-            if let Err(error) = batch.commit() {
-                self.failed(&error);
-            }
+        let gone: Vec<Change> = self
+            .prune_records(wall_ms())
+            .into_iter()
+            .map(|key| Change::Delete(Space::Once, key.0.to_vec()))
+            .collect();
+        if !gone.is_empty()
+            && let Ok(db) = self.db()
+            && let Err(error) = db.write(&gone, Fsync::Interval)
+        {
+            self.failed(&error);
         }
     }
 }
@@ -1007,6 +1384,7 @@ impl Writer {
 fn clone_error(error: &StoreError) -> StoreError {
     match error {
         StoreError::Full(s) => StoreError::Full(s.clone()),
+        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
         other => StoreError::Unavailable(other.to_string()),
     }
 }

@@ -8,6 +8,7 @@
 //! feed. All pass the same behavioural tests through HTTP.
 
 mod durable;
+mod journal;
 mod measured;
 mod memory;
 pub mod once;
@@ -21,7 +22,7 @@ use async_trait::async_trait;
 
 use crate::event::{Epoch, Event, EventName, Topic};
 
-pub use durable::{DurableSettings, DurableStore};
+pub use durable::{DurableSettings, DurableStore, Repaired, repair};
 pub use measured::Measured;
 pub use memory::{Budget, MemoryStore};
 pub use once::{Fingerprint, IdempotencyKey, InvalidIdempotencyKey, KeyDigest, Once};

@@ -623,6 +623,27 @@ pub fn alone(codec: Codec, data: &[u8]) -> Bytes {
     })
 }
 
+/// A whole answer (a long-poll's JSON) compressed in `codec`, as one
+/// complete body: a zstd frame, a gzip member, a brotli stream.
+pub fn whole(codec: Codec, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let out = Vec::with_capacity(data.len() / 2 + 64);
+    match codec {
+        Codec::Zstd => zstd::bulk::compress(data, ZSTD_LEVEL),
+        Codec::Gzip => {
+            let level = flate2::Compression::new(ALONE_DEFLATE_LEVEL);
+            let mut encoder = flate2::write::GzEncoder::new(out, level);
+            encoder.write_all(data)?;
+            encoder.finish()
+        }
+        Codec::Brotli => {
+            let quality = ALONE_BROTLI_QUALITY as u32;
+            let mut writer = brotli::CompressorWriter::new(out, 4096, quality, BROTLI_LGWIN as u32);
+            writer.write_all(data)?;
+            Ok(writer.into_inner())
+        }
+    }
+}
+
 /// The self-contained unit of an event (its whole frame, or its body
 /// without the `id:` line), made once per event and coding.
 pub fn self_contained(event: &Event, codec: Codec, body: bool) -> Bytes {

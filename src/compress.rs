@@ -724,17 +724,23 @@ const ZSTD_END_OF_FRAME: [u8; 3] = [0x01, 0x00, 0x00];
 /// 2. One literal `\n`, two sequences of no literals and match 3: offset 4
 ///    (code 2, extra bits 3: `-:-`), then offset 1 (code 2, extra bits 0:
 ///    `---`); then the literal.
+#[rustfmt::skip]
 pub const ZSTD_REPEATS_RESET: [u8; 29] = [
     // Block header: not last, compressed, 15 bytes.
-    0x7c, 0x00, 0x00, // Raw literals, 8 of them.
+    0x7c, 0x00, 0x00,
+    // Raw literals, 8 of them.
     0x40, b':', b'-', b'-', b'-', b'-', b'-', b'-', b'-',
     // 1 sequence; literal lengths, offsets, match lengths RLE: 8, 3, 0.
-    0x01, 0x54, 0x08, 0x03, 0x00, // Marker, then 3 bits: 0b011.
-    0x0b, // Block header: not last, compressed, 8 bytes.
-    0x44, 0x00, 0x00, // Raw literals, 1 of them.
-    0x08, b'\n', // 2 sequences; RLE: 0, 2, 0.
+    0x01, 0x54, 0x08, 0x03, 0x00,
+    // End marker, then 3 bits: 0b011.
+    0x0b,
+    // Block header: not last, compressed, 8 bytes.
+    0x44, 0x00, 0x00,
+    // Raw literals, 1 of them.
+    0x08, b'\n',
+    // 2 sequences; RLE: 0, 2, 0.
     0x02, 0x54, 0x00, 0x02, 0x00,
-    // Marker, then 2 bits (first sequence) 0b11, 2 bits 0b00.
+    // End marker, then 2 bits (first sequence) 0b11, 2 bits 0b00.
     0x1c,
 ];
 

@@ -10,8 +10,21 @@
 //!
 //! Each format can be cut into units that decode on their own terms:
 //!
-//! - zstd: a payload is a sequence of frames (RFC 8878), so a complete frame
-//!   can follow anything. An event compressed alone is one frame.
+//! - zstd (RFC 8878): a frame is a header and then blocks, and a block may
+//!   refer back (by distance) into anything the frame produced before it.
+//!   Each stream writes one frame: its header once (a 64 KiB window, no
+//!   size, no checksum), then shared units as bare blocks (a unit is
+//!   compressed as a frame, its header cut off and its last block not
+//!   marked last), its own bytes as raw blocks, and the last block when it
+//!   ends. One frame, not a frame per unit: some decoders read only the
+//!   first frame of a response (Python's httpx, so `httpx-sse`). What a
+//!   block inherits from the blocks before it besides the history is the
+//!   decoder's three repeat offsets, which a fresh frame starts at 1, 4, 8
+//!   and a unit compressed as a fresh frame may use: before such a unit,
+//!   unless nothing compressed came since the stream's start, a stream
+//!   writes [`ZSTD_REPEATS_RESET`], two tiny blocks whose matches set them
+//!   back to 1, 4, 8 and that decode to a comment line
+//!   ([`ZSTD_REPEATS_RESET_LINE`]), which SSE clients ignore.
 //! - gzip: a member is a 10-byte header, deflate blocks and a trailer. After
 //!   a sync flush the output ends on a byte boundary between blocks, and
 //!   blocks from a fresh compressor refer to nothing before them. Each
@@ -34,7 +47,7 @@
 //! An event compressed alone loses what repetitive JSON gains from the
 //! events before it, so each topic also has a [`Chain`]: one compressor per
 //! coding whose output carries context from event to event within a
-//! *segment* (a zstd frame; deflate blocks since a reset; a catable brotli
+//! *segment* (a zstd frame's blocks; deflate blocks since a reset; a catable brotli
 //! compressor's output), started anew every [`SEGMENT_EVENTS`] events and
 //! when the topic was quiet for a heartbeat interval. Back-references are
 //! distances into what the decoder produced (and brotli's remembered
@@ -45,7 +58,7 @@
 //! heartbeat, a `reset`, a replayed event), writes each event's
 //! self-contained unit instead (compressed once per event and coding, on
 //! first use, and cached on the event) until the next segment begins. Its
-//! own bytes go out uncompressed: a raw zstd frame, a stored deflate block,
+//! own bytes go out uncompressed: raw zstd blocks, a stored deflate block,
 //! an uncompressed brotli meta-block. Multi-topic streams, whose `id:` lines
 //! differ per stream, write their id line that way and then the shared
 //! self-contained unit of the event's body.
@@ -310,7 +323,18 @@ impl Chain {
         // A compressor that failed is dropped: the next event makes a new
         // one and starts a segment; this event goes out self-contained.
         let frame = event.frame();
-        let zstd = self.zstd.as_mut().map(|e| zstd_flushed(e, frame));
+        let fresh = self.index == 0;
+        let zstd = self.zstd.as_mut().map(|e| {
+            let unit = zstd_flushed(e, frame)?;
+            // A segment's first unit opens its frame: a stream writes the
+            // blocks into its own.
+            match fresh {
+                true => zstd_without_header(&unit)
+                    .map(|at| unit.slice(at..))
+                    .ok_or_else(|| std::io::Error::other("no zstd frame header")),
+                false => Ok(unit),
+            }
+        });
         let zstd = match zstd {
             Some(Ok(unit)) => Some(unit),
             Some(Err(error)) => {
@@ -441,11 +465,12 @@ fn brotli_flushed(writer: &mut BrotliWriter, input: &[u8]) -> std::io::Result<By
 }
 
 /// A topic's chained zstd compressor. One per topic (not per stream), so
-/// a 64 KiB window is affordable; small tables keep it near 200 KiB.
+/// a 64 KiB window (a stream frame's: [`ZSTD_WINDOW_LOG`]) is affordable;
+/// small tables keep it near 200 KiB.
 fn chained_zstd() -> std::io::Result<zstd::stream::raw::Encoder<'static>> {
     use zstd::zstd_safe::CParameter;
     let mut encoder = zstd::stream::raw::Encoder::new(ZSTD_LEVEL)?;
-    encoder.set_parameter(CParameter::WindowLog(16))?;
+    encoder.set_parameter(CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
     encoder.set_parameter(CParameter::HashLog(14))?;
     encoder.set_parameter(CParameter::ChainLog(14))?;
     encoder.set_parameter(CParameter::ChecksumFlag(false))?;
@@ -503,21 +528,20 @@ thread_local! {
     static ALONE_DEFLATE: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
 }
 
-/// `data` compressed alone, as a unit that refers to nothing before it: a
-/// complete zstd frame, or deflate blocks (sync-flushed) from a fresh
-/// compressor. Should compression fail, the bytes go out uncompressed (a raw
-/// frame, stored blocks), which is as valid.
+/// `data` compressed alone, as a unit that refers to nothing before it:
+/// the blocks of a zstd frame (see [`zstd_bare_blocks`]), or deflate blocks
+/// (sync-flushed) from a fresh compressor. Should compression fail, the
+/// bytes go out uncompressed (raw blocks, stored blocks), which is as valid.
 pub fn alone(codec: Codec, data: &[u8]) -> Bytes {
     let compressed = match codec {
         Codec::Zstd => ALONE_ZSTD.with(|cell| {
             let mut cell = cell.borrow_mut();
             if cell.is_none() {
-                *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+                *cell = alone_zstd().ok();
             }
             let compressor = cell.as_mut()?;
-            let mut out = compressor.compress(data).ok()?;
-            out.shrink_to_fit();
-            Some(Bytes::from(out))
+            let frame = compressor.compress(data).ok()?;
+            zstd_bare_blocks(&frame).map(Bytes::from)
         }),
         Codec::Gzip => ALONE_DEFLATE.with(|cell| {
             let mut cell = cell.borrow_mut();
@@ -542,6 +566,38 @@ pub fn alone(codec: Codec, data: &[u8]) -> Bytes {
     })
 }
 
+/// The compressor of zstd units compressed alone: no checksum (a stream's
+/// frame has none), and a stream frame's window, so that neither a match
+/// nor a block is larger than the frame allows.
+fn alone_zstd() -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    use zstd::zstd_safe::CParameter;
+    let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
+    compressor.set_parameter(CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
+    compressor.set_parameter(CParameter::ChecksumFlag(false))?;
+    Ok(compressor)
+}
+
+/// A whole answer (a long-poll's JSON) compressed in `codec`, as one
+/// complete body: a zstd frame, a gzip member, a brotli stream.
+pub fn whole(codec: Codec, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let out = Vec::with_capacity(data.len() / 2 + 64);
+    match codec {
+        Codec::Zstd => zstd::bulk::compress(data, ZSTD_LEVEL),
+        Codec::Gzip => {
+            let level = flate2::Compression::new(ALONE_DEFLATE_LEVEL);
+            let mut encoder = flate2::write::GzEncoder::new(out, level);
+            encoder.write_all(data)?;
+            encoder.finish()
+        }
+        Codec::Brotli => {
+            let quality = ALONE_BROTLI_QUALITY as u32;
+            let mut writer = brotli::CompressorWriter::new(out, 4096, quality, BROTLI_LGWIN as u32);
+            writer.write_all(data)?;
+            Ok(writer.into_inner())
+        }
+    }
+}
+
 /// The self-contained unit of an event (its whole frame, or its body
 /// without the `id:` line), made once per event and coding.
 pub fn self_contained(event: &Event, codec: Codec, body: bool) -> Bytes {
@@ -556,38 +612,119 @@ pub fn self_contained(event: &Event, codec: Codec, body: bool) -> Bytes {
 }
 
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
-/// Largest zstd block.
-const ZSTD_BLOCK_MAX: usize = 128 * 1024;
+/// The window of every zstd stream (log2 bytes): what any unit may refer
+/// back, and, with at most 128 KiB, the largest block.
+const ZSTD_WINDOW_LOG: u32 = 16;
+/// Largest zstd block in a stream's frame: its window, under 128 KiB.
+const ZSTD_BLOCK_MAX: usize = 1 << ZSTD_WINDOW_LOG;
+/// A stream's frame header (RFC 8878, 3.1.1.1): the magic number, a
+/// descriptor saying no content size, not single-segment, no checksum, no
+/// dictionary; then the window descriptor: 2^(10 + 6) = 64 KiB.
+const ZSTD_STREAM_HEADER: [u8; 6] = [
+    0x28,
+    0xb5,
+    0x2f,
+    0xfd,
+    0x00,
+    (ZSTD_WINDOW_LOG as u8 - 10) << 3,
+];
 /// A zstd block header closing a frame: last block, raw, empty.
 const ZSTD_END_OF_FRAME: [u8; 3] = [0x01, 0x00, 0x00];
 
-/// Appends `data` as one uncompressed zstd frame (RFC 8878, 3.1.1): a
-/// single-segment header giving the content size, then raw blocks.
-pub fn zstd_raw_frame(out: &mut BytesMut, data: &[u8]) {
-    if data.is_empty() {
-        return;
+/// Two compressed blocks, written by hand, that set the decoder's repeat
+/// offsets back to a fresh frame's 1, 4, 8 (RFC 8878, 3.1.1.5: every real
+/// offset pushes itself in front of them) whatever they were, and decode to
+/// [`ZSTD_REPEATS_RESET_LINE`]. Each has raw literals and sequences whose
+/// three codes are each one RLE symbol, so no FSE state is read: only the
+/// offsets' extra bits, in one byte under its end marker.
+///
+/// 1. 8 literals `:-------`, one sequence: 8 literals, offset 8 (offset
+///    code 3, extra bits 3), match 3 (code 0): `:--`.
+/// 2. One literal `\n`, two sequences of no literals and match 3: offset 4
+///    (code 2, extra bits 3: `-:-`), then offset 1 (code 2, extra bits 0:
+///    `---`); then the literal.
+#[rustfmt::skip]
+pub const ZSTD_REPEATS_RESET: [u8; 29] = [
+    // Block header: not last, compressed, 15 bytes.
+    0x7c, 0x00, 0x00,
+    // Raw literals, 8 of them.
+    0x40, b':', b'-', b'-', b'-', b'-', b'-', b'-', b'-',
+    // 1 sequence; literal lengths, offsets, match lengths RLE: 8, 3, 0.
+    0x01, 0x54, 0x08, 0x03, 0x00,
+    // End marker, then 3 bits: 0b011.
+    0x0b,
+    // Block header: not last, compressed, 8 bytes.
+    0x44, 0x00, 0x00,
+    // Raw literals, 1 of them.
+    0x08, b'\n',
+    // 2 sequences; RLE: 0, 2, 0.
+    0x02, 0x54, 0x00, 0x02, 0x00,
+    // End marker, then 2 bits (first sequence) 0b11, 2 bits 0b00.
+    0x1c,
+];
+
+/// What [`ZSTD_REPEATS_RESET`] decodes to: an SSE comment line.
+pub const ZSTD_REPEATS_RESET_LINE: &[u8] = b":-------:---:----\n";
+
+/// The length of a zstd frame's header (magic, descriptor, window,
+/// dictionary id, content size), if `frame` starts with one.
+fn zstd_without_header(frame: &[u8]) -> Option<usize> {
+    let descriptor = *frame.strip_prefix(&ZSTD_MAGIC)?.first()?;
+    let single_segment = descriptor & 0x20 != 0;
+    let window = usize::from(!single_segment);
+    let dictionary = [0, 1, 2, 4][usize::from(descriptor & 0x03)];
+    let content_size = match descriptor >> 6 {
+        0 => usize::from(single_segment),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let len = 4 + 1 + window + dictionary + content_size;
+    (frame.len() >= len).then_some(len)
+}
+
+/// A complete zstd frame's blocks, as a unit to write into a stream's
+/// frame: without the header, the last block not marked last, without a
+/// checksum. `None` if `frame` is not one complete frame of blocks no
+/// larger than a stream's frame allows.
+fn zstd_bare_blocks(frame: &[u8]) -> Option<Vec<u8>> {
+    let start = zstd_without_header(frame)?;
+    let checksum = if frame[4] & 0x04 != 0 { 4 } else { 0 };
+    let blocks = &frame[start..];
+    let mut at = 0;
+    loop {
+        let header = blocks.get(at..at + 3)?;
+        let header = u32::from_le_bytes([header[0], header[1], header[2], 0]);
+        let (last, kind, size) = (header & 1 != 0, (header >> 1) & 3, (header >> 3) as usize);
+        if size > ZSTD_BLOCK_MAX {
+            return None;
+        }
+        // Raw and compressed blocks hold `size` bytes, an RLE block one.
+        let content = match kind {
+            0 | 2 => size,
+            1 => 1,
+            _ => return None,
+        };
+        let end = at + 3 + content;
+        if last {
+            if blocks.len() != end + checksum {
+                return None;
+            }
+            let mut out = blocks[..end].to_vec();
+            out[at] &= !1;
+            return Some(out);
+        }
+        at = end;
     }
-    out.put_slice(&ZSTD_MAGIC);
-    let n = data.len();
-    // Frame_Header_Descriptor: Single_Segment_flag (bit 5), and the
-    // Frame_Content_Size field's size in bits 6-7 (0: one byte, 1: two
-    // bytes holding the size minus 256, 2: four bytes).
-    if n < 256 {
-        out.put_u8(0x20);
-        out.put_u8(n as u8);
-    } else if n < 256 + 65536 {
-        out.put_u8(0x60);
-        out.put_u16_le((n - 256) as u16);
-    } else {
-        out.put_u8(0xa0);
-        out.put_u32_le(u32::try_from(n).unwrap_or(u32::MAX));
-    }
-    let mut blocks = data.chunks(ZSTD_BLOCK_MAX).peekable();
-    while let Some(block) = blocks.next() {
-        // Block_Header: Last_Block (bit 0), Block_Type 0 = raw (bits 1-2),
-        // Block_Size (bits 3-23), little-endian.
-        let last = u32::from(blocks.peek().is_none());
-        let header = last | ((block.len() as u32) << 3);
+}
+
+/// Appends `data` as raw zstd blocks (RFC 8878, 3.1.1.2), none marked
+/// last: bytes of a stream's own inside its frame.
+pub fn zstd_raw_blocks(out: &mut BytesMut, data: &[u8]) {
+    for block in data.chunks(ZSTD_BLOCK_MAX) {
+        // Block_Header: Last_Block (bit 0) 0, Block_Type 0 = raw (bits
+        // 1-2), Block_Size (bits 3-23), little-endian.
+        let header = (block.len() as u32) << 3;
         out.put_slice(&header.to_le_bytes()[..3]);
         out.put_slice(block);
     }
@@ -609,7 +746,7 @@ pub fn stored_blocks(out: &mut BytesMut, data: &[u8]) {
 /// `data` uncompressed in `codec`'s shared format.
 fn uncompressed(codec: Codec, out: &mut BytesMut, data: &[u8]) {
     match codec {
-        Codec::Zstd => zstd_raw_frame(out, data),
+        Codec::Zstd => zstd_raw_blocks(out, data),
         Codec::Gzip => stored_blocks(out, data),
         Codec::Brotli => brotli_uncompressed(out, data),
     }
@@ -680,9 +817,10 @@ pub struct SharedUnits {
     started: bool,
     /// The chained unit this stream may write next: (segment, index).
     chain: Option<(u64, u32)>,
-    /// zstd: whether a chained frame is open (and must be closed before
-    /// anything else is written).
-    frame_open: bool,
+    /// zstd: whether the decoder's repeat offsets may differ from a fresh
+    /// frame's (a compressed unit went out since the stream's start or the
+    /// last [`ZSTD_REPEATS_RESET`]).
+    repeats_moved: bool,
     /// gzip: CRC-32 and length of everything written, for the trailer.
     crc: flate2::Crc,
 }
@@ -700,7 +838,7 @@ impl SharedUnits {
             pending: 0,
             started: false,
             chain: None,
-            frame_open: false,
+            repeats_moved: false,
             crc: flate2::Crc::new(),
         }
     }
@@ -720,33 +858,39 @@ impl SharedUnits {
         }
     }
 
-    /// The gzip header, or brotli's window size, before anything else.
+    /// The gzip header, brotli's window size, or the zstd frame's header,
+    /// before anything else.
     fn start(&mut self) {
         if self.started {
             return;
         }
         self.started = true;
+        self.spill();
         match self.codec {
-            Codec::Gzip => {
-                self.spill();
-                self.buf.put_slice(&GZIP_HEADER);
-            }
-            Codec::Brotli => {
-                self.spill();
-                self.buf.put_slice(&brotli_stream_start());
-            }
-            Codec::Zstd => {}
+            Codec::Gzip => self.buf.put_slice(&GZIP_HEADER),
+            Codec::Brotli => self.buf.put_slice(&brotli_stream_start()),
+            Codec::Zstd => self.buf.put_slice(&ZSTD_STREAM_HEADER),
         }
     }
 
-    /// Leaves the topic's chain: closes an open zstd frame.
+    /// Leaves the topic's chain.
     fn leave_chain(&mut self) {
         self.chain = None;
-        if self.frame_open {
-            self.spill();
-            self.buf.put_slice(&ZSTD_END_OF_FRAME);
-            self.frame_open = false;
+    }
+
+    /// Writes a unit compressed as a fresh start (a segment's first, one
+    /// compressed alone): in zstd, after resetting the repeat offsets it
+    /// may take for a fresh frame's.
+    fn push_fresh(&mut self, unit: &Bytes) {
+        if self.codec == Codec::Zstd {
+            if self.repeats_moved {
+                self.spill();
+                self.buf.put_slice(&ZSTD_REPEATS_RESET);
+                self.sent(ZSTD_REPEATS_RESET_LINE);
+            }
+            self.repeats_moved = true;
         }
+        self.push(unit);
     }
 
     fn sent(&mut self, plain: &[u8]) {
@@ -785,17 +929,16 @@ impl Wire for SharedUnits {
             .and_then(|c| Some((c, c.units[slot].as_ref()?)));
         match chained {
             Some((c, unit)) if c.index == 0 || self.chain == Some((c.segment, c.index)) => {
-                if c.index == 0 {
-                    self.leave_chain();
-                }
                 self.chain = Some((c.segment, c.index + 1));
-                self.frame_open = self.codec == Codec::Zstd;
-                self.push(unit);
+                match c.index {
+                    0 => self.push_fresh(unit),
+                    _ => self.push(unit),
+                }
             }
             _ => {
                 self.leave_chain();
                 let unit = self_contained(event, self.codec, false);
-                self.push(&unit);
+                self.push_fresh(&unit);
             }
         }
         self.sent(event.frame());
@@ -810,7 +953,7 @@ impl Wire for SharedUnits {
         uncompressed(self.codec, &mut self.buf, &line);
         self.sent(&line);
         let unit = self_contained(event, self.codec, true);
-        self.push(&unit);
+        self.push_fresh(&unit);
         self.sent(&event.body());
     }
 
@@ -841,7 +984,10 @@ impl Wire for SharedUnits {
                 self.spill();
                 self.buf.put_u8(BROTLI_END);
             }
-            Codec::Zstd => {}
+            Codec::Zstd => {
+                self.spill();
+                self.buf.put_slice(&ZSTD_END_OF_FRAME);
+            }
         }
         self.take()
     }
@@ -1015,8 +1161,8 @@ mod tests {
     }
 
     /// Decodes a whole body strictly: a complete gzip member (its CRC-32 and
-    /// length checked), complete zstd frames, or a complete brotli stream
-    /// (its last meta-block read, nothing after it).
+    /// length checked), one complete zstd frame, or a complete brotli
+    /// stream (its last meta-block read, nothing after it).
     fn strict(codec: Codec, wire: &[u8]) -> Vec<u8> {
         use std::io::Read;
         let mut plain = Vec::new();
@@ -1031,30 +1177,106 @@ mod tests {
                 brotli::BrotliDecompress(&mut input, &mut plain).unwrap();
                 assert!(input.is_empty(), "bytes after the brotli stream's end");
             }
-            Codec::Zstd => plain = zstd::stream::decode_all(wire).unwrap(),
+            Codec::Zstd => {
+                plain = zstd::stream::decode_all(wire).unwrap();
+                let frames = wire.windows(4).filter(|w| *w == ZSTD_MAGIC).count();
+                assert_eq!(frames, 1, "one zstd frame");
+            }
         }
         plain
     }
 
-    #[test]
-    fn raw_zstd_frames_of_every_header_size_decode_with_the_zstd_crate() {
-        for n in [1, 255, 256, 300, 65791, 65792, 200_000, 300_000] {
-            let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
-            let mut frame = BytesMut::new();
-            zstd_raw_frame(&mut frame, &data);
-            assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), data, "{n}");
-            // Followed by a compressed frame, and after one.
-            let mut both = BytesMut::from(&alone(Codec::Zstd, b"before")[..]);
-            both.extend_from_slice(&frame);
-            both.extend_from_slice(&alone(Codec::Zstd, b"after"));
-            let mut want = b"before".to_vec();
-            want.extend_from_slice(&data);
-            want.extend_from_slice(b"after");
-            assert_eq!(zstd::stream::decode_all(&both[..]).unwrap(), want, "{n}");
+    /// What a zstd stream decodes to without its repeat-offset resets'
+    /// comment lines; any other coding's as it is.
+    fn unreset(codec: Codec, decoded: Vec<u8>) -> Vec<u8> {
+        if codec != Codec::Zstd {
+            return decoded;
         }
-        let mut empty = BytesMut::new();
-        zstd_raw_frame(&mut empty, b"");
-        assert!(empty.is_empty());
+        let line = ZSTD_REPEATS_RESET_LINE;
+        let mut out = Vec::with_capacity(decoded.len());
+        let mut rest = &decoded[..];
+        while let Some(at) = rest.windows(line.len()).position(|w| w == line) {
+            out.extend_from_slice(&rest[..at]);
+            rest = &rest[at + line.len()..];
+        }
+        out.extend_from_slice(rest);
+        out
+    }
+
+    /// A stream's frame made by hand: its header, raw blocks of every size
+    /// around the 64 KiB block limit, units compressed alone (each after a
+    /// repeat-offset reset, as a stream writes them), its end. One frame,
+    /// which the zstd crate decodes exactly, as a whole and (by the
+    /// streaming decoder) piece by piece.
+    #[test]
+    fn raw_blocks_and_units_compressed_alone_make_one_valid_zstd_frame() {
+        let mut wire = BytesMut::from(&ZSTD_STREAM_HEADER[..]);
+        let mut want = Vec::new();
+        let mut pieces = Vec::new();
+        for n in [1, 255, 256, 65535, 65536, 65537, 200_000] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+            let at = wire.len();
+            zstd_raw_blocks(&mut wire, &data);
+            want.extend_from_slice(&data);
+            // Runs and repeats: matches at the fresh frame's repeat offsets.
+            let unit = alone(
+                Codec::Zstd,
+                format!("data: {n} aaaaaaaa abcdabcd abcdefghabcdefgh {{\"n\":{n}}}\n\n")
+                    .as_bytes(),
+            );
+            assert!(!unit.starts_with(&ZSTD_MAGIC), "bare blocks");
+            if n > 1 {
+                wire.extend_from_slice(&ZSTD_REPEATS_RESET);
+                want.extend_from_slice(ZSTD_REPEATS_RESET_LINE);
+            }
+            wire.extend_from_slice(&unit);
+            want.extend_from_slice(
+                format!("data: {n} aaaaaaaa abcdabcd abcdefghabcdefgh {{\"n\":{n}}}\n\n")
+                    .as_bytes(),
+            );
+            pieces.push(wire[at..].to_vec());
+        }
+        wire.extend_from_slice(&ZSTD_END_OF_FRAME);
+        assert_eq!(zstd::stream::decode_all(&wire[..]).unwrap(), want);
+        assert!(wire[4..].windows(4).all(|w| w != ZSTD_MAGIC), "one frame");
+        let mut decoder = Decompressor::new(Codec::Zstd).unwrap();
+        let mut decoded = decoder.decompress(&ZSTD_STREAM_HEADER).unwrap();
+        for piece in pieces {
+            decoded.extend(decoder.decompress(&piece).unwrap());
+        }
+        assert_eq!(decoded, want);
+    }
+
+    /// The reset decodes to its comment line and sets the repeat offsets
+    /// back whatever they were: a unit compressed alone that leans on a
+    /// fresh frame's offsets decodes right after it, and wrongly (or not at
+    /// all) without it.
+    #[test]
+    fn the_repeat_offset_reset_lets_a_fresh_unit_follow_any_compressed_block() {
+        let text = |n: usize| {
+            format!("data: {{\"k\":\"{n}{n}{n}{n}{n}{n}\",\"pad\":\"....____....____\"}}\n\n")
+        };
+        let mut with = BytesMut::from(&ZSTD_STREAM_HEADER[..]);
+        let mut without = with.clone();
+        let mut want = Vec::new();
+        for n in 0..40 {
+            let unit = alone(Codec::Zstd, text(n).as_bytes());
+            if n > 0 {
+                with.extend_from_slice(&ZSTD_REPEATS_RESET);
+                want.extend_from_slice(ZSTD_REPEATS_RESET_LINE);
+            }
+            with.extend_from_slice(&unit);
+            without.extend_from_slice(&unit);
+            want.extend_from_slice(text(n).as_bytes());
+        }
+        with.extend_from_slice(&ZSTD_END_OF_FRAME);
+        without.extend_from_slice(&ZSTD_END_OF_FRAME);
+        assert_eq!(zstd::stream::decode_all(&with[..]).unwrap(), want);
+        assert_ne!(
+            zstd::stream::decode_all(&without[..]).ok(),
+            Some(unreset(Codec::Zstd, want)),
+            "units relying on a fresh frame's repeat offsets"
+        );
     }
 
     #[test]
@@ -1177,7 +1399,7 @@ mod tests {
                         shared_writes += 1;
                     }
                     assert_eq!(
-                        decoder.decompress(&bytes).unwrap(),
+                        unreset(codec, decoder.decompress(&bytes).unwrap()),
                         given,
                         "{codec:?} stream {n} event {seq} ({step:?})"
                     );
@@ -1189,7 +1411,11 @@ mod tests {
                 if let Some(last) = wire.finish() {
                     writes.extend_from_slice(&last.unwrap());
                 }
-                assert_eq!(strict(codec, &writes), plain, "{codec:?} stream {n} whole");
+                assert_eq!(
+                    unreset(codec, strict(codec, &writes)),
+                    plain,
+                    "{codec:?} stream {n} whole"
+                );
             }
             // Many writes were the chained units themselves (streams join
             // mid-segment, and leave the chain at every heartbeat, own
@@ -1228,7 +1454,7 @@ mod tests {
             if let Some(last) = a.finish() {
                 wire_a.extend_from_slice(&last.unwrap());
             }
-            assert_eq!(strict(codec, &wire_a), want, "{codec:?}");
+            assert_eq!(unreset(codec, strict(codec, &wire_a)), want, "{codec:?}");
             let unit = self_contained(&events[0], codec, true);
             assert_eq!(
                 unit.as_ptr(),

@@ -260,11 +260,24 @@ pub struct Config {
     #[arg(long, env = "CRIER_PUBLISH_BURST", default_value_t = 2000)]
     pub publish_burst: u32,
 
-    /// Proxies (addresses or CIDRs, comma separated) whose `Forwarded` /
-    /// `X-Forwarded-For` name the client for limits; from other peers those
-    /// headers are ignored.
+    /// Proxies (addresses or CIDRs, comma separated) whose
+    /// `--client-ip-header` names the client for limits; from other peers
+    /// it is ignored.
     #[arg(long, env = "CRIER_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
+
+    /// The one header a trusted proxy names the client in:
+    /// `x-forwarded-for`, `forwarded` or `x-real-ip`. The others are
+    /// ignored (a proxy passes them on as the client wrote them); the
+    /// right-most address in it that is not a trusted proxy is the client.
+    #[arg(
+        long,
+        env = "CRIER_CLIENT_IP_HEADER",
+        value_enum,
+        ignore_case = true,
+        default_value_t = crate::limits::ClientIpHeader::XForwardedFor
+    )]
+    pub client_ip_header: crate::limits::ClientIpHeader,
 
     /// Longest a client may take to finish its TLS handshake.
     #[arg(long, env = "CRIER_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -443,6 +456,7 @@ impl Config {
             publish_burst: self.publish_burst,
             trusted_proxies: crate::limits::TrustedProxies::parse(&self.trusted_proxies)
                 .map_err(crate::SetupError::Config)?,
+            client_ip_header: self.client_ip_header,
         })
     }
 

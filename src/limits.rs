@@ -54,7 +54,59 @@ impl std::fmt::Display for ClientKey {
     }
 }
 
-/// The proxies whose `Forwarded` / `X-Forwarded-For` headers are believed.
+/// The one header that names the client behind a trusted proxy
+/// (`--client-ip-header`). Only this one is read: a proxy passes the
+/// others through as the client wrote them (nginx leaves `Forwarded`
+/// untouched while it appends to `X-Forwarded-For`), so reading any header
+/// the operator did not name would let a client choose its own address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2`.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239: `Forwarded: for=client, for=proxy1`.
+    Forwarded,
+    /// `X-Real-IP: client`: one address.
+    XRealIp,
+}
+
+impl ClientIpHeader {
+    /// The header's name, as the HTTP layer looks it up.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientIpHeader::XForwardedFor => "x-forwarded-for",
+            ClientIpHeader::Forwarded => "forwarded",
+            ClientIpHeader::XRealIp => "x-real-ip",
+        }
+    }
+
+    /// The addresses the header lists, nearest hop last; `None` for
+    /// anything malformed (an element that does not parse, a `Forwarded`
+    /// element without `for=`, or several `X-Real-IP` addresses).
+    fn chain(self, value: &str) -> Option<Vec<IpAddr>> {
+        let elements = value.split(',');
+        match self {
+            ClientIpHeader::XForwardedFor => elements.map(parse_node).collect(),
+            ClientIpHeader::Forwarded => elements
+                .map(|element| {
+                    element.split(';').find_map(|pair| {
+                        let (name, value) = pair.trim().split_once('=')?;
+                        name.trim()
+                            .eq_ignore_ascii_case("for")
+                            .then(|| parse_node(value))?
+                    })
+                })
+                .collect(),
+            ClientIpHeader::XRealIp => {
+                let mut elements = elements;
+                let one = parse_node(elements.next()?)?;
+                elements.next().is_none().then(|| vec![one])
+            }
+        }
+    }
+}
+
+/// The proxies whose forwarding header (`--client-ip-header`) is believed.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);
 
@@ -77,34 +129,24 @@ impl TrustedProxies {
     }
 
     /// The client's address: the peer, or, when the peer is a trusted
-    /// proxy, the nearest address in the forwarding chain that is not one
-    /// (`Forwarded` wins over `X-Forwarded-For`). Anything malformed counts
-    /// as the peer itself.
-    pub fn client_ip(
-        &self,
-        peer: IpAddr,
-        forwarded: Option<&str>,
-        x_forwarded_for: Option<&str>,
-    ) -> IpAddr {
+    /// proxy, the right-most address of `header`'s `value` (all its lines,
+    /// joined) that is not a trusted proxy: each proxy appends the address
+    /// it saw, so anything left of the nearest untrusted hop may have been
+    /// written by the client. When every hop is trusted, the left-most.
+    /// No value, or one malformed at or right of the hop taken, counts as
+    /// the peer itself: a client cannot pick an address by garbling it.
+    pub fn client_ip(&self, peer: IpAddr, header: ClientIpHeader, value: Option<&str>) -> IpAddr {
         if !self.contains(peer) {
             return peer;
         }
-        let chain: Vec<IpAddr> = match (forwarded, x_forwarded_for) {
-            (Some(f), _) => f
-                .split(',')
-                .filter_map(|element| {
-                    element.split(';').find_map(|pair| {
-                        let (name, value) = pair.trim().split_once('=')?;
-                        name.eq_ignore_ascii_case("for")
-                            .then(|| parse_node(value))?
-                    })
-                })
-                .collect(),
-            (None, Some(x)) => x.split(',').filter_map(parse_node).collect(),
-            (None, None) => return peer,
+        let Some(value) = value else {
+            return peer;
         };
-        // Walk back from the nearest hop: the first untrusted one is the
-        // client (anything further left could be forged by it).
+        // Parsed whole: a malformed element anywhere means the proxy did
+        // not write what it should have, and nothing in it is believed.
+        let Some(chain) = header.chain(value) else {
+            return peer;
+        };
         chain
             .iter()
             .rev()
@@ -115,8 +157,9 @@ impl TrustedProxies {
     }
 }
 
-/// An address as `Forwarded` or `X-Forwarded-For` writes it: `1.2.3.4`,
-/// `1.2.3.4:5678`, `"[2001:db8::1]:443"`, `2001:db8::1`.
+/// An address as a forwarding header writes it: `1.2.3.4`, `1.2.3.4:5678`,
+/// `"[2001:db8::1]:443"`, `2001:db8::1`. `unknown` and obfuscated names
+/// (`_hidden`) are not addresses.
 fn parse_node(value: &str) -> Option<IpAddr> {
     let v = value.trim().trim_matches('"');
     if let Ok(ip) = v.parse::<IpAddr>() {
@@ -229,6 +272,8 @@ pub struct LimitSettings {
     pub publish_rate: u32,
     pub publish_burst: u32,
     pub trusted_proxies: TrustedProxies,
+    /// The header a trusted proxy names the client in.
+    pub client_ip_header: ClientIpHeader,
 }
 
 /// The hub's limits: shared by the accept loop and the HTTP layer.
@@ -346,19 +391,14 @@ impl Limits {
         }
     }
 
-    /// The client a request comes from, given its peer and forwarding
-    /// headers.
-    pub fn client_of(
-        &self,
-        peer: IpAddr,
-        forwarded: Option<&str>,
-        x_forwarded_for: Option<&str>,
-    ) -> ClientKey {
-        ClientKey::of(
-            self.settings
-                .trusted_proxies
-                .client_ip(peer, forwarded, x_forwarded_for),
-        )
+    /// The client a request comes from, given its peer and the value of
+    /// its `--client-ip-header` (all its lines, comma-joined).
+    pub fn client_of(&self, peer: IpAddr, forwarded_by: Option<&str>) -> ClientKey {
+        ClientKey::of(self.settings.trusted_proxies.client_ip(
+            peer,
+            self.settings.client_ip_header,
+            forwarded_by,
+        ))
     }
 }
 
@@ -396,31 +436,44 @@ mod tests {
 
     #[test]
     fn forwarded_addresses_count_only_from_trusted_proxies() {
+        use ClientIpHeader::{Forwarded, XForwardedFor, XRealIp};
         let trusted = TrustedProxies::parse(&["10.0.0.0/8".into(), "127.0.0.1".into()]).unwrap();
         let peer = ip("10.1.1.1");
+        let xff = |value| trusted.client_ip(peer, XForwardedFor, Some(value));
         assert_eq!(
-            trusted.client_ip(ip("8.8.8.8"), None, Some("1.2.3.4")),
+            trusted.client_ip(ip("8.8.8.8"), XForwardedFor, Some("1.2.3.4")),
             ip("8.8.8.8")
         );
-        assert_eq!(
-            trusted.client_ip(peer, None, Some("1.2.3.4")),
-            ip("1.2.3.4")
-        );
+        assert_eq!(xff("1.2.3.4"), ip("1.2.3.4"));
+        assert_eq!(xff(" 1.2.3.4:5678 "), ip("1.2.3.4"));
         // The client may forge the left part; the nearest untrusted hop wins.
+        assert_eq!(xff("6.6.6.6, 1.2.3.4, 10.2.2.2"), ip("1.2.3.4"));
+        // Every hop trusted: the left-most.
+        assert_eq!(xff("10.3.3.3, 10.2.2.2"), ip("10.3.3.3"));
+        // Malformed anywhere: the peer.
+        assert_eq!(xff("garbage"), peer);
+        assert_eq!(xff("6.6.6.6, garbage, 1.2.3.4"), peer);
+        assert_eq!(xff(""), peer);
+        assert_eq!(trusted.client_ip(peer, XForwardedFor, None), peer);
+
+        let fwd = |value| trusted.client_ip(peer, Forwarded, Some(value));
         assert_eq!(
-            trusted.client_ip(peer, None, Some("6.6.6.6, 1.2.3.4, 10.2.2.2")),
-            ip("1.2.3.4")
-        );
-        assert_eq!(
-            trusted.client_ip(
-                peer,
-                Some(r#"for="[2001:db8::1]:443";proto=https"#),
-                Some("1.2.3.4")
-            ),
+            fwd(r#"for="[2001:db8::1]:443";proto=https"#),
             ip("2001:db8::1")
         );
-        assert_eq!(trusted.client_ip(peer, None, Some("garbage")), peer);
-        assert_eq!(trusted.client_ip(peer, None, None), peer);
+        assert_eq!(
+            fwd("for=6.6.6.6, for=1.2.3.4;by=10.0.0.1, For=10.2.2.2"),
+            ip("1.2.3.4")
+        );
+        assert_eq!(fwd("for=unknown"), peer);
+        assert_eq!(fwd("proto=https"), peer);
+        assert_eq!(fwd("for=6.6.6.6, proto=https"), peer);
+
+        let real = |value| trusted.client_ip(peer, XRealIp, Some(value));
+        assert_eq!(real("1.2.3.4"), ip("1.2.3.4"));
+        assert_eq!(real("[2001:db8::1]:80"), ip("2001:db8::1"));
+        assert_eq!(real("1.2.3.4, 5.6.7.8"), peer);
+        assert_eq!(real("nope"), peer);
     }
 
     #[test]
@@ -434,6 +487,7 @@ mod tests {
             publish_rate: 2,
             publish_burst: 3,
             trusted_proxies: TrustedProxies::default(),
+            client_ip_header: ClientIpHeader::default(),
         });
         let a = ip("127.0.0.2");
         let first = limits.admit(a).unwrap();

@@ -60,24 +60,48 @@ async fn main() -> std::process::ExitCode {
 }
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`): as text for
-/// people, or as one JSON object per line for log collectors.
+/// people, or as one JSON object per line for log collectors. Whatever
+/// `RUST_LOG` says, the WebSocket library's own lines are never written: at
+/// trace level they hold every message whole (event data, idempotency
+/// keys, tokens in publish frames).
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder
+            .boxed(),
+        LogFormat::Json => layer
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .init(),
-    }
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(
+            layer
+                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                    !is_silenced(meta.target())
+                }))
+                .with_filter(filter),
+        )
+        .init();
+}
+
+/// Targets never logged, at any level (see [`init_logging`]).
+fn is_silenced(target: &str) -> bool {
+    const SILENCED: [&str; 2] = ["tungstenite", "tokio_tungstenite"];
+    SILENCED.iter().any(|silenced| {
+        target
+            .strip_prefix(silenced)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
 }
 
 /// `crier token`: prints a JWT signed with the configured secret.

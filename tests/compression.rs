@@ -3,8 +3,9 @@
 //! (preamble, heartbeats, `reset`, replayed events), decodes exactly its
 //! events the moment they arrive, with independent decoders (brotli's is
 //! Node's zlib; curl's `--compressed` for all three); and a stream that ends
-//! cleanly is a complete gzip member (CRC-32 and length checked), complete
-//! zstd frames or a complete brotli stream.
+//! cleanly is a complete gzip member (CRC-32 and length checked), one
+//! complete zstd frame (which decoders reading only a response's first
+//! frame, such as Python's httpx, need) or a complete brotli stream.
 
 mod common;
 
@@ -99,7 +100,7 @@ impl Compressed {
 }
 
 /// Decodes a whole body strictly: one complete gzip member (CRC-32 and
-/// length checked), complete zstd frames, or one complete brotli stream
+/// length checked), one complete zstd frame, or one complete brotli stream
 /// (its last meta-block read, nothing after it).
 fn strict(coding: &str, wire: &[u8]) -> Vec<u8> {
     use std::io::Read;
@@ -118,7 +119,26 @@ fn strict(coding: &str, wire: &[u8]) -> Vec<u8> {
                 .expect("a complete gzip member");
             plain
         }
-        _ => zstd::stream::decode_all(wire).expect("complete zstd frames"),
+        _ => {
+            // One frame: after it, the decoder would have to start another.
+            let mut decoder = zstd::stream::raw::Decoder::new().unwrap();
+            let mut plain = vec![0u8; 1 << 20];
+            let mut input = zstd::stream::raw::InBuffer::around(wire);
+            let mut written = 0;
+            loop {
+                let mut output = zstd::stream::raw::OutBuffer::around_pos(&mut plain, written);
+                let hint = zstd::stream::raw::Operation::run(&mut decoder, &mut input, &mut output)
+                    .expect("a valid zstd frame");
+                written = output.pos();
+                if hint == 0 {
+                    break;
+                }
+                assert!(input.pos() < wire.len(), "the zstd frame is incomplete");
+            }
+            assert_eq!(input.pos(), wire.len(), "bytes after the first zstd frame");
+            plain.truncate(written);
+            plain
+        }
     }
 }
 
@@ -259,8 +279,8 @@ async fn multi_topic_streams_write_their_own_ids_and_decode_on_arrival() {
 }
 
 /// A stream the server ends (here: shutdown) is a complete body: a gzip
-/// member whose trailer holds the right CRC-32 and length, complete zstd
-/// frames, a brotli stream ending in its last meta-block; single-topic and multi-topic, with heartbeats in between.
+/// member whose trailer holds the right CRC-32 and length, one complete
+/// zstd frame, a brotli stream ending in its last meta-block; single-topic and multi-topic, with heartbeats in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_ends_cleanly_is_a_complete_gzip_member_zstd_frames_or_brotli_stream() {
     let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(100)).await;
@@ -519,4 +539,112 @@ async fn curl_decodes_every_coding_as_events_arrive_and_ends_cleanly() {
         let want: Vec<&str> = published.iter().map(|e| e.data.as_str()).collect();
         assert_eq!(data, want, "{coding} {path}");
     }
+}
+
+/// The subscriber `httpx_sse_receives_a_zstd_stream` runs: Python's httpx
+/// with `zstandard` (it offers zstd itself) and httpx-sse, printing
+/// `open CODING` once the answer's head is in, then each event as JSON.
+const HTTPX_SSE: &str = r#"
+import json, sys
+import httpx
+from httpx_sse import connect_sse
+url, count = sys.argv[1], int(sys.argv[2])
+with httpx.Client(timeout=httpx.Timeout(10.0)) as client:
+    with connect_sse(client, "GET", url) as source:
+        print("open", source.response.headers.get("content-encoding"), flush=True)
+        # httpx-sse also yields an empty event at every blank line after an
+        # `id:` or `retry:` (the preamble, heartbeats), where EventSource
+        # dispatches nothing: not events of the stream.
+        events = (sse for sse in source.iter_sse() if sse.data)
+        for n, sse in enumerate(events, 1):
+            print(json.dumps({"id": sse.id, "event": sse.event, "data": sse.data}), flush=True)
+            if n == count:
+                break
+"#;
+
+/// httpx (whose zstd decoder reads only the first frame of a response)
+/// with httpx-sse receives every event of a zstd stream, single-topic
+/// (replayed events, then live ones on the topic's chain) and multi-topic
+/// (its own ids before each body), with heartbeats in between: exactly
+/// what a plain stream of the same subscription gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httpx_sse_receives_a_zstd_stream() {
+    use tokio::io::AsyncBufReadExt;
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import httpx, httpx_sse, zstandard"])
+        .output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "this test needs python3 with httpx-sse and httpx[zstd]: \
+         `pip install httpx-sse 'httpx[zstd]'` (.ci/run installs them): {probe:?}"
+    );
+    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(150)).await;
+    let mut published = publish_all(&server, "py", 0..2).await;
+    let paths = ["/topics/py?last=2", "/events?topic=py&topic=other"];
+    let mut subscribers = Vec::new();
+    for (path, count) in paths.into_iter().zip([5, 3]) {
+        let mut child = tokio::process::Command::new("python3")
+            .args(["-c", HTTPX_SSE, &server.url(path), &count.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let open = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("httpx opens its stream in time")
+            .unwrap();
+        assert_eq!(open.as_deref(), Some("open zstd"), "{path}");
+        // A plain subscriber of the same URL: what every event must be.
+        let reference = server.subscribe(path).await;
+        subscribers.push((path, count, child, lines, reference));
+    }
+    // What the plain subscribers get, read as it comes.
+    let mut plain: Vec<Vec<Ev>> = vec![Vec::new(); subscribers.len()];
+    for n in 2..5 {
+        published.extend(publish_all(&server, "py", n..n + 1).await);
+        for (sub, got) in subscribers.iter_mut().zip(&mut plain) {
+            while got.last().is_none_or(|e| e.data != metric(n)) {
+                got.push(sub.4.next().await);
+            }
+        }
+        // Quiet for a heartbeat between two of them.
+        if n == 3 {
+            let deadline = tokio::time::Instant::now() + DEADLINE;
+            while !subscribers[0].4.raw_text().contains(": heartbeat") {
+                assert!(tokio::time::Instant::now() < deadline, "no heartbeat");
+                subscribers[0]
+                    .4
+                    .expect_quiet(Duration::from_millis(50))
+                    .await;
+            }
+        }
+    }
+    for ((path, count, mut child, mut lines, _), plain) in subscribers.into_iter().zip(plain) {
+        let mut got = Vec::new();
+        for _ in 0..count {
+            let line = tokio::time::timeout(DEADLINE, lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("{path}: httpx-sse got {got:?} and then nothing"))
+                .unwrap()
+                .unwrap_or_else(|| panic!("{path}: httpx-sse ended after {got:?}"));
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            got.push(Ev::new(
+                event["id"].as_str().unwrap(),
+                event["event"].as_str().unwrap(),
+                event["data"].as_str().unwrap(),
+            ));
+        }
+        assert_eq!(got, plain, "{path}");
+        let want = &published[published.len() - count..];
+        let data: Vec<&str> = got.iter().map(|e| e.data.as_str()).collect();
+        let want_data: Vec<&str> = want.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, want_data, "{path}");
+        let status = tokio::time::timeout(DEADLINE, child.wait())
+            .await
+            .expect("httpx-sse exits")
+            .unwrap();
+        assert!(status.success(), "{path}: {status:?}");
+    }
+    server.stop().await;
 }

@@ -570,16 +570,191 @@ async fn behind_a_trusted_proxy_limits_apply_per_forwarded_address_and_not_other
             "another forwarded client (trusted proxy: {forwarded_counts})"
         );
     }
-    // `Forwarded` is read too, and the nearest untrusted hop wins.
-    let c1 = trusted
-        .client
-        .get(trusted.url("/topics/proxied"))
-        .header("forwarded", "for=10.0.0.3, for=10.0.0.9")
-        .header("x-forwarded-for", "10.0.0.1")
-        .send()
-        .await
+}
+
+/// Which of the hub's HTTP paths a forwarded request takes: crier's own
+/// HTTP/1.1 (a subscribe GET), hyper's HTTP/1 (an HTTP/1.0 GET goes there)
+/// or HTTP/2.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Own,
+    Hyper,
+    Http2,
+}
+
+const EVERY_PATH: [Via; 3] = [Via::Own, Via::Hyper, Via::Http2];
+
+/// Opens one stream of `/topics/proxied` per header set, one after
+/// another, each held open: their statuses, and what holds them.
+async fn open_streams(
+    server: &Server,
+    via: Via,
+    requests: &[Vec<(&str, String)>],
+) -> (Vec<u16>, Vec<Box<dyn std::any::Any + Send>>) {
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
         .unwrap();
-    assert_eq!(c1.status(), 200);
+    let mut statuses = Vec::new();
+    let mut held = Vec::new();
+    for headers in requests {
+        let (status, open) = match via {
+            Via::Own | Via::Http2 => {
+                let client = if matches!(via, Via::Own) {
+                    &server.client
+                } else {
+                    &h2
+                };
+                let mut request = client.get(server.url("/topics/proxied"));
+                for (name, value) in headers {
+                    request = request.header(*name, value);
+                }
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                (status, Box::new(response) as Box<dyn std::any::Any + Send>)
+            }
+            Via::Hyper => {
+                let mut socket = TcpStream::connect(server.addr).await.unwrap();
+                let mut request = "GET /topics/proxied HTTP/1.0\r\nHost: hub\r\n".to_owned();
+                for (name, value) in headers {
+                    request += &format!("{name}: {value}\r\n");
+                }
+                request += "\r\n";
+                let status = status_of(&mut socket, &request).await;
+                (status, Box::new(socket) as Box<dyn std::any::Any + Send>)
+            }
+        };
+        statuses.push(status);
+        held.push(open);
+    }
+    (statuses, held)
+}
+
+/// The report: behind a proxy that appends to `X-Forwarded-For`
+/// and passes `Forwarded` through, one client forging a new `Forwarded`
+/// per stream still gets exactly its cap, on every HTTP path.
+#[tokio::test]
+async fn forged_forwarded_headers_do_not_escape_the_per_client_cap() {
+    for via in EVERY_PATH {
+        let server = Server::start_with(|c| {
+            c.max_streams_per_ip = 4;
+            c.trusted_proxies = vec!["127.0.0.1".into()];
+        })
+        .await;
+        let requests: Vec<_> = (1..=8)
+            .map(|i| {
+                vec![
+                    ("x-forwarded-for", "203.0.113.7".to_owned()),
+                    ("forwarded", format!("for=198.51.100.{i}")),
+                ]
+            })
+            .collect();
+        let (statuses, held) = open_streams(&server, via, &requests).await;
+        assert_eq!(
+            statuses,
+            [200, 200, 200, 200, 429, 429, 429, 429],
+            "{via:?}"
+        );
+        drop(held);
+        server.stop().await;
+    }
+}
+
+/// Each `--client-ip-header` names the client (its right-most address
+/// that is not a trusted proxy), and the two other headers are ignored, on
+/// every HTTP path.
+#[tokio::test]
+async fn each_client_ip_header_names_the_client_and_the_others_are_ignored() {
+    use crier::limits::ClientIpHeader;
+    // (header, how it names a client after a forged hop, how it names one
+    // alone)
+    type Naming = fn(&str) -> String;
+    let kinds: [(ClientIpHeader, &str, Naming, Naming); 3] = [
+        (
+            ClientIpHeader::XForwardedFor,
+            "x-forwarded-for",
+            |ip| format!("6.6.6.6, {ip}, 127.0.0.1"),
+            |ip| ip.to_owned(),
+        ),
+        (
+            ClientIpHeader::Forwarded,
+            "forwarded",
+            |ip| format!("for=6.6.6.6, for={ip};proto=http"),
+            |ip| format!("for={ip}"),
+        ),
+        (
+            ClientIpHeader::XRealIp,
+            "x-real-ip",
+            |ip| ip.to_owned(),
+            |ip| ip.to_owned(),
+        ),
+    ];
+    let all = ["x-forwarded-for", "forwarded", "x-real-ip"];
+    for (kind, name, chained, alone) in kinds {
+        for via in EVERY_PATH {
+            let server = Server::start_with(|c| {
+                c.max_streams_per_ip = 2;
+                c.trusted_proxies = vec!["127.0.0.1".into()];
+                c.client_ip_header = kind;
+            })
+            .await;
+            // Client A, named by the header, with the other two headers
+            // naming someone new each time.
+            let as_a = |i: u8| {
+                let mut headers = vec![(name, chained("198.51.100.1"))];
+                for other in all.into_iter().filter(|other| *other != name) {
+                    let value = match other {
+                        "forwarded" => format!("for=192.0.2.{i}"),
+                        _ => format!("192.0.2.{i}"),
+                    };
+                    headers.push((other, value));
+                }
+                headers
+            };
+            let requests = vec![
+                as_a(1),
+                as_a(2),
+                as_a(3),
+                // Client B, by the header alone.
+                vec![(name, alone("198.51.100.2"))],
+                // Malformed: counted as the proxy itself.
+                vec![(name, "not an address".to_owned())],
+            ];
+            let (statuses, held) = open_streams(&server, via, &requests).await;
+            assert_eq!(statuses, [200, 200, 429, 200, 200], "{name} {via:?}");
+            drop(held);
+            server.stop().await;
+        }
+    }
+}
+
+/// `--client-ip-header` takes only the three header names: anything else
+/// stops the hub at start-up, saying which values it takes.
+#[test]
+fn an_unknown_client_ip_header_is_refused_at_start_up() {
+    for (args, env) in [
+        (&["--client-ip-header", "x-client-ip"][..], None),
+        (&[][..], Some("true-client-ip")),
+    ] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_crier"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args);
+        if let Some(value) = env {
+            command.env("CRIER_CLIENT_IP_HEADER", value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--client-ip-header"), "{stderr}");
+        assert!(
+            stderr.contains("x-forwarded-for")
+                && stderr.contains("forwarded")
+                && stderr.contains("x-real-ip"),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -97,6 +97,7 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ("--publish-rate", "CRIER_PUBLISH_RATE"),
         ("--publish-burst", "CRIER_PUBLISH_BURST"),
         ("--trusted-proxies", "CRIER_TRUSTED_PROXIES"),
+        ("--client-ip-header", "CRIER_CLIENT_IP_HEADER"),
         ("--tls-handshake-timeout", "CRIER_TLS_HANDSHAKE_TIMEOUT"),
         ("--header-timeout", "CRIER_HEADER_TIMEOUT"),
         ("--body-timeout", "CRIER_BODY_TIMEOUT"),

@@ -449,3 +449,113 @@ async fn sigterm_moves_200_subscribers_to_another_node_spread_over_the_window_wi
         "closes per tenth of the window: {tenths:?}"
     );
 }
+
+/// At `RUST_LOG=trace`, with a token, a ticket, idempotency keys and event
+/// data crossing HTTP, a WebSocket and SSE, no log line holds any of them
+/// (the WebSocket library logs whole messages at trace: crier silences it
+/// whatever `RUST_LOG` says).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_ticket_key_or_event_data_is_logged_even_at_trace() {
+    use common::auth::{SECRET, token};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let mut crier = Process::start_with_env(
+        &[],
+        &[
+            ("RUST_LOG", "trace,tungstenite::protocol=trace"),
+            ("CRIER_JWT_SECRET", SECRET),
+        ],
+    );
+    let client = common::client();
+    // HTTP/2 too: its library logs every frame it reads at debug.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let token = token(&["*"], &["*"]);
+    let published = h2
+        .post(crier.url("/topics/logged"))
+        .bearer_auth(&token)
+        .header("idempotency-key", "key-over-http-5e1d")
+        .body("body-over-http-7f3a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(published.status(), 201);
+
+    let mut request = crier
+        .url("/topics/logged")
+        .replacen("http", "ws", 1)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut socket, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let frame = serde_json::json!({
+        "type": "publish",
+        "topic": "logged",
+        "data": "body-over-websocket-9c1e",
+        "idempotency_key": "key-over-websocket-2b7c",
+    });
+    socket.send(Message::text(frame.to_string())).await.unwrap();
+    // The ack, and the event itself back on the socket.
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|f: &serde_json::Value| f["data"] == "body-over-websocket-9c1e")
+    {
+        let message = tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .expect("frames in time")
+            .expect("an open socket")
+            .unwrap();
+        if let Message::Text(text) = message {
+            seen.push(serde_json::from_str(&text).unwrap());
+        }
+    }
+    assert!(seen.iter().any(|f| f["type"] == "ack"), "{seen:?}");
+
+    let ticket: serde_json::Value = client
+        .post(crier.url("/tickets"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"topics": ["logged"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ticket = ticket["ticket"].as_str().unwrap().to_owned();
+    let url = crier.url(&format!("/topics/logged?last=2&ticket={ticket}"));
+    let mut sse = SseClient::connect(&h2, &url, None).await;
+    let data: Vec<String> = sse.take(2).await.into_iter().map(|e| e.data).collect();
+    assert_eq!(data, ["body-over-http-7f3a", "body-over-websocket-9c1e"]);
+    drop(sse);
+    drop(socket);
+
+    crier.terminate();
+    crier.wait_exit(DEADLINE);
+    let log = crier.full_log();
+    assert!(
+        log.iter().any(|l| l.contains(" TRACE ")),
+        "the log is at trace level"
+    );
+    for secret in [
+        token.as_str(),
+        ticket.as_str(),
+        "key-over-http-5e1d",
+        "key-over-websocket-2b7c",
+        "body-over-http-7f3a",
+        "body-over-websocket-9c1e",
+    ] {
+        let leaks: Vec<&String> = log.iter().filter(|l| l.contains(secret)).collect();
+        assert!(leaks.is_empty(), "{secret:?} logged: {leaks:#?}");
+    }
+}

@@ -714,3 +714,215 @@ async fn an_http1_event_stream_sends_each_event_as_one_chunk_and_frees_its_slot_
     .await;
     server.stop().await;
 }
+
+/// Which of the hub's HTTP paths a request takes: crier's own HTTP/1.1
+/// (subscribe GETs), hyper's HTTP/1 (an HTTP/1.0 GET goes there) or
+/// HTTP/2 (h2c with prior knowledge).
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Own,
+    Hyper,
+    Http2,
+}
+
+/// What keeps an answer's connection (and its stream) open.
+type Held = Box<dyn std::any::Any + Send>;
+
+/// Sends `GET path` with `headers` over `via`: the answer's status and
+/// headers, its whole body when `whole` (a stream's is left unread), and
+/// what holds it open.
+async fn get_via(
+    server: &Server,
+    via: Via,
+    path: &str,
+    headers: &[(&str, &str)],
+    whole: bool,
+) -> (Answer, Held) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let client = match via {
+        Via::Own => server.client.clone(),
+        Via::Http2 => reqwest::Client::builder()
+            .no_proxy()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap(),
+        Via::Hyper => {
+            let mut socket = TcpStream::connect(server.addr).await.unwrap();
+            let mut request = format!("GET {path} HTTP/1.0\r\nHost: hub\r\n");
+            for (name, value) in headers {
+                request += &format!("{name}: {value}\r\n");
+            }
+            socket
+                .write_all(format!("{request}\r\n").as_bytes())
+                .await
+                .unwrap();
+            // HTTP/1.0: the head ends at a blank line, the body at the close.
+            let mut bytes = Vec::new();
+            let head_end = loop {
+                if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end;
+                }
+                let mut buf = [0u8; 1024];
+                let n = tokio::time::timeout(DEADLINE, socket.read(&mut buf))
+                    .await
+                    .expect("a head in time")
+                    .unwrap();
+                assert!(n > 0, "closed before the head");
+                bytes.extend_from_slice(&buf[..n]);
+            };
+            let head = String::from_utf8(bytes[..head_end].to_vec()).unwrap();
+            let mut lines = head.split("\r\n");
+            let status = lines
+                .next()
+                .unwrap()
+                .split(' ')
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let headers = lines
+                .map(|line| {
+                    let (name, value) = line.split_once(':').unwrap();
+                    (name.to_ascii_lowercase(), value.trim().to_owned())
+                })
+                .collect();
+            let mut body = bytes[head_end + 4..].to_vec();
+            if whole {
+                tokio::time::timeout(DEADLINE, socket.read_to_end(&mut body))
+                    .await
+                    .expect("a body in time")
+                    .unwrap();
+            }
+            let answer = Answer {
+                status,
+                headers,
+                body,
+            };
+            return (answer, Box::new(socket));
+        }
+    };
+    let mut request = client.get(server.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = tokio::time::timeout(DEADLINE, request.send())
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+        .collect();
+    if whole {
+        let body = response.bytes().await.unwrap().to_vec();
+        return (
+            Answer {
+                status,
+                headers,
+                body,
+            },
+            Box::new(()),
+        );
+    }
+    let answer = Answer {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    (answer, Box::new(response))
+}
+
+/// `GET /topics/{topic}` (and `/events`) answers an event stream or a
+/// long-poll's JSON by `Accept`, each maybe compressed: both say `Vary:
+/// accept, accept-encoding`; a compressed stream says `no-transform`; a
+/// long-poll's JSON is compressed like every JSON answer, exactly what the
+/// plain answer says once decoded. On crier's own HTTP/1.1, hyper's and
+/// HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_answers_vary_by_accept_and_compressed_streams_say_no_transform() {
+    let server = Server::start().await;
+    let first = server.publish_id("vary", &metric(1)).await;
+    let second = server.publish_id("vary", &metric(2)).await;
+    for via in [Via::Own, Via::Hyper, Via::Http2] {
+        for path in ["/topics/vary", "/events?topic=vary&topic=other"] {
+            for coding in [None, Some("zstd"), Some("gzip"), Some("br")] {
+                let mut headers = vec![("accept", "text/event-stream")];
+                headers.extend(coding.map(|c| ("accept-encoding", c)));
+                let (stream, held) = get_via(&server, via, path, &headers, false).await;
+                let what = format!("{via:?} {path} {coding:?} stream");
+                assert_eq!(stream.status, 200, "{what}");
+                assert_eq!(stream.header("content-encoding"), coding, "{what}");
+                assert_eq!(
+                    stream.header("vary"),
+                    Some("accept, accept-encoding"),
+                    "{what}"
+                );
+                let cache = match coding {
+                    Some(_) => "no-cache, no-transform",
+                    None => "no-cache",
+                };
+                assert_eq!(stream.header("cache-control"), Some(cache), "{what}");
+                drop(held);
+            }
+        }
+        let plain = {
+            let url = format!("/topics/vary?poll=1&lastEventId={first}");
+            let (answer, _) = get_via(&server, via, &url, &[], true).await;
+            assert_eq!(answer.header("content-encoding"), None);
+            assert_eq!(answer.header("vary"), Some("accept, accept-encoding"));
+            let json = answer.json();
+            assert_eq!(json["events"][0]["id"], second.as_str(), "{json}");
+            assert_eq!(json["events"][0]["data"], metric(2).as_str(), "{json}");
+            json
+        };
+        for coding in ["zstd", "gzip", "br"] {
+            let what = format!("{via:?} {coding} long-poll");
+            let headers = [("accept", "application/json"), ("accept-encoding", coding)];
+            let url = format!("/topics/vary?lastEventId={first}");
+            let (answer, _) = get_via(&server, via, &url, &headers, true).await;
+            assert_eq!(answer.status, 200, "{what}");
+            assert_eq!(answer.header("content-encoding"), Some(coding), "{what}");
+            assert_eq!(
+                answer.header("vary"),
+                Some("accept, accept-encoding"),
+                "{what}"
+            );
+            let decoded = Decoder::new(coding).decode(&answer.body);
+            assert!(answer.body.len() < decoded.len(), "{what}: compressed");
+            let json: serde_json::Value = serde_json::from_slice(&decoded).unwrap();
+            assert_eq!(json, plain, "{what}");
+        }
+    }
+    server.stop().await;
+}
+
+/// The page and the browser helper are revalidated on every use and
+/// carry a validator (`304` while unchanged); `/healthz` is never cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_files_carry_a_validator_and_healthz_is_never_cached() {
+    let server = Server::start().await;
+    for via in [Via::Hyper, Via::Http2] {
+        for path in ["/", "/crier.js"] {
+            let what = format!("{via:?} {path}");
+            let (answer, _) = get_via(&server, via, path, &[], true).await;
+            assert_eq!(answer.status, 200, "{what}");
+            assert_eq!(answer.header("cache-control"), Some("no-cache"), "{what}");
+            let etag = answer.header("etag").expect("a validator").to_owned();
+            assert!(etag.starts_with("W/\"") && etag.len() > 8, "{what}: {etag}");
+            assert!(!answer.body.is_empty(), "{what}");
+            let (again, _) = get_via(&server, via, path, &[("if-none-match", &etag)], true).await;
+            assert_eq!(again.status, 304, "{what}");
+            assert_eq!(again.header("etag"), Some(etag.as_str()), "{what}");
+            assert!(again.body.is_empty(), "{what}");
+            let other = [("if-none-match", "W/\"someone-else\"")];
+            let (changed, _) = get_via(&server, via, path, &other, true).await;
+            assert_eq!(changed.status, 200, "{what}");
+        }
+        let (health, _) = get_via(&server, via, "/healthz", &[], true).await;
+        assert_eq!(health.status, 200);
+        assert_eq!(health.header("cache-control"), Some("no-store"), "{via:?}");
+    }
+    server.stop().await;
+}

@@ -1,5 +1,6 @@
 //! The HTTP edge of the limits: which client a request comes from (its peer,
-//! or the forwarded address when the peer is a trusted proxy), and a cap on
+//! or the address `--client-ip-header` names when the peer is a trusted
+//! proxy), and a cap on
 //! its concurrent requests whose count is held by the response body, so an
 //! event stream counts until it really ends.
 
@@ -11,7 +12,6 @@ use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
@@ -67,14 +67,12 @@ where
                 held: None,
             };
         };
-        let headers = request.headers();
-        let forwarded = joined(headers.get_all(header::FORWARDED));
-        let x_forwarded_for = joined(headers.get_all("x-forwarded-for"));
-        let client = self.state.limits.client_of(
-            peer.ip(),
-            forwarded.as_deref(),
-            x_forwarded_for.as_deref(),
-        );
+        let named = self.state.limits.settings().client_ip_header.name();
+        let forwarded_by = joined(request.headers().get_all(named));
+        let client = self
+            .state
+            .limits
+            .client_of(peer.ip(), forwarded_by.as_deref());
         request.extensions_mut().insert(client);
         let slot = match self.state.limits.open_stream(client) {
             Ok(slot) => Arc::new(slot),
@@ -143,9 +141,11 @@ where
     }
 }
 
-/// A header that may be repeated, as one comma-separated value.
+/// A header that may be repeated, as one comma-separated value. A line
+/// that is not visible ASCII becomes an empty element, which no address
+/// parses from: the whole value is then malformed.
 fn joined(values: axum::http::header::GetAll<'_, axum::http::HeaderValue>) -> Option<String> {
-    let parts: Vec<&str> = values.iter().filter_map(|v| v.to_str().ok()).collect();
+    let parts: Vec<&str> = values.iter().map(|v| v.to_str().unwrap_or("")).collect();
     (!parts.is_empty()).then(|| parts.join(","))
 }
 

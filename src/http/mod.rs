@@ -14,13 +14,13 @@ mod tickets;
 mod trace;
 mod websocket;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::Router;
 use axum::extract::State;
 use axum::handler::Handler;
-use axum::http::{Method, StatusCode, Uri, header};
-use axum::response::{Html, IntoResponse};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -154,27 +154,88 @@ async fn not_found(uri: Uri) -> ApiError {
 }
 
 /// The live demo page; compiled in so the binary is all a user needs.
-async fn index() -> Html<&'static str> {
-    Html(include_str!("../../static/index.html"))
+async fn index(headers: HeaderMap) -> Response {
+    static FILE: LazyLock<CompiledFile> = LazyLock::new(|| {
+        CompiledFile::new(
+            "text/html; charset=utf-8",
+            include_str!("../../static/index.html"),
+        )
+    });
+    FILE.answer(&headers)
 }
 
 /// The browser helper (an ES module) that subscribes with tickets and
 /// rides out expiry and restarts.
-async fn browser_helper() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        include_str!("../../static/crier.js"),
-    )
+async fn browser_helper(headers: HeaderMap) -> Response {
+    static FILE: LazyLock<CompiledFile> = LazyLock::new(|| {
+        CompiledFile::new(
+            "text/javascript; charset=utf-8",
+            include_str!("../../static/crier.js"),
+        )
+    });
+    FILE.answer(&headers)
 }
 
-/// Liveness: the process serves HTTP.
+/// A file compiled into the binary. Browsers revalidate it on every use
+/// (`no-cache`: a new crier may serve a new helper at the same URL) and
+/// get `304` while it is unchanged. The tag is weak: the compression
+/// layer may send the same file in several codings.
+struct CompiledFile {
+    content_type: &'static str,
+    body: &'static str,
+    etag: HeaderValue,
+}
+
+impl CompiledFile {
+    fn new(content_type: &'static str, body: &'static str) -> CompiledFile {
+        let digest = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
+        let hex: String = digest.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        CompiledFile {
+            content_type,
+            body,
+            etag: HeaderValue::from_str(&format!("W/\"{hex}\"")).expect("a hex tag"),
+        }
+    }
+
+    fn answer(&self, request: &HeaderMap) -> Response {
+        let ours = self.etag.as_bytes().trim_ascii_start();
+        let ours = ours.strip_prefix(b"W/").unwrap_or(ours);
+        let unchanged = request
+            .get_all(header::IF_NONE_MATCH)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|tag| {
+                let tag = tag.trim_ascii();
+                tag.strip_prefix(b"W/").unwrap_or(tag)
+            })
+            .any(|tag| tag == b"*" || tag == ours);
+        let headers = [
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (header::ETAG, self.etag.clone()),
+        ];
+        if unchanged {
+            return (StatusCode::NOT_MODIFIED, headers).into_response();
+        }
+        let content_type = [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(self.content_type),
+        )];
+        (headers, content_type, self.body).into_response()
+    }
+}
+
+/// Liveness: the process serves HTTP. Never cached: a cached answer
+/// would say nothing about the process now.
 async fn healthz() -> impl IntoResponse {
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         r#"{"status":"ok"}"#,
     )
 }

@@ -290,7 +290,12 @@ async fn open(
             // future (an SSE stream's too) for it. Measured: ~1.5 KB less
             // resident memory per idle SSE connection (BENCHMARKS, "Memory
             // per idle plain connection").
-            return Ok(Box::pin(super::poll::answer(&state, subscription, settings, given)).await);
+            let codec = negotiate(
+                request_headers.get(header::ACCEPT_ENCODING),
+                &state.config.codecs(),
+            );
+            let answer = super::poll::answer(&state, subscription, settings, given, codec);
+            return Ok(Box::pin(answer).await);
         }
         Transport::WebSocket(upgrade) => {
             let credentials = credentials(request_headers, origin, &state.config.auth_cookie);
@@ -341,15 +346,29 @@ async fn open(
             HeaderValue::from_static(codec.token()),
         );
     }
-    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    headers.insert(header::VARY, VARY_BY_ACCEPT);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
     );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // A proxy that recompressed (or decoded) a compressed stream would
+    // buffer it: `no-transform` asks it to pass the bytes through.
+    let cache_control = match codec {
+        Some(_) => "no-cache, no-transform",
+        None => "no-cache",
+    };
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
 }
+
+/// The same URL answers an event stream or a long-poll's JSON by
+/// `Accept`, each in a coding by `Accept-Encoding`: a cache must key on
+/// both.
+pub(super) const VARY_BY_ACCEPT: HeaderValue = HeaderValue::from_static("accept, accept-encoding");
 
 /// What an event stream's body holds besides the stream.
 struct Holds {

@@ -9,7 +9,8 @@ use axum::response::Response;
 use tokio_stream::StreamExt;
 
 use super::AppState;
-use crate::compress::{self, Codec};
+use crate::coding::Codec;
+use crate::compress;
 use crate::subscription::{StreamSettings, Subscription};
 use crate::transport::poll::{self, Answer};
 

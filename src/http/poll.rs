@@ -61,7 +61,7 @@ pub async fn answer(
             HeaderValue::from_static(codec.token()),
         );
     }
-    headers.insert(header::VARY, super::subscribe::VARY_BY_ACCEPT);
+    headers.insert(header::VARY, super::request::VARY_BY_ACCEPT);
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

@@ -1,10 +1,12 @@
 //! What more than one handler reads from a request or writes on its answer:
-//! the topic in the path, the client's name for limits, the replay header.
+//! the topic in the path, the client's name for limits, the replay and
+//! `Vary` headers.
 //! Handlers import this; it imports no handler.
 
 use axum::extract::Extension;
 use axum::extract::Path;
 use axum::extract::rejection::PathRejection;
+use axum::http::HeaderValue;
 
 use super::{ApiError, AppState};
 use crate::event::Topic;
@@ -13,6 +15,11 @@ use crate::limits::ClientKey;
 /// The answer header that says a publish was a retry: nothing was stored
 /// now, and the body is the first request's.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// The same URL answers an event stream or a long-poll's JSON by
+/// `Accept`, each in a coding by `Accept-Encoding`: a cache must key on
+/// both.
+pub(super) const VARY_BY_ACCEPT: HeaderValue = HeaderValue::from_static("accept, accept-encoding");
 
 /// The topic named in the path, parsed once.
 pub(super) fn parse_topic(

@@ -23,7 +23,7 @@ use tokio_stream::Stream;
 
 use super::access::credentials;
 use super::limits::{BodyHoldsSlot, HeldSlot};
-use super::request::{client_name, parse_topic};
+use super::request::{VARY_BY_ACCEPT, client_name, parse_topic};
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
 use crate::coding::negotiate;
@@ -364,11 +364,6 @@ async fn open(
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
 }
-
-/// The same URL answers an event stream or a long-poll's JSON by
-/// `Accept`, each in a coding by `Accept-Encoding`: a cache must key on
-/// both.
-pub(super) const VARY_BY_ACCEPT: HeaderValue = HeaderValue::from_static("accept, accept-encoding");
 
 /// What an event stream's body holds besides the stream.
 struct Holds {

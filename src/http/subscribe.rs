@@ -27,13 +27,13 @@ use super::request::{VARY_BY_ACCEPT, client_name, parse_topic};
 use super::{ApiError, AppState};
 use crate::auth::{OriginKind, TicketRecord, ticket};
 use crate::coding::negotiate;
-use crate::compress::SharedUnits;
 use crate::event::{Cursor, Topic};
 use crate::limits::ClientKey;
 use crate::metrics::BytesWritten;
 use crate::server::{Activity, StreamActivity};
 use crate::store::StoreError;
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
+use crate::transport::compressed::SharedUnits;
 use crate::transport::sse::Plain;
 
 pub async fn topic(

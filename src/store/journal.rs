@@ -240,7 +240,7 @@ mod tests {
         assert_eq!(intact(&bytes), ranges);
         assert_eq!(damage(&bytes, &intact(&bytes), true), None);
         assert_eq!(damage(&bytes, &intact(&bytes), false), None);
-        assert_eq!(intact(&[]), vec![]);
+        assert!(intact(&[]).is_empty());
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! ([`crate::subscription`]) and encodes its items: the same events, ids,
 //! resets and ends, whichever way they travel.
 //!
-//! - [`sse`]: `text/event-stream` bytes (and, in `crate::compress`, their
-//!   content codings).
+//! - [`sse`]: `text/event-stream` bytes; [`compressed`]: the same in a
+//!   content coding, written from the units `crate::compress` made once.
 //! - [`websocket`]: one JSON text frame per event or control item; pings for
 //!   heartbeats; a close code for each way a stream ends.
 //! - [`poll`]: the entries of one long-poll answer.
@@ -11,6 +11,7 @@
 //! An event's JSON (what WebSocket frames and long-poll entries carry) is
 //! made once per event and shared, like its SSE frame.
 
+pub mod compressed;
 pub mod poll;
 pub mod sse;
 pub mod websocket;

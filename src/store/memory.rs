@@ -86,8 +86,10 @@ impl OnceRecords {
     }
 }
 
-/// How much the store may hold: a publish that would take it past either
-/// bound is refused, never made room for by dropping what was acknowledged.
+/// How much the store may hold. Past the bytes, the oldest retained events
+/// make room (see [`MemoryStore::make_room`]): retention is a cache for
+/// resumers, and one publisher filling it must not stop the others from
+/// publishing. Past the topics or keys, a publish is refused.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
     pub max_bytes: usize,
@@ -97,6 +99,16 @@ pub struct Budget {
 }
 
 const SHARDS: usize = 256;
+
+/// Topics looked at for the oldest event each time room is made: the
+/// oldest of a sample, as Redis's approximate LRU, since an exact order of
+/// every retained event would be a lock all appends share.
+const EVICTION_SAMPLE: usize = 16;
+
+/// Rounds of eviction one publish may run before it is refused after all
+/// (a budget held by events in flight, or a batch larger than a round can
+/// free): bounds the work a publish does for others.
+const EVICTION_ROUNDS: usize = 4096;
 
 type Shard = Mutex<IndexMap<Topic, Arc<Mutex<Log>>>>;
 
@@ -136,10 +148,14 @@ impl Log {
             .map_or(self.head.saturating_add(1), |(_, e)| e.seq)
     }
 
-    fn pop_oldest(&mut self) {
-        if let Some((_, event)) = self.events.pop_front() {
-            self.retained_bytes.sub(cost(&event) + event.release());
-        }
+    /// Drops the oldest event; returns the bytes that gave back.
+    fn pop_oldest(&mut self) -> usize {
+        let Some((_, event)) = self.events.pop_front() else {
+            return 0;
+        };
+        let bytes = cost(&event) + event.release();
+        self.retained_bytes.sub(bytes);
+        bytes
     }
 
     fn trim(&mut self, retention: &Retention, now: Instant) {
@@ -162,6 +178,16 @@ impl Drop for Log {
             self.pop_oldest();
         }
     }
+}
+
+/// A number below `bound` (not 0), different on each call: a keyed hash of
+/// a counter, enough to pick which topics to sample.
+fn random(bound: u64) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    static KEY: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    KEY.get_or_init(RandomState::new).hash_one(n) % bound.max(1)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -276,9 +302,9 @@ impl MemoryStore {
         true
     }
 
-    /// Whether `bytes` more fit in the budget (see `check_room`).
+    /// Makes room for `bytes` more in the budget (see `make_room`).
     pub(crate) fn room(&self, bytes: usize) -> Result<(), StoreError> {
-        self.check_room(bytes)
+        self.make_room(bytes)
     }
 
     fn shard(&self, topic: &Topic) -> &Shard {
@@ -401,25 +427,88 @@ impl MemoryStore {
             .iter()
             .map(|e| crate::sse::encoded_data_len(&e.data) + 64)
             .sum();
-        self.check_room(bytes)?;
+        self.make_room(bytes)?;
         for event in &events {
             drop(self.log(&event.topic)?);
         }
         events.into_iter().map(|e| self.append_one(e)).collect()
     }
 
-    /// Whether `bytes` more fit in the budget. Concurrent publishes may
-    /// each pass before the other is stored, so the budget can be exceeded
-    /// by the batches in flight at one moment, never more.
-    fn check_room(&self, bytes: usize) -> Result<(), StoreError> {
-        let retained = self.retained_bytes.get();
-        if retained.saturating_add(bytes) > self.budget.max_bytes {
-            return Err(StoreError::Full(format!(
+    /// Makes room for `bytes` more in the budget by dropping the oldest
+    /// retained events, of any topic: a resumer whose position was among
+    /// them gets `reset` (reason `trimmed`), as after retention by age.
+    /// Refused only when `bytes` could never fit, or nothing of what holds
+    /// the budget can be found to drop. Concurrent publishes may each pass
+    /// before the other is stored, so the budget can be exceeded by the
+    /// batches in flight at one moment, never more.
+    fn make_room(&self, bytes: usize) -> Result<(), StoreError> {
+        let full = || {
+            StoreError::Full(format!(
                 "the events retained would exceed {} bytes (--max-retained-bytes)",
                 self.budget.max_bytes
-            )));
+            ))
+        };
+        if bytes > self.budget.max_bytes {
+            return Err(full());
         }
-        Ok(())
+        for _ in 0..EVICTION_ROUNDS {
+            let retained = self.retained_bytes.get();
+            let over = retained
+                .saturating_add(bytes)
+                .saturating_sub(self.budget.max_bytes);
+            if over == 0 {
+                return Ok(());
+            }
+            if self.evict_oldest(over) == 0 {
+                break;
+            }
+        }
+        Err(full())
+    }
+
+    /// Drops the oldest retained events of a sample of topics, up to
+    /// `bytes` of them (an event at least), oldest first; returns the
+    /// events dropped.
+    fn evict_oldest(&self, bytes: usize) -> usize {
+        let mut sample: Vec<(Instant, Arc<Mutex<Log>>)> = Vec::with_capacity(EVICTION_SAMPLE);
+        // From a random shard on, a random topic of each that has one: with
+        // few topics, every shard is looked at (a short lock each).
+        let start = random(SHARDS as u64) as usize;
+        for n in 0..SHARDS {
+            if sample.len() == EVICTION_SAMPLE {
+                break;
+            }
+            let log = {
+                let topics = lock(&self.shards[(start + n) % SHARDS]);
+                if topics.is_empty() {
+                    continue;
+                }
+                let at = random(topics.len() as u64) as usize;
+                topics.get_index(at).map(|(_, log)| log.clone())
+            };
+            let Some(log) = log else { continue };
+            let front = lock(&log).events.front().map(|(at, _)| *at);
+            if let Some(front) = front {
+                sample.push((front, log));
+            }
+        }
+        sample.sort_by_key(|(at, _)| *at);
+        let Some((_, oldest)) = sample.first() else {
+            return 0;
+        };
+        // Down to the next oldest of the sample, or until there is room.
+        let until = sample.get(1).map(|(at, _)| *at);
+        let mut log = lock(oldest);
+        let (mut dropped, mut freed) = (0, 0);
+        while let Some((at, _)) = log.events.front() {
+            let next_is_older = until.is_some_and(|until| *at > until);
+            if dropped > 0 && (freed >= bytes || next_is_older) {
+                break;
+            }
+            freed += log.pop_oldest();
+            dropped += 1;
+        }
+        dropped
     }
 }
 

@@ -95,9 +95,9 @@ pub struct Config {
     pub retention_age: Duration,
 
     /// Most bytes of events the embedded store retains, all topics together
-    /// (counted as encoded, with the compressed units cached on them); a
-    /// publish past it gets 507 and nothing of it is stored. (With Redis,
-    /// size Redis's own maxmemory instead.)
+    /// (counted as encoded, with the compressed units cached on them); past
+    /// it the oldest retained events make room, and resumers from before
+    /// them get a reset. (With Redis, size Redis's own maxmemory instead.)
     #[arg(long, env = "CRIER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_retained_bytes: usize,
 

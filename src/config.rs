@@ -101,8 +101,9 @@ pub struct Config {
     #[arg(long, env = "CRIER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_retained_bytes: usize,
 
-    /// Most topics the embedded store keeps history for; a publish to a new
-    /// topic past it gets 507.
+    /// Most topics the embedded store keeps history for; past it a new topic
+    /// takes the place of the one published to longest ago that no one
+    /// watches (507 only when every topic is watched).
     #[arg(long, env = "CRIER_MAX_TOPICS", default_value_t = 100_000)]
     pub max_topics: usize,
 

@@ -766,3 +766,93 @@ async fn a_publisher_filling_the_retained_budget_cannot_stop_another_on_memory()
 async fn a_publisher_filling_the_retained_budget_cannot_stop_another_on_durable() {
     common::on_durable(a_publisher_filling_the_retained_budget_cannot_stop_another()).await;
 }
+
+/// The topic flood of issue 21 in small: with no publish rate, one
+/// publisher makes new topics in batches of 50, many times the topic budget
+/// (200 here), while another publishes 1 KiB to a new topic every 100 ms.
+/// Each new topic takes the place of one published to longer ago that no
+/// one watches, so at least 99 % of the honest publishes succeed (here:
+/// all), and a watched topic keeps its history throughout.
+async fn a_publisher_making_topics_past_the_budget_cannot_stop_another() {
+    let server = Server::start_with(|c| {
+        c.max_topics = 200;
+        c.publish_rate = 0;
+    })
+    .await;
+    let url = |path: &str| server.url(path);
+    let honest = Honest::new("127.0.0.2");
+    let mut watcher = honest.subscribe(&url("/topics/kept")).await;
+    let k1 = honest.publish(&url("/topics/kept"), "k1").await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let (stop, url) = (stop.clone(), server.url("/events"));
+        let client = Honest::new("127.0.0.3").client;
+        tokio::spawn(async move {
+            let (mut made, mut n) = (0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let batch: Vec<serde_json::Value> = (0..50)
+                    .map(|i| serde_json::json!({"topic": format!("x-{n}-{i}"), "data": "e"}))
+                    .collect();
+                let response = client
+                    .post(&url)
+                    .body(serde_json::Value::Array(batch).to_string())
+                    .timeout(DEADLINE)
+                    .send()
+                    .await
+                    .expect("a flood batch is answered");
+                if response.status() == 201 {
+                    made += 50;
+                }
+            }
+            made
+        })
+    };
+
+    let data = "h".repeat(1024);
+    let (mut tried, mut stored) = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..30 {
+        tick.tick().await;
+        tried += 1;
+        let response = honest
+            .client
+            .post(url(&format!("/topics/honest-{i}")))
+            .timeout(DEADLINE)
+            .body(data.clone())
+            .send()
+            .await
+            .expect("the honest publish is answered");
+        if response.status() == 201 {
+            stored += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let made = flooder.await.unwrap();
+    eprintln!("honest: {stored} of {tried} stored; flood: {made} topics made");
+    assert!(made > 3 * 200, "the flood made only {made} topics");
+    assert!(
+        stored * 100 >= tried * 99,
+        "{stored} of {tried} honest publishes stored"
+    );
+    // The watched topic kept its history: a resumer from k1 gets k2 exactly.
+    let k2 = honest.publish(&url("/topics/kept"), "k2").await;
+    assert_eq!(
+        watcher.take(2).await,
+        [Ev::new(&k1, "message", "k1"), Ev::new(&k2, "message", "k2")]
+    );
+    let mut resumer = SseClient::connect(&honest.client, &url("/topics/kept"), Some(&k1)).await;
+    assert_eq!(resumer.next().await, Ev::new(&k2, "message", "k2"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_making_topics_past_the_budget_cannot_stop_another_on_memory() {
+    a_publisher_making_topics_past_the_budget_cannot_stop_another().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_making_topics_past_the_budget_cannot_stop_another_on_durable() {
+    common::on_durable(a_publisher_making_topics_past_the_budget_cannot_stop_another()).await;
+}

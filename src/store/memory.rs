@@ -120,6 +120,9 @@ struct Log {
     /// Set when the sweeper removed this log from the map; an appender that
     /// raced with it starts over with a fresh log.
     removed: bool,
+    /// When the log was made or last appended to: the topic least recently
+    /// published to goes first when topics make room.
+    touched: Instant,
     /// The store's count of retained bytes, kept by every removal.
     retained_bytes: Arc<RetainedBytes>,
 }
@@ -138,6 +141,7 @@ impl Log {
             head: 0,
             events: VecDeque::new(),
             removed: false,
+            touched: Instant::now(),
             retained_bytes,
         }
     }
@@ -178,6 +182,15 @@ impl Drop for Log {
             self.pop_oldest();
         }
     }
+}
+
+/// What one look for a topic to forget found.
+enum Eviction {
+    Forgot(Topic),
+    /// The topic chosen was forgotten meanwhile by another publish.
+    Raced,
+    /// No topic of the sample may go (all watched or spared).
+    Nothing,
 }
 
 /// A number below `bound` (not 0), different on each call: a keyed hash of
@@ -247,6 +260,7 @@ impl MemoryStore {
             return;
         }
         log.head = event.seq;
+        log.touched = at;
         self.retained_bytes.add(cost(&event));
         log.events.push_back((at, event.clone()));
         log.trim(&self.retention, Instant::now());
@@ -369,23 +383,96 @@ impl MemoryStore {
         );
     }
 
-    /// The log of `topic`, created if `create` (refused past the topic
-    /// budget).
+    /// The log of `topic`, created if missing. Past the topic budget the
+    /// store forgets the topic least recently published to that no one
+    /// here watches (see [`MemoryStore::evict_topic`]) to make room; the
+    /// durable store's copy does not (its writer does, from disk too), and
+    /// refuses.
     fn log(&self, topic: &Topic) -> Result<Arc<Mutex<Log>>, StoreError> {
-        let mut topics = lock(self.shard(topic));
-        if let Some(log) = topics.get(topic) {
-            return Ok(log.clone());
+        for _ in 0..EVICTION_ROUNDS {
+            {
+                let mut topics = lock(self.shard(topic));
+                if let Some(log) = topics.get(topic) {
+                    return Ok(log.clone());
+                }
+                if self.topic_count.fetch_add(1, Ordering::Relaxed) < self.budget.max_topics {
+                    let log = Arc::new(Mutex::new(Log::new(self.retained_bytes.clone())));
+                    topics.insert(topic.clone(), log.clone());
+                    return Ok(log);
+                }
+                self.topic_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            if !self.forget_idle || self.evict_topic(|_| false).is_none() {
+                break;
+            }
         }
-        if self.topic_count.fetch_add(1, Ordering::Relaxed) >= self.budget.max_topics {
-            self.topic_count.fetch_sub(1, Ordering::Relaxed);
-            return Err(StoreError::Full(format!(
-                "the hub holds {} topics, its limit (--max-topics)",
-                self.budget.max_topics
-            )));
+        Err(StoreError::Full(format!(
+            "the hub holds {} topics, its limit (--max-topics)",
+            self.budget.max_topics
+        )))
+    }
+
+    /// Forgets, with its history, the topic least recently published to
+    /// among a sample of those no one watches on this node and `spare`
+    /// does not keep; returns it. A resumer from its history gets `reset`,
+    /// and its next event starts a new epoch, as after the sweeper forgot
+    /// it.
+    pub(crate) fn evict_topic(&self, spare: impl Fn(&Topic) -> bool) -> Option<Topic> {
+        // Another publish may forget the same topic first: sample again.
+        for _ in 0..8 {
+            match self.evict_sampled_topic(&spare) {
+                Eviction::Forgot(topic) => return Some(topic),
+                Eviction::Raced => continue,
+                Eviction::Nothing => return None,
+            }
         }
-        let log = Arc::new(Mutex::new(Log::new(self.retained_bytes.clone())));
-        topics.insert(topic.clone(), log.clone());
-        Ok(log)
+        None
+    }
+
+    fn evict_sampled_topic(&self, spare: &impl Fn(&Topic) -> bool) -> Eviction {
+        let mut oldest: Option<(Instant, Topic, Arc<Mutex<Log>>)> = None;
+        let (start, mut sampled) = (random(SHARDS as u64) as usize, 0);
+        for n in 0..SHARDS {
+            if sampled == EVICTION_SAMPLE {
+                break;
+            }
+            let candidate = {
+                let topics = lock(&self.shards[(start + n) % SHARDS]);
+                if topics.is_empty() {
+                    continue;
+                }
+                let at = random(topics.len() as u64) as usize;
+                topics
+                    .get_index(at)
+                    .map(|(topic, log)| (topic.clone(), log.clone()))
+            };
+            let Some((topic, log)) = candidate else {
+                continue;
+            };
+            sampled += 1;
+            if spare(&topic) || self.hub.is_watched(&topic) {
+                continue;
+            }
+            let touched = lock(&log).touched;
+            if oldest.as_ref().is_none_or(|(at, _, _)| touched < *at) {
+                oldest = Some((touched, topic, log));
+            }
+        }
+        let Some((_, topic, log)) = oldest else {
+            return Eviction::Nothing;
+        };
+        let mut topics = lock(self.shard(&topic));
+        if !topics.get(&topic).is_some_and(|l| Arc::ptr_eq(l, &log)) {
+            return Eviction::Raced;
+        }
+        let mut log = lock(&log);
+        log.removed = true;
+        while !log.events.is_empty() {
+            log.pop_oldest();
+        }
+        topics.swap_remove(&topic);
+        self.topic_count.fetch_sub(1, Ordering::Relaxed);
+        Eviction::Forgot(topic)
     }
 
     fn append_one(&self, new: NewEvent) -> Result<Arc<Event>, StoreError> {
@@ -410,6 +497,7 @@ impl MemoryStore {
                     .retained_under(self.retained_bytes.clone()),
             );
             log.head = seq;
+            log.touched = now;
             self.retained_bytes.add(cost(&event));
             log.events.push_back((now, event.clone()));
             log.trim(&self.retention, now);

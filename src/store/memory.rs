@@ -729,3 +729,91 @@ impl Store for MemoryStore {
             .map(|(record, _)| record))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(max_bytes: usize, max_topics: usize) -> MemoryStore {
+        let retention = Retention {
+            max_events: 1000,
+            max_age: Duration::from_secs(3600),
+        };
+        let budget = Budget {
+            max_bytes,
+            max_topics,
+            max_keys: 10,
+        };
+        MemoryStore::new(Hub::new(16), retention, budget)
+    }
+
+    async fn publish(store: &MemoryStore, topic: &str, data: &str) -> u64 {
+        let new = NewEvent {
+            topic: Topic::parse(topic, 64).unwrap(),
+            name: None,
+            data: data.into(),
+        };
+        store.append(vec![new]).await.unwrap()[0].seq
+    }
+
+    /// The oldest retained sequence number of `topic`, and its head.
+    async fn bounds(store: &MemoryStore, topic: &str) -> (u64, u64) {
+        let history = store
+            .read(&Topic::parse(topic, 64).unwrap(), 0, 100)
+            .await
+            .unwrap();
+        (history.oldest, history.head)
+    }
+
+    #[tokio::test]
+    async fn a_full_budget_drops_the_oldest_events_of_any_topic_first() {
+        let data = "x".repeat(100);
+        // Room for three events and a half (ids differ in length a little).
+        let probe = store(usize::MAX, 10);
+        publish(&probe, "a", &data).await;
+        let cost = probe.retained_bytes().get();
+        let store = store(3 * cost + cost / 2, 10);
+        publish(&store, "a", &data).await;
+        publish(&store, "b", &data).await;
+        publish(&store, "a", &data).await;
+        assert_eq!(bounds(&store, "a").await, (1, 2));
+        // c1 takes the place of a1, the oldest; d1 that of b1, then.
+        publish(&store, "c", &data).await;
+        assert_eq!(bounds(&store, "a").await, (2, 2));
+        assert_eq!(bounds(&store, "b").await, (1, 1));
+        publish(&store, "d", &data).await;
+        assert_eq!(bounds(&store, "b").await, (2, 1), "b1 dropped");
+        assert_eq!(bounds(&store, "a").await, (2, 2));
+        assert!(store.retained_bytes().get() <= 3 * cost + cost / 2);
+        // An event larger than the whole budget is refused, dropping nothing.
+        let big = NewEvent {
+            topic: Topic::parse("e", 64).unwrap(),
+            name: None,
+            data: "x".repeat(4 * cost),
+        };
+        assert!(matches!(
+            store.append(vec![big]).await,
+            Err(StoreError::Full(_))
+        ));
+        assert_eq!(bounds(&store, "a").await, (2, 2));
+    }
+
+    #[tokio::test]
+    async fn past_the_topic_budget_the_topic_published_to_longest_ago_goes() {
+        let store = store(usize::MAX, 2);
+        publish(&store, "a", "a1").await;
+        publish(&store, "b", "b1").await;
+        publish(&store, "a", "a2").await;
+        // b was published to longest ago: c takes its place.
+        publish(&store, "c", "c1").await;
+        assert_eq!(bounds(&store, "a").await, (1, 2));
+        let b = store
+            .read(&Topic::parse("b", 64).unwrap(), 0, 10)
+            .await
+            .unwrap();
+        assert!(b.epoch.is_none(), "b is forgotten");
+        // Numbering of a goes on; b comes back from 1.
+        assert_eq!(publish(&store, "a", "a3").await, 3);
+        assert_eq!(publish(&store, "b", "b again").await, 1);
+    }
+}

@@ -107,14 +107,15 @@ pub struct Config {
     pub retention_age: Duration,
 
     /// Most bytes of events the embedded store retains, all topics together
-    /// (counted as encoded, with the compressed units cached on them); a
-    /// publish past it gets 507 and nothing of it is stored. (With Redis,
-    /// size Redis's own maxmemory instead.)
+    /// (counted as encoded, with the compressed units cached on them); past
+    /// it the oldest retained events make room, and resumers from before
+    /// them get a reset. (With Redis, size Redis's own maxmemory instead.)
     #[arg(long, env = "CRIER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_retained_bytes: usize,
 
-    /// Most topics the embedded store keeps history for; a publish to a new
-    /// topic past it gets 507.
+    /// Most topics the embedded store keeps history for; past it a new topic
+    /// takes the place of the one published to longest ago that no one
+    /// watches (507 only when every topic is watched).
     #[arg(long, env = "CRIER_MAX_TOPICS", default_value_t = 100_000)]
     pub max_topics: usize,
 

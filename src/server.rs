@@ -213,6 +213,7 @@ impl Conn {
             router: self.router.clone(),
             peer: Peer(self.peer),
             activity,
+            hold: None,
         })
     }
 
@@ -223,9 +224,10 @@ impl Conn {
         let _open = self
             .metrics
             .connection(crate::metrics::Protocol::Http1, self.tls);
-        // Graceful shutdown waits for this task while it holds the watcher;
-        // the connection hears of shutdown from `self.shutdown`.
-        let _watcher = self.watcher;
+        // Graceful shutdown waits for this task while it holds the watcher,
+        // and for a WebSocket this connection upgrades to while that holds
+        // it; the connection hears of shutdown from `self.shutdown`.
+        let hold = ConnectionHold(Arc::new(self.watcher));
         let mut io = io;
         let header_timeout = spread(self.protocols.header_timeout);
         // Subscribe requests first: crier reads and answers them itself.
@@ -237,6 +239,7 @@ impl Conn {
             router: self.router.clone(),
             peer: Peer(self.peer),
             activity: None,
+            hold: Some(hold),
         };
         let mut call = |request| tower::Service::call(&mut service, request);
         let read = match http1::serve(&mut io, &mut call, &limits, &self.shutdown).await {
@@ -318,13 +321,24 @@ impl Conn {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+/// An HTTP/1.1 connection's hold on graceful shutdown, handed to the
+/// WebSocket it upgrades to (a request extension of upgrade requests).
+/// hyper's connection ends once it hands the socket over; without this the
+/// server would return as soon as the other connections were done, and
+/// the hub cut every socket at once instead of closing each at its moment
+/// of the drain window.
+#[derive(Clone)]
+pub struct ConnectionHold(#[allow(dead_code)] Arc<Watcher>);
+
 /// The router for one connection: it adds the peer (and, on HTTP/2, the
-/// connection's activity) to every request.
+/// connection's activity; on HTTP/1.1, to an upgrade, its hold) to every
+/// request.
 #[derive(Clone)]
 pub struct PeerService {
     router: Router,
     peer: Peer,
     activity: Option<Arc<Activity>>,
+    hold: Option<ConnectionHold>,
 }
 
 impl<B> tower::Service<axum::http::Request<B>> for PeerService
@@ -347,6 +361,11 @@ where
         request.extensions_mut().insert(self.peer);
         if let Some(activity) = &self.activity {
             request.extensions_mut().insert(activity.clone());
+        }
+        if let Some(hold) = &self.hold
+            && request.headers().contains_key(axum::http::header::UPGRADE)
+        {
+            request.extensions_mut().insert(hold.clone());
         }
         self.router.call(request)
     }
@@ -860,6 +879,7 @@ pub async fn serve_metrics(
             router: router.clone(),
             peer: Peer(peer),
             activity: None,
+            hold: None,
         });
         let conn = http1.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();

@@ -997,3 +997,67 @@ async fn a_topic_that_expires_is_removed_from_disk_too() {
     assert_ne!(epoch_of(&again), epoch_of(&old), "in a new epoch");
     stop(crier).await;
 }
+
+/// Past its budgets the durable store makes room as the memory store does,
+/// and disk follows: a topic forgotten for a new one (published to longest
+/// ago, watched by no one) is deleted from disk and comes back in a new
+/// epoch after a restart; the topic that took its place keeps its
+/// numbering, dropping its oldest events for bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_made_past_the_budgets_holds_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let client = common::client();
+    let args = ["--max-topics", "2", "--max-retained-bytes", "204800"];
+    let crier = start(&dir, &args);
+    let a1 = publish(&client, &crier, "a", "a1").await;
+    publish(&client, &crier, "b", "b1").await;
+    // c takes a's place.
+    let c1 = publish(&client, &crier, "c", "c1").await;
+    // Four events of 60 KiB into 200 KiB: the oldest make room.
+    let big: Vec<String> = (2..=5)
+        .map(|i| format!("{i}{}", "c".repeat(60 * 1024)))
+        .collect();
+    let mut ids = vec![c1.clone()];
+    for data in &big {
+        ids.push(publish(&client, &crier, "c", data).await);
+    }
+    let mut resumer = SseClient::connect(&client, &crier.url("/topics/c"), Some(&c1)).await;
+    let reset = resumer.next().await;
+    assert_eq!(reset.event, "reset");
+    let reset: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(
+        (reset["reason"].as_str(), reset["oldest"].as_str()),
+        (Some("trimmed"), Some(ids[2].as_str())),
+        "{reset}"
+    );
+    assert_eq!(
+        resumer.take(3).await,
+        vec![
+            msg(&ids[2], &big[1]),
+            msg(&ids[3], &big[2]),
+            msg(&ids[4], &big[3])
+        ]
+    );
+    drop(resumer);
+    stop(crier).await;
+
+    let crier = start(&dir, &args);
+    let mut resumer = SseClient::connect(&client, &crier.url("/topics/a"), Some(&a1)).await;
+    let reset = resumer.next().await;
+    assert_eq!(reset.event, "reset");
+    let reset: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(reset["reason"], "epoch", "{reset}");
+    drop(resumer);
+    // c goes on where it was: resuming from c4 gives c5, then c6 numbered 6.
+    let mut resumer = SseClient::connect(&client, &crier.url("/topics/c"), Some(&ids[3])).await;
+    assert_eq!(resumer.next().await, msg(&ids[4], &big[3]));
+    let c6 = publish(&client, &crier, "c", "c6").await;
+    assert_eq!(c6, format!("6.{}", epoch_of(&c1)));
+    assert_eq!(resumer.next().await, msg(&c6, "c6"));
+    // a comes back in a new epoch, numbered from 1 (b or c made room).
+    let again = publish(&client, &crier, "a", "a again").await;
+    assert_eq!(seq_of(&again), 1);
+    assert_ne!(epoch_of(&again), epoch_of(&a1));
+    stop(crier).await;
+}

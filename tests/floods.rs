@@ -811,3 +811,225 @@ async fn an_http2_connection_without_streams_is_closed_after_the_idle_timeout() 
     assert_eq!(event, Ev::new(&id, "message", "kept"));
     assert!(!busy_conn.is_finished());
 }
+
+/// Issue 21's flood in small: with no publish rate, one publisher fills
+/// the retained budget (2 MiB here) many times over for 3 s, with 64 KiB
+/// events and 512-byte ones to fill what they leave, while another
+/// publishes 1 KiB every 100 ms. The budget makes
+/// room by dropping the oldest retained events, so at least 99 % of the
+/// honest publishes succeed (here: all), its subscriber gets each exactly
+/// once, and a resumer from history the flood pushed out gets `reset`
+/// (`trimmed`), then exactly what is retained after it.
+async fn a_publisher_filling_the_retained_budget_cannot_stop_another() {
+    const BUDGET: usize = 2 * 1024 * 1024;
+    let server = Server::start_with(|c| {
+        c.max_retained_bytes = BUDGET;
+        c.publish_rate = 0;
+    })
+    .await;
+    let url = |path: &str| server.url(path);
+    let honest = Honest::new("127.0.0.2");
+    // Older history, watched throughout so it is only ever trimmed.
+    let mut watcher = honest.subscribe(&url("/topics/history")).await;
+    let mut history = Vec::new();
+    for data in ["h1", "h2", "h3"] {
+        let id = honest.publish(&url("/topics/history"), data).await;
+        history.push(Ev::new(&id, "message", data));
+    }
+    let mut sub = honest.subscribe(&url("/topics/honest")).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..2)
+        .map(|f| {
+            let (stop, url) = (stop.clone(), server.url("/topics/flood"));
+            let flooder = Honest::new("127.0.0.3").client;
+            tokio::spawn(async move {
+                let data = "f".repeat(if f == 0 { 64 * 1024 - 64 } else { 512 });
+                let (mut stored, mut n) = (0usize, 0usize);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    let response = flooder
+                        .post(format!("{url}-{f}-{}", n % 32))
+                        .body(data.clone())
+                        .timeout(DEADLINE)
+                        .send()
+                        .await
+                        .expect("a flood publish is answered");
+                    if response.status() == 201 {
+                        stored += data.len();
+                    }
+                }
+                stored
+            })
+        })
+        .collect();
+
+    let data = "h".repeat(1024);
+    let (mut tried, mut acknowledged) = (0, Vec::new());
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..30 {
+        tick.tick().await;
+        tried += 1;
+        let response = honest
+            .client
+            .post(url("/topics/honest"))
+            .timeout(DEADLINE)
+            .body(format!("{i} {data}"))
+            .send()
+            .await
+            .expect("the honest publish is answered");
+        if response.status() == 201 {
+            let answer: serde_json::Value = response.json().await.unwrap();
+            let id = answer["id"].as_str().unwrap();
+            acknowledged.push(Ev::new(id, "message", &format!("{i} {data}")));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut flooded = 0;
+    for flooder in flooders {
+        flooded += flooder.await.unwrap();
+    }
+    eprintln!(
+        "honest: {} of {tried} stored; flood: {} KiB stored",
+        acknowledged.len(),
+        flooded / 1024
+    );
+    assert!(
+        flooded > 3 * BUDGET,
+        "the flood stored only {flooded} bytes"
+    );
+    assert!(
+        acknowledged.len() * 100 >= tried * 99,
+        "{} of {tried} honest publishes stored",
+        acknowledged.len()
+    );
+    assert_eq!(sub.take(acknowledged.len()).await, acknowledged);
+
+    // After the flood, two more; a resumer from h1 hears its history was
+    // trimmed, then exactly h4 and h5.
+    for data in ["h4", "h5"] {
+        let id = honest.publish(&url("/topics/history"), data).await;
+        history.push(Ev::new(&id, "message", data));
+    }
+    assert_eq!(watcher.take(5).await, history);
+    let mut resumer = SseClient::connect(
+        &honest.client,
+        &url("/topics/history"),
+        Some(&history[0].id),
+    )
+    .await;
+    let reset = resumer.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    let reset: serde_json::Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(
+        reset,
+        serde_json::json!({
+            "topic": "history",
+            "reason": "trimmed",
+            "requested": history[0].id,
+            "oldest": history[3].id,
+        })
+    );
+    assert_eq!(resumer.take(2).await, history[3..]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_filling_the_retained_budget_cannot_stop_another_on_memory() {
+    a_publisher_filling_the_retained_budget_cannot_stop_another().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_filling_the_retained_budget_cannot_stop_another_on_durable() {
+    common::on_durable(a_publisher_filling_the_retained_budget_cannot_stop_another()).await;
+}
+
+/// The topic flood of issue 21 in small: with no publish rate, one
+/// publisher makes new topics in batches of 50, many times the topic budget
+/// (200 here), while another publishes 1 KiB to a new topic every 100 ms.
+/// Each new topic takes the place of one published to longer ago that no
+/// one watches, so at least 99 % of the honest publishes succeed (here:
+/// all), and a watched topic keeps its history throughout.
+async fn a_publisher_making_topics_past_the_budget_cannot_stop_another() {
+    let server = Server::start_with(|c| {
+        c.max_topics = 200;
+        c.publish_rate = 0;
+    })
+    .await;
+    let url = |path: &str| server.url(path);
+    let honest = Honest::new("127.0.0.2");
+    let mut watcher = honest.subscribe(&url("/topics/kept")).await;
+    let k1 = honest.publish(&url("/topics/kept"), "k1").await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let (stop, url) = (stop.clone(), server.url("/events"));
+        let client = Honest::new("127.0.0.3").client;
+        tokio::spawn(async move {
+            let (mut made, mut n) = (0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let batch: Vec<serde_json::Value> = (0..50)
+                    .map(|i| serde_json::json!({"topic": format!("x-{n}-{i}"), "data": "e"}))
+                    .collect();
+                let response = client
+                    .post(&url)
+                    .body(serde_json::Value::Array(batch).to_string())
+                    .timeout(DEADLINE)
+                    .send()
+                    .await
+                    .expect("a flood batch is answered");
+                if response.status() == 201 {
+                    made += 50;
+                }
+            }
+            made
+        })
+    };
+
+    let data = "h".repeat(1024);
+    let (mut tried, mut stored) = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..30 {
+        tick.tick().await;
+        tried += 1;
+        let response = honest
+            .client
+            .post(url(&format!("/topics/honest-{i}")))
+            .timeout(DEADLINE)
+            .body(data.clone())
+            .send()
+            .await
+            .expect("the honest publish is answered");
+        if response.status() == 201 {
+            stored += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let made = flooder.await.unwrap();
+    eprintln!("honest: {stored} of {tried} stored; flood: {made} topics made");
+    assert!(made > 3 * 200, "the flood made only {made} topics");
+    assert!(
+        stored * 100 >= tried * 99,
+        "{stored} of {tried} honest publishes stored"
+    );
+    // The watched topic kept its history: a resumer from k1 gets k2 exactly.
+    let k2 = honest.publish(&url("/topics/kept"), "k2").await;
+    assert_eq!(
+        watcher.take(2).await,
+        [Ev::new(&k1, "message", "k1"), Ev::new(&k2, "message", "k2")]
+    );
+    let mut resumer = SseClient::connect(&honest.client, &url("/topics/kept"), Some(&k1)).await;
+    assert_eq!(resumer.next().await, Ev::new(&k2, "message", "k2"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_making_topics_past_the_budget_cannot_stop_another_on_memory() {
+    a_publisher_making_topics_past_the_budget_cannot_stop_another().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_making_topics_past_the_budget_cannot_stop_another_on_durable() {
+    common::on_durable(a_publisher_making_topics_past_the_budget_cannot_stop_another()).await;
+}

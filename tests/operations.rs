@@ -559,3 +559,204 @@ async fn no_token_ticket_key_or_event_data_is_logged_even_at_trace() {
         assert!(leaks.is_empty(), "{secret:?} logged: {leaks:#?}");
     }
 }
+/// How one stream on a draining node ended, whatever its transport.
+struct Ended {
+    /// Every event's data, in order.
+    events: Vec<String>,
+    /// The retry hint of its last words (a `farewell` frame, or `retry:`).
+    hint_ms: Option<u64>,
+    /// A WebSocket's close code and reason.
+    close: Option<(u16, String)>,
+    /// When the stream ended, after the signal.
+    after: Duration,
+}
+
+/// Reads a WebSocket until the server closes it; `ready` is counted once
+/// the socket has its `open` frame.
+async fn drained_socket(
+    url: String,
+    ready: Arc<AtomicUsize>,
+    signalled: Arc<OnceInstant>,
+) -> Ended {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let url = url.replacen("http", "ws", 1);
+    let (mut socket, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("handshake in time")
+        .expect("WebSocket handshake");
+    let (mut events, mut hint_ms, mut close) = (Vec::new(), None, None);
+    loop {
+        let message = tokio::time::timeout(DEADLINE * 2, socket.next())
+            .await
+            .expect("the socket closed in time");
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                match frame["type"].as_str() {
+                    Some("open") => {
+                        ready.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Some("event") => events.push(frame["data"].as_str().unwrap().to_owned()),
+                    Some("farewell") => {
+                        assert!(close.is_none() && hint_ms.is_none(), "{frame}");
+                        hint_ms = frame["retry"].as_u64();
+                    }
+                    _ => panic!("unexpected frame {frame}"),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let frame = frame.expect("a close frame with a code");
+                close = Some((u16::from(frame.code), frame.reason.to_string()));
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => break,
+        }
+    }
+    Ended {
+        events,
+        hint_ms,
+        close,
+        after: signalled.elapsed(),
+    }
+}
+
+/// Reads an SSE stream until the server ends it.
+async fn drained_stream(
+    url: String,
+    ready: Arc<AtomicUsize>,
+    signalled: Arc<OnceInstant>,
+) -> Ended {
+    let client = common::client();
+    let mut sub = SseClient::connect(&client, &url, None).await;
+    assert_eq!(sub.status, 200);
+    ready.fetch_add(1, Ordering::SeqCst);
+    let mut events = Vec::new();
+    while let Some(event) = sub.next_or_end().await {
+        events.push(event.data);
+    }
+    Ended {
+        events,
+        hint_ms: retry_hint(&sub.raw_text()),
+        close: None,
+        after: signalled.elapsed(),
+    }
+}
+
+/// The moment of the signal, set once the streams are open.
+#[derive(Default)]
+struct OnceInstant(std::sync::OnceLock<Instant>);
+
+impl OnceInstant {
+    fn elapsed(&self) -> Duration {
+        self.0.get().expect("the signal was sent").elapsed()
+    }
+}
+
+/// Drains a node holding `sockets` WebSockets and `streams` SSE streams
+/// (delay 500 ms, window 2 s, retry 300 ms): every stream hears the events
+/// published before, then its last words with a retry hint (a WebSocket: a
+/// `farewell` frame, then close 1012 `draining`), at its own moment of the
+/// window; the closes spread over it, and the node exits after the last.
+async fn drain_node(sockets: usize, streams: usize) {
+    let delay = Duration::from_millis(500);
+    let window = Duration::from_millis(2000);
+    let mut crier = Process::start(&[
+        "--drain-delay",
+        "500ms",
+        "--drain-window",
+        "2s",
+        "--retry",
+        "300ms",
+    ]);
+    let url = crier.url("/topics/drain");
+    let ready = Arc::new(AtomicUsize::new(0));
+    let signalled = Arc::new(OnceInstant::default());
+    let mut tasks: Vec<_> = (0..sockets)
+        .map(|_| {
+            tokio::spawn(drained_socket(
+                url.clone(),
+                ready.clone(),
+                signalled.clone(),
+            ))
+        })
+        .collect();
+    tasks.extend((0..streams).map(|_| {
+        tokio::spawn(drained_stream(
+            url.clone(),
+            ready.clone(),
+            signalled.clone(),
+        ))
+    }));
+    wait_for("every stream open", || {
+        ready.load(Ordering::SeqCst) == sockets + streams
+    })
+    .await;
+    let client = common::client();
+    for data in ["one", "two"] {
+        let answer = client.post(&url).body(data).send().await.unwrap();
+        assert_eq!(answer.status(), 201);
+    }
+    let _ = signalled.0.set(Instant::now());
+    crier.terminate();
+    let status = tokio::task::spawn_blocking(move || crier.wait_exit(DEADLINE))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let exited = signalled.elapsed();
+
+    let mut closes = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let ended = task.await.unwrap();
+        let what = if i < sockets { "socket" } else { "SSE stream" };
+        assert_eq!(ended.events, ["one", "two"], "{what} {i}");
+        let hint = ended
+            .hint_ms
+            .unwrap_or_else(|| panic!("{what} {i} ended without a retry hint"));
+        assert!(hint <= 300, "{what} {i}: retry hint {hint} ms");
+        if i < sockets {
+            assert_eq!(
+                ended.close,
+                Some((1012, "draining".to_owned())),
+                "socket {i}"
+            );
+        }
+        assert!(
+            ended.after >= delay,
+            "{what} {i} closed after {:?}",
+            ended.after
+        );
+        assert!(ended.after <= exited, "{what} {i} closed after the exit");
+        closes.push(ended.after);
+    }
+    let slack = Duration::from_millis(1000);
+    assert!(exited <= delay + window + slack, "exited after {exited:?}");
+    // Spread over the window: no tenth of it holds more than a quarter of
+    // the closes (an even spread puts a tenth in each), most tenths some.
+    let mut tenths = [0usize; 10];
+    for close in &closes {
+        let into = close.saturating_sub(delay).as_secs_f64() / window.as_secs_f64();
+        tenths[((into * 10.0) as usize).min(9)] += 1;
+    }
+    let all = sockets + streams;
+    assert!(
+        tenths.iter().all(|n| *n <= all / 4),
+        "closes per tenth of the window: {tenths:?}"
+    );
+    assert!(
+        tenths.iter().filter(|n| **n > 0).count() >= 7,
+        "closes per tenth of the window: {tenths:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_websocket_only_node_says_farewell_to_each_socket_spread_over_the_window() {
+    drain_node(40, 0).await;
+}
+
+/// Few SSE streams among many sockets, so that sockets are left to close
+/// after the last SSE stream has (once, they were cut there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_node_of_sockets_and_sse_streams_drains_both_alike() {
+    drain_node(38, 2).await;
+}

@@ -172,6 +172,167 @@ async fn a_malformed_frame_closes_with_1007_and_a_binary_one_with_1003_storing_n
     server.stop().await;
 }
 
+/// RFC 6455 §8.1: a text frame that is not UTF-8 fails the connection with
+/// 1007, a close frame the client reads, not a dropped TCP connection.
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_stores_nothing() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let server = Server::start().await;
+    let mut socket = open(&server, "/topics/utf8", &[]).await;
+    let mut payload = br#"{"type":"publish","topic":"utf8","data":""#.to_vec();
+    payload.extend_from_slice(&[0xff, 0xfe]);
+    payload.extend_from_slice(br#""}"#);
+    let frame = Frame::message(payload, OpCode::Data(Data::Text), true);
+    futures_util::SinkExt::send(&mut socket, Message::Frame(frame))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut socket).await, CloseCode::Invalid);
+    assert_eq!(stored(&server, "utf8").await, 0);
+    server.stop().await;
+}
+
+/// A handshake's answer: status, headers and (for a refusal) its problem.
+struct Answer {
+    status: u16,
+    headers: axum::http::HeaderMap,
+    problem: Option<Value>,
+}
+
+/// Sends a WebSocket handshake for `/topics/shake` with these headers
+/// (added to `Connection`/`Upgrade`, or to the extended CONNECT's
+/// `:protocol` over HTTP/2), on a connection of its own.
+async fn handshake(server: &Server, http2: bool, headers: &[(&str, &str)]) -> Answer {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let io = TokioIo::new(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    let mut request = axum::http::Request::builder();
+    if http2 {
+        request = request
+            .method(axum::http::Method::CONNECT)
+            .uri(format!("http://{}/topics/shake", server.addr))
+            .extension(hyper::ext::Protocol::from_static("websocket"));
+    } else {
+        request = request
+            .uri("/topics/shake")
+            .header("host", server.addr.to_string())
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket");
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Empty::<bytes::Bytes>::new()).unwrap();
+    let exchange = async {
+        let response = if http2 {
+            let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await
+                .expect("an HTTP/2 connection");
+            tokio::spawn(conn);
+            send.send_request(request).await.expect("an answer")
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("an HTTP/1.1 connection");
+            tokio::spawn(conn.with_upgrades());
+            send.send_request(request).await.expect("an answer")
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let problem = if status < 300 {
+            None
+        } else {
+            assert_eq!(
+                headers["content-type"], "application/problem+json",
+                "{status}"
+            );
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            Some(serde_json::from_slice(&body).expect("a problem"))
+        };
+        Answer {
+            status,
+            headers,
+            problem,
+        }
+    };
+    tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .expect("an answer in time")
+}
+
+/// RFC 6455 §4.2.1, §4.4 and RFC 6454 §7.3, over HTTP/1.1 and over HTTP/2's
+/// extended CONNECT (which has no key): a key that is not the base64 of 16
+/// bytes and a repeated `Origin` are 400, a version other than 13 is 426
+/// naming 13; each with a problem, and a proper handshake still opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_with_a_bad_key_two_origins_or_another_version_is_refused() {
+    let server = Server::start_with(|c| {
+        c.allowed_origins = vec!["https://a.example".into(), "https://b.example".into()];
+    })
+    .await;
+    let key = ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    let v13 = ("sec-websocket-version", "13");
+    let (a, b) = (
+        ("origin", "https://a.example"),
+        ("origin", "https://b.example"),
+    );
+    let kind = |answer: &Answer| answer.problem.as_ref().map(|p| p["type"].clone());
+    let bad_upgrade = Some(json!("urn:crier:problem:bad-upgrade"));
+    let repeated = Some(json!("urn:crier:problem:repeated-header"));
+
+    for bad_key in [
+        "short",
+        "",
+        "dGhlIHNhbXBsZSBub25j",
+        "dGhlIHNhbXBsZSBub25jZSE=",
+    ] {
+        let answer = handshake(&server, false, &[("sec-websocket-key", bad_key), v13]).await;
+        assert_eq!(
+            (answer.status, kind(&answer)),
+            (400, bad_upgrade.clone()),
+            "{bad_key:?}"
+        );
+    }
+    for http2 in [false, true] {
+        let answer = handshake(&server, http2, &[key, v13, a, b]).await;
+        assert_eq!(
+            (answer.status, kind(&answer)),
+            (400, repeated.clone()),
+            "{http2}"
+        );
+        for version in ["8", "14", "13, 8"] {
+            let answer = handshake(
+                &server,
+                http2,
+                &[key, ("sec-websocket-version", version), a],
+            )
+            .await;
+            assert_eq!(
+                (answer.status, kind(&answer)),
+                (426, bad_upgrade.clone()),
+                "{http2}"
+            );
+            assert_eq!(answer.headers["sec-websocket-version"], "13", "{http2}");
+        }
+        let answer = handshake(&server, http2, &[key, v13, a]).await;
+        assert_eq!(answer.status, if http2 { 200 } else { 101 });
+    }
+    // Not only handshakes: an SSE request with two origins is refused too.
+    let response = server
+        .client
+        .get(server.url("/topics/shake"))
+        .header("origin", "https://a.example")
+        .header("origin", "https://b.example")
+        .send()
+        .await
+        .unwrap();
+    common::assert_problem(response, 400, "repeated-header").await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn publishing_over_the_socket_needs_the_grant_and_is_acknowledged_with_its_id() {
     let server = Server::start_with(with_secret).await;

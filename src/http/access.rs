@@ -20,7 +20,13 @@ pub fn check_origin(state: &AppState, request: &mut Request) -> Result<(), ApiEr
         Some(authority) => Some(authority.as_str()),
         None => headers.get(header::HOST).and_then(|h| h.to_str().ok()),
     };
-    let origin = headers.get(header::ORIGIN).map(|o| o.as_bytes());
+    // One origin or none (RFC 6454 §7.3): with two, which one a check
+    // reads would decide who the request is from.
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let origin = origins.next().map(|o| o.as_bytes());
+    if origins.next().is_some() {
+        return Err(ApiError::RepeatedHeader("Origin"));
+    }
     let kind = state.auth.check_origin(origin, host)?;
     request.extensions_mut().insert(kind);
     Ok(())

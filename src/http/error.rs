@@ -73,6 +73,10 @@ pub enum ApiError {
     Draining,
     #[error("not a WebSocket handshake: {0}")]
     BadUpgrade(String),
+    #[error("the WebSocket version offered is not 13, the only one spoken here")]
+    WebSocketVersion,
+    #[error("the request repeats its `{0}` header, which it may carry once")]
+    RepeatedHeader(&'static str),
     #[error("malformed frame: {0}")]
     MalformedFrame(String),
 }
@@ -100,6 +104,8 @@ impl ApiError {
             ApiError::Limit(LimitError::BatchOverBurst { .. }) => StatusCode::BAD_REQUEST,
             ApiError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            // RFC 6455 §4.4: with the versions that are spoken.
+            ApiError::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             // Listed one by one: a new variant must choose its status here.
             ApiError::InvalidTopic { .. }
             | ApiError::InvalidEventName(_)
@@ -114,7 +120,8 @@ impl ApiError {
             | ApiError::BatchTooLong { .. }
             | ApiError::MalformedTicketRequest(_)
             | ApiError::BadUpgrade(_)
-            | ApiError::MalformedFrame(_) => StatusCode::BAD_REQUEST,
+            | ApiError::MalformedFrame(_)
+            | ApiError::RepeatedHeader(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -146,7 +153,8 @@ impl ApiError {
             ApiError::Store(_) => "store-unavailable",
             ApiError::MalformedTicketRequest(_) => "malformed-ticket-request",
             ApiError::Draining => "draining",
-            ApiError::BadUpgrade(_) => "bad-upgrade",
+            ApiError::BadUpgrade(_) | ApiError::WebSocketVersion => "bad-upgrade",
+            ApiError::RepeatedHeader(_) => "repeated-header",
             ApiError::MalformedFrame(_) => "malformed-frame",
             ApiError::Limit(LimitError::Streams { .. }) => "too-many-streams",
             ApiError::Limit(LimitError::PublishRate { .. }) => "publish-rate",
@@ -201,6 +209,8 @@ impl ApiError {
             | ApiError::BatchTooLong { .. }
             | ApiError::MalformedTicketRequest(_)
             | ApiError::BadUpgrade(_)
+            | ApiError::WebSocketVersion
+            | ApiError::RepeatedHeader(_)
             | ApiError::MalformedFrame(_) => Refusal::BadInput,
         }
     }
@@ -257,6 +267,12 @@ impl IntoResponse for ApiError {
             headers.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(challenge),
+            );
+        }
+        if let ApiError::WebSocketVersion = self {
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
             );
         }
         if let ApiError::MethodNotAllowed { allow, .. } = self {

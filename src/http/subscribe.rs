@@ -30,7 +30,7 @@ use crate::coding::negotiate;
 use crate::event::{Cursor, Topic};
 use crate::limits::ClientKey;
 use crate::metrics::BytesWritten;
-use crate::server::{Activity, StreamActivity};
+use crate::server::{Activity, ConnectionHold, StreamActivity};
 use crate::store::StoreError;
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 use crate::transport::compressed::SharedUnits;
@@ -42,13 +42,14 @@ pub async fn topic(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    (client, slot, activity): PeerExtensions,
+    (client, slot, activity, hold): PeerExtensions,
     (method, headers): (Method, HeaderMap),
 ) -> Result<Response, ApiError> {
     let peer = PeerParts {
         client,
         slot,
         activity,
+        hold,
     };
     let topic = parse_topic(path, &state)?;
     let params = Params::parse(query.as_deref(), &state, false)?;
@@ -71,13 +72,14 @@ pub async fn topics(
     Extension(origin): Extension<OriginKind>,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    (client, slot, activity): PeerExtensions,
+    (client, slot, activity, hold): PeerExtensions,
     (method, headers): (Method, HeaderMap),
 ) -> Result<Response, ApiError> {
     let peer = PeerParts {
         client,
         slot,
         activity,
+        hold,
     };
     let params = Params::parse(query.as_deref(), &state, true)?;
     let mut topics = params.topics.clone();
@@ -105,6 +107,7 @@ type PeerExtensions = (
     Option<Extension<ClientKey>>,
     Option<Extension<HeldSlot>>,
     Option<Extension<Arc<Activity>>>,
+    Option<Extension<ConnectionHold>>,
 );
 
 /// What the accept loop and the limits said about the request's client,
@@ -114,6 +117,9 @@ struct PeerParts {
     client: Option<Extension<ClientKey>>,
     slot: Option<Extension<HeldSlot>>,
     activity: Option<Extension<Arc<Activity>>>,
+    /// An HTTP/1.1 upgrade's hold on the server's shutdown, kept by the
+    /// socket.
+    hold: Option<Extension<ConnectionHold>>,
 }
 
 /// How the subscription travels. A WebSocket handshake (`Upgrade:
@@ -140,7 +146,13 @@ impl Transport {
                     .is_ok_and(|v| v.to_ascii_lowercase().contains("websocket"))
             });
         match upgrade {
-            Ok(upgrade) => return Ok(Transport::WebSocket(upgrade)),
+            Ok(upgrade) => {
+                check_key(method, headers)?;
+                return Ok(Transport::WebSocket(upgrade));
+            }
+            Err(WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_)) if asks_websocket => {
+                return Err(ApiError::WebSocketVersion);
+            }
             Err(rejection) if asks_websocket => {
                 return Err(ApiError::BadUpgrade(rejection.body_text()));
             }
@@ -159,6 +171,26 @@ impl Transport {
             return Ok(Transport::Poll);
         }
         Ok(Transport::Sse)
+    }
+}
+
+/// An HTTP/1.1 handshake's `Sec-WebSocket-Key` must be the base64 of 16
+/// bytes (RFC 6455 §4.2.1); a client that sends anything else does not
+/// speak the protocol. (Over HTTP/2 there is no key, RFC 8441 §5.)
+fn check_key(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    use base64::Engine;
+    if method == Method::CONNECT {
+        return Ok(());
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let decoded = keys
+        .next()
+        .map(|key| base64::engine::general_purpose::STANDARD.decode(key.as_bytes()));
+    match (decoded, keys.next()) {
+        (Some(Ok(key)), None) if key.len() == 16 => Ok(()),
+        _ => Err(ApiError::BadUpgrade(
+            "Sec-WebSocket-Key is not the base64 of 16 bytes".into(),
+        )),
     }
 }
 
@@ -310,6 +342,7 @@ async fn open(
                 client,
                 peer.slot.map(|Extension(slot)| slot),
                 peer.activity.map(|Extension(activity)| activity.open()),
+                peer.hold.map(|Extension(hold)| hold),
             );
             return Ok(super::websocket::upgrade(
                 upgrade,

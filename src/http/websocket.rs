@@ -5,9 +5,9 @@
 //! socket: the engine's frames out, pings as heartbeats (a peer that has
 //! not answered one by the next heartbeat is closed), and `publish` frames
 //! in, each stored the way an HTTP publish is and answered with an `ack` or
-//! a `problem`. A frame over the size limit, one that is not a client
-//! frame's JSON, or a binary one closes the socket; nothing of it is
-//! stored.
+//! a `problem`. A frame over the size limit, one that is not UTF-8 or not a
+//! client frame's JSON, or a binary one closes the socket with its code;
+//! nothing of it is stored.
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -19,7 +19,7 @@ use super::limits::HeldSlot;
 use super::publish::{Published, item_event, store_one};
 use super::{ApiError, AppState};
 use crate::auth::Principal;
-use crate::server::StreamActivity;
+use crate::server::{ConnectionHold, StreamActivity};
 use crate::store::{Appended, IdempotencyKey};
 use crate::subscription::{StreamSettings, Subscription};
 use crate::transport::websocket::{Frames, close, close_frame};
@@ -38,6 +38,11 @@ pub struct Socket {
     /// socket whose peer stopped reading ends its connection like a starved
     /// SSE stream.
     stream: Option<StreamActivity>,
+    /// Over HTTP/1.1, the connection's hold on the server's shutdown: the
+    /// server waits for the socket as for any connection, so a drain closes
+    /// it at its moment of the window, with a `farewell`, like an SSE
+    /// stream.
+    _hold: Option<ConnectionHold>,
 }
 
 impl Socket {
@@ -47,6 +52,7 @@ impl Socket {
         client: String,
         slot: Option<HeldSlot>,
         stream: Option<StreamActivity>,
+        hold: Option<ConnectionHold>,
     ) -> Socket {
         Socket {
             state,
@@ -54,6 +60,7 @@ impl Socket {
             client,
             _slot: slot,
             stream,
+            _hold: hold,
         }
     }
 }
@@ -167,13 +174,19 @@ async fn serve(
                         Ok(frame) => Message::Text(socket.publish(frame).await.into()),
                         Err(_) => close_frame(close::INVALID, "not a client frame"),
                     },
-                    Some(Err(error)) if too_big(&error) => {
-                        close_frame(close::TOO_BIG, "frame over the size limit")
-                    }
-                    Some(Err(error)) => {
-                        tracing::debug!(%error, "a WebSocket failed");
-                        return;
-                    }
+                    Some(Err(error)) => match cause(&error) {
+                        Some(tungstenite::Error::Capacity(_)) => {
+                            close_frame(close::TOO_BIG, "frame over the size limit")
+                        }
+                        // RFC 6455 §8.1: close with 1007, not a cut.
+                        Some(tungstenite::Error::Utf8(_)) => {
+                            close_frame(close::INVALID, "a text frame is not UTF-8")
+                        }
+                        _ => {
+                            tracing::debug!(%error, "a WebSocket failed");
+                            return;
+                        }
+                    },
                 };
                 let closing = matches!(reply, Message::Close(_));
                 if ws.send(reply).await.is_err() || closing {
@@ -193,16 +206,17 @@ async fn serve(
     let _ = SinkExt::close(&mut ws).await;
 }
 
-/// Whether a read failed on a frame or message over the size limit.
-fn too_big(error: &axum::Error) -> bool {
+/// The WebSocket library's error behind a failed read (a frame over the
+/// size limit, a text frame that is not UTF-8), if it was one.
+fn cause(error: &axum::Error) -> Option<&tungstenite::Error> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(error) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = error.downcast_ref::<tungstenite::Error>() {
-            return true;
+        if let Some(cause) = error.downcast_ref::<tungstenite::Error>() {
+            return Some(cause);
         }
         source = error.source();
     }
-    false
+    None
 }
 
 impl Socket {

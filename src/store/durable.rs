@@ -1263,7 +1263,12 @@ impl Writer {
                     // A new topic: its log (and epoch) made in memory, and
                     // tracked so the tick forgets it once idle, even if
                     // nothing of it gets stored.
-                    let (epoch, head) = self.mem.tip(&new.topic)?;
+                    let (epoch, head) = match self.mem.tip(&new.topic) {
+                        Err(StoreError::Full(_)) if self.make_topic_room(&local, tips) => {
+                            self.mem.tip(&new.topic)?
+                        }
+                        tip => tip?,
+                    };
                     self.disk.insert(
                         new.topic.clone(),
                         OnDisk {
@@ -1292,6 +1297,33 @@ impl Writer {
             .map(|a| a.ok_or_else(|| StoreError::Rejected("an event was not planned".into())))
             .collect::<Result<_, _>>()?;
         Ok((answers, local, bytes))
+    }
+
+    /// Past the topic budget, forgets the topic least recently published to
+    /// that no one watches here (from memory, then disk), as the memory
+    /// store does: never one this group numbers (`local`, `tips`), and only
+    /// once memory holds everything written before, so no event on its way
+    /// there meets a forgotten topic. Whether a topic was forgotten.
+    fn make_topic_room(
+        &mut self,
+        local: &HashMap<Topic, (Epoch, u64)>,
+        tips: &HashMap<Topic, (Epoch, u64)>,
+    ) -> bool {
+        // The committer is a task on the runtime, a group behind at most.
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while self.committed.load(Ordering::Acquire) != self.sent {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let spare = |topic: &Topic| local.contains_key(topic) || tips.contains_key(topic);
+        let Some(topic) = self.mem.evict_topic(spare) else {
+            return false;
+        };
+        self.trim(std::slice::from_ref(&topic));
+        self.disk.remove(&topic);
+        true
     }
 
     /// Forgets expired records; returns their keys, to delete from disk.

@@ -86,8 +86,10 @@ impl OnceRecords {
     }
 }
 
-/// How much the store may hold: a publish that would take it past either
-/// bound is refused, never made room for by dropping what was acknowledged.
+/// How much the store may hold. Past the bytes, the oldest retained events
+/// make room (see [`MemoryStore::make_room`]): retention is a cache for
+/// resumers, and one publisher filling it must not stop the others from
+/// publishing. Past the topics or keys, a publish is refused.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
     pub max_bytes: usize,
@@ -97,6 +99,16 @@ pub struct Budget {
 }
 
 const SHARDS: usize = 256;
+
+/// Topics looked at for the oldest event each time room is made: the
+/// oldest of a sample, as Redis's approximate LRU, since an exact order of
+/// every retained event would be a lock all appends share.
+const EVICTION_SAMPLE: usize = 16;
+
+/// Rounds of eviction one publish may run before it is refused after all
+/// (a budget held by events in flight, or a batch larger than a round can
+/// free): bounds the work a publish does for others.
+const EVICTION_ROUNDS: usize = 4096;
 
 type Shard = Mutex<IndexMap<Topic, Arc<Mutex<Log>>>>;
 
@@ -108,6 +120,9 @@ struct Log {
     /// Set when the sweeper removed this log from the map; an appender that
     /// raced with it starts over with a fresh log.
     removed: bool,
+    /// When the log was made or last appended to: the topic least recently
+    /// published to goes first when topics make room.
+    touched: Instant,
     /// The store's count of retained bytes, kept by every removal.
     retained_bytes: Arc<RetainedBytes>,
 }
@@ -126,6 +141,7 @@ impl Log {
             head: 0,
             events: VecDeque::new(),
             removed: false,
+            touched: Instant::now(),
             retained_bytes,
         }
     }
@@ -136,10 +152,14 @@ impl Log {
             .map_or(self.head.saturating_add(1), |(_, e)| e.seq)
     }
 
-    fn pop_oldest(&mut self) {
-        if let Some((_, event)) = self.events.pop_front() {
-            self.retained_bytes.sub(cost(&event) + event.release());
-        }
+    /// Drops the oldest event; returns the bytes that gave back.
+    fn pop_oldest(&mut self) -> usize {
+        let Some((_, event)) = self.events.pop_front() else {
+            return 0;
+        };
+        let bytes = cost(&event) + event.release();
+        self.retained_bytes.sub(bytes);
+        bytes
     }
 
     fn trim(&mut self, retention: &Retention, now: Instant) {
@@ -162,6 +182,25 @@ impl Drop for Log {
             self.pop_oldest();
         }
     }
+}
+
+/// What one look for a topic to forget found.
+enum Eviction {
+    Forgot(Topic),
+    /// The topic chosen was forgotten meanwhile by another publish.
+    Raced,
+    /// No topic of the sample may go (all watched or spared).
+    Nothing,
+}
+
+/// A number below `bound` (not 0), different on each call: a keyed hash of
+/// a counter, enough to pick which topics to sample.
+fn random(bound: u64) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    static KEY: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    KEY.get_or_init(RandomState::new).hash_one(n) % bound.max(1)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -221,6 +260,7 @@ impl MemoryStore {
             return;
         }
         log.head = event.seq;
+        log.touched = at;
         self.retained_bytes.add(cost(&event));
         log.events.push_back((at, event.clone()));
         log.trim(&self.retention, Instant::now());
@@ -276,9 +316,9 @@ impl MemoryStore {
         true
     }
 
-    /// Whether `bytes` more fit in the budget (see `check_room`).
+    /// Makes room for `bytes` more in the budget (see `make_room`).
     pub(crate) fn room(&self, bytes: usize) -> Result<(), StoreError> {
-        self.check_room(bytes)
+        self.make_room(bytes)
     }
 
     fn shard(&self, topic: &Topic) -> &Shard {
@@ -343,23 +383,96 @@ impl MemoryStore {
         );
     }
 
-    /// The log of `topic`, created if `create` (refused past the topic
-    /// budget).
+    /// The log of `topic`, created if missing. Past the topic budget the
+    /// store forgets the topic least recently published to that no one
+    /// here watches (see [`MemoryStore::evict_topic`]) to make room; the
+    /// durable store's copy does not (its writer does, from disk too), and
+    /// refuses.
     fn log(&self, topic: &Topic) -> Result<Arc<Mutex<Log>>, StoreError> {
-        let mut topics = lock(self.shard(topic));
-        if let Some(log) = topics.get(topic) {
-            return Ok(log.clone());
+        for _ in 0..EVICTION_ROUNDS {
+            {
+                let mut topics = lock(self.shard(topic));
+                if let Some(log) = topics.get(topic) {
+                    return Ok(log.clone());
+                }
+                if self.topic_count.fetch_add(1, Ordering::Relaxed) < self.budget.max_topics {
+                    let log = Arc::new(Mutex::new(Log::new(self.retained_bytes.clone())));
+                    topics.insert(topic.clone(), log.clone());
+                    return Ok(log);
+                }
+                self.topic_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            if !self.forget_idle || self.evict_topic(|_| false).is_none() {
+                break;
+            }
         }
-        if self.topic_count.fetch_add(1, Ordering::Relaxed) >= self.budget.max_topics {
-            self.topic_count.fetch_sub(1, Ordering::Relaxed);
-            return Err(StoreError::Full(format!(
-                "the hub holds {} topics, its limit (--max-topics)",
-                self.budget.max_topics
-            )));
+        Err(StoreError::Full(format!(
+            "the hub holds {} topics, its limit (--max-topics)",
+            self.budget.max_topics
+        )))
+    }
+
+    /// Forgets, with its history, the topic least recently published to
+    /// among a sample of those no one watches on this node and `spare`
+    /// does not keep; returns it. A resumer from its history gets `reset`,
+    /// and its next event starts a new epoch, as after the sweeper forgot
+    /// it.
+    pub(crate) fn evict_topic(&self, spare: impl Fn(&Topic) -> bool) -> Option<Topic> {
+        // Another publish may forget the same topic first: sample again.
+        for _ in 0..8 {
+            match self.evict_sampled_topic(&spare) {
+                Eviction::Forgot(topic) => return Some(topic),
+                Eviction::Raced => continue,
+                Eviction::Nothing => return None,
+            }
         }
-        let log = Arc::new(Mutex::new(Log::new(self.retained_bytes.clone())));
-        topics.insert(topic.clone(), log.clone());
-        Ok(log)
+        None
+    }
+
+    fn evict_sampled_topic(&self, spare: &impl Fn(&Topic) -> bool) -> Eviction {
+        let mut oldest: Option<(Instant, Topic, Arc<Mutex<Log>>)> = None;
+        let (start, mut sampled) = (random(SHARDS as u64) as usize, 0);
+        for n in 0..SHARDS {
+            if sampled == EVICTION_SAMPLE {
+                break;
+            }
+            let candidate = {
+                let topics = lock(&self.shards[(start + n) % SHARDS]);
+                if topics.is_empty() {
+                    continue;
+                }
+                let at = random(topics.len() as u64) as usize;
+                topics
+                    .get_index(at)
+                    .map(|(topic, log)| (topic.clone(), log.clone()))
+            };
+            let Some((topic, log)) = candidate else {
+                continue;
+            };
+            sampled += 1;
+            if spare(&topic) || self.hub.is_watched(&topic) {
+                continue;
+            }
+            let touched = lock(&log).touched;
+            if oldest.as_ref().is_none_or(|(at, _, _)| touched < *at) {
+                oldest = Some((touched, topic, log));
+            }
+        }
+        let Some((_, topic, log)) = oldest else {
+            return Eviction::Nothing;
+        };
+        let mut topics = lock(self.shard(&topic));
+        if !topics.get(&topic).is_some_and(|l| Arc::ptr_eq(l, &log)) {
+            return Eviction::Raced;
+        }
+        let mut log = lock(&log);
+        log.removed = true;
+        while !log.events.is_empty() {
+            log.pop_oldest();
+        }
+        topics.swap_remove(&topic);
+        self.topic_count.fetch_sub(1, Ordering::Relaxed);
+        Eviction::Forgot(topic)
     }
 
     fn append_one(&self, new: NewEvent) -> Result<Arc<Event>, StoreError> {
@@ -384,6 +497,7 @@ impl MemoryStore {
                     .retained_under(self.retained_bytes.clone()),
             );
             log.head = seq;
+            log.touched = now;
             self.retained_bytes.add(cost(&event));
             log.events.push_back((now, event.clone()));
             log.trim(&self.retention, now);
@@ -401,25 +515,103 @@ impl MemoryStore {
             .iter()
             .map(|e| crate::sse::encoded_data_len(&e.data) + 64)
             .sum();
-        self.check_room(bytes)?;
+        self.make_room(bytes)?;
         for event in &events {
             drop(self.log(&event.topic)?);
         }
         events.into_iter().map(|e| self.append_one(e)).collect()
     }
 
-    /// Whether `bytes` more fit in the budget. Concurrent publishes may
-    /// each pass before the other is stored, so the budget can be exceeded
-    /// by the batches in flight at one moment, never more.
-    fn check_room(&self, bytes: usize) -> Result<(), StoreError> {
-        let retained = self.retained_bytes.get();
-        if retained.saturating_add(bytes) > self.budget.max_bytes {
-            return Err(StoreError::Full(format!(
+    /// Makes room for `bytes` more in the budget by dropping the oldest
+    /// retained events, of any topic: a resumer whose position was among
+    /// them gets `reset` (reason `trimmed`), as after retention by age.
+    /// Refused only when `bytes` could never fit, or nothing of what holds
+    /// the budget can be found to drop. Concurrent publishes may each pass
+    /// before the other is stored, so the budget can be exceeded by the
+    /// batches in flight at one moment, never more.
+    fn make_room(&self, bytes: usize) -> Result<(), StoreError> {
+        let full = || {
+            StoreError::Full(format!(
                 "the events retained would exceed {} bytes (--max-retained-bytes)",
                 self.budget.max_bytes
-            )));
+            ))
+        };
+        if bytes > self.budget.max_bytes {
+            return Err(full());
         }
-        Ok(())
+        for _ in 0..EVICTION_ROUNDS {
+            let retained = self.retained_bytes.get();
+            let over = retained
+                .saturating_add(bytes)
+                .saturating_sub(self.budget.max_bytes);
+            if over == 0 {
+                return Ok(());
+            }
+            if self.evict_oldest(over) == 0 {
+                break;
+            }
+        }
+        Err(full())
+    }
+
+    /// Drops the oldest retained events of a sample of topics, up to
+    /// `bytes` of them (an event at least), oldest first; returns the
+    /// events dropped.
+    fn evict_oldest(&self, bytes: usize) -> usize {
+        let mut sample: Vec<(Instant, Topic, Arc<Mutex<Log>>)> =
+            Vec::with_capacity(EVICTION_SAMPLE);
+        // From a random shard on, a topic with events of each that has one
+        // (a few random tries): with few topics, every shard is looked at
+        // (a short lock each).
+        let start = random(SHARDS as u64) as usize;
+        for n in 0..SHARDS {
+            if sample.len() == EVICTION_SAMPLE {
+                break;
+            }
+            for _ in 0..4 {
+                let candidate = {
+                    let topics = lock(&self.shards[(start + n) % SHARDS]);
+                    if topics.is_empty() {
+                        break;
+                    }
+                    let at = random(topics.len() as u64) as usize;
+                    topics
+                        .get_index(at)
+                        .map(|(topic, log)| (topic.clone(), log.clone()))
+                };
+                let Some((topic, log)) = candidate else { break };
+                let front = lock(&log).events.front().map(|(at, _)| *at);
+                if let Some(front) = front {
+                    sample.push((front, topic, log));
+                    break;
+                }
+            }
+        }
+        sample.sort_by_key(|(at, _, _)| *at);
+        let Some((_, topic, oldest)) = sample.first() else {
+            return 0;
+        };
+        // Down to the next oldest of the sample, or until there is room.
+        let until = sample.get(1).map(|(at, _, _)| *at);
+        let mut log = lock(oldest);
+        let (mut dropped, mut freed) = (0, 0);
+        while let Some((at, _)) = log.events.front() {
+            let next_is_older = until.is_some_and(|until| *at > until);
+            if dropped > 0 && (freed >= bytes || next_is_older) {
+                break;
+            }
+            freed += log.pop_oldest();
+            dropped += 1;
+        }
+        let emptied = log.events.is_empty();
+        drop(log);
+        // An emptied topic no one watches goes now rather than at the next
+        // sweep, so samples keep finding the topics that hold the budget.
+        // (The durable store's writer forgets its own, within a second.)
+        if emptied && self.forget_idle {
+            self.forget_if_idle(topic);
+        }
+        dropped
     }
 }
 
@@ -550,5 +742,94 @@ impl Store for MemoryStore {
         Ok(taken
             .filter(|(_, expires)| *expires > Instant::now())
             .map(|(record, _)| record))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(max_bytes: usize, max_topics: usize) -> MemoryStore {
+        let retention = Retention {
+            max_events: 1000,
+            max_age: Duration::from_secs(3600),
+        };
+        let budget = Budget {
+            max_bytes,
+            max_topics,
+            max_keys: 10,
+        };
+        MemoryStore::new(Hub::new(16), retention, budget)
+    }
+
+    async fn publish(store: &MemoryStore, topic: &str, data: &str) -> u64 {
+        let new = NewEvent {
+            topic: Topic::parse(topic, 64).unwrap(),
+            name: None,
+            data: data.into(),
+        };
+        store.append(vec![new]).await.unwrap()[0].seq
+    }
+
+    /// The oldest retained sequence number of `topic`, and its head.
+    async fn bounds(store: &MemoryStore, topic: &str) -> (u64, u64) {
+        let history = store
+            .read(&Topic::parse(topic, 64).unwrap(), 0, 100)
+            .await
+            .unwrap();
+        (history.oldest, history.head)
+    }
+
+    #[tokio::test]
+    async fn a_full_budget_drops_the_oldest_events_of_any_topic_first() {
+        let data = "x".repeat(100);
+        // Room for three events and a half (ids differ in length a little).
+        let probe = store(usize::MAX, 10);
+        publish(&probe, "a", &data).await;
+        let cost = probe.retained_bytes().get();
+        let store = store(3 * cost + cost / 2, 10);
+        publish(&store, "a", &data).await;
+        publish(&store, "b", &data).await;
+        publish(&store, "a", &data).await;
+        assert_eq!(bounds(&store, "a").await, (1, 2));
+        // c1 takes the place of a1, the oldest; d1 that of b1, then.
+        publish(&store, "c", &data).await;
+        assert_eq!(bounds(&store, "a").await, (2, 2));
+        assert_eq!(bounds(&store, "b").await, (1, 1));
+        publish(&store, "d", &data).await;
+        // b1 dropped, and b with it: no one watches it.
+        assert_eq!(bounds(&store, "b").await, (1, 0));
+        assert_eq!(bounds(&store, "a").await, (2, 2));
+        assert!(store.retained_bytes().get() <= 3 * cost + cost / 2);
+        // An event larger than the whole budget is refused, dropping nothing.
+        let big = NewEvent {
+            topic: Topic::parse("e", 64).unwrap(),
+            name: None,
+            data: "x".repeat(4 * cost),
+        };
+        assert!(matches!(
+            store.append(vec![big]).await,
+            Err(StoreError::Full(_))
+        ));
+        assert_eq!(bounds(&store, "a").await, (2, 2));
+    }
+
+    #[tokio::test]
+    async fn past_the_topic_budget_the_topic_published_to_longest_ago_goes() {
+        let store = store(usize::MAX, 2);
+        publish(&store, "a", "a1").await;
+        publish(&store, "b", "b1").await;
+        publish(&store, "a", "a2").await;
+        // b was published to longest ago: c takes its place.
+        publish(&store, "c", "c1").await;
+        assert_eq!(bounds(&store, "a").await, (1, 2));
+        let b = store
+            .read(&Topic::parse("b", 64).unwrap(), 0, 10)
+            .await
+            .unwrap();
+        assert!(b.epoch.is_none(), "b is forgotten");
+        // Numbering of a goes on; b comes back from 1.
+        assert_eq!(publish(&store, "a", "a3").await, 3);
+        assert_eq!(publish(&store, "b", "b again").await, 1);
     }
 }

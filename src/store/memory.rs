@@ -450,7 +450,9 @@ impl MemoryStore {
                 continue;
             };
             sampled += 1;
-            if spare(&topic) || self.hub.is_watched(&topic) {
+            // Held by more than the map and this sample: a publish in flight
+            // (see `append_now`) or a reader has it.
+            if spare(&topic) || self.hub.is_watched(&topic) || Arc::strong_count(&log) > 2 {
                 continue;
             }
             let touched = lock(&log).touched;
@@ -462,7 +464,9 @@ impl MemoryStore {
             return Eviction::Nothing;
         };
         let mut topics = lock(self.shard(&topic));
-        if !topics.get(&topic).is_some_and(|l| Arc::ptr_eq(l, &log)) {
+        // Under the shard's lock no publish can take the log anew.
+        if !topics.get(&topic).is_some_and(|l| Arc::ptr_eq(l, &log)) || Arc::strong_count(&log) > 2
+        {
             return Eviction::Raced;
         }
         let mut log = lock(&log);
@@ -516,9 +520,13 @@ impl MemoryStore {
             .map(|e| crate::sse::encoded_data_len(&e.data) + 64)
             .sum();
         self.make_room(bytes)?;
-        for event in &events {
-            drop(self.log(&event.topic)?);
-        }
+        // Each log is held until the batch is stored: a log held by anyone
+        // but the map is never evicted, so no topic of the batch can be
+        // forgotten between this check and its event.
+        let _held = events
+            .iter()
+            .map(|event| self.log(&event.topic))
+            .collect::<Result<Vec<_>, _>>()?;
         events.into_iter().map(|e| self.append_one(e)).collect()
     }
 

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod bench;
 pub mod compress;
 pub mod config;
+pub mod devcert;
 pub mod drain;
 pub mod event;
 pub mod http;
@@ -132,6 +133,7 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         limits,
         config: Arc::new(config),
         shutdown,
+        readiness: Default::default(),
     }))
 }
 

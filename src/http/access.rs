@@ -44,10 +44,16 @@ pub fn credentials<'a>(
             (name == cookie_name).then(|| value.trim_matches('"'))
         })
         .filter(|t| !t.is_empty());
+    let not_bearer = headers.get(header::AUTHORIZATION).is_some_and(|v| {
+        !v.as_bytes().trim_ascii_start()[..]
+            .to_ascii_lowercase()
+            .starts_with(b"bearer")
+    });
     Credentials {
         bearer,
         cookie,
         origin: Some(origin),
+        not_bearer,
     }
 }
 

@@ -1665,7 +1665,10 @@ async fn a_token_without_the_bearer_prefix_is_refused_saying_so() {
         .unwrap();
     assert_eq!(response.status(), 401);
     let problem: Value = response.json().await.unwrap();
-    assert_eq!(problem["type"], "urn:crier:problem:invalid-token", "{problem}");
+    assert_eq!(
+        problem["type"], "urn:crier:problem:invalid-token",
+        "{problem}"
+    );
     assert_eq!(
         problem["detail"],
         "the Authorization header must read `Bearer TOKEN`: the `Bearer ` prefix is missing"

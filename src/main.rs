@@ -57,6 +57,14 @@ async fn main() -> std::process::ExitCode {
 
     let listener = match bind(config.listen, config.listen_backlog) {
         Ok(listener) => listener,
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::error!(
+                %error,
+                listen = %config.listen,
+                "cannot listen: another process (another crier?) holds this address; stop it, or give another --listen"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
         Err(error) => {
             tracing::error!(%error, listen = %config.listen, "cannot listen");
             return std::process::ExitCode::FAILURE;

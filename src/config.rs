@@ -64,26 +64,9 @@ pub struct TokenArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Log lines as `text`, or as `json` (one object per line: timestamp,
-    /// level, target, message and fields). `RUST_LOG` sets the level.
-    #[arg(help_heading = "Observability", long, env = "CRIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
     /// Address to listen on (use 0.0.0.0:8080 to accept remote clients).
     #[arg(help_heading = "Listening and TLS", long, env = "CRIER_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
     pub listen: SocketAddr,
-
-    /// Serve GET /metrics (Prometheus) on this address instead of the main
-    /// listener, without a token and without TLS: keep it private
-    /// (firewall it). Unset: /metrics is on the main listener, behind a
-    /// token granting `metrics` when tokens are configured.
-    #[arg(
-        help_heading = "Observability",
-        long,
-        env = "CRIER_METRICS_LISTEN",
-        value_name = "ADDR"
-    )]
-    pub metrics_listen: Option<SocketAddr>,
 
     /// Connections the kernel may queue before crier accepts them; a burst of
     /// reconnecting clients (a node or proxy restart) needs room here. The
@@ -458,6 +441,23 @@ pub struct Config {
         default_value_t = 256
     )]
     pub max_compression_chains: usize,
+
+    /// Log lines as `text`, or as `json` (one object per line: timestamp,
+    /// level, target, message and fields). `RUST_LOG` sets the level.
+    #[arg(help_heading = "Observability", long, env = "CRIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Serve GET /metrics (Prometheus) on this address instead of the main
+    /// listener, without a token and without TLS: keep it private
+    /// (firewall it). Unset: /metrics is on the main listener, behind a
+    /// token granting `metrics` when tokens are configured.
+    #[arg(
+        help_heading = "Observability",
+        long,
+        env = "CRIER_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Web origins allowed to use the hub from a browser, comma separated:
     /// `https://app.example.com`, `https://*.example.com` (subdomains), or

@@ -39,9 +39,9 @@ pub struct Credentials<'a> {
     pub cookie: Option<&'a str>,
     /// How the request's `Origin` relates to the allowlist.
     pub origin: Option<OriginKind>,
-    /// An `Authorization` header was sent without the `Bearer ` scheme (a
-    /// bare token, most often): refused with a word on why, rather than
-    /// treated as no credential at all.
+    /// An `Authorization` header holds a bare token, without the `Bearer `
+    /// scheme: refused with a word on why, rather than treated as no
+    /// credential at all.
     pub not_bearer: bool,
 }
 

@@ -76,131 +76,160 @@ pub struct TokenArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Log lines as `text`, or as `json` (one object per line: timestamp,
-    /// level, target, message and fields). `RUST_LOG` sets the level.
-    #[arg(long, env = "CRIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
     /// Address to listen on (use 0.0.0.0:8080 to accept remote clients).
-    #[arg(long, env = "CRIER_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(help_heading = "Listening and TLS", long, env = "CRIER_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
     pub listen: SocketAddr,
-
-    /// Serve GET /metrics (Prometheus) on this address instead of the main
-    /// listener, without a token and without TLS: keep it private
-    /// (firewall it). Unset: /metrics is on the main listener, behind a
-    /// token granting `metrics` when tokens are configured.
-    #[arg(long, env = "CRIER_METRICS_LISTEN", value_name = "ADDR")]
-    pub metrics_listen: Option<SocketAddr>,
 
     /// Connections the kernel may queue before crier accepts them; a burst of
     /// reconnecting clients (a node or proxy restart) needs room here. The
     /// kernel caps it at net.core.somaxconn.
-    #[arg(long, env = "CRIER_LISTEN_BACKLOG", default_value_t = 4096)]
+    #[arg(
+        help_heading = "Listening and TLS",
+        long,
+        env = "CRIER_LISTEN_BACKLOG",
+        default_value_t = 4096
+    )]
     pub listen_backlog: u32,
 
     /// Events retained per topic for replay.
-    #[arg(long, env = "CRIER_RETENTION_EVENTS", default_value_t = 1000)]
+    #[arg(
+        help_heading = "Storage and retention",
+        long,
+        env = "CRIER_RETENTION_EVENTS",
+        default_value_t = 1000
+    )]
     pub retention_events: usize,
 
     /// How long events are retained for replay (e.g. 90s, 1h, 2days).
-    #[arg(long, env = "CRIER_RETENTION_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Storage and retention", long, env = "CRIER_RETENTION_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub retention_age: Duration,
 
     /// Most bytes of events the embedded store retains, all topics together
     /// (counted as encoded, with the compressed units cached on them); past
     /// it the oldest retained events make room, and resumers from before
     /// them get a reset. (With Redis, size Redis's own maxmemory instead.)
-    #[arg(long, env = "CRIER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(help_heading = "Storage and retention", long, env = "CRIER_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_retained_bytes: usize,
 
     /// Most topics the embedded store keeps history for; past it a new topic
     /// takes the place of the one published to longest ago that no one
     /// watches (507 only when every topic is watched).
-    #[arg(long, env = "CRIER_MAX_TOPICS", default_value_t = 100_000)]
+    #[arg(
+        help_heading = "Storage and retention",
+        long,
+        env = "CRIER_MAX_TOPICS",
+        default_value_t = 100_000
+    )]
     pub max_topics: usize,
 
     /// How long an `Idempotency-Key` is remembered: a publish repeating a
     /// key within it stores nothing and is answered like the first (0:
     /// keys are checked but not remembered).
-    #[arg(long, env = "CRIER_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Storage and retention", long, env = "CRIER_IDEMPOTENCY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
     pub idempotency_window: Duration,
 
     /// Most idempotency keys the embedded store remembers at once (about
     /// 300 bytes each); a publish with a new key past it gets 507. (With
     /// Redis, keys live in Redis, each expiring after the window.)
-    #[arg(long, env = "CRIER_IDEMPOTENCY_MAX_KEYS", default_value_t = 100_000)]
+    #[arg(
+        help_heading = "Storage and retention",
+        long,
+        env = "CRIER_IDEMPOTENCY_MAX_KEYS",
+        default_value_t = 100_000
+    )]
     pub idempotency_max_keys: usize,
 
     /// Largest event payload accepted, in bytes, counted as encoded: each
     /// line break adds a `data: ` line of 7 bytes (larger ones get 413).
-    #[arg(long, env = "CRIER_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
+    #[arg(help_heading = "Limits", long, env = "CRIER_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
     pub max_event_bytes: usize,
 
     /// Largest batch body accepted by POST /events, in bytes.
-    #[arg(long, env = "CRIER_MAX_BATCH_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(help_heading = "Limits", long, env = "CRIER_MAX_BATCH_BYTES", default_value_t = 1024 * 1024)]
     pub max_batch_bytes: usize,
 
     /// Most events accepted in one batch.
-    #[arg(long, env = "CRIER_MAX_BATCH_EVENTS", default_value_t = 1000)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_MAX_BATCH_EVENTS",
+        default_value_t = 1000
+    )]
     pub max_batch_events: usize,
 
     /// Longest topic name accepted, in bytes.
-    #[arg(long, env = "CRIER_MAX_TOPIC_LEN", default_value_t = 128)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_MAX_TOPIC_LEN",
+        default_value_t = 128
+    )]
     pub max_topic_len: usize,
 
     /// Most topics in one subscription (GET /events?topic=..).
-    #[arg(long, env = "CRIER_MAX_TOPICS_PER_SUBSCRIPTION", default_value_t = 32)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_MAX_TOPICS_PER_SUBSCRIPTION",
+        default_value_t = 32
+    )]
     pub max_topics_per_subscription: usize,
 
     /// Events a subscriber may fall behind the live feed before it is
     /// disconnected (it then resumes from its Last-Event-ID).
-    #[arg(long, env = "CRIER_SUBSCRIBER_BACKLOG", default_value_t = 1024)]
+    #[arg(
+        help_heading = "Transports",
+        long,
+        env = "CRIER_SUBSCRIBER_BACKLOG",
+        default_value_t = 1024
+    )]
     pub subscriber_backlog: usize,
 
     /// Send a heartbeat comment after a stream has been quiet this long.
-    #[arg(long, env = "CRIER_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Transports", long, env = "CRIER_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
 
     /// Longest a long-poll request (`?poll=1`, `Accept: application/json`)
     /// waits for an event before answering with none; under common proxy
     /// timeouts (30s and up).
-    #[arg(long, env = "CRIER_POLL_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Transports", long, env = "CRIER_POLL_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub poll_timeout: Duration,
 
     /// Reconnection delay suggested to EventSource clients (`retry:`).
-    #[arg(long, env = "CRIER_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Transports", long, env = "CRIER_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
     pub retry: Duration,
 
     /// Longest wait, once every stream has been closed (after the drain, or
     /// at once on Ctrl-C or a second SIGTERM), for in-flight requests and
     /// connections to finish before exiting anyway.
-    #[arg(long, env = "CRIER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Shutdown", long, env = "CRIER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
     /// On SIGTERM, how long the node keeps serving new streams while
     /// `/readyz` already answers 503, so load balancers stop sending it
     /// clients before it starts closing streams.
-    #[arg(long, env = "CRIER_DRAIN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Shutdown", long, env = "CRIER_DRAIN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_delay: Duration,
 
     /// After the drain delay, the time over which open streams are closed,
     /// spread evenly, each with a short `retry:` hint, so their clients
     /// reconnect elsewhere as a trickle rather than a storm (0: all at once).
-    #[arg(long, env = "CRIER_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Shutdown", long, env = "CRIER_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_window: Duration,
 
     /// With Redis: how often the node sends itself a canary through the
     /// pub/sub path that carries live events.
-    #[arg(long, env = "CRIER_CANARY_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Redis", long, env = "CRIER_CANARY_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub canary_interval: Duration,
 
     /// With Redis: a canary not back after this long means the live feed
     /// has stalled, and `/readyz` answers 503 until canaries come back.
-    #[arg(long, env = "CRIER_CANARY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Redis", long, env = "CRIER_CANARY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub canary_timeout: Duration,
 
     /// PEM certificate chain: serve HTTPS, offering HTTP/2 and HTTP/1.1.
     #[arg(
+        help_heading = "Listening and TLS",
         long,
         env = "CRIER_TLS_CERT",
         value_name = "FILE",
@@ -210,6 +239,7 @@ pub struct Config {
 
     /// PEM private key of --tls-cert.
     #[arg(
+        help_heading = "Listening and TLS",
         long,
         env = "CRIER_TLS_KEY",
         value_name = "FILE",
@@ -217,54 +247,107 @@ pub struct Config {
     )]
     pub tls_key: Option<std::path::PathBuf>,
 
+    /// Development HTTPS: serve with a self-signed certificate for
+    /// localhost and 127.0.0.1, made on first use in the user's cache
+    /// directory (`~/.cache/crier/localhost.pem`) and kept; the log names
+    /// the file. Browsers and curl must be told to trust it. Not with
+    /// --tls-cert.
+    #[arg(
+        help_heading = "Listening and TLS",
+        long,
+        env = "CRIER_TLS_SELF_SIGNED",
+        conflicts_with = "tls_cert"
+    )]
+    pub tls_self_signed: bool,
+
     /// Most concurrent streams (subscriptions) on one HTTP/2 connection.
-    #[arg(long, env = "CRIER_HTTP2_MAX_STREAMS", default_value_t = 1000)]
+    #[arg(
+        help_heading = "Listening and TLS",
+        long,
+        env = "CRIER_HTTP2_MAX_STREAMS",
+        default_value_t = 1000
+    )]
     pub http2_max_streams: u32,
 
     /// Interval of HTTP/2 keep-alive pings, and how long to wait for the
     /// answer before closing the connection.
-    #[arg(long, env = "CRIER_HTTP2_KEEPALIVE", default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Listening and TLS", long, env = "CRIER_HTTP2_KEEPALIVE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub http2_keepalive: Duration,
 
     /// Most open connections; at the cap new ones are refused at once (a
     /// plain HTTP/1.1 client gets 503). Default: the open-file limit less a
     /// reserve (256 + 1/64 of it) for Redis, listeners and files.
-    #[arg(long, env = "CRIER_MAX_CONNECTIONS")]
+    #[arg(help_heading = "Limits", long, env = "CRIER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
     /// Most open connections from one client address (IPv6: one /64).
-    #[arg(long, env = "CRIER_MAX_CONNECTIONS_PER_IP", default_value_t = 2048)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 2048
+    )]
     pub max_connections_per_ip: u32,
 
     /// Most concurrent requests, event streams included, from one client
     /// address: HTTP/1.1 requests and HTTP/2 streams both count; over it,
     /// 429.
-    #[arg(long, env = "CRIER_MAX_STREAMS_PER_IP", default_value_t = 4096)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_MAX_STREAMS_PER_IP",
+        default_value_t = 4096
+    )]
     pub max_streams_per_ip: u32,
 
     /// New connections per second from one client address (0: no limit);
     /// over it, connections are closed before any TLS handshake.
-    #[arg(long, env = "CRIER_CONNECTION_RATE", default_value_t = 200)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_CONNECTION_RATE",
+        default_value_t = 200
+    )]
     pub connection_rate: u32,
 
     /// New connections one client address may open at once, above its rate.
-    #[arg(long, env = "CRIER_CONNECTION_BURST", default_value_t = 2048)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_CONNECTION_BURST",
+        default_value_t = 2048
+    )]
     pub connection_burst: u32,
 
     /// Events per second one publisher may publish (per token subject when
     /// tokens are on, else per client address; a batch counts its events;
     /// 0: no limit). Over it, 429 and nothing of the request is stored.
-    #[arg(long, env = "CRIER_PUBLISH_RATE", default_value_t = 1000)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_PUBLISH_RATE",
+        default_value_t = 1000
+    )]
     pub publish_rate: u32,
 
     /// Events one publisher may publish at once, above its rate.
-    #[arg(long, env = "CRIER_PUBLISH_BURST", default_value_t = 2000)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_PUBLISH_BURST",
+        default_value_t = 2000
+    )]
     pub publish_burst: u32,
 
     /// Proxies (addresses or CIDRs, comma separated) whose
     /// `--client-ip-header` names the client for limits; from other peers
     /// it is ignored.
-    #[arg(long, env = "CRIER_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "CRIER_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
     pub trusted_proxies: Vec<String>,
 
     /// The one header a trusted proxy names the client in:
@@ -272,6 +355,7 @@ pub struct Config {
     /// ignored (a proxy passes them on as the client wrote them); the
     /// right-most address in it that is not a trusted proxy is the client.
     #[arg(
+        help_heading = "Limits",
         long,
         env = "CRIER_CLIENT_IP_HEADER",
         value_enum,
@@ -281,84 +365,126 @@ pub struct Config {
     pub client_ip_header: crate::limits::ClientIpHeader,
 
     /// Longest a client may take to finish its TLS handshake.
-    #[arg(long, env = "CRIER_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Limits", long, env = "CRIER_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: Duration,
 
     /// Longest a client may take to send a request's headers, and longest an
     /// HTTP/1.1 connection may sit idle between requests.
-    #[arg(long, env = "CRIER_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Limits", long, env = "CRIER_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
     /// Longest a client may take to send a request's body; a client that
     /// stops or dribbles is cut off and nothing is stored.
-    #[arg(long, env = "CRIER_BODY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Limits", long, env = "CRIER_BODY_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub body_timeout: Duration,
 
     /// A connection whose client accepts none of what is sent to it for this
     /// long is closed (a subscriber that stopped reading), so it holds
     /// memory for a bounded time; it resumes exactly when it reconnects.
-    #[arg(long, env = "CRIER_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Limits", long, env = "CRIER_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
 
     /// An HTTP/2 connection with no open stream for this long is closed.
-    #[arg(long, env = "CRIER_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Limits", long, env = "CRIER_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
     /// Largest request head (request line and headers) accepted; larger
     /// ones get 431.
-    #[arg(long, env = "CRIER_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    #[arg(help_heading = "Limits", long, env = "CRIER_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
 
     /// Keep events on disk in DIR (created if missing), so a restart keeps
     /// every topic's numbering, epoch and retained events; without it the
     /// embedded store lives in memory. Not with `--redis`.
-    #[arg(long, env = "CRIER_DATA_DIR", value_name = "DIR")]
+    #[arg(
+        help_heading = "Storage and retention",
+        long,
+        env = "CRIER_DATA_DIR",
+        value_name = "DIR"
+    )]
     pub data_dir: Option<std::path::PathBuf>,
 
     /// With `--data-dir`, when a publish is answered: `always`, once the
     /// event is synced to disk (concurrent publishes share one sync); or
     /// `interval`, once the OS holds it, syncing every `--fsync-interval`
     /// (a power loss may lose the last moments).
-    #[arg(long, env = "CRIER_FSYNC", value_enum, default_value_t = Fsync::Always)]
+    #[arg(help_heading = "Storage and retention", long, env = "CRIER_FSYNC", value_enum, default_value_t = Fsync::Always)]
     pub fsync: Fsync,
 
     /// With `--fsync interval`, how often the data directory is synced.
-    #[arg(long, env = "CRIER_FSYNC_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Storage and retention", long, env = "CRIER_FSYNC_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub fsync_interval: Duration,
 
     /// Keep events in Redis instead of in memory, so several nodes serve one
     /// feed: redis://[USER:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS.
-    #[arg(long = "redis", env = "CRIER_REDIS_URL", value_name = "URL")]
+    #[arg(
+        help_heading = "Redis",
+        long = "redis",
+        env = "CRIER_REDIS_URL",
+        value_name = "URL"
+    )]
     pub redis_url: Option<String>,
 
     /// PEM file of the certificate authority that signed the Redis server's
     /// certificate (for `rediss://` with a private CA; otherwise the system's
     /// roots are used).
-    #[arg(long, env = "CRIER_REDIS_CA_CERT", value_name = "FILE")]
+    #[arg(
+        help_heading = "Redis",
+        long,
+        env = "CRIER_REDIS_CA_CERT",
+        value_name = "FILE"
+    )]
     pub redis_ca_cert: Option<std::path::PathBuf>,
 
     /// Prefix of every Redis key and channel, so several hubs can share one
     /// Redis.
-    #[arg(long, env = "CRIER_REDIS_PREFIX", default_value = "crier:")]
+    #[arg(
+        help_heading = "Redis",
+        long,
+        env = "CRIER_REDIS_PREFIX",
+        default_value = "crier:"
+    )]
     pub redis_prefix: String,
 
     /// Longest wait for Redis to connect or answer before a request fails
     /// with 503.
-    #[arg(long, env = "CRIER_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Redis", long, env = "CRIER_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
     /// Codecs offered for event streams and JSON answers, in order of
     /// preference when the client values several equally; `none` disables
     /// compression.
-    #[arg(long, env = "CRIER_COMPRESSION", default_value = "zstd,br,gzip", value_delimiter = ',', value_parser = parse_codec)]
+    #[arg(help_heading = "Transports", long, env = "CRIER_COMPRESSION", default_value = "zstd,br,gzip", value_delimiter = ',', value_parser = parse_codec)]
     pub compression: Vec<Option<Codec>>,
 
     /// Most chained compressors the topics hold at once: one per topic and
     /// coding with a compressed single-topic stream on this node, 0.3–0.7
     /// MiB each. Past it, a topic's compressed streams write each event
     /// compressed alone (larger on the wire).
-    #[arg(long, env = "CRIER_MAX_COMPRESSION_CHAINS", default_value_t = 256)]
+    #[arg(
+        help_heading = "Transports",
+        long,
+        env = "CRIER_MAX_COMPRESSION_CHAINS",
+        default_value_t = 256
+    )]
     pub max_compression_chains: usize,
+
+    /// Log lines as `text`, or as `json` (one object per line: timestamp,
+    /// level, target, message and fields). `RUST_LOG` sets the level.
+    #[arg(help_heading = "Observability", long, env = "CRIER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Serve GET /metrics (Prometheus) on this address instead of the main
+    /// listener, without a token and without TLS: keep it private
+    /// (firewall it). Unset: /metrics is on the main listener, behind a
+    /// token granting `metrics` when tokens are configured.
+    #[arg(
+        help_heading = "Observability",
+        long,
+        env = "CRIER_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Web origins allowed to use the hub from a browser, comma separated:
     /// `https://app.example.com`, `https://*.example.com` (subdomains), or
@@ -366,6 +492,7 @@ pub struct Config {
     /// `Origin` is neither listed nor the hub's own gets 403; listed origins
     /// get CORS answers with credentials. `--cors-origins` is an alias.
     #[arg(
+        help_heading = "Access control",
         long,
         visible_alias = "cors-origins",
         env = "CRIER_ALLOWED_ORIGINS",
@@ -383,21 +510,31 @@ pub struct Config {
     )]
     pub cors_origins_env: Option<Vec<String>>,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Access control")]
     pub jwt: crate::auth::JwtSettings,
 
     /// Cookie that may carry a token for subscriptions and tickets (set it
     /// HttpOnly from the application's own backend).
-    #[arg(long, env = "CRIER_AUTH_COOKIE", default_value = "crier_token")]
+    #[arg(
+        help_heading = "Access control",
+        long,
+        env = "CRIER_AUTH_COOKIE",
+        default_value = "crier_token"
+    )]
     pub auth_cookie: String,
 
     /// Topics anyone may read without a token when access control is on,
     /// comma separated patterns: `news`, `scores.*`, `*`.
-    #[arg(long, env = "CRIER_PUBLIC_TOPICS", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Access control",
+        long,
+        env = "CRIER_PUBLIC_TOPICS",
+        value_delimiter = ','
+    )]
     pub public_topics: Vec<String>,
 
     /// How long a ticket from POST /tickets stays usable (once).
-    #[arg(long, env = "CRIER_TICKET_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Access control", long, env = "CRIER_TICKET_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ticket_ttl: Duration,
 }
 
@@ -415,6 +552,25 @@ pub enum Fsync {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// A listen address: `IP:PORT`, or `localhost:PORT` for the loopback
+/// address (other host names are not resolved: which of their addresses
+/// to bind would be a guess).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    if let Some(port) = s.strip_prefix("localhost:")
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Err(
+        "expected IP:PORT, such as 127.0.0.1:8080 (this machine only), 0.0.0.0:8080 \
+         (every IPv4 interface) or [::]:8080; a host name other than localhost is not resolved"
+            .to_owned(),
+    )
 }
 
 fn parse_codec(s: &str) -> Result<Option<Codec>, String> {
@@ -481,5 +637,40 @@ impl Default for Config {
     /// The documented defaults, as `crier serve` with no flags.
     fn default() -> Config {
         Cli::parse_from(["crier"]).serve.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_takes_an_ip_or_localhost_and_explains_anything_else() {
+        assert_eq!(
+            parse_listen("0.0.0.0:8080"),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 8080)))
+        );
+        assert_eq!(
+            parse_listen("localhost:8080"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 8080)))
+        );
+        let refusal = parse_listen("example.com:8080").unwrap_err();
+        assert!(refusal.contains("expected IP:PORT"), "{refusal}");
+    }
+
+    #[test]
+    fn every_setting_of_the_hub_is_under_a_heading() {
+        use clap::CommandFactory;
+        let command = Cli::command();
+        for arg in command.get_arguments() {
+            if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                continue;
+            }
+            assert!(
+                arg.get_help_heading().is_some(),
+                "--{} has no heading in crier --help",
+                arg.get_id()
+            );
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod coding;
 pub mod compress;
 pub mod config;
+pub mod devcert;
 pub mod drain;
 pub mod event;
 pub mod http;
@@ -133,6 +134,7 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         limits,
         config: Arc::new(config),
         shutdown,
+        readiness: Default::default(),
     }))
 }
 

@@ -16,7 +16,7 @@ async fn main() -> std::process::ExitCode {
         _ => LogFormat::Text,
     };
     init_logging(format);
-    let config = match cli.command {
+    let mut config = match cli.command {
         None => cli.serve,
         Some(Command::Serve(config)) => *config,
         Some(Command::Token(args)) => return print_token(args),
@@ -32,6 +32,25 @@ async fn main() -> std::process::ExitCode {
         }
     };
 
+    if config.tls_self_signed {
+        let dir = crier::devcert::default_dir();
+        match crier::devcert::ensure(&dir) {
+            Ok(files) => {
+                tracing::info!(
+                    "serving HTTPS with the self-signed certificate {} (for localhost and 127.0.0.1; trust it with curl --cacert {})",
+                    files.cert.display(),
+                    files.cert.display()
+                );
+                config.tls_cert = Some(files.cert);
+                config.tls_key = Some(files.key);
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot serve HTTPS");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+
     // Every subscriber is an open socket: use all the descriptors we may.
     if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(%error, "could not raise the open-file limit");
@@ -39,6 +58,14 @@ async fn main() -> std::process::ExitCode {
 
     let listener = match bind(config.listen, config.listen_backlog) {
         Ok(listener) => listener,
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::error!(
+                %error,
+                listen = %config.listen,
+                "cannot listen: another process (another crier?) holds this address; stop it, or give another --listen"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
         Err(error) => {
             tracing::error!(%error, listen = %config.listen, "cannot listen");
             return std::process::ExitCode::FAILURE;
@@ -104,8 +131,16 @@ fn is_silenced(target: &str) -> bool {
     })
 }
 
-/// `crier token`: prints a JWT signed with the configured secret.
+/// `crier token`: prints a JWT signed with the configured secret. A token
+/// that grants nothing is refused: it would only ever earn 403s, and a
+/// script that forgot its grants should stop, not carry on with it.
 fn print_token(args: crier::config::TokenArgs) -> std::process::ExitCode {
+    if args.publish.is_empty() && args.subscribe.is_empty() && !args.metrics {
+        eprintln!(
+            "crier token: the token would grant nothing: give --publish PATTERN, --subscribe PATTERN or --metrics"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     let grants = crier::auth::Grants {
         publish: args.publish.iter().map(crier::auth::Pattern::new).collect(),
         subscribe: args

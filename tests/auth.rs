@@ -1616,3 +1616,72 @@ on_every_store!(
     a_stream_ends_with_reauth_at_expiry_and_a_fresh_cookie_resumes_it_exactly,
     a_ticket_stream_ends_with_reauth_when_its_minting_token_expires,
 );
+
+/// `crier token` with nothing to grant stops with a message, rather than
+/// print a token every request would refuse; without the secret it stops
+/// too, so `TOKEN=$(crier token …)` never quietly yields a useless token.
+#[test]
+fn crier_token_refuses_a_token_that_grants_nothing_or_has_no_secret() {
+    let run = |args: &[&str], secret: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_crier"));
+        command
+            .arg("token")
+            .args(args)
+            .env_remove("CRIER_JWT_SECRET")
+            .env_remove("CRIER_JWT_SECRET_FILE");
+        if let Some(secret) = secret {
+            command.env("CRIER_JWT_SECRET", secret);
+        }
+        command.output().expect("run crier token")
+    };
+    let no_grant = run(&["--ttl", "1h"], Some(SECRET));
+    assert!(!no_grant.status.success(), "{no_grant:?}");
+    assert!(no_grant.stdout.is_empty(), "{no_grant:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&no_grant.stderr).trim(),
+        "crier token: the token would grant nothing: give --publish PATTERN, --subscribe PATTERN or --metrics"
+    );
+    let no_secret = run(&["--publish", "news"], None);
+    assert!(!no_secret.status.success(), "{no_secret:?}");
+    assert!(no_secret.stdout.is_empty(), "{no_secret:?}");
+    assert!(
+        String::from_utf8_lossy(&no_secret.stderr).contains("minting needs the HMAC secret"),
+        "{no_secret:?}"
+    );
+}
+
+/// A token sent without its `Bearer ` scheme is refused with a detail that
+/// says so, not as if no credential had been sent.
+#[tokio::test]
+async fn a_token_without_the_bearer_prefix_is_refused_saying_so() {
+    let server = Server::start_with(with_secret).await;
+    let response = server
+        .client
+        .post(server.url("/topics/news"))
+        .header("authorization", token(&["news"], &[]))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "urn:crier:problem:invalid-token",
+        "{problem}"
+    );
+    assert_eq!(
+        problem["detail"],
+        "the Authorization header must read `Bearer TOKEN`: the `Bearer ` prefix is missing"
+    );
+    // With the prefix the same token publishes.
+    let response = server
+        .client
+        .post(server.url("/topics/news"))
+        .bearer_auth(token(&["news"], &[]))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    server.stop().await;
+}

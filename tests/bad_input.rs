@@ -1141,3 +1141,25 @@ async fn server_keeps_serving_after_a_volley_of_bad_requests() {
     );
     server.stop().await;
 }
+
+/// A mistyped path is answered with the real one it most likely meant, so
+/// a newcomer's `/topic/news` is one retry from working.
+#[tokio::test]
+async fn a_404_names_the_nearest_real_path() {
+    let server = Server::start().await;
+    for (path, near) in [
+        ("/topic/news", "/topics/news"),
+        ("/event", "/events"),
+        ("/health", "/healthz"),
+    ] {
+        let problem = expect_problem(path, get(&server, path).await, 404, "not-found").await;
+        assert_eq!(
+            problem["detail"],
+            format!("no such resource: {path} (did you mean {near}?)"),
+            "{problem}"
+        );
+    }
+    let problem = expect_problem("/nope", get(&server, "/nope").await, 404, "not-found").await;
+    assert_eq!(problem["detail"], "no such resource: /nope", "{problem}");
+    server.stop().await;
+}

@@ -580,3 +580,33 @@ fn assert_every_event_once(result: &Value, subscribers: u64, published: u64) {
     assert_eq!(result["duplicated"], 0, "{result}");
     assert_eq!(result["out_of_order"], 0, "{result}");
 }
+
+/// A publishing scenario refused by the hub's rate limit says how to start
+/// the hub for measuring, not only "429".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_refused_by_the_rate_limit_says_to_lift_it() {
+    let server = Server::start_with(|c| {
+        c.publish_rate = 1;
+        c.publish_burst = 1;
+    })
+    .await;
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["bench", "wire", "--events", "20", "--url"])
+        .arg(format!("http://{}", server.addr))
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the bench finishes in time")
+        .expect("run crier bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "publish answered 429 Too Many Requests: the hub's publish rate limit; start the hub \
+             with --publish-rate 0 (CRIER_PUBLISH_RATE=0) to measure it"
+        ),
+        "{stderr}"
+    );
+    server.stop().await;
+}

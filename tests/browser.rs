@@ -1794,3 +1794,45 @@ impl Cdp {
             .collect()
     }
 }
+
+/// The demo page opened with `?topic=` subscribes to that topic at once,
+/// and its forms name it; the bare page defaults to `news`, the README's
+/// topic, and waits for Connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_with_a_topic_in_its_url_subscribes_on_load() {
+    let server = Server::start().await;
+    let chromium = Chromium::launch().await;
+    let bare = chromium.open(&format!("http://{}/", server.addr)).await;
+    let fields: Vec<String> = bare
+        .evaluate(
+            "JSON.stringify([document.getElementById('topics').value, \
+             document.getElementById('pubTopic').value, \
+             document.getElementById('state').textContent])",
+        )
+        .await;
+    assert_eq!(fields[..2], ["news", "news"]);
+    assert_ne!(fields[2], "open", "the bare page waits for Connect");
+
+    let tab = chromium
+        .open(&format!("http://{}/?topic=live", server.addr))
+        .await;
+    tab.poll::<String>(
+        "document.getElementById('state').textContent",
+        "the page's stream open on load",
+        |state| state == "open",
+    )
+    .await;
+    let id = server.publish_id("live", "shown at once").await;
+    let rows = "[...document.querySelectorAll('#log .row')].map(r => r.textContent)";
+    let shown = tab
+        .poll::<Vec<String>>(rows, "the event shown", |rows| {
+            rows.iter().any(|r| r.contains("shown at once"))
+        })
+        .await;
+    assert!(
+        shown
+            .iter()
+            .any(|r| r.contains("shown at once") && r.contains(&format!("id {id}"))),
+        "{shown:#?}"
+    );
+}

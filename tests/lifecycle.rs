@@ -281,3 +281,42 @@ async fn an_event_stream_s_log_lines_carry_its_request_span() {
     );
     assert!(!log.iter().any(|l| l.contains("secret=query")));
 }
+
+/// Settings a newcomer gets wrong at start-up are refused with what to do:
+/// a taken address, a host name for `--listen`, a Redis URL that does not
+/// parse. Each exits with a failure status, before serving anything.
+#[test]
+fn start_up_mistakes_are_refused_saying_what_to_do() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--listen", &taken],
+            "another process (another crier?) holds this address; stop it, or give another --listen",
+        ),
+        (
+            &["--listen", "example.com:8080"],
+            "expected IP:PORT, such as 127.0.0.1:8080",
+        ),
+        (
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--redis",
+                "http://127.0.0.1:6379",
+            ],
+            "(expected redis://[USER:PASSWORD@]HOST:PORT[/DB], or rediss:// for TLS)",
+        ),
+    ];
+    for (args, says) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_crier"))
+            .args(args)
+            .env_remove("CRIER_LISTEN")
+            .env_remove("CRIER_REDIS_URL")
+            .output()
+            .expect("run crier");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -760,3 +760,47 @@ async fn sigterm_on_a_websocket_only_node_says_farewell_to_each_socket_spread_ov
 async fn sigterm_on_a_node_of_sockets_and_sse_streams_drains_both_alike() {
     drain_node(38, 2).await;
 }
+
+/// A load balancer probes `/readyz` every few seconds: a node that is not
+/// ready says so once, at WARN with the problem type, not at ERROR on every
+/// probe; the probes themselves stay out of the refusal log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_logs_a_change_of_readiness_once_not_every_probe() {
+    let node = Process::start_with_env(&[], &[("CRIER_DRAIN_DELAY", "30s")]);
+    let client = common::client();
+    wait_ready(&client, &node.base, 200, None).await;
+    node.terminate();
+    wait_ready(&client, &node.base, 503, Some("urn:crier:problem:draining")).await;
+    for _ in 0..5 {
+        let (status, _) = readiness(&client, &node.base).await;
+        assert_eq!(status, 503);
+    }
+    // A refusal logged after the probes: once it is in the log, so is
+    // everything the probes logged. It carries its problem type.
+    let missing = client.get(node.url("/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    wait_for("the 404's log line", || {
+        node.log().iter().any(|l| l.contains("refused"))
+    })
+    .await;
+    let log = node.log();
+    let not_ready: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("not ready: /readyz"))
+        .collect();
+    assert_eq!(not_ready.len(), 1, "{log:#?}");
+    assert!(
+        not_ready[0].contains("WARN") && not_ready[0].contains("problem=\"draining\""),
+        "{not_ready:?}"
+    );
+    let refused: Vec<&String> = log.iter().filter(|l| l.contains("refused")).collect();
+    assert_eq!(refused.len(), 1, "{log:#?}");
+    assert!(
+        refused[0].contains("status=404") && refused[0].contains("problem=\"not-found\""),
+        "{refused:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("response failed")),
+        "{log:#?}"
+    );
+}

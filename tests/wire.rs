@@ -926,3 +926,45 @@ async fn static_files_carry_a_validator_and_healthz_is_never_cached() {
     }
     server.stop().await;
 }
+
+/// `--tls-self-signed`: the hub makes a certificate for localhost in the
+/// user's cache directory, logs where it is, and serves HTTP/2 by ALPN to a
+/// client that trusts that file; a second start reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_self_signed_serves_http2_to_a_client_trusting_the_logged_certificate() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap().to_owned();
+    let hub = common::process::Process::start_with_env(
+        &["--tls-self-signed"],
+        &[("XDG_CACHE_HOME", cache_dir.as_str())],
+    );
+    let cert = cache.path().join("crier").join("localhost.pem");
+    assert!(
+        hub.log()
+            .iter()
+            .any(|l| l.contains(&format!("self-signed certificate {}", cert.display()))),
+        "the log names the certificate: {:?}",
+        hub.log()
+    );
+    assert!(hub.base.starts_with("https://"), "{}", hub.base);
+    let first = std::fs::read_to_string(&cert).unwrap();
+
+    let mut subscriber = h2_over_tls(hub.addr(), &cert).await;
+    let mut events = subscriber.subscribe("/topics/tls").await;
+    let mut publisher = h2_over_tls(hub.addr(), &cert).await;
+    let id = publisher.publish("tls", "over h2").await;
+    let event = tokio::time::timeout(DEADLINE, events.next())
+        .await
+        .expect("event in time")
+        .expect("stream open");
+    assert_eq!(event, Ev::new(&id, "message", "over h2"));
+    drop(hub);
+
+    let again = common::process::Process::start_with_env(
+        &["--tls-self-signed"],
+        &[("XDG_CACHE_HOME", cache_dir.as_str())],
+    );
+    assert_eq!(std::fs::read_to_string(&cert).unwrap(), first);
+    drop(again);
+}

@@ -39,6 +39,10 @@ pub struct Credentials<'a> {
     pub cookie: Option<&'a str>,
     /// How the request's `Origin` relates to the allowlist.
     pub origin: Option<OriginKind>,
+    /// An `Authorization` header holds a bare token, without the `Bearer `
+    /// scheme: refused with a word on why, rather than treated as no
+    /// credential at all.
+    pub not_bearer: bool,
 }
 
 /// Who a request is, once its credentials are checked.
@@ -176,6 +180,7 @@ impl Auth {
             .or(credentials.cookie.filter(|_| cookie_ok));
         match token {
             Some(token) => Ok(Principal::Token(verifier.verify(token)?)),
+            None if credentials.not_bearer => Err(TokenError::NotBearer.into()),
             None => Ok(Principal::Anonymous),
         }
     }

@@ -179,6 +179,8 @@ pub enum TokenError {
     WrongIssuer,
     #[error("the token's audience does not include this hub")]
     WrongAudience,
+    #[error("the Authorization header must read `Bearer TOKEN`: the `Bearer ` prefix is missing")]
+    NotBearer,
 }
 
 struct Key {

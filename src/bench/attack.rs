@@ -87,7 +87,8 @@ pub struct AttackArgs {
     /// before its memory and descriptors are read again.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
-    /// The hub's process, for its memory, descriptors and CPU.
+    /// The hub's process, for its memory, descriptors and CPU [default:
+    /// the process listening on --url's port].
     #[arg(long)]
     pub pid: Option<u32>,
 }
@@ -595,7 +596,7 @@ fn measure(pid: u32) -> Result<(u64, usize), String> {
     ))
 }
 
-pub async fn run(args: AttackArgs) -> Result<Value, String> {
+pub async fn run(mut args: AttackArgs) -> Result<Value, String> {
     if args.connections == 0 || args.connections > MAX_CONNECTIONS {
         return Err(format!("--connections: 1 to {MAX_CONNECTIONS}"));
     }
@@ -603,6 +604,14 @@ pub async fn run(args: AttackArgs) -> Result<Value, String> {
         return Err(format!("--duration: up to {MAX_DURATION:?}"));
     }
     let (addr, host) = target(&args.url).await?;
+    if args.pid.is_none() {
+        // The target is on this machine (127.0.0.0/8): its hub is found by
+        // its port; without it the run still counts the answers.
+        match procfs::listening_pid(addr.port()) {
+            Ok(pid) => args.pid = Some(pid),
+            Err(e) => eprintln!("bench attack: no server figures ({e})"),
+        }
+    }
     raise_open_files(args.connections + 64)?;
     let trickle = match args.kind {
         Kind::Slowloris => Some((b'a', args.interval.unwrap_or(Duration::from_secs(1)))),

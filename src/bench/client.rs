@@ -61,7 +61,9 @@ pub struct SubscribeArgs {
     /// Longest wait for one subscriber's answer and first bytes.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
-    /// A server process to measure (repeat for a hub of several processes).
+    /// A server process to measure (repeat for a hub of several processes)
+    /// [default: the process listening on --url's port, when on this
+    /// machine].
     #[arg(long = "pid")]
     pub pids: Vec<u32>,
     /// `Accept-Encoding` every subscriber sends: `zstd`, `br`, `gzip`, or a
@@ -143,6 +145,18 @@ impl Target {
             authority: authority.to_string(),
             base_path: uri.path().trim_end_matches('/').to_owned(),
         })
+    }
+
+    /// The hub's process when it runs on this machine: found from the
+    /// port it listens on, so `--pid` is not needed for a local hub.
+    pub fn local_pid(&self) -> Result<u32, String> {
+        if !self.addr.ip().is_loopback() {
+            return Err(format!(
+                "{} is not on this machine: give the hub's --pid to measure it",
+                self.addr
+            ));
+        }
+        super::procfs::listening_pid(self.addr.port())
     }
 
     /// The request path for a `{topic}` template.

@@ -232,7 +232,14 @@ impl Publishing {
     }
 }
 
-pub async fn run(args: FanoutArgs) -> Result<serde_json::Value, String> {
+pub async fn run(mut args: FanoutArgs) -> Result<serde_json::Value, String> {
+    if args.subscribe.pids.is_empty() {
+        // Without the hub's process the run still measures delivery.
+        match Target::resolve(&args.subscribe.url).await?.local_pid() {
+            Ok(pid) => args.subscribe.pids.push(pid),
+            Err(e) => eprintln!("bench fanout: no server figures ({e})"),
+        }
+    }
     let sub = &args.subscribe;
     if !(args.rate > 0.0 && args.rate.is_finite()) {
         return Err("--rate must be a positive number".into());

@@ -36,12 +36,15 @@ fn own_topics_path(topic: &str, i: usize, k: usize) -> String {
     format!("/events?{}", topics.join("&"))
 }
 
-pub async fn run(args: IdleArgs) -> Result<serde_json::Value, String> {
-    let sub = &args.subscribe;
-    if sub.pids.is_empty() {
-        return Err("bench idle measures a process: give the hub's --pid".into());
+pub async fn run(mut args: IdleArgs) -> Result<serde_json::Value, String> {
+    let target = Target::resolve(&args.subscribe.url).await?;
+    if args.subscribe.pids.is_empty() {
+        let pid = target
+            .local_pid()
+            .map_err(|e| format!("bench idle measures the hub's process: {e}"))?;
+        args.subscribe.pids.push(pid);
     }
-    let target = Target::resolve(&sub.url).await?;
+    let sub = &args.subscribe;
     raise_open_files(sub.subscribers + 64)?;
     let k = args.topics_per_subscription;
     eprintln!(

@@ -79,6 +79,72 @@ pub fn total_memory_bytes(pids: &[u32], field: &str) -> Result<u64, String> {
     pids.iter().map(|&pid| memory_bytes(pid, field)).sum()
 }
 
+/// The process listening on `port` (a local hub), so `--pid` need not be
+/// looked up by hand: the listening sockets of `/proc/net/tcp` and `tcp6`
+/// on that port, then the process holding one of them among
+/// `/proc/*/fd`. Only this user's processes can be seen.
+pub fn listening_pid(port: u16) -> Result<u32, String> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(table) {
+            inodes.extend(listening_inodes(&text, port));
+        }
+    }
+    if inodes.is_empty() {
+        return Err(format!(
+            "nothing listens on port {port} of this machine: start the hub, or give its --pid"
+        ));
+    }
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    let mut pids = Vec::new();
+    let procs = std::fs::read_dir("/proc").map_err(|e| format!("cannot read /proc: {e}"))?;
+    for entry in procs.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Another user's process: its descriptors cannot be read.
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.filter_map(Result::ok).any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|link| wanted.iter().any(|w| link.as_os_str() == w.as_str()))
+        });
+        if holds {
+            pids.push(pid);
+        }
+    }
+    match pids.as_slice() {
+        [pid] => Ok(*pid),
+        [] => Err(format!(
+            "the process listening on port {port} belongs to another user: give its --pid"
+        )),
+        several => Err(format!(
+            "several processes hold the socket listening on port {port} ({several:?}): give the hub's --pid"
+        )),
+    }
+}
+
+/// The inodes of the listening sockets on `port` in a `/proc/net/tcp`
+/// table (`sl local rem st … inode`; `0A` is LISTEN; the port is hex).
+fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit(':').next()?;
+            let listening = *fields.get(3)? == "0A";
+            let matches = u16::from_str_radix(local_port, 16).ok()? == port;
+            (listening && matches).then(|| fields.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +161,24 @@ mod tests {
         // stdout and stderr.
         assert!(open_descriptors(me).unwrap() >= 3);
         assert!(open_descriptors(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn finds_the_process_listening_on_a_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(listening_pid(port), Ok(std::process::id()));
+        drop(listener);
+        let refusal = listening_pid(port).unwrap_err();
+        assert!(refusal.contains("nothing listens on port"), "{refusal}");
+    }
+
+    #[test]
+    fn reads_listening_sockets_of_a_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4242 1 0 100 0 0 10 0\n\
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000  1000        0 4343 1 0 20 4 30 10 -1\n";
+        assert_eq!(listening_inodes(table, 8080), vec![4242]);
+        assert!(listening_inodes(table, 8081).is_empty());
     }
 }

@@ -127,9 +127,21 @@ pub async fn post(
         .await
         .map_err(|e| e.to_string())?;
     if !status.is_success() {
-        return Err(format!("publish answered {status}"));
+        return Err(refused(status));
     }
     Ok(())
+}
+
+/// What a refused publish tells the person running the bench: a 429 is the
+/// hub's per-publisher rate limit, which a measurement must lift.
+pub fn refused(status: hyper::StatusCode) -> String {
+    match status {
+        hyper::StatusCode::TOO_MANY_REQUESTS => format!(
+            "publish answered {status}: the hub's publish rate limit; start the hub with \
+             --publish-rate 0 (CRIER_PUBLISH_RATE=0) to measure it"
+        ),
+        _ => format!("publish answered {status}"),
+    }
 }
 
 /// [`post`] within [`PUBLISH_TIMEOUT`]; a publisher that timed out is

@@ -160,7 +160,7 @@ async fn measure(
             .await
             .map_err(|e| e.to_string())?;
         if !response.status().is_success() {
-            return Err(format!("publish answered {}", response.status()));
+            return Err(super::publish::refused(response.status()));
         }
         response
             .into_body()

@@ -126,6 +126,11 @@ impl ApiError {
     }
 
     /// The stable, documented identifier of this kind of problem.
+    /// The problem type's last part (`forbidden-topic`).
+    pub fn problem_kind(&self) -> &'static str {
+        self.kind()
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             ApiError::InvalidTopic { .. } => "invalid-topic",
@@ -230,6 +235,11 @@ impl ApiError {
     }
 }
 
+/// The problem type of a refused request (`forbidden-topic`), for its log
+/// line: a log reader sees why, not only a status.
+#[derive(Debug, Clone, Copy)]
+pub struct ProblemKind(pub &'static str);
+
 impl ApiError {
     /// The problem's RFC 9457 fields (also what a WebSocket `problem` frame
     /// carries).
@@ -251,6 +261,8 @@ impl IntoResponse for ApiError {
         let mut response = (status, body.to_string()).into_response();
         // Counted by the metrics layer, which holds the metrics.
         response.extensions_mut().insert(self.refusal());
+        // Named in the refusal's log line.
+        response.extensions_mut().insert(ProblemKind(self.kind()));
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

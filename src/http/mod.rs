@@ -72,7 +72,39 @@ pub struct Shared {
     pub drain: crate::drain::Drain,
     /// This hub's metrics (its own recorder, not a process-wide one).
     pub metrics: crate::metrics::Metrics,
+    /// What `/readyz` last answered, so a change is logged once.
+    pub readiness: Readiness,
 }
+
+/// The last answer of `/readyz`: `None` ready, else the problem type. A
+/// load balancer probes every few seconds; the log says when the answer
+/// changes, at WARN when it turns unready, not at ERROR on every probe.
+#[derive(Debug, Default)]
+pub struct Readiness(std::sync::Mutex<Option<&'static str>>);
+
+impl Readiness {
+    fn observe(&self, answer: Result<(), &ApiError>) {
+        let now = answer.err().map(ApiError::problem_kind);
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == now {
+            return;
+        }
+        *last = now;
+        match answer {
+            Ok(()) => tracing::info!("ready: /readyz answers 200 again"),
+            Err(error) => tracing::warn!(
+                problem = error.problem_kind(),
+                %error,
+                "not ready: /readyz answers 503 until this changes"
+            ),
+        }
+    }
+}
+
+/// Marks a readiness probe's answer, which the request log leaves to
+/// [`Readiness`].
+#[derive(Debug, Clone, Copy)]
+struct Probe;
 
 /// Builds the whole router. `main` serves it; tests serve the very same.
 pub fn app(state: AppState) -> Router {
@@ -150,7 +182,56 @@ fn not_allowed(allow: &'static str) -> MethodRouter<AppState> {
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::NotFound(uri.path().to_owned())
+    let path = uri.path();
+    match nearest_path(path) {
+        Some(near) => ApiError::NotFound(format!("{path} (did you mean {near}?)")),
+        None => ApiError::NotFound(path.to_owned()),
+    }
+}
+
+/// The real path a mistyped one most likely meant (`/topic/news` →
+/// `/topics/news`, `/event` → `/events`): its first segment within two
+/// edits of a route's, ignoring case. `None` when nothing is that near.
+fn nearest_path(path: &str) -> Option<String> {
+    const ROUTES: [&str; 7] = [
+        "events", "tickets", "healthz", "readyz", "metrics", "crier.js", "topics",
+    ];
+    let trimmed = path.trim_start_matches('/');
+    let (first, rest) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+    let first = first.to_ascii_lowercase();
+    let route = ROUTES
+        .iter()
+        .map(|route| (edits(&first, route), *route))
+        .filter(|(distance, _)| *distance <= 2)
+        .min_by_key(|(distance, _)| *distance)?
+        .1;
+    let rest = rest.trim_matches('/');
+    match route {
+        "topics" if rest.is_empty() || rest.contains('/') => Some("/topics/{topic}".to_owned()),
+        "topics" => Some(format!("/topics/{rest}")),
+        "events" if !rest.is_empty() && !rest.contains('/') => {
+            Some(format!("/events?topic={rest}"))
+        }
+        _ if rest.is_empty() && first != route => Some(format!("/{route}")),
+        _ if rest.is_empty() => None,
+        _ => Some(format!("/{route}")),
+    }
+}
+
+/// Levenshtein distance between two short ASCII strings.
+fn edits(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// The live demo page; compiled in so the binary is all a user needs.
@@ -243,14 +324,45 @@ async fn healthz() -> impl IntoResponse {
 /// Readiness: the node is not draining, and the store can be reached and
 /// its live feed flows (see `Store::check`), so publishes will be stored and
 /// subscribers served.
-async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+async fn readyz(State(state): State<AppState>) -> axum::response::Response {
+    let answer = readiness(&state).await;
+    state.readiness.observe(answer.as_ref().map(|_| ()));
+    let mut response = match answer {
+        Ok(()) => healthz().await.into_response(),
+        Err(error) => error.into_response(),
+    };
+    response.extensions_mut().insert(Probe);
+    response
+}
+
+async fn readiness(state: &AppState) -> Result<(), ApiError> {
     if state.drain.is_draining() {
         return Err(ApiError::Draining);
     }
     let timeout = state.config.redis_timeout;
     match tokio::time::timeout(timeout, state.store.check()).await {
-        Ok(Ok(())) => Ok(healthz().await),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.into()),
         Err(_) => Err(StoreError::Unavailable("the store did not answer in time".into()).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest_path;
+
+    #[test]
+    fn a_mistyped_path_is_answered_with_the_real_one() {
+        let near = |p: &str| nearest_path(p);
+        assert_eq!(near("/topic/news").as_deref(), Some("/topics/news"));
+        assert_eq!(near("/Topics/news/").as_deref(), Some("/topics/news"));
+        assert_eq!(near("/topics").as_deref(), Some("/topics/{topic}"));
+        assert_eq!(near("/event").as_deref(), Some("/events"));
+        assert_eq!(near("/health").as_deref(), Some("/healthz"));
+        assert_eq!(near("/crier.jss").as_deref(), Some("/crier.js"));
+        assert_eq!(near("/events/news").as_deref(), Some("/events?topic=news"));
+        assert_eq!(near("/healthz/x").as_deref(), Some("/healthz"));
+        assert_eq!(near("/wp-admin.php"), None);
+        assert_eq!(near("/"), None);
     }
 }

@@ -94,16 +94,26 @@ where
 /// be a flood of log. Refused ones (4xx, 5xx) are logged at INFO, at most
 /// [`REFUSALS_PER_SECOND`] a second, with a count of those left out.
 /// Server errors (5xx) are also logged at ERROR, each one.
+/// A readiness probe's 503 is neither: `/readyz` logs its changes itself
+/// ([`super::Readiness`]), not every probe a load balancer sends.
 fn log_response(response: &Response, latency: Duration) {
     let status = response.status().as_u16();
     let latency_us = latency.as_micros() as u64;
+    if response.extensions().get::<super::Probe>().is_some() {
+        tracing::debug!(status, latency_us, "probed");
+        return;
+    }
+    let problem = response
+        .extensions()
+        .get::<super::error::ProblemKind>()
+        .map(|kind| kind.0);
     if status < 400 {
         tracing::debug!(status, latency_us, "served");
     } else if let Some(suppressed) = REFUSAL_LOG.allow() {
-        tracing::info!(status, latency_us, suppressed, "refused");
+        tracing::info!(status, problem, latency_us, suppressed, "refused");
     }
     if response.status().is_server_error() {
-        tracing::error!(status, latency_us, "response failed");
+        tracing::error!(status, problem, latency_us, "response failed");
     }
 }
 

@@ -518,7 +518,12 @@ impl RedisStore {
                 Client::build_with_tls(url, certificates)
             }
         }
-        .map_err(|e| StoreError::Config(format!("bad Redis URL or certificate: {e}")))?;
+        .map_err(|e| {
+            StoreError::Config(format!(
+                "bad Redis URL or certificate: {e} (expected redis://[USER:PASSWORD@]HOST:PORT[/DB], \
+                 or rediss:// for TLS)"
+            ))
+        })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -610,7 +615,9 @@ impl RedisStore {
                     tracing::warn!("live feed from Redis lost; reconnecting");
                 }
                 Err(error) => {
-                    tracing::warn!(%error, ?delay, "cannot reach Redis for the live feed")
+                    // Host and port only: the URL may carry a password.
+                    let redis = self.client.get_connection_info().addr().to_string();
+                    tracing::warn!(%error, %redis, ?delay, "cannot reach Redis for the live feed")
                 }
             }
             tokio::select! {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::coding::Codec;
-use crate::store::Retention;
+use crate::store::{Fsync, Retention};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -538,15 +538,6 @@ pub struct Config {
     pub ticket_ttl: Duration,
 }
 
-/// When the durable store answers a publish (`--fsync`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Fsync {
-    /// After the event is synced to disk: nothing acknowledged is ever lost.
-    Always,
-    /// After the OS holds the event; synced every `--fsync-interval`.
-    Interval,
-}
-
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -598,7 +589,7 @@ impl Config {
 
     /// The limits, with `--max-connections` derived from the open-file
     /// limit when not set.
-    pub fn limit_settings(&self) -> Result<crate::limits::LimitSettings, crate::SetupError> {
+    pub fn limit_settings(&self) -> Result<crate::limits::LimitSettings, String> {
         let max_connections = self.max_connections.unwrap_or_else(|| {
             let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
             crate::limits::default_max_connections(soft)
@@ -611,8 +602,7 @@ impl Config {
             connection_burst: self.connection_burst,
             publish_rate: self.publish_rate,
             publish_burst: self.publish_burst,
-            trusted_proxies: crate::limits::TrustedProxies::parse(&self.trusted_proxies)
-                .map_err(crate::SetupError::Config)?,
+            trusted_proxies: crate::limits::TrustedProxies::parse(&self.trusted_proxies)?,
             client_ip_header: self.client_ip_header,
         })
     }

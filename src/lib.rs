@@ -123,7 +123,9 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         }
     };
     let store = Arc::new(Measured::new(store, metrics.clone()));
-    let limits = Arc::new(limits::Limits::new(config.limit_settings()?));
+    let limits = Arc::new(limits::Limits::new(
+        config.limit_settings().map_err(SetupError::Config)?,
+    ));
     let drain = drain::Drain::new(config.drain_delay, config.drain_window, &shutdown);
     Ok(AppState::new(http::Shared {
         drain,

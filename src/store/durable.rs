@@ -39,9 +39,17 @@ use super::{
     Appended, Budget, Fingerprint, History, KeyDigest, MAX_SEQ, MemoryStore, NewEvent, Once,
     Receipt, Retention, Store, StoreError,
 };
-use crate::config::Fsync;
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
+
+/// When the durable store answers a publish (`--fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fsync {
+    /// After the event is synced to disk: nothing acknowledged is ever lost.
+    Always,
+    /// After the OS holds the event; synced every `--fsync-interval`.
+    Interval,
+}
 
 /// What `DIR/FORMAT` holds: the layout this build reads and writes.
 pub const FORMAT: &str = "crier-data 1";

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 
 use crate::event::{Epoch, Event, EventName, Topic};
 
-pub use durable::{DurableSettings, DurableStore, Repaired, repair};
+pub use durable::{DurableSettings, DurableStore, Fsync, Repaired, repair};
 pub use measured::Measured;
 pub use memory::{Budget, MemoryStore};
 pub use once::{Fingerprint, IdempotencyKey, InvalidIdempotencyKey, KeyDigest, Once};

@@ -929,10 +929,65 @@ async fn a_publish_trims_exactly_the_expired_events_and_keeps_the_rest() {
     assert_eq!(redis.cli(&["XLEN", "crier:{t}:events"]), "3");
     let first_kept = format!("{}-0", seq_of(&kept[0].id));
     assert_eq!(
-        redis.cli(&["XRANGE", "crier:{t}:events", "-", "+", "COUNT", "1"]).lines().next(),
+        redis
+            .cli(&["XRANGE", "crier:{t}:events", "-", "+", "COUNT", "1"])
+            .lines()
+            .next(),
         Some(first_kept.as_str())
     );
     let mut resumed = server.resume("/topics/t", &old[2].id).await;
     assert_eq!(resumed.take(3).await, [&kept[..], &last[..]].concat());
+    server.stop().await;
+}
+
+/// Concurrent publishes to many topics go to Redis in shared pipelines;
+/// when Redis has forgotten the publish script (`SCRIPT FLUSH`, a restart)
+/// each call refused for that is sent again once the script is loaded, and
+/// only those: every event is stored once, each answer names its own event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_after_a_script_flush_are_each_stored_once() {
+    let redis = RedisServer::start_volatile();
+    let server = node(&redis.url()).await;
+    let warm = server.publish_id("t-0", "warm").await;
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    let publishes = (0..64).map(|n| {
+        let client = server.client.clone();
+        let url = server.url(&format!("/topics/t-{}", n % 8));
+        async move {
+            let answer: Value = client
+                .post(&url)
+                .body(format!("e {n}"))
+                .send()
+                .await
+                .expect("publish")
+                .json()
+                .await
+                .expect("JSON answer");
+            (n, answer["id"].as_str().expect("id").to_owned())
+        }
+    });
+    let answers = futures_util::future::join_all(publishes).await;
+    for topic in 0..8 {
+        let mine: Vec<&(usize, String)> = answers.iter().filter(|(n, _)| n % 8 == topic).collect();
+        let stored = if topic == 0 { 9 } else { 8 };
+        assert_eq!(
+            redis.cli(&["XLEN", &format!("crier:{{t-{topic}}}:events")]),
+            stored.to_string(),
+            "topic t-{topic} holds each of its events once"
+        );
+        // Each answer's id replays the event it was given for.
+        let from = if topic == 0 {
+            warm.clone()
+        } else {
+            format!("0.{}", epoch_of(&mine[0].1))
+        };
+        let mut replay = server.resume(&format!("/topics/t-{topic}"), &from).await;
+        let mut expected: Vec<Ev> = mine
+            .iter()
+            .map(|(n, id)| Ev::new(id, "message", &format!("e {n}")))
+            .collect();
+        expected.sort_by_key(Ev::seq);
+        assert_eq!(replay.take(8).await, expected);
+    }
     server.stop().await;
 }

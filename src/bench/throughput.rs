@@ -92,6 +92,7 @@ pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
     for p in 0..args.publishers {
         let (target, paths, size, batch) = (target.clone(), paths.clone(), args.size, args.batch);
         let (topics, batch_path) = (topics.clone(), batch_path.clone());
+        let publishers = args.publishers;
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally {
                 ok: 0,
@@ -124,7 +125,7 @@ pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                n += paths.len().max(1);
+                n += publishers;
             }
             tally
         }));
@@ -186,7 +187,8 @@ mod tests {
 
     #[test]
     fn a_batch_body_is_a_json_array_of_events_to_one_topic() {
-        let body: serde_json::Value = serde_json::from_str(&batch_body("t-3", 1, 7, 3, 100)).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_str(&batch_body("t-3", 1, 7, 3, 100)).unwrap();
         let items = body.as_array().unwrap();
         assert_eq!(items.len(), 3);
         for (i, item) in items.iter().enumerate() {
@@ -194,7 +196,10 @@ mod tests {
             let data = item["data"].as_str().unwrap();
             assert_eq!(data.len(), 100);
             let data: serde_json::Value = serde_json::from_str(data).unwrap();
-            assert_eq!((data["n"].as_u64(), data["i"].as_u64()), (Some(7), Some(i as u64)));
+            assert_eq!(
+                (data["n"].as_u64(), data["i"].as_u64()),
+                (Some(7), Some(i as u64))
+            );
         }
     }
 }

@@ -99,6 +99,14 @@ const PUBLISH: &str = concat!(
     include_str!("redis/publish.lua")
 );
 
+/// Groups of publish calls in flight to Redis at once (see [`send_outbox`]).
+const OUTBOX_IN_FLIGHT: usize = 2;
+
+/// Most publish calls in one group, and the event bytes past which a group
+/// takes no more.
+const OUTBOX_GROUP: usize = 128;
+const OUTBOX_GROUP_BYTES: usize = 1 << 20;
+
 /// Topics per UNSUBSCRIBE and per pipeline of PEXPIRE in housekeeping.
 const HOUSEKEEPING_CHUNK: usize = 1000;
 
@@ -126,9 +134,13 @@ pub struct RedisStore {
     keys: Keys,
     retention: Retention,
     timeout: Duration,
-    publish: Script,
+    publish: Arc<Script>,
     read: Script,
     reepoch: Script,
+    /// Single-topic publish calls on their way to Redis (see [`send_outbox`]).
+    outbox: tokio::sync::mpsc::UnboundedSender<Outgoing>,
+    /// The outbox's other end, until `run_until` starts its sender.
+    outbox_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Outgoing>>>,
     hub: Hub,
     /// How far this node has seen each watched topic go.
     floors: std::sync::Mutex<IndexMap<Topic, Floor>>,
@@ -379,6 +391,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2));
         let commands =
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        let (outbox, outbox_queue) = tokio::sync::mpsc::unbounded_channel();
         // Shown (as down) from the start, not from the first connection.
         hub.metrics().redis().set_connected(false);
         Ok(RedisStore {
@@ -389,9 +402,11 @@ impl RedisStore {
             },
             retention,
             timeout,
-            publish: Script::new(PUBLISH),
+            publish: Arc::new(Script::new(PUBLISH)),
             read: Script::new(READ),
             reepoch: Script::new(REEPOCH),
+            outbox,
+            outbox_queue: std::sync::Mutex::new(Some(outbox_queue)),
             hub,
             floors: std::sync::Mutex::new(IndexMap::new()),
             live: tokio::sync::Mutex::new(LiveLink::default()),
@@ -426,6 +441,20 @@ impl RedisStore {
     /// carries to the hub, and after every (re)connection resubscribes and
     /// asks subscribers to check for anything missed meanwhile.
     pub async fn run_until(self: Arc<Self>, stop: CancellationToken) {
+        // The outbox's sender runs until the store is dropped, not until
+        // `stop`: publishes still answered during a drain go through it.
+        let queue = self
+            .outbox_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(queue) = queue {
+            tokio::spawn(send_outbox(
+                queue,
+                self.commands.clone(),
+                self.publish.clone(),
+            ));
+        }
         tokio::spawn(self.clone().send_canaries_until(stop.clone()));
         let mut delay = Duration::from_millis(100);
         let mut housekeeping = tokio::time::interval(self.housekeeping_period());
@@ -913,6 +942,123 @@ impl RedisStore {
     }
 }
 
+/// One topic's publish call waiting in the outbox, and where its reply goes.
+struct Outgoing {
+    cmd: redis::Cmd,
+    /// Its events' data, in bytes.
+    bytes: usize,
+    answer: tokio::sync::oneshot::Sender<Result<Value, StoreError>>,
+}
+
+/// Sends the publish calls of single topics to Redis: what queued while
+/// the groups before were in flight goes as one pipeline, one write and one
+/// round trip, so concurrent publishes (to any topics) share Redis round
+/// trips, system calls and wake-ups instead of paying one each. Each call
+/// is still its own script, atomic for its topic alone, as when sent one by
+/// one. Ends once the store is dropped and every group is answered.
+async fn send_outbox(
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+    commands: ConnectionManager,
+    script: Arc<Script>,
+) {
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            first = queue.recv(), if open && in_flight.len() < OUTBOX_IN_FLIGHT => {
+                let Some(first) = first else {
+                    open = false;
+                    continue;
+                };
+                let mut bytes = first.bytes;
+                let mut group = vec![first];
+                while group.len() < OUTBOX_GROUP && bytes < OUTBOX_GROUP_BYTES {
+                    let Ok(next) = queue.try_recv() else { break };
+                    bytes += next.bytes;
+                    group.push(next);
+                }
+                in_flight.push(send_group(commands.clone(), group, script.clone()));
+            }
+        }
+    }
+}
+
+/// Sends one group of publish calls as a pipeline and hands each its reply.
+async fn send_group(mut commands: ConnectionManager, group: Vec<Outgoing>, script: Arc<Script>) {
+    let mut answers = Vec::with_capacity(group.len());
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for outgoing in group {
+        pipe.add_command(outgoing.cmd);
+        answers.push(outgoing.answer);
+    }
+    let mut replies = match query_group(&mut commands, &pipe).await {
+        Ok(replies) => replies,
+        Err(error) => {
+            for answer in answers {
+                let _ = answer.send(Err(store_error(error.clone())));
+            }
+            return;
+        }
+    };
+    // Redis forgot the script (a restart, SCRIPT FLUSH): load it and send
+    // again the calls refused for that, and only those (another node may
+    // have loaded it meanwhile, and the calls after ran).
+    let forgotten: Vec<usize> = (0..replies.len())
+        .filter(|&i| matches!(&replies[i], Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)))
+        .collect();
+    if !forgotten.is_empty() {
+        let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+        let mut again = redis::pipe();
+        again.ignore_errors();
+        for &i in &forgotten {
+            again.add_command(cmds[i].clone());
+        }
+        let resent = match script.load_async(&mut commands).await {
+            Ok(_) => query_group(&mut commands, &again).await,
+            Err(error) => Err(error),
+        };
+        match resent {
+            Ok(resent) => {
+                for (i, reply) in forgotten.into_iter().zip(resent) {
+                    replies[i] = reply;
+                }
+            }
+            Err(error) => {
+                for i in forgotten {
+                    replies[i] = Err(error.clone());
+                }
+            }
+        }
+    }
+    for (answer, reply) in answers.into_iter().zip(replies) {
+        let _ = answer.send(reply.map_err(store_error));
+    }
+}
+
+/// A pipeline's replies, one per command, each a value or the error Redis
+/// answered it with.
+async fn query_group(
+    commands: &mut ConnectionManager,
+    pipe: &redis::Pipeline,
+) -> Result<Vec<Result<Value, redis::RedisError>>, redis::RedisError> {
+    let replies: Vec<Value> = pipe.query_async(commands).await?;
+    if replies.len() != pipe.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "a pipeline answered a different number of replies",
+        )));
+    }
+    Ok(replies
+        .into_iter()
+        .map(|reply| match reply {
+            Value::ServerError(error) => Err(error.into()),
+            reply => Ok(reply),
+        })
+        .collect())
+}
+
 /// Parses `SEQ EPOCH\nNAME\nDATA` from the live channel.
 fn parse_live(topic: Topic, payload: &[u8]) -> Option<Event> {
     let text = std::str::from_utf8(payload).ok()?;
@@ -1011,22 +1157,16 @@ impl Store for RedisStore {
             [] => Vec::new(),
             [(topic, list)] => {
                 let cmd = self.publish_cmd(false, topic, &events, list, &keys, window, &[]);
-                let reply = match cmd.query_async(&mut commands).await {
-                    // Redis forgot the script (a restart, SCRIPT FLUSH):
-                    // load it and send the same call again.
-                    Err(error)
-                        if error.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                    {
-                        self.publish
-                            .load_async(&mut commands)
-                            .await
-                            .map_err(store_error)?;
-                        cmd.query_async(&mut commands).await
-                    }
-                    reply => reply,
-                };
-                vec![reply.map_err(store_error)?]
+                let bytes = list.iter().map(|&i| events[i].0.data.len()).sum();
+                let (answer, reply) = tokio::sync::oneshot::channel();
+                self.outbox
+                    .send(Outgoing { cmd, bytes, answer })
+                    .map_err(|_| unavailable("the Redis store has stopped"))?;
+                vec![
+                    reply
+                        .await
+                        .map_err(|_| unavailable("the Redis store has stopped"))??,
+                ]
             }
             // Several topics: one atomic pipeline, so the batch is stored
             // whole or not at all.

@@ -64,6 +64,7 @@ start_crier() {
   shift
   RUST_LOG=warn "$CRIER" --listen 127.0.0.1:"$port" --publish-rate 0 \
     --max-connections-per-ip 100000 --max-streams-per-ip 100000 --connection-rate 0 \
+    --drain-delay 0 --drain-window 0 \
     "$@" 2>>"$TMP/crier.log" &
   PIDS+=($!)
   for _ in $(seq 100); do
@@ -79,7 +80,7 @@ redis_ticks() { awk '{print $14 + $15}' "/proc/$REDIS_PID/stat"; }
 
 # stat NAME FIELD: a field of INFO commandstats for command NAME (0 if none).
 stat() {
-  rcli INFO commandstats | sed -n "s/^cmdstat_$1:.*$2=\([0-9.]*\).*/\1/p" | grep . || echo 0
+  rcli INFO commandstats | sed -n "s/^cmdstat_$1:\(.*,\)\{0,1\}$2=\([0-9.]*\).*/\2/p" | grep . || echo 0
 }
 
 # run LABEL STORE EXTRA...: one bench publish against the first crier.

@@ -92,7 +92,6 @@ pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
     for p in 0..args.publishers {
         let (target, paths, size, batch) = (target.clone(), paths.clone(), args.size, args.batch);
         let (topics, batch_path) = (topics.clone(), batch_path.clone());
-        let publishers = args.publishers;
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally {
                 ok: 0,
@@ -125,7 +124,7 @@ pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                n += publishers;
+                n += 1;
             }
             tally
         }));

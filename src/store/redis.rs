@@ -971,14 +971,23 @@ async fn send_outbox(
                     open = false;
                     continue;
                 };
-                let mut bytes = first.bytes;
-                let mut group = vec![first];
-                while group.len() < OUTBOX_GROUP && bytes < OUTBOX_GROUP_BYTES {
-                    let Ok(next) = queue.try_recv() else { break };
-                    bytes += next.bytes;
-                    group.push(next);
+                // A call whose publisher stopped waiting (it was answered
+                // that Redis did not answer in time) is not sent.
+                let mut bytes = 0;
+                let mut group = Vec::new();
+                let mut next = Some(first);
+                while let Some(outgoing) = next.take() {
+                    if !outgoing.answer.is_closed() {
+                        bytes += outgoing.bytes;
+                        group.push(outgoing);
+                    }
+                    if group.len() < OUTBOX_GROUP && bytes < OUTBOX_GROUP_BYTES {
+                        next = queue.try_recv().ok();
+                    }
                 }
-                in_flight.push(send_group(commands.clone(), group, script.clone()));
+                if !group.is_empty() {
+                    in_flight.push(send_group(commands.clone(), group, script.clone()));
+                }
             }
         }
     }
@@ -1162,11 +1171,14 @@ impl Store for RedisStore {
                 self.outbox
                     .send(Outgoing { cmd, bytes, answer })
                     .map_err(|_| unavailable("the Redis store has stopped"))?;
-                vec![
-                    reply
-                        .await
-                        .map_err(|_| unavailable("the Redis store has stopped"))??,
-                ]
+                // Bounded like a command of its own: a publish waiting
+                // behind groups in flight is answered within the timeout
+                // too (and is not sent at all if it has not been yet).
+                match tokio::time::timeout(self.timeout, reply).await {
+                    Ok(Ok(reply)) => vec![reply?],
+                    Ok(Err(_)) => return Err(unavailable("the Redis store has stopped")),
+                    Err(_) => return Err(unavailable("Redis did not answer in time")),
+                }
             }
             // Several topics: one atomic pipeline, so the batch is stored
             // whole or not at all.

@@ -472,6 +472,48 @@ async fn publish_measures_rate_and_latency_of_concurrent_publishers_on_the_durab
     server.stop().await;
 }
 
+/// `--batch N`: each request is a `POST /events` of N events to one topic,
+/// the publishers going round the topics; every event counted as
+/// published was stored, densely numbered per topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_in_batches_posts_that_many_events_per_request_round_the_topics() {
+    let server = Server::start_with(|config| {
+        config.publish_rate = 1_000_000;
+        config.publish_burst = 1_000_000;
+    })
+    .await;
+    let result = bench(
+        &server,
+        &[
+            "publish",
+            "--publishers",
+            "2",
+            "--topics",
+            "3",
+            "--batch",
+            "10",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    assert_eq!(result["batch"], 10, "{result}");
+    assert_eq!(result["failed"], 0, "{result}");
+    let published = result["published"].as_u64().expect("published");
+    assert!(published >= 30 && published % 10 == 0, "{result}");
+    let mut stored = Vec::new();
+    for topic in ["bench-publish-0", "bench-publish-1", "bench-publish-2"] {
+        let id = server.publish_id(topic, "last").await;
+        stored.push(seq_of(&id) - 1);
+    }
+    assert!(
+        stored.iter().all(|&n| n > 0 && n % 10 == 0),
+        "every topic got whole batches: {stored:?}"
+    );
+    assert_eq!(stored.iter().sum::<u64>(), published, "{result}");
+    server.stop().await;
+}
+
 /// `crier bench bare-hub`, the floor crier is measured against: `fanout`
 /// measures it as it measures crier (every delivery checked, its CPU read
 /// from /proc by its pid), its events are crier's bytes (ids `SEQ.EPOCH`,

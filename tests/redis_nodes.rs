@@ -621,10 +621,17 @@ async fn history_that_goes_back_without_a_restart_is_caught_by_publishers_and_wa
 
 /// Calls of Lua scripts (`EVAL`, `EVALSHA`) since the last `CONFIG RESETSTAT`.
 fn script_calls(redis: &RedisServer) -> u64 {
+    command_calls(redis, "eval") + command_calls(redis, "evalsha")
+}
+
+/// Calls of one command since the last `CONFIG RESETSTAT`, those a script
+/// made included.
+fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:");
     redis
         .cli(&["INFO", "commandstats"])
         .lines()
-        .filter(|l| l.starts_with("cmdstat_eval:") || l.starts_with("cmdstat_evalsha:"))
+        .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| {
             l.split("calls=")
                 .nth(1)?
@@ -813,4 +820,174 @@ async fn a_key_used_on_one_node_is_replayed_on_another() {
             Ev::new(&next, "message", "next"),
         ]
     );
+}
+
+/// `POST /events` with `items`; returns the ids of the answer.
+async fn publish_batch(server: &Server, items: &Value) -> Vec<String> {
+    let response = server
+        .client
+        .post(server.url("/events"))
+        .json(items)
+        .send()
+        .await
+        .expect("batch request");
+    assert_eq!(response.status().as_u16(), 201);
+    let body: Value = response.json().await.expect("JSON answer");
+    body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+/// A batch to one topic costs Redis one script call, whose appends trim
+/// the stream by count once: 100 events, 100 `XADD`s, one call, and the
+/// stream holds the newest of them up to the retention count, numbered
+/// densely, delivered live and replayed exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_to_one_topic_is_one_script_call_trimmed_by_count_once() {
+    let redis = RedisServer::start_volatile();
+    let url = redis.url();
+    let server = Server::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.retention_events = 40;
+    })
+    .await;
+    let mut live = server.subscribe("/topics/t").await;
+    // Once the subscriber has an event, its own reads are done.
+    let warm = server.publish_id("t", "warm").await;
+    assert_eq!(live.next().await, Ev::new(&warm, "message", "warm"));
+    let items: Vec<Value> = (1..=100)
+        .map(|n| serde_json::json!({"topic": "t", "data": format!("e {n}")}))
+        .collect();
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    let ids = publish_batch(&server, &Value::Array(items)).await;
+    assert_eq!(script_calls(&redis), 1, "one script call for the batch");
+    assert_eq!(command_calls(&redis, "xadd"), 100);
+    assert_eq!(command_calls(&redis, "xrange"), 0, "nothing expired");
+    assert_eq!(redis.cli(&["XLEN", "crier:{t}:events"]), "40");
+
+    let epoch = epoch_of(&warm).to_owned();
+    let expected: Vec<Ev> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            assert_eq!(id, &format!("{}.{epoch}", i + 2), "dense numbering");
+            Ev::new(id, "message", &format!("e {}", i + 1))
+        })
+        .collect();
+    assert_eq!(live.take(100).await, expected);
+    let mut replay = server.resume("/topics/t", &ids[59]).await;
+    assert_eq!(replay.take(40).await, expected[60..]);
+    server.stop().await;
+}
+
+/// The common publish (one event, no key, nothing expired) never reads the
+/// stream: the topic's meta remembers when its oldest event expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_publishes_that_expire_nothing_do_not_read_the_stream() {
+    let redis = RedisServer::start_volatile();
+    let server = node(&redis.url()).await;
+    let first = server.publish_id("t", "first").await;
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    let rest = publish_numbered(&server, "t", "e", 1..=20).await;
+    assert_eq!(script_calls(&redis), 20);
+    assert_eq!(command_calls(&redis, "xadd"), 20);
+    assert_eq!(command_calls(&redis, "xrange"), 0, "no read of the stream");
+    let mut replay = server.resume("/topics/t", &first).await;
+    assert_eq!(replay.take(20).await, rest);
+    server.stop().await;
+}
+
+/// Age trimming is exact: a publish after some events expired drops those
+/// (and only those) from the stream, and a subscriber resuming just before
+/// the first one kept gets the rest with no reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_trims_exactly_the_expired_events_and_keeps_the_rest() {
+    let redis = RedisServer::start_volatile();
+    let url = redis.url();
+    let server = Server::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.retention_age = Duration::from_secs(3);
+    })
+    .await;
+    let old = publish_numbered(&server, "t", "old", 1..=3).await;
+    let published = tokio::time::Instant::now();
+    // Lets time pass so the two groups expire at different times.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let kept = publish_numbered(&server, "t", "kept", 1..=2).await;
+    assert_eq!(redis.cli(&["XLEN", "crier:{t}:events"]), "5");
+    // Until the old ones expire, nothing is trimmed.
+    let deadline = published + Duration::from_millis(3100);
+    tokio::time::sleep_until(deadline).await;
+    let last = publish_numbered(&server, "t", "last", 1..=1).await;
+    assert!(
+        published.elapsed() < Duration::from_millis(4300),
+        "the machine was too slow for the kept events to be still retained"
+    );
+    assert_eq!(redis.cli(&["XLEN", "crier:{t}:events"]), "3");
+    let first_kept = format!("{}-0", seq_of(&kept[0].id));
+    assert_eq!(
+        redis
+            .cli(&["XRANGE", "crier:{t}:events", "-", "+", "COUNT", "1"])
+            .lines()
+            .next(),
+        Some(first_kept.as_str())
+    );
+    let mut resumed = server.resume("/topics/t", &old[2].id).await;
+    assert_eq!(resumed.take(3).await, [&kept[..], &last[..]].concat());
+    server.stop().await;
+}
+
+/// Concurrent publishes to many topics go to Redis in shared pipelines;
+/// when Redis has forgotten the publish script (`SCRIPT FLUSH`, a restart)
+/// each call refused for that is sent again once the script is loaded, and
+/// only those: every event is stored once, each answer names its own event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_after_a_script_flush_are_each_stored_once() {
+    let redis = RedisServer::start_volatile();
+    let server = node(&redis.url()).await;
+    let warm = server.publish_id("t-0", "warm").await;
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    let publishes = (0..64).map(|n| {
+        let client = server.client.clone();
+        let url = server.url(&format!("/topics/t-{}", n % 8));
+        async move {
+            let answer: Value = client
+                .post(&url)
+                .body(format!("e {n}"))
+                .send()
+                .await
+                .expect("publish")
+                .json()
+                .await
+                .expect("JSON answer");
+            (n, answer["id"].as_str().expect("id").to_owned())
+        }
+    });
+    let answers = futures_util::future::join_all(publishes).await;
+    for topic in 0..8 {
+        let mine: Vec<&(usize, String)> = answers.iter().filter(|(n, _)| n % 8 == topic).collect();
+        let stored = if topic == 0 { 9 } else { 8 };
+        assert_eq!(
+            redis.cli(&["XLEN", &format!("crier:{{t-{topic}}}:events")]),
+            stored.to_string(),
+            "topic t-{topic} holds each of its events once"
+        );
+        // Each answer's id replays the event it was given for.
+        let from = if topic == 0 {
+            warm.clone()
+        } else {
+            format!("0.{}", epoch_of(&mine[0].1))
+        };
+        let mut replay = server.resume(&format!("/topics/t-{topic}"), &from).await;
+        let mut expected: Vec<Ev> = mine
+            .iter()
+            .map(|(n, id)| Ev::new(id, "message", &format!("e {n}")))
+            .collect();
+        expected.sort_by_key(Ev::seq);
+        assert_eq!(replay.take(8).await, expected);
+    }
+    server.stop().await;
 }

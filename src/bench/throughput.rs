@@ -5,7 +5,9 @@
 //! as soon as the previous one is answered, for the duration, spreading its
 //! events over the topics. What a durable store costs shows here: with
 //! `--fsync always` each answer waits for a disk sync, shared by the
-//! publishes that arrived meanwhile.
+//! publishes that arrived meanwhile. With `--batch N` each request is a
+//! `POST /events` of N events to one topic, to measure what a batch costs
+//! per event.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,13 @@ pub struct PublishArgs {
     /// Size of each event's payload, in bytes.
     #[arg(long, default_value_t = 200)]
     pub size: usize,
+    /// Events per request: above 1, each request is a JSON array of that
+    /// many events to one topic, POSTed to `--batch-path`.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Path batches are POSTed to (with `--batch` above 1).
+    #[arg(long, default_value = "/events")]
+    pub batch_path: String,
     /// A server process to measure (repeat for a hub of several processes):
     /// its CPU per published event is reported.
     #[arg(long = "pid")]
@@ -56,8 +65,8 @@ struct Tally {
 }
 
 pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
-    if args.publishers == 0 || args.topics == 0 {
-        return Err("--publishers and --topics must be at least 1".into());
+    if args.publishers == 0 || args.topics == 0 || args.batch == 0 {
+        return Err("--publishers, --topics and --batch must be at least 1".into());
     }
     let target = Arc::new(Target::resolve(&args.url).await?);
     let topics: Vec<String> = match args.topics {
@@ -70,16 +79,19 @@ pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
             .map(|t| target.path(&args.publish_path, t))
             .collect(),
     );
+    let batch_path = Arc::new(target.path(&args.batch_path, ""));
+    let topics = Arc::new(topics);
     eprintln!(
-        "publishing with {} publishers to {} topic(s) for {:?}",
-        args.publishers, args.topics, args.duration
+        "publishing with {} publishers to {} topic(s) for {:?}, {} event(s) per request",
+        args.publishers, args.topics, args.duration, args.batch
     );
     let cpu_before = cpu(&args.pids)?;
     let started = Instant::now();
     let until = started + args.duration;
     let mut tasks = Vec::with_capacity(args.publishers);
     for p in 0..args.publishers {
-        let (target, paths, size) = (target.clone(), paths.clone(), args.size);
+        let (target, paths, size, batch) = (target.clone(), paths.clone(), args.size, args.batch);
+        let (topics, batch_path) = (topics.clone(), batch_path.clone());
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally {
                 ok: 0,
@@ -90,21 +102,29 @@ pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
             let mut publisher: Option<Publisher> = None;
             let mut n = p;
             while Instant::now() < until {
-                let path = &paths[n % paths.len()];
-                let body = padded(format!("{{\"publisher\":{p},\"n\":{n}"), size);
+                let (path, body) = match batch {
+                    1 => (
+                        &paths[n % paths.len()],
+                        padded(format!("{{\"publisher\":{p},\"n\":{n}"), size),
+                    ),
+                    _ => (
+                        &*batch_path,
+                        batch_body(&topics[n % topics.len()], p, n, batch, size),
+                    ),
+                };
                 let sent = Instant::now();
                 match post_in_time(&target, path, &mut publisher, body).await {
                     Ok(()) => {
-                        tally.ok += 1;
+                        tally.ok += batch as u64;
                         tally.latencies_us.push(sent.elapsed().as_micros() as u64);
                     }
                     Err(error) => {
-                        tally.failed += 1;
+                        tally.failed += batch as u64;
                         tally.first_error.get_or_insert(error);
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                n += paths.len().max(1);
+                n += 1;
             }
             tally
         }));
@@ -128,11 +148,14 @@ pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
         "publishers": args.publishers,
         "topics": args.topics,
         "size": args.size,
+        "batch": args.batch,
         "seconds": round(elapsed, 3),
         "published": ok,
         "failed": failed,
         "first_error": first_error,
         "events_per_second": round(ok as f64 / elapsed.max(1e-9), 1),
+        "requests_per_second": round((ok / args.batch as u64) as f64 / elapsed.max(1e-9), 1),
+        // Per request: a batch's events are answered together.
         "latency_ms": percentiles_ms(latencies),
         "server": {
             "cpu_s": (!args.pids.is_empty()).then(|| round(server_cpu, 3)),
@@ -141,4 +164,41 @@ pub async fn run(args: PublishArgs) -> Result<serde_json::Value, String> {
         },
         "tool": { "cpu_s": round(cpu_after.1 - cpu_before.1, 3) },
     }))
+}
+
+/// A `POST /events` body: `batch` events of about `size` bytes of data
+/// each, all to `topic`.
+fn batch_body(topic: &str, publisher: usize, n: usize, batch: usize, size: usize) -> String {
+    let items: Vec<serde_json::Value> = (0..batch)
+        .map(|i| {
+            json!({
+                "topic": topic,
+                "data": padded(format!("{{\"publisher\":{publisher},\"n\":{n},\"i\":{i}"), size),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_body_is_a_json_array_of_events_to_one_topic() {
+        let body: serde_json::Value =
+            serde_json::from_str(&batch_body("t-3", 1, 7, 3, 100)).unwrap();
+        let items = body.as_array().unwrap();
+        assert_eq!(items.len(), 3);
+        for (i, item) in items.iter().enumerate() {
+            assert_eq!(item["topic"], "t-3");
+            let data = item["data"].as_str().unwrap();
+            assert_eq!(data.len(), 100);
+            let data: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert_eq!(
+                (data["n"].as_u64(), data["i"].as_u64()),
+                (Some(7), Some(i as u64))
+            );
+        }
+    }
 }

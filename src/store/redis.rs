@@ -4,14 +4,19 @@
 //! Layout, per topic (the `{topic}` hash tag keeps a topic's keys in one
 //! Redis Cluster slot; the prefix lets several hubs share one Redis):
 //!
-//! - `PREFIX{topic}:meta` — a hash: `epoch` and `seq` (the last number given).
+//! - `PREFIX{topic}:meta` — a hash: `epoch`, `seq` (the last number given)
+//!   and `expires` (when the oldest retained event expires, at the earliest:
+//!   a publish reads the stream to trim by age only once that time came).
 //! - `PREFIX{topic}:events` — a stream; entry id `SEQ-0`, fields `t` (ms),
 //!   `e` (event name, may be empty), `d` (data).
 //! - `PREFIX{topic}:live` — the pub/sub channel that carries new events.
 //!
 //! Publishing is one Lua script per topic: it numbers the events, appends
 //! them, trims by count and age, and publishes each on the channel, all in
-//! one atomic step and one round trip. A missing `meta` hash means the
+//! one atomic step and one round trip; a batch's events to one topic are
+//! one call. The scripts are the `.lua` files in `redis/` beside this one,
+//! compiled in; every key they touch comes in `KEYS`, and a topic's keys
+//! share its hash tag. A missing `meta` hash means the
 //! topic's history is gone (Redis restarted without persistence, keys
 //! deleted by hand): the script then starts a new epoch, so no old position
 //! is ever replayed against new data. History that only went back in time
@@ -60,21 +65,6 @@ use crate::hub::Hub;
 // number past `MAX_SEQ`. The publish script refuses to number past it, and
 // the read path answers positions beyond it in Rust, without running XRANGE.
 
-/// Lua: `fresh_epoch(old)`, an epoch from the clock (base-36 ids of at most
-/// 7 digits), never equal to `old`.
-macro_rules! lua_fresh_epoch {
-    () => {
-        r#"
-local function fresh_epoch(old)
-  local now = redis.call('TIME')
-  local epoch = (tonumber(now[1]) * 1000000 + tonumber(now[2])) % 78364164096
-  if old and string.format('%d', epoch) == old then epoch = (epoch + 1) % 78364164096 end
-  return string.format('%d', epoch)
-end
-"#
-    };
-}
-
 /// Numbers, appends, trims and publishes one topic's events, and keeps
 /// their idempotency records.
 /// KEYS: meta, events, then the record key of every idempotency key of the
@@ -105,106 +95,17 @@ end
 /// the record's `SEQ EPOCH`; a stored event's answer is empty.
 /// A record is `FINGERPRINT SEQ EPOCH`, expiring after the window.
 const PUBLISH: &str = concat!(
-    lua_fresh_epoch!(),
-    r#"
-local nkeys = tonumber(ARGV[8])
-local guard = 8 + nkeys + 1
-local nguard = tonumber(ARGV[guard])
-for g = 1, nguard do
-  local meta = KEYS[2 + nkeys + 2 * g - 1]
-  local meta_type = redis.call('TYPE', meta)['ok']
-  local events_type = redis.call('TYPE', KEYS[2 + nkeys + 2 * g])['ok']
-  -- Without a meta hash the topic starts afresh (its events key is
-  -- deleted), so only a topic that has one is checked further.
-  local ok = meta_type == 'none' or meta_type == 'hash'
-  if ok and meta_type == 'hash' then
-    ok = events_type == 'none' or events_type == 'stream'
-  end
-  if ok and meta_type == 'hash' then
-    local n = tonumber(redis.call('HGET', meta, 'seq') or '0')
-    ok = n and n >= 0 and n % 1 == 0 and n + tonumber(ARGV[guard + g]) <= 9007199254740991
-  end
-  if not ok then
-    return redis.error_reply('ERR crier: the number of ' .. meta .. ' is corrupt or would pass 2^53 - 1')
-  end
-end
-local records = {}
-for k = 1, nkeys do
-  local record = redis.call('GET', KEYS[2 + k])
-  if record and string.sub(record, 1, 64) ~= ARGV[8 + k] then
-    return {'reused', k}
-  end
-  records[k] = record
-end
-local base = guard + nguard
-local count = (#ARGV - base) / 3
-local fresh = 0
-local claimed = {}
-for i = 0, count - 1 do
-  local k = tonumber(ARGV[base + 3 * i + 1])
-  if k == 0 then
-    fresh = fresh + 1
-  elseif not records[k] and not claimed[k] then
-    claimed[k] = true
-    fresh = fresh + 1
-  end
-end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local epoch = '0'
-local seq = 0
-if fresh > 0 then
-  epoch = redis.call('HGET', KEYS[1], 'epoch')
-  if not epoch then
-    epoch = fresh_epoch(nil)
-    redis.call('DEL', KEYS[2])
-  else
-    seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-    if not seq or seq < 0 or seq % 1 ~= 0 or seq + fresh > 9007199254740991 then
-      return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
-    end
-    if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
-      epoch = fresh_epoch(epoch)
-    end
-  end
-end
-local out = {epoch, seq + 1}
-for i = 0, count - 1 do
-  local k = tonumber(ARGV[base + 3 * i + 1])
-  local name = ARGV[base + 3 * i + 2]
-  local data = ARGV[base + 3 * i + 3]
-  if k > 0 and records[k] then
-    table.insert(out, string.sub(records[k], 66))
-  else
-    seq = seq + 1
-    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], string.format('%d-0', seq),
-      't', now_ms, 'e', name, 'd', data)
-    redis.call('PUBLISH', ARGV[1], string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
-    if k > 0 then
-      records[k] = ARGV[8 + k] .. string.format(' %d %s', seq, epoch)
-      redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
-    end
-    table.insert(out, '')
-  end
-end
-if fresh == 0 then return out end
-redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq)
-local cutoff = now_ms - tonumber(ARGV[3])
-while true do
-  local page = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
-  local expired = 0
-  for _, entry in ipairs(page) do
-    if tonumber(entry[2][2]) >= cutoff then break end
-    redis.call('XDEL', KEYS[2], entry[1])
-    expired = expired + 1
-  end
-  if expired < 64 then break end
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return out
-"#
+    include_str!("redis/fresh_epoch.lua"),
+    include_str!("redis/publish.lua")
 );
+
+/// Groups of publish calls in flight to Redis at once (see [`send_outbox`]).
+const OUTBOX_IN_FLIGHT: usize = 2;
+
+/// Most publish calls in one group, and the event bytes past which a group
+/// takes no more.
+const OUTBOX_GROUP: usize = 128;
+const OUTBOX_GROUP_BYTES: usize = 1 << 20;
 
 /// Topics per UNSUBSCRIBE and per pipeline of PEXPIRE in housekeeping.
 const HOUSEKEEPING_CHUNK: usize = 1000;
@@ -216,15 +117,8 @@ const CATCH_UP_PAGE: usize = 256;
 /// events and its numbering: a node saw its history go back in time.
 /// KEYS: meta. ARGV: the epoch. Returns the topic's epoch afterwards.
 const REEPOCH: &str = concat!(
-    lua_fresh_epoch!(),
-    r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if epoch and epoch == ARGV[1] then
-  epoch = fresh_epoch(epoch)
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-end
-return epoch
-"#
+    include_str!("redis/fresh_epoch.lua"),
+    include_str!("redis/reepoch.lua")
 );
 
 /// Reads a topic's bounds and up to `limit` events from a number on, in one
@@ -232,40 +126,7 @@ return epoch
 /// (at most `MAX_SEQ + 1`, worked out in Rust: no arithmetic on a client's
 /// position happens here), limit, max age ms. Returns {} when the topic has
 /// no history, else {epoch, head, oldest, then seq, name, data per event}.
-const READ: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then return {} end
-local head = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local now = redis.call('TIME')
-local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
-local oldest = head + 1
-local start = '-'
-while true do
-  local page = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', 64)
-  local found = false
-  for _, entry in ipairs(page) do
-    if tonumber(entry[2][2]) >= cutoff then
-      oldest = tonumber(string.match(entry[1], '^(%d+)'))
-      found = true
-      break
-    end
-  end
-  if found or #page < 64 then break end
-  start = '(' .. page[#page][1]
-end
-local result = {epoch, head, oldest}
-local limit = tonumber(ARGV[2])
-if limit > 0 then
-  local from = math.max(tonumber(ARGV[1]), oldest)
-  local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from), '+', 'COUNT', limit)
-  for _, entry in ipairs(entries) do
-    table.insert(result, string.match(entry[1], '^(%d+)'))
-    table.insert(result, entry[2][4])
-    table.insert(result, entry[2][6])
-  end
-end
-return result
-"#;
+const READ: &str = include_str!("redis/read.lua");
 
 pub struct RedisStore {
     client: Client,
@@ -273,9 +134,13 @@ pub struct RedisStore {
     keys: Keys,
     retention: Retention,
     timeout: Duration,
-    publish: Script,
+    publish: Arc<Script>,
     read: Script,
     reepoch: Script,
+    /// Single-topic publish calls on their way to Redis (see [`send_outbox`]).
+    outbox: tokio::sync::mpsc::UnboundedSender<Outgoing>,
+    /// The outbox's other end, until `run_until` starts its sender.
+    outbox_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Outgoing>>>,
     hub: Hub,
     /// How far this node has seen each watched topic go.
     floors: std::sync::Mutex<IndexMap<Topic, Floor>>,
@@ -531,6 +396,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2));
         let commands =
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        let (outbox, outbox_queue) = tokio::sync::mpsc::unbounded_channel();
         // Shown (as down) from the start, not from the first connection.
         hub.metrics().redis().set_connected(false);
         Ok(RedisStore {
@@ -541,9 +407,11 @@ impl RedisStore {
             },
             retention,
             timeout,
-            publish: Script::new(PUBLISH),
+            publish: Arc::new(Script::new(PUBLISH)),
             read: Script::new(READ),
             reepoch: Script::new(REEPOCH),
+            outbox,
+            outbox_queue: std::sync::Mutex::new(Some(outbox_queue)),
             hub,
             floors: std::sync::Mutex::new(IndexMap::new()),
             live: tokio::sync::Mutex::new(LiveLink::default()),
@@ -578,6 +446,20 @@ impl RedisStore {
     /// carries to the hub, and after every (re)connection resubscribes and
     /// asks subscribers to check for anything missed meanwhile.
     pub async fn run_until(self: Arc<Self>, stop: CancellationToken) {
+        // The outbox's sender runs until the store is dropped, not until
+        // `stop`: publishes still answered during a drain go through it.
+        let queue = self
+            .outbox_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(queue) = queue {
+            tokio::spawn(send_outbox(
+                queue,
+                self.commands.clone(),
+                self.publish.clone(),
+            ));
+        }
         tokio::spawn(self.clone().send_canaries_until(stop.clone()));
         let mut delay = Duration::from_millis(100);
         let mut housekeeping = tokio::time::interval(self.housekeeping_period());
@@ -998,52 +880,199 @@ impl RedisStore {
         })
     }
 
-    /// The keys and arguments of the `PUBLISH` script for one topic's
-    /// events: `events` are indices into `all`, and `keys` the request's
-    /// distinct idempotency keys (every topic's script checks them all), and
-    /// `guarded` the topics of a request of several (every topic's script
-    /// checks all their keys before it writes).
-    fn publish_args(
+    /// The call of the `PUBLISH` script for one topic's events: `EVALSHA`
+    /// with its hash, or `EVAL` with its text (`by_text`). `events` are
+    /// indices into `all`, `keys` the request's distinct idempotency keys
+    /// (every topic's script checks them all), and `guarded` the topics of a
+    /// request of several (every topic's script checks all their keys
+    /// before it writes). Written straight into the command: no argument is
+    /// built as a string of its own first, and an event's data is copied
+    /// once.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_cmd(
         &self,
+        by_text: bool,
         topic: &Topic,
         all: &[(NewEvent, Option<Once>)],
         events: &[usize],
         keys: &IndexMap<KeyDigest, Fingerprint>,
         window: Duration,
         guarded: &[(&Topic, Vec<usize>)],
-    ) -> (Vec<String>, Vec<String>) {
-        let mut redis_keys = vec![self.keys.meta(topic), self.keys.events(topic)];
-        redis_keys.extend(keys.keys().map(|key| self.keys.once(key)));
+    ) -> redis::Cmd {
+        let nkeys = 2 + keys.len() + 2 * guarded.len();
+        let data: usize = events.iter().map(|&i| all[i].0.data.len() + 16).sum();
+        let mut cmd = redis::Cmd::with_capacity(
+            3 + nkeys + 10 + keys.len() + guarded.len() + 3 * events.len(),
+            256 + 96 * nkeys + data,
+        );
+        if by_text {
+            cmd.arg("EVAL").arg(PUBLISH);
+        } else {
+            cmd.arg("EVALSHA").arg(self.publish.get_hash());
+        }
+        cmd.arg(nkeys)
+            .arg(self.keys.meta(topic))
+            .arg(self.keys.events(topic));
+        for key in keys.keys() {
+            cmd.arg(self.keys.once(key));
+        }
         for (other, _) in guarded {
-            redis_keys.extend([self.keys.meta(other), self.keys.events(other)]);
+            cmd.arg(self.keys.meta(other)).arg(self.keys.events(other));
         }
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut args = vec![
-            self.keys.channel(topic),
-            self.retention.max_events.max(1).to_string(),
-            self.max_age_ms().to_string(),
-            self.meta_ttl_ms().to_string(),
-        ];
+        cmd.arg(self.keys.channel(topic))
+            .arg(self.retention.max_events.max(1))
+            .arg(self.max_age_ms())
+            .arg(self.meta_ttl_ms());
         match self.floor(topic) {
-            Some((epoch, seq)) => args.extend([epoch.0.to_string(), seq.to_string()]),
-            None => args.extend([String::new(), "0".to_owned()]),
+            Some((epoch, seq)) => cmd.arg(epoch.0).arg(seq),
+            None => cmd.arg("").arg(0),
+        };
+        cmd.arg(window_ms).arg(keys.len());
+        for fingerprint in keys.values() {
+            cmd.arg(fingerprint.hex());
         }
-        args.push(window_ms.to_string());
-        args.push(keys.len().to_string());
-        args.extend(keys.values().map(Fingerprint::hex));
-        args.push(guarded.len().to_string());
-        args.extend(guarded.iter().map(|(_, list)| list.len().to_string()));
+        cmd.arg(guarded.len());
+        for (_, list) in guarded {
+            cmd.arg(list.len());
+        }
         for &i in events {
             let (event, once) = &all[i];
             let k = once
                 .and_then(|once| keys.get_index_of(&once.key))
                 .map_or(0, |k| k + 1);
-            args.push(k.to_string());
-            args.push(event.name.as_ref().map_or("", EventName::as_str).to_owned());
-            args.push(event.data.clone());
+            cmd.arg(k)
+                .arg(event.name.as_ref().map_or("", EventName::as_str))
+                .arg(event.data.as_str());
         }
-        (redis_keys, args)
+        cmd
     }
+}
+
+/// One topic's publish call waiting in the outbox, and where its reply goes.
+struct Outgoing {
+    cmd: redis::Cmd,
+    /// Its events' data, in bytes.
+    bytes: usize,
+    answer: tokio::sync::oneshot::Sender<Result<Value, StoreError>>,
+}
+
+/// Sends the publish calls of single topics to Redis: what queued while
+/// the groups before were in flight goes as one pipeline, one write and one
+/// round trip, so concurrent publishes (to any topics) share Redis round
+/// trips, system calls and wake-ups instead of paying one each. Each call
+/// is still its own script, atomic for its topic alone, as when sent one by
+/// one. Ends once the store is dropped and every group is answered.
+async fn send_outbox(
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+    commands: ConnectionManager,
+    script: Arc<Script>,
+) {
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            first = queue.recv(), if open && in_flight.len() < OUTBOX_IN_FLIGHT => {
+                let Some(first) = first else {
+                    open = false;
+                    continue;
+                };
+                // A call whose publisher stopped waiting (it was answered
+                // that Redis did not answer in time) is not sent.
+                let mut bytes = 0;
+                let mut group = Vec::new();
+                let mut next = Some(first);
+                while let Some(outgoing) = next.take() {
+                    if !outgoing.answer.is_closed() {
+                        bytes += outgoing.bytes;
+                        group.push(outgoing);
+                    }
+                    if group.len() < OUTBOX_GROUP && bytes < OUTBOX_GROUP_BYTES {
+                        next = queue.try_recv().ok();
+                    }
+                }
+                if !group.is_empty() {
+                    in_flight.push(send_group(commands.clone(), group, script.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Sends one group of publish calls as a pipeline and hands each its reply.
+async fn send_group(mut commands: ConnectionManager, group: Vec<Outgoing>, script: Arc<Script>) {
+    let mut answers = Vec::with_capacity(group.len());
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for outgoing in group {
+        pipe.add_command(outgoing.cmd);
+        answers.push(outgoing.answer);
+    }
+    let mut replies = match query_group(&mut commands, &pipe).await {
+        Ok(replies) => replies,
+        Err(error) => {
+            for answer in answers {
+                let _ = answer.send(Err(store_error(error.clone())));
+            }
+            return;
+        }
+    };
+    // Redis forgot the script (a restart, SCRIPT FLUSH): load it and send
+    // again the calls refused for that, and only those (another node may
+    // have loaded it meanwhile, and the calls after ran).
+    let forgotten: Vec<usize> = (0..replies.len())
+        .filter(|&i| matches!(&replies[i], Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)))
+        .collect();
+    if !forgotten.is_empty() {
+        let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+        let mut again = redis::pipe();
+        again.ignore_errors();
+        for &i in &forgotten {
+            again.add_command(cmds[i].clone());
+        }
+        let resent = match script.load_async(&mut commands).await {
+            Ok(_) => query_group(&mut commands, &again).await,
+            Err(error) => Err(error),
+        };
+        match resent {
+            Ok(resent) => {
+                for (i, reply) in forgotten.into_iter().zip(resent) {
+                    replies[i] = reply;
+                }
+            }
+            Err(error) => {
+                for i in forgotten {
+                    replies[i] = Err(error.clone());
+                }
+            }
+        }
+    }
+    for (answer, reply) in answers.into_iter().zip(replies) {
+        let _ = answer.send(reply.map_err(store_error));
+    }
+}
+
+/// A pipeline's replies, one per command, each a value or the error Redis
+/// answered it with.
+async fn query_group(
+    commands: &mut ConnectionManager,
+    pipe: &redis::Pipeline,
+) -> Result<Vec<Result<Value, redis::RedisError>>, redis::RedisError> {
+    let replies: Vec<Value> = pipe.query_async(commands).await?;
+    if replies.len() != pipe.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "a pipeline answered a different number of replies",
+        )));
+    }
+    Ok(replies
+        .into_iter()
+        .map(|reply| match reply {
+            Value::ServerError(error) => Err(error.into()),
+            reply => Ok(reply),
+        })
+        .collect())
 }
 
 /// Parses `SEQ EPOCH\nNAME\nDATA` from the live channel.
@@ -1102,6 +1131,15 @@ fn as_text(value: &Value) -> Option<String> {
     }
 }
 
+/// Whether `value` is the empty string (a stored event's answer).
+fn is_empty_text(value: &Value) -> bool {
+    match value {
+        Value::BulkString(b) => b.is_empty(),
+        Value::SimpleString(s) => s.is_empty(),
+        _ => false,
+    }
+}
+
 /// A reply that is not what the scripts return: the topic's keys hold
 /// something else (overwritten by hand, another program), and will next time.
 fn malformed(what: &str) -> StoreError {
@@ -1134,16 +1172,20 @@ impl Store for RedisStore {
         let replies: Vec<Value> = match topics.as_slice() {
             [] => Vec::new(),
             [(topic, list)] => {
-                let (redis_keys, args) =
-                    self.publish_args(topic, &events, list, &keys, window, &[]);
-                let mut invocation = self.publish.prepare_invoke();
-                invocation.key(&redis_keys[..]).arg(args);
-                vec![
-                    invocation
-                        .invoke_async(&mut commands)
-                        .await
-                        .map_err(store_error)?,
-                ]
+                let cmd = self.publish_cmd(false, topic, &events, list, &keys, window, &[]);
+                let bytes = list.iter().map(|&i| events[i].0.data.len()).sum();
+                let (answer, reply) = tokio::sync::oneshot::channel();
+                self.outbox
+                    .send(Outgoing { cmd, bytes, answer })
+                    .map_err(|_| unavailable("the Redis store has stopped"))?;
+                // Bounded like a command of its own: a publish waiting
+                // behind groups in flight is answered within the timeout
+                // too (and is not sent at all if it has not been yet).
+                match tokio::time::timeout(self.timeout, reply).await {
+                    Ok(Ok(reply)) => vec![reply?],
+                    Ok(Err(_)) => return Err(unavailable("the Redis store has stopped")),
+                    Err(_) => return Err(unavailable("Redis did not answer in time")),
+                }
             }
             // Several topics: one atomic pipeline, so the batch is stored
             // whole or not at all.
@@ -1153,13 +1195,9 @@ impl Store for RedisStore {
                 for (topic, list) in many {
                     // EVAL, not EVALSHA: inside MULTI a missing script
                     // would fail alone and let the rest of the batch in.
-                    let (redis_keys, args) =
-                        self.publish_args(topic, &events, list, &keys, window, many);
-                    pipe.cmd("EVAL")
-                        .arg(PUBLISH)
-                        .arg(redis_keys.len())
-                        .arg(&redis_keys[..])
-                        .arg(args);
+                    pipe.add_command(
+                        self.publish_cmd(true, topic, &events, list, &keys, window, many),
+                    );
                 }
                 pipe.query_async(&mut commands).await.map_err(store_error)?
             }
@@ -1196,10 +1234,7 @@ impl Store for RedisStore {
                 return Err(malformed("publish"));
             };
             let epoch = Epoch(epoch);
-            let stored = outcomes
-                .iter()
-                .filter(|o| as_text(o).is_some_and(|t| t.is_empty()))
-                .count();
+            let stored = outcomes.iter().filter(|o| is_empty_text(o)).count();
             // The script numbers within 1..=MAX_SEQ; checked here so the
             // numbering below cannot overflow whatever came back.
             let in_range = first >= 1
@@ -1212,9 +1247,8 @@ impl Store for RedisStore {
             }
             let mut seq = first;
             for (outcome, &i) in outcomes.iter().zip(list) {
-                let outcome = as_text(outcome).ok_or_else(|| malformed("publish"))?;
                 let (event, _) = &events[i];
-                answers[i] = Some(if outcome.is_empty() {
+                answers[i] = Some(if is_empty_text(outcome) {
                     self.saw(topic, epoch, seq, false);
                     let stored = Event::new(
                         event.topic.clone(),
@@ -1226,6 +1260,7 @@ impl Store for RedisStore {
                     seq += 1;
                     Appended::Stored(Arc::new(stored))
                 } else {
+                    let outcome = as_text(outcome).ok_or_else(|| malformed("publish"))?;
                     Appended::Replayed(parse_receipt(topic, &outcome)?)
                 });
             }

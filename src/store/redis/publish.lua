@@ -1,0 +1,143 @@
+-- Numbers, appends, trims and publishes one topic's events, and keeps
+-- their idempotency records (see PUBLISH in redis.rs for KEYS and ARGV).
+--
+-- The common publish (one event, no key, nothing expired) costs TIME,
+-- HMGET, XADD, PUBLISH, HSET and two PEXPIREs: the meta hash remembers
+-- when the oldest retained event expires at the earliest, so the stream is
+-- only read when something may have expired.
+local nkeys = tonumber(ARGV[8])
+local guard = 8 + nkeys + 1
+local nguard = tonumber(ARGV[guard])
+for g = 1, nguard do
+  local meta = KEYS[2 + nkeys + 2 * g - 1]
+  local meta_type = redis.call('TYPE', meta)['ok']
+  local events_type = redis.call('TYPE', KEYS[2 + nkeys + 2 * g])['ok']
+  -- Without a meta hash the topic starts afresh (its events key is
+  -- deleted), so only a topic that has one is checked further.
+  local ok = meta_type == 'none' or meta_type == 'hash'
+  if ok and meta_type == 'hash' then
+    ok = events_type == 'none' or events_type == 'stream'
+  end
+  if ok and meta_type == 'hash' then
+    local n = tonumber(redis.call('HGET', meta, 'seq') or '0')
+    ok = n and n >= 0 and n % 1 == 0 and n + tonumber(ARGV[guard + g]) <= 9007199254740991
+  end
+  if not ok then
+    return redis.error_reply('ERR crier: the number of ' .. meta .. ' is corrupt or would pass 2^53 - 1')
+  end
+end
+local records = {}
+for k = 1, nkeys do
+  local record = redis.call('GET', KEYS[2 + k])
+  if record and string.sub(record, 1, 64) ~= ARGV[8 + k] then
+    return {'reused', k}
+  end
+  records[k] = record
+end
+local base = guard + nguard
+local count = (#ARGV - base) / 3
+local fresh = 0
+local claimed = {}
+for i = 0, count - 1 do
+  local k = tonumber(ARGV[base + 3 * i + 1])
+  if k == 0 then
+    fresh = fresh + 1
+  elseif not records[k] and not claimed[k] then
+    claimed[k] = true
+    fresh = fresh + 1
+  end
+end
+local out = {'0', 1}
+if fresh == 0 then
+  for i = 0, count - 1 do
+    table.insert(out, string.sub(records[tonumber(ARGV[base + 3 * i + 1])], 66))
+  end
+  return out
+end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local max_age = tonumber(ARGV[3])
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'expires')
+local epoch = meta[1]
+local seq = 0
+-- When the oldest retained event expires, at the earliest: trimming by
+-- count only ever removes older events, so it stays a lower bound.
+local expires = tonumber(meta[3] or '0') or 0
+if not epoch then
+  epoch = fresh_epoch(nil)
+  redis.call('DEL', KEYS[2])
+  expires = 0
+else
+  seq = tonumber(meta[2] or '0')
+  if not seq or seq < 0 or seq % 1 ~= 0 or seq + fresh > 9007199254740991 then
+    return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
+  end
+  if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
+    epoch = fresh_epoch(epoch)
+  end
+end
+out[1] = epoch
+out[2] = seq + 1
+-- Trimmed by count once, with the last event: a batch's appends before it
+-- do not trim one entry each.
+local left = fresh
+for i = 0, count - 1 do
+  local k = tonumber(ARGV[base + 3 * i + 1])
+  local name = ARGV[base + 3 * i + 2]
+  local data = ARGV[base + 3 * i + 3]
+  if k > 0 and records[k] then
+    table.insert(out, string.sub(records[k], 66))
+  else
+    seq = seq + 1
+    left = left - 1
+    local id = string.format('%d-0', seq)
+    if left == 0 then
+      redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id, 't', now_ms, 'e', name, 'd', data)
+    else
+      redis.call('XADD', KEYS[2], id, 't', now_ms, 'e', name, 'd', data)
+    end
+    redis.call('PUBLISH', ARGV[1], string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
+    if k > 0 then
+      records[k] = ARGV[8 + k] .. string.format(' %d %s', seq, epoch)
+      redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
+    end
+    table.insert(out, '')
+  end
+end
+if now_ms >= expires then
+  -- Something may have expired: drop what has, a page at a time, and
+  -- note when the oldest event left expires. The events just appended
+  -- are not expired (max age >= 1 ms), so one is always found.
+  local cutoff = now_ms - max_age
+  local start = '-'
+  local size = 1
+  while true do
+    local page = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', size)
+    local kept = nil
+    for _, entry in ipairs(page) do
+      if tonumber(entry[2][2]) >= cutoff then
+        kept = entry
+        break
+      end
+    end
+    if kept then
+      if start ~= '-' or kept ~= page[1] then
+        redis.call('XTRIM', KEYS[2], 'MINID', kept[1])
+      end
+      expires = tonumber(kept[2][2]) + max_age
+      break
+    end
+    if #page < size then
+      expires = 0
+      break
+    end
+    start = '(' .. page[#page][1]
+    size = 64
+  end
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq, 'expires', string.format('%d', expires))
+else
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq)
+end
+redis.call('PEXPIRE', KEYS[2], max_age)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return out

@@ -1,0 +1,37 @@
+-- Reads a topic's bounds and events from a number on (see READ in redis.rs).
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then return {} end
+local head = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
+local oldest = head + 1
+local start = '-'
+-- Publishing trims what expired, so the first entry is almost always the
+-- oldest retained one: look at it alone before reading pages.
+local size = 1
+while true do
+  local page = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', size)
+  local found = false
+  for _, entry in ipairs(page) do
+    if tonumber(entry[2][2]) >= cutoff then
+      oldest = tonumber(string.match(entry[1], '^(%d+)'))
+      found = true
+      break
+    end
+  end
+  if found or #page < size then break end
+  start = '(' .. page[#page][1]
+  size = 64
+end
+local result = {epoch, head, oldest}
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  local from = math.max(tonumber(ARGV[1]), oldest)
+  local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from), '+', 'COUNT', limit)
+  for _, entry in ipairs(entries) do
+    table.insert(result, string.match(entry[1], '^(%d+)'))
+    table.insert(result, entry[2][4])
+    table.insert(result, entry[2][6])
+  end
+end
+return result

@@ -3,7 +3,7 @@
 //! way the events travel; and a client that switches transports with its
 //! last id receives each event exactly once.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

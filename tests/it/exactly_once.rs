@@ -1,7 +1,7 @@
 //! Publishing exactly once with `Idempotency-Key`: a publisher that retries
 //! every failure never creates a duplicate. Every test runs on every store.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Fan-out: many subscribers, slow subscribers, quiet streams.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

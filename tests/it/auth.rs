@@ -3,7 +3,7 @@
 //! embedded store and on Redis, origins and CORS, cookies, expiry and
 //! `reauth`, what the real binary logs, and `crier token`.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

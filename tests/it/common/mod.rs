@@ -7,6 +7,7 @@ pub mod coding;
 pub mod process;
 pub mod redis;
 pub mod tls;
+#[macro_use]
 pub mod transport;
 
 use std::net::SocketAddr;

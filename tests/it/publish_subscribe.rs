@@ -5,7 +5,7 @@
 //! (`on_every_store!`); the HTTP face (headers, preamble, other routes) on
 //! the embedded one.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

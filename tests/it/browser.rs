@@ -14,7 +14,7 @@
 //! untagged enums, which cannot decode a float once serde_json's
 //! `arbitrary_precision` feature is on, and crier turns it on.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};

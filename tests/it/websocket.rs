@@ -1,7 +1,7 @@
 //! The WebSocket face: the handshake's defences, pings, frames that close
 //! the socket, publishing over it, and a crowd of sockets.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! readers are cut off, writes stay within their cap, payloads count by what
 //! they encode to, and a flood of refusals cannot fill the log.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

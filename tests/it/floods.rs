@@ -4,7 +4,7 @@
 //! in count and time, sends only to loopback, and every process started is
 //! stopped by its PID.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

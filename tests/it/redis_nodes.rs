@@ -2,7 +2,7 @@
 //! stopping, a node killed, one node's connection cut, history vanishing.
 //! Every test starts its own `redis-server` on a free loopback port.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -9,7 +9,7 @@
 //! each on topics of its own. The pure parsers have their properties next
 //! to them (`src/event.rs`, `src/compress.rs`).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;

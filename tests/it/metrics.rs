@@ -1,7 +1,7 @@
 //! `GET /metrics`: exact numbers after known actions, scraped over real HTTP
 //! from hubs that each own their metrics, parsed strictly as Prometheus text.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -7,7 +7,7 @@
 //! complete zstd frame (which decoders reading only a response's first
 //! frame, such as Python's httpx, need) or a complete brotli stream.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! bad days, with the real binary: what docs/OPERATIONS.md ("The data
 //! directory") promises.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -2,7 +2,7 @@
 //! and a drain on SIGTERM that moves subscribers to other nodes as a trickle,
 //! without losing or repeating an event. The real binary, on real Redis.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -11,7 +11,7 @@
 //! streams (`on_every_store_and_coding!`: zstd, gzip and brotli, each chunk
 //! decoded on arrival), where the same exact sequences must hold.
 
-mod common;
+use crate::common;
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;

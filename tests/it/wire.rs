@@ -1,7 +1,7 @@
 //! On the wire: compression flushed per event, HTTP/2 over TLS with many
 //! streams on one connection, and h2c with prior knowledge.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

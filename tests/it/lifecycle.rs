@@ -1,6 +1,6 @@
 //! The process as an operator sees it: the real binary, started and stopped.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Refused requests: every bad input gets its documented problem answer
 //! (docs/API.md, "Errors"), and nothing already stored is affected.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! URLs answers the events after a position as soon as there is one, or
 //! none after `--poll-timeout`, with the id to ask from next.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

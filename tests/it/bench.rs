@@ -1,7 +1,7 @@
 //! `crier bench`: the real binary measuring an in-process hub, whose
 //! process is this test's own.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -12,6 +12,21 @@
 //! lag, not with the backlog setting: a topic that a client subscribes to
 //! but that carries no events costs a few hundred bytes, however many topics
 //! a client names. A topic with no subscribers has no entry at all.
+//!
+//! Per-node fan-out: topic → a broadcast ring of its own (a `VecDeque` under
+//! a mutex, where receivers that took everything leave their wakers for the
+//! next send to wake (registered in the same lock as the take; a receiver
+//! polled again before the next send reads one atomic), and the topic's
+//! compression `Chain`, run at delivery for the shared codings its streams
+//! use) of `Live` items that holds only what some subscriber has yet to take,
+//! so an idle subscribed topic costs a few hundred bytes instead of a
+//! preallocated backlog; items (`Event(Arc<Event>)`; `Chained`, the event
+//! with the units its chain compressed, while a zstd or gzip single-topic
+//! stream is subscribed; `Resync` or `StoreBack`), each numbered in node-wide
+//! delivery order so `Feeds` can merge a multi-topic subscription's feeds in
+//! that order. Knows nothing of HTTP or storage. A subscriber that falls more
+//! than `--subscriber-backlog` events behind gets `Lagged` and its stream
+//! ends; a topic without subscribers has no entry.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -6,6 +6,35 @@
 //! offers `h2` and `http/1.1` by ALPN: browsers speak HTTP/2 only over TLS,
 //! and over HTTP/1.1 they allow just six connections, hence six
 //! EventSources, per origin.
+//!
+//! The accept loop: admits each connection through `Limits::admit` before
+//! anything else (a refused plain connection gets a canned 503 or 429 written
+//! once; a refused TLS one is closed before its handshake), reports failing
+//! accepts once per interval, sets TCP_NODELAY, TLS (rustls, ALPN `h2` and
+//! `http/1.1`) when a certificate is configured, and graceful, time-bounded
+//! shutdown. Each connection is served as HTTP/1.1 (`http1.rs` first, then
+//! hyper's HTTP/1.1 with upgrades, for WebSockets) or by hyper's HTTP/2
+//! builder directly (and counted open, by protocol and TLS, while it is),
+//! chosen by ALPN over TLS or by a peek at a plain connection's first bytes
+//! (h2c prior knowledge), looked at again (after 10 ms, then less and less
+//! often) while they are only a prefix of the HTTP/2 preface. (hyper-util's
+//! sniffing builder would cost every connection an extra 8 KiB of read
+//! buffer.) On shutdown, or once a drain's delay has passed, it stops
+//! accepting and has connections finish (HTTP/2: `GOAWAY`), waiting at most
+//! `--shutdown-timeout` past the drain window. An HTTP/1.1 connection's
+//! graceful-shutdown watcher is a `ConnectionHold` that an upgrade request
+//! carries and its WebSocket keeps: hyper's connection ends when it hands the
+//! socket over, and the server must still wait for the socket, which the
+//! drain closes at its own moment like any stream. Every request carries its
+//! `Peer`; an HTTP/2 connection also carries its `Activity` (open streams,
+//! and when hyper last polled each one's body) and closes itself after
+//! `--idle-timeout` without a stream, or when a stream has not been polled
+//! for the stall timeout (hyper polls a body only when its stream has window,
+//! so the client stopped reading it). The connection task holds its
+//! `ConnectionPermit`, so caps are released when it ends. Header size and
+//! read timeouts are hyper's settings, which `http1.rs` applies too.
+//! `serve_metrics` serves the `--metrics-listen` listener on its own:
+//! HTTP/1.1, a few connections of bounded life.
 
 use std::io;
 use std::net::SocketAddr;

@@ -6,6 +6,34 @@
 //! position and fills any hole above it from the store. Sequence numbers are
 //! dense, so "is this the next event?" is a comparison, and a hole is never
 //! skipped silently: either the store fills it, or the stream says `reset`.
+//!
+//! One subscriber's stream, the heart of exactness. It joins the hub and has
+//! the store `watch` its topics *before* reading history, and fixes its start
+//! positions before the HTTP answer goes out. Then it replays from the store
+//! page by page and follows the live feed: events at or below its position
+//! are dropped (already sent), the next one is written, and a hole, a new
+//! epoch or a `Resync` marks the topic as owing store work, which fills the
+//! gap or emits a `reset`. A stream opened by a token ends with `reauth` when
+//! the token expires. Store work that fails because the store cannot be
+//! reached (`StoreError::Unavailable`) is retried with backoff while the
+//! stream stays open and sends heartbeats. Work the store refuses
+//! (`StoreError::Rejected`: asking again gets the same answer) is never
+//! retried: a refused read after a position falls back to the topic's bounds
+//! (a read that takes no position), which reset the topic if the position is
+//! what cannot be honoured; otherwise the stream ends (before the answer: a
+//! 500 problem). The engine knows no transport: it hands its items (shared
+//! events with the hub's chained units, events under a stream's own id,
+//! heartbeats, and `Control` items: `Open` with the start the hub chose,
+//! `Reset`, `Reauth`, `Farewell`) to a `Wire`, which makes each write
+//! (`Wire::Out`) and hears why the stream ended (`Wire::ended`): SSE bytes,
+//! WebSocket frames or long-poll entries (`src/transport/`). Ready events are
+//! coalesced into one write (up to 64 KiB; a replay page tells the wire its
+//! size, `Wire::reserve`, so the buffer is made once), and the buffer goes
+//! with the write, so a stream holds none between writes; a lone event is
+//! written as the shared frame (or unit) without copying. Heartbeats after
+//! `--heartbeat` of silence; the stream ends cleanly on shutdown, and when
+//! the node drains, at its instant in the drain window (the heartbeat timer
+//! doubles as that alarm) with a `retry:` hint, always between two writes.
 
 use std::sync::Arc;
 use std::time::Duration;

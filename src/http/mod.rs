@@ -1,5 +1,56 @@
 //! The HTTP face of the hub: thin axum handlers that parse a request into
 //! domain types, call the store or open a subscription, and map the result.
+//!
+//! Thin axum handlers. `mod.rs` builds the router (`app()`), compression of
+//! JSON answers (the layer wraps only those handlers, not streams); around
+//! every route it puts one stack of plain tower services (not `from_fn`
+//! middleware, nor a `Router::layer` per layer: both box and clone per
+//! request, and stream setup is the request a reconnect storm makes thousands
+//! of times a second): `trace.rs`, each request's span (method and path only:
+//! a query string may hold a ticket) and its answer's log line with the
+//! refusal's problem type (`/readyz` logs its own changes of state instead,
+//! through `Readiness` in `http/mod.rs`), without wrapping bodies; then
+//! `edge.rs`, the first thing every request passes (the `Origin` check of
+//! `access.rs`, 403 before any work; on the way back, refusals counted by
+//! reason and `Connection: close` on refused requests with a body), then
+//! CORS, then `limits.rs`. `AppState` is one `Arc`, so cloning it per request
+//! costs one reference count. `access.rs` holds the `Origin` check, CORS from
+//! the same list, and reading a request's bearer token and cookie;
+//! `limits.rs` names the request's client and holds its slot among the
+//! client's concurrent requests in the response body, so an event stream
+//! counts until it really ends (an event stream's body holds it itself, see
+//! `subscribe.rs`); `publish.rs` checks the publisher's token and rate before
+//! reading the body, reads it within `--body-timeout` copying each piece (a
+//! piece may pin hyper's whole read buffer), validates it, checks grants for
+//! every topic, and calls `Store::append`, or `Store::append_once` when an
+//! event carries an `Idempotency-Key` (scoped to the token's subject, hashed;
+//! a replay is answered `201` with `Idempotent-Replayed: true`); `tickets.rs`
+//! trades a token for a ticket kept by the store; `metrics.rs` serves `GET
+//! /metrics` (on the main listener behind a token granting `metrics` when
+//! tokens are configured, or alone on the `--metrics-listen` listener,
+//! `metrics_app()`, without a token) (refused requests are counted by the
+//! reason `error.rs` attaches to their answer, in `edge.rs`); `subscribe.rs`
+//! parses topics and the start position (`Last-Event-ID` > `lastEventId` >
+//! `last=N` > now) and the transport (WebSocket handshake > `poll=` >
+//! `Accept: application/json` > SSE), authorizes by ticket or token (public
+//! topics need neither), waits (briefly) for the subscription to be prepared,
+//! then hands it to its transport: for SSE it negotiates compression and
+//! returns the stream with SSE headers, as an `EventBody`: the stream, the
+//! byte count, the limits slot, the HTTP/2 activity guard and the request's
+//! span (not entered per poll: the stream's log lines name it) in one object
+//! that nothing wraps, so an event crosses one boxed body between the
+//! connection and its stream; `poll.rs` runs the subscription until its first
+//! entries (or `--poll-timeout`) and answers them as JSON, compressed whole
+//! in the negotiated coding; `websocket.rs` answers the handshake and serves
+//! the socket (frames out, pings with a pong deadline of one heartbeat,
+//! `publish` frames in through `publish.rs`'s `item_event` and `store_one`,
+//! the same checks and store path as an HTTP publish, acked or refused per
+//! frame; a bad frame closes the socket), holding the request's limits slot
+//! (`HeldSlot`) and, over HTTP/1.1, its connection's `ConnectionHold` until
+//! it closes, and over HTTP/2 (an extended CONNECT, which the HTTP/2 builder
+//! enables) its stream's `Activity` guard, noted polled after each write;
+//! `error.rs` is the single place errors become problem+json. Handlers never
+//! touch a lock or a socket directly.
 
 mod access;
 mod edge;

@@ -19,6 +19,48 @@
 //!
 //! Retention trims disk with memory: what memory drops by count or age is
 //! deleted from disk by the writer, and a topic memory forgets is removed.
+//!
+//! `DurableStore`, the embedded store kept on disk too (`--data-dir`). It
+//! wraps a `MemoryStore` (built `for_durable`: its sweeper trims but does not
+//! forget topics) as the copy every read, live tail and fan-out is served
+//! from, so those cost what they cost in memory. Appends go through one
+//! writer thread: it takes every request waiting (up to 1,024), numbers their
+//! events after each topic's head (its own record of what was written, then
+//! the heads numbered earlier in the group; a new topic's log and epoch come
+//! from `MemoryStore::tip`), checks keys and budgets per request (all or
+//! none), writes the whole group as one fjall batch and, with `--fsync
+//! always`, one `fdatasync` (group commit; with `always` it waits up to 0.3
+//! ms for as many requests as its last group had). Only then does it send the
+//! group to one task on the runtime, which hands each event to
+//! `MemoryStore::commit` (visible, delivered to the hub, in sequence order)
+//! and answers each request, group after group. The tick forgets idle topics
+//! only when that task has caught up. A group's writes are kept as a list of
+//! `Change`s apart from any batch. A failed write answers every request of
+//! the group with `Full` (ENOSPC, or fjall's `Poisoned` with less free room
+//! than a flush needs) or `Unavailable`, undoes the group's idempotency
+//! records, and reopens the database (fjall refuses writes after a failed
+//! one), writing first what undoes the group in case part of it reached the
+//! journal; a write refused as `Poisoned` (fjall's own flush failed) is
+//! retried once on the reopened database. So nothing is half-stored and
+//! publishing resumes when the disk does. Keys: `events` `topic \0 seq(BE)` →
+//! stored-at, name, data; `topics` `topic` → epoch, head; `once` key digest →
+//! fingerprint, expiry, receipt (in the same batch as its event); `state`
+//! boot id and clean-stop mark. At start it checks `DIR/FORMAT` and the
+//! journals (`journal.rs`) before writing anything, takes `DIR/LOCK` (flock),
+//! finishes an interrupted repair (`DIR/RENEW`), and loads each topic by a
+//! prefix seek (only the run of numbers ending at its head), so resuming
+//! never scans; with `--fsync interval`, an unclean stop followed by a new
+//! boot id renews every topic's epoch. Each second (and after each group for
+//! the topics it touched) the writer deletes from disk what memory trimmed
+//! and removes topics memory forgot (`forget_if_idle`). `close()` (after the
+//! server returns) syncs, marks a clean stop and unlocks. Why fjall rather
+//! than redb, measured on this workload (one small event per write, 16
+//! concurrent publishers, each write durable, 2 cores): fjall's journal
+//! batches many writes into one sync and reached ~20,000 events/s; redb,
+//! whose commit rewrites its B-tree pages and syncs twice, ~5,200/s. Both are
+//! pure Rust and well kept; fjall's LSM also turns retention into cheap
+//! tombstones and range seeks, where a B-tree file grows and must be
+//! compacted by hand (Mercure's Bolt complaint).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;

@@ -5,6 +5,50 @@
 //! sees an event the hub has not been given. History is gone when the process
 //! exits; topics then start a new epoch, which is how returning subscribers
 //! learn that their position no longer exists.
+//!
+//! The embedded default. A map of topic → `Log` (epoch, head, a `VecDeque` of
+//! recent events), split into 256 shards (index maps); the sweeper walks a
+//! shard 128 entries per hold of its lock, from the last to the first index,
+//! so removals and concurrent inserts neither skip nor repeat an entry. A
+//! budget (`--max-retained-bytes`, `--max-topics`) is checked before a
+//! publish stores anything; the retained-bytes count holds each retained
+//! event's frame and the compressed units cached on it (added as they are
+//! made, a unit past the budget not cached), and every removal gives both
+//! back. A publish past the bytes makes room (`make_room`): the oldest
+//! retained events go first, those of the oldest topic among 16 sampled from
+//! the shards (Redis's approximate LRU: an exact order of all retained events
+//! would be one lock every append takes), down to the next oldest of the
+//! sample, round after round; a topic so emptied that no one watches is
+//! forgotten at once, so that samples keep finding the topics that hold the
+//! budget. Why drop rather than refuse: retention is a cache for resumers,
+//! who get `reset` when their position is gone, while a refused publish is
+//! lost to everyone; refusing let one publisher without a rate limit stop
+//! every other one until retention freed room (up to `--retention-age`). A
+//! per-publisher share of the budget was the alternative: it would need every
+//! retained event attributed to its publisher in every store, and still lets
+//! many identities share the budget out; dropping the oldest bounds memory
+//! with no state per publisher, and `--publish-rate` remains what limits one
+//! publisher. Past `--max-topics` a new topic makes room the same way
+//! (`evict_topic`): the topic least recently published to (`Log::touched`)
+//! among 16 sampled that no one watches on the node is forgotten, as the
+//! sweeper forgets an idle one, so its next event starts a new epoch; all
+//! watched, the publish is refused. The durable store makes room for bytes
+//! through its memory copy (its writer deletes from disk what memory dropped,
+//! at its next tick); for topics its writer does it (`make_topic_room`),
+//! since it alone numbers events: only once memory holds every group written,
+//! never for a topic the group being planned numbers, deleting it from disk
+//! before the new topic is written. Appending and delivering to the hub
+//! happen under the topic's lock, so the hub sees each topic in order and a
+//! reader never sees an event the hub has not. Retention trims on every
+//! append and read; a sweeper task drops expired events and forgets topics
+//! with no events and no subscribers. A forgotten or restarted topic starts a
+//! new epoch. Idempotency records (`OnceRecords`: a hash map by key digest,
+//! and a queue of keys in expiry order, one window for all, so expired
+//! records are dropped from its front without a scan) sit behind one lock
+//! that a keyed append holds from its check, through the topics' own locks
+//! and the append, to its record: keyed appends are one after the other,
+//! keyless ones never take it. At `--idempotency-max-keys` live records a new
+//! key is `Full` (507).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};

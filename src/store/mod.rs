@@ -6,6 +6,28 @@
 //! The embedded [`MemoryStore`] is the default; [`DurableStore`] keeps it on
 //! disk as well (`--data-dir`); [`RedisStore`] lets several nodes serve one
 //! feed. All pass the same behavioural tests through HTTP.
+//!
+//! The `Store` trait: `append` (number and keep a batch, all or none), `read`
+//! (retained events after a position, with the topic's epoch, oldest and
+//! head; it answers every `u64` position a client can send, and no store
+//! numbers past `MAX_SEQ`, 2^53 − 1), `put_ticket`/`take_ticket` (a ticket's
+//! record, handed out once, atomically: `GETDEL` on Redis), `watch` (make
+//! sure a topic's new events reach this node's hub from now on) and `check`
+//! (readiness: reachable, and the live feed flows; the embedded store is
+//! always ready). A store hands every event it learns of to the node's `Hub`,
+//! in sequence order per topic. `append_once` is `append` for events that may
+//! carry an idempotency key (`Once`: the key's digest and the event's
+//! fingerprint); its doc comment is the contract a store implements. In one
+//! atomic step with the append: a key holding a live record of another
+//! fingerprint refuses the whole call (`KeyReused { item }`, 422) before
+//! anything is stored; a key holding a live record of the same fingerprint is
+//! answered `Appended::Replayed(Receipt)` (topic, seq, epoch of the first)
+//! and not stored; the rest is stored as by `append` (`Stored`), and each
+//! keyed stored event leaves a record of fingerprint and receipt under its
+//! key for the window, seen by later events of the same call. Two concurrent
+//! calls with one key store once. The default method serves keyless calls and
+//! refuses keyed ones, so a store without records never stores a duplicate
+//! silently.
 
 mod durable;
 mod journal;

@@ -13,14 +13,6 @@ use common::process::Process;
 use common::*;
 use serde_json::Value;
 
-fn msg(id: &str, data: &str) -> Ev {
-    Ev::new(id, "message", data)
-}
-
-fn epoch_of(id: &str) -> String {
-    id.split('.').nth(1).expect("SEQ.EPOCH id").to_owned()
-}
-
 fn start(dir: &Path, extra: &[&str]) -> Process {
     let mut args = vec!["--data-dir", dir.to_str().unwrap()];
     args.extend_from_slice(extra);

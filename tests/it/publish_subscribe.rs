@@ -20,20 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// events yet.
 const PREAMBLE: &str = "retry: 1000\nid: 0\n: crier stream open\n\n";
 
-/// The epoch part of a `SEQ.EPOCH` id, checked to be lowercase base 36.
-fn epoch_of(id: &str) -> String {
-    let (seq, epoch) = id.split_once('.').expect("SEQ.EPOCH id");
-    assert!(seq.bytes().all(|b| b.is_ascii_digit()), "{id}");
-    assert!(
-        !epoch.is_empty()
-            && epoch
-                .bytes()
-                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()),
-        "{id}"
-    );
-    epoch.to_owned()
-}
-
 fn id_of(answer: &Value) -> String {
     answer["id"].as_str().expect("id is a string").to_owned()
 }

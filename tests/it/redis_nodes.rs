@@ -509,11 +509,6 @@ fn data_of(events: &[Ev]) -> Vec<&str> {
     events.iter().map(|e| e.data.as_str()).collect()
 }
 
-/// The epoch part of a single-topic id (`SEQ.EPOCH`).
-fn epoch_of(id: &str) -> &str {
-    id.split_once('.').map_or("", |(_, epoch)| epoch)
-}
-
 /// Asserts that `ev` is a `reset` with reason `epoch` from `requested`, and
 /// returns its data.
 fn assert_epoch_reset(ev: &Ev, requested: &str) -> Value {

@@ -21,26 +21,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
-/// A default (`message`) event as a stream shows it.
-fn msg(id: &str, data: &str) -> Ev {
-    Ev::new(id, "message", data)
-}
-
-/// The epoch part of a `SEQ.EPOCH` id.
-fn epoch_of(id: &str) -> String {
-    id.split_once('.').expect("SEQ.EPOCH id").1.to_owned()
-}
-
-/// A single-topic position `SEQ.EPOCH`.
-fn pos(seq: u64, epoch: &str) -> String {
-    format!("{seq}.{epoch}")
-}
-
-/// A multi-topic id: `TOPIC/` then one position per topic, in sorted order.
-fn multi(topic: &str, positions: &[&str]) -> String {
-    format!("{topic}/{}", positions.join(","))
-}
-
 /// An epoch that is certainly not `epoch`.
 fn other_epoch(epoch: &str) -> &'static str {
     if epoch == "zzzzz" { "zzzzy" } else { "zzzzz" }

@@ -221,6 +221,26 @@ where
     }
 }
 
+/// A default (`message`) event as a stream shows it.
+pub fn msg(id: &str, data: &str) -> Ev {
+    Ev::new(id, "message", data)
+}
+
+/// The epoch part of a `SEQ.EPOCH` id.
+pub fn epoch_of(id: &str) -> String {
+    id.split_once('.').expect("SEQ.EPOCH id").1.to_owned()
+}
+
+/// A single-topic position `SEQ.EPOCH`.
+pub fn pos(seq: u64, epoch: &str) -> String {
+    format!("{seq}.{epoch}")
+}
+
+/// A multi-topic id: `TOPIC/` then one position per topic, in sorted order.
+pub fn multi(topic: &str, positions: &[&str]) -> String {
+    format!("{topic}/{}", positions.join(","))
+}
+
 pub fn seq_of(id: &str) -> u64 {
     id.split('.').next().unwrap().parse().expect("SEQ.EPOCH id")
 }

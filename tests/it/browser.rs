@@ -59,7 +59,7 @@ async fn a_browser_multiplexes_twelve_event_sources_over_http2_with_compression(
     let origin = format!("https://{}", server.addr);
     let publisher = https_client(&certs.ca_cert);
     let chromium = Chromium::launch().await;
-    let tab = chromium.open(&format!("{origin}/")).await;
+    let tab = chromium.open(&format!("{origin}/crier.js")).await;
 
     // Twelve EventSources on one origin: over HTTP/1.1 only six could be
     // open at once, and the other six would never receive anything.
@@ -310,7 +310,7 @@ async fn a_browser_resumes_exactly_after_the_hub_restarts() {
     let addr = origin.trim_start_matches("https://").to_owned();
     let publisher = https_client(&certs.ca_cert);
     let chromium = Chromium::launch().await;
-    let tab = chromium.open(&format!("{origin}/")).await;
+    let tab = chromium.open(&format!("{origin}/crier.js")).await;
 
     let topic = "restart";
     tab.evaluate::<bool>(&subscribe_script(&[topic.to_owned()]))
@@ -595,15 +595,14 @@ async fn crier_js_gives_the_same_events_over_every_transport() {
 async fn the_demo_page_shows_events_and_says_what_it_cannot_hear() {
     let server = Server::start().await;
     let chromium = Chromium::launch().await;
-    let tab = chromium.open(&format!("http://{}/", server.addr)).await;
+    // The page subscribes on load, here to the topic its URL names.
+    let tab = chromium
+        .open(&format!("http://{}/?topic=page", server.addr))
+        .await;
     let act = |script: &str| format!("(() => {{ {script}; return \"true\"; }})()");
     let rows = "[...document.querySelectorAll('#log .row')].map(r => r.textContent)";
     let has = |rows: &Vec<String>, text: &str| rows.iter().any(|r| r.contains(text));
 
-    tab.evaluate::<bool>(&act(
-        "document.getElementById('topics').value = 'page'; document.getElementById('sub').requestSubmit()",
-    ))
-    .await;
     tab.poll::<String>(
         "document.getElementById('state').textContent",
         "the page's EventSource open",
@@ -834,7 +833,7 @@ async fn crier_js_rides_out_a_token_expiry_and_a_hub_restart_with_every_event_on
         published.record(topic, &id, &data);
     };
     let chromium = Chromium::launch().await;
-    let tab = chromium.open(&format!("{origin}/")).await;
+    let tab = chromium.open(&format!("{origin}/crier.js")).await;
 
     // A token that expires in a few seconds (the hub allows no leeway).
     let short = token_until(&[], &["ride.*"], unix_now() + 3);
@@ -970,7 +969,10 @@ async fn the_demo_page_on_a_locked_hub_says_why_it_is_refused_and_works_with_a_t
     })
     .await;
     let chromium = Chromium::launch().await;
-    let tab = chromium.open(&format!("http://{}/", server.addr)).await;
+    // The page subscribes on load, here to `locked`, and is refused.
+    let tab = chromium
+        .open(&format!("http://{}/?topic=locked", server.addr))
+        .await;
     let act = |script: &str| format!("(() => {{ {script}; return \"true\"; }})()");
     let text = |id: &str| format!("document.getElementById('{id}').textContent");
     let set_token = |token: &str| {
@@ -984,10 +986,6 @@ async fn the_demo_page_on_a_locked_hub_says_why_it_is_refused_and_works_with_a_t
 
     // No token: the subscription and a publish are refused, and the page
     // says so with the hub's reasons.
-    tab.evaluate::<bool>(&act("document.getElementById('topics').value = 'locked'; \
-         document.getElementById('pubTopic').value = 'locked'"))
-        .await;
-    tab.evaluate::<bool>(&connect).await;
     let refused = tab
         .poll::<String>(&text("subMsg"), "the refusal explained", |m| !m.is_empty())
         .await;
@@ -1795,11 +1793,11 @@ impl Cdp {
     }
 }
 
-/// The demo page opened with `?topic=` subscribes to that topic at once,
-/// and its forms name it; the bare page defaults to `news`, the README's
-/// topic, and waits for Connect.
+/// The demo page subscribes on load: the bare page to `news`, the
+/// README's topic, and with `?topic=` to that topic; its forms name it, and
+/// an event published then shows at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_page_with_a_topic_in_its_url_subscribes_on_load() {
+async fn the_demo_page_subscribes_on_load_to_news_or_the_topic_in_its_url() {
     let server = Server::start().await;
     let chromium = Chromium::launch().await;
     let bare = chromium.open(&format!("http://{}/", server.addr)).await;
@@ -1811,7 +1809,19 @@ async fn the_demo_page_with_a_topic_in_its_url_subscribes_on_load() {
         )
         .await;
     assert_eq!(fields[..2], ["news", "news"]);
-    assert_ne!(fields[2], "open", "the bare page waits for Connect");
+    bare.poll::<String>(
+        "document.getElementById('state').textContent",
+        "the bare page's stream open on load",
+        |state| state == "open",
+    )
+    .await;
+    let news = server.publish_id("news", "on the bare page").await;
+    let rows = "[...document.querySelectorAll('#log .row')].map(r => r.textContent)";
+    bare.poll::<Vec<String>>(rows, "the news event shown", |rows| {
+        rows.iter()
+            .any(|r| r.contains("on the bare page") && r.contains(&format!("id {news}")))
+    })
+    .await;
 
     let tab = chromium
         .open(&format!("http://{}/?topic=live", server.addr))

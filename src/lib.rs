@@ -14,6 +14,7 @@ pub mod compress;
 pub mod config;
 pub mod drain;
 pub mod event;
+pub mod grpc;
 pub mod http;
 pub mod http1;
 pub mod hub;
@@ -225,7 +226,7 @@ async fn serve_with(
     });
     let result = server::serve(
         listener,
-        app(state.clone()),
+        http::app_with(state.clone(), Some(grpc::routes(state.clone()))),
         limits,
         metrics,
         &config,

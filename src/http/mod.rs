@@ -2,13 +2,14 @@
 //! domain types, call the store or open a subscription, and map the result.
 
 mod access;
+pub mod dispatch;
 mod edge;
 mod error;
 mod limits;
 mod metrics;
 mod poll;
-mod publish;
-mod subscribe;
+pub(crate) mod publish;
+pub(crate) mod subscribe;
 mod tickets;
 mod trace;
 mod websocket;
@@ -75,6 +76,12 @@ pub struct Shared {
 
 /// Builds the whole router. `main` serves it; tests serve the very same.
 pub fn app(state: AppState) -> Router {
+    app_with(state, None)
+}
+
+/// [`app`], with gRPC calls sent to `grpc` (`crate::grpc::routes`) ahead
+/// of every HTTP layer: Origin checks and CORS are for browsers.
+pub fn app_with(state: AppState, grpc: Option<Router>) -> Router {
     let cors = access::cors_layer(state.auth.origins());
     // JSON and HTML answers are compressed by tower-http; event streams
     // compress themselves, flushing per chunk. The layer wraps only the
@@ -129,6 +136,7 @@ pub fn app(state: AppState) -> Router {
     // per request in the square of their number.
     router.layer(
         ServiceBuilder::new()
+            .layer(dispatch::DispatchLayer(grpc))
             .layer(trace::TraceLayer)
             // The origin check comes before CORS, so a foreign origin's
             // preflight is refused like any of its requests rather than

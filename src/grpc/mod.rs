@@ -1,0 +1,468 @@
+//! The gRPC face of the hub (`proto/crier/v1/crier.proto`), on the same
+//! listener as HTTP: thin handlers, like `crate::http`, that parse a
+//! request into domain types, apply the same auth, limits and validation,
+//! and call the same engine and publish path.
+//!
+//! A request is gRPC when it comes over HTTP/2 with `content-type:
+//! application/grpc` (or `application/grpc+…`); `crate::http::dispatch`
+//! sends it to [`routes`] before any HTTP layer, so Origin checks and CORS never apply (no
+//! browser speaks gRPC). Credentials travel in metadata: `authorization:
+//! Bearer …`, or a ticket in `crier-ticket`.
+
+mod error;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio_stream::Stream;
+use tonic::codec::CompressionEncoding;
+use tonic::metadata::MetadataMap;
+use tonic::{Status, service::Routes};
+
+pub use error::{code, status};
+
+use crate::auth::{Credentials, Principal, TicketRecord, ticket};
+use crate::event::{Cursor, EventName, Topic};
+use crate::http::{ApiError, AppState};
+use crate::limits::{ClientKey, Slot};
+use crate::server::{Activity, Peer, StreamActivity};
+use crate::store::{Appended, IdempotencyKey, NewEvent, Receipt, StoreError};
+use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
+pub use crate::transport::grpc::proto;
+use crate::transport::grpc::{Batch, Items};
+use proto::crier_server::{Crier, CrierServer};
+
+/// The metadata key of a ticket (`POST /tickets`), for clients that cannot
+/// keep a token.
+pub const TICKET_METADATA: &str = "crier-ticket";
+
+/// The gRPC services (crier's, health, reflection) as one router.
+pub fn routes(state: AppState) -> axum::Router {
+    let config = &state.config;
+    // A batch's message may be as large as a batch's HTTP body, plus the
+    // protobuf framing of its fields.
+    let max_message = config.max_batch_bytes.saturating_add(64 * 1024);
+    let crier = CrierServer::new(Hub {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(max_message)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Gzip);
+    let mut routes = Routes::new(crier);
+    match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(reflection) => routes = routes.add_service(reflection),
+        Err(error) => tracing::error!(%error, "serving gRPC without reflection"),
+    }
+    routes.prepare().into_axum_router()
+}
+
+/// The `Crier` service over the hub's state.
+struct Hub {
+    state: AppState,
+}
+
+/// The bearer token in `authorization` metadata, if any.
+fn bearer(metadata: &MetadataMap) -> Option<&str> {
+    let value = metadata.get("authorization")?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn credentials(metadata: &MetadataMap) -> Credentials<'_> {
+    Credentials {
+        bearer: bearer(metadata),
+        cookie: None,
+        origin: None,
+    }
+}
+
+/// What the call's connection says about its client.
+struct Caller {
+    client: ClientKey,
+    activity: Option<Arc<Activity>>,
+}
+
+impl Hub {
+    /// The client a call comes from (for limits), as HTTP names it: its
+    /// peer, or the forwarded address when the peer is a trusted proxy.
+    fn peer(&self, metadata: &MetadataMap, extensions: &axum::http::Extensions) -> Option<Caller> {
+        let Peer(peer) = extensions.get::<Peer>().copied()?;
+        let joined = |name: &str| {
+            let parts: Vec<&str> = metadata
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            (!parts.is_empty()).then(|| parts.join(","))
+        };
+        let client = self.state.limits.client_of(
+            peer.ip(),
+            joined("forwarded").as_deref(),
+            joined("x-forwarded-for").as_deref(),
+        );
+        Some(Caller {
+            client,
+            activity: extensions.get::<Arc<Activity>>().cloned(),
+        })
+    }
+
+    /// The call's share of its client's cap, held while it runs.
+    fn slot(&self, peer: Option<&Caller>) -> Result<Option<Slot>, ApiError> {
+        peer.map(|peer| self.state.limits.open_stream(peer.client))
+            .transpose()
+            .map_err(ApiError::from)
+    }
+
+    /// Decides whether the call may read `topics`, by ticket or token, and
+    /// returns when its access ends (seconds since the Unix epoch).
+    async fn authorize(
+        &self,
+        topics: &[Topic],
+        metadata: &MetadataMap,
+    ) -> Result<Option<u64>, ApiError> {
+        let auth = &self.state.auth;
+        if auth.all_public(topics) {
+            return Ok(None);
+        }
+        if let Some(presented) = metadata.get(TICKET_METADATA) {
+            let presented = presented.to_str().unwrap_or_default();
+            let record = if ticket::well_formed(presented) {
+                self.state
+                    .store
+                    .take_ticket(&ticket::digest(presented))
+                    .await?
+                    .and_then(|r| serde_json::from_str::<TicketRecord>(&r).ok())
+            } else {
+                None
+            };
+            return Ok(auth.by_ticket(record, topics)?);
+        }
+        Ok(auth.subscriber(&credentials(metadata), topics)?)
+    }
+
+    /// One event of a publish, checked as an HTTP publish checks it.
+    fn new_event(&self, request: proto::PublishRequest) -> Result<NewEvent, ApiError> {
+        let config = &self.state.config;
+        let topic = Topic::parse(&request.topic, config.max_topic_len).map_err(|reason| {
+            ApiError::InvalidTopic {
+                name: request.topic.clone(),
+                reason,
+            }
+        })?;
+        let name = (!request.event.is_empty())
+            .then(|| EventName::parse(&request.event))
+            .transpose()?;
+        if !crate::http::publish::fits(&request.data, config.max_event_bytes) {
+            return Err(ApiError::EncodedTooLarge {
+                limit: config.max_event_bytes,
+            });
+        }
+        Ok(NewEvent {
+            topic,
+            name,
+            data: request.data,
+        })
+    }
+
+    async fn subscribe(
+        &self,
+        request: tonic::Request<proto::SubscribeRequest>,
+    ) -> Result<SubscribeStream, ApiError> {
+        let (metadata, extensions, request) = request.into_parts();
+        let state = &self.state;
+        let config = &state.config;
+        let limit = config.max_topics_per_subscription;
+        if request.topics.len() > limit {
+            return Err(ApiError::TooManyTopics { limit });
+        }
+        let mut topics = request
+            .topics
+            .iter()
+            .map(|name| {
+                Topic::parse(name, config.max_topic_len).map_err(|reason| ApiError::InvalidTopic {
+                    name: name.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        topics.sort();
+        topics.dedup();
+        if topics.is_empty() {
+            return Err(ApiError::NoTopic);
+        }
+        let style = if topics.len() == 1 {
+            IdStyle::Single
+        } else {
+            IdStyle::Multi
+        };
+        let start = match request.last_event_id.trim() {
+            "" => request.last.map_or(Start::Now, Start::Last),
+            id => Cursor::parse(id, topics.len())
+                .map(Start::After)
+                .map_err(|reason| ApiError::InvalidPosition {
+                    source_name: "last_event_id",
+                    reason,
+                })?,
+        };
+        let peer = self.peer(&metadata, &extensions);
+        let slot = self.slot(peer.as_ref())?;
+        let expires = self.authorize(&topics, &metadata).await?;
+        let mut subscription =
+            Subscription::open(&state.hub, state.store.clone(), topics, style, start);
+        // As an HTTP subscribe: answer once live delivery is confirmed and
+        // the start fixed, or anyway after a while (the stream retries).
+        match tokio::time::timeout(crate::http::subscribe::PREPARE_WAIT, subscription.prepare())
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error @ StoreError::Rejected(_))) => return Err(error.into()),
+            Ok(Err(error)) => tracing::warn!(%error, "subscribing while the store is unavailable"),
+            Err(_) => tracing::warn!("subscribing while the store is slow"),
+        }
+        let settings = StreamSettings {
+            heartbeat: config.heartbeat,
+            retry: config.retry,
+            shutdown: state.shutdown.clone(),
+            drain: state.drain.clone(),
+            expires: expires.map(crate::http::subscribe::instant_of),
+        };
+        Ok(SubscribeStream {
+            items: Box::pin(subscription.into_stream(settings, Items::default())),
+            ready: Vec::new().into_iter(),
+            written: state.metrics.written(None),
+            _slot: slot,
+            activity: peer.and_then(|p| p.activity).map(|a| a.open()),
+            deadline: None,
+            ended: false,
+        })
+    }
+
+    async fn publish(
+        &self,
+        request: tonic::Request<proto::PublishRequest>,
+    ) -> Result<proto::PublishReply, ApiError> {
+        let (metadata, extensions, request) = request.into_parts();
+        let state = &self.state;
+        let peer = self.peer(&metadata, &extensions);
+        let _slot = self.slot(peer.as_ref())?;
+        let key = idempotency_key(&request.idempotency_key, "idempotency_key")?;
+        let principal = state.auth.publisher(&credentials(&metadata))?;
+        let event = self.new_event(request)?;
+        state.auth.may_publish(&principal, [&event.topic])?;
+        state
+            .limits
+            .publish(&principal.rate_key(&client_name(peer.as_ref())), 1)?;
+        let appended = crate::http::publish::store_one(state, &principal, event, key).await?;
+        Ok(reply(&appended))
+    }
+
+    async fn publish_batch(
+        &self,
+        request: tonic::Request<proto::PublishBatchRequest>,
+    ) -> Result<proto::PublishBatchReply, ApiError> {
+        let (metadata, extensions, request) = request.into_parts();
+        let state = &self.state;
+        let peer = self.peer(&metadata, &extensions);
+        let _slot = self.slot(peer.as_ref())?;
+        let principal: Principal = state.auth.publisher(&credentials(&metadata))?;
+        let limit = state.config.max_batch_events;
+        if request.events.len() > limit {
+            return Err(ApiError::BatchTooLong { limit });
+        }
+        let mut events = Vec::with_capacity(request.events.len());
+        let mut keys = Vec::with_capacity(request.events.len());
+        for (i, item) in request.events.into_iter().enumerate() {
+            keys.push(idempotency_key(
+                &item.idempotency_key,
+                &format!("idempotency_key of item {i}"),
+            )?);
+            let event = self
+                .new_event(item)
+                .map_err(|error| ApiError::MalformedBatch(format!("item {i}: {error}")))?;
+            events.push(event);
+        }
+        let appended = crate::http::publish::store_batch(
+            state,
+            &principal,
+            &client_name(peer.as_ref()),
+            events,
+            keys,
+        )
+        .await?;
+        Ok(proto::PublishBatchReply {
+            events: appended.iter().map(reply).collect(),
+        })
+    }
+}
+
+/// How long the client gives the call (the `grpc-timeout` metadata: up to
+/// 8 digits and a unit, `H`, `M`, `S`, `m`, `u` or `n`), if it says and the
+/// value is well formed. The call ends with `DEADLINE_EXCEEDED` then.
+fn deadline(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The status of a call whose deadline passed.
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("the call's deadline (grpc-timeout) passed")
+}
+
+/// Runs a unary call within its deadline.
+async fn within<T>(
+    deadline: Option<Duration>,
+    call: impl Future<Output = Result<T, ApiError>>,
+) -> Result<tonic::Response<T>, Status> {
+    let result = match deadline {
+        Some(limit) => tokio::time::timeout(limit, call)
+            .await
+            .map_err(|_| deadline_exceeded())?,
+        None => call.await,
+    };
+    result.map(tonic::Response::new).map_err(|e| status(&e))
+}
+
+/// The client's name for rates ("unknown" only when served without the
+/// accept loop).
+fn client_name(peer: Option<&Caller>) -> String {
+    peer.map_or_else(|| "unknown".to_owned(), |p| p.client.to_string())
+}
+
+/// An idempotency key, if one is given (an empty string is none).
+fn idempotency_key(key: &str, place: &str) -> Result<Option<IdempotencyKey>, ApiError> {
+    (!key.is_empty())
+        .then(|| IdempotencyKey::parse(key.as_bytes()))
+        .transpose()
+        .map_err(|reason| ApiError::InvalidIdempotencyKey {
+            place: place.to_owned(),
+            reason,
+        })
+}
+
+/// What a publisher learns about a stored event (from its receipt, so a
+/// replay answers exactly what the first call was answered).
+fn reply(appended: &Appended) -> proto::PublishReply {
+    let Receipt { topic, seq, epoch } = appended.receipt();
+    proto::PublishReply {
+        topic: topic.to_string(),
+        id: crate::event::Position::new(seq, epoch).to_string(),
+        seq,
+        replayed: matches!(appended, Appended::Replayed(_)),
+    }
+}
+
+/// A `Subscribe` call's messages, with what the call holds until it ends
+/// (the client cancels, its deadline passes, or the stream ends): dropping
+/// it leaves the hub and frees the client's slot.
+pub struct SubscribeStream {
+    items: Pin<Box<dyn Stream<Item = Batch> + Send>>,
+    ready: std::vec::IntoIter<Result<proto::Item, Status>>,
+    written: crate::metrics::BytesWritten,
+    _slot: Option<Slot>,
+    /// On HTTP/2: the call's share of its connection's activity, told each
+    /// time the connection asks for more (a starved call is never asked).
+    activity: Option<StreamActivity>,
+    /// When the client's deadline passes, if it gave one.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the deadline ended the call.
+    ended: bool,
+}
+
+impl Stream for SubscribeStream {
+    type Item = Result<proto::Item, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(activity) = &self.activity {
+            activity.polled();
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(deadline) = &mut self.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            // Ends the call, and the subscription with it (dropped here).
+            self.ended = true;
+            self.items = Box::pin(tokio_stream::empty());
+            self._slot = None;
+            return Poll::Ready(Some(Err(deadline_exceeded())));
+        }
+        loop {
+            if let Some(item) = self.ready.next() {
+                if let Ok(item) = &item {
+                    self.written.add(prost::Message::encoded_len(item));
+                }
+                return Poll::Ready(Some(item));
+            }
+            match std::task::ready!(self.items.as_mut().poll_next(cx)) {
+                Some(batch) => self.ready = batch.into_iter(),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Crier for Hub {
+    type SubscribeStream = SubscribeStream;
+    type ConnectStream = Pin<Box<dyn Stream<Item = Result<proto::ServerMessage, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        request: tonic::Request<proto::SubscribeRequest>,
+    ) -> Result<tonic::Response<SubscribeStream>, Status> {
+        let deadline = deadline(request.metadata());
+        let mut stream = within(deadline, Hub::subscribe(self, request)).await?;
+        stream.get_mut().deadline = deadline.map(|limit| Box::pin(tokio::time::sleep(limit)));
+        Ok(stream)
+    }
+
+    async fn publish(
+        &self,
+        request: tonic::Request<proto::PublishRequest>,
+    ) -> Result<tonic::Response<proto::PublishReply>, Status> {
+        within(deadline(request.metadata()), Hub::publish(self, request)).await
+    }
+
+    async fn publish_batch(
+        &self,
+        request: tonic::Request<proto::PublishBatchRequest>,
+    ) -> Result<tonic::Response<proto::PublishBatchReply>, Status> {
+        within(
+            deadline(request.metadata()),
+            Hub::publish_batch(self, request),
+        )
+        .await
+    }
+
+    async fn connect(
+        &self,
+        _request: tonic::Request<tonic::Streaming<proto::ClientMessage>>,
+    ) -> Result<tonic::Response<Self::ConnectStream>, Status> {
+        Err(Status::unimplemented(
+            "Connect is not served yet: use Subscribe and Publish",
+        ))
+    }
+}

@@ -1,0 +1,379 @@
+//! The gRPC face, beyond the shared transport suite (tests/transports.rs):
+//! publishing with idempotency keys and batches, refusals as status codes
+//! carrying the problem's type, calls that end (cancelled, past their
+//! deadline) releasing their subscription, and a client generated in
+//! another language (Python's grpcio) that subscribes, publishes and
+//! resumes across a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::auth::{self, with_secret};
+use common::process::Process;
+use common::transport::{grpc_client, item_to_ev};
+use common::{DEADLINE, Ev, Server};
+use crier::grpc::proto::{self, PublishBatchRequest, PublishRequest, SubscribeRequest};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn publish(topic: &str, data: &str, key: &str) -> PublishRequest {
+    PublishRequest {
+        topic: topic.into(),
+        data: data.into(),
+        event: String::new(),
+        idempotency_key: key.into(),
+    }
+}
+
+/// A request carrying `token` as a bearer token.
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("metadata"),
+    );
+    request
+}
+
+/// The problem type's last part (`ErrorInfo.reason`) and the status code.
+#[track_caller]
+fn assert_refused(status: &tonic::Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    let details = status.get_error_details();
+    let info = details.error_info().expect("an ErrorInfo detail");
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, "crier");
+    assert_eq!(info.metadata["type"], format!("urn:crier:problem:{reason}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_publish_is_numbered_like_an_http_one_and_a_retried_key_is_replayed() {
+    let server = Server::start().await;
+    let first = server.publish("news", "over http").await;
+    let mut client = grpc_client(&server).await;
+    let reply = client
+        .publish(publish("news", "over grpc", "key-1"))
+        .await
+        .expect("publish")
+        .into_inner();
+    let epoch = first["id"].as_str().unwrap().split_once('.').unwrap().1;
+    assert_eq!(
+        reply,
+        proto::PublishReply {
+            topic: "news".into(),
+            id: format!("2.{epoch}"),
+            seq: 2,
+            replayed: false,
+        }
+    );
+    let retried = client
+        .publish(publish("news", "over grpc", "key-1"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(
+        retried,
+        proto::PublishReply {
+            replayed: true,
+            ..reply.clone()
+        }
+    );
+    // The same key for another event is refused; nothing is stored.
+    let reused = client
+        .publish(publish("news", "something else", "key-1"))
+        .await
+        .expect_err("a reused key");
+    assert_refused(&reused, Code::FailedPrecondition, "idempotency-key-reused");
+    let named = client
+        .publish(PublishRequest {
+            event: "update".into(),
+            ..publish("news", "a\nb", "")
+        })
+        .await
+        .expect("named publish")
+        .into_inner();
+    assert_eq!(named.seq, 3);
+
+    let mut sse = server.resume("/topics/news", "0").await;
+    assert_eq!(
+        sse.take(3).await,
+        vec![
+            Ev::new(&format!("1.{epoch}"), "message", "over http"),
+            Ev::new(&format!("2.{epoch}"), "message", "over grpc"),
+            Ev::new(&format!("3.{epoch}"), "update", "a\nb"),
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stores_every_event_or_none() {
+    let server = Server::start().await;
+    let mut client = grpc_client(&server).await;
+    let bad = client
+        .publish_batch(PublishBatchRequest {
+            events: vec![publish("a", "1", ""), publish("no spaces", "2", "")],
+        })
+        .await
+        .expect_err("an invalid item");
+    assert_refused(&bad, Code::InvalidArgument, "malformed-batch");
+    assert!(bad.message().contains("item 1"), "{bad:?}");
+    let batch = || PublishBatchRequest {
+        events: vec![publish("a", "1", "k-a"), publish("b", "2", "k-b")],
+    };
+    let stored = client
+        .publish_batch(batch())
+        .await
+        .expect("batch")
+        .into_inner();
+    let seqs: Vec<(String, u64, bool)> = stored
+        .events
+        .iter()
+        .map(|e| (e.topic.clone(), e.seq, e.replayed))
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![("a".into(), 1, false), ("b".into(), 1, false)],
+        "nothing of the refused batch was stored"
+    );
+    let again = client
+        .publish_batch(batch())
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(again.events.iter().all(|e| e.replayed), "{again:?}");
+    assert_eq!(again.events[0].id, stored.events[0].id);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_status_codes_carrying_the_problem_type() {
+    let server = Server::start_with(|config| {
+        with_secret(config);
+        config.max_event_bytes = 16;
+        config.publish_rate = 1;
+        config.publish_burst = 1;
+    })
+    .await;
+    let mut client = grpc_client(&server).await;
+    let missing = client
+        .publish(publish("news", "x", ""))
+        .await
+        .expect_err("no token");
+    assert_refused(&missing, Code::Unauthenticated, "unauthenticated");
+    let bad = client
+        .publish(with_token(publish("news", "x", ""), "not-a-token"))
+        .await
+        .expect_err("a bad token");
+    assert_refused(&bad, Code::Unauthenticated, "invalid-token");
+    let token = auth::token(&["news"], &["news"]);
+    let forbidden = client
+        .publish(with_token(publish("other", "x", ""), &token))
+        .await
+        .expect_err("not granted");
+    assert_refused(&forbidden, Code::PermissionDenied, "forbidden-topic");
+    let too_large = client
+        .publish(with_token(publish("news", &"x".repeat(17), ""), &token))
+        .await
+        .expect_err("over --max-event-bytes");
+    assert_refused(&too_large, Code::InvalidArgument, "payload-too-large");
+    let invalid = client
+        .publish(with_token(publish("a b", "x", ""), &token))
+        .await
+        .expect_err("an invalid topic");
+    assert_refused(&invalid, Code::InvalidArgument, "invalid-topic");
+    let subscribe = client
+        .subscribe(SubscribeRequest {
+            topics: vec!["news".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("a private topic without a token");
+    assert_refused(&subscribe, Code::Unauthenticated, "unauthenticated");
+
+    // The rate: one event, then refused with the time to wait.
+    let mut items = client
+        .subscribe(with_token(
+            SubscribeRequest {
+                topics: vec!["news".into()],
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect("subscribe with a token")
+        .into_inner();
+    let stored = client
+        .publish(with_token(publish("news", "ok", ""), &token))
+        .await
+        .expect("within the rate")
+        .into_inner();
+    let limited = client
+        .publish(with_token(publish("news", "fast", ""), &token))
+        .await
+        .expect_err("over the rate");
+    assert_refused(&limited, Code::ResourceExhausted, "publish-rate");
+    let retry = limited.get_error_details().retry_info().cloned();
+    let delay = retry.and_then(|r| r.retry_delay).expect("a retry delay");
+    assert!(delay >= Duration::from_secs(1), "{delay:?}");
+    let mut seen = Vec::new();
+    while seen.is_empty() {
+        let item = tokio::time::timeout(DEADLINE, items.message())
+            .await
+            .expect("an item in time")
+            .expect("an item")
+            .expect("the stream goes on");
+        seen.extend(item_to_ev(item));
+    }
+    assert_eq!(seen, vec![Ev::new(&stored.id, "message", "ok")]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_and_one_past_its_deadline_release_their_subscription() {
+    let server = Server::start().await;
+    server.wait_for_metric("crier_open_streams 0").await;
+    let mut client = grpc_client(&server).await;
+    let request = || SubscribeRequest {
+        topics: vec!["news".into()],
+        ..Default::default()
+    };
+    let items = client
+        .subscribe(request())
+        .await
+        .expect("subscribe")
+        .into_inner();
+    server.wait_for_metric("crier_open_streams 1").await;
+    drop(items);
+    server.wait_for_metric("crier_open_streams 0").await;
+
+    let mut timed = tonic::Request::new(request());
+    timed.set_timeout(Duration::from_millis(500));
+    let mut items = client
+        .subscribe(timed)
+        .await
+        .expect("subscribe")
+        .into_inner();
+    server.wait_for_metric("crier_open_streams 1").await;
+    let ended = loop {
+        match tokio::time::timeout(DEADLINE, items.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the call ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the deadline did not end the call"),
+        }
+    };
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    server.wait_for_metric("crier_open_streams 0").await;
+    // The connection is still good for HTTP and gRPC alike.
+    server.publish("news", "after").await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_answers_unimplemented_for_now() {
+    let server = Server::start().await;
+    let mut client = grpc_client(&server).await;
+    let status = client
+        .connect(tokio_stream::iter(Vec::<proto::ClientMessage>::new()))
+        .await
+        .expect_err("not served yet");
+    assert_eq!(status.code(), Code::Unimplemented);
+    server.stop().await;
+}
+
+/// The Python helper, or why it cannot run.
+fn python_with_grpcio() -> std::process::Command {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        check.status.success(),
+        "the Python gRPC test needs `pip install grpcio grpcio-tools` (.ci/run installs them): {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut command = std::process::Command::new("python3");
+    command.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_client.py"));
+    command
+}
+
+/// Runs the Python client's `args` against `addr`; returns the lines it
+/// printed (one JSON object each).
+fn python(addr: std::net::SocketAddr, args: &[&str]) -> Vec<serde_json::Value> {
+    let output = python_with_grpcio()
+        .arg(addr.to_string())
+        .args(args)
+        .output()
+        .expect("the Python client runs");
+    assert!(
+        output.status.success(),
+        "python {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_grpcio_client_publishes_subscribes_and_resumes_after_a_restart() {
+    let dir = tempfile::tempdir().expect("a data directory");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("a UTF-8 path");
+    let mut hub = Process::start(&["--data-dir", data]);
+    let addr = hub.addr();
+    let first = tokio::task::spawn_blocking(move || {
+        let a = python(addr, &["publish", "news", "one", "key-1"]);
+        let again = python(addr, &["publish", "news", "one", "key-1"]);
+        let b = python(addr, &["publish", "news", "two", ""]);
+        (a, again, b)
+    })
+    .await
+    .expect("the Python client");
+    let (one, again, two) = first;
+    assert_eq!(one[0]["seq"], 1);
+    assert_eq!(one[0]["replayed"], false);
+    assert_eq!(again[0]["id"], one[0]["id"]);
+    assert_eq!(again[0]["replayed"], true);
+    assert_eq!(two[0]["seq"], 2);
+    let id = |v: &serde_json::Value| v["id"].as_str().expect("an id").to_owned();
+    let (id1, id2) = (id(&one[0]), id(&two[0]));
+    let seen = tokio::task::spawn_blocking(move || python(addr, &["subscribe", "news", "0", "2"]))
+        .await
+        .expect("the Python client");
+    assert_eq!(
+        seen,
+        vec![
+            serde_json::json!({"id": id1, "topic": "news", "event": "", "data": "one", "seq": 1}),
+            serde_json::json!({"id": id2, "topic": "news", "event": "", "data": "two", "seq": 2}),
+        ]
+    );
+    hub.terminate();
+    assert!(hub.wait_exit(DEADLINE).success(), "a clean stop");
+
+    // The same data directory: the ids go on, and the last one resumes.
+    let mut hub = Process::start(&["--data-dir", data]);
+    let addr = hub.addr();
+    let resumed = tokio::task::spawn_blocking(move || {
+        let three = python(addr, &["publish", "news", "three", ""]);
+        let seen = python(addr, &["subscribe", "news", &id1, "2"]);
+        (three, seen)
+    })
+    .await
+    .expect("the Python client");
+    let (three, seen) = resumed;
+    assert_eq!(three[0]["seq"], 3);
+    let id3 = id(&three[0]);
+    assert_eq!(
+        seen,
+        vec![
+            serde_json::json!({"id": id(&two[0]), "topic": "news", "event": "", "data": "two", "seq": 2}),
+            serde_json::json!({"id": id3, "topic": "news", "event": "", "data": "three", "seq": 3}),
+        ]
+    );
+    hub.terminate();
+    assert!(hub.wait_exit(DEADLINE).success(), "a clean stop");
+}

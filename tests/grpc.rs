@@ -377,3 +377,182 @@ async fn a_python_grpcio_client_publishes_subscribes_and_resumes_after_a_restart
     hub.terminate();
     assert!(hub.wait_exit(DEADLINE).success(), "a clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflects_readiness_and_reflection_lists_the_services() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = Server::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("an endpoint")
+        .connect()
+        .await
+        .expect("a connection");
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "crier.v1.Crier"] {
+        let answer = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("a health check")
+            .into_inner();
+        assert_eq!(answer.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "nope.Nope".into(),
+        })
+        .await
+        .expect_err("an unknown service");
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("an answer")
+        .expect("an answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            "crier.v1.Crier",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_asks_for_gzip_gets_gzip_messages_with_the_same_items() {
+    use tonic::codec::CompressionEncoding;
+
+    let server = Server::start().await;
+    let mut client = grpc_client(&server)
+        .await
+        .send_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Gzip);
+    let stored = client
+        .publish(publish("news", &"compressible ".repeat(50), ""))
+        .await
+        .expect("a gzip publish")
+        .into_inner();
+    let response = client
+        .subscribe(SubscribeRequest {
+            topics: vec!["news".into()],
+            last_event_id: "0".into(),
+            last: None,
+        })
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        response
+            .metadata()
+            .get("grpc-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+    let mut items = response.into_inner();
+    let mut seen = Vec::new();
+    while seen.is_empty() {
+        let item = tokio::time::timeout(DEADLINE, items.message())
+            .await
+            .expect("an item in time")
+            .expect("an item")
+            .expect("the stream goes on");
+        seen.extend(item_to_ev(item));
+    }
+    assert_eq!(
+        seen,
+        vec![Ev::new(&stored.id, "message", &"compressible ".repeat(50))]
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_reader_that_falls_behind_is_cut_off_like_a_slow_sse_one() {
+    const EVENTS: usize = 300;
+    let server = Server::start_with(|c| c.subscriber_backlog = 16).await;
+    let mut slow = grpc_client(&server).await;
+    let request = SubscribeRequest {
+        topics: vec!["t".into()],
+        ..Default::default()
+    };
+    // Not read while the events are published: HTTP/2 flow control holds
+    // the hub's writes, and its backlog fills.
+    let mut items = slow
+        .subscribe(request)
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut fast = server.subscribe("/topics/t").await;
+    let mut expected = Vec::new();
+    for i in 0..EVENTS {
+        let data = format!("{i:05}{}", "x".repeat(16 * 1024));
+        let id = server.publish_id("t", &data).await;
+        expected.push(Ev::new(&id, "message", &data));
+        assert_eq!(fast.next().await, expected[i]);
+    }
+
+    // Reading again: a gap-free prefix, then RESOURCE_EXHAUSTED (the call
+    // learns it lagged at its next turn).
+    let mut got = Vec::new();
+    let ended = loop {
+        match tokio::time::timeout(DEADLINE, items.message()).await {
+            Ok(Ok(Some(item))) => got.extend(item_to_ev(item)),
+            Ok(Ok(None)) => panic!("the call ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the lagging call was not ended"),
+        }
+    };
+    assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
+    assert!(!got.is_empty(), "the slow reader got the start of the feed");
+    assert!(got.len() < EVENTS, "the slow reader was cut off");
+    assert_eq!(got[..], expected[..got.len()]);
+    server
+        .wait_for_metric("crier_stream_ends_total{reason=\"slow_consumer\"} 1")
+        .await;
+
+    // Resuming with its last id, it loses nothing.
+    let mut resumed = grpc_client(&server)
+        .await
+        .subscribe(SubscribeRequest {
+            topics: vec!["t".into()],
+            last_event_id: got.last().expect("an event").id.clone(),
+            last: None,
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    let mut rest = Vec::new();
+    while rest.len() < EVENTS - got.len() {
+        let item = tokio::time::timeout(DEADLINE, resumed.message())
+            .await
+            .expect("an item in time")
+            .expect("an item")
+            .expect("the stream goes on");
+        rest.extend(item_to_ev(item));
+    }
+    assert_eq!(rest[..], expected[got.len()..]);
+    server.stop().await;
+}

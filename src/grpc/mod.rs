@@ -10,6 +10,7 @@
 //! Bearer …`, or a ticket in `crier-ticket`.
 
 mod error;
+mod health;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,7 +40,9 @@ use proto::crier_server::{Crier, CrierServer};
 /// keep a token.
 pub const TICKET_METADATA: &str = "crier-ticket";
 
-/// The gRPC services (crier's, health, reflection) as one router.
+/// The gRPC services as one router: crier's, `grpc.health.v1.Health`
+/// (reflecting `/readyz`) and server reflection (`grpc.reflection.v1`), so
+/// `grpcurl` and Postman work without the .proto.
 pub fn routes(state: AppState) -> axum::Router {
     let config = &state.config;
     // A batch's message may be as large as a batch's HTTP body, plus the
@@ -51,9 +54,10 @@ pub fn routes(state: AppState) -> axum::Router {
     .max_decoding_message_size(max_message)
     .accept_compressed(CompressionEncoding::Gzip)
     .send_compressed(CompressionEncoding::Gzip);
-    let mut routes = Routes::new(crier);
+    let mut routes = Routes::new(crier).add_service(health::service(state.clone()));
     match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
     {
         Ok(reflection) => routes = routes.add_service(reflection),
@@ -92,6 +96,25 @@ struct Caller {
 }
 
 impl Hub {
+    /// Runs a call (a unary one, or a subscription's opening) within its
+    /// deadline, its refusal counted as HTTP's are and made a status.
+    async fn within<T>(
+        &self,
+        deadline: Option<Duration>,
+        call: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<tonic::Response<T>, Status> {
+        let result = match deadline {
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| deadline_exceeded())?,
+            None => call.await,
+        };
+        result.map(tonic::Response::new).map_err(|error| {
+            self.state.metrics.refused(error.refusal());
+            status(&error)
+        })
+    }
+
     /// The client a call comes from (for limits), as HTTP names it: its
     /// peer, or the forwarded address when the peer is a trusted proxy.
     fn peer(&self, metadata: &MetadataMap, extensions: &axum::http::Extensions) -> Option<Caller> {
@@ -330,20 +353,6 @@ fn deadline_exceeded() -> Status {
     Status::deadline_exceeded("the call's deadline (grpc-timeout) passed")
 }
 
-/// Runs a unary call within its deadline.
-async fn within<T>(
-    deadline: Option<Duration>,
-    call: impl Future<Output = Result<T, ApiError>>,
-) -> Result<tonic::Response<T>, Status> {
-    let result = match deadline {
-        Some(limit) => tokio::time::timeout(limit, call)
-            .await
-            .map_err(|_| deadline_exceeded())?,
-        None => call.await,
-    };
-    result.map(tonic::Response::new).map_err(|e| status(&e))
-}
-
 /// The client's name for rates ("unknown" only when served without the
 /// accept loop).
 fn client_name(peer: Option<&Caller>) -> String {
@@ -434,7 +443,7 @@ impl Crier for Hub {
         request: tonic::Request<proto::SubscribeRequest>,
     ) -> Result<tonic::Response<SubscribeStream>, Status> {
         let deadline = deadline(request.metadata());
-        let mut stream = within(deadline, Hub::subscribe(self, request)).await?;
+        let mut stream = self.within(deadline, Hub::subscribe(self, request)).await?;
         stream.get_mut().deadline = deadline.map(|limit| Box::pin(tokio::time::sleep(limit)));
         Ok(stream)
     }
@@ -443,14 +452,15 @@ impl Crier for Hub {
         &self,
         request: tonic::Request<proto::PublishRequest>,
     ) -> Result<tonic::Response<proto::PublishReply>, Status> {
-        within(deadline(request.metadata()), Hub::publish(self, request)).await
+        self.within(deadline(request.metadata()), Hub::publish(self, request))
+            .await
     }
 
     async fn publish_batch(
         &self,
         request: tonic::Request<proto::PublishBatchRequest>,
     ) -> Result<tonic::Response<proto::PublishBatchReply>, Status> {
-        within(
+        self.within(
             deadline(request.metadata()),
             Hub::publish_batch(self, request),
         )
@@ -464,5 +474,39 @@ impl Crier for Hub {
         Err(Status::unimplemented(
             "Connect is not served yet: use Subscribe and Publish",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout(value: &str) -> Option<Duration> {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        deadline(&metadata)
+    }
+
+    #[test]
+    fn grpc_timeout_is_read_in_each_of_its_units_and_nonsense_is_none() {
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "S", "123456789S", "5x", "-5S", "5.0S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(deadline(&MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_authorization_metadata() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", "Bearer abc.def".parse().unwrap());
+        assert_eq!(bearer(&metadata), Some("abc.def"));
+        metadata.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&metadata), None);
     }
 }

@@ -190,12 +190,19 @@ async fn healthz() -> impl IntoResponse {
 /// its live feed flows (see `Store::check`), so publishes will be stored and
 /// subscribers served.
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    ready(&state).await?;
+    Ok(healthz().await)
+}
+
+/// Why the node is not ready, if it is not (what `/readyz` and gRPC's
+/// health service answer).
+pub async fn ready(state: &AppState) -> Result<(), ApiError> {
     if state.drain.is_draining() {
         return Err(ApiError::Draining);
     }
     let timeout = state.config.redis_timeout;
     match tokio::time::timeout(timeout, state.store.check()).await {
-        Ok(Ok(())) => Ok(healthz().await),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.into()),
         Err(_) => Err(StoreError::Unavailable("the store did not answer in time".into()).into()),
     }

@@ -556,3 +556,155 @@ async fn a_grpc_reader_that_falls_behind_is_cut_off_like_a_slow_sse_one() {
     assert_eq!(rest[..], expected[got.len()..]);
     server.stop().await;
 }
+
+/// The events of `items` until `n` arrived.
+async fn take_events(items: &mut tonic::Streaming<proto::Item>, n: usize) -> Vec<Ev> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let item = tokio::time::timeout(DEADLINE, items.message())
+            .await
+            .expect("an item in time")
+            .expect("an item")
+            .expect("the stream goes on");
+        seen.extend(item_to_ev(item));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_is_served_over_tls_by_alpn_h2_on_the_same_port() {
+    use rustls_pki_types::pem::PemObject;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = common::tls::TestCerts::new();
+    let (cert, key) = (certs.cert.clone(), certs.key.clone());
+    let server = Server::start_with(|config| {
+        config.tls_cert = Some(cert);
+        config.tls_key = Some(key);
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_file(&certs.ca_cert).expect("the CA"))
+        .expect("a root");
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = std::sync::Arc::new(tls);
+    let addr = server.addr;
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = rustls_pki_types::ServerName::try_from("localhost").expect("a name");
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(connector)
+        .await
+        .expect("a TLS connection");
+    let mut client = proto::crier_client::CrierClient::new(channel);
+    let mut items = client
+        .subscribe(SubscribeRequest {
+            topics: vec!["secure".into()],
+            last_event_id: "0".into(),
+            last: None,
+        })
+        .await
+        .expect("subscribe over TLS")
+        .into_inner();
+    let reply = client
+        .publish(publish("secure", "over tls", ""))
+        .await
+        .expect("publish over TLS")
+        .into_inner();
+    assert_eq!(reply.seq, 1);
+    assert_eq!(
+        take_events(&mut items, 1).await,
+        vec![Ev::new(&reply.id, "message", "over tls")]
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_in_metadata_opens_one_subscription_and_an_expiring_token_ends_with_reauth() {
+    let server = Server::start_with(with_secret).await;
+    let token = auth::token(&["t"], &["t"]);
+    let answer: serde_json::Value = server
+        .client
+        .post(server.url("/tickets"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "topics": ["t"] }))
+        .send()
+        .await
+        .expect("a ticket request")
+        .json()
+        .await
+        .expect("a ticket");
+    let ticket = answer["ticket"].as_str().expect("a ticket").to_owned();
+    let with_ticket = || {
+        let mut request = tonic::Request::new(SubscribeRequest {
+            topics: vec!["t".into()],
+            last_event_id: "0".into(),
+            last: None,
+        });
+        request
+            .metadata_mut()
+            .insert("crier-ticket", ticket.parse().expect("metadata"));
+        request
+    };
+    let mut client = grpc_client(&server).await;
+    let mut items = client
+        .subscribe(with_ticket())
+        .await
+        .expect("subscribe with a ticket")
+        .into_inner();
+    let reply = client
+        .publish(with_token(publish("t", "by ticket", ""), &token))
+        .await
+        .expect("publish")
+        .into_inner();
+    assert_eq!(
+        take_events(&mut items, 1).await,
+        vec![Ev::new(&reply.id, "message", "by ticket")]
+    );
+    let used = client
+        .subscribe(with_ticket())
+        .await
+        .expect_err("a ticket is single-use");
+    assert_refused(&used, Code::Unauthenticated, "invalid-ticket");
+
+    // A token that expires in two seconds: `reauth`, then UNAUTHENTICATED.
+    let short = auth::signed(&auth::claims(&[], &["t"], auth::now() + 2));
+    let mut items = client
+        .subscribe(with_token(
+            SubscribeRequest {
+                topics: vec!["t".into()],
+                ..Default::default()
+            },
+            &short,
+        ))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut seen = Vec::new();
+    let ended = loop {
+        match tokio::time::timeout(DEADLINE, items.message()).await {
+            Ok(Ok(Some(item))) => seen.extend(item_to_ev(item)),
+            Ok(Ok(None)) => panic!("the call ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the expiry did not end the call"),
+        }
+    };
+    assert_eq!(
+        seen,
+        vec![Ev::new("", "reauth", r#"{"reason":"token-expired"}"#)]
+    );
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    server.stop().await;
+}

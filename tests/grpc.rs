@@ -708,3 +708,67 @@ async fn a_ticket_in_metadata_opens_one_subscription_and_an_expiring_token_ends_
     assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_turns_health_to_not_serving_and_ends_calls_with_a_farewell() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let mut crier = Process::start(&[
+        "--drain-delay",
+        "1s",
+        "--drain-window",
+        "300ms",
+        "--retry",
+        "400ms",
+    ]);
+    let channel = tonic::transport::Endpoint::from_shared(crier.url(""))
+        .expect("an endpoint")
+        .connect()
+        .await
+        .expect("a connection");
+    let mut client = proto::crier_client::CrierClient::new(channel.clone());
+    let health = HealthClient::new(channel);
+    let mut items = client
+        .subscribe(SubscribeRequest {
+            topics: vec!["t".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    crier.terminate();
+    common::eventually("health NOT_SERVING", || {
+        let mut health = health.clone();
+        async move {
+            let answer = health
+                .check(HealthCheckRequest::default())
+                .await
+                .map_err(|status| status.to_string())?
+                .into_inner();
+            (answer.status == ServingStatus::NotServing as i32)
+                .then_some(())
+                .ok_or_else(|| format!("{answer:?}"))
+        }
+    })
+    .await;
+    let mut farewell = None;
+    let ended = loop {
+        match tokio::time::timeout(DEADLINE, items.message()).await {
+            Ok(Ok(Some(proto::Item {
+                item: Some(proto::item::Item::Farewell(last)),
+            }))) => farewell = Some(last),
+            Ok(Ok(Some(item))) => assert!(farewell.is_none(), "{item:?} after the farewell"),
+            Ok(Ok(None)) => panic!("the call ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the drain did not end the call"),
+        }
+    };
+    let farewell = farewell.expect("a farewell item");
+    assert!(farewell.retry_ms <= 400, "{farewell:?}");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    let status = tokio::task::spawn_blocking(move || crier.wait_exit(DEADLINE))
+        .await
+        .expect("the wait");
+    assert!(status.success(), "{status:?}");
+}

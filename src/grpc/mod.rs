@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio_stream::Stream;
-use tonic::codec::CompressionEncoding;
+use tokio_stream::{Stream, StreamExt};
+use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
 use tonic::metadata::MetadataMap;
 use tonic::{Status, service::Routes};
 
@@ -33,7 +33,7 @@ use crate::server::{Activity, Peer, StreamActivity};
 use crate::store::{Appended, IdempotencyKey, NewEvent, Receipt, StoreError};
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 pub use crate::transport::grpc::proto;
-use crate::transport::grpc::{Batch, Items};
+use crate::transport::grpc::{Batch, Encoded, Items};
 use proto::crier_server::{Crier, CrierServer};
 
 /// The metadata key of a ticket (`POST /tickets`), for clients that cannot
@@ -48,12 +48,13 @@ pub fn routes(state: AppState) -> axum::Router {
     // A batch's message may be as large as a batch's HTTP body, plus the
     // protobuf framing of its fields.
     let max_message = config.max_batch_bytes.saturating_add(64 * 1024);
-    let crier = CrierServer::new(Hub {
+    let hub = Arc::new(Hub {
         state: state.clone(),
-    })
-    .max_decoding_message_size(max_message)
-    .accept_compressed(CompressionEncoding::Gzip)
-    .send_compressed(CompressionEncoding::Gzip);
+    });
+    let crier = CrierServer::from_arc(hub.clone())
+        .max_decoding_message_size(max_message)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
     let mut routes = Routes::new(crier).add_service(health::service(state.clone()));
     match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -63,7 +64,62 @@ pub fn routes(state: AppState) -> axum::Router {
         Ok(reflection) => routes = routes.add_service(reflection),
         Err(error) => tracing::error!(%error, "serving gRPC without reflection"),
     }
-    routes.prepare().into_axum_router()
+    // Subscribe's own route (an exact path wins over the service's
+    // wildcard): its messages go out already encoded.
+    routes.prepare().into_axum_router().route_service(
+        "/crier.v1.Crier/Subscribe",
+        SubscribeRoute { hub, max_message },
+    )
+}
+
+/// `Subscribe` served by tonic's server-streaming machinery over a codec
+/// of already encoded messages ([`Encoded`]), so an event's message, made
+/// once, is written as it is to every call (the generated service would
+/// want an `Item` value per call to encode).
+#[derive(Clone)]
+struct SubscribeRoute {
+    hub: Arc<Hub>,
+    max_message: usize,
+}
+
+impl tower::Service<axum::extract::Request> for SubscribeRoute {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<axum::response::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        let route = self.clone();
+        Box::pin(async move {
+            let mut gzip = EnabledCompressionEncodings::default();
+            gzip.enable(CompressionEncoding::Gzip);
+            let codec = tonic_prost::ProstCodec::<Encoded, proto::SubscribeRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec)
+                .apply_compression_config(gzip, gzip)
+                .apply_max_message_size_config(Some(route.max_message), None);
+            let response = grpc.server_streaming(Calls(route.hub), request).await;
+            Ok(response.map(axum::body::Body::new))
+        })
+    }
+}
+
+/// The calls of [`SubscribeRoute`].
+struct Calls(Arc<Hub>);
+
+impl tonic::server::ServerStreamingService<proto::SubscribeRequest> for Calls {
+    type Response = Encoded;
+    type ResponseStream = SubscribeStream;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<tonic::Response<SubscribeStream>, Status>> + Send>>;
+
+    fn call(&mut self, request: tonic::Request<proto::SubscribeRequest>) -> Self::Future {
+        let hub = self.0.clone();
+        Box::pin(async move { hub.subscribe_call(request).await })
+    }
 }
 
 /// The `Crier` service over the hub's state.
@@ -96,6 +152,17 @@ struct Caller {
 }
 
 impl Hub {
+    /// A `Subscribe` call, within its deadline, which also ends the stream.
+    async fn subscribe_call(
+        &self,
+        request: tonic::Request<proto::SubscribeRequest>,
+    ) -> Result<tonic::Response<SubscribeStream>, Status> {
+        let deadline = deadline(request.metadata());
+        let mut stream = self.within(deadline, self.subscribe(request)).await?;
+        stream.get_mut().deadline = deadline.map(|limit| Box::pin(tokio::time::sleep(limit)));
+        Ok(stream)
+    }
+
     /// Runs a call (a unary one, or a subscription's opening) within its
     /// deadline, its refusal counted as HTTP's are and made a status.
     async fn within<T>(
@@ -387,7 +454,7 @@ fn reply(appended: &Appended) -> proto::PublishReply {
 /// it leaves the hub and frees the client's slot.
 pub struct SubscribeStream {
     items: Pin<Box<dyn Stream<Item = Batch> + Send>>,
-    ready: std::vec::IntoIter<Result<proto::Item, Status>>,
+    ready: std::vec::IntoIter<Result<Encoded, Status>>,
     written: crate::metrics::BytesWritten,
     _slot: Option<Slot>,
     /// On HTTP/2: the call's share of its connection's activity, told each
@@ -400,7 +467,7 @@ pub struct SubscribeStream {
 }
 
 impl Stream for SubscribeStream {
-    type Item = Result<proto::Item, Status>;
+    type Item = Result<Encoded, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(activity) = &self.activity {
@@ -421,7 +488,7 @@ impl Stream for SubscribeStream {
         loop {
             if let Some(item) = self.ready.next() {
                 if let Ok(item) = &item {
-                    self.written.add(prost::Message::encoded_len(item));
+                    self.written.add(item.0.len());
                 }
                 return Poll::Ready(Some(item));
             }
@@ -435,17 +502,23 @@ impl Stream for SubscribeStream {
 
 #[tonic::async_trait]
 impl Crier for Hub {
-    type SubscribeStream = SubscribeStream;
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<proto::Item, Status>> + Send>>;
     type ConnectStream = Pin<Box<dyn Stream<Item = Result<proto::ServerMessage, Status>> + Send>>;
 
+    /// Not reached through [`routes`] (see [`SubscribeRoute`]): the same
+    /// call, its messages decoded again for the generated service.
     async fn subscribe(
         &self,
         request: tonic::Request<proto::SubscribeRequest>,
-    ) -> Result<tonic::Response<SubscribeStream>, Status> {
-        let deadline = deadline(request.metadata());
-        let mut stream = self.within(deadline, Hub::subscribe(self, request)).await?;
-        stream.get_mut().deadline = deadline.map(|limit| Box::pin(tokio::time::sleep(limit)));
-        Ok(stream)
+    ) -> Result<tonic::Response<Self::SubscribeStream>, Status> {
+        let stream = self.subscribe_call(request).await?;
+        Ok(stream.map(|messages| {
+            Box::pin(messages.map(|message| {
+                message.and_then(|Encoded(bytes)| {
+                    prost::Message::decode(bytes).map_err(|e| Status::internal(e.to_string()))
+                })
+            })) as Self::SubscribeStream
+        }))
     }
 
     async fn publish(

@@ -2,17 +2,22 @@
 //!
 //! Events, `reset`, `reauth`, `farewell` and heartbeats each become one
 //! `Item`; the stream opens with an `Open` item (as a WebSocket opens with
-//! its `open` frame). A stream that ends for any reason but the client's
+//! its `open` frame). Each message is handed out already encoded
+//! ([`Encoded`]): an event's message is made once per event and shared by
+//! every single-topic call (cached on the `Event`, as its JSON is), so
+//! tonic writes the same bytes to each. A stream that ends for any reason but the client's
 //! leaving ends with a status after its last item: `UNAVAILABLE` when the
 //! node drains or stops (reconnect and resume, elsewhere),
 //! `UNAUTHENTICATED` when the credentials expired, `RESOURCE_EXHAUSTED`
 //! when the subscriber fell behind, `INTERNAL` when the store refuses the
 //! stream's work. This module does no I/O: tonic writes what it hands out.
 
+use bytes::{BufMut, Bytes};
+use prost::Message;
 use tonic::Status;
 
 use crate::compress::Chained;
-use crate::event::Event;
+use crate::event::{Event, PROTO_UNIT};
 use crate::metrics::StreamEnd;
 use crate::subscription::{Control, Wire};
 use proto::item;
@@ -30,7 +35,47 @@ pub mod proto {
 }
 
 /// One write's messages (each `Ok`, but a last `Err` that ends the call).
-pub type Batch = Vec<Result<proto::Item, Status>>;
+pub type Batch = Vec<Result<Encoded, Status>>;
+
+/// An `Item` message already encoded: written as it is (its `Message`
+/// implementation copies the bytes; it is never decoded by the hub).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Encoded(pub Bytes);
+
+impl Message for Encoded {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = Bytes::new();
+    }
+}
+
+/// A heartbeat `Item` (field 5, an empty message).
+const HEARTBEAT: &[u8] = &[5 << 3 | 2, 0];
+
+/// The encoded `Item` of `event` under its own id (`SEQ.EPOCH`): made on
+/// first use, then shared by every single-topic call that carries it.
+pub fn event_message(event: &Event) -> Bytes {
+    event.unit(PROTO_UNIT, || {
+        Bytes::from(event_item(event.position().to_string(), event).encode_to_vec())
+    })
+}
 
 /// The message of `event` under `id`: its name and data as an EventSource
 /// sees them, read back from its SSE frame (the only form an event is kept
@@ -122,9 +167,9 @@ pub struct Items {
 }
 
 impl Items {
-    fn push(&mut self, item: proto::Item, len: usize) {
-        self.pending += len;
-        self.items.push(Ok(item));
+    fn push(&mut self, message: Bytes) {
+        self.pending += message.len();
+        self.items.push(Ok(Encoded(message)));
     }
 }
 
@@ -132,23 +177,21 @@ impl Wire for Items {
     type Out = Batch;
 
     fn control(&mut self, control: &Control) {
-        self.push(control_item(control), 64);
+        self.push(Bytes::from(control_item(control).encode_to_vec()));
     }
 
     fn heartbeat(&mut self) {
-        self.items.push(Ok(proto::Item {
-            item: Some(item::Item::Heartbeat(proto::Heartbeat {})),
-        }));
+        self.push(Bytes::from_static(HEARTBEAT));
     }
 
     fn event(&mut self, event: &Event, _: Option<&Chained>) {
-        let len = event.frame().len();
-        self.push(event_item(event.position().to_string(), event), len);
+        self.push(event_message(event));
     }
 
     fn event_with_id(&mut self, id: &str, event: &Event) {
-        let len = event.frame().len();
-        self.push(event_item(id.to_owned(), event), len);
+        self.push(Bytes::from(
+            event_item(id.to_owned(), event).encode_to_vec(),
+        ));
     }
 
     fn pending(&self) -> usize {
@@ -196,6 +239,23 @@ mod tests {
                 data: "a\nb".into(),
                 seq: 7,
             }))
+        );
+    }
+
+    #[test]
+    fn an_events_message_is_encoded_once_and_shared() {
+        let event = Event::new(Topic::parse("news", 64).unwrap(), 7, Epoch(46), None, "hi");
+        let first = event_message(&event);
+        let second = event_message(&event);
+        assert_eq!(first.as_ptr(), second.as_ptr(), "the same bytes");
+        assert_eq!(
+            proto::Item::decode(first).unwrap(),
+            event_item("7.1a".into(), &event)
+        );
+        let heartbeat = proto::Item::decode(HEARTBEAT).unwrap();
+        assert_eq!(
+            heartbeat.item,
+            Some(item::Item::Heartbeat(proto::Heartbeat {}))
         );
     }
 

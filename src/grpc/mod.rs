@@ -5,8 +5,8 @@
 //!
 //! A request is gRPC when it comes over HTTP/2 with `content-type:
 //! application/grpc` (or `application/grpc+…`); `crate::http::dispatch`
-//! sends it to [`routes`] before any HTTP layer, so Origin checks and CORS never apply (no
-//! browser speaks gRPC). Credentials travel in metadata: `authorization:
+//! sends it to [`routes`] before any HTTP layer but the trace, so Origin
+//! checks and CORS never apply (no browser speaks gRPC). Credentials travel in metadata: `authorization:
 //! Bearer …`, or a ticket in `crier-ticket`.
 
 mod error;
@@ -48,10 +48,10 @@ pub fn routes(state: AppState) -> axum::Router {
     // A batch's message may be as large as a batch's HTTP body, plus the
     // protobuf framing of its fields.
     let max_message = config.max_batch_bytes.saturating_add(64 * 1024);
-    let hub = Arc::new(Hub {
+    let face = Arc::new(Face {
         state: state.clone(),
     });
-    let crier = CrierServer::from_arc(hub.clone())
+    let crier = CrierServer::from_arc(face.clone())
         .max_decoding_message_size(max_message)
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
@@ -68,7 +68,7 @@ pub fn routes(state: AppState) -> axum::Router {
     // wildcard): its messages go out already encoded.
     routes.prepare().into_axum_router().route_service(
         "/crier.v1.Crier/Subscribe",
-        SubscribeRoute { hub, max_message },
+        SubscribeRoute { face, max_message },
     )
 }
 
@@ -78,7 +78,7 @@ pub fn routes(state: AppState) -> axum::Router {
 /// want an `Item` value per call to encode).
 #[derive(Clone)]
 struct SubscribeRoute {
-    hub: Arc<Hub>,
+    face: Arc<Face>,
     max_message: usize,
 }
 
@@ -101,29 +101,31 @@ impl tower::Service<axum::extract::Request> for SubscribeRoute {
             let mut grpc = tonic::server::Grpc::new(codec)
                 .apply_compression_config(gzip, gzip)
                 .apply_max_message_size_config(Some(route.max_message), None);
-            let response = grpc.server_streaming(Calls(route.hub), request).await;
+            let response = grpc
+                .server_streaming(SubscribeCalls(route.face), request)
+                .await;
             Ok(response.map(axum::body::Body::new))
         })
     }
 }
 
 /// The calls of [`SubscribeRoute`].
-struct Calls(Arc<Hub>);
+struct SubscribeCalls(Arc<Face>);
 
-impl tonic::server::ServerStreamingService<proto::SubscribeRequest> for Calls {
+impl tonic::server::ServerStreamingService<proto::SubscribeRequest> for SubscribeCalls {
     type Response = Encoded;
     type ResponseStream = SubscribeStream;
     type Future =
         Pin<Box<dyn Future<Output = Result<tonic::Response<SubscribeStream>, Status>> + Send>>;
 
     fn call(&mut self, request: tonic::Request<proto::SubscribeRequest>) -> Self::Future {
-        let hub = self.0.clone();
-        Box::pin(async move { hub.subscribe_call(request).await })
+        let face = self.0.clone();
+        Box::pin(async move { face.subscribe_call(request).await })
     }
 }
 
-/// The `Crier` service over the hub's state.
-struct Hub {
+/// The `Crier` service: the gRPC face over the hub's state.
+struct Face {
     state: AppState,
 }
 
@@ -151,7 +153,7 @@ struct Caller {
     activity: Option<Arc<Activity>>,
 }
 
-impl Hub {
+impl Face {
     /// A `Subscribe` call, within its deadline, which also ends the stream.
     async fn subscribe_call(
         &self,
@@ -501,7 +503,7 @@ impl Stream for SubscribeStream {
 }
 
 #[tonic::async_trait]
-impl Crier for Hub {
+impl Crier for Face {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<proto::Item, Status>> + Send>>;
     type ConnectStream = Pin<Box<dyn Stream<Item = Result<proto::ServerMessage, Status>> + Send>>;
 
@@ -525,7 +527,7 @@ impl Crier for Hub {
         &self,
         request: tonic::Request<proto::PublishRequest>,
     ) -> Result<tonic::Response<proto::PublishReply>, Status> {
-        self.within(deadline(request.metadata()), Hub::publish(self, request))
+        self.within(deadline(request.metadata()), Face::publish(self, request))
             .await
     }
 
@@ -535,7 +537,7 @@ impl Crier for Hub {
     ) -> Result<tonic::Response<proto::PublishBatchReply>, Status> {
         self.within(
             deadline(request.metadata()),
-            Hub::publish_batch(self, request),
+            Face::publish_batch(self, request),
         )
         .await
     }

@@ -79,8 +79,9 @@ pub fn app(state: AppState) -> Router {
     app_with(state, None)
 }
 
-/// [`app`], with gRPC calls sent to `grpc` (`crate::grpc::routes`) ahead
-/// of every HTTP layer: Origin checks and CORS are for browsers.
+/// [`app`], with gRPC calls sent to `grpc` (`crate::grpc::routes`) once
+/// traced, ahead of every other HTTP layer: Origin checks and CORS are for
+/// browsers.
 pub fn app_with(state: AppState, grpc: Option<Router>) -> Router {
     let cors = access::cors_layer(state.auth.origins());
     // JSON and HTML answers are compressed by tower-http; event streams
@@ -136,8 +137,10 @@ pub fn app_with(state: AppState, grpc: Option<Router>) -> Router {
     // per request in the square of their number.
     router.layer(
         ServiceBuilder::new()
-            .layer(dispatch::DispatchLayer(grpc))
             .layer(trace::TraceLayer)
+            // gRPC calls get their span and log line, and none of the
+            // layers below (Origin, CORS, HTTP limits): they have their own.
+            .layer(dispatch::DispatchLayer(grpc))
             // The origin check comes before CORS, so a foreign origin's
             // preflight is refused like any of its requests rather than
             // answered.

@@ -1,5 +1,6 @@
 //! The gRPC face, beyond the shared transport suite (tests/transports.rs):
-//! publishing with idempotency keys and batches, refusals as status codes
+//! publishing with idempotency keys and batches, the bidirectional
+//! `Connect`, refusals as status codes
 //! carrying the problem's type, calls that end (cancelled, past their
 //! deadline) releasing their subscription, and a client generated in
 //! another language (Python's grpcio) that subscribes, publishes and
@@ -271,15 +272,140 @@ async fn a_cancelled_call_and_one_past_its_deadline_release_their_subscription()
     server.stop().await;
 }
 
+/// What a `Connect` call shows: each message's reference with the event,
+/// ack (`ack SEQ`) or problem (`problem TYPE`) it carries.
+fn connect_line(message: proto::ServerMessage) -> Option<(String, String)> {
+    use proto::server_message::Message;
+    let shown = match message.message? {
+        Message::Item(item) => {
+            let ev = item_to_ev(item)?;
+            format!("{} {} {}", ev.event, ev.id, ev.data)
+        }
+        Message::Ack(reply) => format!("ack {} {}", reply.seq, reply.replayed),
+        Message::Problem(problem) => format!("problem {}", problem.r#type),
+    };
+    Some((message.reference, shown))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_answers_unimplemented_for_now() {
+async fn connect_subscribes_publishes_with_references_unsubscribes_and_cancels() {
+    use proto::client_message::Message;
+    use proto::{ClientMessage, Unsubscribe};
+
     let server = Server::start().await;
+    let first = server.publish("a", "before").await;
+    let epoch = first["id"]
+        .as_str()
+        .unwrap()
+        .split_once('.')
+        .unwrap()
+        .1
+        .to_owned();
     let mut client = grpc_client(&server).await;
-    let status = client
-        .connect(tokio_stream::iter(Vec::<proto::ClientMessage>::new()))
+    let (tx, rx) = tokio::sync::mpsc::channel::<ClientMessage>(8);
+    let send = |reference: &str, message: Message| {
+        let tx = tx.clone();
+        let message = ClientMessage {
+            reference: reference.into(),
+            message: Some(message),
+        };
+        async move { tx.send(message).await.expect("the call is open") }
+    };
+    send(
+        "sub-a",
+        Message::Subscribe(SubscribeRequest {
+            topics: vec!["a".into()],
+            last_event_id: "0".into(),
+            last: None,
+        }),
+    )
+    .await;
+    let mut answers = client
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .expect_err("not served yet");
-    assert_eq!(status.code(), Code::Unimplemented);
+        .expect("connect")
+        .into_inner();
+    let mut next = async || loop {
+        let message = tokio::time::timeout(DEADLINE, answers.message())
+            .await
+            .expect("a message in time")
+            .expect("a message")
+            .expect("the call goes on");
+        if let Some(line) = connect_line(message) {
+            return line;
+        }
+    };
+    let line = |reference: &str, shown: String| (reference.to_owned(), shown);
+    assert_eq!(
+        next().await,
+        line("sub-a", format!("message 1.{epoch} before"))
+    );
+    send(
+        "pub-1",
+        Message::Publish(publish("a", "over connect", "k1")),
+    )
+    .await;
+    let mut got = vec![next().await, next().await];
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            line("pub-1", "ack 2 false".into()),
+            line("sub-a", format!("message 2.{epoch} over connect")),
+        ]
+    );
+    send(
+        "pub-1",
+        Message::Publish(publish("a", "over connect", "k1")),
+    )
+    .await;
+    assert_eq!(next().await, line("pub-1", "ack 2 true".into()));
+    send("pub-2", Message::Publish(publish("no spaces", "x", ""))).await;
+    assert_eq!(
+        next().await,
+        line("pub-2", "problem urn:crier:problem:invalid-topic".into())
+    );
+    send(
+        "sub-b",
+        Message::Subscribe(SubscribeRequest {
+            topics: vec!["b".into()],
+            last: Some(0),
+            ..Default::default()
+        }),
+    )
+    .await;
+    send(
+        "unsub-a",
+        Message::Unsubscribe(Unsubscribe {
+            topics: vec!["a".into()],
+        }),
+    )
+    .await;
+    // Answered in order: once this publish is acked, both took effect.
+    send("pub-3", Message::Publish(publish("b", "to b", ""))).await;
+    let mut got = vec![next().await, next().await];
+    got.sort();
+    let b_id = got[1].1.split(' ').nth(1).unwrap_or_default().to_owned();
+    assert_eq!(
+        got,
+        vec![
+            line("pub-3", "ack 1 false".into()),
+            line("sub-b", format!("message {b_id} to b")),
+        ]
+    );
+    server.publish("a", "unheard").await;
+    let after = server.publish("b", "heard").await;
+    assert_eq!(
+        next().await,
+        line(
+            "sub-b",
+            format!("message {} heard", after["id"].as_str().unwrap())
+        )
+    );
+    // Cancelling the call (both its halves) ends its subscriptions.
+    server.wait_for_metric("crier_open_streams 1").await;
+    drop((answers, tx));
+    server.wait_for_metric("crier_open_streams 0").await;
     server.stop().await;
 }
 

@@ -9,6 +9,7 @@
 //! checks and CORS never apply (no browser speaks gRPC). Credentials travel in metadata: `authorization:
 //! Bearer …`, or a ticket in `crier-ticket`.
 
+mod connect;
 mod error;
 mod health;
 
@@ -125,6 +126,7 @@ impl tonic::server::ServerStreamingService<proto::SubscribeRequest> for Subscrib
 }
 
 /// The `Crier` service: the gRPC face over the hub's state.
+#[derive(Clone)]
 struct Face {
     state: AppState,
 }
@@ -502,10 +504,24 @@ impl Stream for SubscribeStream {
     }
 }
 
+/// A `Connect` call's messages, holding its slot until the call ends.
+pub struct Holding {
+    outgoing: connect::Outgoing,
+    _slot: Option<Slot>,
+}
+
+impl Stream for Holding {
+    type Item = Result<proto::ServerMessage, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.outgoing.as_mut().poll_next(cx)
+    }
+}
+
 #[tonic::async_trait]
 impl Crier for Face {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<proto::Item, Status>> + Send>>;
-    type ConnectStream = Pin<Box<dyn Stream<Item = Result<proto::ServerMessage, Status>> + Send>>;
+    type ConnectStream = Pin<Box<Holding>>;
 
     /// Not reached through [`routes`] (see [`SubscribeRoute`]): the same
     /// call, its messages decoded again for the generated service.
@@ -544,11 +560,21 @@ impl Crier for Face {
 
     async fn connect(
         &self,
-        _request: tonic::Request<tonic::Streaming<proto::ClientMessage>>,
+        request: tonic::Request<tonic::Streaming<proto::ClientMessage>>,
     ) -> Result<tonic::Response<Self::ConnectStream>, Status> {
-        Err(Status::unimplemented(
-            "Connect is not served yet: use Subscribe and Publish",
-        ))
+        let (metadata, extensions, inbound) = request.into_parts();
+        // The call's share of its client's cap; each subscription and
+        // publish on it counts as well, as its own call would.
+        let caller = self.peer(&metadata, &extensions);
+        let slot = self.slot(caller.as_ref()).map_err(|error| {
+            self.state.metrics.refused(error.refusal());
+            status(&error)
+        })?;
+        let outgoing = connect::serve(self.clone(), metadata, extensions, inbound);
+        Ok(tonic::Response::new(Box::pin(Holding {
+            outgoing,
+            _slot: slot,
+        })))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Sends gRPC calls to the gRPC router (`crate::grpc::routes`) before any
-//! HTTP layer, everything else on to the HTTP routes. Knows nothing of
-//! either: a header test and a fork.
+//! HTTP layer but the trace, everything else on to the HTTP routes. Knows
+//! nothing of either: a header test and a fork.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};

@@ -2,7 +2,7 @@
 //! domain types, call the store or open a subscription, and map the result.
 
 mod access;
-pub mod dispatch;
+mod dispatch;
 mod edge;
 mod error;
 mod limits;

@@ -288,7 +288,7 @@ fn connect_line(message: proto::ServerMessage) -> Option<(String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_subscribes_publishes_with_references_unsubscribes_and_cancels() {
+async fn connect_subscribes_publishes_with_references_and_ends_on_cancel_or_deadline() {
     use proto::client_message::Message;
     use proto::{ClientMessage, Unsubscribe};
 
@@ -406,6 +406,33 @@ async fn connect_subscribes_publishes_with_references_unsubscribes_and_cancels()
     server.wait_for_metric("crier_open_streams 1").await;
     drop((answers, tx));
     server.wait_for_metric("crier_open_streams 0").await;
+
+    // A call past its deadline ends, and its subscriptions with it.
+    let (tx, rx) = tokio::sync::mpsc::channel::<ClientMessage>(8);
+    tx.send(ClientMessage {
+        reference: "sub".into(),
+        message: Some(Message::Subscribe(SubscribeRequest {
+            topics: vec!["a".into()],
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("the call is open");
+    let mut timed = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    timed.set_timeout(Duration::from_millis(500));
+    let mut answers = client.connect(timed).await.expect("connect").into_inner();
+    server.wait_for_metric("crier_open_streams 1").await;
+    let ended = loop {
+        match tokio::time::timeout(DEADLINE, answers.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the call ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the deadline did not end the call"),
+        }
+    };
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    server.wait_for_metric("crier_open_streams 0").await;
+    drop(tx);
     server.stop().await;
 }
 

@@ -30,7 +30,8 @@ pub type Outgoing = Pin<Box<dyn Stream<Item = Result<proto::ServerMessage, Statu
 /// Messages waiting for the client, per call.
 const QUEUE: usize = 64;
 
-/// Serves one call until the client leaves or a subscription ends it.
+/// Serves one call until the client leaves, a subscription ends it, or its
+/// deadline (`grpc-timeout`) passes.
 pub fn serve(
     face: Face,
     metadata: MetadataMap,
@@ -38,7 +39,8 @@ pub fn serve(
     inbound: Streaming<proto::ClientMessage>,
 ) -> Outgoing {
     let (tx, rx) = mpsc::channel(QUEUE);
-    tokio::spawn(run(face, metadata, extensions, inbound, tx));
+    let deadline = super::deadline(&metadata).map(|limit| tokio::time::Instant::now() + limit);
+    tokio::spawn(run(face, metadata, extensions, inbound, tx, deadline));
     Box::pin(ReceiverStream::new(rx))
 }
 
@@ -86,7 +88,15 @@ async fn run(
     extensions: axum::http::Extensions,
     mut inbound: Streaming<proto::ClientMessage>,
     tx: Sender,
+    deadline: Option<tokio::time::Instant>,
 ) {
+    let expired = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let mut subscriptions: StreamMap<Vec<String>, SubscribeStream> = StreamMap::new();
     let mut references: HashMap<Vec<String>, String> = HashMap::new();
     let mut reading = true;
@@ -145,6 +155,7 @@ async fn run(
                 }
             }
             () = tx.closed() => return,
+            () = &mut expired => Some(Err(super::deadline_exceeded())),
         };
         let Some(answer) = answer else {
             if !reading && subscriptions.is_empty() {

@@ -338,12 +338,17 @@ impl RetainedBytes {
 }
 
 /// Cached forms per event: three shared codings, whole frame and body; then
-/// the event's JSON (WebSocket frames, long-poll entries).
-const UNIT_SLOTS: usize = 7;
+/// the event's JSON (WebSocket frames, long-poll entries); then its gRPC
+/// message.
+const UNIT_SLOTS: usize = 8;
 
 /// The slot of [`Event::unit`] that holds the event's JSON
 /// (`crate::transport::websocket::event_json`).
 pub const JSON_UNIT: usize = 6;
+
+/// The slot of [`Event::unit`] that holds the event's gRPC `Item` message
+/// (`crate::transport::grpc::event_message`).
+pub const PROTO_UNIT: usize = 7;
 
 impl Event {
     pub fn new(
@@ -443,7 +448,7 @@ impl Event {
         self.frame.slice(self.id_line_len as usize..)
     }
 
-    /// The form in `slot` (`0..6` compressed, [`JSON_UNIT`]), made by
+    /// The form in `slot` (`0..6` compressed, [`JSON_UNIT`], [`PROTO_UNIT`]), made by
     /// `make` on first use and shared from then on, if it fits the budget
     /// the event is retained under (else made anew for each caller: CPU
     /// rather than memory).

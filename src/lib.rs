@@ -16,6 +16,7 @@ pub mod config;
 pub mod devcert;
 pub mod drain;
 pub mod event;
+pub mod grpc;
 pub mod http;
 pub mod http1;
 pub mod hub;
@@ -230,7 +231,7 @@ async fn serve_with(
     });
     let result = server::serve(
         listener,
-        app(state.clone()),
+        http::app_with(state.clone(), Some(grpc::routes(state.clone()))),
         limits,
         metrics,
         &config,

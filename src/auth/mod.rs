@@ -45,6 +45,13 @@ pub struct Credentials<'a> {
     pub not_bearer: bool,
 }
 
+/// Whether an `Authorization` value is a bare token: one word, no scheme.
+/// (`Basic …` and other schemes are simply no credential.)
+pub fn is_bare_token(value: &[u8]) -> bool {
+    let value = value.trim_ascii();
+    !value.is_empty() && !value.contains(&b' ') && !value.eq_ignore_ascii_case(b"bearer")
+}
+
 /// Who a request is, once its credentials are checked.
 #[derive(Debug)]
 pub enum Principal {

@@ -50,12 +50,9 @@ pub fn credentials<'a>(
             (name == cookie_name).then(|| value.trim_matches('"'))
         })
         .filter(|t| !t.is_empty());
-    // A bare token: one word, no scheme. (`Basic …` and other schemes
-    // are simply no credential.)
-    let not_bearer = headers.get(header::AUTHORIZATION).is_some_and(|v| {
-        let value = v.as_bytes().trim_ascii();
-        !value.is_empty() && !value.contains(&b' ') && !value.eq_ignore_ascii_case(b"bearer")
-    });
+    let not_bearer = headers
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| crate::auth::is_bare_token(v.as_bytes()));
     Credentials {
         bearer,
         cookie,

@@ -179,7 +179,7 @@ impl ApiError {
     }
 
     /// The reason this refusal is counted under in the metrics.
-    fn refusal(&self) -> Refusal {
+    pub(crate) fn refusal(&self) -> Refusal {
         match self {
             ApiError::PayloadTooLarge { .. } | ApiError::EncodedTooLarge { .. } => {
                 Refusal::TooLarge

@@ -53,14 +53,15 @@
 //! touch a lock or a socket directly.
 
 mod access;
+mod dispatch;
 mod edge;
 mod error;
 mod limits;
 mod metrics;
 mod poll;
-mod publish;
+pub(crate) mod publish;
 mod request;
-mod subscribe;
+pub(crate) mod subscribe;
 mod tickets;
 mod trace;
 mod websocket;
@@ -159,6 +160,13 @@ struct Probe;
 
 /// Builds the whole router. `main` serves it; tests serve the very same.
 pub fn app(state: AppState) -> Router {
+    app_with(state, None)
+}
+
+/// [`app`], with gRPC calls sent to `grpc` (`crate::grpc::routes`) once
+/// traced, ahead of every other HTTP layer: Origin checks and CORS are for
+/// browsers.
+pub fn app_with(state: AppState, grpc: Option<Router>) -> Router {
     let cors = access::cors_layer(state.auth.origins());
     // JSON and HTML answers are compressed by tower-http; event streams
     // compress themselves, flushing per chunk. The layer wraps only the
@@ -214,6 +222,9 @@ pub fn app(state: AppState) -> Router {
     router.layer(
         ServiceBuilder::new()
             .layer(trace::TraceLayer)
+            // gRPC calls get their span and log line, and none of the
+            // layers below (Origin, CORS, HTTP limits): they have their own.
+            .layer(dispatch::DispatchLayer(grpc))
             // The origin check comes before CORS, so a foreign origin's
             // preflight is refused like any of its requests rather than
             // answered.
@@ -376,7 +387,7 @@ async fn healthz() -> impl IntoResponse {
 /// its live feed flows (see `Store::check`), so publishes will be stored and
 /// subscribers served.
 async fn readyz(State(state): State<AppState>) -> axum::response::Response {
-    let answer = readiness(&state).await;
+    let answer = ready(&state).await;
     state.readiness.observe(answer.as_ref().map(|_| ()));
     let mut response = match answer {
         Ok(()) => healthz().await.into_response(),
@@ -386,7 +397,9 @@ async fn readyz(State(state): State<AppState>) -> axum::response::Response {
     response
 }
 
-async fn readiness(state: &AppState) -> Result<(), ApiError> {
+/// Why the node is not ready, if it is not (what `/readyz` and gRPC's
+/// health service answer).
+pub async fn ready(state: &AppState) -> Result<(), ApiError> {
     if state.drain.is_draining() {
         return Err(ApiError::Draining);
     }

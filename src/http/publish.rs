@@ -139,7 +139,7 @@ pub(super) async fn store_events(
 }
 
 /// Stores one event: [`store_events`] for a single publish.
-pub(super) async fn store_one(
+pub(crate) async fn store_one(
     state: &AppState,
     principal: &Principal,
     event: NewEvent,
@@ -249,12 +249,37 @@ pub async fn batch(
         events.push(event);
         keys.push(key);
     }
+    let appended = store_batch(&state, &principal, &client_name(client), events, keys).await?;
+    let all_replayed =
+        !appended.is_empty() && appended.iter().all(|a| matches!(a, Appended::Replayed(_)));
+    let events = appended
+        .iter()
+        .map(|a| BatchReceipt {
+            published: Published::from(&a.receipt()),
+            replayed: matches!(a, Appended::Replayed(_)),
+        })
+        .collect();
+    Ok(created(BatchPublished { events }, all_replayed))
+}
+
+/// Stores a validated batch, all or nothing, for `principal` publishing
+/// from `client`: its grants, the publish rate for every event, keys that
+/// conflict within the batch, then the store. (`POST /events` and gRPC's
+/// `PublishBatch`.)
+pub(crate) async fn store_batch(
+    state: &AppState,
+    principal: &Principal,
+    client: &str,
+    events: Vec<NewEvent>,
+    keys: Vec<Option<IdempotencyKey>>,
+) -> Result<Vec<Appended>, ApiError> {
+    let config = &state.config;
     state
         .auth
-        .may_publish(&principal, events.iter().map(|e| &e.topic))?;
+        .may_publish(principal, events.iter().map(|e| &e.topic))?;
     state
         .limits
-        .publish(&principal.rate_key(&client_name(client)), events.len())?;
+        .publish(&principal.rate_key(&client), events.len())?;
     let window = config.idempotency_window;
     let scope = principal.key_scope();
     let onces: Vec<Option<Once>> = events
@@ -272,30 +297,21 @@ pub async fn batch(
             .idempotency(crate::metrics::Idempotency::Mismatch, 1);
         return Err(ApiError::BatchKeyReused { item });
     }
-    let appended = store_events(&state, &principal, events.into_iter().zip(keys).collect())
+    let appended = store_events(state, principal, events.into_iter().zip(keys).collect())
         .await
         .map_err(|error| match error {
             StoreError::KeyReused { item } => ApiError::BatchKeyReused { item },
             other => other.into(),
         })?;
     state.metrics.batch_stored();
-    let all_replayed =
-        !appended.is_empty() && appended.iter().all(|a| matches!(a, Appended::Replayed(_)));
-    let events = appended
-        .iter()
-        .map(|a| BatchReceipt {
-            published: Published::from(&a.receipt()),
-            replayed: matches!(a, Appended::Replayed(_)),
-        })
-        .collect();
-    Ok(created(BatchPublished { events }, all_replayed))
+    Ok(appended)
 }
 
 /// Whether `data` stays within `limit` once encoded: a payload of `limit`
 /// bytes on one line fits, and each line break costs the 7 bytes of the
 /// `data: ` line it adds, so line breaks cannot inflate what is stored and
 /// sent past the limit.
-fn fits(data: &str, limit: usize) -> bool {
+pub(crate) fn fits(data: &str, limit: usize) -> bool {
     crate::sse::encoded_data_len(data) <= limit.saturating_add(7)
 }
 

@@ -507,7 +507,7 @@ async fn authorize(
 /// The moment a Unix time (in seconds) comes, on the runtime's clock. A
 /// token valid for more than a year is treated as valid for a year (the
 /// stream then asks for new credentials), so no deadline overflows.
-fn instant_of(unix_seconds: u64) -> tokio::time::Instant {
+pub(crate) fn instant_of(unix_seconds: u64) -> tokio::time::Instant {
     const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
     let left = std::time::UNIX_EPOCH
         .checked_add(std::time::Duration::from_secs(unix_seconds))
@@ -518,4 +518,4 @@ fn instant_of(unix_seconds: u64) -> tokio::time::Instant {
 
 /// How long a subscribe request waits for the store before it answers
 /// anyway.
-const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

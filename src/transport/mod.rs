@@ -7,11 +7,13 @@
 //! - [`websocket`]: one JSON text frame per event or control item; pings for
 //!   heartbeats; a close code for each way a stream ends.
 //! - [`poll`]: the entries of one long-poll answer.
+//! - [`grpc`]: one `crier.v1.Item` message per event or control item.
 //!
 //! An event's JSON (what WebSocket frames and long-poll entries carry) is
 //! made once per event and shared, like its SSE frame.
 
 pub mod compressed;
+pub mod grpc;
 pub mod poll;
 pub mod sse;
 pub mod websocket;

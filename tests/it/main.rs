@@ -15,6 +15,7 @@ mod durable;
 mod exactly_once;
 mod fanout;
 mod floods;
+mod grpc;
 mod lifecycle;
 mod long_poll;
 mod memory;

@@ -1,6 +1,6 @@
-//! The replay/resume suite on every transport (SSE, WebSocket, long-poll):
-//! the same ids, the same replay-then-live join, the same `reset`, whichever
-//! way the events travel; and a client that switches transports with its
+//! The replay/resume suite on every transport (SSE, WebSocket, long-poll,
+//! gRPC): the same ids, the same replay-then-live join, the same `reset`,
+//! whichever way the events travel; and a client that switches transports with its
 //! last id receives each event exactly once.
 
 use crate::common;
@@ -206,7 +206,7 @@ on_every_transport!(
     reconnects_during_concurrent_publishing_lose_and_duplicate_nothing,
 );
 
-/// SSE → WebSocket → long-poll → SSE, each from the last id the previous
+/// SSE → WebSocket → long-poll → gRPC → SSE, each from the last id the previous
 /// one saw, with events published while away and while connected: each
 /// event arrives exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,8 +220,10 @@ async fn switching_transports_with_the_last_id_receives_each_event_exactly_once(
         Transport::Sse,
         Transport::WebSocket,
         Transport::Poll,
+        Transport::Grpc,
         Transport::Sse,
         Transport::Poll,
+        Transport::Grpc,
         Transport::WebSocket,
     ] {
         // Published while away.

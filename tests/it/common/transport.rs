@@ -1,13 +1,16 @@
 //! One subscriber over any transport: SSE (a real SSE parser; compressed
 //! and decoded on arrival inside `coding::on`), WebSocket (a
-//! real WebSocket client, tokio-tungstenite) or long-poll (a loop of real
-//! HTTP requests, each from the last answer's `next`). Each shows what it
+//! real WebSocket client, tokio-tungstenite), long-poll (a loop of real
+//! HTTP requests, each from the last answer's `next`) or gRPC (a client
+//! generated from `proto/crier/v1/crier.proto`, over h2c). Each shows what it
 //! receives as [`Ev`]s, exactly as an EventSource would see the same
 //! stream, so one suite checks every transport (see
 //! [`on_every_transport!`]).
 
 use std::time::Duration;
 
+use crier::grpc::proto;
+use crier::grpc::proto::crier_client::CrierClient;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -20,6 +23,7 @@ pub enum Transport {
     Sse,
     WebSocket,
     Poll,
+    Grpc,
 }
 
 tokio::task_local! {
@@ -130,6 +134,39 @@ impl Feed {
                     }
                 })
             }
+            Transport::Grpc => {
+                let (topics, last) = grpc_request_of(path);
+                let mut client = grpc_client(server).await;
+                let request = proto::SubscribeRequest {
+                    topics,
+                    last_event_id: last_event_id.unwrap_or_default().to_owned(),
+                    last,
+                };
+                let mut items = tokio::time::timeout(DEADLINE, client.subscribe(request))
+                    .await
+                    .expect("Subscribe answers in time")
+                    .expect("Subscribe")
+                    .into_inner();
+                // The first item says the stream is open.
+                let open = tokio::time::timeout(DEADLINE, items.message())
+                    .await
+                    .expect("an open item in time")
+                    .expect("an open item")
+                    .expect("an open item");
+                assert!(
+                    matches!(open.item, Some(proto::item::Item::Open(_))),
+                    "{open:?}"
+                );
+                tokio::spawn(async move {
+                    while let Ok(Some(item)) = items.message().await {
+                        if let Some(ev) = item_to_ev(item)
+                            && tx.send(ev).is_err()
+                        {
+                            return;
+                        }
+                    }
+                })
+            }
             Transport::Poll => {
                 let client = server.client.clone();
                 let url = server.url(path);
@@ -183,6 +220,72 @@ impl Feed {
         if let Ok(Some(ev)) = tokio::time::timeout(quiet, self.events.recv()).await {
             panic!("expected no event, got {ev:?}");
         }
+    }
+}
+
+/// A gRPC client of `server`, over h2c.
+pub async fn grpc_client(server: &Server) -> CrierClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("an endpoint")
+        .connect_timeout(DEADLINE)
+        .connect()
+        .await
+        .expect("a gRPC connection");
+    CrierClient::new(channel)
+}
+
+/// The topics and `last=` of a subscription path (`/topics/T?last=N`,
+/// `/events?topic=A&topic=B`), as a `SubscribeRequest` names them.
+pub fn grpc_request_of(path: &str) -> (Vec<String>, Option<u64>) {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let mut topics: Vec<String> = path
+        .strip_prefix("/topics/")
+        .map(|t| vec![t.to_owned()])
+        .unwrap_or_default();
+    let mut last = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "topic" => topics.push(value.into_owned()),
+            "last" => last = Some(value.parse().expect("last=N")),
+            _ => {}
+        }
+    }
+    (topics, last)
+}
+
+/// What a gRPC item shows as an event, as [`entry_to_ev`] does for JSON
+/// entries: events under their name, `reset` and `reauth` with their
+/// fields as data.
+pub fn item_to_ev(item: proto::Item) -> Option<Ev> {
+    match item.item? {
+        proto::item::Item::Event(event) => Some(Ev {
+            id: event.id,
+            event: if event.event.is_empty() {
+                "message".to_owned()
+            } else {
+                event.event
+            },
+            data: event.data,
+        }),
+        proto::item::Item::Reset(reset) => Some(Ev {
+            id: reset.id,
+            event: "reset".to_owned(),
+            data: serde_json::json!({
+                "topic": reset.topic,
+                "reason": reset.reason,
+                "requested": reset.requested,
+                "oldest": reset.oldest,
+            })
+            .to_string(),
+        }),
+        proto::item::Item::Reauth(reauth) => Some(Ev {
+            id: String::new(),
+            event: "reauth".to_owned(),
+            data: serde_json::json!({ "reason": reauth.reason }).to_string(),
+        }),
+        proto::item::Item::Farewell(_)
+        | proto::item::Item::Heartbeat(_)
+        | proto::item::Item::Open(_) => None,
     }
 }
 
@@ -250,7 +353,7 @@ pub async fn send_text(socket: &mut Socket, text: &str) {
 
 /// Declares each listed `async fn` as a test per transport and store:
 /// `sse::memory::NAME`, `sse::durable::NAME`, `sse::redis::NAME`,
-/// `websocket::…`, `poll::…`, so every transport passes the same
+/// `websocket::…`, `poll::…`, `grpc::…`, so every transport passes the same
 /// behavioural suite on every store; and SSE again on compressed streams
 /// of every coding on the embedded store
 /// ([`on_every_coding!`](crate::on_every_coding): `zstd::memory::NAME`, …;
@@ -262,6 +365,7 @@ macro_rules! on_every_transport {
         $crate::on_every_coding!(@memory $($name),*);
         $crate::on_every_transport!(@transport websocket, WebSocket, $($name),*);
         $crate::on_every_transport!(@transport poll, Poll, $($name),*);
+        $crate::on_every_transport!(@transport grpc, Grpc, $($name),*);
     };
     (@transport $module:ident, $transport:ident, $($name:ident),*) => {
         mod $module {

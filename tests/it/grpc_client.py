@@ -16,7 +16,7 @@ import tempfile
 import grpc
 from grpc_tools import protoc
 
-PROTO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "proto")
+PROTO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "proto")
 
 
 def stubs():

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod coding;
 pub mod compress;
 pub mod config;
+pub mod connection;
 pub mod devcert;
 pub mod drain;
 pub mod event;

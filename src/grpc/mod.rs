@@ -27,10 +27,10 @@ use tonic::{Status, service::Routes};
 pub use error::{code, status};
 
 use crate::auth::{Credentials, Principal, TicketRecord, ticket};
+use crate::connection::{Activity, Peer, StreamActivity};
 use crate::event::{Cursor, EventName, Topic};
 use crate::http::{ApiError, AppState};
 use crate::limits::{ClientKey, Slot};
-use crate::server::{Activity, Peer, StreamActivity};
 use crate::store::{Appended, IdempotencyKey, NewEvent, Receipt, StoreError};
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 pub use crate::transport::grpc::proto;

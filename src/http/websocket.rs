@@ -19,7 +19,7 @@ use super::limits::HeldSlot;
 use super::publish::{Published, item_event, store_one};
 use super::{ApiError, AppState};
 use crate::auth::Principal;
-use crate::server::{ConnectionHold, StreamActivity};
+use crate::connection::{ConnectionHold, StreamActivity};
 use crate::store::{Appended, IdempotencyKey};
 use crate::subscription::{StreamSettings, Subscription};
 use crate::transport::websocket::{Frames, close, close_frame};
@@ -34,7 +34,7 @@ pub struct Socket {
     /// The socket's share of its client's cap, held until it closes.
     _slot: Option<HeldSlot>,
     /// Over HTTP/2, the socket's stream, open while the socket lives and
-    /// noted each time a write goes through (see `server::Activity`): a
+    /// noted each time a write goes through (see `connection::Activity`): a
     /// socket whose peer stopped reading ends its connection like a starved
     /// SSE stream.
     stream: Option<StreamActivity>,

@@ -1,4 +1,5 @@
-//! Server-Sent Events framing: pure functions from values to bytes.
+//! Server-Sent Events framing: pure functions from values to bytes (and
+//! back, for the other transports, which read an event from its frame).
 //!
 //! Line breaks inside a payload (LF, CR and CRLF alike) become one `data:`
 //! line each; a browser joins them back with LF, so CR and CRLF arrive as LF,
@@ -52,6 +53,28 @@ pub fn encode_event(id: &str, name: Option<&str>, data: &str) -> (Bytes, usize) 
     put_data(&mut buf, data);
     buf.put_u8(b'\n');
     (buf.freeze(), id_line_len)
+}
+
+/// An event's name and data as an EventSource sees them, read back from its
+/// SSE lines (the only form an event is kept in): the `event:` line, and the
+/// `data:` lines joined with LF.
+pub fn read_back(lines: &str) -> (Option<&str>, String) {
+    let mut name = None;
+    let mut data: Option<String> = None;
+    for line in lines.split('\n') {
+        if let Some(value) = line.strip_prefix("event: ") {
+            name = Some(value);
+        } else if let Some(value) = line.strip_prefix("data: ") {
+            match &mut data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(value);
+                }
+                None => data = Some(value.to_owned()),
+            }
+        }
+    }
+    (name, data.unwrap_or_default())
 }
 
 /// Appends an `id:` line.

@@ -26,9 +26,10 @@ use tonic::{Status, service::Routes};
 
 pub use error::{code, status};
 
-use crate::auth::{Credentials, Principal, TicketRecord, ticket};
+use crate::auth::{Credentials, Principal};
 use crate::connection::{Activity, Peer, StreamActivity};
 use crate::event::{Cursor, EventName, Topic};
+use crate::http::request::{parse_topics, redeem_ticket};
 use crate::http::{ApiError, AppState};
 use crate::limits::{ClientKey, Slot};
 use crate::store::{Appended, IdempotencyKey, NewEvent, Receipt, StoreError};
@@ -236,15 +237,7 @@ impl Face {
         }
         if let Some(presented) = metadata.get(TICKET_METADATA) {
             let presented = presented.to_str().unwrap_or_default();
-            let record = if ticket::well_formed(presented) {
-                self.state
-                    .store
-                    .take_ticket(&ticket::digest(presented))
-                    .await?
-                    .and_then(|r| serde_json::from_str::<TicketRecord>(&r).ok())
-            } else {
-                None
-            };
+            let record = redeem_ticket(&self.state, presented).await?;
             return Ok(auth.by_ticket(record, topics)?);
         }
         Ok(auth.subscriber(&credentials(metadata), topics)?)
@@ -281,25 +274,7 @@ impl Face {
         let (metadata, extensions, request) = request.into_parts();
         let state = &self.state;
         let config = &state.config;
-        let limit = config.max_topics_per_subscription;
-        if request.topics.len() > limit {
-            return Err(ApiError::TooManyTopics { limit });
-        }
-        let mut topics = request
-            .topics
-            .iter()
-            .map(|name| {
-                Topic::parse(name, config.max_topic_len).map_err(|reason| ApiError::InvalidTopic {
-                    name: name.clone(),
-                    reason,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        topics.sort();
-        topics.dedup();
-        if topics.is_empty() {
-            return Err(ApiError::NoTopic);
-        }
+        let topics = parse_topics(&request.topics, config)?;
         let style = if topics.len() == 1 {
             IdStyle::Single
         } else {

@@ -60,7 +60,7 @@ mod limits;
 mod metrics;
 mod poll;
 pub(crate) mod publish;
-mod request;
+pub(crate) mod request;
 pub(crate) mod subscribe;
 mod tickets;
 mod trace;

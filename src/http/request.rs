@@ -1,6 +1,6 @@
-//! What more than one handler reads from a request or writes on its answer:
-//! the topic in the path, the client's name for limits, the replay and
-//! `Vary` headers.
+//! What more than one face (HTTP handlers, gRPC) reads from a request or
+//! writes on its answer: the topics named, a presented ticket's record, the
+//! client's name for limits, the replay and `Vary` headers.
 //! Handlers import this; it imports no handler.
 
 use axum::extract::Extension;
@@ -9,8 +9,11 @@ use axum::extract::rejection::PathRejection;
 use axum::http::HeaderValue;
 
 use super::{ApiError, AppState};
+use crate::auth::{TicketRecord, ticket};
+use crate::config::Config;
 use crate::event::Topic;
 use crate::limits::ClientKey;
+use crate::store::StoreError;
 
 /// The answer header that says a publish was a retry: nothing was stored
 /// now, and the body is the first request's.
@@ -45,4 +48,44 @@ pub(super) fn parse_topic(
 /// router is served without the accept loop).
 pub(super) fn client_name(client: Option<Extension<ClientKey>>) -> String {
     client.map_or_else(|| "unknown".to_owned(), |Extension(c)| c.to_string())
+}
+
+/// The topics a subscription or a ticket names: at least one, at most
+/// `--max-topics-per-subscription`, each parsed, sorted, without repeats.
+pub(crate) fn parse_topics(names: &[String], config: &Config) -> Result<Vec<Topic>, ApiError> {
+    if names.is_empty() {
+        return Err(ApiError::NoTopic);
+    }
+    let limit = config.max_topics_per_subscription;
+    if names.len() > limit {
+        return Err(ApiError::TooManyTopics { limit });
+    }
+    let mut topics = names
+        .iter()
+        .map(|name| {
+            Topic::parse(name, config.max_topic_len).map_err(|reason| ApiError::InvalidTopic {
+                name: name.clone(),
+                reason,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    topics.sort();
+    topics.dedup();
+    Ok(topics)
+}
+
+/// The record of a presented ticket, taken from the store (so it serves
+/// once); `None` when it is malformed, unknown, used or expired.
+pub(crate) async fn redeem_ticket(
+    state: &AppState,
+    presented: &str,
+) -> Result<Option<TicketRecord>, StoreError> {
+    if !ticket::well_formed(presented) {
+        return Ok(None);
+    }
+    Ok(state
+        .store
+        .take_ticket(&ticket::digest(presented))
+        .await?
+        .and_then(|r| serde_json::from_str::<TicketRecord>(&r).ok()))
 }

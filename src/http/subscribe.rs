@@ -23,9 +23,9 @@ use tokio_stream::Stream;
 
 use super::access::credentials;
 use super::limits::{BodyHoldsSlot, HeldSlot};
-use super::request::{VARY_BY_ACCEPT, client_name, parse_topic};
+use super::request::{VARY_BY_ACCEPT, client_name, parse_topic, redeem_ticket};
 use super::{ApiError, AppState};
-use crate::auth::{OriginKind, TicketRecord, ticket};
+use crate::auth::OriginKind;
 use crate::coding::negotiate;
 use crate::connection::{Activity, ConnectionHold, StreamActivity};
 use crate::event::{Cursor, Topic};
@@ -489,15 +489,7 @@ async fn authorize(
         return Ok(None);
     }
     if let Some(presented) = &params.ticket {
-        let record = if ticket::well_formed(presented) {
-            state
-                .store
-                .take_ticket(&ticket::digest(presented))
-                .await?
-                .and_then(|r| serde_json::from_str::<TicketRecord>(&r).ok())
-        } else {
-            None
-        };
+        let record = redeem_ticket(state, presented).await?;
         return Ok(auth.by_ticket(record, topics)?);
     }
     let credentials = credentials(headers, origin, &state.config.auth_cookie);

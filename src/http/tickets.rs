@@ -11,9 +11,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::access::credentials;
+use super::request::parse_topics;
 use super::{ApiError, AppState};
 use crate::auth::{AuthError, OriginKind, Principal, TicketRecord, ticket};
-use crate::event::Topic;
 
 /// Largest ticket request body: a list of topic names.
 const MAX_BODY: usize = 64 * 1024;
@@ -43,27 +43,7 @@ pub async fn create(
         super::publish::read_body(body, &headers, MAX_BODY, state.config.body_timeout).await?;
     let request: TicketRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::MalformedTicketRequest(e.to_string()))?;
-    let limit = state.config.max_topics_per_subscription;
-    if request.topics.is_empty() {
-        return Err(ApiError::NoTopic);
-    }
-    if request.topics.len() > limit {
-        return Err(ApiError::TooManyTopics { limit });
-    }
-    let mut topics = request
-        .topics
-        .iter()
-        .map(|name| {
-            Topic::parse(name, state.config.max_topic_len).map_err(|reason| {
-                ApiError::InvalidTopic {
-                    name: name.clone(),
-                    reason,
-                }
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    topics.sort();
-    topics.dedup();
+    let topics = parse_topics(&request.topics, &state.config)?;
     auth.may_subscribe(&principal, &topics)?;
 
     let record = TicketRecord {

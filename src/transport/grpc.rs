@@ -83,27 +83,13 @@ pub fn event_message(event: &Event) -> Bytes {
 pub fn event_item(id: String, event: &Event) -> proto::Item {
     let body = event.body();
     let text = String::from_utf8_lossy(&body);
-    let mut name = String::new();
-    let mut data: Option<String> = None;
-    for line in text.split('\n') {
-        if let Some(value) = line.strip_prefix("event: ") {
-            value.clone_into(&mut name);
-        } else if let Some(value) = line.strip_prefix("data: ") {
-            match &mut data {
-                Some(data) => {
-                    data.push('\n');
-                    data.push_str(value);
-                }
-                None => data = Some(value.to_owned()),
-            }
-        }
-    }
+    let (name, data) = crate::sse::read_back(&text);
     proto::Item {
         item: Some(item::Item::Event(proto::Event {
             id,
             topic: event.topic.as_str().to_owned(),
-            event: name,
-            data: data.unwrap_or_default(),
+            event: name.unwrap_or_default().to_owned(),
+            data,
             seq: event.seq,
         })),
     }

@@ -63,21 +63,7 @@ pub fn event_json_with_id(id: &str, event: &Event) -> Bytes {
 fn encode_event(event: &Event) -> Bytes {
     let body = event.body();
     let text = String::from_utf8_lossy(&body);
-    let mut name = None;
-    let mut data: Option<String> = None;
-    for line in text.split('\n') {
-        if let Some(value) = line.strip_prefix("event: ") {
-            name = Some(value);
-        } else if let Some(value) = line.strip_prefix("data: ") {
-            match &mut data {
-                Some(data) => {
-                    data.push('\n');
-                    data.push_str(value);
-                }
-                None => data = Some(value.to_owned()),
-            }
-        }
-    }
+    let (name, data) = crate::sse::read_back(&text);
     let mut json = String::with_capacity(body.len() + 64);
     json.push_str("{\"id\":\"");
     json.push_str(&event.position().to_string());
@@ -90,7 +76,7 @@ fn encode_event(event: &Event) -> Bytes {
         json.push_str(&serde_json::Value::from(name).to_string());
     }
     json.push_str(",\"data\":");
-    json.push_str(&serde_json::Value::from(data.unwrap_or_default()).to_string());
+    json.push_str(&serde_json::Value::from(data).to_string());
     json.push('}');
     Bytes::from(json)
 }

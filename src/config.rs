@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::coding::Codec;
-use crate::store::{Fsync, Retention};
+use crate::store::{Fsync, RedisTarget, Retention};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -425,6 +425,56 @@ pub struct Config {
     )]
     pub redis_url: Option<String>,
 
+    /// Reach Redis through Sentinel instead: the sentinels' URLs
+    /// (redis://[USER:PASSWORD@]HOST:PORT, or rediss://), comma-separated.
+    /// crier follows the primary they name for `--redis-master`, and
+    /// switches when they announce a failover. The URLs' user, password and
+    /// TLS apply to the sentinels and to the primary alike.
+    #[arg(
+        help_heading = "Redis",
+        long,
+        env = "CRIER_REDIS_SENTINEL",
+        value_name = "URL[,URL...]",
+        value_delimiter = ','
+    )]
+    pub redis_sentinel: Vec<String>,
+
+    /// With `--redis-sentinel`, the name the sentinels monitor the primary
+    /// under.
+    #[arg(
+        help_heading = "Redis",
+        long,
+        env = "CRIER_REDIS_MASTER",
+        value_name = "NAME"
+    )]
+    pub redis_master: Option<String>,
+
+    /// Reach a Redis Cluster instead: some of its nodes' URLs (seeds),
+    /// comma-separated; crier finds the rest and follows the cluster's
+    /// redirections, failovers and resharding.
+    #[arg(
+        help_heading = "Redis",
+        long,
+        env = "CRIER_REDIS_CLUSTER",
+        value_name = "URL[,URL...]",
+        value_delimiter = ','
+    )]
+    pub redis_cluster: Vec<String>,
+
+    /// Answer a publish only once this many replicas of the primary hold
+    /// it (Redis `WAIT`), so a failover to one of them loses no
+    /// acknowledged event; when they do not confirm within
+    /// `--redis-timeout` the publish is answered 503 (retry it with its
+    /// idempotency key). 0: answer once the primary holds it.
+    #[arg(
+        help_heading = "Redis",
+        long,
+        env = "CRIER_REDIS_WAIT_REPLICAS",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub redis_wait_replicas: u32,
+
     /// PEM file of the certificate authority that signed the Redis server's
     /// certificate (for `rediss://` with a private CA; otherwise the system's
     /// roots are used).
@@ -613,6 +663,50 @@ impl Config {
             max_topics: self.max_topics,
             max_keys: self.idempotency_max_keys,
         }
+    }
+
+    /// The Redis to keep events in, if any: at most one of `--redis`,
+    /// `--redis-sentinel` (with `--redis-master`) and `--redis-cluster`.
+    pub fn redis_target(&self) -> Result<Option<RedisTarget>, String> {
+        let given = [
+            self.redis_url.is_some(),
+            !self.redis_sentinel.is_empty(),
+            !self.redis_cluster.is_empty(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(
+                "use one of --redis, --redis-sentinel and --redis-cluster: they are three ways \
+                 to reach one Redis"
+                    .into(),
+            );
+        }
+        if self.redis_master.is_some() && self.redis_sentinel.is_empty() {
+            return Err(
+                "--redis-master names the primary for --redis-sentinel, which is not set".into(),
+            );
+        }
+        let target = if let Some(url) = &self.redis_url {
+            Some(RedisTarget::Single(url.clone()))
+        } else if !self.redis_sentinel.is_empty() {
+            let master = self.redis_master.clone().ok_or(
+                "--redis-sentinel needs --redis-master NAME: the name the sentinels monitor \
+                 the primary under",
+            )?;
+            Some(RedisTarget::Sentinel {
+                sentinels: self.redis_sentinel.clone(),
+                master,
+            })
+        } else if !self.redis_cluster.is_empty() {
+            return Err(
+                "--redis-cluster is not supported yet: use --redis or --redis-sentinel".into(),
+            );
+        } else {
+            None
+        };
+        if target.is_none() && self.redis_wait_replicas > 0 {
+            return Err("--redis-wait-replicas needs Redis (--redis or --redis-sentinel)".into());
+        }
+        Ok(target)
     }
 
     pub fn retention(&self) -> Retention {

@@ -76,14 +76,15 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         config.max_compression_chains,
         metrics.clone(),
     );
-    if config.data_dir.is_some() && config.redis_url.is_some() {
+    let redis = config.redis_target().map_err(SetupError::Config)?;
+    if config.data_dir.is_some() && redis.is_some() {
         return Err(SetupError::Config(
-            "--data-dir and --redis cannot be used together: events live either on this \
-             node's disk or in Redis"
+            "--data-dir and --redis (or --redis-sentinel, --redis-cluster) cannot be used \
+             together: events live either on this node's disk or in Redis"
                 .into(),
         ));
     }
-    let store: Arc<dyn Store> = match (&config.redis_url, &config.data_dir) {
+    let store: Arc<dyn Store> = match (redis, &config.data_dir) {
         (None, Some(dir)) => {
             let store = Arc::new(DurableStore::open(
                 store::DurableSettings {
@@ -98,18 +99,21 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
             tokio::spawn(store.clone().sweep_until(shutdown.clone()));
             store
         }
-        (Some(url), _) => {
+        (Some(target), _) => {
             let store = Arc::new(RedisStore::new(
-                url,
-                config.redis_ca_cert.as_deref(),
-                &config.redis_prefix,
-                hub.clone(),
-                config.retention(),
-                config.redis_timeout,
-                store::CanarySettings {
-                    interval: config.canary_interval,
-                    timeout: config.canary_timeout,
+                store::RedisSettings {
+                    target,
+                    ca_cert: config.redis_ca_cert.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    retention: config.retention(),
+                    timeout: config.redis_timeout,
+                    canary: store::CanarySettings {
+                        interval: config.canary_interval,
+                        timeout: config.canary_timeout,
+                    },
+                    wait_replicas: config.redis_wait_replicas,
                 },
+                hub.clone(),
             )?);
             tokio::spawn(store.clone().run_until(shutdown.clone()));
             store

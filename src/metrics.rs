@@ -376,6 +376,8 @@ pub struct RedisMetrics {
     connected: Gauge,
     reconnects: Counter,
     catch_ups: [Counter; 2],
+    failovers: Counter,
+    went_back: Counter,
 }
 
 impl RedisMetrics {
@@ -393,6 +395,16 @@ impl RedisMetrics {
     /// its subscribers were told to check the store themselves.
     pub fn caught_up(&self, delivered: bool) {
         self.catch_ups[usize::from(!delivered)].increment(1);
+    }
+
+    /// The node switched to another primary (a Sentinel failover).
+    pub fn failed_over(&self) {
+        self.failovers.increment(1);
+    }
+
+    /// The node saw a topic's history go back and gave it a new epoch.
+    pub fn went_back(&self) {
+        self.went_back.increment(1);
     }
 }
 
@@ -652,6 +664,14 @@ impl Metrics {
                     "Watched topics after a reconnect: caught up by this node, or handed to their subscribers to check (resync).",
                     "result",
                     ["caught_up", "resync"],
+                ),
+                failovers: r.counter(
+                    "crier_redis_failovers_total",
+                    "Times this node switched to another Redis primary (a Sentinel failover).",
+                ),
+                went_back: r.counter(
+                    "crier_redis_history_went_back_total",
+                    "Topics this node saw go back in time in Redis (a lagging replica promoted, an older snapshot), each given a new epoch.",
                 ),
             }
         })

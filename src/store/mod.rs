@@ -48,7 +48,7 @@ pub use durable::{DurableSettings, DurableStore, Fsync, Repaired, repair};
 pub use measured::Measured;
 pub use memory::{Budget, MemoryStore};
 pub use once::{Fingerprint, IdempotencyKey, InvalidIdempotencyKey, KeyDigest, Once};
-pub use redis::{CanarySettings, RedisStore};
+pub use redis::{CanarySettings, RedisSettings, RedisStore, RedisTarget};
 
 /// The highest sequence number a store hands out: 2^53 - 1, the largest
 /// integer Redis's Lua numbers (doubles) hold exactly. The embedded store
@@ -90,7 +90,7 @@ pub struct History {
 /// The difference that matters to callers is whether asking again can
 /// help: an outage passes (`Unavailable`), a refusal does not (`Rejected`),
 /// so a stream retries the one with backoff and never retries the other.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),

@@ -49,8 +49,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
-use redis::{Client, Script, Value};
+use redis::aio::{ConnectionManager, PubSubSink};
+use redis::{Script, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::sweep;
@@ -60,6 +60,11 @@ use super::{
 };
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
+
+mod primary;
+
+use primary::Primary;
+pub use primary::RedisTarget;
 
 // Lua numbers are doubles, exact only up to 2^53: the scripts never see a
 // number past `MAX_SEQ`. The publish script refuses to number past it, and
@@ -71,7 +76,8 @@ use crate::hub::Hub;
 /// whole request (all topics), then, for a request of several topics, the
 /// meta and events keys of each of its topics. ARGV: channel, max events,
 /// max age ms, meta ttl ms, the epoch and number this node has already seen
-/// for the topic (empty if none), the idempotency window ms, the number K
+/// for the topic (empty if none), the idempotency window ms, `1` when
+/// publishes wait for replicas (a failover then keeps the epoch), the number K
 /// of record keys, K fingerprints (hex), the number G of guarded topics, G
 /// counts of their events, then per event: its record key's index (0:
 /// none), name, data.
@@ -129,8 +135,10 @@ const REEPOCH: &str = concat!(
 const READ: &str = include_str!("redis/read.lua");
 
 pub struct RedisStore {
-    client: Client,
-    commands: ConnectionManager,
+    /// The server commands and the live feed go to.
+    primary: Arc<Primary>,
+    /// Replicas that must hold a publish before it is answered.
+    wait_replicas: u32,
     keys: Keys,
     retention: Retention,
     timeout: Duration,
@@ -148,6 +156,21 @@ pub struct RedisStore {
     /// Whether the pub/sub connection is up; `watch` waits for it.
     live_up: tokio::sync::watch::Sender<bool>,
     canary: Canary,
+}
+
+/// Everything the Redis store is built with.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub target: RedisTarget,
+    /// A private certificate authority for `rediss://`.
+    pub ca_cert: Option<std::path::PathBuf>,
+    pub prefix: String,
+    pub retention: Retention,
+    /// Longest wait to connect or for an answer.
+    pub timeout: Duration,
+    pub canary: CanarySettings,
+    /// Replicas that must hold a publish before it is answered.
+    pub wait_replicas: u32,
 }
 
 /// How the node checks that its live feed flows.
@@ -358,50 +381,26 @@ fn store_error(error: redis::RedisError) -> StoreError {
 }
 
 impl RedisStore {
-    /// Prepares a store for `url` (`redis://`, `rediss://`, with an optional
-    /// user, password and database number). Connecting happens lazily and is
-    /// retried with backoff; a malformed URL is an error now.
-    pub fn new(
-        url: &str,
-        ca_cert: Option<&std::path::Path>,
-        prefix: &str,
-        hub: Hub,
-        retention: Retention,
-        timeout: Duration,
-        canary: CanarySettings,
-    ) -> Result<RedisStore, StoreError> {
-        let client = match ca_cert {
-            None => Client::open(url),
-            Some(path) => {
-                let root_cert = std::fs::read(path).map_err(|e| {
-                    StoreError::Config(format!("cannot read {}: {e}", path.display()))
-                })?;
-                let certificates = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                };
-                Client::build_with_tls(url, certificates)
-            }
-        }
-        .map_err(|e| {
-            StoreError::Config(format!(
-                "bad Redis URL or certificate: {e} (expected redis://[USER:PASSWORD@]HOST:PORT[/DB], \
-                 or rediss:// for TLS)"
-            ))
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let commands =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+    /// Prepares a store for `settings.target`. Connecting happens lazily
+    /// and is retried with backoff; a malformed URL is an error now.
+    pub fn new(settings: RedisSettings, hub: Hub) -> Result<RedisStore, StoreError> {
+        let RedisSettings {
+            target,
+            ca_cert,
+            prefix,
+            retention,
+            timeout,
+            canary,
+            wait_replicas,
+        } = settings;
+        let primary = Arc::new(Primary::new(&target, ca_cert.as_deref(), timeout)?);
+        let prefix = prefix.as_str();
         let (outbox, outbox_queue) = tokio::sync::mpsc::unbounded_channel();
         // Shown (as down) from the start, not from the first connection.
         hub.metrics().redis().set_connected(false);
         Ok(RedisStore {
-            client,
-            commands,
+            primary,
+            wait_replicas,
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
@@ -456,10 +455,23 @@ impl RedisStore {
         if let Some(queue) = queue {
             tokio::spawn(send_outbox(
                 queue,
-                self.commands.clone(),
+                self.primary.clone(),
                 self.publish.clone(),
+                Wait {
+                    replicas: self.wait_replicas,
+                    timeout: self.timeout,
+                },
             ));
         }
+        {
+            let store = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let metrics = store.hub.metrics().redis();
+                store.primary.clone().follow_until(metrics, stop).await
+            });
+        }
+        let mut switches = self.primary.switches();
         tokio::spawn(self.clone().send_canaries_until(stop.clone()));
         let mut delay = Duration::from_millis(100);
         let mut housekeeping = tokio::time::interval(self.housekeeping_period());
@@ -481,6 +493,8 @@ impl RedisStore {
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = housekeeping.tick() => self.housekeeping().await,
+                            // Another primary: reconnect to it.
+                            _ = switches.changed() => break,
                             message = messages.next() => match message {
                                 Some(message) => {
                                     if let Some((topic, epoch)) = self.on_message(&message) {
@@ -498,13 +512,15 @@ impl RedisStore {
                 }
                 Err(error) => {
                     // Host and port only: the URL may carry a password.
-                    let redis = self.client.get_connection_info().addr().to_string();
+                    let redis = self.primary.address();
                     tracing::warn!(%error, %redis, ?delay, "cannot reach Redis for the live feed")
                 }
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+                // A primary named at last, or another: try it now.
+                _ = switches.changed() => delay = Duration::from_millis(50),
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
@@ -528,12 +544,15 @@ impl RedisStore {
             }
             // Recorded before it is sent, so it cannot come back unrecorded.
             let n = self.canary.send();
-            let mut commands = self.commands.clone();
-            let sent = redis::cmd("PUBLISH")
-                .arg(&self.canary.channel)
-                .arg(n)
-                .query_async::<()>(&mut commands)
-                .await;
+            let sent = match self.primary.commands().await {
+                Ok(mut commands) => redis::cmd("PUBLISH")
+                    .arg(&self.canary.channel)
+                    .arg(n)
+                    .query_async::<()>(&mut commands)
+                    .await
+                    .map_err(unavailable),
+                Err(error) => Err(error),
+            };
             if let Err(error) = sent {
                 tracing::debug!(%error, "could not send a canary");
             }
@@ -542,7 +561,8 @@ impl RedisStore {
 
     /// Opens a pub/sub connection and subscribes it to every watched topic.
     async fn connect_live(&self) -> Result<redis::aio::PubSubStream, StoreError> {
-        let pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
+        let client = self.primary.client().await?;
+        let pubsub = tokio::time::timeout(self.timeout, client.get_async_pubsub())
             .await
             .map_err(|_| unavailable("timed out connecting to Redis"))?
             .map_err(unavailable)?;
@@ -713,13 +733,17 @@ impl RedisStore {
     /// store, where they find the new epoch and are told with `reset`.
     async fn history_went_back(&self, topic: &Topic, epoch: Epoch) {
         tracing::warn!(%topic, ?epoch, "the topic's history in Redis went back in time; starting a new epoch");
-        let mut commands = self.commands.clone();
-        let result: Result<Option<String>, _> = self
-            .reepoch
-            .key(self.keys.meta(topic))
-            .arg(epoch.0)
-            .invoke_async(&mut commands)
-            .await;
+        self.hub.metrics().redis().went_back();
+        let result: Result<Option<String>, _> = match self.primary.commands().await {
+            Ok(mut commands) => self
+                .reepoch
+                .key(self.keys.meta(topic))
+                .arg(epoch.0)
+                .invoke_async(&mut commands)
+                .await
+                .map_err(unavailable),
+            Err(error) => Err(error),
+        };
         if let Err(error) = result {
             // Subscribers still check; the next publish from a node that
             // saw the old numbers starts the new epoch instead.
@@ -787,7 +811,9 @@ impl RedisStore {
             &mut sweep::Sweep::default(),
         )
         .await;
-        let mut commands = self.commands.clone();
+        let Ok(mut commands) = self.primary.commands().await else {
+            return;
+        };
         for chunk in watched.chunks(HOUSEKEEPING_CHUNK) {
             let mut pipe = redis::pipe();
             for topic in chunk {
@@ -818,7 +844,7 @@ impl RedisStore {
             Some(from) if from <= MAX_SEQ => (from, limit),
             _ => (MAX_SEQ, 0),
         };
-        let mut commands = self.commands.clone();
+        let mut commands = self.primary.commands().await?;
         let reply: Vec<Value> = self
             .read
             .key(self.keys.meta(topic))
@@ -902,7 +928,7 @@ impl RedisStore {
         let nkeys = 2 + keys.len() + 2 * guarded.len();
         let data: usize = events.iter().map(|&i| all[i].0.data.len() + 16).sum();
         let mut cmd = redis::Cmd::with_capacity(
-            3 + nkeys + 10 + keys.len() + guarded.len() + 3 * events.len(),
+            3 + nkeys + 11 + keys.len() + guarded.len() + 3 * events.len(),
             256 + 96 * nkeys + data,
         );
         if by_text {
@@ -928,7 +954,9 @@ impl RedisStore {
             Some((epoch, seq)) => cmd.arg(epoch.0).arg(seq),
             None => cmd.arg("").arg(0),
         };
-        cmd.arg(window_ms).arg(keys.len());
+        cmd.arg(window_ms)
+            .arg(u8::from(self.wait_replicas > 0))
+            .arg(keys.len());
         for fingerprint in keys.values() {
             cmd.arg(fingerprint.hex());
         }
@@ -965,8 +993,9 @@ struct Outgoing {
 /// one. Ends once the store is dropped and every group is answered.
 async fn send_outbox(
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
-    commands: ConnectionManager,
+    primary: Arc<Primary>,
     script: Arc<Script>,
+    wait: Wait,
 ) {
     let mut in_flight = futures_util::stream::FuturesUnordered::new();
     let mut open = true;
@@ -992,8 +1021,16 @@ async fn send_outbox(
                         next = queue.try_recv().ok();
                     }
                 }
-                if !group.is_empty() {
-                    in_flight.push(send_group(commands.clone(), group, script.clone()));
+                if group.is_empty() {
+                    continue;
+                }
+                match primary.commands().await {
+                    Ok(commands) => in_flight.push(send_group(commands, group, script.clone(), wait)),
+                    Err(error) => {
+                        for outgoing in group {
+                            let _ = outgoing.answer.send(Err(error.clone()));
+                        }
+                    }
                 }
             }
         }
@@ -1001,7 +1038,12 @@ async fn send_outbox(
 }
 
 /// Sends one group of publish calls as a pipeline and hands each its reply.
-async fn send_group(mut commands: ConnectionManager, group: Vec<Outgoing>, script: Arc<Script>) {
+async fn send_group(
+    mut commands: ConnectionManager,
+    group: Vec<Outgoing>,
+    script: Arc<Script>,
+    wait: Wait,
+) {
     let mut answers = Vec::with_capacity(group.len());
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
@@ -1009,6 +1051,8 @@ async fn send_group(mut commands: ConnectionManager, group: Vec<Outgoing>, scrip
         pipe.add_command(outgoing.cmd);
         answers.push(outgoing.answer);
     }
+    let calls = pipe.len();
+    wait.add_to(&mut pipe);
     let mut replies = match query_group(&mut commands, &pipe).await {
         Ok(replies) => replies,
         Err(error) => {
@@ -1021,6 +1065,12 @@ async fn send_group(mut commands: ConnectionManager, group: Vec<Outgoing>, scrip
     // Redis forgot the script (a restart, SCRIPT FLUSH): load it and send
     // again the calls refused for that, and only those (another node may
     // have loaded it meanwhile, and the calls after ran).
+    let mut confirmed = if wait.replicas > 0 {
+        let reply = replies.pop().and_then(Result::ok);
+        wait.check(reply.as_ref())
+    } else {
+        Ok(())
+    };
     let forgotten: Vec<usize> = (0..replies.len())
         .filter(|&i| matches!(&replies[i], Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)))
         .collect();
@@ -1031,12 +1081,17 @@ async fn send_group(mut commands: ConnectionManager, group: Vec<Outgoing>, scrip
         for &i in &forgotten {
             again.add_command(cmds[i].clone());
         }
+        wait.add_to(&mut again);
         let resent = match script.load_async(&mut commands).await {
             Ok(_) => query_group(&mut commands, &again).await,
             Err(error) => Err(error),
         };
         match resent {
-            Ok(resent) => {
+            Ok(mut resent) => {
+                if wait.replicas > 0 {
+                    let reply = resent.pop().and_then(Result::ok);
+                    confirmed = confirmed.and(wait.check(reply.as_ref()));
+                }
                 for (i, reply) in forgotten.into_iter().zip(resent) {
                     replies[i] = reply;
                 }
@@ -1048,8 +1103,48 @@ async fn send_group(mut commands: ConnectionManager, group: Vec<Outgoing>, scrip
             }
         }
     }
+    debug_assert!(replies.len() == calls);
     for (answer, reply) in answers.into_iter().zip(replies) {
-        let _ = answer.send(reply.map_err(store_error));
+        let reply = match (&confirmed, reply) {
+            // Stored, maybe, but not confirmed: not reported as stored.
+            (Err(unconfirmed), Ok(_)) => Err::<Value, _>(unconfirmed.clone()),
+            (_, reply) => reply.map_err(store_error),
+        };
+        let _ = answer.send(reply);
+    }
+}
+
+/// `--redis-wait-replicas`: a `WAIT` after a pipeline's writes, on the
+/// connection that made them.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    replicas: u32,
+    timeout: Duration,
+}
+
+impl Wait {
+    /// Adds the `WAIT` (nothing when no replica is waited for).
+    fn add_to(&self, pipe: &mut redis::Pipeline) {
+        if self.replicas > 0 {
+            let ms = u64::try_from(self.timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            pipe.cmd("WAIT").arg(self.replicas).arg(ms);
+        }
+    }
+
+    /// Whether the `WAIT`'s answer confirms enough replicas.
+    fn check(&self, reply: Option<&Value>) -> Result<(), StoreError> {
+        match reply.and_then(as_u64) {
+            Some(n) if n >= u64::from(self.replicas) => Ok(()),
+            Some(n) => Err(StoreError::Unavailable(format!(
+                "only {n} of the {} Redis replicas required (--redis-wait-replicas) confirmed \
+                 the write in time; it may or may not be kept: retry with the same \
+                 idempotency key",
+                self.replicas
+            ))),
+            None => Err(unavailable("Redis did not confirm the write's replication")),
+        }
     }
 }
 
@@ -1168,7 +1263,6 @@ impl Store for RedisStore {
                 keys.entry(once.key).or_insert(once.fingerprint);
             }
         }
-        let mut commands = self.commands.clone();
         let replies: Vec<Value> = match topics.as_slice() {
             [] => Vec::new(),
             [(topic, list)] => {
@@ -1190,8 +1284,9 @@ impl Store for RedisStore {
             // Several topics: one atomic pipeline, so the batch is stored
             // whole or not at all.
             many => {
+                let mut commands = self.primary.commands().await?;
                 let mut pipe = redis::pipe();
-                pipe.atomic();
+                pipe.cmd("MULTI");
                 for (topic, list) in many {
                     // EVAL, not EVALSHA: inside MULTI a missing script
                     // would fail alone and let the rest of the batch in.
@@ -1199,7 +1294,28 @@ impl Store for RedisStore {
                         self.publish_cmd(true, topic, &events, list, &keys, window, many),
                     );
                 }
-                pipe.query_async(&mut commands).await.map_err(store_error)?
+                pipe.cmd("EXEC");
+                // In the same write as the transaction: on the connection
+                // that made the writes it waits for.
+                let wait = Wait {
+                    replicas: self.wait_replicas,
+                    timeout: self.timeout,
+                };
+                wait.add_to(&mut pipe);
+                let mut replies: Vec<Value> =
+                    pipe.query_async(&mut commands).await.map_err(store_error)?;
+                if wait.replicas > 0 {
+                    wait.check(replies.pop().as_ref())?;
+                }
+                let Some(Value::Array(results)) = replies.pop() else {
+                    return Err(malformed("publish"));
+                };
+                if let Some(Value::ServerError(error)) =
+                    results.iter().find(|r| matches!(r, Value::ServerError(_)))
+                {
+                    return Err(store_error(error.clone().into()));
+                }
+                results
             }
         };
         if replies.len() != topics.len() {
@@ -1317,7 +1433,7 @@ impl Store for RedisStore {
     }
 
     async fn put_ticket(&self, key: &str, record: &str, ttl: Duration) -> Result<(), StoreError> {
-        let mut commands = self.commands.clone();
+        let mut commands = self.primary.commands().await?;
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         // The connection manager bounds every answer by --redis-timeout.
         redis::cmd("SET")
@@ -1331,7 +1447,7 @@ impl Store for RedisStore {
     }
 
     async fn take_ticket(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let mut commands = self.commands.clone();
+        let mut commands = self.primary.commands().await?;
         // GETDEL is atomic: of two nodes redeeming one ticket, one gets it.
         redis::cmd("GETDEL")
             .arg(self.keys.ticket(key))
@@ -1353,7 +1469,7 @@ impl Store for RedisStore {
                 self.canary.settings.timeout
             )));
         }
-        let mut commands = self.commands.clone();
+        let mut commands = self.primary.commands().await?;
         redis::cmd("PING")
             .query_async::<()>(&mut commands)
             .await

@@ -13,6 +13,7 @@ mod compression;
 mod documents;
 mod durable;
 mod exactly_once;
+mod failover;
 mod fanout;
 mod floods;
 mod grpc;

@@ -2,11 +2,11 @@
 -- their idempotency records (see PUBLISH in redis.rs for KEYS and ARGV).
 --
 -- The common publish (one event, no key, nothing expired) costs TIME,
--- HMGET, XADD, PUBLISH, HSET and two PEXPIREs: the meta hash remembers
+-- HMGET, INFO replication, XADD, PUBLISH, HSET and two PEXPIREs: the meta hash remembers
 -- when the oldest retained event expires at the earliest, so the stream is
 -- only read when something may have expired.
-local nkeys = tonumber(ARGV[8])
-local guard = 8 + nkeys + 1
+local nkeys = tonumber(ARGV[9])
+local guard = 9 + nkeys + 1
 local nguard = tonumber(ARGV[guard])
 for g = 1, nguard do
   local meta = KEYS[2 + nkeys + 2 * g - 1]
@@ -29,7 +29,7 @@ end
 local records = {}
 for k = 1, nkeys do
   local record = redis.call('GET', KEYS[2 + k])
-  if record and string.sub(record, 1, 64) ~= ARGV[8 + k] then
+  if record and string.sub(record, 1, 64) ~= ARGV[9 + k] then
     return {'reused', k}
   end
   records[k] = record
@@ -57,9 +57,16 @@ end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local max_age = tonumber(ARGV[3])
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'expires')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'expires', 'line')
 local epoch = meta[1]
 local seq = 0
+-- The replication history this primary's data belongs to. It changes when
+-- the server restarts (from whatever snapshot) and when a replica is
+-- promoted: the topic's last acknowledged events may not have survived,
+-- so its numbering cannot be trusted to go on in the same epoch.
+local repl = redis.call('INFO', 'replication')
+local line = string.match(repl, 'master_replid:(%x+)')
+local line2 = string.match(repl, 'master_replid2:(%x+)')
 -- When the oldest retained event expires, at the earliest: trimming by
 -- count only ever removes older events, so it stays a lower bound.
 local expires = tonumber(meta[3] or '0') or 0
@@ -73,6 +80,13 @@ else
     return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
   end
   if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
+    epoch = fresh_epoch(epoch)
+  elseif meta[4] and meta[4] ~= line and not (ARGV[8] == '1' and meta[4] == line2) then
+    -- Another history than the one the topic was last written in: a
+    -- restart or a failover. Only a failover from that very primary,
+    -- with every publish confirmed by replicas (--redis-wait-replicas),
+    -- is known to have kept every acknowledged event. (A meta without a
+    -- line was written before crier kept one: it is adopted.)
     epoch = fresh_epoch(epoch)
   end
 end
@@ -98,7 +112,7 @@ for i = 0, count - 1 do
     end
     redis.call('PUBLISH', ARGV[1], string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
     if k > 0 then
-      records[k] = ARGV[8 + k] .. string.format(' %d %s', seq, epoch)
+      records[k] = ARGV[9 + k] .. string.format(' %d %s', seq, epoch)
       redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
     end
     table.insert(out, '')
@@ -134,9 +148,9 @@ if now_ms >= expires then
     start = '(' .. page[#page][1]
     size = 64
   end
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq, 'expires', string.format('%d', expires))
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq, 'line', line, 'expires', string.format('%d', expires))
 else
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq, 'line', line)
 end
 redis.call('PEXPIRE', KEYS[2], max_age)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])

@@ -55,8 +55,8 @@ impl Server {
 
     async fn launch(configure: impl FnOnce(&mut Config), metrics_listener: bool) -> Server {
         let mut config = Config::default();
-        if let Ok(Some(url)) = STORE.try_with(|url| url.clone()) {
-            config.redis_url = Some(url);
+        if let Ok(Some(setup)) = STORE.try_with(|setup| setup.clone()) {
+            setup.apply(&mut config);
         }
         if let Ok(dir) = DATA_DIR.try_with(|dir| dir.clone()) {
             config.data_dir = Some(dir);
@@ -345,6 +345,17 @@ impl SseClient {
         }
     }
 
+    /// The next event, or `None` at a clean end, however long it takes:
+    /// for feeds that outlive a store's outage (whose reader decides how
+    /// long to wait).
+    pub async fn next_or_end_patiently(&mut self) -> Option<Ev> {
+        match self.events.next().await {
+            Some(Ok(event)) => Some(event),
+            Some(Err(e)) => panic!("the stream broke instead of ending: {e}"),
+            None => None,
+        }
+    }
+
     /// The next `n` events.
     pub async fn take(&mut self, n: usize) -> Vec<Ev> {
         let mut events = Vec::with_capacity(n);
@@ -429,9 +440,38 @@ pub async fn assert_problem(response: reqwest::Response, status: u16, kind: &str
 }
 
 tokio::task_local! {
-    /// The Redis URL the current test's servers use; unset or `None`: the
+    /// The Redis the current test's servers use; unset or `None`: the
     /// embedded store.
-    static STORE: Option<String>;
+    static STORE: Option<RedisSetup>;
+}
+
+/// How a test's servers reach Redis.
+#[derive(Clone, Debug, Default)]
+pub struct RedisSetup {
+    /// `--redis`.
+    pub url: Option<String>,
+    /// `--redis-sentinel`, with `--redis-master`.
+    pub sentinels: Vec<String>,
+    /// `--redis-prefix`: tests sharing one Redis each keep to their own.
+    pub prefix: Option<String>,
+}
+
+impl RedisSetup {
+    pub fn apply(&self, config: &mut Config) {
+        config.redis_url = self.url.clone();
+        if !self.sentinels.is_empty() {
+            config.redis_sentinel = self.sentinels.clone();
+            config.redis_master = Some(redis::MASTER.to_owned());
+        }
+        if let Some(prefix) = &self.prefix {
+            config.redis_prefix = prefix.clone();
+        }
+    }
+}
+
+/// The current test's Redis setup, if it runs on Redis.
+pub fn redis_setup() -> Option<RedisSetup> {
+    STORE.try_with(|setup| setup.clone()).ok().flatten()
 }
 
 tokio::task_local! {
@@ -457,16 +497,34 @@ pub async fn on_durable<F: std::future::Future>(test: F) -> F::Output {
 
 /// Whether the current test runs on Redis (inside [`on_redis`]).
 pub fn on_redis_store() -> bool {
-    STORE.try_with(|url| url.is_some()).unwrap_or(false)
+    STORE.try_with(|setup| setup.is_some()).unwrap_or(false)
 }
 
 /// Runs `test` with every `Server` it starts backed by its own fresh
 /// `redis-server`.
 pub async fn on_redis<F: std::future::Future>(test: F) -> F::Output {
     let redis = redis::RedisServer::start();
-    let output = STORE.scope(Some(redis.url()), test).await;
+    let setup = RedisSetup {
+        url: Some(redis.url()),
+        ..RedisSetup::default()
+    };
+    let output = STORE.scope(Some(setup), test).await;
     drop(redis);
     output
+}
+
+/// Runs `test` with every `Server` it starts reaching Redis through the
+/// binary's shared Sentinel group, under a key prefix of its own.
+pub async fn on_sentinel<F: std::future::Future>(test: F) -> F::Output {
+    let (sentinels, _) = redis::shared_sentinel();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let setup = RedisSetup {
+        sentinels: sentinels.clone(),
+        prefix: Some(format!("crier-test-{n}:")),
+        ..RedisSetup::default()
+    };
+    STORE.scope(Some(setup), test).await
 }
 
 /// Declares each listed `async fn` as three tests: `memory::NAME` on the
@@ -497,6 +555,14 @@ macro_rules! on_every_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     $crate::common::on_redis(super::$name()).await
+                }
+            )*
+        }
+        mod sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::on_sentinel(super::$name()).await
                 }
             )*
         }

@@ -21,6 +21,10 @@ pub struct RedisServer {
     persistent: bool,
     /// Certificate and key files: serve TLS only.
     tls: Option<(PathBuf, PathBuf)>,
+    /// More arguments for `redis-server` (a replica's `--replicaof`).
+    extra: Vec<String>,
+    /// Die with the thread that started it (see [`shared_sentinel`]).
+    orphan_safe: bool,
 }
 
 impl RedisServer {
@@ -44,6 +48,33 @@ impl RedisServer {
     }
 
     fn start_with_tls(persistent: bool, tls: Option<(PathBuf, PathBuf)>) -> RedisServer {
+        RedisServer::start_full(persistent, tls, Vec::new(), false)
+    }
+
+    /// Starts a replica of the Redis on `primary` (port), announcing itself
+    /// on 127.0.0.1 so sentinels name it by that address.
+    pub fn start_replica_of(primary: u16, orphan_safe: bool) -> RedisServer {
+        let extra = vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.to_string(),
+            "--replica-announce-ip".into(),
+            "127.0.0.1".into(),
+        ];
+        RedisServer::start_full(false, None, extra, orphan_safe)
+    }
+
+    /// Starts a primary for a Sentinel group.
+    pub fn start_primary(orphan_safe: bool) -> RedisServer {
+        RedisServer::start_full(false, None, Vec::new(), orphan_safe)
+    }
+
+    fn start_full(
+        persistent: bool,
+        tls: Option<(PathBuf, PathBuf)>,
+        extra: Vec<String>,
+        orphan_safe: bool,
+    ) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "crier-test-redis-{}-{}",
             std::process::id(),
@@ -56,6 +87,8 @@ impl RedisServer {
             child: None,
             persistent,
             tls,
+            extra,
+            orphan_safe,
         };
         // A port found free may be taken before redis-server binds it: retry.
         for _ in 0..10 {
@@ -95,8 +128,12 @@ impl RedisServer {
             .args(["--appendfsync", "always"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if self.orphan_safe {
+            die_with_parent_thread(&mut command);
+        }
         let child = match command.spawn() {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
@@ -156,6 +193,19 @@ impl RedisServer {
         }
     }
 
+    /// Starts it again on the same port, as a replica of the Redis on
+    /// `primary` (as Sentinel would reconfigure a returning old primary).
+    pub fn restart_as_replica_of(&mut self, primary: u16) {
+        self.extra = vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.to_string(),
+            "--replica-announce-ip".into(),
+            "127.0.0.1".into(),
+        ];
+        self.restart();
+    }
+
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.stop();
@@ -178,6 +228,234 @@ impl Drop for RedisServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Has `command`'s process killed when the thread that spawns it ends
+/// (`PR_SET_PDEATHSIG`): processes shared by every test of the binary are
+/// spawned from a thread that lives as long as the binary, so they stop
+/// with it, whatever way it ends.
+fn die_with_parent_thread(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs after fork.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// A `redis-sentinel` process monitoring one primary as [`MASTER`].
+pub struct SentinelProcess {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// The name the sentinels monitor the primary under.
+pub const MASTER: &str = "crier-primary";
+
+impl SentinelProcess {
+    fn start(primary: u16, orphan_safe: bool) -> SentinelProcess {
+        let dir = std::env::temp_dir().join(format!(
+            "crier-test-sentinel-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create a directory for redis-sentinel");
+        for _ in 0..10 {
+            let port = free_port();
+            let config = dir.join("sentinel.conf");
+            // Quick to act, so failover tests stay short: a primary is down
+            // after 1 s without answers, and a failover may be retried 2 s on.
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                     sentinel monitor {MASTER} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {MASTER} 1000\n\
+                     sentinel failover-timeout {MASTER} 2000\n\
+                     sentinel parallel-syncs {MASTER} 1\n",
+                    dir = dir.display()
+                ),
+            )
+            .expect("write sentinel.conf");
+            let mut command = Command::new("redis-sentinel");
+            command
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if orphan_safe {
+                die_with_parent_thread(&mut command);
+            }
+            let child = match command.spawn() {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "redis-sentinel is not installed, and the Sentinel tests need it: install it \
+                     (Debian/Ubuntu: `apt-get install -y redis-sentinel`) and run the tests again"
+                ),
+                Err(e) => panic!("cannot start redis-sentinel: {e}"),
+            };
+            let mut sentinel = SentinelProcess {
+                port,
+                dir: dir.clone(),
+                child: Some(child),
+            };
+            let deadline = Instant::now() + DEADLINE;
+            while Instant::now() < deadline {
+                if let Some(child) = sentinel.child.as_mut()
+                    && let Ok(Some(_)) = child.try_wait()
+                {
+                    sentinel.child = None;
+                    break;
+                }
+                if ping(port) {
+                    return sentinel;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            sentinel.dir = PathBuf::new();
+        }
+        panic!("could not start redis-sentinel on a free port");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Sentinel group: a primary, one replica, and three sentinels (quorum
+/// two) watching them.
+pub struct SentinelGroup {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<SentinelProcess>,
+}
+
+impl SentinelGroup {
+    /// Starts a group of its own, stopped when dropped.
+    pub fn start() -> SentinelGroup {
+        SentinelGroup::start_with(false)
+    }
+
+    fn start_with(orphan_safe: bool) -> SentinelGroup {
+        let primary = RedisServer::start_primary(orphan_safe);
+        let replica = RedisServer::start_replica_of(primary.port, orphan_safe);
+        let sentinels = (0..3)
+            .map(|_| SentinelProcess::start(primary.port, orphan_safe))
+            .collect();
+        let group = SentinelGroup {
+            primary,
+            replica,
+            sentinels,
+        };
+        group.wait_until_replicated();
+        group
+    }
+
+    /// Waits until the replica is in sync and every sentinel knows it (a
+    /// failover before that would have no replica to promote).
+    pub fn wait_until_replicated(&self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let synced = self
+                .replica
+                .cli(&["info", "replication"])
+                .contains("master_link_status:up");
+            let known = self.sentinels.iter().all(|s| {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &s.port.to_string(), "sentinel", "replicas", MASTER])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                out.contains(&self.replica.port.to_string())
+            });
+            if synced && known {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinel group did not settle within {DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The sentinels' URLs, for `--redis-sentinel`.
+    pub fn urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(SentinelProcess::url).collect()
+    }
+
+    /// The port the sentinels name as primary now.
+    pub fn named_primary(&self) -> Option<u16> {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.sentinels[0].port.to_string(),
+                "sentinel",
+                "get-master-addr-by-name",
+                MASTER,
+            ])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Kills the primary (SIGKILL) and waits until the sentinels have
+    /// promoted the replica and it accepts writes.
+    pub fn fail_over(&mut self) {
+        self.primary.stop();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let promoted = self.named_primary() == Some(self.replica.port)
+                && self
+                    .replica
+                    .cli(&["info", "replication"])
+                    .contains("role:master");
+            if promoted {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not promote the replica within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The Sentinel group every test of the binary shares (each test under its
+/// own key prefix): started on first use from a thread that lives as long
+/// as the binary, so its processes stop with it.
+pub fn shared_sentinel() -> &'static (Vec<String>, u16) {
+    static SHARED: std::sync::OnceLock<(Vec<String>, u16)> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let group = SentinelGroup::start_with(true);
+            let _ = sender.send((group.urls(), group.primary.port));
+            // Kept, and this thread with it, until the binary exits.
+            loop {
+                std::thread::park();
+            }
+        });
+        receiver.recv().expect("the shared Sentinel group starts")
+    })
 }
 
 /// A frozen [`RedisServer`]; dropping it lets the server go on (SIGCONT).

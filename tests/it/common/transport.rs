@@ -290,13 +290,9 @@ pub fn item_to_ev(item: proto::Item) -> Option<Ev> {
 }
 
 async fn next_sse(sse: &mut SseClient) -> Option<Ev> {
-    // Feeds live as long as the test wants: no deadline here.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(3600), sse.next_or_end()).await {
-            Ok(ev) => return ev,
-            Err(_) => continue,
-        }
-    }
+    // Feeds live as long as the test wants: no deadline here (the reader,
+    // `Feed::next`, has one).
+    sse.next_or_end_patiently().await
 }
 
 /// `url` with `lastEventId=` added when there is a position.
@@ -398,6 +394,18 @@ macro_rules! on_every_transport {
                     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                     async fn $name() {
                         $crate::common::on_redis($crate::common::transport::on(
+                            $crate::common::transport::Transport::$transport,
+                            super::super::$name(),
+                        ))
+                        .await
+                    }
+                )*
+            }
+            mod sentinel {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        $crate::common::on_sentinel($crate::common::transport::on(
                             $crate::common::transport::Transport::$transport,
                             super::super::$name(),
                         ))

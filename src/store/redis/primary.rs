@@ -1,0 +1,401 @@
+//! Which Redis server a node writes to: the one `--redis` names, or the
+//! primary the sentinels of `--redis-sentinel` name, followed across
+//! failovers.
+//!
+//! A node under Sentinel asks the sentinels for the primary when it starts,
+//! listens on every sentinel for `+switch-master` (the announcement that a
+//! replica was promoted), and asks again every second in case an
+//! announcement was missed (pub/sub keeps nothing for a disconnected
+//! listener). A switch replaces the command connection and tells the live
+//! feed to reconnect, to the new primary. Commands in flight on the old
+//! primary fail (it is gone, or demoted and read-only) and are answered 503.
+//!
+//! The switch alone proves nothing about history: the promoted replica may
+//! lack the last acknowledged events. The publish script notices that the
+//! data belongs to another replication history and renews the epoch (see
+//! `publish.lua`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::RedisMetrics;
+use crate::store::StoreError;
+
+/// How a node reaches Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (`--redis`).
+    Single(String),
+    /// The primary the sentinels monitor under `master` (`--redis-sentinel`).
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+impl RedisTarget {
+    /// Host and port of every address, for logs: the URLs may carry a
+    /// password.
+    pub fn describe(&self) -> String {
+        let hosts = |urls: &[String]| {
+            urls.iter()
+                .map(|url| match url.as_str().into_connection_info() {
+                    Ok(info) => info.addr().to_string(),
+                    Err(_) => "(malformed URL)".to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            RedisTarget::Single(url) => hosts(std::slice::from_ref(url)),
+            RedisTarget::Sentinel { sentinels, master } => {
+                format!("sentinels {} for {master}", hosts(sentinels))
+            }
+        }
+    }
+}
+
+/// The server commands go to now.
+#[derive(Clone)]
+struct Current {
+    client: Client,
+    commands: ConnectionManager,
+}
+
+/// The primary this node writes to, replaced when Sentinel promotes
+/// another.
+pub(super) struct Primary {
+    current: std::sync::RwLock<Option<Current>>,
+    config: ConnectionManagerConfig,
+    certificates: Option<Vec<u8>>,
+    sentinel: Option<SentinelSource>,
+    /// Bumped on every switch: the live feed reconnects, to the new primary.
+    switched: tokio::sync::watch::Sender<u64>,
+    /// How long a command waits for a primary to be named (`--redis-timeout`).
+    wait: Duration,
+}
+
+/// The sentinels, and how to reach the primary they name.
+struct SentinelSource {
+    master: String,
+    /// The sentinels' own URLs, for the `+switch-master` listeners.
+    urls: Vec<ConnectionInfo>,
+    lookup: tokio::sync::Mutex<Sentinel>,
+    /// The primary's user, password, database and TLS: the sentinels'.
+    node: SentinelNodeConnectionInfo,
+    /// A template for the primary's address (TLS or not, as the sentinels).
+    template: ConnectionInfo,
+}
+
+fn config_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Config(format!(
+        "bad Redis URL or certificate: {error} (expected redis://[USER:PASSWORD@]HOST:PORT[/DB], \
+         or rediss:// for TLS)"
+    ))
+}
+
+impl Primary {
+    /// Prepares the connection to `target`. Nothing connects yet; a
+    /// malformed URL is an error now.
+    pub(super) fn new(
+        target: &RedisTarget,
+        ca_cert: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Primary, StoreError> {
+        let certificates = ca_cert
+            .map(|path| {
+                std::fs::read(path)
+                    .map_err(|e| StoreError::Config(format!("cannot read {}: {e}", path.display())))
+            })
+            .transpose()?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let mut primary = Primary {
+            current: std::sync::RwLock::new(None),
+            config,
+            certificates,
+            sentinel: None,
+            switched: tokio::sync::watch::Sender::new(0),
+            wait: timeout,
+        };
+        match target {
+            RedisTarget::Single(url) => {
+                let info = url.as_str().into_connection_info().map_err(config_error)?;
+                let client = primary.client_for(info)?;
+                primary.install(client)?;
+            }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let urls = sentinels
+                    .iter()
+                    .map(|url| url.as_str().into_connection_info().map_err(config_error))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let template = urls.first().cloned().ok_or_else(|| {
+                    StoreError::Config("--redis-sentinel names no sentinel".into())
+                })?;
+                let mut node = SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(template.redis_settings().clone());
+                if let ConnectionAddr::TcpTls { insecure, .. } = template.addr() {
+                    node = node.set_tls_mode(if *insecure {
+                        redis::TlsMode::Insecure
+                    } else {
+                        redis::TlsMode::Secure
+                    });
+                }
+                let lookup = Sentinel::build(urls.clone()).map_err(config_error)?;
+                primary.sentinel = Some(SentinelSource {
+                    master: master.clone(),
+                    urls,
+                    lookup: tokio::sync::Mutex::new(lookup),
+                    node,
+                    template,
+                });
+            }
+        }
+        Ok(primary)
+    }
+
+    fn client_for(&self, info: ConnectionInfo) -> Result<Client, StoreError> {
+        match &self.certificates {
+            None => Client::open(info),
+            Some(root) => Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root.clone()),
+                },
+            ),
+        }
+        .map_err(config_error)
+    }
+
+    /// Makes `client` the server commands go to.
+    fn install(&self, client: Client) -> Result<(), StoreError> {
+        let commands = ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone())
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(Current { client, commands });
+        Ok(())
+    }
+
+    fn current(&self) -> Result<Current, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unavailable("the sentinels have not named a primary yet".into())
+            })
+    }
+
+    /// The current primary; right after start-up under Sentinel, waits up
+    /// to `wait` for the sentinels to name one.
+    async fn named(&self, wait: Duration) -> Result<Current, StoreError> {
+        let mut switches = self.switched.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Ok(current) = self.current() {
+                return Ok(current);
+            }
+            if tokio::time::timeout_at(deadline, switches.changed())
+                .await
+                .is_err()
+            {
+                return self.current();
+            }
+        }
+    }
+
+    /// The connection for commands, to the current primary.
+    pub(super) async fn commands(&self) -> Result<ConnectionManager, StoreError> {
+        self.named(self.wait).await.map(|c| c.commands)
+    }
+
+    /// A client of the current primary, for the live feed's connection.
+    pub(super) async fn client(&self) -> Result<Client, StoreError> {
+        self.named(self.wait).await.map(|c| c.client)
+    }
+
+    /// The current primary's host and port, for logs.
+    pub(super) fn address(&self) -> String {
+        self.current()
+            .map(|c| c.client.get_connection_info().addr().to_string())
+            .unwrap_or_else(|_| "(no primary yet)".into())
+    }
+
+    /// Changes whenever the primary is replaced.
+    pub(super) fn switches(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.switched.subscribe()
+    }
+
+    /// Under Sentinel: follows the primary until `stop`. Otherwise returns
+    /// at once.
+    pub(super) async fn follow_until(
+        self: Arc<Self>,
+        metrics: &RedisMetrics,
+        stop: CancellationToken,
+    ) {
+        let Some(sentinel) = &self.sentinel else {
+            return;
+        };
+        let announced = Arc::new(tokio::sync::Notify::new());
+        for url in &sentinel.urls {
+            tokio::spawn(listen_for_switches(
+                url.clone(),
+                sentinel.master.clone(),
+                announced.clone(),
+                stop.clone(),
+            ));
+        }
+        let mut poll = tokio::time::interval(Duration::from_secs(1));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut complained = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = poll.tick() => {}
+                _ = announced.notified() => {}
+            }
+            match self.ask_sentinels(sentinel).await {
+                Ok(info) => {
+                    complained = false;
+                    let now = self
+                        .current()
+                        .ok()
+                        .map(|c| c.client.get_connection_info().addr().clone());
+                    if now.as_ref() == Some(info.addr()) {
+                        continue;
+                    }
+                    let first = now.is_none();
+                    match self
+                        .client_for(info)
+                        .and_then(|client| self.install(client))
+                    {
+                        Ok(()) => {
+                            let address = self.address();
+                            if first {
+                                tracing::info!(primary = %address, master = %sentinel.master, "the sentinels name the Redis primary");
+                            } else {
+                                tracing::warn!(primary = %address, master = %sentinel.master, "the sentinels promoted another Redis primary; switching to it");
+                                metrics.failed_over();
+                            }
+                            self.switched.send_modify(|n| *n += 1);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot use the primary the sentinels name")
+                        }
+                    }
+                }
+                Err(error) => {
+                    if !complained {
+                        tracing::warn!(%error, master = %sentinel.master, "no sentinel names a primary; retrying");
+                        complained = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The primary's connection settings, as the sentinels name it now.
+    async fn ask_sentinels(&self, sentinel: &SentinelSource) -> Result<ConnectionInfo, StoreError> {
+        let client = {
+            let mut lookup = sentinel.lookup.lock().await;
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                lookup.async_master_for(&sentinel.master, Some(&sentinel.node)),
+            )
+            .await
+            .map_err(|_| StoreError::Unavailable("the sentinels did not answer in time".into()))?
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        };
+        let named = client.get_connection_info();
+        let (host, port) = match named.addr() {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                (host.clone(), *port)
+            }
+            _ => {
+                return Err(StoreError::Unavailable(
+                    "the sentinels name a primary that is not a TCP address".into(),
+                ));
+            }
+        };
+        // Reached as the sentinels are: with TLS or without.
+        let addr = match sentinel.template.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        Ok(sentinel
+            .template
+            .clone()
+            .set_addr(addr)
+            .set_redis_settings(named.redis_settings().clone()))
+    }
+}
+
+/// Listens on one sentinel for `+switch-master` about `master` until
+/// `stop`, waking the follower on each; reconnects when the sentinel drops.
+async fn listen_for_switches(
+    sentinel: ConnectionInfo,
+    master: String,
+    announced: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let listening = async {
+            let client = Client::open(sentinel.clone())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(Duration::from_secs(2), listening).await {
+            Ok(Ok(pubsub)) => {
+                delay = Duration::from_millis(200);
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        message = messages.next() => match message {
+                            // "NAME OLD-IP OLD-PORT NEW-IP NEW-PORT"
+                            Some(message) => {
+                                let text = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
+                                if text.split(' ').next() == Some(master.as_str()) {
+                                    announced.notify_one();
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, sentinel = %sentinel.addr(), "cannot listen to a sentinel")
+            }
+            Err(_) => {
+                tracing::debug!(sentinel = %sentinel.addr(), "a sentinel did not answer in time")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

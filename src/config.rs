@@ -697,14 +697,15 @@ impl Config {
                 master,
             })
         } else if !self.redis_cluster.is_empty() {
-            return Err(
-                "--redis-cluster is not supported yet: use --redis or --redis-sentinel".into(),
-            );
+            Some(RedisTarget::Cluster(self.redis_cluster.clone()))
         } else {
             None
         };
         if target.is_none() && self.redis_wait_replicas > 0 {
-            return Err("--redis-wait-replicas needs Redis (--redis or --redis-sentinel)".into());
+            return Err(
+                "--redis-wait-replicas needs Redis (--redis, --redis-sentinel or --redis-cluster)"
+                    .into(),
+            );
         }
         Ok(target)
     }

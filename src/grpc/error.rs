@@ -45,6 +45,8 @@ pub fn code(error: &ApiError) -> Code {
         ApiError::KeyReused
         | ApiError::BatchKeyReused { .. }
         | ApiError::Store(StoreError::KeyReused { .. }) => Code::FailedPrecondition,
+        // Asking again cannot help; sending the topics apart can.
+        ApiError::Store(StoreError::SpansPartitions) => Code::FailedPrecondition,
         ApiError::MethodNotAllowed { .. } => Code::Unimplemented,
         ApiError::NotFound(_) => Code::NotFound,
         ApiError::BodyTimeout(_) => Code::DeadlineExceeded,

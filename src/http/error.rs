@@ -91,7 +91,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::KeyReused
             | ApiError::BatchKeyReused { .. }
-            | ApiError::Store(StoreError::KeyReused { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+            | ApiError::Store(StoreError::KeyReused { .. })
+            | ApiError::Store(StoreError::SpansPartitions) => StatusCode::UNPROCESSABLE_ENTITY,
             // Asking again cannot help: not an outage.
             ApiError::Store(StoreError::Rejected(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(StoreError::Full(_)) => StatusCode::INSUFFICIENT_STORAGE,
@@ -148,6 +149,7 @@ impl ApiError {
             ApiError::KeyReused
             | ApiError::BatchKeyReused { .. }
             | ApiError::Store(StoreError::KeyReused { .. }) => "idempotency-key-reused",
+            ApiError::Store(StoreError::SpansPartitions) => "batch-spans-partitions",
             ApiError::MalformedBatch(_) => "malformed-batch",
             ApiError::BatchTooLong { .. } => "batch-too-long",
             ApiError::MethodNotAllowed { .. } => "method-not-allowed",
@@ -188,7 +190,9 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } | ApiError::NotFound(_) => Refusal::NotFound,
             ApiError::Store(StoreError::Full(_)) => Refusal::StorageFull,
             ApiError::Store(StoreError::Rejected(_)) => Refusal::StoreError,
-            ApiError::Store(StoreError::KeyReused { .. }) => Refusal::BadInput,
+            ApiError::Store(StoreError::KeyReused { .. } | StoreError::SpansPartitions) => {
+                Refusal::BadInput
+            }
             ApiError::Store(_) => Refusal::StoreUnavailable,
             ApiError::Draining => Refusal::Draining,
             ApiError::Auth(AuthError::Origin(_)) => Refusal::Origin,

@@ -32,7 +32,7 @@ impl Measured {
                 StoreError::Rejected(_) => StoreErrorKind::Rejected,
                 StoreError::Full(_) => StoreErrorKind::Full,
                 // The request's fault, not the store's: counted apart.
-                StoreError::KeyReused { .. } => return result,
+                StoreError::KeyReused { .. } | StoreError::SpansPartitions => return result,
             };
             self.metrics.store_failed(op, kind);
         }

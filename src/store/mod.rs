@@ -115,6 +115,13 @@ pub enum StoreError {
     /// of the request was stored.
     #[error("the idempotency key of item {item} was already used for another event")]
     KeyReused { item: usize },
+    /// A batch's topics live on different partitions of a Redis Cluster,
+    /// where one atomic step cannot reach them all: nothing was stored.
+    #[error(
+        "the batch's topics are on different partitions of the Redis Cluster, so it cannot be \
+         stored atomically; nothing was stored: publish to these topics in separate requests"
+    )]
+    SpansPartitions,
 }
 
 /// Where a publish went: the topic, number and epoch a publisher is

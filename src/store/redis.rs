@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, PubSubSink};
+use redis::aio::PubSubSink;
 use redis::{Script, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -63,8 +63,8 @@ use crate::hub::Hub;
 
 mod primary;
 
-use primary::Primary;
 pub use primary::RedisTarget;
+use primary::{Commands, Primary};
 
 // Lua numbers are doubles, exact only up to 2^53: the scripts never see a
 // number past `MAX_SEQ`. The publish script refuses to number past it, and
@@ -182,12 +182,18 @@ pub struct CanarySettings {
     pub timeout: Duration,
 }
 
-/// The node's canaries: numbered messages on a channel only this node
-/// listens to. Pub/sub keeps order, so a canary coming back accounts for
-/// every earlier one; the feed has stalled when the oldest one not back is
-/// older than the timeout.
+/// The node's canaries: numbered messages on each path its live feed
+/// depends on. Outside a cluster, one path: a channel only this node
+/// listens to. On a cluster, every partition channel the node is
+/// subscribed to (each shard's pub/sub is a path of its own, and a stalled
+/// shard must show). Pub/sub keeps order on a path, so a canary coming back
+/// accounts for every earlier one there; the feed has stalled when the
+/// oldest one not back on any path is older than the timeout.
 struct Canary {
+    /// This node's own channel (outside a cluster).
     channel: String,
+    /// What tells this node's canaries apart on a shared channel.
+    id: String,
     settings: CanarySettings,
     state: std::sync::Mutex<CanaryState>,
 }
@@ -195,9 +201,9 @@ struct Canary {
 #[derive(Default)]
 struct CanaryState {
     next: u64,
-    /// Canaries sent and not back, oldest first (a bounded number: only
-    /// the oldest matters for readiness).
-    out: VecDeque<(u64, tokio::time::Instant)>,
+    /// Per path, canaries sent and not back, oldest first (a bounded
+    /// number: only the oldest matters for readiness).
+    out: IndexMap<String, VecDeque<(u64, tokio::time::Instant)>>,
     /// Whether the stall was reported, so it is logged once.
     reported: bool,
 }
@@ -217,8 +223,10 @@ impl Canary {
                 .unwrap_or_default();
             id = (now.as_nanos() as u64 ^ u64::from(std::process::id())).to_be_bytes();
         }
+        let id = format!("{:016x}", u64::from_be_bytes(id));
         Canary {
-            channel: format!("{prefix}canary:{:016x}", u64::from_be_bytes(id)),
+            channel: format!("{prefix}canary:{id}"),
+            id,
             settings,
             state: std::sync::Mutex::new(CanaryState::default()),
         }
@@ -228,23 +236,57 @@ impl Canary {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Numbers the next canary and records it as sent now.
-    fn send(&self) -> u64 {
+    /// Numbers the next canary on `path` and records it as sent now.
+    fn send(&self, path: &str) -> u64 {
         let mut state = self.lock();
         let n = state.next;
         state.next += 1;
-        if state.out.len() < Self::MAX_OUT {
-            state.out.push_back((n, tokio::time::Instant::now()));
+        let out = match state.out.get_mut(path) {
+            Some(out) => out,
+            None => state.out.entry(path.to_owned()).or_default(),
+        };
+        if out.len() < Self::MAX_OUT {
+            out.push_back((n, tokio::time::Instant::now()));
         }
         n
     }
 
-    /// Canary `n` came back: it and every earlier one are accounted for.
-    fn back(&self, n: u64) {
+    /// Canary `n` came back on `path`: it and every earlier one there are
+    /// accounted for.
+    fn back(&self, path: &str, n: u64) {
         let mut state = self.lock();
-        while state.out.front().is_some_and(|(sent, _)| *sent <= n) {
-            state.out.pop_front();
+        if let Some(out) = state.out.get_mut(path) {
+            while out.front().is_some_and(|(sent, _)| *sent <= n) {
+                out.pop_front();
+            }
         }
+    }
+
+    /// The message of canary `n` on a cluster's shared channel (no topic
+    /// line: an empty first line).
+    fn shared_message(&self, n: u64) -> String {
+        format!("\n{} {n}", self.id)
+    }
+
+    /// The number of a message on a shared channel, if it is one of this
+    /// node's canaries; `Err` if it is another node's.
+    fn parse_shared(&self, payload: &[u8]) -> Result<u64, ()> {
+        let text = std::str::from_utf8(payload.strip_prefix(b"\n").ok_or(())?).map_err(|_| ())?;
+        let (id, n) = text.split_once(' ').ok_or(())?;
+        if id != self.id {
+            return Err(());
+        }
+        n.parse().map_err(|_| ())
+    }
+
+    /// Whether the last canary on `path` did not come back within an
+    /// interval.
+    fn late(&self, path: &str) -> bool {
+        self.lock()
+            .out
+            .get(path)
+            .and_then(|out| out.front())
+            .is_some_and(|(_, sent)| sent.elapsed() > self.settings.interval)
     }
 
     /// Forgets canaries sent before a (re)connection: pub/sub dropped them.
@@ -252,10 +294,20 @@ impl Canary {
         self.lock().out.clear();
     }
 
+    /// Stops watching `path` (no longer subscribed).
+    fn forget(&self, path: &str) {
+        self.lock().out.swap_remove(path);
+    }
+
     /// How long the oldest canary not back has been out, if past the timeout.
     fn overdue(&self) -> Option<Duration> {
-        let (_, sent) = *self.lock().out.front()?;
-        let age = sent.elapsed();
+        let state = self.lock();
+        let age = state
+            .out
+            .values()
+            .filter_map(|out| out.front())
+            .map(|(_, sent)| sent.elapsed())
+            .max()?;
         (age > self.settings.timeout).then_some(age)
     }
 
@@ -282,7 +334,7 @@ impl Canary {
 /// store that answers otherwise has lost part of its history (a restored
 /// snapshot, a failover to a lagging replica), and the numbers from there on
 /// may be handed out again.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Floor {
     epoch: Epoch,
     /// The highest number seen anywhere: publish answers, reads, live.
@@ -292,7 +344,15 @@ struct Floor {
     /// The highest number delivered by the catch-up after a reconnect; live
     /// messages up to it are repeats, not a history going back.
     caught_up: u64,
+    /// The last live messages, as (number, hash of the message): the same
+    /// message again is a repeat (a cluster's client may hold a channel's
+    /// subscription on two nodes for a moment after a failover), another
+    /// message with the same number a history that went back.
+    recent: VecDeque<(u64, u64)>,
 }
+
+/// Live messages remembered per watched topic to tell repeats.
+const RECENT_LIVE: usize = 64;
 
 /// What a number seen for a topic means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,48 +368,231 @@ enum Seen {
 /// This node's pub/sub connection and the channels it is subscribed to.
 #[derive(Default)]
 struct LiveLink {
-    sink: Option<PubSubSink>,
+    sink: Option<LiveSink>,
     topics: IndexSet<Topic>,
+    /// On a cluster, the partitions' channels confirmed once: a second
+    /// confirmation is a resubscription, after which the partition's
+    /// topics are caught up.
+    confirmed: std::collections::HashSet<String>,
+}
+
+/// Partitions of the topics on a Redis Cluster: a topic's keys, its
+/// idempotency records and its live channel all carry its partition's hash
+/// tag, so one script reaches them all in one slot, and a node holds one
+/// sharded subscription per partition it needs rather than one per topic.
+const PARTITIONS: usize = 128;
+
+/// Redis Cluster's hash slots.
+const SLOTS: u16 = 16384;
+
+/// The slot Redis Cluster puts `key` in (the CRC16 of its hash tag).
+fn slot_of(key: &str) -> u16 {
+    let tagged = key
+        .find('{')
+        .and_then(|open| {
+            let close = key[open + 1..].find('}')?;
+            (close > 0).then(|| &key[open + 1..open + 1 + close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tagged.as_bytes()) % SLOTS
+}
+
+/// One hash tag per partition, partition `i`'s in the `i`-th of
+/// [`PARTITIONS`] equal ranges of slots, so the partitions spread over the
+/// cluster's nodes as evenly as its slots do (tags `{0}`...`{127}` hash
+/// to clumps). Searched, not stored: every node finds the same tags.
+fn partition_tags() -> Vec<String> {
+    let per = usize::from(SLOTS) / PARTITIONS;
+    (0..PARTITIONS)
+        .map(|i| {
+            (0u32..)
+                .map(|n| format!("p{i}.{n}"))
+                .find(|tag| usize::from(slot_of(tag)) / per == i)
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// Key and channel names.
 #[derive(Clone)]
 struct Keys {
     prefix: String,
+    /// On a Redis Cluster, each partition's hash tag.
+    partitions: Option<Arc<[String]>>,
 }
 
 impl Keys {
+    /// The partition of `topic` (0 outside a cluster).
+    fn partition(&self, topic: &Topic) -> usize {
+        match &self.partitions {
+            None => 0,
+            Some(_) => {
+                let hash = xxhash_rust::xxh3::xxh3_64(topic.as_str().as_bytes());
+                usize::try_from(hash % PARTITIONS as u64).unwrap_or(0)
+            }
+        }
+    }
+
+    /// What every key of `topic` starts with.
+    fn base(&self, topic: &Topic) -> String {
+        match &self.partitions {
+            None => format!("{}{{{topic}}}", self.prefix),
+            Some(tags) => format!(
+                "{}{{{}}}{{{topic}}}",
+                self.prefix,
+                tags[self.partition(topic)]
+            ),
+        }
+    }
+
     fn meta(&self, topic: &Topic) -> String {
-        format!("{}{{{topic}}}:meta", self.prefix)
+        format!("{}:meta", self.base(topic))
     }
 
     fn events(&self, topic: &Topic) -> String {
-        format!("{}{{{topic}}}:events", self.prefix)
+        format!("{}:events", self.base(topic))
     }
 
-    /// An idempotency record. Not in its topic's hash slot: a key names
-    /// one event whatever its topic, so using it for another topic must be
-    /// seen. (The store works with one Redis, primary and replicas, not a
-    /// cluster: batches over several topics already need that.)
-    fn once(&self, key: &KeyDigest) -> String {
-        format!("{}once:{}", self.prefix, key.hex())
+    /// An idempotency record, for an event of `topic`. Outside a cluster
+    /// not in the topic's hash slot: a key names one event whatever its
+    /// topic, so using it for another topic must be seen. On a cluster it
+    /// must share the slot of the script that reads it: there, a key names
+    /// one event per partition.
+    fn once(&self, key: &KeyDigest, topic: &Topic) -> String {
+        match &self.partitions {
+            None => format!("{}once:{}", self.prefix, key.hex()),
+            Some(tags) => format!(
+                "{}{{{}}}:once:{}",
+                self.prefix,
+                tags[self.partition(topic)],
+                key.hex()
+            ),
+        }
     }
 
     fn ticket(&self, digest: &str) -> String {
         format!("{}ticket:{digest}", self.prefix)
     }
 
+    /// The live channel of `topic`: its own, or on a cluster its
+    /// partition's.
     fn channel(&self, topic: &Topic) -> String {
-        format!("{}{{{topic}}}:live", self.prefix)
+        match &self.partitions {
+            None => format!("{}:live", self.base(topic)),
+            Some(tags) => format!("{}{{{}}}:live", self.prefix, tags[self.partition(topic)]),
+        }
     }
 
-    /// The topic a channel name belongs to.
+    /// The command that sends a live message, and what comes before the
+    /// message itself: on a cluster, the topic's name on a line.
+    fn live_command(&self) -> &'static str {
+        if self.partitions.is_some() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    fn live_head(&self, topic: &Topic) -> String {
+        match &self.partitions {
+            None => String::new(),
+            Some(_) => format!("{topic}\n"),
+        }
+    }
+
+    /// The topic a channel name belongs to (outside a cluster).
     fn topic_of(&self, channel: &str) -> Option<Topic> {
+        if self.partitions.is_some() {
+            return None;
+        }
         let name = channel
             .strip_prefix(&self.prefix)?
             .strip_prefix('{')?
             .strip_suffix("}:live")?;
         Topic::parse(name, usize::MAX).ok()
+    }
+
+    /// The partition a channel name belongs to (on a cluster).
+    fn partition_of(&self, channel: &str) -> Option<usize> {
+        let tags = self.partitions.as_ref()?;
+        let tag = channel
+            .strip_prefix(&self.prefix)?
+            .strip_prefix('{')?
+            .strip_suffix("}:live")?;
+        tags.iter().position(|t| t == tag)
+    }
+}
+
+/// A message from the live feed, whichever way it came.
+struct LiveMessage {
+    channel: String,
+    payload: Vec<u8>,
+}
+
+/// What a cluster's live connection pushed, if it is a message or a
+/// (re)subscription.
+enum Pushed {
+    Message(LiveMessage),
+    /// A sharded channel was subscribed (again, after a failover or a
+    /// resharding moved its slot).
+    Subscribed(String),
+    Other,
+}
+
+fn pushed(info: redis::PushInfo) -> Pushed {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    match info.kind {
+        redis::PushKind::SMessage | redis::PushKind::Message => {
+            match (info.data.first().and_then(text), info.data.get(1)) {
+                (Some(channel), Some(Value::BulkString(payload))) => Pushed::Message(LiveMessage {
+                    channel,
+                    payload: payload.clone(),
+                }),
+                _ => Pushed::Other,
+            }
+        }
+        redis::PushKind::SSubscribe => match info.data.first().and_then(text) {
+            Some(channel) => Pushed::Subscribed(channel),
+            None => Pushed::Other,
+        },
+        _ => Pushed::Other,
+    }
+}
+
+/// The subscribing end of the live feed.
+enum LiveSink {
+    PubSub(PubSubSink),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl LiveSink {
+    async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            LiveSink::PubSub(sink) => sink.subscribe(channels).await,
+            LiveSink::Cluster(connection) => {
+                // One by one: each channel is in its own slot.
+                for channel in channels {
+                    connection.ssubscribe(channel).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            LiveSink::PubSub(sink) => sink.unsubscribe(channels).await,
+            LiveSink::Cluster(connection) => {
+                for channel in channels {
+                    connection.sunsubscribe(channel).await?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -394,6 +637,7 @@ impl RedisStore {
             wait_replicas,
         } = settings;
         let primary = Arc::new(Primary::new(&target, ca_cert.as_deref(), timeout)?);
+        let partitions = primary.is_cluster().then(|| partition_tags().into());
         let prefix = prefix.as_str();
         let (outbox, outbox_queue) = tokio::sync::mpsc::unbounded_channel();
         // Shown (as down) from the start, not from the first connection.
@@ -403,6 +647,7 @@ impl RedisStore {
             wait_replicas,
             keys: Keys {
                 prefix: prefix.to_owned(),
+                partitions,
             },
             retention,
             timeout,
@@ -496,11 +741,13 @@ impl RedisStore {
                             // Another primary: reconnect to it.
                             _ = switches.changed() => break,
                             message = messages.next() => match message {
-                                Some(message) => {
+                                Some(Pushed::Message(message)) => {
                                     if let Some((topic, epoch)) = self.on_message(&message) {
                                         self.history_went_back(&topic, epoch).await;
                                     }
                                 }
+                                Some(Pushed::Subscribed(channel)) => self.resubscribed(channel).await,
+                                Some(Pushed::Other) => {}
                                 None => break,
                             },
                         }
@@ -543,7 +790,11 @@ impl RedisStore {
                 continue;
             }
             // Recorded before it is sent, so it cannot come back unrecorded.
-            let n = self.canary.send();
+            if self.primary.is_cluster() {
+                self.send_shared_canaries().await;
+                continue;
+            }
+            let n = self.canary.send(&self.canary.channel);
             let sent = match self.primary.commands().await {
                 Ok(mut commands) => redis::cmd("PUBLISH")
                     .arg(&self.canary.channel)
@@ -559,46 +810,167 @@ impl RedisStore {
         }
     }
 
+    /// On a cluster: a canary on every partition channel the node is
+    /// subscribed to, sent through the live connection itself, so a shard
+    /// that failed over is noticed there too (the cluster client then learns
+    /// the new slot owners). A channel whose last canary is late is
+    /// subscribed again first, on whichever node owns its slot now: the
+    /// client's own resubscription does not always follow a failover, and
+    /// the confirmation has the partition's topics caught up.
+    async fn send_shared_canaries(&self) {
+        let (connection, channels) = {
+            let link = self.live.lock().await;
+            let Some(LiveSink::Cluster(connection)) = &link.sink else {
+                return;
+            };
+            let channels: IndexSet<String> =
+                link.topics.iter().map(|t| self.keys.channel(t)).collect();
+            (connection.clone(), channels)
+        };
+        let sends = channels.into_iter().map(|channel| {
+            let mut connection = connection.clone();
+            let late = self.canary.late(&channel);
+            async move {
+                if late {
+                    let again = tokio::time::timeout(
+                        self.canary.settings.timeout,
+                        connection.ssubscribe(&channel),
+                    )
+                    .await;
+                    if !matches!(again, Ok(Ok(()))) {
+                        tracing::debug!(%channel, "could not subscribe a late channel again");
+                    }
+                }
+                let n = self.canary.send(&channel);
+                let message = self.canary.shared_message(n);
+                let sent = tokio::time::timeout(
+                    self.canary.settings.timeout,
+                    redis::cmd("SPUBLISH")
+                        .arg(&channel)
+                        .arg(message)
+                        .query_async::<()>(&mut connection),
+                )
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::debug!(%channel, "could not send a canary");
+                }
+            }
+        });
+        futures_util::future::join_all(sends).await;
+    }
+
     /// Opens a pub/sub connection and subscribes it to every watched topic.
-    async fn connect_live(&self) -> Result<redis::aio::PubSubStream, StoreError> {
-        let client = self.primary.client().await?;
-        let pubsub = tokio::time::timeout(self.timeout, client.get_async_pubsub())
-            .await
-            .map_err(|_| unavailable("timed out connecting to Redis"))?
-            .map_err(unavailable)?;
-        let (mut sink, stream) = pubsub.split();
+    async fn connect_live(
+        &self,
+    ) -> Result<futures_util::stream::BoxStream<'static, Pushed>, StoreError> {
+        let (mut sink, stream) = if self.primary.is_cluster() {
+            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+            let connection = self.primary.cluster_connection(Some(sender))?;
+            let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).map(pushed);
+            (LiveSink::Cluster(connection), stream.boxed())
+        } else {
+            let client = self.primary.client().await?;
+            let pubsub = tokio::time::timeout(self.timeout, client.get_async_pubsub())
+                .await
+                .map_err(|_| unavailable("timed out connecting to Redis"))?
+                .map_err(unavailable)?;
+            let (sink, stream) = pubsub.split();
+            let stream = stream.map(|message| {
+                Pushed::Message(LiveMessage {
+                    channel: message.get_channel_name().to_owned(),
+                    payload: message.get_payload_bytes().to_vec(),
+                })
+            });
+            (LiveSink::PubSub(sink), stream.boxed())
+        };
         let mut link = self.live.lock().await;
-        let mut channels: Vec<String> = link.topics.iter().map(|t| self.keys.channel(t)).collect();
-        channels.push(self.canary.channel.clone());
+        let mut channels: IndexSet<String> =
+            link.topics.iter().map(|t| self.keys.channel(t)).collect();
+        if !self.primary.is_cluster() {
+            channels.insert(self.canary.channel.clone());
+        }
+        let channels: Vec<String> = channels.into_iter().collect();
         tokio::time::timeout(self.timeout, sink.subscribe(&channels))
             .await
             .map_err(|_| unavailable("timed out subscribing"))?
             .map_err(unavailable)?;
         self.canary.reset();
+        link.confirmed.clear();
         link.sink = Some(sink);
         self.live_up.send_replace(true);
         Ok(stream)
     }
 
+    /// A cluster's live connection subscribed `channel`: the first time, as
+    /// asked; again, after its slot moved (a failover, a resharding), when
+    /// messages sent meanwhile were lost: the partition's topics are caught
+    /// up.
+    async fn resubscribed(&self, channel: String) {
+        let topics: Vec<Topic> = {
+            let mut link = self.live.lock().await;
+            if link.confirmed.insert(channel.clone()) {
+                return;
+            }
+            let Some(partition) = self.keys.partition_of(&channel) else {
+                return;
+            };
+            link.topics
+                .iter()
+                .filter(|t| self.keys.partition(t) == partition)
+                .cloned()
+                .collect()
+        };
+        tracing::info!(%channel, topics = topics.len(), "a live channel of the cluster was subscribed again; catching up its topics");
+        let metrics = self.hub.metrics().redis();
+        for topic in topics.iter().filter(|t| self.hub.is_watched(t)) {
+            let caught_up = self.catch_up_topic(topic).await;
+            metrics.caught_up(caught_up);
+            if !caught_up {
+                self.hub.resync(topic);
+            }
+        }
+    }
+
     /// Hands a live message to the hub. Returns the topic and epoch when
     /// the message shows that the topic's history went back in time.
-    fn on_message(&self, message: &redis::Msg) -> Option<(Topic, Epoch)> {
-        if message.get_channel_name() == self.canary.channel {
-            match std::str::from_utf8(message.get_payload_bytes()).map(str::parse::<u64>) {
-                Ok(Ok(n)) => self.canary.back(n),
+    fn on_message(&self, message: &LiveMessage) -> Option<(Topic, Epoch)> {
+        if message.channel == self.canary.channel {
+            match std::str::from_utf8(&message.payload).map(str::parse::<u64>) {
+                Ok(Ok(n)) => self.canary.back(&message.channel, n),
                 _ => tracing::warn!("ignoring a malformed canary"),
             }
             return None;
         }
-        let topic = self.keys.topic_of(message.get_channel_name())?;
-        let Some(event) = parse_live(topic, message.get_payload_bytes()) else {
+        if self.keys.partitions.is_some() && message.payload.starts_with(b"\n") {
+            // A canary on a shared channel: this node's, or another's.
+            if let Ok(n) = self.canary.parse_shared(&message.payload) {
+                self.canary.back(&message.channel, n);
+            }
+            return None;
+        }
+        // A topic's own channel, or on a cluster its partition's, whose
+        // messages start with the topic's name.
+        let (topic, payload) = match self.keys.topic_of(&message.channel) {
+            Some(topic) => (topic, &message.payload[..]),
+            None if self.keys.partitions.is_some() => {
+                let end = message.payload.iter().position(|b| *b == b'\n')?;
+                let name = std::str::from_utf8(&message.payload[..end]).ok()?;
+                (
+                    Topic::parse(name, usize::MAX).ok()?,
+                    &message.payload[end + 1..],
+                )
+            }
+            None => return None,
+        };
+        let Some(event) = parse_live(topic, payload) else {
             tracing::warn!(
-                channel = message.get_channel_name(),
+                channel = message.channel,
                 "ignoring a malformed live message"
             );
             return None;
         };
-        let seen = self.saw(&event.topic, event.epoch, event.seq, true);
+        let hash = xxhash_rust::xxh3::xxh3_64(payload);
+        let seen = self.saw(&event.topic, event.epoch, event.seq, Some(hash));
         if seen == Seen::Repeat {
             return None;
         }
@@ -610,7 +982,8 @@ impl RedisStore {
 
     /// Records a number seen for a watched topic: in a publish answer or a
     /// read, or (`live`) on the live channel.
-    fn saw(&self, topic: &Topic, epoch: Epoch, seq: u64, live: bool) -> Seen {
+    /// `live` is the hash of the live message, for one seen there.
+    fn saw(&self, topic: &Topic, epoch: Epoch, seq: u64, live: Option<u64>) -> Seen {
         if !self.hub.is_watched(topic) {
             return Seen::New;
         }
@@ -618,28 +991,41 @@ impl RedisStore {
         match floors.get_mut(topic) {
             Some(floor) if floor.epoch == epoch => {
                 floor.seen = floor.seen.max(seq);
-                if !live {
+                let Some(hash) = live else {
                     return Seen::New;
-                }
+                };
                 let seen = if seq <= floor.live {
-                    Seen::WentBack
+                    match floor.recent.iter().find(|(s, _)| *s == seq) {
+                        Some((_, h)) if *h == hash => Seen::Repeat,
+                        _ => Seen::WentBack,
+                    }
                 } else if seq <= floor.caught_up {
                     Seen::Repeat
                 } else {
                     Seen::New
                 };
+                if seq > floor.live {
+                    if floor.recent.len() == RECENT_LIVE {
+                        floor.recent.pop_front();
+                    }
+                    floor.recent.push_back((seq, hash));
+                }
                 floor.live = floor.live.max(seq);
                 seen
             }
             _ => {
-                let live = if live { seq } else { 0 };
+                let mut recent = VecDeque::new();
+                if let Some(hash) = live {
+                    recent.push_back((seq, hash));
+                }
                 floors.insert(
                     topic.clone(),
                     Floor {
                         epoch,
                         seen: seq,
-                        live,
+                        live: if live.is_some() { seq } else { 0 },
                         caught_up: 0,
+                        recent,
                     },
                 );
                 Seen::New
@@ -786,17 +1172,37 @@ impl RedisStore {
             // hub since then keeps its topic (its `watch` waits for this
             // lock, and subscribes again what was taken off the link).
             let idle: Vec<&Topic> = chunk.iter().filter(|t| !self.hub.is_watched(t)).collect();
+            if idle.is_empty() || link.sink.is_none() {
+                if link.sink.is_none() {
+                    break;
+                }
+                continue;
+            }
+            // A channel stays while a topic that is kept uses it (on a
+            // cluster, one channel serves a partition's topics).
+            let kept: std::collections::HashSet<String> = link
+                .topics
+                .iter()
+                .filter(|t| !idle.contains(t))
+                .map(|t| self.keys.channel(t))
+                .collect();
+            let channels: Vec<String> = idle
+                .iter()
+                .map(|t| self.keys.channel(t))
+                .filter(|c| !kept.contains(c))
+                .collect::<IndexSet<String>>()
+                .into_iter()
+                .collect();
             let Some(sink) = link.sink.as_mut() else {
                 break;
             };
-            if idle.is_empty() {
-                continue;
-            }
-            let channels: Vec<String> = idle.iter().map(|t| self.keys.channel(t)).collect();
             match tokio::time::timeout(self.timeout, sink.unsubscribe(&channels)).await {
                 Ok(Ok(())) => {
                     for topic in idle {
                         link.topics.swap_remove(topic);
+                    }
+                    for channel in &channels {
+                        self.canary.forget(channel);
                     }
                 }
                 _ => {
@@ -814,7 +1220,18 @@ impl RedisStore {
         let Ok(mut commands) = self.primary.commands().await else {
             return;
         };
-        for chunk in watched.chunks(HOUSEKEEPING_CHUNK) {
+        // By partition: a pipeline to a cluster keeps to one slot.
+        let mut parts: IndexMap<usize, Vec<Topic>> = IndexMap::new();
+        for topic in watched {
+            parts
+                .entry(self.keys.partition(&topic))
+                .or_default()
+                .push(topic);
+        }
+        for chunk in parts
+            .values()
+            .flat_map(|part| part.chunks(HOUSEKEEPING_CHUNK))
+        {
             let mut pipe = redis::pipe();
             for topic in chunk {
                 pipe.cmd("PEXPIRE")
@@ -928,7 +1345,7 @@ impl RedisStore {
         let nkeys = 2 + keys.len() + 2 * guarded.len();
         let data: usize = events.iter().map(|&i| all[i].0.data.len() + 16).sum();
         let mut cmd = redis::Cmd::with_capacity(
-            3 + nkeys + 11 + keys.len() + guarded.len() + 3 * events.len(),
+            3 + nkeys + 13 + keys.len() + guarded.len() + 3 * events.len(),
             256 + 96 * nkeys + data,
         );
         if by_text {
@@ -940,7 +1357,7 @@ impl RedisStore {
             .arg(self.keys.meta(topic))
             .arg(self.keys.events(topic));
         for key in keys.keys() {
-            cmd.arg(self.keys.once(key));
+            cmd.arg(self.keys.once(key, topic));
         }
         for (other, _) in guarded {
             cmd.arg(self.keys.meta(other)).arg(self.keys.events(other));
@@ -956,6 +1373,8 @@ impl RedisStore {
         };
         cmd.arg(window_ms)
             .arg(u8::from(self.wait_replicas > 0))
+            .arg(self.keys.live_command())
+            .arg(self.keys.live_head(topic))
             .arg(keys.len());
         for fingerprint in keys.values() {
             cmd.arg(fingerprint.hex());
@@ -980,6 +1399,8 @@ impl RedisStore {
 /// One topic's publish call waiting in the outbox, and where its reply goes.
 struct Outgoing {
     cmd: redis::Cmd,
+    /// Its topic's partition: a pipeline to a cluster keeps to one slot.
+    partition: usize,
     /// Its events' data, in bytes.
     bytes: usize,
     answer: tokio::sync::oneshot::Sender<Result<Value, StoreError>>,
@@ -1002,7 +1423,7 @@ async fn send_outbox(
     while open || !in_flight.is_empty() {
         tokio::select! {
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            first = queue.recv(), if open && in_flight.len() < OUTBOX_IN_FLIGHT => {
+            first = queue.recv(), if open && in_flight.len() < OUTBOX_IN_FLIGHT.max(1) => {
                 let Some(first) = first else {
                     open = false;
                     continue;
@@ -1024,10 +1445,20 @@ async fn send_outbox(
                 if group.is_empty() {
                     continue;
                 }
+                // One pipeline per partition (all of them outside a
+                // cluster are partition 0).
+                let mut parts: IndexMap<usize, Vec<Outgoing>> = IndexMap::new();
+                for outgoing in group {
+                    parts.entry(outgoing.partition).or_default().push(outgoing);
+                }
                 match primary.commands().await {
-                    Ok(commands) => in_flight.push(send_group(commands, group, script.clone(), wait)),
+                    Ok(commands) => {
+                        for (_, part) in parts {
+                            in_flight.push(send_group(commands.clone(), part, script.clone(), wait));
+                        }
+                    }
                     Err(error) => {
-                        for outgoing in group {
+                        for outgoing in parts.into_values().flatten() {
                             let _ = outgoing.answer.send(Err(error.clone()));
                         }
                     }
@@ -1038,12 +1469,7 @@ async fn send_outbox(
 }
 
 /// Sends one group of publish calls as a pipeline and hands each its reply.
-async fn send_group(
-    mut commands: ConnectionManager,
-    group: Vec<Outgoing>,
-    script: Arc<Script>,
-    wait: Wait,
-) {
+async fn send_group(mut commands: Commands, group: Vec<Outgoing>, script: Arc<Script>, wait: Wait) {
     let mut answers = Vec::with_capacity(group.len());
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
@@ -1151,7 +1577,7 @@ impl Wait {
 /// A pipeline's replies, one per command, each a value or the error Redis
 /// answered it with.
 async fn query_group(
-    commands: &mut ConnectionManager,
+    commands: &mut Commands,
     pipe: &redis::Pipeline,
 ) -> Result<Vec<Result<Value, redis::RedisError>>, redis::RedisError> {
     let replies: Vec<Value> = pipe.query_async(commands).await?;
@@ -1269,8 +1695,14 @@ impl Store for RedisStore {
                 let cmd = self.publish_cmd(false, topic, &events, list, &keys, window, &[]);
                 let bytes = list.iter().map(|&i| events[i].0.data.len()).sum();
                 let (answer, reply) = tokio::sync::oneshot::channel();
+                let partition = self.keys.partition(topic);
                 self.outbox
-                    .send(Outgoing { cmd, bytes, answer })
+                    .send(Outgoing {
+                        cmd,
+                        partition,
+                        bytes,
+                        answer,
+                    })
                     .map_err(|_| unavailable("the Redis store has stopped"))?;
                 // Bounded like a command of its own: a publish waiting
                 // behind groups in flight is answered within the timeout
@@ -1284,6 +1716,13 @@ impl Store for RedisStore {
             // Several topics: one atomic pipeline, so the batch is stored
             // whole or not at all.
             many => {
+                let partition = self.keys.partition(many[0].0);
+                if many
+                    .iter()
+                    .any(|(t, _)| self.keys.partition(t) != partition)
+                {
+                    return Err(StoreError::SpansPartitions);
+                }
                 let mut commands = self.primary.commands().await?;
                 let mut pipe = redis::pipe();
                 pipe.cmd("MULTI");
@@ -1365,7 +1804,7 @@ impl Store for RedisStore {
             for (outcome, &i) in outcomes.iter().zip(list) {
                 let (event, _) = &events[i];
                 answers[i] = Some(if is_empty_text(outcome) {
-                    self.saw(topic, epoch, seq, false);
+                    self.saw(topic, epoch, seq, None);
                     let stored = Event::new(
                         event.topic.clone(),
                         seq,
@@ -1402,7 +1841,7 @@ impl Store for RedisStore {
             }
             _ => {
                 if let Some(epoch) = history.epoch {
-                    self.saw(topic, epoch, history.head, false);
+                    self.saw(topic, epoch, history.head, None);
                 }
                 Ok(history)
             }
@@ -1418,14 +1857,23 @@ impl Store for RedisStore {
         if link.topics.contains(topic) && link.sink.is_some() {
             return Ok(());
         }
+        let channel = self.keys.channel(topic);
+        // On a cluster, another topic of the partition may have subscribed
+        // the channel already.
+        let subscribed =
+            link.sink.is_some() && link.topics.iter().any(|t| self.keys.channel(t) == channel);
         // Remember it either way: a reconnect subscribes every known topic.
         link.topics.insert(topic.clone());
-        let channel = self.keys.channel(topic);
+        if subscribed {
+            return Ok(());
+        }
         let sink = link
             .sink
             .as_mut()
             .ok_or_else(|| unavailable("the live feed from Redis is down"))?;
-        match tokio::time::timeout(self.timeout, sink.subscribe(&channel)).await {
+        match tokio::time::timeout(self.timeout, sink.subscribe(std::slice::from_ref(&channel)))
+            .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(unavailable(error)),
             Err(_) => Err(unavailable("timed out subscribing")),
@@ -1485,11 +1933,64 @@ mod tests {
     fn channel_names_map_back_to_topics() {
         let keys = Keys {
             prefix: "crier:".into(),
+            partitions: None,
         };
         let topic = Topic::parse("news.eu", 128).unwrap();
         assert_eq!(keys.meta(&topic), "crier:{news.eu}:meta");
         assert_eq!(keys.topic_of(&keys.channel(&topic)), Some(topic));
         assert_eq!(keys.topic_of("other:{x}:live"), None);
+    }
+
+    #[test]
+    fn slots_are_the_ones_redis_cluster_computes() {
+        // CLUSTER KEYSLOT answers, and the CRC16 check value.
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("123456789"), 12739);
+        assert_eq!(slot_of("{user1000}.following"), slot_of("user1000"));
+        assert_ne!(slot_of("foo{}{bar}"), slot_of("bar"));
+    }
+
+    #[test]
+    fn partition_tags_spread_evenly_over_the_slots() {
+        let tags = partition_tags();
+        assert_eq!(tags.len(), PARTITIONS);
+        let per = usize::from(SLOTS) / PARTITIONS;
+        for (i, tag) in tags.iter().enumerate() {
+            assert_eq!(usize::from(slot_of(tag)) / per, i, "{tag}");
+        }
+        // Three primaries own a third of the slots each, so a third of the
+        // partitions each (give or take the one their boundaries cut).
+        for node in 0..3 {
+            let range = (node * 16384 / 3)..((node + 1) * 16384 / 3);
+            let owned = tags
+                .iter()
+                .filter(|t| range.contains(&usize::from(slot_of(t))))
+                .count();
+            assert!((42..=44).contains(&owned), "node {node}: {owned}");
+        }
+    }
+
+    #[test]
+    fn on_a_cluster_every_key_of_a_topic_and_its_channel_share_one_slot() {
+        let keys = Keys {
+            prefix: "crier:".into(),
+            partitions: Some(partition_tags().into()),
+        };
+        let key = crate::store::IdempotencyKey::parse(b"k-1")
+            .unwrap()
+            .scoped("");
+        for name in ["news", "news.eu", "a:b", "x"] {
+            let topic = Topic::parse(name, 128).unwrap();
+            let slot = slot_of(&keys.meta(&topic));
+            assert_eq!(slot_of(&keys.events(&topic)), slot);
+            assert_eq!(slot_of(&keys.once(&key, &topic)), slot);
+            assert_eq!(slot_of(&keys.channel(&topic)), slot);
+            assert_eq!(
+                keys.partition_of(&keys.channel(&topic)),
+                Some(keys.partition(&topic))
+            );
+            assert!(keys.meta(&topic).contains(&format!("{{{name}}}")));
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common;
-use common::redis::SentinelGroup;
+use common::redis::{ClusterGroup, SentinelGroup};
 use common::transport::{Feed, Transport};
 use common::{Ev, RedisSetup, Server};
 
@@ -138,17 +138,61 @@ async fn receive_through(feed: &mut Feed, last: &str) -> Vec<Ev> {
     panic!("the subscriber did not receive {last} within 30 s");
 }
 
+/// Redis with replicas whose primary a test can kill.
+enum Topology {
+    Sentinel(Box<SentinelGroup>),
+    Cluster(ClusterGroup),
+}
+
+impl Topology {
+    fn setup(&self) -> RedisSetup {
+        let prefix = Some("failover:".to_owned());
+        match self {
+            Topology::Sentinel(group) => RedisSetup {
+                sentinels: group.urls(),
+                prefix,
+                ..RedisSetup::default()
+            },
+            Topology::Cluster(group) => RedisSetup {
+                cluster: group.urls(),
+                prefix,
+                ..RedisSetup::default()
+            },
+        }
+    }
+
+    /// Kills the primary holding the topic (SIGKILL) and waits until a
+    /// replica took its place; with `rejoin`, starts it again as a replica
+    /// of the new primary, so writes can be confirmed again.
+    fn fail_over(&mut self, rejoin: bool) {
+        match self {
+            Topology::Sentinel(group) => {
+                group.fail_over();
+                if rejoin {
+                    let port = group.replica.port;
+                    group.primary.restart_as_replica_of(port);
+                }
+            }
+            Topology::Cluster(group) => {
+                let index = group
+                    .primary_holding(&format!("failover:*{{{TOPIC}}}:meta"))
+                    .expect("a primary holds the topic");
+                group.fail_over(index);
+                if rejoin {
+                    group.rejoin(index);
+                }
+            }
+        }
+    }
+}
+
 /// Two nodes, one subscriber on each transport on each node, publishers on
-/// both; the primary is killed and Sentinel promotes the replica.
-async fn fail_over_under_load(wait_replicas: u32) {
-    let mut group = tokio::task::spawn_blocking(SentinelGroup::start)
+/// both; the primary is killed and a replica promoted.
+async fn fail_over_under_load(start: fn() -> Topology, wait_replicas: u32) {
+    let group = tokio::task::spawn_blocking(start)
         .await
-        .expect("a Sentinel group");
-    let setup = RedisSetup {
-        sentinels: group.urls(),
-        prefix: Some("failover:".into()),
-        ..RedisSetup::default()
-    };
+        .expect("a Redis with replicas");
+    let setup = group.setup();
     let start = |setup: RedisSetup| {
         Server::start_with(move |config| {
             setup.apply(config);
@@ -184,14 +228,9 @@ async fn fail_over_under_load(wait_replicas: u32) {
         acked.load(Ordering::SeqCst) >= 40
     })
     .await;
+    let mut group = group;
     let group = tokio::task::spawn_blocking(move || {
-        group.fail_over();
-        if wait_replicas > 0 {
-            // The old primary comes back as a replica of the new one (as
-            // Sentinel would make it): publishes can be confirmed again.
-            let port = group.replica.port;
-            group.primary.restart_as_replica_of(port);
-        }
+        group.fail_over(wait_replicas > 0);
         group
     })
     .await
@@ -293,12 +332,30 @@ async fn fail_over_under_load(wait_replicas: u32) {
         .expect("stop the Sentinel group");
 }
 
+fn sentinel() -> Topology {
+    Topology::Sentinel(Box::new(SentinelGroup::start()))
+}
+
+fn cluster() -> Topology {
+    Topology::Cluster(ClusterGroup::start())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_never_lets_an_id_name_two_events_nor_a_subscriber_skip_silently() {
-    fail_over_under_load(0).await;
+    fail_over_under_load(sentinel, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_wait_replicas_a_sentinel_failover_loses_no_acknowledged_event_and_needs_no_reset() {
-    fail_over_under_load(1).await;
+    fail_over_under_load(sentinel, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_never_lets_an_id_name_two_events_nor_a_subscriber_skip_silently() {
+    fail_over_under_load(cluster, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_replicas_a_cluster_failover_loses_no_acknowledged_event_and_needs_no_reset() {
+    fail_over_under_load(cluster, 1).await;
 }

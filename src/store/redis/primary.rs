@@ -1,6 +1,7 @@
-//! Which Redis server a node writes to: the one `--redis` names, or the
-//! primary the sentinels of `--redis-sentinel` name, followed across
-//! failovers.
+//! Which Redis a node writes to: the server `--redis` names, the primary
+//! the sentinels of `--redis-sentinel` name, followed across failovers, or
+//! the Redis Cluster of `--redis-cluster` (whose client, the redis crate's,
+//! follows redirections, failovers and resharding itself).
 //!
 //! A node under Sentinel asks the sentinels for the primary when it starts,
 //! listens on every sentinel for `+switch-master` (the announcement that a
@@ -19,9 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
+use redis::{PushInfo, RedisFuture, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::RedisMetrics;
@@ -37,6 +41,8 @@ pub enum RedisTarget {
         sentinels: Vec<String>,
         master: String,
     },
+    /// A Redis Cluster, found from some of its nodes (`--redis-cluster`).
+    Cluster(Vec<String>),
 }
 
 impl RedisTarget {
@@ -57,6 +63,7 @@ impl RedisTarget {
             RedisTarget::Sentinel { sentinels, master } => {
                 format!("sentinels {} for {master}", hosts(sentinels))
             }
+            RedisTarget::Cluster(seeds) => format!("cluster {}", hosts(seeds)),
         }
     }
 }
@@ -64,8 +71,46 @@ impl RedisTarget {
 /// The server commands go to now.
 #[derive(Clone)]
 struct Current {
-    client: Client,
-    commands: ConnectionManager,
+    /// The primary's client, for the live feed's connection (none on a
+    /// cluster, whose live feed has a cluster connection of its own).
+    client: Option<Client>,
+    commands: Commands,
+}
+
+/// A connection for commands: to one server, or to a cluster (routed by
+/// each command's key; a pipeline's commands share one slot).
+#[derive(Clone)]
+pub(super) enum Commands {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Commands {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Commands::Server(c) => c.req_packed_command(cmd),
+            Commands::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Commands::Server(c) => c.req_packed_commands(pipeline, offset, count),
+            Commands::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Commands::Server(c) => c.get_db(),
+            Commands::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// The primary this node writes to, replaced when Sentinel promotes
@@ -75,6 +120,9 @@ pub(super) struct Primary {
     config: ConnectionManagerConfig,
     certificates: Option<Vec<u8>>,
     sentinel: Option<SentinelSource>,
+    /// The cluster's seed nodes, under `--redis-cluster`.
+    cluster: Option<Vec<ConnectionInfo>>,
+    timeout: Duration,
     /// Bumped on every switch: the live feed reconnects, to the new primary.
     switched: tokio::sync::watch::Sender<u64>,
     /// How long a command waits for a primary to be named (`--redis-timeout`).
@@ -124,6 +172,8 @@ impl Primary {
             config,
             certificates,
             sentinel: None,
+            cluster: None,
+            timeout,
             switched: tokio::sync::watch::Sender::new(0),
             wait: timeout,
         };
@@ -132,6 +182,20 @@ impl Primary {
                 let info = url.as_str().into_connection_info().map_err(config_error)?;
                 let client = primary.client_for(info)?;
                 primary.install(client)?;
+            }
+            RedisTarget::Cluster(seeds) => {
+                let seeds = seeds
+                    .iter()
+                    .map(|url| url.as_str().into_connection_info().map_err(config_error))
+                    .collect::<Result<Vec<_>, _>>()?;
+                primary.cluster = Some(seeds);
+                // Connected in the background (and retried): the cluster
+                // may not be up when the hub starts.
+                let commands = primary.cluster_connection(None)?;
+                *primary.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Current {
+                    client: None,
+                    commands: Commands::Cluster(commands),
+                });
             }
             RedisTarget::Sentinel { sentinels, master } => {
                 let urls = sentinels
@@ -163,6 +227,67 @@ impl Primary {
         Ok(primary)
     }
 
+    /// Whether this is a Redis Cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// A connection to the cluster; with `push`, one that speaks RESP3 and
+    /// hands what the servers push (sharded pub/sub messages) to it. Its
+    /// subscriptions are made again on whichever node owns their slot after
+    /// a failover or a resharding.
+    pub(super) fn cluster_connection(
+        &self,
+        push: Option<tokio::sync::mpsc::UnboundedSender<PushInfo>>,
+    ) -> Result<ClusterConnection, StoreError> {
+        let seeds = self
+            .cluster
+            .clone()
+            .ok_or_else(|| StoreError::Config("not a Redis Cluster".into()))?;
+        let redis = seeds
+            .first()
+            .map(|seed| seed.redis_settings().clone())
+            .unwrap_or_default();
+        let tls = seeds.first().and_then(|seed| match seed.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => Some(if *insecure {
+                redis::TlsMode::Insecure
+            } else {
+                redis::TlsMode::Secure
+            }),
+            _ => None,
+        });
+        let mut builder = ClusterClientBuilder::new(seeds)
+            .connection_timeout(self.timeout)
+            .response_timeout(self.timeout)
+            .retries(2);
+        if let Some(user) = &redis.username() {
+            builder = builder.username(user);
+        }
+        if let Some(password) = &redis.password() {
+            builder = builder.password(password);
+        }
+        if let Some(tls) = tls {
+            builder = builder.tls(tls);
+        }
+        if let Some(root) = &self.certificates {
+            builder = builder.certs(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root.clone()),
+            });
+        }
+        if let Some(push) = push {
+            builder = builder
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(push);
+        }
+        let client = builder.build().map_err(config_error)?;
+        Ok(client.get_pending_async_connection_with_config(
+            redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(self.timeout)
+                .set_response_timeout(self.timeout),
+        ))
+    }
+
     fn client_for(&self, info: ConnectionInfo) -> Result<Client, StoreError> {
         match &self.certificates {
             None => Client::open(info),
@@ -181,8 +306,10 @@ impl Primary {
     fn install(&self, client: Client) -> Result<(), StoreError> {
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone())
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(Current { client, commands });
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Current {
+            client: Some(client),
+            commands: Commands::Server(commands),
+        });
         Ok(())
     }
 
@@ -215,20 +342,28 @@ impl Primary {
     }
 
     /// The connection for commands, to the current primary.
-    pub(super) async fn commands(&self) -> Result<ConnectionManager, StoreError> {
+    pub(super) async fn commands(&self) -> Result<Commands, StoreError> {
         self.named(self.wait).await.map(|c| c.commands)
     }
 
     /// A client of the current primary, for the live feed's connection.
     pub(super) async fn client(&self) -> Result<Client, StoreError> {
-        self.named(self.wait).await.map(|c| c.client)
+        self.named(self.wait)
+            .await?
+            .client
+            .ok_or_else(|| StoreError::Config("a Redis Cluster has no single primary".into()))
     }
 
     /// The current primary's host and port, for logs.
     pub(super) fn address(&self) -> String {
-        self.current()
-            .map(|c| c.client.get_connection_info().addr().to_string())
-            .unwrap_or_else(|_| "(no primary yet)".into())
+        match self.current() {
+            Ok(Current {
+                client: Some(client),
+                ..
+            }) => client.get_connection_info().addr().to_string(),
+            Ok(_) => "(the cluster)".into(),
+            Err(_) => "(no primary yet)".into(),
+        }
     }
 
     /// Changes whenever the primary is replaced.
@@ -270,7 +405,8 @@ impl Primary {
                     let now = self
                         .current()
                         .ok()
-                        .map(|c| c.client.get_connection_info().addr().clone());
+                        .and_then(|c| c.client)
+                        .map(|c| c.get_connection_info().addr().clone());
                     if now.as_ref() == Some(info.addr()) {
                         continue;
                     }

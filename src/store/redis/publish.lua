@@ -5,8 +5,8 @@
 -- HMGET, INFO replication, XADD, PUBLISH, HSET and two PEXPIREs: the meta hash remembers
 -- when the oldest retained event expires at the earliest, so the stream is
 -- only read when something may have expired.
-local nkeys = tonumber(ARGV[9])
-local guard = 9 + nkeys + 1
+local nkeys = tonumber(ARGV[11])
+local guard = 11 + nkeys + 1
 local nguard = tonumber(ARGV[guard])
 for g = 1, nguard do
   local meta = KEYS[2 + nkeys + 2 * g - 1]
@@ -29,7 +29,7 @@ end
 local records = {}
 for k = 1, nkeys do
   local record = redis.call('GET', KEYS[2 + k])
-  if record and string.sub(record, 1, 64) ~= ARGV[9 + k] then
+  if record and string.sub(record, 1, 64) ~= ARGV[11 + k] then
     return {'reused', k}
   end
   records[k] = record
@@ -110,9 +110,11 @@ for i = 0, count - 1 do
     else
       redis.call('XADD', KEYS[2], id, 't', now_ms, 'e', name, 'd', data)
     end
-    redis.call('PUBLISH', ARGV[1], string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
+    -- PUBLISH, or SPUBLISH on a cluster, whose channel (one per
+    -- partition) shares the keys' slot and whose messages name their topic.
+    redis.call(ARGV[9], ARGV[1], ARGV[10] .. string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
     if k > 0 then
-      records[k] = ARGV[9 + k] .. string.format(' %d %s', seq, epoch)
+      records[k] = ARGV[11 + k] .. string.format(' %d %s', seq, epoch)
       redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
     end
     table.insert(out, '')

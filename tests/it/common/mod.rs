@@ -452,6 +452,8 @@ pub struct RedisSetup {
     pub url: Option<String>,
     /// `--redis-sentinel`, with `--redis-master`.
     pub sentinels: Vec<String>,
+    /// `--redis-cluster`.
+    pub cluster: Vec<String>,
     /// `--redis-prefix`: tests sharing one Redis each keep to their own.
     pub prefix: Option<String>,
 }
@@ -463,6 +465,7 @@ impl RedisSetup {
             config.redis_sentinel = self.sentinels.clone();
             config.redis_master = Some(redis::MASTER.to_owned());
         }
+        config.redis_cluster = self.cluster.clone();
         if let Some(prefix) = &self.prefix {
             config.redis_prefix = prefix.clone();
         }
@@ -527,6 +530,20 @@ pub async fn on_sentinel<F: std::future::Future>(test: F) -> F::Output {
     STORE.scope(Some(setup), test).await
 }
 
+/// Runs `test` with every `Server` it starts on the binary's shared Redis
+/// Cluster, under a key prefix of its own.
+pub async fn on_cluster<F: std::future::Future>(test: F) -> F::Output {
+    let seeds = redis::shared_cluster();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let setup = RedisSetup {
+        cluster: seeds.clone(),
+        prefix: Some(format!("crier-test-{n}:")),
+        ..RedisSetup::default()
+    };
+    STORE.scope(Some(setup), test).await
+}
+
 /// Declares each listed `async fn` as three tests: `memory::NAME` on the
 /// embedded store, `durable::NAME` on the embedded store with a data
 /// directory, and `redis::NAME` on a fresh `redis-server`, so every store
@@ -563,6 +580,14 @@ macro_rules! on_every_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     $crate::common::on_sentinel(super::$name()).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::on_cluster(super::$name()).await
                 }
             )*
         }

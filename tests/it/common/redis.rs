@@ -206,6 +206,11 @@ impl RedisServer {
         self.restart();
     }
 
+    /// Whether the process is running (not stopped by the test).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.stop();
@@ -455,6 +460,166 @@ pub fn shared_sentinel() -> &'static (Vec<String>, u16) {
             }
         });
         receiver.recv().expect("the shared Sentinel group starts")
+    })
+}
+
+/// A Redis Cluster of three primaries, each with one replica, on loopback
+/// ports (`redis-server --cluster-enabled yes`, joined with `redis-cli
+/// --cluster create`).
+pub struct ClusterGroup {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl ClusterGroup {
+    /// Starts a cluster of its own, stopped when dropped.
+    pub fn start() -> ClusterGroup {
+        ClusterGroup::start_with(false)
+    }
+
+    fn start_with(orphan_safe: bool) -> ClusterGroup {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                // Quick to fail over, so failover tests stay short; the
+                // cluster keeps serving the slots that are up meanwhile.
+                let extra = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                    "--cluster-announce-ip",
+                    "127.0.0.1",
+                ]
+                .map(String::from)
+                .to_vec();
+                RedisServer::start_full(false, None, extra, orphan_safe)
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let output = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let group = ClusterGroup { nodes };
+        group.wait_until_settled();
+        group
+    }
+
+    /// Waits until every node that is up sees the cluster whole and every
+    /// replica is in sync with its primary.
+    pub fn wait_until_settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let settled = self.nodes.iter().filter(|n| n.is_running()).all(|node| {
+                let info = node.cli(&["cluster", "info"]);
+                let replication = node.cli(&["info", "replication"]);
+                info.contains("cluster_state:ok")
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+            });
+            if settled {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster did not settle within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The seed URLs, for `--redis-cluster`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().take(3).map(RedisServer::url).collect()
+    }
+
+    /// The node (index) that is the primary holding keys matching
+    /// `pattern`.
+    pub fn primary_holding(&self, pattern: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| {
+            node.is_running()
+                && node.cli(&["info", "replication"]).contains("role:master")
+                && !node.cli(&["--scan", "--pattern", pattern]).is_empty()
+        })
+    }
+
+    /// Kills node `index` (SIGKILL), a primary, and waits until the cluster
+    /// has promoted its replica and is whole again.
+    pub fn fail_over(&mut self, index: usize) {
+        let id = self.nodes[index].cli(&["cluster", "myid"]);
+        self.nodes[index].stop();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let promoted = self.nodes.iter().filter(|n| n.is_running()).any(|node| {
+                let replication = node.cli(&["info", "replication"]);
+                // The replica of the killed node, master now.
+                replication.contains("role:master")
+                    && node
+                        .cli(&["cluster", "nodes"])
+                        .lines()
+                        .any(|l| l.contains(&id) && l.contains("fail"))
+                    && node.cli(&["cluster", "info"]).contains("cluster_state:ok")
+            });
+            let whole = promoted
+                && self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.is_running())
+                    .all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"));
+            if whole && self.no_primary_without_slots_served() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not promote a replica within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether three running nodes are primaries (the killed one's replica
+    /// took over).
+    fn no_primary_without_slots_served(&self) -> bool {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .filter(|n| n.cli(&["info", "replication"]).contains("role:master"))
+            .count()
+            == 3
+    }
+
+    /// Starts node `index` again: it rejoins as a replica of the node that
+    /// took its place.
+    pub fn rejoin(&mut self, index: usize) {
+        self.nodes[index].restart();
+        self.wait_until_settled();
+    }
+}
+
+/// The Redis Cluster every test of the binary shares (each test under its
+/// own key prefix), started on first use like [`shared_sentinel`].
+pub fn shared_cluster() -> &'static Vec<String> {
+    static SHARED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let group = ClusterGroup::start_with(true);
+            let _ = sender.send(group.urls());
+            loop {
+                std::thread::park();
+            }
+        });
+        receiver.recv().expect("the shared Redis Cluster starts")
     })
 }
 

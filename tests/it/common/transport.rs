@@ -413,6 +413,18 @@ macro_rules! on_every_transport {
                     }
                 )*
             }
+            mod cluster {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        $crate::common::on_cluster($crate::common::transport::on(
+                            $crate::common::transport::Transport::$transport,
+                            super::super::$name(),
+                        ))
+                        .await
+                    }
+                )*
+            }
         }
     };
 }

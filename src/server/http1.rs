@@ -12,6 +12,12 @@
 //! dozen bytes, and an event is one `write`. hyper has no way to hand a
 //! connection over mid-response (its upgrades need a `101`), so the request
 //! is read here before hyper ever sees the connection.
+//!
+//! What it does not do: read a request body, upgrade, speak HTTP/1.0 or
+//! answer `HEAD` (all hyper's, on the same connection); refuse a request
+//! (a malformed or oversized head is handed to hyper, which answers it),
+//! or answer anything the router did not; send trailers; accept or close
+//! connections on its own account (the caller's `server` does both).
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};

@@ -263,7 +263,7 @@ where
     } else {
         Framing::Chunked
     };
-    let mut out = Out {
+    let mut out = Unwritten {
         buf: head(&parts, framing, body.size_hint().exact(), keep_alive),
         at: 0,
         ended: framing == Framing::None,
@@ -319,7 +319,7 @@ fn head(
 }
 
 /// What is still to be written of a response.
-struct Out {
+struct Unwritten {
     /// The bytes of the current batch (head, chunks), written from `at`;
     /// empty, without an allocation, between batches.
     buf: Vec<u8>,
@@ -328,7 +328,7 @@ struct Out {
     ended: bool,
 }
 
-impl Out {
+impl Unwritten {
     /// Writes the body through: gathers what it has ready into one batch,
     /// writes the batch, and waits for more, until the body ends, fails, or
     /// the client leaves.

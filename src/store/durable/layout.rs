@@ -16,7 +16,7 @@ use crate::store::{Fingerprint, Receipt};
 
 /// An idempotency record, as the writer keeps it.
 #[derive(Clone)]
-pub(super) struct Record {
+pub(super) struct KeyRecord {
     pub(super) fingerprint: Fingerprint,
     pub(super) receipt: Receipt,
     /// Wall-clock milliseconds: records outlive the process.
@@ -100,7 +100,7 @@ pub(super) fn parse_topic_value(value: &[u8]) -> Option<(Epoch, u64)> {
 }
 
 /// An idempotency record's value: fingerprint, expiry, receipt.
-pub(super) fn record_value(record: &Record) -> Vec<u8> {
+pub(super) fn record_value(record: &KeyRecord) -> Vec<u8> {
     let mut value = Vec::with_capacity(96);
     value.extend_from_slice(&record.fingerprint.0);
     value.extend_from_slice(&record.expires_ms.to_be_bytes());
@@ -111,13 +111,13 @@ pub(super) fn record_value(record: &Record) -> Vec<u8> {
 }
 
 /// An idempotency record; `None` when malformed.
-pub(super) fn parse_record(value: &[u8]) -> Option<Record> {
+pub(super) fn parse_record(value: &[u8]) -> Option<KeyRecord> {
     let fingerprint = Fingerprint(value.get(..32)?.try_into().ok()?);
     let expires_ms = u64::from_be_bytes(value.get(32..40)?.try_into().ok()?);
     let epoch = u64::from_be_bytes(value.get(40..48)?.try_into().ok()?);
     let seq = u64::from_be_bytes(value.get(48..56)?.try_into().ok()?);
     let topic = Topic::parse(std::str::from_utf8(value.get(56..)?).ok()?, usize::MAX).ok()?;
-    Some(Record {
+    Some(KeyRecord {
         fingerprint,
         receipt: Receipt {
             topic,
@@ -180,7 +180,7 @@ mod tests {
             parse_topic_value(&topic_value(Epoch(42), 7)),
             Some((Epoch(42), 7))
         );
-        let record = Record {
+        let record = KeyRecord {
             fingerprint: Fingerprint([3; 32]),
             receipt: Receipt {
                 topic: Topic::parse("orders", 128).unwrap(),

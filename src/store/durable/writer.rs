@@ -31,7 +31,7 @@ use fjall::PersistMode;
 use tokio::sync::oneshot;
 
 use super::db::{Change, Db, Fsync, Space, storage_error};
-use super::layout::{Record, event_key, event_value, record_value, topic_value, wall_ms};
+use super::layout::{KeyRecord, event_key, event_value, record_value, topic_value, wall_ms};
 use crate::event::{Epoch, Event, Topic};
 use crate::store::{
     Appended, KeyDigest, MAX_SEQ, MemoryStore, NewEvent, Once, Receipt, StoreError,
@@ -94,7 +94,7 @@ pub(super) struct Writer {
     fsync: Fsync,
     fsync_interval: Duration,
     max_keys: usize,
-    records: HashMap<KeyDigest, Record>,
+    records: HashMap<KeyDigest, KeyRecord>,
     expiry: VecDeque<(u64, KeyDigest)>,
     disk: HashMap<Topic, OnDisk>,
     /// Written since the last sync (`interval`).
@@ -111,8 +111,8 @@ pub(super) struct Loaded {
     pub(super) db: Db,
     /// The database's directory, to reopen it after a failed write.
     pub(super) path: PathBuf,
-    pub(super) records: HashMap<KeyDigest, Record>,
-    /// Record keys by expiry, soonest first.
+    pub(super) records: HashMap<KeyDigest, KeyRecord>,
+    /// KeyRecord keys by expiry, soonest first.
     pub(super) expiry: VecDeque<(u64, KeyDigest)>,
     pub(super) disk: HashMap<Topic, OnDisk>,
 }
@@ -170,12 +170,12 @@ async fn commit(
             let mut out: Vec<Appended> = Vec::with_capacity(plan.answers.len());
             for answer in plan.answers {
                 let appended = match answer {
-                    Answer::Stored(event) => {
+                    Fate::Stored(event) => {
                         visible.commit(event.clone(), at);
                         Appended::Stored(event)
                     }
-                    Answer::Replayed(receipt) => Appended::Replayed(receipt),
-                    Answer::SameAs(j) => Appended::Replayed(out[j].receipt()),
+                    Fate::Replayed(receipt) => Appended::Replayed(receipt),
+                    Fate::SameAs(j) => Appended::Replayed(out[j].receipt()),
                 };
                 out.push(appended);
             }
@@ -217,7 +217,7 @@ impl Committed {
 }
 
 /// One request's events, numbered, with where each went.
-pub(super) enum Answer {
+pub(super) enum Fate {
     Stored(Arc<Event>),
     Replayed(Receipt),
     SameAs(usize),
@@ -225,7 +225,7 @@ pub(super) enum Answer {
 
 pub(super) struct Planned {
     reply: Reply,
-    answers: Vec<Answer>,
+    answers: Vec<Fate>,
 }
 
 impl Writer {
@@ -411,7 +411,7 @@ impl Writer {
         // Heads numbered in this group, and the records it made (to undo
         // if the write fails).
         let mut tips: HashMap<Topic, (Epoch, u64)> = HashMap::new();
-        let mut undo: Vec<(KeyDigest, Option<Record>)> = Vec::new();
+        let mut undo: Vec<(KeyDigest, Option<KeyRecord>)> = Vec::new();
         let mut planned = Vec::with_capacity(group.len());
         let mut group_bytes = 0usize;
         for (events, window, reply) in group {
@@ -424,7 +424,7 @@ impl Writer {
                     tips.extend(local);
                     let expires_ms = now_ms.saturating_add(window.as_millis() as u64);
                     for ((new, once), answer) in events.iter().zip(&answers) {
-                        let Answer::Stored(event) = answer else {
+                        let Fate::Stored(event) = answer else {
                             continue;
                         };
                         changes.push(Change::Put(
@@ -435,7 +435,7 @@ impl Writer {
                         if let Some(once) = once
                             && !window.is_zero()
                         {
-                            let record = Record {
+                            let record = KeyRecord {
                                 fingerprint: once.fingerprint,
                                 receipt: Receipt::from(&**event),
                                 expires_ms,
@@ -503,7 +503,7 @@ impl Writer {
         tips: &HashMap<Topic, (Epoch, u64)>,
         group_bytes: usize,
         now_ms: u64,
-    ) -> Result<(Vec<Answer>, HashMap<Topic, (Epoch, u64)>, usize), StoreError> {
+    ) -> Result<(Vec<Fate>, HashMap<Topic, (Epoch, u64)>, usize), StoreError> {
         let mut answers = Vec::with_capacity(events.len());
         let mut local: HashMap<Topic, (Epoch, u64)> = HashMap::new();
         let mut new_keys = 0;
@@ -522,12 +522,12 @@ impl Writer {
                 if record.fingerprint != once.fingerprint {
                     return Err(StoreError::KeyReused { item: i });
                 }
-                answers.push(Some(Answer::Replayed(record.receipt.clone())));
+                answers.push(Some(Fate::Replayed(record.receipt.clone())));
             } else if let Some(j) = events[..i]
                 .iter()
                 .position(|(_, o)| o.is_some_and(|o| o.key == once.key))
             {
-                answers.push(Some(Answer::SameAs(j)));
+                answers.push(Some(Fate::SameAs(j)));
             } else {
                 new_keys += 1;
                 fresh.push(i);
@@ -585,7 +585,7 @@ impl Writer {
             local.insert(new.topic.clone(), (epoch, seq));
             let event = Event::new(new.topic.clone(), seq, epoch, new.name.as_ref(), &new.data)
                 .retained_under(self.mem.retained_bytes());
-            answers[i] = Some(Answer::Stored(Arc::new(event)));
+            answers[i] = Some(Fate::Stored(Arc::new(event)));
         }
         let answers = answers
             .into_iter()

@@ -351,7 +351,7 @@ struct Compression {
 
 struct Ring {
     /// Items some receiver has yet to take, oldest first.
-    items: VecDeque<Slot>,
+    items: VecDeque<Posted>,
     /// The index of `items[0]`; indexes only grow.
     first: u64,
     receivers: usize,
@@ -364,7 +364,8 @@ struct Ring {
     vacant: Vec<usize>,
 }
 
-struct Slot {
+/// One delivery in the ring, with how many receivers have yet to take it.
+struct Posted {
     delivery: Delivery,
     /// Receivers that have yet to take it.
     unseen: usize,
@@ -441,7 +442,7 @@ impl Channel {
                 return 0;
             }
             let unseen = ring.receivers;
-            ring.items.push_back(Slot { delivery, unseen });
+            ring.items.push_back(Posted { delivery, unseen });
             if ring.items.len() > self.backlog {
                 ring.items.pop_front();
                 ring.first += 1;

@@ -13,13 +13,11 @@ pub mod bench;
 pub mod coding;
 pub mod compress;
 pub mod config;
-pub mod connection;
 pub mod devcert;
 pub mod drain;
 pub mod event;
 pub mod grpc;
 pub mod http;
-pub mod http1;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
@@ -36,6 +34,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 pub use http::{AppState, app};
+/// Where `http/websocket.rs` and `grpc/` still look for it; the rest of
+/// the crate names `server::connection`.
+pub use server::connection;
 
 use crate::auth::Auth;
 use crate::hub::Hub;

@@ -23,6 +23,8 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::ConnectionRefusal;
+
 /// Who a client is, for limits: its IP address, with IPv6 grouped by /64
 /// (one host usually owns a whole /64) and IPv4-mapped IPv6 as IPv4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -221,17 +223,6 @@ pub struct ConnectionPermit {
     _client: Option<Slot>,
 }
 
-/// Why a new connection is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The hub holds `--max-connections` already.
-    Full,
-    /// The client holds `--max-connections-per-ip` already.
-    ClientConnections,
-    /// The client opens connections faster than `--connection-rate`.
-    ConnectionRate,
-}
-
 /// A request-level limit was hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
@@ -315,12 +306,12 @@ impl Limits {
 
     /// Admits a new connection from `peer`, or says why not. Trusted
     /// proxies carry many clients: they are held only to the global cap.
-    pub fn admit(&self, peer: IpAddr) -> Result<ConnectionPermit, Refusal> {
+    pub fn admit(&self, peer: IpAddr) -> Result<ConnectionPermit, ConnectionRefusal> {
         let global = self
             .connections
             .clone()
             .try_acquire_owned()
-            .map_err(|_| Refusal::Full)?;
+            .map_err(|_| ConnectionRefusal::Capacity)?;
         if self.settings.trusted_proxies.contains(peer) {
             return Ok(ConnectionPermit {
                 _global: global,
@@ -331,12 +322,12 @@ impl Limits {
         if let Some(rate) = &self.connection_rate
             && rate.check_key(&key).is_err()
         {
-            return Err(Refusal::ConnectionRate);
+            return Err(ConnectionRefusal::ConnectionRate);
         }
         let client = self
             .client_connections
             .try_acquire(key, self.settings.max_connections_per_ip)
-            .ok_or(Refusal::ClientConnections)?;
+            .ok_or(ConnectionRefusal::ClientConnections)?;
         Ok(ConnectionPermit {
             _global: global,
             _client: Some(client),
@@ -491,9 +482,15 @@ mod tests {
         });
         let a = ip("127.0.0.2");
         let first = limits.admit(a).unwrap();
-        assert_eq!(limits.admit(a).err(), Some(Refusal::ClientConnections));
+        assert_eq!(
+            limits.admit(a).err(),
+            Some(ConnectionRefusal::ClientConnections)
+        );
         let other = limits.admit(ip("127.0.0.3")).unwrap();
-        assert_eq!(limits.admit(ip("127.0.0.4")).err(), Some(Refusal::Full));
+        assert_eq!(
+            limits.admit(ip("127.0.0.4")).err(),
+            Some(ConnectionRefusal::Capacity)
+        );
         drop(first);
         drop(other);
         assert!(limits.admit(a).is_ok());

@@ -231,7 +231,7 @@ impl Subscription {
     /// refuses its work (which asking again cannot change) it ends.
     ///
     /// The stream hands its items (its own bytes, shared events, heartbeats)
-    /// to `wire`, which makes each write's bytes: [`crate::transport::sse::Plain`] SSE, or a
+    /// to `wire`, which makes each write's bytes: [`crate::transport::plain::Plain`] SSE, or a
     /// content coding (`crate::compress`). A stream that ends (rather than
     /// being dropped) ends with what `wire` finishes with (a gzip trailer).
     pub fn into_stream<W: Wire>(
@@ -252,25 +252,14 @@ impl Subscription {
         }
         async_stream::stream! {
             let mut retry = Backoff::default();
-            let start = self.start_id();
-            wire.control(&Control::Open {
-                retry: settings.retry,
-                start,
-            });
+            self.greet(&settings, &mut wire);
             if let Some(bytes) = wire.take() {
                 yield bytes;
             }
-            // The heartbeat timer is not re-armed on every write (a timer
-            // operation per event per subscriber); when it fires early it is
-            // pushed to one quiet period after the last write instead. It
-            // doubles as the alarm of the credentials' expiry and of the
-            // drain's closing (below): one timer per stream.
-            let mut last_write = tokio::time::Instant::now();
-            let heartbeat = tokio::time::sleep_until(alarm(
-                last_write + settings.heartbeat,
-                None,
-                settings.expires,
-            ));
+            let mut pace = Pace::new();
+            // One timer per stream: heartbeats, and the alarms of the
+            // credentials' expiry and of the drain's closing.
+            let heartbeat = tokio::time::sleep_until(pace.alarm(&settings));
             tokio::pin!(heartbeat);
             // One registration with a signal for the stream's life, rather
             // than one per loop turn: first the drain's (which also fires
@@ -278,49 +267,17 @@ impl Subscription {
             // Polled only once it fired: not a lock per event.
             let mut signal =
                 crate::drain::WokenOnly::new(settings.drain.signal().clone().cancelled_owned());
-            // When draining, the moment this stream ends.
-            let mut closing_at: Option<tokio::time::Instant> = None;
             // Every end but the client's leaving comes out of this loop with
             // its reason, its last words (if any) handed to `wire`.
             let end = loop {
                 // Work owed to the store comes first: it only moves forward.
-                // (The live path below sees shutdown through `select!`;
-                // checking the token takes a lock, so only here.)
                 if self.owes_store_work() && retry.is_ready() {
-                    if settings.shutdown.is_cancelled() {
-                        break StreamEnd::Shutdown;
-                    }
-                    if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                        wire.control(&farewell(&settings));
-                        break StreamEnd::Shutdown;
-                    }
-                    if settings.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                        wire.control(&Control::Reauth);
-                        break StreamEnd::TokenExpired;
-                    }
-                    let refused = match self.store_step(&mut wire).await {
-                        Ok(()) => {
-                            retry.succeeded();
-                            false
-                        }
-                        Err(StoreError::Rejected(error)) => {
-                            tracing::warn!(parent: &span, %error, "ending a stream: the store refuses its work");
-                            true
-                        }
-                        Err(error) => {
-                            // The store logs its own outage once; this is
-                            // per stream, so it stays at debug.
-                            tracing::debug!(parent: &span, %error, "a stream waits for the store");
-                            retry.failed();
-                            false
-                        }
-                    };
-                    if refused {
-                        break StreamEnd::StoreError;
+                    if let Some(end) = self.store_work(&settings, &pace, &mut retry, &mut wire, &span).await {
+                        break end;
                     }
                     if let Some(bytes) = wire.take() {
                         yield bytes;
-                        last_write = tokio::time::Instant::now();
+                        pace.wrote();
                     }
                     continue;
                 }
@@ -330,42 +287,25 @@ impl Subscription {
                         if settings.shutdown.is_cancelled() {
                             break StreamEnd::Shutdown;
                         }
-                        closing_at = settings.drain.close_at();
                         signal.set(settings.shutdown.clone().cancelled_owned());
-                        if closing_at.is_some() {
-                            heartbeat.as_mut().reset(alarm(
-                                last_write + settings.heartbeat,
-                                closing_at,
-                                settings.expires,
-                            ));
+                        if pace.draining(&settings) {
+                            heartbeat.as_mut().reset(pace.alarm(&settings));
                         }
                     }
                     item = self.live.next() => {
-                        let mut lagged = !self.on_live(item, &mut wire);
-                        while !lagged && wire.pending() < MAX_CHUNK_BYTES {
-                            match self.live.try_next() {
-                                Some(item) => lagged = !self.on_live(item, &mut wire),
-                                None => break,
-                            }
-                        }
-                        if lagged {
-                            tracing::debug!(parent: &span, "ending a stream: the subscriber fell behind the live feed");
-                            break StreamEnd::SlowConsumer;
+                        if let Err(end) = self.take_live(item, &mut wire, &span) {
+                            break end;
                         }
                         if let Some(bytes) = wire.take() {
                             yield bytes;
-                            last_write = tokio::time::Instant::now();
+                            pace.wrote();
                         }
                         // A busy stream may never let the heartbeat branch
-                        // run: its alarms are checked here as well (against
-                        // the last write's time: no clock read per event).
-                        if settings.expires.is_some_and(|at| at <= last_write) {
-                            wire.control(&Control::Reauth);
-                            break StreamEnd::TokenExpired;
-                        }
-                        if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                            wire.control(&farewell(&settings));
-                            break StreamEnd::Shutdown;
+                        // run: its alarms are checked here as well (expiry
+                        // against the last write's time: no clock read per
+                        // event).
+                        if let Some(end) = pace.end_due(&settings, pace.last_write, &mut wire) {
+                            break end;
                         }
                         if std::mem::take(&mut self.retry_now) {
                             // The store is back: retry now, not after the backoff.
@@ -375,27 +315,18 @@ impl Subscription {
                     () = retry.wait(), if self.owes_store_work() => {}
                     () = &mut heartbeat => {
                         // Ending here, between writes, never cuts an event.
-                        if settings.expires.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                            wire.control(&Control::Reauth);
-                            break StreamEnd::TokenExpired;
+                        let now = tokio::time::Instant::now();
+                        if let Some(end) = pace.end_due(&settings, now, &mut wire) {
+                            break end;
                         }
-                        if closing_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                            wire.control(&farewell(&settings));
-                            break StreamEnd::Shutdown;
-                        }
-                        let due = last_write + settings.heartbeat;
-                        if tokio::time::Instant::now() >= due {
+                        if pace.heartbeat_due(&settings, now) {
                             wire.heartbeat();
                             if let Some(bytes) = wire.take() {
                                 yield bytes;
                             }
-                            last_write = tokio::time::Instant::now();
+                            pace.wrote();
                         }
-                        heartbeat.as_mut().reset(alarm(
-                            last_write + settings.heartbeat,
-                            closing_at,
-                            settings.expires,
-                        ));
+                        heartbeat.as_mut().reset(pace.alarm(&settings));
                     }
                 }
             };
@@ -407,6 +338,74 @@ impl Subscription {
                 yield bytes;
             }
         }
+    }
+
+    /// The stream's first item: `Open`, with the reconnection delay and the
+    /// start the hub chose (if it did).
+    fn greet(&self, settings: &StreamSettings, wire: &mut impl Wire) {
+        wire.control(&Control::Open {
+            retry: settings.retry,
+            start: self.start_id(),
+        });
+    }
+
+    /// One step of the work owed to the store, unless the stream must end
+    /// first (shutdown, its drain instant, its credentials' expiry). A store
+    /// that cannot be reached is retried after `retry`'s backoff; one that
+    /// refuses the work ends the stream. Returns the end, if it ends.
+    async fn store_work(
+        &mut self,
+        settings: &StreamSettings,
+        pace: &Pace,
+        retry: &mut Backoff,
+        wire: &mut impl Wire,
+        span: &tracing::Span,
+    ) -> Option<StreamEnd> {
+        // (The live path sees shutdown through `select!`; checking the
+        // token takes a lock, so only here.)
+        if settings.shutdown.is_cancelled() {
+            return Some(StreamEnd::Shutdown);
+        }
+        if let Some(end) = pace.end_due(settings, tokio::time::Instant::now(), wire) {
+            return Some(end);
+        }
+        match self.store_step(wire).await {
+            Ok(()) => retry.succeeded(),
+            Err(StoreError::Rejected(error)) => {
+                tracing::warn!(parent: span, %error, "ending a stream: the store refuses its work");
+                return Some(StreamEnd::StoreError);
+            }
+            Err(error) => {
+                // The store logs its own outage once; this is per stream,
+                // so it stays at debug.
+                tracing::debug!(parent: span, %error, "a stream waits for the store");
+                retry.failed();
+            }
+        }
+        None
+    }
+
+    /// Hands `first` and whatever else the live feed has ready (up to one
+    /// write's worth) to `wire`; a subscriber that fell behind the feed
+    /// ends the stream.
+    fn take_live(
+        &mut self,
+        first: (usize, Result<Live, Lagged>),
+        wire: &mut impl Wire,
+        span: &tracing::Span,
+    ) -> Result<(), StreamEnd> {
+        let mut lagged = !self.on_live(first, wire);
+        while !lagged && wire.pending() < MAX_CHUNK_BYTES {
+            match self.live.try_next() {
+                Some(item) => lagged = !self.on_live(item, wire),
+                None => break,
+            }
+        }
+        if lagged {
+            tracing::debug!(parent: span, "ending a stream: the subscriber fell behind the live feed");
+            return Err(StreamEnd::SlowConsumer);
+        }
+        Ok(())
     }
 
     /// The cursor this stream starts from, when the hub chose it (a start
@@ -677,6 +676,74 @@ fn alarm(
         .fold(heartbeat, std::cmp::Ord::min)
 }
 
+/// A stream's timing: when it last wrote and, once draining, when it
+/// closes. The heartbeat timer is not re-armed on every write (a timer
+/// operation per event per subscriber); when it fires early it is pushed to
+/// one quiet period after the last write instead, or to an alarm before.
+struct Pace {
+    last_write: tokio::time::Instant,
+    /// When draining, the moment this stream ends.
+    closing_at: Option<tokio::time::Instant>,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            last_write: tokio::time::Instant::now(),
+            closing_at: None,
+        }
+    }
+
+    fn wrote(&mut self) {
+        self.last_write = tokio::time::Instant::now();
+    }
+
+    /// When the stream's timer should fire next.
+    fn alarm(&self, settings: &StreamSettings) -> tokio::time::Instant {
+        alarm(
+            self.last_write + settings.heartbeat,
+            self.closing_at,
+            settings.expires,
+        )
+    }
+
+    /// The drain began: takes this stream's closing instant; whether it has
+    /// one (the alarm then moves).
+    fn draining(&mut self, settings: &StreamSettings) -> bool {
+        self.closing_at = settings.drain.close_at();
+        self.closing_at.is_some()
+    }
+
+    fn heartbeat_due(&self, settings: &StreamSettings, now: tokio::time::Instant) -> bool {
+        now >= self.last_write + settings.heartbeat
+    }
+
+    /// The one check of a stream's deadlines: its credentials expired by
+    /// `now` (it says `reauth`), or its drain instant has come (it says
+    /// farewell, with a retry hint). The end it owes, its last words handed
+    /// to `wire`; expiry is checked first. The clock is read for the drain
+    /// only while draining.
+    fn end_due(
+        &self,
+        settings: &StreamSettings,
+        now: tokio::time::Instant,
+        wire: &mut impl Wire,
+    ) -> Option<StreamEnd> {
+        if settings.expires.is_some_and(|at| at <= now) {
+            wire.control(&Control::Reauth);
+            return Some(StreamEnd::TokenExpired);
+        }
+        if self
+            .closing_at
+            .is_some_and(|at| at <= tokio::time::Instant::now())
+        {
+            wire.control(&farewell(settings));
+            return Some(StreamEnd::Shutdown);
+        }
+        None
+    }
+}
+
 /// The last words of a stream closed by the drain: a retry hint, spread
 /// over up to `--retry`, so clients closed in the same instant still
 /// reconnect (to another node) apart.
@@ -750,7 +817,7 @@ impl Control {
 
 /// How a stream's items become its writes. The engine hands over what to
 /// send, in order, and asks for each write with [`Wire::take`]: SSE bytes
-/// (`crate::transport::sse`, `crate::compress`), WebSocket frames
+/// (`crate::transport::plain`, `crate::compress`), WebSocket frames
 /// (`crate::transport::websocket`) or long-poll entries
 /// (`crate::transport::poll`).
 pub trait Wire: Send + 'static {
@@ -798,7 +865,7 @@ mod tests {
     use super::*;
     use crate::sse;
     use crate::store::{Appended, MemoryStore, NewEvent, Once, Retention};
-    use crate::transport::sse::Plain;
+    use crate::transport::plain::Plain;
 
     /// A store that refuses, for good, to read after any position past
     /// `refuse_after`, or every read at all.

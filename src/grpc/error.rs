@@ -67,6 +67,8 @@ pub fn code(error: &ApiError) -> Code {
             AuthError::NotGranted { .. } | AuthError::Origin(_) | AuthError::MetricsNotGranted,
         ) => Code::PermissionDenied,
         ApiError::Auth(AuthError::TicketsDisabled) => Code::FailedPrecondition,
+        // Only the accept loop refuses a connection, before any gRPC call.
+        ApiError::ConnectionRefused(_) => Code::ResourceExhausted,
     }
 }
 

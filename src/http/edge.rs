@@ -59,10 +59,10 @@ where
     fn call(&mut self, mut request: Request) -> Self::Future {
         let has_body = may_have_unread_body(&request);
         let answer = match super::access::check_origin(&self.state, &mut request) {
-            Ok(()) => Answer::Routed {
+            Ok(()) => Routing::Routed {
                 future: self.inner.call(request),
             },
-            Err(refused) => Answer::Refused {
+            Err(refused) => Routing::Refused {
                 response: Some(refused.into_response()),
             },
         };
@@ -77,15 +77,15 @@ where
 pin_project! {
     pub struct EdgeFuture<F> {
         #[pin]
-        answer: Answer<F>,
+        answer: Routing<F>,
         state: AppState,
         has_body: bool,
     }
 }
 
 pin_project! {
-    #[project = AnswerProj]
-    enum Answer<F> {
+    #[project = RoutingProj]
+    enum Routing<F> {
         Routed { #[pin] future: F },
         Refused { response: Option<Response> },
     }
@@ -100,10 +100,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = match this.answer.project() {
-            AnswerProj::Routed { future } => match ready!(future.poll(cx)) {
+            RoutingProj::Routed { future } => match ready!(future.poll(cx)) {
                 Ok(response) => response,
             },
-            AnswerProj::Refused { response } => response.take().expect("polled after completion"),
+            RoutingProj::Refused { response } => response.take().expect("polled after completion"),
         };
         if let Some(reason) = response.extensions().get::<Refusal>() {
             this.state.metrics.refused(*reason);

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::auth::{AuthError, TokenError};
 use crate::event::{InvalidCursor, InvalidEventName, InvalidTopic};
 use crate::limits::LimitError;
-use crate::metrics::Refusal;
+use crate::metrics::{ConnectionRefusal, Refusal};
 use crate::store::{InvalidIdempotencyKey, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +79,21 @@ pub enum ApiError {
     RepeatedHeader(&'static str),
     #[error("malformed frame: {0}")]
     MalformedFrame(String),
+    /// Written by the accept loop before any request is read.
+    #[error("{}", connection_refused(*.0))]
+    ConnectionRefused(ConnectionRefusal),
+}
+
+/// Why a connection was turned away, as its problem's detail.
+fn connection_refused(refusal: ConnectionRefusal) -> &'static str {
+    match refusal {
+        ConnectionRefusal::Capacity => {
+            "the hub holds all the connections it may; try again shortly"
+        }
+        ConnectionRefusal::ClientConnections | ConnectionRefusal::ConnectionRate => {
+            "this client has too many connections open, or opens them too fast"
+        }
+    }
 }
 
 impl ApiError {
@@ -96,7 +111,14 @@ impl ApiError {
             // Asking again cannot help: not an outage.
             ApiError::Store(StoreError::Rejected(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Store(StoreError::Full(_)) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Store(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(_)
+            | ApiError::Draining
+            | ApiError::ConnectionRefused(ConnectionRefusal::Capacity) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::ConnectionRefused(
+                ConnectionRefusal::ClientConnections | ConnectionRefusal::ConnectionRate,
+            ) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Auth(
                 AuthError::NotGranted { .. } | AuthError::Origin(_) | AuthError::MetricsNotGranted,
             ) => StatusCode::FORBIDDEN,
@@ -163,6 +185,10 @@ impl ApiError {
             ApiError::BadUpgrade(_) | ApiError::WebSocketVersion => "bad-upgrade",
             ApiError::RepeatedHeader(_) => "repeated-header",
             ApiError::MalformedFrame(_) => "malformed-frame",
+            ApiError::ConnectionRefused(ConnectionRefusal::Capacity) => "over-capacity",
+            ApiError::ConnectionRefused(
+                ConnectionRefusal::ClientConnections | ConnectionRefusal::ConnectionRate,
+            ) => "too-many-connections",
             ApiError::Limit(LimitError::Streams { .. }) => "too-many-streams",
             ApiError::Limit(LimitError::PublishRate { .. }) => "publish-rate",
             ApiError::Limit(LimitError::BatchOverBurst { .. }) => "batch-over-burst",
@@ -201,7 +227,11 @@ impl ApiError {
             }
             ApiError::Auth(AuthError::TicketsDisabled) => Refusal::NotFound,
             ApiError::Auth(_) => Refusal::Auth,
-            ApiError::Limit(LimitError::Streams { .. }) => Refusal::Cap,
+            ApiError::Limit(LimitError::Streams { .. })
+            | ApiError::ConnectionRefused(ConnectionRefusal::Capacity) => Refusal::Cap,
+            ApiError::ConnectionRefused(
+                ConnectionRefusal::ClientConnections | ConnectionRefusal::ConnectionRate,
+            ) => Refusal::Rate,
             ApiError::Limit(_) => Refusal::Rate,
             ApiError::InvalidTopic { .. }
             | ApiError::InvalidEventName(_)
@@ -274,6 +304,13 @@ impl IntoResponse for ApiError {
         );
         if let ApiError::Store(StoreError::Full(_)) = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(10u32));
+        }
+        if let ApiError::ConnectionRefused(refusal) = &self {
+            let seconds: u32 = match refusal {
+                ConnectionRefusal::Capacity => 5,
+                ConnectionRefusal::ClientConnections | ConnectionRefusal::ConnectionRate => 1,
+            };
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if let ApiError::Limit(limit) = &self {
             let seconds = limit.retry_after().as_secs_f64().ceil().max(1.0) as u64;

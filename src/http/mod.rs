@@ -13,10 +13,10 @@
 //! `edge.rs`, the first thing every request passes (the `Origin` check of
 //! `access.rs`, 403 before any work; on the way back, refusals counted by
 //! reason and `Connection: close` on refused requests with a body), then
-//! CORS, then `limits.rs`. `AppState` is one `Arc`, so cloning it per request
+//! CORS, then `client_slot.rs`. `AppState` is one `Arc`, so cloning it per request
 //! costs one reference count. `access.rs` holds the `Origin` check, CORS from
 //! the same list, and reading a request's bearer token and cookie;
-//! `limits.rs` names the request's client and holds its slot among the
+//! `client_slot.rs` names the request's client and holds its slot among the
 //! client's concurrent requests in the response body, so an event stream
 //! counts until it really ends (an event stream's body holds it itself, see
 //! `subscribe.rs`); `publish.rs` checks the publisher's token and rate before
@@ -53,10 +53,13 @@
 //! touch a lock or a socket directly.
 
 mod access;
+mod client_slot;
 mod dispatch;
 mod edge;
 mod error;
-mod limits;
+/// The old name, for `websocket.rs` (`super::limits::HeldSlot`) until it
+/// says `client_slot`.
+use client_slot as limits;
 mod metrics;
 mod poll;
 pub(crate) mod publish;
@@ -230,7 +233,7 @@ pub fn app_with(state: AppState, grpc: Option<Router>) -> Router {
             // answered.
             .layer(edge::EdgeLayer(state.clone()))
             .layer(cors)
-            .layer(limits::HoldStreamLayer(state)),
+            .layer(client_slot::HoldStreamLayer(state)),
     )
 }
 

@@ -22,19 +22,19 @@ use hyper::body::Frame;
 use tokio_stream::Stream;
 
 use super::access::credentials;
-use super::limits::{BodyHoldsSlot, HeldSlot};
+use super::client_slot::{BodyHoldsSlot, HeldSlot};
 use super::request::{VARY_BY_ACCEPT, client_name, parse_topic, redeem_ticket};
 use super::{ApiError, AppState};
 use crate::auth::OriginKind;
 use crate::coding::negotiate;
-use crate::connection::{Activity, ConnectionHold, StreamActivity};
 use crate::event::{Cursor, Topic};
 use crate::limits::ClientKey;
 use crate::metrics::BytesWritten;
+use crate::server::connection::{Activity, ConnectionHold, StreamActivity};
 use crate::store::StoreError;
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 use crate::transport::compressed::SharedUnits;
-use crate::transport::sse::Plain;
+use crate::transport::plain::Plain;
 
 pub async fn topic(
     State(state): State<AppState>,

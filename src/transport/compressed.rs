@@ -134,7 +134,7 @@ impl Wire for SharedUnits {
     type Out = std::io::Result<Bytes>;
 
     fn control(&mut self, control: &Control) {
-        let bytes = &crate::transport::sse::encode(control);
+        let bytes = &crate::transport::plain::encode(control);
         self.start();
         self.leave_chain();
         self.spill();

@@ -2,8 +2,8 @@
 //! ([`crate::subscription`]) and encodes its items: the same events, ids,
 //! resets and ends, whichever way they travel.
 //!
-//! - [`sse`]: `text/event-stream` bytes; [`compressed`]: the same in a
-//!   content coding, written from the units `crate::compress` made once.
+//! - [`plain`]: uncompressed `text/event-stream` bytes; [`compressed`]: the
+//!   same in a content coding, written from the units `crate::compress` made once.
 //! - [`websocket`]: one JSON text frame per event or control item; pings for
 //!   heartbeats; a close code for each way a stream ends.
 //! - [`poll`]: the entries of one long-poll answer.
@@ -14,6 +14,6 @@
 
 pub mod compressed;
 pub mod grpc;
+pub mod plain;
 pub mod poll;
-pub mod sse;
 pub mod websocket;

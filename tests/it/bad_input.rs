@@ -97,6 +97,26 @@ async fn post(server: &Server, path: &str, body: impl Into<reqwest::Body>) -> re
     send(server, Method::POST, path, body).await
 }
 
+/// `id` refused alike as the `Last-Event-ID` header and as the
+/// `lastEventId` query parameter of `path`.
+async fn expect_position_refused(server: &Server, path: &str, id: &str) {
+    let what = format!("{path} with Last-Event-ID {id:?}");
+    let response = get_with_last_event_id(server, path, id).await;
+    expect_problem(&what, response, 400, "invalid-last-event-id").await;
+    let separator = if path.contains('?') { '&' } else { '?' };
+    let query = format!(
+        "{path}{separator}lastEventId={}",
+        form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
+    );
+    expect_problem(
+        &query,
+        get(server, &query).await,
+        400,
+        "invalid-last-event-id",
+    )
+    .await;
+}
+
 /// The body of an unexpected answer, for a failure message. The answer may
 /// be an endless stream, so only what comes quickly is read.
 async fn body_for_a_failure_message(response: reqwest::Response) -> String {
@@ -526,25 +546,7 @@ async fn malformed_last_event_ids_are_refused() {
         "abc", "1.ABC", "-1", "1,2", "1.", "1.2.3", "/1", "a b/1", "1 2", "+1",
     ];
     for id in single {
-        let what = format!("/topics/good with Last-Event-ID {id:?}");
-        expect_problem(
-            &what,
-            get_with_last_event_id(&server, "/topics/good", id).await,
-            400,
-            "invalid-last-event-id",
-        )
-        .await;
-        let path = format!(
-            "/topics/good?lastEventId={}",
-            form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
-        );
-        expect_problem(
-            &path,
-            get(&server, &path).await,
-            400,
-            "invalid-last-event-id",
-        )
-        .await;
+        expect_position_refused(&server, "/topics/good", id).await;
     }
 
     // Two topics need exactly two positions.
@@ -559,25 +561,7 @@ async fn malformed_last_event_ids_are_refused() {
         ",1",
         "1.,2",
     ] {
-        let what = format!("{multi} with Last-Event-ID {id:?}");
-        expect_problem(
-            &what,
-            get_with_last_event_id(&server, multi, id).await,
-            400,
-            "invalid-last-event-id",
-        )
-        .await;
-        let path = format!(
-            "{multi}&lastEventId={}",
-            form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
-        );
-        expect_problem(
-            &path,
-            get(&server, &path).await,
-            400,
-            "invalid-last-event-id",
-        )
-        .await;
+        expect_position_refused(&server, multi, id).await;
     }
     // Duplicates are merged before counting positions: one topic, one position.
     expect_problem(

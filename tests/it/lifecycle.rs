@@ -19,19 +19,9 @@ async fn sigterm_ends_open_streams_cleanly_and_exits_promptly() {
         "--drain-window",
         "0s",
     ]);
-    let client = common::client();
-    let mut sub = SseClient::connect(&client, &format!("{}/topics/t", crier.base), None).await;
-    let answer: serde_json::Value = client
-        .post(format!("{}/topics/t", crier.base))
-        .body("before shutdown")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = answer["id"].as_str().unwrap();
-    assert_eq!(sub.next().await, Ev::new(id, "message", "before shutdown"));
+    let mut sub = crier.subscribe("/topics/t").await;
+    let id = crier.publish_id("t", "before shutdown").await;
+    assert_eq!(sub.next().await, Ev::new(&id, "message", "before shutdown"));
 
     let stopping = Instant::now();
     crier.terminate();

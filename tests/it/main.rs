@@ -26,6 +26,7 @@ mod properties;
 mod publish_subscribe;
 mod redis_nodes;
 mod replay;
+mod router;
 mod transports;
 mod websocket;
 mod wire;

@@ -323,9 +323,7 @@ async fn a_subscription_to_many_idle_topics_costs_little_more_than_to_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_past_the_retained_bytes_budget_drops_the_oldest_and_memory_stays_bounded() {
     let hub = Process::start(&["--max-retained-bytes", "8388608", "--retention-age", "60s"]);
-    let client = common::client();
-    let mut honest =
-        common::SseClient::connect(&client, &format!("{}/topics/honest", hub.base), None).await;
+    let mut honest = hub.subscribe("/topics/honest").await;
     let before = hub.rss_kib();
     let big = "z".repeat(64 * 1024 - 64);
     let mut acknowledged = Vec::new();
@@ -333,24 +331,11 @@ async fn publishing_past_the_retained_bytes_budget_drops_the_oldest_and_memory_s
     // budget of 8 MiB), an honest event every 50: every one is stored, the
     // oldest making room.
     for n in 0..600 {
-        let response = client
-            .post(format!("{}/topics/flood-{n}", hub.base))
-            .body(big.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201, "flood event {n}");
+        hub.publish(&format!("flood-{n}"), &big).await;
         if n % 50 == 0 {
             let data = format!("honest-{n}");
-            let response = client
-                .post(format!("{}/topics/honest", hub.base))
-                .body(data.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 201, "{data}");
-            let answer: serde_json::Value = response.json().await.unwrap();
-            acknowledged.push(Ev::new(answer["id"].as_str().unwrap(), "message", &data));
+            let id = hub.publish_id("honest", &data).await;
+            acknowledged.push(Ev::new(&id, "message", &data));
         }
     }
     let rise = hub.rss_kib().saturating_sub(before);
@@ -363,20 +348,11 @@ async fn publishing_past_the_retained_bytes_budget_drops_the_oldest_and_memory_s
     assert_eq!(honest.take(acknowledged.len()).await, acknowledged);
     // The first flood events made room: their history is gone. A resumer
     // from before the first hears so; the last is still retained.
-    let mut first = common::SseClient::connect(
-        &client,
-        &format!("{}/topics/flood-0?last=1", hub.base),
-        None,
-    )
-    .await;
+    let mut first = hub.subscribe("/topics/flood-0?last=1").await;
     first.expect_quiet(Duration::from_millis(300)).await;
-    let mut last = common::SseClient::connect(
-        &client,
-        &format!("{}/topics/flood-599?last=1", hub.base),
-        None,
-    )
-    .await;
+    let mut last = hub.subscribe("/topics/flood-599?last=1").await;
     assert_eq!(last.next().await.data, big);
+    hub.stop().await;
 }
 
 #[tokio::test]
@@ -449,20 +425,8 @@ async fn new_topics_past_the_topic_budget_forget_an_unwatched_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_explosion_churns_through_the_topic_budget_with_bounded_memory() {
     let hub = Process::start(&["--max-topics", "20000", "--publish-rate", "0"]);
-    let client = common::client();
-    let mut honest =
-        common::SseClient::connect(&client, &format!("{}/topics/honest", hub.base), None).await;
-    let honest_id = {
-        let response = client
-            .post(format!("{}/topics/honest", hub.base))
-            .body("before")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        let answer: serde_json::Value = response.json().await.unwrap();
-        answer["id"].as_str().unwrap().to_owned()
-    };
+    let mut honest = hub.subscribe("/topics/honest").await;
+    let honest_id = hub.publish_id("honest", "before").await;
     let before = hub.rss_kib();
     // 50,000 distinct topics, 1,000 per batch, a 128-byte name each.
     for batch in 0..50 {
@@ -471,30 +435,17 @@ async fn a_topic_explosion_churns_through_the_topic_budget_with_bounded_memory()
                 |i| serde_json::json!({"topic": format!("{:0>120}-{batch}-{i}", "t"), "data": "x"}),
             )
             .collect();
-        let response = client
-            .post(format!("{}/events", hub.base))
-            .body(serde_json::Value::Array(items).to_string())
-            .send()
-            .await
-            .unwrap();
         // Past 20,000 topics, each new one takes the place of one published
         // to longer ago.
-        assert_eq!(response.status(), 201, "batch {batch}");
+        hub.publish_to("/events", &serde_json::Value::Array(items).to_string())
+            .await;
     }
     let rise = hub.rss_kib().saturating_sub(before);
     eprintln!("RSS rise {rise} KiB");
     // (All 50,000 kept would take about 36 MiB.)
     assert!(rise < 24 * 1024, "resident memory rose by {rise} KiB");
     // The honest topic, watched, was kept and goes on.
-    let response = client
-        .post(format!("{}/topics/honest", hub.base))
-        .body("after")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let answer: serde_json::Value = response.json().await.unwrap();
-    let after_id = answer["id"].as_str().unwrap().to_owned();
+    let after_id = hub.publish_id("honest", "after").await;
     assert_eq!(
         honest.take(2).await,
         vec![
@@ -544,14 +495,7 @@ async fn idempotency_keys_past_their_cap_are_refused_and_memory_stays_bounded() 
     let retry = batch(KEYS - 1000).await.unwrap();
     assert_eq!(retry.status(), 201);
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
-    let plain = client
-        .post(format!("{}/topics/t", hub.base))
-        .body("no key")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(plain.status(), 201);
-    let answer: serde_json::Value = plain.json().await.unwrap();
+    let answer = hub.publish("t", "no key").await;
     assert_eq!(
         answer["seq"],
         KEYS as u64 + 1,

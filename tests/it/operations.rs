@@ -82,18 +82,12 @@ async fn readyz_fails_while_redis_is_frozen_and_recovers_when_it_goes_on() {
     }
     wait_ready(&client, &node.base, 200, None).await;
     // Still serving: the live feed works end to end.
-    let mut sub = SseClient::connect(&client, &node.url("/topics/t"), None).await;
-    let published: serde_json::Value = client
-        .post(node.url("/topics/t"))
-        .body("after the freeze")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = published["id"].as_str().unwrap();
-    assert_eq!(sub.next().await, Ev::new(id, "message", "after the freeze"));
+    let mut sub = node.subscribe("/topics/t").await;
+    let id = node.publish_id("t", "after the freeze").await;
+    assert_eq!(
+        sub.next().await,
+        Ev::new(&id, "message", "after the freeze")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,18 +429,31 @@ async fn sigterm_moves_200_subscribers_to_another_node_spread_over_the_window_wi
     );
     // Spread: no tenth of the window holds more than a quarter of the closes
     // (an even spread puts a tenth in each).
-    let mut tenths = [0usize; 10];
-    for close in &closes {
+    assert_spread(&closes, delay, window, SUBSCRIBERS / 4, 8);
+}
+
+/// Asserts that `closes` (each after the start of a drain) spread over the
+/// `window` after its `delay`: no tenth of it holds more than `most`, and
+/// at least `tenths` tenths hold some.
+fn assert_spread(
+    closes: &[Duration],
+    delay: Duration,
+    window: Duration,
+    most: usize,
+    tenths: usize,
+) {
+    let mut per_tenth = [0usize; 10];
+    for close in closes {
         let into = close.saturating_sub(delay).as_secs_f64() / window.as_secs_f64();
-        tenths[((into * 10.0) as usize).min(9)] += 1;
+        per_tenth[((into * 10.0) as usize).min(9)] += 1;
     }
     assert!(
-        tenths.iter().all(|n| *n <= SUBSCRIBERS / 4),
-        "closes per tenth of the window: {tenths:?}"
+        per_tenth.iter().all(|n| *n <= most),
+        "closes per tenth of the window: {per_tenth:?}"
     );
     assert!(
-        tenths.iter().filter(|n| **n > 0).count() >= 8,
-        "closes per tenth of the window: {tenths:?}"
+        per_tenth.iter().filter(|n| **n > 0).count() >= tenths,
+        "closes per tenth of the window: {per_tenth:?}"
     );
 }
 
@@ -733,20 +740,7 @@ async fn drain_node(sockets: usize, streams: usize) {
     assert!(exited <= delay + window + slack, "exited after {exited:?}");
     // Spread over the window: no tenth of it holds more than a quarter of
     // the closes (an even spread puts a tenth in each), most tenths some.
-    let mut tenths = [0usize; 10];
-    for close in &closes {
-        let into = close.saturating_sub(delay).as_secs_f64() / window.as_secs_f64();
-        tenths[((into * 10.0) as usize).min(9)] += 1;
-    }
-    let all = sockets + streams;
-    assert!(
-        tenths.iter().all(|n| *n <= all / 4),
-        "closes per tenth of the window: {tenths:?}"
-    );
-    assert!(
-        tenths.iter().filter(|n| **n > 0).count() >= 7,
-        "closes per tenth of the window: {tenths:?}"
-    );
+    assert_spread(&closes, delay, window, (sockets + streams) / 4, 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

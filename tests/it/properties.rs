@@ -7,7 +7,7 @@
 //! Starting a hub (and a `redis-server`) per case would take most of the
 //! time, so each property starts one hub per store and its cases share it,
 //! each on topics of its own. The pure parsers have their properties next
-//! to them (`src/event.rs`, `src/compress.rs`).
+//! to them (`src/event.rs`, `src/compress/`).
 
 use crate::common;
 

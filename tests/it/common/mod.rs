@@ -118,24 +118,15 @@ impl Server {
         self.publish_to(&format!("/topics/{topic}"), data).await
     }
 
+    /// Publishes `data` (one event, or a batch's JSON to `/events`) to
+    /// `path`, expecting `201`, and returns the answer's JSON.
     pub async fn publish_to(&self, path: &str, data: &str) -> Value {
-        let response = self
-            .client
-            .post(self.url(path))
-            .body(data.to_owned())
-            .send()
-            .await
-            .expect("publish request");
-        assert_eq!(response.status(), 201, "publishing to {path}");
-        response.json().await.expect("publish answer is JSON")
+        publish_with(&self.client, &self.url(path), data).await
     }
 
     /// Publishes and returns the event id the answer gives.
     pub async fn publish_id(&self, topic: &str, data: &str) -> String {
-        self.publish(topic, data).await["id"]
-            .as_str()
-            .expect("id is a string")
-            .to_owned()
+        id_of(&self.publish(topic, data).await)
     }
 
     pub async fn subscribe(&self, path: &str) -> SseClient {
@@ -163,6 +154,23 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// POSTs `data` to `url`, expecting `201`; the answer's JSON.
+pub async fn publish_with(client: &reqwest::Client, url: &str, data: &str) -> Value {
+    let response = client
+        .post(url)
+        .body(data.to_owned())
+        .send()
+        .await
+        .expect("publish request");
+    assert_eq!(response.status(), 201, "publishing to {url}");
+    response.json().await.expect("publish answer is JSON")
+}
+
+/// The event id of a publish answer.
+pub fn id_of(answer: &Value) -> String {
+    answer["id"].as_str().expect("id is a string").to_owned()
 }
 
 pub fn client() -> reqwest::Client {

@@ -6,10 +6,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The `crier` binary, started on an ephemeral port.
+use serde_json::Value;
+
+use super::SseClient;
+
+/// The `crier` binary, started on an ephemeral port. Where it overlaps
+/// with the in-process [`Server`](super::Server) it has the same API
+/// (`url`, `addr`, `publish`, `publish_id`, `subscribe`, `resume`, `stop`),
+/// so a test reads the same whichever way it runs the hub.
 pub struct Process {
     child: Child,
     pub base: String,
+    pub client: reqwest::Client,
     /// Every line the process wrote to stderr (its log) so far.
     log: Arc<Mutex<Vec<String>>>,
     /// The thread that reads the log; it ends when the process does.
@@ -94,6 +102,7 @@ impl Process {
         Process {
             child,
             base,
+            client: super::client(),
             log,
             reader: Some(reader),
         }
@@ -110,6 +119,45 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Publishes `data` to `topic` and returns the answer's JSON.
+    pub async fn publish(&self, topic: &str, data: &str) -> Value {
+        self.publish_to(&format!("/topics/{topic}"), data).await
+    }
+
+    /// Publishes `data` (one event, or a batch's JSON to `/events`) to
+    /// `path`, expecting `201`, and returns the answer's JSON.
+    pub async fn publish_to(&self, path: &str, data: &str) -> Value {
+        super::publish_with(&self.client, &self.url(path), data).await
+    }
+
+    /// Publishes and returns the event id the answer gives.
+    pub async fn publish_id(&self, topic: &str, data: &str) -> String {
+        super::id_of(&self.publish(topic, data).await)
+    }
+
+    pub async fn subscribe(&self, path: &str) -> SseClient {
+        SseClient::connect(&self.client, &self.url(path), None).await
+    }
+
+    pub async fn resume(&self, path: &str, last_event_id: &str) -> SseClient {
+        SseClient::connect(&self.client, &self.url(path), Some(last_event_id)).await
+    }
+
+    /// Stops it as an operator does (SIGTERM) and waits until it has
+    /// exited, cleanly.
+    pub async fn stop(mut self) {
+        self.terminate();
+        let deadline = Instant::now() + super::DEADLINE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "crier did not stop in time");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(status.success(), "crier exited with {status}");
     }
 
     /// The process id.

@@ -1,5 +1,6 @@
-//! The SSE transport: the engine's items as `text/event-stream` bytes,
-//! uncompressed here ([`Plain`]), in content codings in `crate::compress`.
+//! The plain SSE transport: the engine's items as uncompressed
+//! `text/event-stream` bytes ([`Plain`]); `compressed.rs` writes them in a
+//! content coding. The framing itself is `crate::sse`'s.
 
 use bytes::{Bytes, BytesMut};
 

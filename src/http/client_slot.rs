@@ -19,8 +19,8 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::{ApiError, AppState};
-use crate::connection::{Activity, Peer, StreamActivity};
 use crate::limits::Slot;
+use crate::server::connection::{Activity, Peer, StreamActivity};
 
 /// Wraps the routes in [`HoldStream`].
 #[derive(Clone)]

@@ -12,6 +12,12 @@
 //! dozen bytes, and an event is one `write`. hyper has no way to hand a
 //! connection over mid-response (its upgrades need a `101`), so the request
 //! is read here before hyper ever sees the connection.
+//!
+//! What it does not do: read a request body, upgrade, speak HTTP/1.0 or
+//! answer `HEAD` (all hyper's, on the same connection); refuse a request
+//! (a malformed or oversized head is handed to hyper, which answers it),
+//! or answer anything the router did not; send trailers; accept or close
+//! connections on its own account (the caller's `server` does both).
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
@@ -257,7 +263,7 @@ where
     } else {
         Framing::Chunked
     };
-    let mut out = Out {
+    let mut out = Unwritten {
         buf: head(&parts, framing, body.size_hint().exact(), keep_alive),
         at: 0,
         ended: framing == Framing::None,
@@ -313,7 +319,7 @@ fn head(
 }
 
 /// What is still to be written of a response.
-struct Out {
+struct Unwritten {
     /// The bytes of the current batch (head, chunks), written from `at`;
     /// empty, without an allocation, between batches.
     buf: Vec<u8>,
@@ -322,7 +328,7 @@ struct Out {
     ended: bool,
 }
 
-impl Out {
+impl Unwritten {
     /// Writes the body through: gathers what it has ready into one batch,
     /// writes the batch, and waits for more, until the body ends, fails, or
     /// the client leaves.

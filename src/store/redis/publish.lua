@@ -2,7 +2,7 @@
 -- their idempotency records (see PUBLISH in redis.rs for KEYS and ARGV).
 --
 -- The common publish (one event, no key, nothing expired) costs TIME,
--- HMGET, INFO replication, XADD, PUBLISH, HSET and two PEXPIREs: the meta hash remembers
+-- HMGET, INFO replication, XADD, PUBLISH and HSET: the meta hash remembers
 -- when the oldest retained event expires at the earliest, so the stream is
 -- only read when something may have expired.
 local nkeys = tonumber(ARGV[11])
@@ -57,7 +57,7 @@ end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local max_age = tonumber(ARGV[3])
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'expires', 'line')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'expires', 'line', 'renew')
 local epoch = meta[1]
 local seq = 0
 -- The replication history this primary's data belongs to. It changes when
@@ -120,6 +120,11 @@ for i = 0, count - 1 do
     table.insert(out, '')
   end
 end
+local fields = {'epoch', epoch, 'seq', seq}
+if meta[4] ~= line then
+  table.insert(fields, 'line')
+  table.insert(fields, line)
+end
 if now_ms >= expires then
   -- Something may have expired: drop what has, a page at a time, and
   -- note when the oldest event left expires. The events just appended
@@ -150,10 +155,20 @@ if now_ms >= expires then
     start = '(' .. page[#page][1]
     size = 64
   end
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq, 'line', line, 'expires', string.format('%d', expires))
-else
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', seq, 'line', line)
+  table.insert(fields, 'expires')
+  table.insert(fields, string.format('%d', expires))
 end
-redis.call('PEXPIRE', KEYS[2], max_age)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+-- The keys' lifetimes are stretched by half again only every half of the
+-- shorter one, not on every publish: a key then lives at least as long as
+-- its newest event is retained (events past their age are trimmed and
+-- never read), and at most half as long again.
+local renew = tonumber(meta[5] or '0') or 0
+if now_ms >= renew then
+  local meta_ttl = tonumber(ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], max_age + math.floor(max_age / 2))
+  redis.call('PEXPIRE', KEYS[1], meta_ttl + math.floor(meta_ttl / 2))
+  table.insert(fields, 'renew')
+  table.insert(fields, string.format('%d', now_ms + math.floor(math.min(max_age, meta_ttl) / 2)))
+end
+redis.call('HSET', KEYS[1], unpack(fields))
 return out

@@ -91,8 +91,13 @@ impl RedisServer {
             orphan_safe,
         };
         // A port found free may be taken before redis-server binds it: retry.
+        // A cluster node also listens on its port + 10000.
+        let cluster = server.extra.iter().any(|a| a == "--cluster-enabled");
         for _ in 0..10 {
             server.port = free_port();
+            while cluster && server.port > 55535 {
+                server.port = free_port();
+            }
             if server.launch() {
                 return server;
             }

@@ -377,7 +377,18 @@ pub struct RedisMetrics {
     reconnects: Counter,
     catch_ups: [Counter; 2],
     failovers: Counter,
-    went_back: Counter,
+    renewals: [Counter; 2],
+    canary: Histogram,
+}
+
+/// Why a topic's epoch was renewed in Redis.
+#[derive(Debug, Clone, Copy)]
+pub enum Renewal {
+    /// Its data belongs to another replication history: Redis restarted,
+    /// or a replica was promoted.
+    Replication,
+    /// A node saw the topic further along than Redis now has it.
+    WentBack,
 }
 
 impl RedisMetrics {
@@ -402,9 +413,14 @@ impl RedisMetrics {
         self.failovers.increment(1);
     }
 
-    /// The node saw a topic's history go back and gave it a new epoch.
-    pub fn went_back(&self) {
-        self.went_back.increment(1);
+    /// A topic's epoch was renewed, and why.
+    pub fn renewed(&self, why: Renewal) {
+        self.renewals[why as usize].increment(1);
+    }
+
+    /// A canary came back after `took`.
+    pub fn canary_back(&self, took: std::time::Duration) {
+        self.canary.record(took.as_secs_f64());
     }
 }
 
@@ -669,9 +685,16 @@ impl Metrics {
                     "crier_redis_failovers_total",
                     "Times this node switched to another Redis primary (a Sentinel failover).",
                 ),
-                went_back: r.counter(
-                    "crier_redis_history_went_back_total",
-                    "Topics this node saw go back in time in Redis (a lagging replica promoted, an older snapshot), each given a new epoch.",
+                renewals: r.counters(
+                    "crier_redis_epoch_renewals_total",
+                    "Topics given a new epoch by this node's publishes or reads, because their data in Redis belongs to another replication history (a restart, a failover: replication) or went back below what this node saw (went_back).",
+                    "cause",
+                    ["replication", "went_back"],
+                ),
+                canary: r.histogram(
+                    "crier_redis_canary_seconds",
+                    "Round trip of this node's canaries through the live path of Redis (on a cluster, through every shard it listens to).",
+                    &[],
                 ),
             }
         })

@@ -60,6 +60,7 @@ use super::{
 };
 use crate::event::{Epoch, Event, EventName, Topic};
 use crate::hub::Hub;
+use crate::metrics::Renewal;
 
 mod primary;
 
@@ -253,13 +254,18 @@ impl Canary {
 
     /// Canary `n` came back on `path`: it and every earlier one there are
     /// accounted for.
-    fn back(&self, path: &str, n: u64) {
+    /// Returns how long canary `n` took, if it was still awaited.
+    fn back(&self, path: &str, n: u64) -> Option<Duration> {
         let mut state = self.lock();
-        if let Some(out) = state.out.get_mut(path) {
-            while out.front().is_some_and(|(sent, _)| *sent <= n) {
-                out.pop_front();
+        let out = state.out.get_mut(path)?;
+        let mut took = None;
+        while let Some(&(sent, at)) = out.front().filter(|(sent, _)| *sent <= n) {
+            if sent == n {
+                took = Some(at.elapsed());
             }
+            out.pop_front();
         }
+        took
     }
 
     /// The message of canary `n` on a cluster's shared channel (no topic
@@ -931,12 +937,19 @@ impl RedisStore {
         }
     }
 
+    /// A canary came back: accounted for, and its round trip measured.
+    fn canary_back(&self, path: &str, n: u64) {
+        if let Some(took) = self.canary.back(path, n) {
+            self.hub.metrics().redis().canary_back(took);
+        }
+    }
+
     /// Hands a live message to the hub. Returns the topic and epoch when
     /// the message shows that the topic's history went back in time.
     fn on_message(&self, message: &LiveMessage) -> Option<(Topic, Epoch)> {
         if message.channel == self.canary.channel {
             match std::str::from_utf8(&message.payload).map(str::parse::<u64>) {
-                Ok(Ok(n)) => self.canary.back(&message.channel, n),
+                Ok(Ok(n)) => self.canary_back(&message.channel, n),
                 _ => tracing::warn!("ignoring a malformed canary"),
             }
             return None;
@@ -944,7 +957,7 @@ impl RedisStore {
         if self.keys.partitions.is_some() && message.payload.starts_with(b"\n") {
             // A canary on a shared channel: this node's, or another's.
             if let Ok(n) = self.canary.parse_shared(&message.payload) {
-                self.canary.back(&message.channel, n);
+                self.canary_back(&message.channel, n);
             }
             return None;
         }
@@ -1119,7 +1132,7 @@ impl RedisStore {
     /// store, where they find the new epoch and are told with `reset`.
     async fn history_went_back(&self, topic: &Topic, epoch: Epoch) {
         tracing::warn!(%topic, ?epoch, "the topic's history in Redis went back in time; starting a new epoch");
-        self.hub.metrics().redis().went_back();
+        self.hub.metrics().redis().renewed(Renewal::WentBack);
         let result: Result<Option<String>, _> = match self.primary.commands().await {
             Ok(mut commands) => self
                 .reepoch
@@ -1780,7 +1793,15 @@ impl Store for RedisStore {
                     .ok_or_else(|| malformed("publish"))?;
                 return Err(StoreError::KeyReused { item });
             }
-            let outcomes = parts.get(2..).filter(|o| o.len() == list.len());
+            let outcomes = parts.get(3..).filter(|o| o.len() == list.len());
+            match parts.get(2).and_then(as_u64) {
+                Some(1) => {
+                    tracing::warn!(%topic, "the topic's data in Redis belongs to another replication history (a restart or a failover): it starts a new epoch");
+                    self.hub.metrics().redis().renewed(Renewal::Replication);
+                }
+                Some(2) => self.hub.metrics().redis().renewed(Renewal::WentBack),
+                _ => {}
+            }
             let (Some(epoch), Some(first), Some(outcomes)) = (
                 parts.first().and_then(as_u64),
                 parts.get(1).and_then(as_u64),

@@ -201,7 +201,7 @@ async fn fail_over_under_load(start: fn() -> Topology, wait_replicas: u32) {
         })
     };
     let a = Arc::new(start(setup.clone()).await);
-    let b = Arc::new(start(setup).await);
+    let b = Arc::new(start(setup.clone()).await);
     // The first publish through each node proves it reached the primary.
     let first = a.publish_id(TOPIC, "first").await;
     b.publish_id(TOPIC, "second").await;
@@ -324,6 +324,35 @@ async fn fail_over_under_load(start: fn() -> Topology, wait_replicas: u32) {
             }
         }
     }
+    let mut renewals = 0.0;
+    for node in [&a, &b] {
+        let text = common::client()
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("scrape body");
+        let metric = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // Canaries went through the live path, and came back.
+        assert!(metric("crier_redis_canary_seconds_count") >= 1.0, "{text}");
+        if !setup.sentinels.is_empty() {
+            assert_eq!(metric("crier_redis_failovers_total"), 1.0, "{text}");
+        }
+        renewals += metric(r#"crier_redis_epoch_renewals_total{cause="replication"}"#);
+    }
+    // The first write after the failover renewed the topic's epoch, once,
+    // on whichever node made it; unless every write was confirmed.
+    let expected = if wait_replicas == 0 { 1.0 } else { 0.0 };
+    assert_eq!(
+        renewals, expected,
+        "epoch renewals for another replication history"
+    );
     for node in [a, b] {
         Arc::into_inner(node).expect("one owner").stop().await;
     }

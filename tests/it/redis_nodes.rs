@@ -193,6 +193,9 @@ async fn redis_outage_refuses_publishes_keeps_streams_open_and_loses_nothing() {
         ));
     }
     assert_eq!(after[0].seq(), 6, "numbering continues densely");
+    // Counted where it happened: the first publish after the restart, on b.
+    b.wait_for_metric(r#"crier_redis_epoch_renewals_total{cause="replication"} 1"#)
+        .await;
     // A restarted Redis may have come back from an older snapshot, and
     // nothing proves it did not: the first publish after it starts a new
     // epoch. Subscribers are told, and get everything retained under it.

@@ -47,7 +47,10 @@ for i = 0, count - 1 do
     fresh = fresh + 1
   end
 end
-local out = {'0', 1}
+-- The epoch, the first number, why the epoch was renewed (0: it was
+-- not; 1: another replication history; 2: a node saw the topic further
+-- along), then an outcome per event.
+local out = {'0', 1, 0}
 if fresh == 0 then
   for i = 0, count - 1 do
     table.insert(out, string.sub(records[tonumber(ARGV[base + 3 * i + 1])], 66))
@@ -81,6 +84,7 @@ else
   end
   if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
     epoch = fresh_epoch(epoch)
+    out[3] = 2
   elseif meta[4] and meta[4] ~= line and not (ARGV[8] == '1' and meta[4] == line2) then
     -- Another history than the one the topic was last written in: a
     -- restart or a failover. Only a failover from that very primary,
@@ -88,6 +92,7 @@ else
     -- is known to have kept every acknowledged event. (A meta without a
     -- line was written before crier kept one: it is adopted.)
     epoch = fresh_epoch(epoch)
+    out[3] = 1
   end
 end
 out[1] = epoch

@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 use redis::{PushInfo, RedisFuture, Value};
 use tokio_util::sync::CancellationToken;
@@ -134,11 +134,8 @@ struct SentinelSource {
     master: String,
     /// The sentinels' own URLs, for the `+switch-master` listeners.
     urls: Vec<ConnectionInfo>,
-    lookup: tokio::sync::Mutex<Sentinel>,
-    /// The primary's user, password, database and TLS: the sentinels'.
-    node: SentinelNodeConnectionInfo,
-    /// A template for the primary's address (TLS or not, as the sentinels).
-    template: ConnectionInfo,
+    /// Asks the sentinels for the primary (the redis crate's lookup).
+    lookup: tokio::sync::Mutex<SentinelClient>,
 }
 
 fn config_error(error: impl std::fmt::Display) -> StoreError {
@@ -202,25 +199,59 @@ impl Primary {
                     .iter()
                     .map(|url| url.as_str().into_connection_info().map_err(config_error))
                     .collect::<Result<Vec<_>, _>>()?;
-                let template = urls.first().cloned().ok_or_else(|| {
+                let first = urls.first().cloned().ok_or_else(|| {
                     StoreError::Config("--redis-sentinel names no sentinel".into())
                 })?;
-                let mut node = SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(template.redis_settings().clone());
-                if let ConnectionAddr::TcpTls { insecure, .. } = template.addr() {
-                    node = node.set_tls_mode(if *insecure {
+                // The sentinels' user, password and TLS serve for the
+                // primary too; the crate asks them for it and checks it
+                // answers as the primary.
+                let tls = match first.addr() {
+                    ConnectionAddr::TcpTls { insecure, .. } => Some(if *insecure {
                         redis::TlsMode::Insecure
                     } else {
                         redis::TlsMode::Secure
-                    });
+                    }),
+                    _ => None,
+                };
+                let settings = first.redis_settings();
+                let mut builder = SentinelClientBuilder::new(
+                    urls.iter().map(|u| u.addr().clone()),
+                    master,
+                    SentinelServerType::Master,
+                )
+                .map_err(config_error)?;
+                if let Some(user) = settings.username() {
+                    builder = builder
+                        .set_client_to_redis_username(user)
+                        .set_client_to_sentinel_username(user);
                 }
-                let lookup = Sentinel::build(urls.clone()).map_err(config_error)?;
+                if let Some(password) = settings.password() {
+                    builder = builder
+                        .set_client_to_redis_password(password)
+                        .set_client_to_sentinel_password(password);
+                }
+                if settings.db() != 0 {
+                    builder = builder.set_client_to_redis_db(settings.db());
+                }
+                if let Some(tls) = tls {
+                    builder = builder
+                        .set_client_to_redis_tls_mode(tls)
+                        .set_client_to_sentinel_tls_mode(tls);
+                }
+                if let Some(root) = &primary.certificates {
+                    let certificates = || TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root.clone()),
+                    };
+                    builder = builder
+                        .set_client_to_redis_certificates(certificates())
+                        .set_client_to_sentinel_certificates(certificates());
+                }
+                let lookup = builder.build().map_err(config_error)?;
                 primary.sentinel = Some(SentinelSource {
                     master: master.clone(),
                     urls,
                     lookup: tokio::sync::Mutex::new(lookup),
-                    node,
-                    template,
                 });
             }
         }
@@ -400,21 +431,18 @@ impl Primary {
                 _ = announced.notified() => {}
             }
             match self.ask_sentinels(sentinel).await {
-                Ok(info) => {
+                Ok(client) => {
                     complained = false;
                     let now = self
                         .current()
                         .ok()
                         .and_then(|c| c.client)
                         .map(|c| c.get_connection_info().addr().clone());
-                    if now.as_ref() == Some(info.addr()) {
+                    if now.as_ref() == Some(client.get_connection_info().addr()) {
                         continue;
                     }
                     let first = now.is_none();
-                    match self
-                        .client_for(info)
-                        .and_then(|client| self.install(client))
-                    {
+                    match self.install(client) {
                         Ok(()) => {
                             let address = self.address();
                             if first {
@@ -440,48 +468,13 @@ impl Primary {
         }
     }
 
-    /// The primary's connection settings, as the sentinels name it now.
-    async fn ask_sentinels(&self, sentinel: &SentinelSource) -> Result<ConnectionInfo, StoreError> {
-        let client = {
-            let mut lookup = sentinel.lookup.lock().await;
-            tokio::time::timeout(
-                Duration::from_secs(2),
-                lookup.async_master_for(&sentinel.master, Some(&sentinel.node)),
-            )
+    /// A client of the primary the sentinels name now.
+    async fn ask_sentinels(&self, sentinel: &SentinelSource) -> Result<Client, StoreError> {
+        let mut lookup = sentinel.lookup.lock().await;
+        tokio::time::timeout(Duration::from_secs(2), lookup.async_get_client())
             .await
             .map_err(|_| StoreError::Unavailable("the sentinels did not answer in time".into()))?
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
-        };
-        let named = client.get_connection_info();
-        let (host, port) = match named.addr() {
-            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
-                (host.clone(), *port)
-            }
-            _ => {
-                return Err(StoreError::Unavailable(
-                    "the sentinels name a primary that is not a TCP address".into(),
-                ));
-            }
-        };
-        // Reached as the sentinels are: with TLS or without.
-        let addr = match sentinel.template.addr() {
-            ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: *insecure,
-                tls_params: tls_params.clone(),
-            },
-            _ => ConnectionAddr::Tcp(host, port),
-        };
-        Ok(sentinel
-            .template
-            .clone()
-            .set_addr(addr)
-            .set_redis_settings(named.redis_settings().clone()))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 }
 

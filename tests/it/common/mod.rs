@@ -92,21 +92,35 @@ impl Server {
     /// for what happens inside the hub (a stream opened, a socket closed).
     pub async fn wait_for_metric(&self, line: &str) {
         eventually(&format!("metric line {line:?}"), || async {
-            let text = self
-                .client
-                .get(self.url("/metrics"))
-                .send()
-                .await
-                .expect("scrape")
-                .text()
-                .await
-                .expect("scrape body");
+            let text = self.scrape().await;
             text.lines()
                 .any(|l| l == line)
                 .then_some(())
                 .ok_or("absent")
         })
         .await
+    }
+
+    /// The main listener's `/metrics` text (an open hub).
+    pub async fn scrape(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("scrape body")
+    }
+
+    /// The value of the series `series` (its name and labels, as written),
+    /// or 0 when it is absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.scrape()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -376,29 +376,21 @@ impl SentinelGroup {
     /// Waits until the replica is in sync and every sentinel knows it (a
     /// failover before that would have no replica to promote).
     pub fn wait_until_replicated(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
+        wait_until("the Sentinel group to settle", DEADLINE, || {
             let synced = self
                 .replica
                 .cli(&["info", "replication"])
                 .contains("master_link_status:up");
-            let known = self.sentinels.iter().all(|s| {
-                let out = Command::new("redis-cli")
-                    .args(["-p", &s.port.to_string(), "sentinel", "replicas", MASTER])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
-                out.contains(&self.replica.port.to_string())
-            });
-            if synced && known {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the Sentinel group did not settle within {DEADLINE:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            synced
+                && self.sentinels.iter().all(|s| {
+                    let out = Command::new("redis-cli")
+                        .args(["-p", &s.port.to_string(), "sentinel", "replicas", MASTER])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default();
+                    out.contains(&self.replica.port.to_string())
+                })
+        });
     }
 
     /// The sentinels' URLs, for `--redis-sentinel`.
@@ -430,22 +422,13 @@ impl SentinelGroup {
     /// promoted the replica and it accepts writes.
     pub fn fail_over(&mut self) {
         self.primary.stop();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let promoted = self.named_primary() == Some(self.replica.port)
+        wait_until("the sentinels to promote the replica", FAILOVER, || {
+            self.named_primary() == Some(self.replica.port)
                 && self
                     .replica
                     .cli(&["info", "replication"])
-                    .contains("role:master");
-            if promoted {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the sentinels did not promote the replica within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                    .contains("role:master")
+        });
     }
 }
 
@@ -455,16 +438,10 @@ impl SentinelGroup {
 pub fn shared_sentinel() -> &'static (Vec<String>, u16) {
     static SHARED: std::sync::OnceLock<(Vec<String>, u16)> = std::sync::OnceLock::new();
     SHARED.get_or_init(|| {
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let group = SentinelGroup::start_with(true);
-            let _ = sender.send((group.urls(), group.primary.port));
-            // Kept, and this thread with it, until the binary exits.
-            loop {
-                std::thread::park();
-            }
-        });
-        receiver.recv().expect("the shared Sentinel group starts")
+        start_for_the_binary(
+            || SentinelGroup::start_with(true),
+            |group| (group.urls(), group.primary.port),
+        )
     })
 }
 
@@ -523,24 +500,15 @@ impl ClusterGroup {
     /// Waits until every node that is up sees the cluster whole and every
     /// replica is in sync with its primary.
     pub fn wait_until_settled(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let settled = self.nodes.iter().filter(|n| n.is_running()).all(|node| {
+        wait_until("the Redis Cluster to settle", FAILOVER, || {
+            self.nodes.iter().filter(|n| n.is_running()).all(|node| {
                 let info = node.cli(&["cluster", "info"]);
                 let replication = node.cli(&["info", "replication"]);
                 info.contains("cluster_state:ok")
                     && (replication.contains("role:master")
                         || replication.contains("master_link_status:up"))
-            });
-            if settled {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the Redis Cluster did not settle within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            })
+        });
     }
 
     /// The seed URLs, for `--redis-cluster`.
@@ -563,33 +531,18 @@ impl ClusterGroup {
     pub fn fail_over(&mut self, index: usize) {
         let id = self.nodes[index].cli(&["cluster", "myid"]);
         self.nodes[index].stop();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let promoted = self.nodes.iter().filter(|n| n.is_running()).any(|node| {
-                let replication = node.cli(&["info", "replication"]);
-                // The replica of the killed node, master now.
-                replication.contains("role:master")
-                    && node
-                        .cli(&["cluster", "nodes"])
-                        .lines()
-                        .any(|l| l.contains(&id) && l.contains("fail"))
-                    && node.cli(&["cluster", "info"]).contains("cluster_state:ok")
+        wait_until("the cluster to promote a replica", FAILOVER, || {
+            let running = || self.nodes.iter().filter(|n| n.is_running());
+            // The killed node is marked failed, and the cluster whole again.
+            let failed = running().any(|node| {
+                node.cli(&["cluster", "nodes"])
+                    .lines()
+                    .any(|l| l.contains(&id) && l.contains("fail"))
             });
-            let whole = promoted
-                && self
-                    .nodes
-                    .iter()
-                    .filter(|n| n.is_running())
-                    .all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"));
-            if whole && self.no_primary_without_slots_served() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not promote a replica within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            failed
+                && running().all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"))
+                && self.no_primary_without_slots_served()
+        });
     }
 
     /// Whether three running nodes are primaries (the killed one's replica
@@ -615,17 +568,42 @@ impl ClusterGroup {
 /// own key prefix), started on first use like [`shared_sentinel`].
 pub fn shared_cluster() -> &'static Vec<String> {
     static SHARED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    SHARED.get_or_init(|| {
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let group = ClusterGroup::start_with(true);
-            let _ = sender.send(group.urls());
-            loop {
-                std::thread::park();
-            }
-        });
-        receiver.recv().expect("the shared Redis Cluster starts")
-    })
+    SHARED
+        .get_or_init(|| start_for_the_binary(|| ClusterGroup::start_with(true), ClusterGroup::urls))
+}
+
+/// Longest wait for a failover, or for a group or cluster to settle.
+const FAILOVER: Duration = Duration::from_secs(30);
+
+/// Waits (blocking) until `ready`, failing the test after `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} ({timeout:?})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts processes on a thread that lives as long as the test binary, so
+/// that they die with it (see [`die_with_parent_thread`]), and returns what
+/// `describe` says of them.
+fn start_for_the_binary<G: 'static, T: Send + 'static>(
+    start: fn() -> G,
+    describe: fn(&G) -> T,
+) -> T {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let group = start();
+        let _ = sender.send(describe(&group));
+        // Kept, and this thread with it, until the binary exits.
+        loop {
+            std::thread::park();
+        }
+    });
+    receiver.recv().expect("shared Redis processes start")
 }
 
 /// A frozen [`RedisServer`]; dropping it lets the server go on (SIGCONT).

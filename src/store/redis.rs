@@ -1216,6 +1216,7 @@ impl RedisStore {
                     }
                     for channel in &channels {
                         self.canary.forget(channel);
+                        link.confirmed.remove(channel);
                     }
                 }
                 _ => {

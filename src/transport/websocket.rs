@@ -7,14 +7,25 @@
 //! frames told apart by `type` (`open`, `reset`, `reauth`, `farewell`);
 //! heartbeats are pings; each way a stream ends has its close code.
 //!
+//! A socket that negotiated permessage-deflate gets each event's message
+//! compressed once per event and shared the same way
+//! ([`event_deflated`]), sent as a frame with RSV1 set; its control items
+//! go plain (the extension lets each message choose).
+//!
 //! Long-poll answers carry the same JSON objects (`crate::transport::poll`).
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
+use tungstenite::Message;
+use tungstenite::Utf8Bytes;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 
+use super::permessage_deflate::{message_of, stored_block};
+use crate::coding::Codec;
 use crate::compress::Chained;
-use crate::event::{Event, JSON_UNIT};
+use crate::event::{DEFLATED_REST_UNIT, DEFLATED_UNIT, Event, JSON_UNIT};
 use crate::metrics::StreamEnd;
 use crate::subscription::{Control, Wire};
 
@@ -46,15 +57,50 @@ pub fn event_json(event: &Event) -> Bytes {
 /// The JSON of `event` under a stream's own `id` (multi-topic streams): the
 /// shared JSON with its id replaced.
 pub fn event_json_with_id(id: &str, event: &Event) -> Bytes {
+    let (shared, rest) = json_rest(event);
+    let prefix = id_prefix(id);
+    let mut json = BytesMut::with_capacity(prefix.len() + shared.len() - rest);
+    json.extend_from_slice(prefix.as_bytes());
+    json.extend_from_slice(&shared[rest..]);
+    json.freeze()
+}
+
+/// The event's shared JSON, and where what follows its own id starts.
+fn json_rest(event: &Event) -> (Bytes, usize) {
     let shared = event_json(event);
     // `{"id":"SEQ.EPOCH"` — a position needs no escaping.
     let own_id_end = 6 + 2 + event.position().to_string().len();
-    let id = serde_json::Value::from(id).to_string();
-    let mut json = BytesMut::with_capacity(shared.len() + id.len());
-    json.extend_from_slice(b"{\"id\":");
-    json.extend_from_slice(id.as_bytes());
-    json.extend_from_slice(&shared[own_id_end.min(shared.len())..]);
-    json.freeze()
+    let rest = own_id_end.min(shared.len());
+    (shared, rest)
+}
+
+/// `{"id":` and the JSON string of `id`.
+fn id_prefix(id: &str) -> String {
+    format!("{{\"id\":{}", serde_json::Value::from(id))
+}
+
+/// The permessage-deflate message of `event` under its own id: its JSON
+/// compressed alone (no context before it, as `server_no_context_takeover`
+/// promises), made on first use, then shared by every socket that
+/// negotiated the extension.
+pub fn event_deflated(event: &Event) -> Bytes {
+    event.unit(DEFLATED_UNIT, || {
+        message_of(crate::compress::alone(Codec::Gzip, &event_json(event)))
+    })
+}
+
+/// The permessage-deflate message of `event` under a stream's own `id`
+/// (multi-topic streams): the id in a stored block, in front of the rest
+/// of the JSON compressed once per event and shared. `None` for an id too
+/// long for one stored block (the frame then goes plain).
+pub fn event_deflated_with_id(id: &str, event: &Event) -> Option<Bytes> {
+    let mut message = stored_block(id_prefix(id).as_bytes())?;
+    let rest = event.unit(DEFLATED_REST_UNIT, || {
+        let (shared, rest) = json_rest(event);
+        message_of(crate::compress::alone(Codec::Gzip, &shared[rest..]))
+    });
+    message.extend_from_slice(&rest);
+    Some(Bytes::from(message))
 }
 
 /// Builds an event's JSON from its SSE frame (the only form an event is
@@ -126,10 +172,18 @@ fn text(json: Bytes) -> Message {
     }
 }
 
+/// A compressed message's text frame: RSV1 set (RFC 7692 §6), the
+/// payload the shared bytes themselves.
+fn deflated(message: Bytes) -> Message {
+    let mut frame = Frame::message(message, OpCode::Data(Data::Text), true);
+    frame.header_mut().rsv1 = true;
+    Message::Frame(frame)
+}
+
 /// A close frame.
 pub fn close_frame(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from_static(reason),
     }))
 }
@@ -140,12 +194,27 @@ pub struct Frames {
     frames: Vec<Message>,
     pending: usize,
     close: Option<Message>,
+    /// The socket negotiated permessage-deflate: events go compressed.
+    deflate: bool,
 }
 
 impl Frames {
+    /// A socket's frames; `deflate` if it negotiated permessage-deflate.
+    pub fn new(deflate: bool) -> Frames {
+        Frames {
+            deflate,
+            ..Frames::default()
+        }
+    }
+
     fn push(&mut self, json: Bytes) {
         self.pending += json.len();
         self.frames.push(text(json));
+    }
+
+    fn push_deflated(&mut self, message: Bytes) {
+        self.pending += message.len();
+        self.frames.push(deflated(message));
     }
 }
 
@@ -170,11 +239,18 @@ impl Wire for Frames {
     }
 
     fn event(&mut self, event: &Event, _: Option<&Chained>) {
-        self.push(event_json(event));
+        if self.deflate {
+            self.push_deflated(event_deflated(event));
+        } else {
+            self.push(event_json(event));
+        }
     }
 
     fn event_with_id(&mut self, id: &str, event: &Event) {
-        self.push(event_json_with_id(id, event));
+        match self.deflate.then(|| event_deflated_with_id(id, event)) {
+            Some(Some(message)) => self.push_deflated(message),
+            Some(None) | None => self.push(event_json_with_id(id, event)),
+        }
     }
 
     fn pending(&self) -> usize {
@@ -237,6 +313,61 @@ mod tests {
         assert_eq!(
             &event_json_with_id("news/7.1a,3.e2", &named)[..],
             br#"{"id":"news/7.1a,3.e2","type":"event","topic":"news","seq":7,"event":"update","data":"a\nb \"q\"\n"}"#
+        );
+    }
+
+    /// permessage-deflate's payload of `message`, inflated as a browser
+    /// does (the sync flush's tail put back).
+    fn inflated(message: &[u8]) -> Vec<u8> {
+        let mut compressed = message.to_vec();
+        compressed.extend_from_slice(&crate::transport::permessage_deflate::SYNC_TAIL);
+        let mut inflater = flate2::Decompress::new(false);
+        let mut out = Vec::with_capacity(4096);
+        inflater
+            .decompress_vec(&compressed, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap();
+        out
+    }
+
+    /// Every socket of a topic is handed the same allocation (not an equal
+    /// copy): made once per event, plain and compressed.
+    #[test]
+    fn every_socket_of_a_topic_shares_one_frame_payload_per_event() {
+        let event = event(Some("update"), "shared shared shared");
+        let mut payloads = Vec::new();
+        for deflate in [false, false, true, true] {
+            let mut frames = Frames::new(deflate);
+            frames.event(&event, None);
+            let Some(mut batch) = frames.take() else {
+                panic!("a frame")
+            };
+            payloads.push(match batch.remove(0) {
+                Message::Text(text) => (false, Bytes::from(text)),
+                Message::Frame(frame) => {
+                    assert!(frame.header().rsv1, "a compressed frame has RSV1 set");
+                    (true, frame.into_payload())
+                }
+                other => panic!("{other:?}"),
+            });
+        }
+        let (plain, compressed) = (&payloads[0].1, &payloads[2].1);
+        assert_eq!(plain.as_ptr(), payloads[1].1.as_ptr());
+        assert_eq!(compressed.as_ptr(), payloads[3].1.as_ptr());
+        assert_eq!(inflated(compressed), plain.to_vec());
+    }
+
+    /// A multi-topic socket's compressed frame inflates to its own id in
+    /// front of the event's JSON: the same bytes as its plain frame.
+    #[test]
+    fn a_multi_topic_sockets_compressed_frame_carries_its_own_id() {
+        let event = event(None, "rest rest rest");
+        let id = "news/7.1a,other/3.e2";
+        let message = event_deflated_with_id(id, &event).unwrap();
+        assert_eq!(inflated(&message), event_json_with_id(id, &event).to_vec());
+        let again = event_deflated_with_id("news/7.1a", &event).unwrap();
+        assert_eq!(
+            inflated(&again),
+            event_json_with_id("news/7.1a", &event).to_vec()
         );
     }
 

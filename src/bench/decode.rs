@@ -404,10 +404,15 @@ pub struct WsFrames {
     buf: Vec<u8>,
     /// The data of the last event frame, unescaped.
     data: Vec<u8>,
+    /// permessage-deflate's inflater, reset for each message (the hub
+    /// takes no context over).
+    inflater: Option<Box<flate2::Decompress>>,
 }
 
-/// Opcodes the bench acts on.
+/// Opcodes the bench acts on (with RSV1, `0x40`, for a message compressed
+/// with permessage-deflate).
 pub const WS_TEXT: u8 = 0x1;
+pub const WS_TEXT_DEFLATED: u8 = 0x41;
 pub const WS_CLOSE: u8 = 0x8;
 pub const WS_PING: u8 = 0x9;
 
@@ -430,7 +435,7 @@ impl WsFrames {
             if rest.len() < 2 {
                 break;
             }
-            let opcode = rest[0] & 0x0f;
+            let opcode = rest[0] & 0x4f;
             if rest[1] & 0x80 != 0 {
                 return Err("a masked frame from the server".into());
             }
@@ -452,6 +457,31 @@ impl WsFrames {
         }
         self.buf.drain(..at);
         Ok(())
+    }
+
+    /// A permessage-deflate message's payload inflated (RFC 7692 §7.2.2).
+    pub fn inflate(&mut self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let inflater = self
+            .inflater
+            .get_or_insert_with(|| Box::new(flate2::Decompress::new(false)));
+        inflater.reset(false);
+        let mut input = Vec::with_capacity(payload.len() + 4);
+        input.extend_from_slice(payload);
+        input.extend_from_slice(&[0x00, 0x00, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(payload.len() * 4 + 64);
+        loop {
+            let read = inflater.total_in() as usize;
+            inflater
+                .decompress_vec(&input[read..], &mut out, flate2::FlushDecompress::Sync)
+                .map_err(|e| format!("a compressed message does not inflate: {e}"))?;
+            if inflater.total_in() as usize == input.len() && out.len() < out.capacity() {
+                return Ok(out);
+            }
+            if out.len() < out.capacity() && inflater.total_in() as usize == read {
+                return Err("a compressed message ends early".into());
+            }
+            out.reserve(out.capacity().max(64));
+        }
     }
 
     /// The lines of an event frame (`{"id":…,"type":"event",…,"data":"…"}`):

@@ -224,6 +224,11 @@ impl ClientFrames {
                 && head.first & RSV == RSV1
                 && matches!(opcode, TEXT | BINARY);
             let goes_on = self.message.is_some() && head.first & RSV == 0 && opcode == CONTINUATION;
+            // A new message inside a compressed one breaks RFC 6455 §5.4.
+            if self.message.is_some() && matches!(opcode, TEXT | BINARY) {
+                self.fail(opcode, output);
+                continue;
+            }
             if !(head.masked && (starts || goes_on)) {
                 output.extend_from_slice(frame);
                 continue;
@@ -243,16 +248,18 @@ impl ClientFrames {
                 match inflate(gathered, self.limit) {
                     Ok(plain) => frame_into(output, opcode, &plain),
                     Err(Inflated::TooBig) => self.refuse(opcode, output),
-                    // RSV1 on the frame handed on: tungstenite fails the
-                    // socket for it, as for any frame it cannot read.
-                    Err(Inflated::Corrupt) => {
-                        self.refused = true;
-                        output.extend_from_slice(&[FIN | RSV1 | opcode, 0x80, 0, 0, 0, 0]);
-                    }
+                    Err(Inflated::Corrupt) => self.fail(opcode, output),
                 }
             }
         }
         at
+    }
+
+    /// Hands on an empty frame with RSV1 set, for which tungstenite fails
+    /// the socket as for any frame it cannot read, and stops.
+    fn fail(&mut self, opcode: u8, output: &mut Vec<u8>) {
+        self.refused = true;
+        output.extend_from_slice(&[FIN | RSV1 | opcode, 0x80, 0, 0, 0, 0]);
     }
 
     /// Hands on a header over the limit, which tungstenite answers with
@@ -516,6 +523,19 @@ mod tests {
         expected.extend_from_slice(json);
         expected.extend(&plain);
         assert_eq!(output, expected);
+    }
+
+    #[test]
+    fn a_message_inside_a_compressed_one_or_bad_deflate_data_fails_the_socket() {
+        let fail = vec![FIN | RSV1 | TEXT, 0x80, 0, 0, 0, 0];
+        let mut wire = client_frame(RSV1 | TEXT, &deflated(b"half"));
+        wire.extend(client_frame(FIN | TEXT, b"another"));
+        let mut output = Vec::new();
+        ClientFrames::new(1024).rewrite(&wire, &mut output);
+        assert_eq!(output, fail);
+        let mut output = Vec::new();
+        ClientFrames::new(1024).rewrite(&client_frame(FIN | RSV1 | TEXT, &[0xff; 3]), &mut output);
+        assert_eq!(output, fail);
     }
 
     #[test]

@@ -339,7 +339,11 @@ mod tests {
             };
             payloads.push(match batch.remove(0) {
                 Message::Frame(frame) => {
-                    assert_eq!(frame.header().rsv1, deflate, "RSV1 marks a compressed frame");
+                    assert_eq!(
+                        frame.header().rsv1,
+                        deflate,
+                        "RSV1 marks a compressed frame"
+                    );
                     frame.into_payload()
                 }
                 other => panic!("{other:?}"),

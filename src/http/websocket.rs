@@ -23,6 +23,11 @@ use axum::http::header::{self, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -216,8 +221,11 @@ async fn serve(
     tokio::pin!(frames);
     // Not split: both halves would take a lock on every poll. Reading is
     // cancel-safe, so a read pending when a batch is ready is dropped, and
-    // the socket written, between two turns.
+    // the socket written, between two turns; the gate keeps those turns
+    // from trying a read the connection has not signalled.
     let mut ws = ws;
+    let gate = Arc::new(ReadGate::default());
+    let gate_waker = Waker::from(gate.clone());
     // Set when a ping goes out unanswered: the peer must have answered by
     // then (any frame counts).
     let mut answer_by: Option<tokio::time::Instant> = None;
@@ -252,7 +260,7 @@ async fn serve(
                     stream.polled();
                 }
             }
-            message = ws.next() => {
+            message = gate.next(&mut ws, &gate_waker) => {
                 answer_by = None;
                 let reply = match message {
                     None | Some(Ok(Message::Close(_))) => break,
@@ -295,6 +303,60 @@ async fn serve(
         }
     }
     let _ = SinkExt::close(&mut ws).await;
+}
+
+/// Wakes a socket's task for its reads and remembers that it did, so a
+/// read is tried only when the connection may have something for it: a
+/// read that finds nothing still costs a pass through tungstenite and the
+/// I/O driver, which after every batch written made a WebSocket delivery
+/// dearer than an SSE one.
+struct ReadGate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Default for ReadGate {
+    fn default() -> ReadGate {
+        ReadGate {
+            // The first turn reads: bytes may have come with the handshake.
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+}
+
+impl Wake for ReadGate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl ReadGate {
+    /// The socket's next message, read with `waker` (this gate's) when the
+    /// gate was woken since the last read found nothing.
+    fn next<'a>(
+        &'a self,
+        ws: &'a mut Ws,
+        waker: &'a Waker,
+    ) -> impl Future<Output = Option<Result<Message, tungstenite::Error>>> + 'a {
+        std::future::poll_fn(move |cx| {
+            self.task.register(cx.waker());
+            if !self.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+            let polled = ws.poll_next_unpin(&mut Context::from_waker(waker));
+            if polled.is_ready() {
+                // More may be buffered already, with no wake to come.
+                self.woken.store(true, Ordering::Release);
+            }
+            polled
+        })
+    }
 }
 
 impl Socket {

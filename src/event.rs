@@ -484,6 +484,25 @@ impl Event {
         }
     }
 
+    /// What `f` makes of the form in `slot`: borrowed when it is cached (no
+    /// reference count touched, which every subscriber of a busy topic
+    /// would contend on), else made as [`Event::unit`] makes it.
+    pub fn with_unit<R>(
+        &self,
+        slot: usize,
+        make: impl FnOnce() -> Bytes,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> R {
+        if let Some(unit) = self
+            .units
+            .get()
+            .and_then(|units| units[slot % UNIT_SLOTS].get())
+        {
+            return f(unit);
+        }
+        f(&self.unit(slot, make))
+    }
+
     /// Bytes this event holds in memory.
     pub fn size(&self) -> usize {
         self.frame.len()

@@ -11,9 +11,14 @@
 //!
 //! axum checks the handshake ([`WebSocketUpgrade`]) but crier answers it and
 //! runs the socket on tokio-tungstenite itself: axum's socket can neither
-//! send a pre-built frame (a shared compressed message with RSV1 set) nor
-//! hand its connection to [`Inflating`], which inflates compressed client
-//! messages before tungstenite (which refuses them) reads them.
+//! send pre-built frames nor hand its connection to [`Inflating`], which
+//! inflates compressed client messages before tungstenite (which refuses
+//! them) reads them. tungstenite reads, answers pings, and sends replies
+//! and the close frame; a batch of the engine's frames (already the bytes
+//! of the wire, `transport::websocket::Batch`) is written to the
+//! connection directly, once tungstenite has nothing pending: through
+//! tungstenite each frame cost a message, a copy into its buffer and a
+//! reference count on the shared bytes per socket.
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -33,6 +38,7 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -240,20 +246,24 @@ async fn serve(
             batch = frames.next() => {
                 // The stream ended: its last batch carried the close frame.
                 let Some(batch) = batch else { break };
-                for message in batch {
-                    match &message {
-                        Message::Ping(_) if answer_by.is_none() => {
-                            answer_by = Some(tokio::time::Instant::now() + heartbeat);
-                        }
-                        Message::Text(text) => written.add(text.len()),
-                        Message::Frame(frame) => written.add(frame.payload().len()),
-                        _ => {}
+                if batch.pings && answer_by.is_none() {
+                    answer_by = Some(tokio::time::Instant::now() + heartbeat);
+                }
+                if !batch.bytes.is_empty() {
+                    // tungstenite's own frames (a pong) go out whole first;
+                    // then the batch's, as one write.
+                    if ws.flush().await.is_err() {
+                        return;
                     }
-                    if ws.feed(message).await.is_err() {
+                    written.add(batch.bytes.len());
+                    let io = ws.get_mut();
+                    if io.write_all(&batch.bytes).await.is_err() || io.flush().await.is_err() {
                         return;
                     }
                 }
-                if ws.flush().await.is_err() {
+                if let Some(close) = batch.close
+                    && ws.send(close).await.is_err()
+                {
                     return;
                 }
                 if let Some(stream) = &socket.stream {

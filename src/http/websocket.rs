@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
@@ -230,7 +229,7 @@ async fn serve(
     // the socket written, between two turns; the gate keeps those turns
     // from trying a read the connection has not signalled.
     let mut ws = ws;
-    let gate = Arc::new(ReadGate::default());
+    let gate = ReadGate::new().await;
     let gate_waker = Waker::from(gate.clone());
     // Set when a ping goes out unanswered: the peer must have answered by
     // then (any frame counts).
@@ -250,9 +249,9 @@ async fn serve(
                     answer_by = Some(tokio::time::Instant::now() + heartbeat);
                 }
                 if !batch.bytes.is_empty() {
-                    // tungstenite's own frames (a pong) go out whole first;
-                    // then the batch's, as one write.
-                    if ws.flush().await.is_err() {
+                    // tungstenite's own frames (a pong a read queued) go
+                    // out whole first; then the batch's, as one write.
+                    if gate.read_since() && ws.flush().await.is_err() {
                         return;
                     }
                     written.add(batch.bytes.len());
@@ -322,17 +321,11 @@ async fn serve(
 /// dearer than an SSE one.
 struct ReadGate {
     woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Default for ReadGate {
-    fn default() -> ReadGate {
-        ReadGate {
-            // The first turn reads: bytes may have come with the handshake.
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        }
-    }
+    /// A read was tried since the last batch: tungstenite may have frames
+    /// of its own (a pong) not fully written.
+    read: AtomicBool,
+    /// The socket's task, which alone polls the gate.
+    task: Waker,
 }
 
 impl Wake for ReadGate {
@@ -342,11 +335,22 @@ impl Wake for ReadGate {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        self.task.wake();
+        self.task.wake_by_ref();
     }
 }
 
 impl ReadGate {
+    /// A gate for the task polling this.
+    async fn new() -> Arc<ReadGate> {
+        let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+        Arc::new(ReadGate {
+            // The first turn reads: bytes may have come with the handshake.
+            woken: AtomicBool::new(true),
+            read: AtomicBool::new(false),
+            task,
+        })
+    }
+
     /// The socket's next message, read with `waker` (this gate's) when the
     /// gate was woken since the last read found nothing.
     fn next<'a>(
@@ -354,11 +358,11 @@ impl ReadGate {
         ws: &'a mut Ws,
         waker: &'a Waker,
     ) -> impl Future<Output = Option<Result<Message, tungstenite::Error>>> + 'a {
-        std::future::poll_fn(move |cx| {
-            self.task.register(cx.waker());
+        std::future::poll_fn(move |_| {
             if !self.woken.swap(false, Ordering::AcqRel) {
                 return Poll::Pending;
             }
+            self.read.store(true, Ordering::Release);
             let polled = ws.poll_next_unpin(&mut Context::from_waker(waker));
             if polled.is_ready() {
                 // More may be buffered already, with no wake to come.
@@ -366,6 +370,11 @@ impl ReadGate {
             }
             polled
         })
+    }
+
+    /// Whether a read was tried since the last call.
+    fn read_since(&self) -> bool {
+        self.read.swap(false, Ordering::AcqRel)
     }
 }
 

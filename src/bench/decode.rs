@@ -531,6 +531,23 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    /// Messages compressed alone (as the hub makes them) inflate one after
+    /// another through the one inflater a socket keeps.
+    #[test]
+    fn permessage_deflate_messages_inflate_in_turn_without_a_reset() {
+        let mut frames = WsFrames::default();
+        for json in [
+            &br#"{"id":"1.a","data":"one one one"}"#[..],
+            br#"{"id":"2.a","data":"two"}"#,
+        ] {
+            let message = crate::transport::permessage_deflate::message_of(crate::compress::alone(
+                crate::coding::Codec::Gzip,
+                json,
+            ));
+            assert_eq!(frames.inflate(&message).unwrap(), json.to_vec());
+        }
+    }
+
     #[test]
     fn websocket_event_frames_give_the_lines_of_their_sse_event() {
         let json = br#"{"id":"3.ab","type":"event","topic":"t","seq":3,"data":"{\"seq\":2,\"x\":\"a\\\\b\"}"}"#;

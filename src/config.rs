@@ -189,6 +189,12 @@ pub struct Config {
     #[arg(help_heading = "Transports", long, env = "CRIER_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
 
+    /// Accept permessage-deflate from WebSocket clients that offer it (every
+    /// browser does): each event's message is compressed once and shared by
+    /// every such socket. `false` sends every socket plain frames.
+    #[arg(help_heading = "Transports", long, env = "CRIER_WS_DEFLATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ws_deflate: bool,
+
     /// Longest a long-poll request (`?poll=1`, `Accept: application/json`)
     /// waits for an event before answering with none; under common proxy
     /// timeouts (30s and up).

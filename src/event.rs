@@ -339,8 +339,8 @@ impl RetainedBytes {
 
 /// Cached forms per event: three shared codings, whole frame and body; then
 /// the event's JSON (WebSocket frames, long-poll entries); then its gRPC
-/// message.
-const UNIT_SLOTS: usize = 8;
+/// message; then its permessage-deflate messages.
+const UNIT_SLOTS: usize = 10;
 
 /// The slot of [`Event::unit`] that holds the event's JSON
 /// (`crate::transport::websocket::event_json`).
@@ -349,6 +349,15 @@ pub const JSON_UNIT: usize = 6;
 /// The slot of [`Event::unit`] that holds the event's gRPC `Item` message
 /// (`crate::transport::grpc::event_message`).
 pub const PROTO_UNIT: usize = 7;
+
+/// The slot of [`Event::unit`] that holds the event's permessage-deflate
+/// message under its own id (`crate::transport::websocket::event_deflated`).
+pub const DEFLATED_UNIT: usize = 8;
+
+/// The slot of [`Event::unit`] that holds the event's JSON after its id,
+/// compressed alone: multi-topic sockets put their own id in front of it
+/// (`crate::transport::websocket::event_deflated_with_id`).
+pub const DEFLATED_REST_UNIT: usize = 9;
 
 impl Event {
     pub fn new(
@@ -448,7 +457,8 @@ impl Event {
         self.frame.slice(self.id_line_len as usize..)
     }
 
-    /// The form in `slot` (`0..6` compressed, [`JSON_UNIT`], [`PROTO_UNIT`]), made by
+    /// The form in `slot` (`0..6` compressed, [`JSON_UNIT`], [`PROTO_UNIT`],
+    /// [`DEFLATED_UNIT`], [`DEFLATED_REST_UNIT`]), made by
     /// `make` on first use and shared from then on, if it fits the budget
     /// the event is retained under (else made anew for each caller: CPU
     /// rather than memory).
@@ -472,6 +482,25 @@ impl Event {
                 cell.get().cloned().unwrap_or(unit)
             }
         }
+    }
+
+    /// What `f` makes of the form in `slot`: borrowed when it is cached (no
+    /// reference count touched, which every subscriber of a busy topic
+    /// would contend on), else made as [`Event::unit`] makes it.
+    pub fn with_unit<R>(
+        &self,
+        slot: usize,
+        make: impl FnOnce() -> Bytes,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> R {
+        if let Some(unit) = self
+            .units
+            .get()
+            .and_then(|units| units[slot % UNIT_SLOTS].get())
+        {
+            return f(unit);
+        }
+        f(&self.unit(slot, make))
     }
 
     /// Bytes this event holds in memory.

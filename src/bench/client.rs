@@ -32,7 +32,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::decode::{
-    Body, DataLines, LastId, Line, WS_CLOSE, WS_PING, WS_PONG, WS_TEXT, WsFrames, response_head,
+    Body, DataLines, LastId, Line, WS_CLOSE, WS_PING, WS_PONG, WS_TEXT, WS_TEXT_DEFLATED, WsFrames,
+    response_head,
 };
 use crate::coding::Codec;
 use crate::compress::Decompressor;
@@ -72,9 +73,10 @@ pub struct SubscribeArgs {
     /// result names the coding it answered with [default: no header]
     #[arg(long, value_parser = header_value)]
     pub accept_encoding: Option<String>,
-    /// How subscribers subscribe: `sse` (an event stream), or `ws` (a
+    /// How subscribers subscribe: `sse` (an event stream), `ws` (a
     /// WebSocket handshake on the same path: one JSON text frame per event;
-    /// pings answered).
+    /// pings answered), or `ws-deflate` (the same, offering
+    /// permessage-deflate as a browser does; compressed messages inflated).
     #[arg(long, value_enum, default_value = "sse")]
     pub transport: Transport,
 }
@@ -84,6 +86,7 @@ pub struct SubscribeArgs {
 pub enum Transport {
     Sse,
     Ws,
+    WsDeflate,
 }
 
 /// A value that can go in a request header as it is: printable ASCII.
@@ -375,13 +378,15 @@ impl Stream {
             let mut frames = Vec::new();
             let mut closed = false;
             ws.feed(bytes, |opcode, payload| match opcode {
-                WS_TEXT => frames.push(payload.to_vec()),
+                WS_TEXT => frames.push((false, payload.to_vec())),
+                WS_TEXT_DEFLATED => frames.push((true, payload.to_vec())),
                 WS_PING => *pongs += 1,
                 WS_CLOSE => closed = true,
                 _ => {}
             })?;
-            for frame in &frames {
-                ws.event_lines(frame, |line| {
+            for (deflated, frame) in frames {
+                let frame = if deflated { ws.inflate(&frame)? } else { frame };
+                ws.event_lines(&frame, |line| {
                     match line {
                         Line::Id(value) => id.set(Some(value)),
                         Line::End => *last_id = *id,
@@ -704,12 +709,17 @@ fn request_head(target: &Target, args: &SubscribeArgs) -> String {
 fn head_for(target: &Target, path: &str, args: &SubscribeArgs) -> String {
     match args.transport {
         Transport::Sse => head_for_path(target, path, args.accept_encoding.as_deref()),
-        Transport::Ws => {
+        Transport::Ws | Transport::WsDeflate => {
             let mut head = head_for_path(target, path, None);
             head.push_str(
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
             );
+            if args.transport == Transport::WsDeflate {
+                head.push_str(
+                    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+                );
+            }
             head
         }
     }

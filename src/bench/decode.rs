@@ -404,10 +404,14 @@ pub struct WsFrames {
     buf: Vec<u8>,
     /// The data of the last event frame, unescaped.
     data: Vec<u8>,
+    /// permessage-deflate's inflater, kept across messages.
+    inflater: Option<Box<flate2::Decompress>>,
 }
 
-/// Opcodes the bench acts on.
+/// Opcodes the bench acts on (with RSV1, `0x40`, for a message compressed
+/// with permessage-deflate).
 pub const WS_TEXT: u8 = 0x1;
+pub const WS_TEXT_DEFLATED: u8 = 0x41;
 pub const WS_CLOSE: u8 = 0x8;
 pub const WS_PING: u8 = 0x9;
 
@@ -430,7 +434,7 @@ impl WsFrames {
             if rest.len() < 2 {
                 break;
             }
-            let opcode = rest[0] & 0x0f;
+            let opcode = rest[0] & 0x4f;
             if rest[1] & 0x80 != 0 {
                 return Err("a masked frame from the server".into());
             }
@@ -452,6 +456,36 @@ impl WsFrames {
         }
         self.buf.drain(..at);
         Ok(())
+    }
+
+    /// A permessage-deflate message's payload inflated (RFC 7692 §7.2.2).
+    /// One inflater for the socket's life, as a client with context
+    /// takeover keeps it: each message ends on a block boundary, and a
+    /// message compressed alone refers to nothing before it, so no reset
+    /// (which costs more than the message) is needed.
+    pub fn inflate(&mut self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let inflater = self
+            .inflater
+            .get_or_insert_with(|| Box::new(flate2::Decompress::new(false)));
+        let mut input = Vec::with_capacity(payload.len() + 4);
+        input.extend_from_slice(payload);
+        input.extend_from_slice(&[0x00, 0x00, 0xff, 0xff]);
+        let start = inflater.total_in();
+        let mut out = Vec::with_capacity(payload.len() * 4 + 64);
+        loop {
+            let read = (inflater.total_in() - start) as usize;
+            inflater
+                .decompress_vec(&input[read..], &mut out, flate2::FlushDecompress::Sync)
+                .map_err(|e| format!("a compressed message does not inflate: {e}"))?;
+            let now = (inflater.total_in() - start) as usize;
+            if now == input.len() && out.len() < out.capacity() {
+                return Ok(out);
+            }
+            if out.len() < out.capacity() && now == read {
+                return Err("a compressed message ends early".into());
+            }
+            out.reserve(out.capacity().max(64));
+        }
     }
 
     /// The lines of an event frame (`{"id":…,"type":"event",…,"data":"…"}`):
@@ -496,6 +530,23 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Messages compressed alone (as the hub makes them) inflate one after
+    /// another through the one inflater a socket keeps.
+    #[test]
+    fn permessage_deflate_messages_inflate_in_turn_without_a_reset() {
+        let mut frames = WsFrames::default();
+        for json in [
+            &br#"{"id":"1.a","data":"one one one"}"#[..],
+            br#"{"id":"2.a","data":"two"}"#,
+        ] {
+            let message = crate::transport::permessage_deflate::message_of(crate::compress::alone(
+                crate::coding::Codec::Gzip,
+                json,
+            ));
+            assert_eq!(frames.inflate(&message).unwrap(), json.to_vec());
+        }
+    }
 
     #[test]
     fn websocket_event_frames_give_the_lines_of_their_sse_event() {

@@ -8,7 +8,6 @@
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, header};
@@ -24,6 +23,7 @@ use tokio_stream::Stream;
 use super::access::credentials;
 use super::client_slot::{BodyHoldsSlot, HeldSlot};
 use super::request::{VARY_BY_ACCEPT, client_name, parse_topic, redeem_ticket};
+use super::websocket::Handshake;
 use super::{ApiError, AppState};
 use crate::auth::OriginKind;
 use crate::coding::negotiate;
@@ -41,7 +41,7 @@ pub async fn topic(
     Extension(origin): Extension<OriginKind>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Handshake, WebSocketUpgradeRejection>,
     (client, slot, activity, hold): PeerExtensions,
     (method, headers): (Method, HeaderMap),
 ) -> Result<Response, ApiError> {
@@ -71,7 +71,7 @@ pub async fn topics(
     State(state): State<AppState>,
     Extension(origin): Extension<OriginKind>,
     RawQuery(query): RawQuery,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Handshake, WebSocketUpgradeRejection>,
     (client, slot, activity, hold): PeerExtensions,
     (method, headers): (Method, HeaderMap),
 ) -> Result<Response, ApiError> {
@@ -129,7 +129,7 @@ struct PeerParts {
 enum Transport {
     Sse,
     Poll,
-    WebSocket(WebSocketUpgrade),
+    WebSocket(Handshake),
 }
 
 impl Transport {
@@ -137,7 +137,7 @@ impl Transport {
         params: &Params,
         method: &Method,
         headers: &HeaderMap,
-        upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+        upgrade: Result<Handshake, WebSocketUpgradeRejection>,
     ) -> Result<Transport, ApiError> {
         // A CONNECT is only ever a WebSocket handshake over HTTP/2.
         let asks_websocket = method == Method::CONNECT

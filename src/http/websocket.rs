@@ -8,12 +8,39 @@
 //! a `problem`. A frame over the size limit, one that is not UTF-8 or not a
 //! client frame's JSON, or a binary one closes the socket with its code;
 //! nothing of it is stored.
+//!
+//! axum checks the handshake ([`WebSocketUpgrade`]) but crier answers it and
+//! runs the socket on tokio-tungstenite itself: axum's socket can neither
+//! send pre-built frames nor hand its connection to [`Inflating`], which
+//! inflates compressed client messages before tungstenite (which refuses
+//! them) reads them. tungstenite reads, answers pings, and sends replies
+//! and the close frame; a batch of the engine's frames (already the bytes
+//! of the wire, `transport::websocket::Batch`) is written to the
+//! connection directly, once tungstenite has nothing pending: through
+//! tungstenite each frame cost a message, a copy into its buffer and a
+//! reference count on the shared bytes per socket.
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::{ConnectionNotUpgradable, WebSocketUpgradeRejection};
+use axum::http::header::{self, HeaderValue};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
 use axum::response::Response;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::Message;
+use tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::limits::HeldSlot;
 use super::publish::{Published, item_event, store_one};
@@ -22,7 +49,40 @@ use crate::auth::Principal;
 use crate::connection::{ConnectionHold, StreamActivity};
 use crate::store::{Appended, IdempotencyKey};
 use crate::subscription::{StreamSettings, Subscription};
+use crate::transport::permessage_deflate::{Inflating, negotiate};
 use crate::transport::websocket::{Frames, close, close_frame};
+
+/// A WebSocket handshake that passed axum's checks, with what crier needs
+/// to answer it: the connection's upgrade, the key (HTTP/1.1), and the
+/// answer to the client's permessage-deflate offers if one is acceptable.
+pub struct Handshake {
+    on_upgrade: OnUpgrade,
+    key: Option<HeaderValue>,
+    deflate: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Handshake {
+    type Rejection = WebSocketUpgradeRejection;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // axum's checks take the upgrade away; a clone shares it.
+        let on_upgrade = parts.extensions.get::<OnUpgrade>().cloned();
+        let _checked = WebSocketUpgrade::from_request_parts(parts, state).await?;
+        let on_upgrade = on_upgrade.ok_or(WebSocketUpgradeRejection::ConnectionNotUpgradable(
+            ConnectionNotUpgradable::default(),
+        ))?;
+        let key = (parts.method != Method::CONNECT)
+            .then(|| parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned())
+            .flatten();
+        let offers = parts.headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS);
+        let deflate = negotiate(offers.iter().filter_map(|value| value.to_str().ok()));
+        Ok(Handshake {
+            on_upgrade,
+            key,
+            deflate,
+        })
+    }
+}
 
 /// What a socket needs besides its subscription.
 pub struct Socket {
@@ -88,47 +148,89 @@ enum ClientFrameKind {
     Publish,
 }
 
-/// Bytes a socket reads at a time.
-const READ_BUFFER: usize = 4 * 1024;
+/// Bytes a socket reads at a time, allocated when the socket opens: a
+/// client sends pongs and small publishes (a larger frame is read whole
+/// all the same), so an idle socket costs little more than an SSE stream.
+const READ_BUFFER: usize = 512;
 /// Frames are gathered up to this size before a write (and always written
 /// at the end of a batch).
 const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Answers the handshake and serves the socket. Frames (and messages) are
 /// limited to what an HTTP publish body may be (`--max-batch-bytes`).
+/// permessage-deflate is accepted when offered acceptably and
+/// `--ws-deflate` is on.
 pub fn upgrade(
-    upgrade: WebSocketUpgrade,
+    handshake: Handshake,
     subscription: Subscription,
     settings: StreamSettings,
     socket: Socket,
 ) -> Response {
     let limit = socket.state.config.max_batch_bytes;
-    upgrade
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        // tungstenite's defaults (128 KiB each, the read buffer allocated up
-        // front) would cost an idle socket ~8 times an idle SSE stream. A
-        // client sends pongs and small publishes; larger frames take more
-        // reads. A write of several frames still goes out as one.
+    let deflate = handshake.deflate.filter(|_| socket.state.config.ws_deflate);
+    // tungstenite's defaults (128 KiB each, the read buffer allocated up
+    // front) would cost an idle socket ~8 times an idle SSE stream. A
+    // write of several frames still goes out as one.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit))
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .on_upgrade(move |ws| serve(ws, subscription, settings, socket))
+        .write_buffer_size(WRITE_BUFFER);
+    let compressed = deflate.is_some();
+    let on_upgrade = handshake.on_upgrade;
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::debug!(%error, "a WebSocket handshake did not upgrade");
+                return;
+            }
+        };
+        let io = Inflating::new(TokioIo::new(upgraded), compressed.then_some(limit));
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        serve(ws, subscription, settings, socket, compressed).await;
+    });
+    let mut response = Response::new(Body::empty());
+    let headers = response.headers_mut();
+    // Over HTTP/2 (RFC 8441) a 200 with no key; over HTTP/1.1 a 101.
+    if let Some(key) = handshake.key {
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        if let Ok(accept) = HeaderValue::try_from(accept) {
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    }
+    if let Some(answer) = deflate.and_then(|answer| HeaderValue::try_from(answer).ok()) {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
+    }
+    response
 }
 
+/// The socket: the upgraded connection, through [`Inflating`].
+type Ws = WebSocketStream<Inflating<TokioIo<Upgraded>>>;
+
 async fn serve(
-    ws: WebSocket,
+    ws: Ws,
     subscription: Subscription,
     settings: StreamSettings,
     socket: Socket,
+    deflate: bool,
 ) {
     let heartbeat = settings.heartbeat;
     let written = socket.state.metrics.written(None);
-    let frames = subscription.into_stream(settings, Frames::default());
+    let frames = subscription.into_stream(settings, Frames::new(deflate));
     tokio::pin!(frames);
     // Not split: both halves would take a lock on every poll. Reading is
     // cancel-safe, so a read pending when a batch is ready is dropped, and
-    // the socket written, between two turns.
+    // the socket written, between two turns; the gate keeps those turns
+    // from trying a read the connection has not signalled.
     let mut ws = ws;
+    let gate = ReadGate::new().await;
+    let gate_waker = Waker::from(gate.clone());
     // Set when a ping goes out unanswered: the peer must have answered by
     // then (any frame counts).
     let mut answer_by: Option<tokio::time::Instant> = None;
@@ -143,30 +245,36 @@ async fn serve(
             batch = frames.next() => {
                 // The stream ended: its last batch carried the close frame.
                 let Some(batch) = batch else { break };
-                for message in batch {
-                    match &message {
-                        Message::Ping(_) if answer_by.is_none() => {
-                            answer_by = Some(tokio::time::Instant::now() + heartbeat);
-                        }
-                        Message::Text(text) => written.add(text.len()),
-                        _ => {}
+                if batch.pings && answer_by.is_none() {
+                    answer_by = Some(tokio::time::Instant::now() + heartbeat);
+                }
+                if !batch.bytes.is_empty() {
+                    // tungstenite's own frames (a pong a read queued) go
+                    // out whole first; then the batch's, as one write.
+                    if gate.read_since() && ws.flush().await.is_err() {
+                        return;
                     }
-                    if ws.feed(message).await.is_err() {
+                    written.add(batch.bytes.len());
+                    let io = ws.get_mut();
+                    if io.write_all(&batch.bytes).await.is_err() || io.flush().await.is_err() {
                         return;
                     }
                 }
-                if ws.flush().await.is_err() {
+                if let Some(close) = batch.close
+                    && ws.send(close).await.is_err()
+                {
                     return;
                 }
                 if let Some(stream) = &socket.stream {
                     stream.polled();
                 }
             }
-            message = ws.recv() => {
+            message = gate.next(&mut ws, &gate_waker) => {
                 answer_by = None;
                 let reply = match message {
                     None | Some(Ok(Message::Close(_))) => break,
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    // Raw frames are what the socket sends, never what it reads.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                     Some(Ok(Message::Binary(_))) => {
                         close_frame(close::UNSUPPORTED, "binary frames are not understood")
                     }
@@ -174,12 +282,12 @@ async fn serve(
                         Ok(frame) => Message::Text(socket.publish(frame).await.into()),
                         Err(_) => close_frame(close::INVALID, "not a client frame"),
                     },
-                    Some(Err(error)) => match cause(&error) {
-                        Some(tungstenite::Error::Capacity(_)) => {
+                    Some(Err(error)) => match error {
+                        tungstenite::Error::Capacity(_) => {
                             close_frame(close::TOO_BIG, "frame over the size limit")
                         }
                         // RFC 6455 §8.1: close with 1007, not a cut.
-                        Some(tungstenite::Error::Utf8(_)) => {
+                        tungstenite::Error::Utf8(_) => {
                             close_frame(close::INVALID, "a text frame is not UTF-8")
                         }
                         _ => {
@@ -206,17 +314,68 @@ async fn serve(
     let _ = SinkExt::close(&mut ws).await;
 }
 
-/// The WebSocket library's error behind a failed read (a frame over the
-/// size limit, a text frame that is not UTF-8), if it was one.
-fn cause(error: &axum::Error) -> Option<&tungstenite::Error> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(error) = source {
-        if let Some(cause) = error.downcast_ref::<tungstenite::Error>() {
-            return Some(cause);
-        }
-        source = error.source();
+/// Wakes a socket's task for its reads and remembers that it did, so a
+/// read is tried only when the connection may have something for it: a
+/// read that finds nothing still costs a pass through tungstenite and the
+/// I/O driver, which after every batch written made a WebSocket delivery
+/// dearer than an SSE one.
+struct ReadGate {
+    woken: AtomicBool,
+    /// A read was tried since the last batch: tungstenite may have frames
+    /// of its own (a pong) not fully written.
+    read: AtomicBool,
+    /// The socket's task, which alone polls the gate.
+    task: Waker,
+}
+
+impl Wake for ReadGate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
     }
-    None
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+impl ReadGate {
+    /// A gate for the task polling this.
+    async fn new() -> Arc<ReadGate> {
+        let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+        Arc::new(ReadGate {
+            // The first turn reads: bytes may have come with the handshake.
+            woken: AtomicBool::new(true),
+            read: AtomicBool::new(false),
+            task,
+        })
+    }
+
+    /// The socket's next message, read with `waker` (this gate's) when the
+    /// gate was woken since the last read found nothing.
+    fn next<'a>(
+        &'a self,
+        ws: &'a mut Ws,
+        waker: &'a Waker,
+    ) -> impl Future<Output = Option<Result<Message, tungstenite::Error>>> + 'a {
+        std::future::poll_fn(move |_| {
+            if !self.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+            self.read.store(true, Ordering::Release);
+            let polled = ws.poll_next_unpin(&mut Context::from_waker(waker));
+            if polled.is_ready() {
+                // More may be buffered already, with no wake to come.
+                self.woken.store(true, Ordering::Release);
+            }
+            polled
+        })
+    }
+
+    /// Whether a read was tried since the last call.
+    fn read_since(&self) -> bool {
+        self.read.swap(false, Ordering::AcqRel)
+    }
 }
 
 impl Socket {

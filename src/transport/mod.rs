@@ -6,6 +6,8 @@
 //!   same in a content coding, written from the units `crate::compress` made once.
 //! - [`websocket`]: one JSON text frame per event or control item; pings for
 //!   heartbeats; a close code for each way a stream ends.
+//!   [`permessage_deflate`]: the extension's handshake answer, and client
+//!   messages inflated for tungstenite.
 //! - [`poll`]: the entries of one long-poll answer.
 //! - [`grpc`]: one `crier.v1.Item` message per event or control item.
 //!
@@ -15,5 +17,6 @@
 pub mod compressed;
 pub mod grpc;
 pub mod plain;
+pub mod permessage_deflate;
 pub mod poll;
 pub mod websocket;

@@ -7,14 +7,29 @@
 //! frames told apart by `type` (`open`, `reset`, `reauth`, `farewell`);
 //! heartbeats are pings; each way a stream ends has its close code.
 //!
+//! A batch of frames is the bytes that go on the wire, the shared JSON
+//! copied in behind each frame's header (a copy, not a reference count,
+//! which every socket of a busy topic would contend on), written to the
+//! connection as one; only the close frame goes through tungstenite, which
+//! must know the socket is closing.
+//!
+//! A socket that negotiated permessage-deflate gets each event's message
+//! compressed once per event and shared the same way
+//! ([`event_deflated`]), sent as a frame with RSV1 set; its control items
+//! go plain (the extension lets each message choose).
+//!
 //! Long-poll answers carry the same JSON objects (`crate::transport::poll`).
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
+use tungstenite::Message;
+use tungstenite::Utf8Bytes;
+use tungstenite::protocol::CloseFrame;
 
+use super::permessage_deflate::{message_of, stored_block};
+use crate::coding::Codec;
 use crate::compress::Chained;
-use crate::event::{Event, JSON_UNIT};
+use crate::event::{DEFLATED_REST_UNIT, DEFLATED_UNIT, Event, JSON_UNIT};
 use crate::metrics::StreamEnd;
 use crate::subscription::{Control, Wire};
 
@@ -43,18 +58,60 @@ pub fn event_json(event: &Event) -> Bytes {
     event.unit(JSON_UNIT, || encode_event(event))
 }
 
+/// What `f` makes of [`event_json`], borrowed when it is cached.
+fn with_event_json<R>(event: &Event, f: impl FnOnce(&[u8]) -> R) -> R {
+    event.with_unit(JSON_UNIT, || encode_event(event), f)
+}
+
 /// The JSON of `event` under a stream's own `id` (multi-topic streams): the
 /// shared JSON with its id replaced.
 pub fn event_json_with_id(id: &str, event: &Event) -> Bytes {
+    let (shared, rest) = json_rest(event);
+    let prefix = id_prefix(id);
+    let mut json = BytesMut::with_capacity(prefix.len() + shared.len() - rest);
+    json.extend_from_slice(prefix.as_bytes());
+    json.extend_from_slice(&shared[rest..]);
+    json.freeze()
+}
+
+/// The event's shared JSON, and where what follows its own id starts.
+fn json_rest(event: &Event) -> (Bytes, usize) {
     let shared = event_json(event);
     // `{"id":"SEQ.EPOCH"` — a position needs no escaping.
     let own_id_end = 6 + 2 + event.position().to_string().len();
-    let id = serde_json::Value::from(id).to_string();
-    let mut json = BytesMut::with_capacity(shared.len() + id.len());
-    json.extend_from_slice(b"{\"id\":");
-    json.extend_from_slice(id.as_bytes());
-    json.extend_from_slice(&shared[own_id_end.min(shared.len())..]);
-    json.freeze()
+    let rest = own_id_end.min(shared.len());
+    (shared, rest)
+}
+
+/// `{"id":` and the JSON string of `id`.
+fn id_prefix(id: &str) -> String {
+    format!("{{\"id\":{}", serde_json::Value::from(id))
+}
+
+/// The permessage-deflate message of `event` under its own id: its JSON
+/// compressed alone (no context before it, as `server_no_context_takeover`
+/// promises), made on first use, then shared by every socket that
+/// negotiated the extension.
+pub fn event_deflated(event: &Event) -> Bytes {
+    event.unit(DEFLATED_UNIT, || deflate_event(event))
+}
+
+fn deflate_event(event: &Event) -> Bytes {
+    message_of(crate::compress::alone(Codec::Gzip, &event_json(event)))
+}
+
+/// The permessage-deflate message of `event` under a stream's own `id`
+/// (multi-topic streams): the id in a stored block, in front of the rest
+/// of the JSON compressed once per event and shared. `None` for an id too
+/// long for one stored block (the frame then goes plain).
+pub fn event_deflated_with_id(id: &str, event: &Event) -> Option<Bytes> {
+    let mut message = stored_block(id_prefix(id).as_bytes())?;
+    let rest = event.unit(DEFLATED_REST_UNIT, || {
+        let (shared, rest) = json_rest(event);
+        message_of(crate::compress::alone(Codec::Gzip, &shared[rest..]))
+    });
+    message.extend_from_slice(&rest);
+    Some(Bytes::from(message))
 }
 
 /// Builds an event's JSON from its SSE frame (the only form an event is
@@ -115,45 +172,77 @@ pub fn control_json(control: &Control) -> Bytes {
     Bytes::from(value.to_string())
 }
 
-/// A text frame of JSON this module made (UTF-8 by construction).
-fn text(json: Bytes) -> Message {
-    match Utf8Bytes::try_from(json) {
-        Ok(text) => Message::Text(text),
-        Err(error) => {
-            tracing::error!(%error, "a frame of crier's own is not UTF-8");
-            Message::Text(Utf8Bytes::from_static("{}"))
-        }
+/// A frame's first byte: FIN, RSV1 for a compressed message, the opcode.
+const FIN: u8 = 0x80;
+const RSV1: u8 = 0x40;
+const TEXT: u8 = 0x1;
+/// A ping with no payload.
+const PING: [u8; 2] = [0x89, 0x00];
+
+/// Puts a server frame (unmasked, RFC 6455 §5.2) of `payload` in `out`.
+fn put_frame(out: &mut BytesMut, first: u8, payload: &[u8]) {
+    out.reserve(payload.len() + 10);
+    match payload.len() {
+        n if n < 126 => out.extend_from_slice(&[first, n as u8]),
+        n => match u16::try_from(n) {
+            Ok(n) => {
+                out.extend_from_slice(&[first, 126]);
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            Err(_) => {
+                out.extend_from_slice(&[first, 127]);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        },
     }
+    out.extend_from_slice(payload);
 }
 
 /// A close frame.
 pub fn close_frame(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from_static(reason),
     }))
+}
+
+/// One write's frames: the bytes of its event and control frames (and
+/// pings), then the close frame if the stream ends with this batch.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub bytes: Bytes,
+    /// A ping is among the frames: the peer must answer by the next
+    /// heartbeat.
+    pub pings: bool,
+    pub close: Option<Message>,
 }
 
 /// One socket's frames, handed out a batch per write.
 #[derive(Default)]
 pub struct Frames {
-    frames: Vec<Message>,
-    pending: usize,
+    /// The frames since the last batch, as they go on the wire.
+    wire: BytesMut,
+    pings: bool,
     close: Option<Message>,
+    /// The socket negotiated permessage-deflate: events go compressed.
+    deflate: bool,
 }
 
 impl Frames {
-    fn push(&mut self, json: Bytes) {
-        self.pending += json.len();
-        self.frames.push(text(json));
+    /// A socket's frames; `deflate` if it negotiated permessage-deflate.
+    pub fn new(deflate: bool) -> Frames {
+        Frames {
+            deflate,
+            ..Frames::default()
+        }
     }
 }
 
 impl Wire for Frames {
-    type Out = Vec<Message>;
+    type Out = Batch;
 
     fn control(&mut self, control: &Control) {
-        self.push(control_json(control));
+        put_frame(&mut self.wire, FIN | TEXT, &control_json(control));
         match control {
             Control::Reauth => {
                 self.close = Some(close_frame(close::POLICY, "token-expired"));
@@ -166,24 +255,43 @@ impl Wire for Frames {
     }
 
     fn heartbeat(&mut self) {
-        self.frames.push(Message::Ping(Bytes::new()));
+        self.wire.extend_from_slice(&PING);
+        self.pings = true;
     }
 
     fn event(&mut self, event: &Event, _: Option<&Chained>) {
-        self.push(event_json(event));
+        let wire = &mut self.wire;
+        if self.deflate {
+            event.with_unit(
+                DEFLATED_UNIT,
+                || deflate_event(event),
+                |message| put_frame(wire, FIN | RSV1 | TEXT, message),
+            );
+        } else {
+            with_event_json(event, |json| put_frame(wire, FIN | TEXT, json));
+        }
     }
 
     fn event_with_id(&mut self, id: &str, event: &Event) {
-        self.push(event_json_with_id(id, event));
+        match self.deflate.then(|| event_deflated_with_id(id, event)) {
+            Some(Some(message)) => put_frame(&mut self.wire, FIN | RSV1 | TEXT, &message),
+            Some(None) | None => {
+                put_frame(&mut self.wire, FIN | TEXT, &event_json_with_id(id, event));
+            }
+        }
     }
 
     fn pending(&self) -> usize {
-        self.pending
+        self.wire.len()
     }
 
-    fn take(&mut self) -> Option<Vec<Message>> {
-        self.pending = 0;
-        (!self.frames.is_empty()).then(|| std::mem::take(&mut self.frames))
+    fn take(&mut self) -> Option<Batch> {
+        // Taken whole: an idle socket keeps no buffer.
+        (!self.wire.is_empty()).then(|| Batch {
+            bytes: std::mem::take(&mut self.wire).freeze(),
+            pings: std::mem::take(&mut self.pings),
+            close: None,
+        })
     }
 
     fn ended(&mut self, end: StreamEnd) {
@@ -199,10 +307,10 @@ impl Wire for Frames {
         };
     }
 
-    fn finish(&mut self) -> Option<Vec<Message>> {
-        let mut frames = self.take().unwrap_or_default();
-        frames.extend(self.close.take());
-        (!frames.is_empty()).then_some(frames)
+    fn finish(&mut self) -> Option<Batch> {
+        let mut batch = self.take().unwrap_or_default();
+        batch.close = self.close.take();
+        (!batch.bytes.is_empty() || batch.close.is_some()).then_some(batch)
     }
 }
 
@@ -237,6 +345,74 @@ mod tests {
         assert_eq!(
             &event_json_with_id("news/7.1a,3.e2", &named)[..],
             br#"{"id":"news/7.1a,3.e2","type":"event","topic":"news","seq":7,"event":"update","data":"a\nb \"q\"\n"}"#
+        );
+    }
+
+    /// permessage-deflate's payload of `message`, inflated as a browser
+    /// does (the sync flush's tail put back).
+    fn inflated(message: &[u8]) -> Vec<u8> {
+        let mut compressed = message.to_vec();
+        compressed.extend_from_slice(&crate::transport::permessage_deflate::SYNC_TAIL);
+        let mut inflater = flate2::Decompress::new(false);
+        let mut out = Vec::with_capacity(4096);
+        inflater
+            .decompress_vec(&compressed, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap();
+        out
+    }
+
+    /// Every socket of a topic gets the same frame bytes, copied from one
+    /// JSON (or one compressed message) made once per event: the cache
+    /// holds a single allocation however many sockets wrote it.
+    #[test]
+    fn every_socket_of_a_topic_writes_the_frame_made_once_per_event() {
+        let event = event(Some("update"), "shared shared shared");
+        let mut batches = Vec::new();
+        for deflate in [false, false, true, true] {
+            let mut frames = Frames::new(deflate);
+            frames.event(&event, None);
+            batches.push(frames.take().expect("a batch").bytes);
+        }
+        let json = event_json(&event);
+        let message = event_deflated(&event);
+        // Made once: the cached units are the same allocation each time.
+        assert_eq!(json.as_ptr(), event_json(&event).as_ptr());
+        assert_eq!(message.as_ptr(), event_deflated(&event).as_ptr());
+        let mut plain = vec![FIN | TEXT, json.len() as u8];
+        plain.extend_from_slice(&json);
+        let mut compressed = vec![FIN | RSV1 | TEXT, message.len() as u8];
+        compressed.extend_from_slice(&message);
+        assert_eq!(batches, [&plain, &plain, &compressed, &compressed]);
+        assert_eq!(inflated(&message), json.to_vec());
+    }
+
+    #[test]
+    fn a_frame_header_carries_the_payload_length_in_its_three_sizes() {
+        for (len, header) in [
+            (125, vec![0x81, 125]),
+            (126, vec![0x81, 126, 0, 126]),
+            (65_535, vec![0x81, 126, 0xff, 0xff]),
+            (65_536, vec![0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]),
+        ] {
+            let mut out = BytesMut::new();
+            put_frame(&mut out, FIN | TEXT, &vec![b'x'; len]);
+            assert_eq!(&out[..header.len()], &header[..], "{len}");
+            assert_eq!(out.len(), header.len() + len);
+        }
+    }
+
+    /// A multi-topic socket's compressed frame inflates to its own id in
+    /// front of the event's JSON: the same bytes as its plain frame.
+    #[test]
+    fn a_multi_topic_sockets_compressed_frame_carries_its_own_id() {
+        let event = event(None, "rest rest rest");
+        let id = "news/7.1a,other/3.e2";
+        let message = event_deflated_with_id(id, &event).unwrap();
+        assert_eq!(inflated(&message), event_json_with_id(id, &event).to_vec());
+        let again = event_deflated_with_id("news/7.1a", &event).unwrap();
+        assert_eq!(
+            inflated(&again),
+            event_json_with_id("news/7.1a", &event).to_vec()
         );
     }
 

@@ -170,27 +170,37 @@ async fn idle_holds_compressed_streams() {
     server.stop().await;
 }
 
-/// `--transport ws`: the same fanout over WebSockets, every delivery
-/// counted exactly; and idle sockets held (their pings answered).
+/// `--transport ws` and `ws-deflate`: the same fanout over WebSockets,
+/// plain and with permessage-deflate (each message inflated), every
+/// delivery counted exactly, the compressed frames the smaller; and idle
+/// sockets held (their pings answered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_and_idle_over_websockets_count_every_delivery_exactly() {
     let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(100)).await;
-    let result = bench(
-        &server,
-        &[
-            "fanout",
-            "--transport",
-            "ws",
-            "--subscribers",
-            "50",
-            "--rate",
-            "50",
-            "--duration",
-            "1s",
-        ],
-    )
-    .await;
-    assert_every_event_once(&result, 50, 50);
+    let mut bytes_per_event = Vec::new();
+    for transport in ["ws", "ws-deflate"] {
+        let result = bench(
+            &server,
+            &[
+                "fanout",
+                "--transport",
+                transport,
+                "--subscribers",
+                "50",
+                "--rate",
+                "50",
+                "--duration",
+                "1s",
+            ],
+        )
+        .await;
+        assert_every_event_once(&result, 50, 50);
+        bytes_per_event.push(result["wire"]["bytes_per_event"].as_f64().unwrap());
+    }
+    assert!(
+        bytes_per_event[1] < bytes_per_event[0],
+        "{bytes_per_event:?}"
+    );
     let result = bench(
         &server,
         &[

@@ -583,6 +583,65 @@ async fn crier_js_gives_the_same_events_over_every_transport() {
     server.stop().await;
 }
 
+/// Chromium offers permessage-deflate on every WebSocket and compresses
+/// what it sends: the socket negotiates it (`ws.extensions`), a publish the
+/// browser compressed is inflated, stored and acknowledged, and the
+/// compressed events inflate in the browser to exactly the events
+/// published, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_websocket_negotiates_permessage_deflate_both_ways() {
+    let server = Server::start().await;
+    let chromium = Chromium::launch().await;
+    let tab = chromium.open(&server.url("/")).await;
+    let data = "compressed by the browser ".repeat(80);
+    let script = format!(
+        r#"(() => {{
+  window.pmd = {{ extensions: null, events: [], acks: [] }};
+  const ws = new WebSocket('ws://' + location.host + '/topics/pmd');
+  ws.onmessage = (m) => {{
+    const frame = JSON.parse(m.data);
+    if (frame.type === 'open') {{
+      window.pmd.extensions = ws.extensions;
+      ws.send(JSON.stringify({{ type: 'publish', topic: 'pmd', data: {data:?}, ref: 1 }}));
+    }} else if (frame.type === 'event') {{
+      window.pmd.events.push([frame.id, frame.data]);
+    }} else if (frame.type === 'ack') {{
+      window.pmd.acks.push(frame.id);
+    }}
+  }};
+  return JSON.stringify(true);
+}})()"#
+    );
+    tab.evaluate::<bool>(&script).await;
+    let acks: Vec<String> = tab
+        .poll(
+            "window.pmd.acks",
+            "the publish acknowledged",
+            |acks: &Vec<String>| !acks.is_empty(),
+        )
+        .await;
+    let second = server.publish_id("pmd", "published over HTTP").await;
+    let expected = vec![
+        (acks[0].clone(), data.clone()),
+        (second, "published over HTTP".to_owned()),
+    ];
+    let got: Vec<(String, String)> = tab
+        .poll(
+            "window.pmd.events",
+            "both events",
+            |got: &Vec<(String, String)>| got.len() >= 2,
+        )
+        .await;
+    assert_eq!(got, expected);
+    let extensions: String = tab.evaluate("JSON.stringify(window.pmd.extensions)").await;
+    assert_eq!(
+        extensions,
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    );
+    drop(chromium);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // The page
 // ---------------------------------------------------------------------------

@@ -59,6 +59,7 @@ async fn help_documents_every_setting_with_its_environment_variable() {
         ),
         ("--subscriber-backlog", "CRIER_SUBSCRIBER_BACKLOG"),
         ("--heartbeat", "CRIER_HEARTBEAT"),
+        ("--ws-deflate", "CRIER_WS_DEFLATE"),
         ("--poll-timeout", "CRIER_POLL_TIMEOUT"),
         ("--retry", "CRIER_RETRY"),
         ("--shutdown-timeout", "CRIER_SHUTDOWN_TIMEOUT"),

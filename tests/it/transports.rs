@@ -206,7 +206,8 @@ on_every_transport!(
     reconnects_during_concurrent_publishing_lose_and_duplicate_nothing,
 );
 
-/// SSE → WebSocket → long-poll → gRPC → SSE, each from the last id the previous
+/// SSE → WebSocket → long-poll → gRPC → SSE → … → WebSocket with
+/// permessage-deflate, each from the last id the previous
 /// one saw, with events published while away and while connected: each
 /// event arrives exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,6 +226,7 @@ async fn switching_transports_with_the_last_id_receives_each_event_exactly_once(
         Transport::Poll,
         Transport::Grpc,
         Transport::WebSocket,
+        Transport::WebSocketDeflate,
     ] {
         // Published while away.
         expected.extend(publish_n(&server, "switch", n + 1..=n + 3).await);

@@ -1,12 +1,13 @@
 //! The WebSocket face: the handshake's defences, pings, frames that close
-//! the socket, publishing over it, and a crowd of sockets.
+//! the socket, publishing over it, permessage-deflate, and a crowd of
+//! sockets.
 
 use crate::common;
 
 use std::time::Duration;
 
 use common::auth::{token, with_secret};
-use common::transport::{next_text, send_text};
+use common::transport::{DEFLATE_OFFER, DeflateSocket, next_text, send_text};
 use common::{DEADLINE, Server};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -725,4 +726,188 @@ where
             return serde_json::from_str(&text).unwrap();
         }
     }
+}
+
+/// What crier answers every permessage-deflate offer it accepts.
+const DEFLATE_ANSWER: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// The next JSON message of a permessage-deflate socket, with whether it
+/// came compressed.
+async fn next_deflated(socket: &mut DeflateSocket) -> (bool, Value) {
+    tokio::time::timeout(DEADLINE, socket.next_json())
+        .await
+        .expect("a frame in time")
+        .expect("a frame before the close")
+}
+
+/// RFC 7692: a socket that negotiated permessage-deflate gets every event
+/// as a compressed message (RSV1) inflating to exactly the JSON a plain
+/// socket of the same topic gets, control items plain; and a message the
+/// client compressed is inflated and published.
+#[tokio::test]
+async fn a_deflate_socket_gets_each_event_compressed_and_may_publish_compressed() {
+    let server = Server::start().await;
+    let one = server.publish("pmd", "one").await;
+    let two = server.publish("pmd", "two two two two two").await;
+    let (mut deflated, answer) =
+        DeflateSocket::connect(&server, "/topics/pmd?last=2", DEFLATE_OFFER).await;
+    assert_eq!(answer.as_deref(), Some(DEFLATE_ANSWER));
+    let mut plain = open(&server, "/topics/pmd?last=2", &[]).await;
+    let (compressed, open) = next_deflated(&mut deflated).await;
+    assert_eq!((compressed, open["type"].as_str()), (false, Some("open")));
+    let event = |id: &Value, seq: u64, data: &str| json!({"id": id, "type": "event", "topic": "pmd", "seq": seq, "data": data});
+    let replayed = [
+        event(&one["id"], 1, "one"),
+        event(&two["id"], 2, "two two two two two"),
+    ];
+    for expected in &replayed {
+        assert_eq!(next_deflated(&mut deflated).await, (true, expected.clone()));
+        assert_eq!(&next_frame(&mut plain).await, expected);
+    }
+    // A publish the client compressed (a browser compresses what it
+    // sends), larger than the read buffer.
+    let data = "compressible ".repeat(400);
+    let publish = json!({"type": "publish", "topic": "pmd", "data": data, "ref": 7});
+    deflated
+        .send(0x1, publish.to_string().as_bytes(), true)
+        .await;
+    let mut frames = [
+        next_deflated(&mut deflated).await,
+        next_deflated(&mut deflated).await,
+    ];
+    frames.sort_by_key(|(_, f)| f["type"].as_str().unwrap().to_owned());
+    let [(false, ack), (true, live)] = frames else {
+        panic!("an ack (plain) and the event (compressed): {frames:?}")
+    };
+    assert_eq!(
+        (
+            ack["type"].as_str(),
+            ack["ref"].as_u64(),
+            ack["seq"].as_u64()
+        ),
+        (Some("ack"), Some(7), Some(3))
+    );
+    let expected = event(&ack["id"], 3, &data);
+    assert_eq!(live, expected);
+    assert_eq!(next_frame(&mut plain).await, expected);
+    // And uncompressed messages still go as they are.
+    let publish = json!({"type": "publish", "topic": "pmd", "data": "plain", "ref": 8});
+    deflated
+        .send(0x1, publish.to_string().as_bytes(), false)
+        .await;
+    let mut frames = [
+        next_deflated(&mut deflated).await,
+        next_deflated(&mut deflated).await,
+    ];
+    frames.sort_by_key(|(_, f)| f["type"].as_str().unwrap().to_owned());
+    assert_eq!(frames[0].1["ref"], 8);
+    assert_eq!(frames[1], (true, event(&frames[0].1["id"], 4, "plain")));
+    assert_eq!(stored(&server, "pmd").await, 4);
+    server.stop().await;
+}
+
+/// A compressed client message that inflates past `--max-batch-bytes`
+/// (however small it came) closes the socket with 1009, storing nothing;
+/// one that is not deflate data ends the socket.
+#[tokio::test]
+async fn a_compressed_message_inflating_past_the_limit_closes_with_1009() {
+    let server = Server::start_with(|c| c.max_batch_bytes = 2048).await;
+    let (mut socket, answer) = DeflateSocket::connect(&server, "/topics/bomb", DEFLATE_OFFER).await;
+    assert_eq!(answer.as_deref(), Some(DEFLATE_ANSWER));
+    assert_eq!(next_deflated(&mut socket).await.1["type"], "open");
+    let data = "a".repeat(10_000);
+    let publish = json!({"type": "publish", "topic": "bomb", "data": data});
+    socket.send(0x1, publish.to_string().as_bytes(), true).await;
+    let close = tokio::time::timeout(DEADLINE, socket.next_message())
+        .await
+        .expect("a close in time")
+        .expect("a close frame");
+    assert_eq!((close.0, &close.2[..2]), (0x8, &1009u16.to_be_bytes()[..]));
+
+    let (mut socket, _) = DeflateSocket::connect(&server, "/topics/bomb", DEFLATE_OFFER).await;
+    assert_eq!(next_deflated(&mut socket).await.1["type"], "open");
+    // Invalid deflate data, compressed or not: nothing to publish.
+    socket
+        .send_raw(0x80 | 0x40 | 0x1, &[0xff, 0xff, 0xff])
+        .await;
+    let end = tokio::time::timeout(DEADLINE, socket.next_message())
+        .await
+        .expect("the end in time");
+    assert!(matches!(end, None | Some((0x8, _, _))), "{end:?}");
+    assert_eq!(stored(&server, "bomb").await, 0);
+    server.stop().await;
+}
+
+/// Offers crier cannot honour are declined, and the socket opens without
+/// the extension (plain frames), over HTTP/1.1 and HTTP/2; the first
+/// acceptable offer is answered; `--ws-deflate false` declines them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permessage_deflate_offers_are_answered_or_declined_cleanly() {
+    let key = ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    let v13 = ("sec-websocket-version", "13");
+    let server = Server::start().await;
+    for http2 in [false, true] {
+        let opened = if http2 { 200 } else { 101 };
+        for (offer, answer) in [
+            ("permessage-deflate", Some(DEFLATE_ANSWER.to_owned())),
+            (
+                "permessage-deflate; server_max_window_bits=15; client_max_window_bits=10",
+                Some(format!("{DEFLATE_ANSWER}; server_max_window_bits=15")),
+            ),
+            (
+                "permessage-deflate; server_max_window_bits=9, permessage-deflate",
+                Some(DEFLATE_ANSWER.to_owned()),
+            ),
+            ("permessage-deflate; server_max_window_bits=9", None),
+            ("permessage-deflate; client_max_window_bits=7", None),
+            (
+                "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+                None,
+            ),
+            ("permessage-deflate; unheard_of", None),
+            ("x-webkit-deflate-frame", None),
+        ] {
+            let got = handshake(
+                &server,
+                http2,
+                &[key, v13, ("sec-websocket-extensions", offer)],
+            )
+            .await;
+            assert_eq!(got.status, opened, "{offer}");
+            let extensions = got
+                .headers
+                .get("sec-websocket-extensions")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(extensions, answer, "{offer} over HTTP/2: {http2}");
+        }
+    }
+    // A declined offer: the socket carries plain frames.
+    let id = server.publish("shake", "plain").await["id"].clone();
+    let (mut socket, answer) =
+        DeflateSocket::connect(&server, "/topics/shake?last=1", "permessage-deflate; x=1").await;
+    assert_eq!(answer, None);
+    assert_eq!(next_deflated(&mut socket).await.1["type"], "open");
+    assert_eq!(
+        next_deflated(&mut socket).await,
+        (
+            false,
+            json!({"id": id, "type": "event", "topic": "shake", "seq": 1, "data": "plain"})
+        )
+    );
+    server.stop().await;
+
+    let server = Server::start_with(|c| c.ws_deflate = false).await;
+    let (mut socket, answer) = DeflateSocket::connect(&server, "/topics/off", DEFLATE_OFFER).await;
+    assert_eq!(answer, None);
+    assert_eq!(next_deflated(&mut socket).await.1["type"], "open");
+    let id = server.publish("off", "plain").await["id"].clone();
+    assert_eq!(
+        next_deflated(&mut socket).await,
+        (
+            false,
+            json!({"id": id, "type": "event", "topic": "off", "seq": 1, "data": "plain"})
+        )
+    );
+    server.stop().await;
 }

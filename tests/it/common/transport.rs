@@ -1,7 +1,9 @@
 //! One subscriber over any transport: SSE (a real SSE parser; compressed
 //! and decoded on arrival inside `coding::on`), WebSocket (a
 //! real WebSocket client, tokio-tungstenite), long-poll (a loop of real
-//! HTTP requests, each from the last answer's `next`) or gRPC (a client
+//! HTTP requests, each from the last answer's `next`), WebSocket with
+//! permessage-deflate ([`DeflateSocket`], raw frames inflated as a browser
+//! does: tokio-tungstenite has no permessage-deflate) or gRPC (a client
 //! generated from `proto/crier/v1/crier.proto`, over h2c). Each shows what it
 //! receives as [`Ev`]s, exactly as an EventSource would see the same
 //! stream, so one suite checks every transport (see
@@ -22,6 +24,8 @@ use super::{DEADLINE, Ev, Server, SseClient};
 pub enum Transport {
     Sse,
     WebSocket,
+    /// A WebSocket that negotiated permessage-deflate.
+    WebSocketDeflate,
     Poll,
     Grpc,
 }
@@ -126,6 +130,26 @@ impl Feed {
                 assert_eq!(open["type"], "open", "{open}");
                 tokio::spawn(async move {
                     while let Some(entry) = next_text(&mut socket).await {
+                        if let Some(ev) = entry_to_ev(&entry)
+                            && tx.send(ev).is_err()
+                        {
+                            return;
+                        }
+                    }
+                })
+            }
+            Transport::WebSocketDeflate => {
+                let url = with_position(&server.url(path), last_event_id);
+                let path = url.splitn(4, '/').nth(3).unwrap_or_default();
+                let (mut socket, answer) =
+                    DeflateSocket::connect(server, &format!("/{path}"), DEFLATE_OFFER).await;
+                assert!(answer.is_some(), "permessage-deflate is accepted");
+                let open = socket.next_json().await.expect("an open frame");
+                assert_eq!(open.1["type"], "open", "{open:?}");
+                tokio::spawn(async move {
+                    while let Some((compressed, entry)) = socket.next_json().await {
+                        // Every event goes compressed; control items plain.
+                        assert_eq!(compressed, entry["type"] == "event", "{entry}");
                         if let Some(ev) = entry_to_ev(&entry)
                             && tx.send(ev).is_err()
                         {
@@ -347,9 +371,191 @@ pub async fn send_text(socket: &mut Socket, text: &str) {
         .expect("sending a frame");
 }
 
+/// What a browser offers (Chromium's header).
+pub const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
+/// A WebSocket client over raw TCP that may offer permessage-deflate:
+/// server frames read as they come (pings answered), compressed messages
+/// (RSV1) inflated alone, as `server_no_context_takeover` allows; client
+/// frames masked, compressed on request.
+pub struct DeflateSocket {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A WebSocket message: its opcode, whether it came compressed, its bytes.
+pub type RawMessage = (u8, bool, Vec<u8>);
+
+impl DeflateSocket {
+    /// Opens a socket on `path` offering `offer` (as
+    /// `Sec-WebSocket-Extensions`); returns it with the server's answer.
+    pub async fn connect(
+        server: &Server,
+        path: &str,
+        offer: &str,
+    ) -> (DeflateSocket, Option<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Extensions: {offer}\r\n\r\n",
+            server.addr
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
+                .await
+                .expect("a handshake answer in time")
+                .unwrap();
+            assert!(n > 0, "the server closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let answer = head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-extensions")
+                .then(|| value.trim().to_owned())
+        });
+        buf.drain(..end + 4);
+        (DeflateSocket { stream, buf }, answer)
+    }
+
+    /// The next data or close message (pings answered on the way), or
+    /// `None` at the end.
+    pub async fn next_message(&mut self) -> Option<RawMessage> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((first, payload)) = self.frame() {
+                let compressed = first & 0x40 != 0;
+                assert!(first & 0x80 != 0, "crier does not fragment");
+                match first & 0x0f {
+                    0x9 => {
+                        self.send(0xa, &payload, false).await;
+                        continue;
+                    }
+                    0xa => continue,
+                    opcode if compressed => return Some((opcode, true, inflate(&payload))),
+                    opcode => return Some((opcode, false, payload)),
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The next text message as JSON, with whether it came compressed;
+    /// `None` at the close or the end.
+    pub async fn next_json(&mut self) -> Option<(bool, Value)> {
+        let (opcode, compressed, payload) = self.next_message().await?;
+        if opcode == 0x8 {
+            return None;
+        }
+        assert_eq!(opcode, 0x1, "a text frame");
+        Some((
+            compressed,
+            serde_json::from_slice(&payload).expect("frames are JSON"),
+        ))
+    }
+
+    /// A complete server frame at the front of the buffer, taken.
+    fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let buf = &self.buf;
+        assert!(buf.len() < 2 || buf[1] & 0x80 == 0, "a masked server frame");
+        let (len, header) = match *buf.get(1)? & 0x7f {
+            126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        let payload = buf.get(header..header + len)?.to_vec();
+        let first = buf[0];
+        self.buf.drain(..header + len);
+        Some((first, payload))
+    }
+
+    /// Sends one frame: `first` its first byte as it is, `payload` masked.
+    pub async fn send_raw(&mut self, first: u8, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        assert!(payload.len() < 126);
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![first, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    /// Sends one masked frame of `payload` (`opcode` with FIN), compressed
+    /// as a permessage-deflate message if `compress`.
+    pub async fn send(&mut self, opcode: u8, payload: &[u8], compress: bool) {
+        use tokio::io::AsyncWriteExt;
+        let payload = if compress {
+            deflate(payload)
+        } else {
+            payload.to_vec()
+        };
+        let mut frame = vec![0x80 | opcode | if compress { 0x40 } else { 0 }];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+}
+
+/// A permessage-deflate payload inflated alone (RFC 7692 §7.2.2).
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    let mut compressed = payload.to_vec();
+    compressed.extend_from_slice(&[0x00, 0x00, 0xff, 0xff]);
+    let mut inflater = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(64 * 1024);
+    inflater
+        .decompress_vec(&compressed, &mut out, flate2::FlushDecompress::Sync)
+        .expect("a valid deflate payload");
+    assert_eq!(
+        inflater.total_in() as usize,
+        compressed.len(),
+        "inflated whole"
+    );
+    out
+}
+
+/// `data` as a permessage-deflate payload (RFC 7692 §7.2.1).
+fn deflate(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder =
+        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    let mut out = encoder.flush_finish().unwrap();
+    assert!(out.ends_with(&[0x00, 0x00, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
 /// Declares each listed `async fn` as a test per transport and store:
 /// `sse::memory::NAME`, `sse::durable::NAME`, `sse::redis::NAME`,
-/// `websocket::…`, `poll::…`, `grpc::…`, so every transport passes the same
+/// `websocket::…`, `websocket_deflate::…`, `poll::…`, `grpc::…`, so every transport passes the same
 /// behavioural suite on every store; and SSE again on compressed streams
 /// of every coding on the embedded store
 /// ([`on_every_coding!`](crate::on_every_coding): `zstd::memory::NAME`, …;
@@ -360,6 +566,7 @@ macro_rules! on_every_transport {
         $crate::on_every_transport!(@transport sse, Sse, $($name),*);
         $crate::on_every_coding!(@memory $($name),*);
         $crate::on_every_transport!(@transport websocket, WebSocket, $($name),*);
+        $crate::on_every_transport!(@transport websocket_deflate, WebSocketDeflate, $($name),*);
         $crate::on_every_transport!(@transport poll, Poll, $($name),*);
         $crate::on_every_transport!(@transport grpc, Grpc, $($name),*);
     };

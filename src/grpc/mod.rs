@@ -34,6 +34,7 @@ use crate::http::{ApiError, AppState};
 use crate::limits::{ClientKey, Slot};
 use crate::store::{Appended, IdempotencyKey, NewEvent, Receipt, StoreError};
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
+use crate::transport::Kind;
 pub use crate::transport::grpc::proto;
 use crate::transport::grpc::{Batch, Encoded, Items};
 use proto::crier_server::{Crier, CrierServer};
@@ -169,7 +170,10 @@ impl Face {
         request: tonic::Request<proto::SubscribeRequest>,
     ) -> Result<tonic::Response<SubscribeStream>, Status> {
         let deadline = deadline(request.metadata());
-        let mut stream = self.within(deadline, self.subscribe(request)).await?;
+        let mut stream = self
+            .within(deadline, self.subscribe(request))
+            .await
+            .inspect_err(|_| self.state.metrics.subscribe_refused(Kind::Grpc))?;
         stream.get_mut().deadline = deadline.map(|limit| Box::pin(tokio::time::sleep(limit)));
         Ok(stream)
     }
@@ -314,7 +318,7 @@ impl Face {
         Ok(SubscribeStream {
             items: Box::pin(subscription.into_stream(settings, Items::default())),
             ready: Vec::new().into_iter(),
-            written: state.metrics.written(None),
+            written: state.metrics.written(Kind::Grpc, None),
             _slot: slot,
             activity: peer.and_then(|p| p.activity).map(|a| a.open()),
             deadline: None,

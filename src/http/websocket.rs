@@ -122,7 +122,10 @@ async fn serve(
     socket: Socket,
 ) {
     let heartbeat = settings.heartbeat;
-    let written = socket.state.metrics.written(None);
+    let written = socket
+        .state
+        .metrics
+        .written(crate::transport::Kind::WebSocket, None);
     let frames = subscription.into_stream(settings, Frames::default());
     tokio::pin!(frames);
     // Not split: both halves would take a lock on every poll. Reading is

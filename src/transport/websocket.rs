@@ -151,6 +151,7 @@ impl Frames {
 
 impl Wire for Frames {
     type Out = Vec<Message>;
+    const TRANSPORT: super::Kind = super::Kind::WebSocket;
 
     fn control(&mut self, control: &Control) {
         self.push(control_json(control));

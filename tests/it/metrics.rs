@@ -30,13 +30,28 @@ struct Scrape {
 }
 
 impl Scrape {
-    /// The value of a series, which must be there.
+    /// The sum of the series of `name` with these labels, whatever their
+    /// others (as PromQL's `sum(name{labels})`): `crier_open_streams` with
+    /// no label is every transport's. There must be at least one.
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let key = series(name, labels);
-        *self
-            .samples
-            .get(&key)
+        self.sum(name, labels)
             .unwrap_or_else(|| panic!("no series {key:?} in {:#?}", self.samples.keys()))
+    }
+
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let matching: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|((n, l), _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, value)| *value)
+            .collect();
+        (!matching.is_empty()).then(|| matching.iter().sum())
     }
 
     fn has(&self, name: &str) -> bool {
@@ -307,7 +322,7 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             let scrape = self.scrape().await;
-            let now = scrape.samples.get(&series(name, labels)).copied();
+            let now = scrape.sum(name, labels);
             if now == Some(value) {
                 return;
             }

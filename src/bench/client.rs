@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use super::decode::{
     Body, DataLines, LastId, Line, WS_CLOSE, WS_PING, WS_PONG, WS_TEXT, WsFrames, response_head,
 };
+use super::grpc::{Call, GrpcStream};
 use crate::coding::Codec;
 use crate::compress::Decompressor;
 
@@ -72,9 +73,10 @@ pub struct SubscribeArgs {
     /// result names the coding it answered with [default: no header]
     #[arg(long, value_parser = header_value)]
     pub accept_encoding: Option<String>,
-    /// How subscribers subscribe: `sse` (an event stream), or `ws` (a
+    /// How subscribers subscribe: `sse` (an event stream), `ws` (a
     /// WebSocket handshake on the same path: one JSON text frame per event;
-    /// pings answered).
+    /// pings answered), or `grpc` (a `Subscribe` call to the path's topics
+    /// over an h2c connection of its own; crier only).
     #[arg(long, value_enum, default_value = "sse")]
     pub transport: Transport,
 }
@@ -84,6 +86,7 @@ pub struct SubscribeArgs {
 pub enum Transport {
     Sse,
     Ws,
+    Grpc,
 }
 
 /// A value that can go in a request header as it is: printable ASCII.
@@ -216,7 +219,7 @@ impl Listener for () {
 }
 
 /// Why a subscriber's stream ended.
-enum Ending {
+pub(super) enum Ending {
     /// The bench stopped it.
     Stopped,
     /// The hub ended or broke it (or it never opened): the reason.
@@ -477,6 +480,65 @@ impl Stream {
     }
 }
 
+/// What a subscriber sends to subscribe.
+#[derive(Clone)]
+enum Request {
+    /// The whole HTTP/1.1 request (SSE, or a WebSocket handshake).
+    Http(Arc<[u8]>),
+    /// A gRPC `Subscribe` call.
+    Grpc(Arc<Call>),
+}
+
+/// An open subscription on either kind of connection.
+enum Subscription {
+    Http(Stream),
+    Grpc(Box<GrpcStream>),
+}
+
+impl Subscription {
+    async fn open(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        request: &Request,
+        listener: &mut impl Listener,
+        last_id: LastId,
+    ) -> Result<Subscription, String> {
+        match request {
+            Request::Http(bytes) => Stream::open(addr, source, bytes, listener, last_id)
+                .await
+                .map(Subscription::Http),
+            Request::Grpc(call) => GrpcStream::open(addr, source, call, listener, last_id)
+                .await
+                .map(|s| Subscription::Grpc(Box::new(s))),
+        }
+    }
+
+    async fn follow(&mut self, stop: &CancellationToken, listener: &mut impl Listener) -> Ending {
+        match self {
+            Subscription::Http(stream) => stream.follow(stop, listener).await,
+            Subscription::Grpc(stream) => stream.follow(stop, listener).await,
+        }
+    }
+
+    fn account(&self, wire: &mut Wire) {
+        match self {
+            Subscription::Http(stream) => stream.account(wire),
+            Subscription::Grpc(stream) => {
+                wire.coding = None;
+                wire.opening_bytes += stream.opening_bytes;
+                wire.stream_bytes += stream.stream_bytes;
+            }
+        }
+    }
+
+    fn last_id(&self) -> LastId {
+        match self {
+            Subscription::Http(stream) => stream.last_id,
+            Subscription::Grpc(stream) => stream.last_id,
+        }
+    }
+}
+
 /// Leaves the choice of a bound socket's port to `connect`, which needs it
 /// free only for this 4-tuple and may reuse one in TIME_WAIT
 /// (`net.ipv4.tcp_tw_reuse`, on for loopback by default). Otherwise `bind`
@@ -554,7 +616,7 @@ struct Task {
     addr: SocketAddr,
     source: Option<IpAddr>,
     timeout: Duration,
-    request: Arc<[u8]>,
+    request: Request,
     gate: Arc<Semaphore>,
     counts: Arc<Counts>,
     stop: CancellationToken,
@@ -578,7 +640,7 @@ impl Task {
             // Nothing is published before every subscriber is connected, so
             // the preamble holds no event to count.
             let mut preamble = ();
-            let opened = Stream::open(
+            let opened = Subscription::open(
                 *addr,
                 *source,
                 &self.request,
@@ -638,10 +700,10 @@ impl Task {
     async fn leave_and_rejoin<L: Listener>(
         &self,
         rejoin: &Rejoin,
-        mut stream: Stream,
+        mut stream: Subscription,
         listener: &mut L,
         wire: &mut Wire,
-    ) -> Option<Stream> {
+    ) -> Option<Subscription> {
         let counts = &self.counts;
         // `leave` is a child of `stop`: stopping ends this too.
         if let Ending::Dropped(problem) = stream.follow(&rejoin.leave, listener).await {
@@ -652,7 +714,7 @@ impl Task {
         if self.stop.is_cancelled() {
             return None;
         }
-        let last_id = stream.last_id;
+        let last_id = stream.last_id();
         drop(stream);
         listener.on_leave();
         counts.left.fetch_add(1, Ordering::Relaxed);
@@ -665,9 +727,15 @@ impl Task {
                 Some(gate) => Some(gate.acquire().await),
                 None => None,
             };
-            let request = rejoin_request(&rejoin.request_head, &last_id)?;
+            let request = match &self.request {
+                Request::Http(_) => {
+                    Request::Http(rejoin_request(&rejoin.request_head, &last_id)?.into())
+                }
+                // The call carries the last id itself.
+                Request::Grpc(call) => Request::Grpc(call.clone()),
+            };
             let sent_us = unix_micros();
-            let opened = Stream::open(self.addr, self.source, &request, listener, last_id);
+            let opened = Subscription::open(self.addr, self.source, &request, listener, last_id);
             let stream = tokio::time::timeout(self.timeout, opened)
                 .await
                 .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))?;
@@ -700,10 +768,13 @@ fn request_head(target: &Target, args: &SubscribeArgs) -> String {
     )
 }
 
-/// The subscribe request head for `path` on the crowd's transport.
+/// The subscribe request head for `path` on the crowd's transport (gRPC:
+/// not an HTTP/1.1 request; see [`Request::Grpc`]).
 fn head_for(target: &Target, path: &str, args: &SubscribeArgs) -> String {
     match args.transport {
-        Transport::Sse => head_for_path(target, path, args.accept_encoding.as_deref()),
+        Transport::Sse | Transport::Grpc => {
+            head_for_path(target, path, args.accept_encoding.as_deref())
+        }
         Transport::Ws => {
             let mut head = head_for_path(target, path, None);
             head.push_str(
@@ -794,17 +865,26 @@ impl<L: Listener> Crowd<L> {
         path: Option<&dyn Fn(usize) -> String>,
     ) -> Result<Crowd<L>, String> {
         let sources = sources(target, args)?;
-        let request: Arc<[u8]> = format!("{}\r\n", request_head(target, args))
-            .into_bytes()
-            .into();
-        let request_of = |i: usize| -> Arc<[u8]> {
-            match path {
-                Some(path) => {
+        let one_path = target.path(&args.subscribe_path, &args.topic);
+        let request = match args.transport {
+            Transport::Grpc => Request::Grpc(Call::new(&target.authority, &one_path)?.into()),
+            Transport::Sse | Transport::Ws => Request::Http(
+                format!("{}\r\n", request_head(target, args))
+                    .into_bytes()
+                    .into(),
+            ),
+        };
+        let request_of = |i: usize| -> Result<Request, String> {
+            match (path, args.transport) {
+                (Some(path), Transport::Grpc) => Ok(Request::Grpc(
+                    Call::new(&target.authority, &target.path(&path(i), ""))?.into(),
+                )),
+                (Some(path), Transport::Sse | Transport::Ws) => {
                     let path = target.path(&path(i), "");
                     let head = head_for(target, &path, args);
-                    format!("{head}\r\n").into_bytes().into()
+                    Ok(Request::Http(format!("{head}\r\n").into_bytes().into()))
                 }
-                None => request.clone(),
+                (None, _) => Ok(request.clone()),
             }
         };
         let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
@@ -819,15 +899,15 @@ impl<L: Listener> Crowd<L> {
                     addr: target.addr,
                     source: sources[i % sources.len()],
                     timeout: args.connect_timeout,
-                    request: request_of(i),
+                    request: request_of(i)?,
                     gate: gate.clone(),
                     counts: counts.clone(),
                     stop: stop.clone(),
                     rejoin: rejoin.clone(),
                 };
-                tokio::spawn(task.run(listener(i)))
+                Ok(tokio::spawn(task.run(listener(i))))
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         Ok(Crowd {
             tasks,
             counts,

@@ -6,6 +6,7 @@ mod bare;
 mod client;
 mod decode;
 mod fanout;
+mod grpc;
 mod idle;
 mod procfs;
 mod publish;

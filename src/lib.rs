@@ -9,7 +9,6 @@
 //! stream. See docs/ARCHITECTURE.md for the map.
 
 pub mod auth;
-pub mod bench;
 pub mod coding;
 pub mod compress;
 pub mod config;

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{Ending, Listener, unix_micros};
 use super::decode::{LastId, Line};
-use crate::grpc::proto;
+use crate::proto;
 
 /// What a gRPC subscriber asks for: its topics and `last`, from the
 /// crowd's subscribe path, and where.

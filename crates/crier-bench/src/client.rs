@@ -35,8 +35,7 @@ use super::decode::{
     Body, DataLines, LastId, Line, WS_CLOSE, WS_PING, WS_PONG, WS_TEXT, WsFrames, response_head,
 };
 use super::grpc::{Call, GrpcStream};
-use crate::coding::Codec;
-use crate::compress::Decompressor;
+use crate::coding::{Codec, Decompressor};
 
 /// What every many-subscriber scenario is told about its subscribers.
 #[derive(Debug, Clone, Args)]
@@ -489,10 +488,12 @@ enum Request {
     Grpc(Arc<Call>),
 }
 
-/// An open subscription on either kind of connection.
+/// An open subscription on either kind of connection. Neither is boxed: a
+/// crowd is all of one kind, and its size is each task's state anyway.
+#[allow(clippy::large_enum_variant)]
 enum Subscription {
     Http(Stream),
-    Grpc(Box<GrpcStream>),
+    Grpc(GrpcStream),
 }
 
 impl Subscription {
@@ -509,7 +510,7 @@ impl Subscription {
                 .map(Subscription::Http),
             Request::Grpc(call) => GrpcStream::open(addr, source, call, listener, last_id)
                 .await
-                .map(|s| Subscription::Grpc(Box::new(s))),
+                .map(Subscription::Grpc),
         }
     }
 
@@ -1093,8 +1094,6 @@ mod tests {
     /// it, and its lines reach the listener as an identity stream's would.
     #[tokio::test]
     async fn a_compressed_stream_gives_the_same_lines_as_identity() {
-        use crate::compress::Compressor;
-
         #[derive(Default)]
         struct Lines(Vec<String>);
         impl Listener for Lines {
@@ -1106,12 +1105,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         for codec in [Codec::Zstd, Codec::Brotli, Codec::Gzip] {
             let tcp = TcpStream::connect(addr).await.unwrap();
-            let mut compressor = Compressor::new(codec).unwrap();
-            let mut wire = Vec::new();
-            for n in 0..20 {
-                let event = format!("id: {n}\ndata: {{\"seq\":{n},\"sent_us\":1}}\n\n");
-                wire.extend_from_slice(&compressor.compress(event.as_bytes()).unwrap());
-            }
+            let events: Vec<Vec<u8>> = (0..20)
+                .map(|n| format!("id: {n}\ndata: {{\"seq\":{n},\"sent_us\":1}}\n\n").into_bytes())
+                .collect();
+            let wire = crate::coding::compress_chunks(codec, &events);
             let mut stream = Stream {
                 tcp,
                 body: Body::new(super::super::decode::Framing::UntilClose),

@@ -7,7 +7,7 @@
 //! keeps only a few bytes of state between reads, which is what lets one
 //! process hold tens of thousands of subscribers. A compressed body is
 //! decoded between [`Body`] and [`DataLines`] by the client, with
-//! [`Decompressor`](crate::compress::Decompressor), as a browser does.
+//! [`Decompressor`](crate::coding::Decompressor), as a browser does.
 
 use crate::coding::Codec;
 

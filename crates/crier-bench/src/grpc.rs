@@ -20,8 +20,8 @@ use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Ending, Listener, unix_micros};
 use super::decode::{LastId, Line};
+use super::subscriber::{Ending, Listener, unix_micros};
 use crate::proto;
 
 /// What a gRPC subscriber asks for: its topics and `last`, from the
@@ -120,7 +120,7 @@ impl GrpcStream {
         .map_err(|e| format!("socket: {e}"))?;
         if let Some(ip) = source {
             #[cfg(target_os = "linux")]
-            super::client::bind_address_no_port(&socket)
+            super::subscriber::bind_address_no_port(&socket)
                 .map_err(|e| format!("IP_BIND_ADDRESS_NO_PORT: {e}"))?;
             socket
                 .bind(SocketAddr::new(ip, 0))

@@ -18,6 +18,7 @@ mod publish;
 mod replay;
 mod report;
 mod storm;
+mod subscriber;
 mod throughput;
 mod wire;
 

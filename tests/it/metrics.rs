@@ -968,3 +968,69 @@ async fn the_metrics_listener_serves_a_bounded_number_of_connections_and_closes_
         tokio::task::yield_now().await;
     }
 }
+
+/// A subscribe refused once its transport is known (here a malformed
+/// position) counts under that transport in
+/// `crier_refused_subscribes_total`, and by reason as every refusal does;
+/// one refused before (a malformed topic) counts by reason only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_subscribes_are_counted_by_transport() {
+    let hub = Hub::start(|_| {}).await;
+    let server = &hub.server;
+    let client = common::client();
+    let url = server.url("/topics/secret-alpha");
+    let sse = client
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .header("last-event-id", "not-a-position")
+        .send()
+        .await
+        .expect("SSE subscribe");
+    assert_eq!(sse.status(), 400);
+    let poll = client
+        .get(format!("{url}?poll=1"))
+        .header("last-event-id", "not-a-position")
+        .send()
+        .await
+        .expect("long-poll");
+    assert_eq!(poll.status(), 400);
+    let ws_url = format!("{url}?lastEventId=not-a-position").replacen("http", "ws", 1);
+    match tokio_tungstenite::connect_async(ws_url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(answer)) => {
+            assert_eq!(answer.status(), 400)
+        }
+        other => panic!("the handshake should be refused: {other:?}"),
+    }
+    let mut grpc = common::transport::grpc_client(server).await;
+    let refused = grpc
+        .subscribe(crier::grpc::proto::SubscribeRequest {
+            topics: vec!["secret-alpha".into()],
+            last_event_id: "not-a-position".into(),
+            last: None,
+        })
+        .await
+        .expect_err("a malformed position is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let bad_topic = client
+        .get(server.url("/topics/bad%20topic"))
+        .send()
+        .await
+        .expect("subscribe");
+    assert_eq!(bad_topic.status(), 400);
+
+    for transport in ["sse", "longpoll", "websocket", "grpc"] {
+        hub.wait(
+            "crier_refused_subscribes_total",
+            &[("transport", transport)],
+            1.0,
+        )
+        .await;
+    }
+    let scrape = hub.scrape().await;
+    assert_eq!(scrape.get("crier_refused_subscribes_total", &[]), 4.0);
+    assert_eq!(
+        scrape.get("crier_refused_requests_total", &[("reason", "bad_input")]),
+        5.0
+    );
+    assert_eq!(scrape.get("crier_open_streams", &[]), 0.0);
+}

@@ -106,8 +106,7 @@ impl tower::Service<axum::extract::Request> for SubscribeRoute {
         Box::pin(async move {
             let mut gzip = EnabledCompressionEncodings::default();
             gzip.enable(CompressionEncoding::Gzip);
-            let codec = tonic_prost::ProstCodec::<Encoded, proto::SubscribeRequest>::default();
-            let mut grpc = tonic::server::Grpc::new(codec)
+            let mut grpc = tonic::server::Grpc::new(SubscribeCodec)
                 .apply_compression_config(gzip, gzip)
                 .apply_max_message_size_config(Some(route.max_message), None);
             let response = grpc
@@ -115,6 +114,32 @@ impl tower::Service<axum::extract::Request> for SubscribeRoute {
                 .await;
             Ok(response.map(axum::body::Body::new))
         })
+    }
+}
+
+/// prost's codec with a small encode buffer for the calls' items: tonic
+/// keeps its buffer (8 KiB by default) for the life of a call, and a
+/// subscription's items are one event at a time, most of them small.
+struct SubscribeCodec;
+
+/// The encode buffer of a `Subscribe` call, grown as needed.
+const SUBSCRIBE_BUFFER: usize = 1024;
+
+impl tonic::codec::Codec for SubscribeCodec {
+    type Encode = Encoded;
+    type Decode = proto::SubscribeRequest;
+    type Encoder = tonic_prost::ProstEncoder<Encoded>;
+    type Decoder = tonic_prost::ProstDecoder<proto::SubscribeRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        let settings = tonic::codec::BufferSettings::new(SUBSCRIBE_BUFFER, 32 * 1024);
+        tonic_prost::ProstCodec::<Encoded, proto::SubscribeRequest>::raw_encoder(settings)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<Encoded, proto::SubscribeRequest>::raw_decoder(
+            tonic::codec::BufferSettings::default(),
+        )
     }
 }
 

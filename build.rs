@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
-        // Clients connect over any channel (tests, the bench): no
+        // Clients connect over any channel (the tests): no
         // `connect` helper tied to tonic's transport.
         .build_transport(false)
         .compile_fds(descriptors)?;

@@ -28,14 +28,24 @@ pub struct Cli {
 pub enum Command {
     /// Run the hub (the default).
     Serve(Box<Config>),
-    /// Measure a running hub (crier or another SSE hub) over HTTP.
-    Bench(crate::bench::BenchArgs),
+    /// Measure a running hub (crier or another SSE hub) over HTTP
+    /// (`crier bench --help` lists the scenarios).
+    Bench(BenchCommand),
     /// Print a signed token (JWT) made with the configured HMAC secret.
-    Token(TokenArgs),
+    Token(Box<TokenArgs>),
     /// Repair a data directory crier refuses for a damaged journal: keep
     /// every intact event, start every topic in a new epoch (run it with
     /// crier stopped; docs/OPERATIONS.md, "The data directory").
     Repair(RepairArgs),
+}
+
+/// `crier bench …`: the load tool's own arguments, which it parses itself
+/// (the `crier-bench` crate; this library does not depend on it).
+#[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
+pub struct BenchCommand {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// `crier repair`: the data directory to repair.

@@ -9,7 +9,6 @@
 //! stream. See docs/ARCHITECTURE.md for the map.
 
 pub mod auth;
-pub mod bench;
 pub mod coding;
 pub mod compress;
 pub mod config;
@@ -34,9 +33,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 pub use http::{AppState, app};
-/// Where `http/websocket.rs` and `grpc/` still look for it; the rest of
-/// the crate names `server::connection`.
-pub use server::connection;
 
 use crate::auth::Auth;
 use crate::hub::Hub;

@@ -19,17 +19,9 @@ async fn main() -> std::process::ExitCode {
     let mut config = match cli.command {
         None => cli.serve,
         Some(Command::Serve(config)) => *config,
-        Some(Command::Token(args)) => return print_token(args),
+        Some(Command::Token(args)) => return print_token(*args),
         Some(Command::Repair(args)) => return repair(&args.data_dir),
-        Some(Command::Bench(args)) => {
-            return match crier::bench::run(args).await {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("crier bench: {error}");
-                    std::process::ExitCode::FAILURE
-                }
-            };
-        }
+        Some(Command::Bench(bench)) => return crier_bench::main(bench.args).await,
     };
 
     if config.tls_self_signed {

@@ -8,10 +8,12 @@
 //! built, and kept: counting never hashes a label set. Labels come from the
 //! small fixed sets below, never from a topic, an address or a token.
 //!
-//! The two counters bumped per event per subscriber write (bytes written,
-//! and deliveries, bumped once per event per topic) are plain atomics of our
-//! own, each on its own cache line, copied into the recorder at scrape time:
-//! one relaxed add on the hot path.
+//! The counters bumped per event per subscriber write (bytes written and
+//! events sent, by transport; deliveries, bumped once per event per topic)
+//! are plain atomics of our own, each on its own cache line, copied into the
+//! recorder at scrape time: one relaxed add on the hot path. The stream
+//! series carry a `transport` label ([`crate::transport::Kind`]), fixed when
+//! the stream's wire is chosen.
 //!
 //! Every metric's name, labels and help text, and the handles the rest of the
 //! code counts with (`Metrics`, a cheap clone); nothing else formats metrics
@@ -43,6 +45,10 @@ use metrics_exporter_prometheus::{
 
 use crate::coding::{Codec, SHARED_CODINGS};
 use crate::event::LiveStamp;
+use crate::transport::Kind;
+
+/// The transports a stream travels by (the `transport` label).
+const TRANSPORTS: usize = Kind::ALL.len();
 
 /// The `Content-Type` of a scrape answer.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -63,8 +69,9 @@ struct Inner {
     handle: PrometheusHandle,
     connections: [[Gauge; 2]; 2],
     refused_connections: [Counter; ConnectionRefusal::ALL.len()],
-    streams: Gauge,
-    stream_ends: [Counter; StreamEnd::ALL.len()],
+    streams: [Gauge; TRANSPORTS],
+    stream_ends: [[Counter; StreamEnd::ALL.len()]; TRANSPORTS],
+    refused_subscribes: [Counter; TRANSPORTS],
     subscriptions: Gauge,
     watched_topics: Gauge,
     published: [Counter; PublishResult::ALL.len()],
@@ -72,8 +79,10 @@ struct Inner {
     batches: Counter,
     deliveries: HotCounter,
     deliveries_out: Counter,
-    written: [HotCounter; CODINGS.len()],
-    written_out: [Counter; CODINGS.len()],
+    sent: [HotCounter; TRANSPORTS],
+    sent_out: [Counter; TRANSPORTS],
+    written: [[HotCounter; CODINGS.len()]; TRANSPORTS],
+    written_out: [[Counter; CODINGS.len()]; TRANSPORTS],
     chains: [Gauge; SHARED_CODINGS],
     chain_refusals: [Counter; SHARED_CODINGS],
     resumes: [Counter; Resume::ALL.len()],
@@ -530,12 +539,30 @@ impl Metrics {
             "reason",
             ConnectionRefusal::ALL.map(ConnectionRefusal::label),
         );
-        let streams = r.gauge("crier_open_streams", "Event streams open.", &[]);
-        let stream_ends = r.counters(
+        let streams = Kind::ALL.map(|kind| {
+            r.gauge(
+                "crier_open_streams",
+                "Event streams open (a long-poll: while it waits), by transport.",
+                &[("transport", kind.label())],
+            )
+        });
+        r.describe_counter(
             "crier_stream_ends_total",
-            "Event streams ended, by reason.",
-            "reason",
-            StreamEnd::ALL.map(StreamEnd::label),
+            "Event streams ended, by transport and reason.",
+        );
+        let stream_ends = Kind::ALL.map(|kind| {
+            StreamEnd::ALL.map(|end| {
+                r.labelled_counter(
+                    "crier_stream_ends_total",
+                    &[("transport", kind.label()), ("reason", end.label())],
+                )
+            })
+        });
+        let refused_subscribes = r.counters(
+            "crier_refused_subscribes_total",
+            "Subscribe requests refused once their transport was known (credentials, position, limits, store), by transport; each is also in crier_refused_requests_total by reason.",
+            "transport",
+            Kind::ALL.map(Kind::label),
         );
         let subscriptions = r.gauge(
             "crier_subscriptions",
@@ -567,12 +594,24 @@ impl Metrics {
             "crier_deliveries_total",
             "Live events handed to subscribers: each event counts once per subscriber of its topic on this node.",
         );
-        let written_out = r.counters(
-            "crier_stream_bytes_total",
-            "Bytes written to event streams, after compression, by content coding.",
-            "coding",
-            CODINGS,
+        let sent_out = r.counters(
+            "crier_stream_events_total",
+            "Events written to event streams, live or replayed, by transport: each event counts once per stream it is written to.",
+            "transport",
+            Kind::ALL.map(Kind::label),
         );
+        r.describe_counter(
+            "crier_stream_bytes_total",
+            "Bytes written to event streams, after compression, by transport and content coding (gRPC: the messages' bytes before HTTP/2 framing).",
+        );
+        let written_out = Kind::ALL.map(|kind| {
+            CODINGS.map(|coding| {
+                r.labelled_counter(
+                    "crier_stream_bytes_total",
+                    &[("transport", kind.label()), ("coding", coding)],
+                )
+            })
+        });
         let chains = {
             let name = "crier_compression_chains";
             let help = "Topics' chained compressors held, by coding (one per topic and coding with a compressed single-topic stream and an event since), against --max-compression-chains for all codings together.";
@@ -636,6 +675,7 @@ impl Metrics {
                 refused_connections,
                 streams,
                 stream_ends,
+                refused_subscribes,
                 subscriptions,
                 watched_topics,
                 published,
@@ -643,6 +683,8 @@ impl Metrics {
                 batches,
                 deliveries: HotCounter::default(),
                 deliveries_out,
+                sent: Default::default(),
+                sent_out,
                 written: Default::default(),
                 written_out,
                 chains,
@@ -714,12 +756,29 @@ impl Metrics {
         self.inner.refused_connections[i].increment(1);
     }
 
-    /// Counts an event stream as open until it ends; the guard records why.
-    pub fn stream(&self) -> StreamGuard {
-        self.inner.streams.increment(1.0);
+    /// Counts an event stream over `transport` as open until it ends; the
+    /// guard records why.
+    pub fn stream(&self, transport: Kind) -> StreamGuard {
+        self.inner.streams[transport.index()].increment(1.0);
         StreamGuard {
             metrics: self.clone(),
+            transport,
             end: StreamEnd::ClientGone,
+        }
+    }
+
+    /// A subscribe request over `transport` was refused (its reason is
+    /// counted by [`Metrics::refused`]).
+    pub fn subscribe_refused(&self, transport: Kind) {
+        self.inner.refused_subscribes[transport.index()].increment(1);
+    }
+
+    /// The counter of events written to streams over `transport`, for a
+    /// stream to keep.
+    pub fn sent(&self, transport: Kind) -> EventsSent {
+        EventsSent {
+            metrics: self.clone(),
+            i: transport.index(),
         }
     }
 
@@ -763,11 +822,13 @@ impl Metrics {
             .fetch_add(subscribers as u64, Ordering::Relaxed);
     }
 
-    /// The counter of bytes written with `codec`, for a stream to keep.
-    pub fn written(&self, codec: Option<Codec>) -> BytesWritten {
+    /// The counter of bytes written over `transport` with `codec`, for a
+    /// stream to keep.
+    pub fn written(&self, transport: Kind, codec: Option<Codec>) -> BytesWritten {
         BytesWritten {
             metrics: self.clone(),
-            i: coding_index(codec),
+            transport: transport.index(),
+            coding: coding_index(codec),
         }
     }
 
@@ -859,7 +920,15 @@ impl Metrics {
         inner
             .deliveries_out
             .absolute(inner.deliveries.0.load(Ordering::Relaxed));
-        for (hot, out) in inner.written.iter().zip(&inner.written_out) {
+        for (hot, out) in inner.sent.iter().zip(&inner.sent_out) {
+            out.absolute(hot.0.load(Ordering::Relaxed));
+        }
+        for (hot, out) in inner
+            .written
+            .iter()
+            .flatten()
+            .zip(inner.written_out.iter().flatten())
+        {
             out.absolute(hot.0.load(Ordering::Relaxed));
         }
         let mut text = inner.handle.render();
@@ -888,6 +957,7 @@ impl Drop for GaugeGuard {
 /// by the reason set last (a stream dropped without one: the client left).
 pub struct StreamGuard {
     metrics: Metrics,
+    transport: Kind,
     end: StreamEnd,
 }
 
@@ -904,27 +974,44 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let inner = &self.metrics.inner;
-        inner.streams.decrement(1.0);
+        let t = self.transport.index();
+        inner.streams[t].decrement(1.0);
         let i = StreamEnd::ALL
             .iter()
             .position(|r| *r == self.end)
             .unwrap_or_default();
-        inner.stream_ends[i].increment(1);
+        inner.stream_ends[t][i].increment(1);
     }
 }
 
-/// A stream's counter of bytes written with its coding.
+/// A stream's counter of bytes written over its transport with its coding.
 pub struct BytesWritten {
     metrics: Metrics,
-    i: usize,
+    transport: usize,
+    coding: usize,
 }
 
 impl BytesWritten {
     #[inline]
     pub fn add(&self, bytes: usize) {
-        self.metrics.inner.written[self.i]
+        self.metrics.inner.written[self.transport][self.coding]
             .0
             .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// A stream's counter of events written over its transport.
+pub struct EventsSent {
+    metrics: Metrics,
+    i: usize,
+}
+
+impl EventsSent {
+    #[inline]
+    pub fn add(&self, events: usize) {
+        self.metrics.inner.sent[self.i]
+            .0
+            .fetch_add(events as u64, Ordering::Relaxed);
     }
 }
 
@@ -1016,9 +1103,11 @@ mod tests {
         for line in [
             "# TYPE crier_open_connections gauge",
             "crier_open_connections{protocol=\"h2\",tls=\"yes\"} 0",
-            "crier_stream_ends_total{reason=\"slow_consumer\"} 0",
+            "crier_stream_ends_total{transport=\"grpc\",reason=\"slow_consumer\"} 0",
+            "crier_stream_events_total{transport=\"longpoll\"} 0",
+            "crier_refused_subscribes_total{transport=\"websocket\"} 0",
             "crier_deliveries_total 0",
-            "crier_stream_bytes_total{coding=\"zstd\"} 0",
+            "crier_stream_bytes_total{transport=\"sse\",coding=\"zstd\"} 0",
             "crier_refused_requests_total{reason=\"storage_full\"} 0",
             "crier_store_errors_total{operation=\"read\",kind=\"unavailable\"} 0",
             "# TYPE crier_process_cpu_seconds_total counter",
@@ -1036,20 +1125,24 @@ mod tests {
         let metrics = Metrics::new();
         metrics.delivered(3);
         metrics.delivered(2);
-        metrics.written(Some(Codec::Gzip)).add(10);
+        metrics.written(Kind::Sse, Some(Codec::Gzip)).add(10);
+        metrics.sent(Kind::Grpc).add(4);
         {
             let _c = metrics.connection(Protocol::Http2, true);
-            let mut stream = metrics.stream();
+            let mut stream = metrics.stream(Kind::WebSocket);
             stream.ends(StreamEnd::SlowConsumer);
             let text = metrics.render();
             assert!(text.contains("crier_open_connections{protocol=\"h2\",tls=\"yes\"} 1"));
-            assert!(text.contains("crier_open_streams 1"));
+            assert!(text.contains("crier_open_streams{transport=\"websocket\"} 1"));
         }
         let text = metrics.render();
         assert!(text.contains("crier_deliveries_total 5"), "{text}");
-        assert!(text.contains("crier_stream_bytes_total{coding=\"gzip\"} 10"));
+        assert!(text.contains("crier_stream_bytes_total{transport=\"sse\",coding=\"gzip\"} 10"));
+        assert!(text.contains("crier_stream_events_total{transport=\"grpc\"} 4"));
         assert!(text.contains("crier_open_connections{protocol=\"h2\",tls=\"yes\"} 0"));
-        assert!(text.contains("crier_open_streams 0"));
-        assert!(text.contains("crier_stream_ends_total{reason=\"slow_consumer\"} 1"));
+        assert!(text.contains("crier_open_streams{transport=\"websocket\"} 0"));
+        assert!(text.contains(
+            "crier_stream_ends_total{transport=\"websocket\",reason=\"slow_consumer\"} 1"
+        ));
     }
 }

@@ -48,8 +48,9 @@ use crate::compress::Chained;
 use crate::drain::Drain;
 use crate::event::{Cursor, Event, Position, Topic};
 use crate::hub::{Feeds, Hub, Lagged, Live};
-use crate::metrics::{Metrics, Resume, StreamEnd};
+use crate::metrics::{EventsSent, Metrics, Resume, StreamEnd};
 use crate::store::{History, Store, StoreError};
+use crate::transport::Kind;
 
 /// Events read from the store per round trip while replaying.
 const REPLAY_PAGE: usize = 128;
@@ -161,6 +162,8 @@ pub struct Subscription {
     /// unless the stream resumes.
     resuming: Vec<bool>,
     metrics: Metrics,
+    /// Events written, counted by transport once the stream runs.
+    sent: Option<EventsSent>,
 }
 
 /// Where a stream stands in one of its topics.
@@ -200,6 +203,7 @@ impl Subscription {
             retry_now: false,
             resuming: Vec::new(),
             metrics: hub.metrics().clone(),
+            sent: None,
         }
     }
 
@@ -241,7 +245,8 @@ impl Subscription {
     ) -> impl Stream<Item = W::Out> {
         // Counted open from here (even if never polled), and its end counted
         // by the last reason set; dropped without one, the client left.
-        let mut open = self.metrics.stream();
+        let mut open = self.metrics.stream(W::TRANSPORT);
+        self.sent = Some(self.metrics.sent(W::TRANSPORT));
         // The request's span (made in its handler), named by the stream's
         // log lines: the body does not enter it on every poll.
         let span = tracing::Span::current();
@@ -617,6 +622,9 @@ impl Subscription {
     /// for it if it came live.
     fn emit(&mut self, i: usize, event: &Event, chained: Option<&Chained>, wire: &mut impl Wire) {
         self.places[i].position = event.position();
+        if let Some(sent) = &self.sent {
+            sent.add(1);
+        }
         match self.style {
             IdStyle::Single => wire.event(event, chained),
             IdStyle::Multi => {
@@ -823,6 +831,9 @@ impl Control {
 pub trait Wire: Send + 'static {
     /// One write.
     type Out: Send + 'static;
+    /// The transport it writes for: the `transport` label of the stream's
+    /// metrics.
+    const TRANSPORT: Kind;
     /// A control item: the stream's opening, a reset, its last words.
     fn control(&mut self, control: &Control);
     /// A heartbeat (an SSE comment, a WebSocket ping).

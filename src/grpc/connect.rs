@@ -21,6 +21,7 @@ use tonic::{Status, Streaming};
 
 use super::{Face, SubscribeStream, proto};
 use crate::http::ApiError;
+use crate::transport::Kind;
 use crate::transport::grpc::Encoded;
 use proto::{client_message, server_message};
 
@@ -114,7 +115,10 @@ async fn run(
                                 subscriptions.insert(key, stream);
                                 None
                             }
-                            Err(error) => Some(Ok(message(&reference, problem(&face, &error)))),
+                            Err(error) => {
+                                face.state.metrics.subscribe_refused(Kind::Grpc);
+                                Some(Ok(message(&reference, problem(&face, &error))))
+                            }
                         }
                     }
                     client_message::Message::Unsubscribe(unsubscribe) => {

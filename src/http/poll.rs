@@ -12,6 +12,7 @@ use super::AppState;
 use crate::coding::Codec;
 use crate::compress;
 use crate::subscription::{StreamSettings, Subscription};
+use crate::transport::Kind;
 use crate::transport::poll::{self, Answer};
 
 /// Runs `subscription` until it has something to say (an event, a reset,
@@ -48,7 +49,7 @@ pub async fn answer(
         // goes as it is.
         Some((_, Err(_))) | None => (None, body),
     };
-    state.metrics.written(codec).add(body.len());
+    state.metrics.written(Kind::LongPoll, codec).add(body.len());
     let mut response = Response::new(axum::body::Body::from(body));
     let headers = response.headers_mut();
     headers.insert(

@@ -54,6 +54,7 @@ pub async fn topic(
     let topic = parse_topic(path, &state)?;
     let params = Params::parse(query.as_deref(), &state, false)?;
     let transport = Transport::of(&params, &method, &headers, upgrade)?;
+    let (metrics, kind) = (state.metrics.clone(), transport.kind());
     open(
         state,
         vec![topic],
@@ -65,6 +66,7 @@ pub async fn topic(
         peer,
     )
     .await
+    .inspect_err(|_| metrics.subscribe_refused(kind))
 }
 
 pub async fn topics(
@@ -89,6 +91,7 @@ pub async fn topics(
         return Err(ApiError::NoTopic);
     }
     let transport = Transport::of(&params, &method, &headers, upgrade)?;
+    let (metrics, kind) = (state.metrics.clone(), transport.kind());
     open(
         state,
         topics,
@@ -100,6 +103,7 @@ pub async fn topics(
         peer,
     )
     .await
+    .inspect_err(|_| metrics.subscribe_refused(kind))
 }
 
 /// [`PeerParts`] as extracted.
@@ -133,6 +137,15 @@ enum Transport {
 }
 
 impl Transport {
+    /// Its `transport` label in the metrics.
+    fn kind(&self) -> crate::transport::Kind {
+        match self {
+            Transport::Sse => crate::transport::Kind::Sse,
+            Transport::Poll => crate::transport::Kind::LongPoll,
+            Transport::WebSocket(_) => crate::transport::Kind::WebSocket,
+        }
+    }
+
     fn of(
         params: &Params,
         method: &Method,
@@ -357,7 +370,7 @@ async fn open(
         &state.config.codecs(),
     );
     let holds = Holds {
-        written: state.metrics.written(codec),
+        written: state.metrics.written(crate::transport::Kind::Sse, codec),
         _slot: peer.slot.map(|Extension(slot)| slot),
         activity: peer.activity.map(|Extension(activity)| activity.open()),
     };

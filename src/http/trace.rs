@@ -4,6 +4,12 @@
 //! tower-http's `TraceLayer`, which wrapped every body (an event crossed that
 //! wrapper on its way to the socket), the future is the inner one's, in
 //! place: no allocation per request.
+//!
+//! A gRPC call's answer is HTTP 200 whatever its outcome: its line carries
+//! the call's `grpc_status` as well. A refused call (Trailers-Only) has it
+//! in its headers and is logged like a refused request; any other call's
+//! body is wrapped to log the status of its trailers when they go out (or
+//! that the client left first).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,10 +89,29 @@ where
         let this = self.project();
         let _entered = this.span.enter();
         let answer = ready!(this.inner.poll(cx));
-        if let Ok(response) = &answer {
-            log_response(response, this.started.elapsed());
-        }
-        Poll::Ready(answer)
+        Poll::Ready(
+            answer.map(|response| match grpc_status(response.headers()) {
+                GrpcAnswer::NotGrpc => {
+                    log_response(&response, this.started.elapsed());
+                    response
+                }
+                GrpcAnswer::Refused(code) => {
+                    log_refused_call(&response, code, this.started.elapsed());
+                    response
+                }
+                GrpcAnswer::InTrailers => {
+                    let (span, started) = (this.span.clone(), *this.started);
+                    response.map(|body| {
+                        axum::body::Body::new(CallBody {
+                            inner: body,
+                            span,
+                            started,
+                            logged: false,
+                        })
+                    })
+                }
+            }),
+        )
     }
 }
 
@@ -114,6 +139,117 @@ fn log_response(response: &Response, latency: Duration) {
     }
     if response.status().is_server_error() {
         tracing::error!(status, problem, latency_us, "response failed");
+    }
+}
+
+/// Where a gRPC call's status is, if the answer is one's.
+enum GrpcAnswer {
+    NotGrpc,
+    /// Trailers-Only: the call was refused with this code.
+    Refused(i32),
+    /// In the trailers, after the messages.
+    InTrailers,
+}
+
+fn grpc_status(headers: &axum::http::HeaderMap) -> GrpcAnswer {
+    let grpc = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        return GrpcAnswer::NotGrpc;
+    }
+    match headers.get("grpc-status").map(status_code) {
+        Some(code) => GrpcAnswer::Refused(code),
+        None => GrpcAnswer::InTrailers,
+    }
+}
+
+/// The code of a `grpc-status` value (`Unknown`, 2, if unreadable).
+fn status_code(value: &axum::http::HeaderValue) -> i32 {
+    std::str::from_utf8(value.as_bytes())
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+}
+
+/// The codes that say the hub failed, as a 5xx does (logged at ERROR):
+/// `Unknown`, `Internal`, `Unavailable`, `DataLoss`.
+fn is_server_error(code: i32) -> bool {
+    matches!(code, 2 | 13 | 14 | 15)
+}
+
+/// A call refused before any message, logged as a refused request is.
+fn log_refused_call(response: &Response, grpc_status: i32, latency: Duration) {
+    let status = response.status().as_u16();
+    let latency_us = latency.as_micros() as u64;
+    if grpc_status == 0 {
+        tracing::debug!(status, grpc_status, latency_us, "served");
+        return;
+    }
+    if let Some(suppressed) = REFUSAL_LOG.allow() {
+        tracing::info!(status, grpc_status, latency_us, suppressed, "refused");
+    }
+    if is_server_error(grpc_status) {
+        tracing::error!(status, grpc_status, latency_us, "response failed");
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A gRPC call's body, which logs the call's status when its trailers
+    /// go out, or that the client left before them.
+    struct CallBody {
+        #[pin]
+        inner: axum::body::Body,
+        span: tracing::Span,
+        started: Instant,
+        logged: bool,
+    }
+
+    impl PinnedDrop for CallBody {
+        fn drop(this: Pin<&mut Self>) {
+            if !this.logged {
+                let _entered = this.span.enter();
+                let latency_us = this.started.elapsed().as_micros() as u64;
+                tracing::debug!(status = 200u16, latency_us, "client left");
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for CallBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(trailers) = frame.trailers_ref()
+        {
+            *this.logged = true;
+            let _entered = this.span.enter();
+            let grpc_status = trailers.get("grpc-status").map_or(2, status_code);
+            let latency_us = this.started.elapsed().as_micros() as u64;
+            // At DEBUG whatever the status: a stream's end (its reader fell
+            // behind, the node shuts down) is logged by the stream itself.
+            if grpc_status == 0 {
+                tracing::debug!(status = 200u16, grpc_status, latency_us, "served");
+            } else {
+                tracing::debug!(status = 200u16, grpc_status, latency_us, "ended");
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

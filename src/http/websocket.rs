@@ -42,11 +42,11 @@ use tokio_tungstenite::WebSocketStream;
 use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::limits::HeldSlot;
+use super::client_slot::HeldSlot;
 use super::publish::{Published, item_event, store_one};
 use super::{ApiError, AppState};
 use crate::auth::Principal;
-use crate::connection::{ConnectionHold, StreamActivity};
+use crate::server::connection::{ConnectionHold, StreamActivity};
 use crate::store::{Appended, IdempotencyKey};
 use crate::subscription::{StreamSettings, Subscription};
 use crate::transport::permessage_deflate::{Inflating, negotiate};
@@ -221,7 +221,10 @@ async fn serve(
     deflate: bool,
 ) {
     let heartbeat = settings.heartbeat;
-    let written = socket.state.metrics.written(None);
+    let written = socket
+        .state
+        .metrics
+        .written(crate::transport::Kind::WebSocket, None);
     let frames = subscription.into_stream(settings, Frames::new(deflate));
     tokio::pin!(frames);
     // Not split: both halves would take a lock on every poll. Reading is

@@ -132,6 +132,7 @@ impl SharedUnits {
 
 impl Wire for SharedUnits {
     type Out = std::io::Result<Bytes>;
+    const TRANSPORT: super::Kind = super::Kind::Sse;
 
     fn control(&mut self, control: &Control) {
         let bytes = &crate::transport::plain::encode(control);

@@ -161,6 +161,7 @@ impl Items {
 
 impl Wire for Items {
     type Out = Batch;
+    const TRANSPORT: super::Kind = super::Kind::Grpc;
 
     fn control(&mut self, control: &Control) {
         self.push(Bytes::from(control_item(control).encode_to_vec()));

@@ -20,3 +20,38 @@ pub mod plain;
 pub mod permessage_deflate;
 pub mod poll;
 pub mod websocket;
+
+/// Which transport a stream travels by: the `transport` label of the
+/// stream metrics (`crate::metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sse,
+    WebSocket,
+    LongPoll,
+    Grpc,
+}
+
+impl Kind {
+    /// Every kind, in label order.
+    pub const ALL: [Kind; 4] = [Kind::Sse, Kind::WebSocket, Kind::LongPoll, Kind::Grpc];
+
+    /// Its place in [`Kind::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Kind::Sse => 0,
+            Kind::WebSocket => 1,
+            Kind::LongPoll => 2,
+            Kind::Grpc => 3,
+        }
+    }
+
+    /// The value of the `transport` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Sse => "sse",
+            Kind::WebSocket => "websocket",
+            Kind::LongPoll => "longpoll",
+            Kind::Grpc => "grpc",
+        }
+    }
+}

@@ -56,6 +56,7 @@ impl Plain {
 
 impl Wire for Plain {
     type Out = std::io::Result<Bytes>;
+    const TRANSPORT: super::Kind = super::Kind::Sse;
 
     fn control(&mut self, control: &Control) {
         self.push_shared(&encode(control));

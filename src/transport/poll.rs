@@ -42,6 +42,7 @@ impl Answer {
 
 impl Wire for Answer {
     type Out = Entries;
+    const TRANSPORT: super::Kind = super::Kind::LongPoll;
 
     fn control(&mut self, control: &Control) {
         match control {

@@ -240,6 +240,7 @@ impl Frames {
 
 impl Wire for Frames {
     type Out = Batch;
+    const TRANSPORT: super::Kind = super::Kind::WebSocket;
 
     fn control(&mut self, control: &Control) {
         put_frame(&mut self.wire, FIN | TEXT, &control_json(control));

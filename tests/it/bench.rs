@@ -220,6 +220,68 @@ async fn fanout_and_idle_over_websockets_count_every_delivery_exactly() {
     server.stop().await;
 }
 
+/// `--transport grpc`: the same fanout over `Subscribe` calls, each on an
+/// h2c connection of its own, every delivery counted exactly; idle calls
+/// held; and a storm of calls coming back with their last id, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_idle_and_storm_over_grpc_count_every_delivery_exactly() {
+    let server = Server::start().await;
+    let fanout = [
+        "fanout",
+        "--transport",
+        "grpc",
+        "--subscribers",
+        "50",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+    ];
+    let result = bench(&server, &fanout).await;
+    assert_every_event_once(&result, 50, 50);
+    assert!(
+        result["wire"]["bytes_per_event"].as_f64() > Some(200.0),
+        "the 200-byte payload and its message: {result}"
+    );
+    let idle = [
+        "idle",
+        "--transport",
+        "grpc",
+        "--subscribers",
+        "50",
+        "--hold",
+        "300ms",
+    ];
+    let result = bench(&server, &idle).await;
+    assert_eq!(result["connected"], 50, "{result}");
+    assert_eq!(result["still_connected"], 50, "{result}");
+    let storm = [
+        "storm",
+        "--transport",
+        "grpc",
+        "--topic",
+        "storm",
+        "--subscribers",
+        "50",
+        "--rate",
+        "50",
+        "--behind",
+        "30",
+        "--warmup",
+        "3",
+        "--catch-up-timeout",
+        "5s",
+    ];
+    let result = bench(&server, &storm).await;
+    assert_eq!(result["reconnected"], 50, "{result}");
+    assert_eq!(result["caught_up"], 50, "{result}");
+    assert_eq!(result["lost"], 0, "{result}");
+    assert_eq!(result["duplicated"], 0, "{result}");
+    assert_eq!(result["resets"], 0, "{result}");
+    assert_eq!(result["exact"], true, "{result}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_reports_the_hubs_memory_per_connection() {
     let server = Server::start().await;

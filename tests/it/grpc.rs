@@ -234,7 +234,9 @@ async fn refusals_are_status_codes_carrying_the_problem_type() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_call_and_one_past_its_deadline_release_their_subscription() {
     let server = Server::start().await;
-    server.wait_for_metric("crier_open_streams 0").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 0")
+        .await;
     let mut client = grpc_client(&server).await;
     let request = || SubscribeRequest {
         topics: vec!["news".into()],
@@ -245,9 +247,13 @@ async fn a_cancelled_call_and_one_past_its_deadline_release_their_subscription()
         .await
         .expect("subscribe")
         .into_inner();
-    server.wait_for_metric("crier_open_streams 1").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 1")
+        .await;
     drop(items);
-    server.wait_for_metric("crier_open_streams 0").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 0")
+        .await;
 
     let mut timed = tonic::Request::new(request());
     timed.set_timeout(Duration::from_millis(500));
@@ -256,7 +262,9 @@ async fn a_cancelled_call_and_one_past_its_deadline_release_their_subscription()
         .await
         .expect("subscribe")
         .into_inner();
-    server.wait_for_metric("crier_open_streams 1").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 1")
+        .await;
     let ended = loop {
         match tokio::time::timeout(DEADLINE, items.message()).await {
             Ok(Ok(Some(_))) => continue,
@@ -266,7 +274,9 @@ async fn a_cancelled_call_and_one_past_its_deadline_release_their_subscription()
         }
     };
     assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
-    server.wait_for_metric("crier_open_streams 0").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 0")
+        .await;
     // The connection is still good for HTTP and gRPC alike.
     server.publish("news", "after").await;
     server.stop().await;
@@ -403,9 +413,13 @@ async fn connect_subscribes_publishes_with_references_and_ends_on_cancel_or_dead
         )
     );
     // Cancelling the call (both its halves) ends its subscriptions.
-    server.wait_for_metric("crier_open_streams 1").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 1")
+        .await;
     drop((answers, tx));
-    server.wait_for_metric("crier_open_streams 0").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 0")
+        .await;
 
     // A call past its deadline ends, and its subscriptions with it.
     let (tx, rx) = tokio::sync::mpsc::channel::<ClientMessage>(8);
@@ -421,7 +435,9 @@ async fn connect_subscribes_publishes_with_references_and_ends_on_cancel_or_dead
     let mut timed = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     timed.set_timeout(Duration::from_millis(500));
     let mut answers = client.connect(timed).await.expect("connect").into_inner();
-    server.wait_for_metric("crier_open_streams 1").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 1")
+        .await;
     let ended = loop {
         match tokio::time::timeout(DEADLINE, answers.message()).await {
             Ok(Ok(Some(_))) => continue,
@@ -431,7 +447,9 @@ async fn connect_subscribes_publishes_with_references_and_ends_on_cancel_or_dead
         }
     };
     assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
-    server.wait_for_metric("crier_open_streams 0").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"grpc\"} 0")
+        .await;
     drop(tx);
     server.stop().await;
 }
@@ -686,7 +704,7 @@ async fn a_grpc_reader_that_falls_behind_is_cut_off_like_a_slow_sse_one() {
     assert!(got.len() < EVENTS, "the slow reader was cut off");
     assert_eq!(got[..], expected[..got.len()]);
     server
-        .wait_for_metric("crier_stream_ends_total{reason=\"slow_consumer\"} 1")
+        .wait_for_metric("crier_stream_ends_total{transport=\"grpc\",reason=\"slow_consumer\"} 1")
         .await;
 
     // Resuming with its last id, it loses nothing.
@@ -927,4 +945,77 @@ async fn a_drain_turns_health_to_not_serving_and_ends_calls_with_a_farewell() {
         .await
         .expect("the wait");
     assert!(status.success(), "{status:?}");
+}
+
+/// A gRPC call's answer is HTTP 200 whatever became of it: the request log
+/// records the call's own status, `grpc_status`: 0 for a publish served,
+/// 3 (`InvalidArgument`) at INFO for one refused, and the status its
+/// trailers carried for a stream that ended (here past its deadline, 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_log_records_each_calls_grpc_status() {
+    let crier = Process::start_with_env(
+        &["--log-format", "json"],
+        &[("RUST_LOG", "debug,hyper=info,h2=info")],
+    );
+    let channel = tonic::transport::Endpoint::from_shared(crier.base.clone())
+        .expect("an endpoint")
+        .connect_timeout(DEADLINE)
+        .connect()
+        .await
+        .expect("a gRPC connection");
+    let mut client = proto::crier_client::CrierClient::new(channel);
+    client
+        .publish(publish("news", "ok", ""))
+        .await
+        .expect("publish");
+    let refused = client
+        .publish(publish("not a topic!", "no", ""))
+        .await
+        .expect_err("a bad topic is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let mut timed = tonic::Request::new(SubscribeRequest {
+        topics: vec!["news".into()],
+        ..Default::default()
+    });
+    timed.set_timeout(Duration::from_millis(300));
+    let mut items = client
+        .subscribe(timed)
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let ended = loop {
+        match tokio::time::timeout(DEADLINE, items.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the call ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the deadline did not end the call"),
+        }
+    };
+    assert_eq!(ended.code(), Code::DeadlineExceeded);
+    let calls = || -> Vec<serde_json::Value> {
+        crier
+            .log()
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .filter(|l: &serde_json::Value| {
+                l["span"]["name"] == "request" && l["grpc_status"].is_number()
+            })
+            .collect()
+    };
+    common::wait_for("three call lines", || calls().len() >= 3).await;
+    let line = |path: &str, grpc_status: u64| {
+        calls()
+            .into_iter()
+            .find(|l| l["span"]["path"] == path && l["grpc_status"] == grpc_status)
+            .unwrap_or_else(|| panic!("no {path} line with {grpc_status}: {:#?}", calls()))
+    };
+    let served = line("/crier.v1.Crier/Publish", 0);
+    assert_eq!(served["level"], "DEBUG");
+    assert_eq!(served["status"], 200);
+    let refused = line("/crier.v1.Crier/Publish", 3);
+    assert_eq!(refused["level"], "INFO");
+    assert_eq!(refused["message"], "refused");
+    let ended = line("/crier.v1.Crier/Subscribe", 4);
+    assert_eq!(ended["level"], "DEBUG");
+    assert_eq!(ended["message"], "ended");
 }

@@ -47,7 +47,9 @@ async fn a_waiting_poll_answers_as_soon_as_an_event_is_published() {
         tokio::spawn(async move { poll_once(&client, &url, Some(&first)).await })
     };
     // The poll is waiting in the hub before the event comes.
-    server.wait_for_metric("crier_open_streams 1").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"longpoll\"} 1")
+        .await;
     let started = Instant::now();
     let second = server.publish_id("news", "b").await;
     let answer = tokio::time::timeout(Duration::from_secs(5), poll)

@@ -30,13 +30,28 @@ struct Scrape {
 }
 
 impl Scrape {
-    /// The value of a series, which must be there.
+    /// The sum of the series of `name` with these labels, whatever their
+    /// others (as PromQL's `sum(name{labels})`): `crier_open_streams` with
+    /// no label is every transport's. There must be at least one.
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let key = series(name, labels);
-        *self
-            .samples
-            .get(&key)
+        self.sum(name, labels)
             .unwrap_or_else(|| panic!("no series {key:?} in {:#?}", self.samples.keys()))
+    }
+
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let matching: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|((n, l), _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, value)| *value)
+            .collect();
+        (!matching.is_empty()).then(|| matching.iter().sum())
     }
 
     fn has(&self, name: &str) -> bool {
@@ -307,7 +322,7 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             let scrape = self.scrape().await;
-            let now = scrape.samples.get(&series(name, labels)).copied();
+            let now = scrape.sum(name, labels);
             if now == Some(value) {
                 return;
             }
@@ -952,4 +967,70 @@ async fn the_metrics_listener_serves_a_bounded_number_of_connections_and_closes_
         assert!(tokio::time::Instant::now() < deadline, "no slot came free");
         tokio::task::yield_now().await;
     }
+}
+
+/// A subscribe refused once its transport is known (here a malformed
+/// position) counts under that transport in
+/// `crier_refused_subscribes_total`, and by reason as every refusal does;
+/// one refused before (a malformed topic) counts by reason only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_subscribes_are_counted_by_transport() {
+    let hub = Hub::start(|_| {}).await;
+    let server = &hub.server;
+    let client = common::client();
+    let url = server.url("/topics/secret-alpha");
+    let sse = client
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .header("last-event-id", "not-a-position")
+        .send()
+        .await
+        .expect("SSE subscribe");
+    assert_eq!(sse.status(), 400);
+    let poll = client
+        .get(format!("{url}?poll=1"))
+        .header("last-event-id", "not-a-position")
+        .send()
+        .await
+        .expect("long-poll");
+    assert_eq!(poll.status(), 400);
+    let ws_url = format!("{url}?lastEventId=not-a-position").replacen("http", "ws", 1);
+    match tokio_tungstenite::connect_async(ws_url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(answer)) => {
+            assert_eq!(answer.status(), 400)
+        }
+        other => panic!("the handshake should be refused: {other:?}"),
+    }
+    let mut grpc = common::transport::grpc_client(server).await;
+    let refused = grpc
+        .subscribe(crier::grpc::proto::SubscribeRequest {
+            topics: vec!["secret-alpha".into()],
+            last_event_id: "not-a-position".into(),
+            last: None,
+        })
+        .await
+        .expect_err("a malformed position is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let bad_topic = client
+        .get(server.url("/topics/bad%20topic"))
+        .send()
+        .await
+        .expect("subscribe");
+    assert_eq!(bad_topic.status(), 400);
+
+    for transport in ["sse", "longpoll", "websocket", "grpc"] {
+        hub.wait(
+            "crier_refused_subscribes_total",
+            &[("transport", transport)],
+            1.0,
+        )
+        .await;
+    }
+    let scrape = hub.scrape().await;
+    assert_eq!(scrape.get("crier_refused_subscribes_total", &[]), 4.0);
+    assert_eq!(
+        scrape.get("crier_refused_requests_total", &[("reason", "bad_input")]),
+        5.0
+    );
+    assert_eq!(scrape.get("crier_open_streams", &[]), 0.0);
 }

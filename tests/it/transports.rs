@@ -198,7 +198,76 @@ async fn reconnects_during_concurrent_publishing_lose_and_duplicate_nothing() {
     server.stop().await;
 }
 
+/// The `transport` label of the hub's metrics for `transport`.
+fn label_of(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Sse => "sse",
+        Transport::WebSocket | Transport::WebSocketDeflate => "websocket",
+        Transport::Poll => "longpoll",
+        Transport::Grpc => "grpc",
+    }
+}
+
+/// The sum of a metric's series of one transport in a `/metrics` scrape
+/// (bytes: over every coding); `None` while there is none.
+async fn metric(server: &Server, name: &str, transport: &str) -> Option<f64> {
+    let text = server.scrape().await;
+    let label = format!("transport=\"{transport}\"");
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
+        .map(|line| {
+            let (_, value) = line.rsplit_once(' ').expect("a sample");
+            value.parse::<f64>().expect("a sample's value")
+        })
+        .reduce(|a, b| a + b)
+}
+
+/// The same series for every transport label: a subscriber's stream, its
+/// events and its bytes are counted under its own transport, and under
+/// no other.
+async fn a_subscriber_shows_up_in_the_metrics_under_its_own_transport() {
+    let server = Server::start_with(quick_polls).await;
+    let mine = label_of(common::transport::current());
+    let replayed = publish_n(&server, "news", 1..=2).await;
+    let mut sub = Feed::open(&server, "/topics/news?last=2", None).await;
+    assert_eq!(sub.take(2).await, replayed);
+    let live = publish_n(&server, "news", 3..=3).await;
+    assert_eq!(sub.next().await, live[0]);
+    // A long-poll is an open stream while it waits: the loop's next one.
+    server
+        .wait_for_metric(&format!("crier_open_streams{{transport=\"{mine}\"}} 1"))
+        .await;
+    server
+        .wait_for_metric(&format!(
+            "crier_stream_events_total{{transport=\"{mine}\"}} 3"
+        ))
+        .await;
+    for other in ["sse", "websocket", "longpoll", "grpc"] {
+        let bytes = metric(&server, "crier_stream_bytes_total", other)
+            .await
+            .expect("bytes by transport");
+        if other == mine {
+            assert!(bytes > 0.0, "{other}: no bytes counted");
+            continue;
+        }
+        assert_eq!(bytes, 0.0, "{other}: bytes of another transport's stream");
+        for name in ["crier_open_streams", "crier_stream_events_total"] {
+            assert_eq!(
+                metric(&server, name, other).await,
+                Some(0.0),
+                "{name} of {other}, with a {mine} subscriber"
+            );
+        }
+    }
+    drop(sub);
+    server
+        .wait_for_metric(&format!("crier_open_streams{{transport=\"{mine}\"}} 0"))
+        .await;
+    server.stop().await;
+}
+
 on_every_transport!(
+    a_subscriber_shows_up_in_the_metrics_under_its_own_transport,
     resume_with_the_last_id_replays_exactly_the_missed_events_then_live,
     last_n_replays_the_n_most_recent_events_then_live,
     multi_topic_resume_replays_each_topics_missed_events_then_live,

@@ -117,7 +117,9 @@ async fn a_peer_that_answers_no_pings_is_closed() {
     let mut socket = open(&server, "/topics/quiet", &[]).await;
     // Not reading: no pong goes back. A ping after 200ms, no answer by
     // 400ms: the hub ends the socket's stream.
-    server.wait_for_metric("crier_open_streams 0").await;
+    server
+        .wait_for_metric("crier_open_streams{transport=\"websocket\"} 0")
+        .await;
     // Reading now answers the queued pings, which may fail on the closed
     // connection before the close frame is read: either way it is closed.
     let deadline = tokio::time::Instant::now() + DEADLINE;

@@ -22,7 +22,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,8 +35,11 @@ use super::decode::{
     Body, DataLines, LastId, Line, WS_CLOSE, WS_PING, WS_PONG, WS_TEXT, WS_TEXT_DEFLATED, WsFrames,
     response_head,
 };
-use crate::coding::Codec;
-use crate::compress::Decompressor;
+use super::grpc::{Call, GrpcStream};
+#[cfg(target_os = "linux")]
+use super::subscriber::bind_address_no_port;
+pub use super::subscriber::{Ending, Listener, unix_micros};
+use crate::coding::{Codec, Decompressor};
 
 /// What every many-subscriber scenario is told about its subscribers.
 #[derive(Debug, Clone, Args)]
@@ -75,8 +78,10 @@ pub struct SubscribeArgs {
     pub accept_encoding: Option<String>,
     /// How subscribers subscribe: `sse` (an event stream), `ws` (a
     /// WebSocket handshake on the same path: one JSON text frame per event;
-    /// pings answered), or `ws-deflate` (the same, offering
-    /// permessage-deflate as a browser does; compressed messages inflated).
+    /// pings answered), `ws-deflate` (the same, offering
+    /// permessage-deflate as a browser does; compressed messages inflated),
+    /// or `grpc` (a `Subscribe` call to the path's topics over an h2c
+    /// connection of its own; crier only).
     #[arg(long, value_enum, default_value = "sse")]
     pub transport: Transport,
 }
@@ -87,6 +92,7 @@ pub enum Transport {
     Sse,
     Ws,
     WsDeflate,
+    Grpc,
 }
 
 /// A value that can go in a request header as it is: printable ASCII.
@@ -179,51 +185,6 @@ pub fn raise_open_files(needed: usize) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Now, in microseconds since the Unix epoch: the clock events are stamped
-/// with, comparable across processes on one machine.
-pub fn unix_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
-/// Receives a subscriber's events: the start of each `data:` line's value,
-/// and when the read that brought it arrived (µs since the Unix epoch).
-pub trait Listener: Send + 'static {
-    fn on_data(&mut self, data: &[u8], arrived_us: u64);
-
-    /// Every line of the stream the bench acts on, in order: data, event
-    /// type, id and end of event. By default only data lines matter, given
-    /// to [`on_data`](Listener::on_data) as they come; a listener that must
-    /// count events as EventSource does (only once complete) uses the rest.
-    fn on_line(&mut self, line: Line<'_>, arrived_us: u64) {
-        if let Line::Data(data) = line {
-            self.on_data(data, arrived_us);
-        }
-    }
-
-    /// The subscriber closed its connection when its crowd was told to
-    /// leave (an event read in part is lost, as for EventSource).
-    fn on_leave(&mut self) {}
-
-    /// The subscriber is back: it sent its request at `sent_us` and its new
-    /// stream was open (head and first bytes read) at `opened_us`.
-    fn on_rejoin(&mut self, _sent_us: u64, _opened_us: u64) {}
-}
-
-/// A subscriber that only holds its connection.
-impl Listener for () {
-    fn on_data(&mut self, _: &[u8], _: u64) {}
-}
-
-/// Why a subscriber's stream ended.
-enum Ending {
-    /// The bench stopped it.
-    Stopped,
-    /// The hub ended or broke it (or it never opened): the reason.
-    Dropped(String),
 }
 
 /// What one subscriber task gives back.
@@ -482,31 +443,64 @@ impl Stream {
     }
 }
 
-/// Leaves the choice of a bound socket's port to `connect`, which needs it
-/// free only for this 4-tuple and may reuse one in TIME_WAIT
-/// (`net.ipv4.tcp_tw_reuse`, on for loopback by default). Otherwise `bind`
-/// must find a port free for any destination: a previous run's TIME_WAITs
-/// (a minute) exhaust the range, and the search slows connecting to a crawl
-/// long before that.
-#[cfg(target_os = "linux")]
-pub(super) fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: a live socket descriptor, and an option value of the size
-    // given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// What a subscriber sends to subscribe.
+#[derive(Clone)]
+enum Request {
+    /// The whole HTTP/1.1 request (SSE, or a WebSocket handshake).
+    Http(Arc<[u8]>),
+    /// A gRPC `Subscribe` call.
+    Grpc(Arc<Call>),
+}
+
+/// An open subscription on either kind of connection. Neither is boxed: a
+/// crowd is all of one kind, and its size is each task's state anyway.
+#[allow(clippy::large_enum_variant)]
+enum Subscription {
+    Http(Stream),
+    Grpc(GrpcStream),
+}
+
+impl Subscription {
+    async fn open(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        request: &Request,
+        listener: &mut impl Listener,
+        last_id: LastId,
+    ) -> Result<Subscription, String> {
+        match request {
+            Request::Http(bytes) => Stream::open(addr, source, bytes, listener, last_id)
+                .await
+                .map(Subscription::Http),
+            Request::Grpc(call) => GrpcStream::open(addr, source, call, listener, last_id)
+                .await
+                .map(Subscription::Grpc),
+        }
+    }
+
+    async fn follow(&mut self, stop: &CancellationToken, listener: &mut impl Listener) -> Ending {
+        match self {
+            Subscription::Http(stream) => stream.follow(stop, listener).await,
+            Subscription::Grpc(stream) => stream.follow(stop, listener).await,
+        }
+    }
+
+    fn account(&self, wire: &mut Wire) {
+        match self {
+            Subscription::Http(stream) => stream.account(wire),
+            Subscription::Grpc(stream) => {
+                wire.coding = None;
+                wire.opening_bytes += stream.opening_bytes;
+                wire.stream_bytes += stream.stream_bytes;
+            }
+        }
+    }
+
+    fn last_id(&self) -> LastId {
+        match self {
+            Subscription::Http(stream) => stream.last_id,
+            Subscription::Grpc(stream) => stream.last_id,
+        }
     }
 }
 
@@ -559,7 +553,7 @@ struct Task {
     addr: SocketAddr,
     source: Option<IpAddr>,
     timeout: Duration,
-    request: Arc<[u8]>,
+    request: Request,
     gate: Arc<Semaphore>,
     counts: Arc<Counts>,
     stop: CancellationToken,
@@ -583,7 +577,7 @@ impl Task {
             // Nothing is published before every subscriber is connected, so
             // the preamble holds no event to count.
             let mut preamble = ();
-            let opened = Stream::open(
+            let opened = Subscription::open(
                 *addr,
                 *source,
                 &self.request,
@@ -643,10 +637,10 @@ impl Task {
     async fn leave_and_rejoin<L: Listener>(
         &self,
         rejoin: &Rejoin,
-        mut stream: Stream,
+        mut stream: Subscription,
         listener: &mut L,
         wire: &mut Wire,
-    ) -> Option<Stream> {
+    ) -> Option<Subscription> {
         let counts = &self.counts;
         // `leave` is a child of `stop`: stopping ends this too.
         if let Ending::Dropped(problem) = stream.follow(&rejoin.leave, listener).await {
@@ -657,7 +651,7 @@ impl Task {
         if self.stop.is_cancelled() {
             return None;
         }
-        let last_id = stream.last_id;
+        let last_id = stream.last_id();
         drop(stream);
         listener.on_leave();
         counts.left.fetch_add(1, Ordering::Relaxed);
@@ -670,9 +664,15 @@ impl Task {
                 Some(gate) => Some(gate.acquire().await),
                 None => None,
             };
-            let request = rejoin_request(&rejoin.request_head, &last_id)?;
+            let request = match &self.request {
+                Request::Http(_) => {
+                    Request::Http(rejoin_request(&rejoin.request_head, &last_id)?.into())
+                }
+                // The call carries the last id itself.
+                Request::Grpc(call) => Request::Grpc(call.clone()),
+            };
             let sent_us = unix_micros();
-            let opened = Stream::open(self.addr, self.source, &request, listener, last_id);
+            let opened = Subscription::open(self.addr, self.source, &request, listener, last_id);
             let stream = tokio::time::timeout(self.timeout, opened)
                 .await
                 .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))?;
@@ -705,10 +705,13 @@ fn request_head(target: &Target, args: &SubscribeArgs) -> String {
     )
 }
 
-/// The subscribe request head for `path` on the crowd's transport.
+/// The subscribe request head for `path` on the crowd's transport (gRPC:
+/// not an HTTP/1.1 request; see [`Request::Grpc`]).
 fn head_for(target: &Target, path: &str, args: &SubscribeArgs) -> String {
     match args.transport {
-        Transport::Sse => head_for_path(target, path, args.accept_encoding.as_deref()),
+        Transport::Sse | Transport::Grpc => {
+            head_for_path(target, path, args.accept_encoding.as_deref())
+        }
         Transport::Ws | Transport::WsDeflate => {
             let mut head = head_for_path(target, path, None);
             head.push_str(
@@ -804,17 +807,26 @@ impl<L: Listener> Crowd<L> {
         path: Option<&dyn Fn(usize) -> String>,
     ) -> Result<Crowd<L>, String> {
         let sources = sources(target, args)?;
-        let request: Arc<[u8]> = format!("{}\r\n", request_head(target, args))
-            .into_bytes()
-            .into();
-        let request_of = |i: usize| -> Arc<[u8]> {
-            match path {
-                Some(path) => {
+        let one_path = target.path(&args.subscribe_path, &args.topic);
+        let request = match args.transport {
+            Transport::Grpc => Request::Grpc(Call::new(&target.authority, &one_path)?.into()),
+            Transport::Sse | Transport::Ws | Transport::WsDeflate => Request::Http(
+                format!("{}\r\n", request_head(target, args))
+                    .into_bytes()
+                    .into(),
+            ),
+        };
+        let request_of = |i: usize| -> Result<Request, String> {
+            match (path, args.transport) {
+                (Some(path), Transport::Grpc) => Ok(Request::Grpc(
+                    Call::new(&target.authority, &target.path(&path(i), ""))?.into(),
+                )),
+                (Some(path), Transport::Sse | Transport::Ws | Transport::WsDeflate) => {
                     let path = target.path(&path(i), "");
                     let head = head_for(target, &path, args);
-                    format!("{head}\r\n").into_bytes().into()
+                    Ok(Request::Http(format!("{head}\r\n").into_bytes().into()))
                 }
-                None => request.clone(),
+                (None, _) => Ok(request.clone()),
             }
         };
         let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
@@ -829,15 +841,15 @@ impl<L: Listener> Crowd<L> {
                     addr: target.addr,
                     source: sources[i % sources.len()],
                     timeout: args.connect_timeout,
-                    request: request_of(i),
+                    request: request_of(i)?,
                     gate: gate.clone(),
                     counts: counts.clone(),
                     stop: stop.clone(),
                     rejoin: rejoin.clone(),
                 };
-                tokio::spawn(task.run(listener(i)))
+                Ok(tokio::spawn(task.run(listener(i))))
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         Ok(Crowd {
             tasks,
             counts,
@@ -1023,8 +1035,6 @@ mod tests {
     /// it, and its lines reach the listener as an identity stream's would.
     #[tokio::test]
     async fn a_compressed_stream_gives_the_same_lines_as_identity() {
-        use crate::compress::Compressor;
-
         #[derive(Default)]
         struct Lines(Vec<String>);
         impl Listener for Lines {
@@ -1036,12 +1046,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         for codec in [Codec::Zstd, Codec::Brotli, Codec::Gzip] {
             let tcp = TcpStream::connect(addr).await.unwrap();
-            let mut compressor = Compressor::new(codec).unwrap();
-            let mut wire = Vec::new();
-            for n in 0..20 {
-                let event = format!("id: {n}\ndata: {{\"seq\":{n},\"sent_us\":1}}\n\n");
-                wire.extend_from_slice(&compressor.compress(event.as_bytes()).unwrap());
-            }
+            let events: Vec<Vec<u8>> = (0..20)
+                .map(|n| format!("id: {n}\ndata: {{\"seq\":{n},\"sent_us\":1}}\n\n").into_bytes())
+                .collect();
+            let wire = crate::coding::compress_chunks(codec, &events);
             let mut stream = Stream {
                 tcp,
                 body: Body::new(super::super::decode::Framing::UntilClose),

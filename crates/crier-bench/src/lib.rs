@@ -1,23 +1,37 @@
 //! `crier bench`: measures an SSE hub over HTTP, so it can measure a peer as
 //! well as crier. Progress goes to stderr, one JSON result to stdout.
+//!
+//! A crate of its own (the `crier` binary calls [`main`]): the hub's library
+//! does not compile it and the hub's tests do not link it. It knows a hub
+//! only by what goes over the wire.
 
 mod attack;
 mod bare;
 mod client;
+mod coding;
 mod decode;
 mod fanout;
+mod grpc;
 mod idle;
 mod procfs;
 mod publish;
 mod replay;
 mod report;
 mod storm;
+mod subscriber;
 mod throughput;
 mod wire;
 
-use clap::{Args, Subcommand};
+/// The gRPC contract's messages (`proto/crier/v1/crier.proto`).
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic)]
+    include!(concat!(env!("OUT_DIR"), "/crier.v1.rs"));
+}
 
-#[derive(Debug, Clone, Args)]
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "crier bench")]
 pub struct BenchArgs {
     #[command(subcommand)]
     pub scenario: Scenario,
@@ -71,4 +85,28 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     };
     println!("{result}");
     Ok(())
+}
+
+/// `crier bench ARGS…`: parses `args` (what follows `bench`), runs the
+/// scenario and prints its result; clap's own answer (`--help`, a bad
+/// argument) is printed as clap prints it.
+pub async fn main(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
+    let args = match BenchArgs::try_parse_from(std::iter::once("crier bench".into()).chain(args)) {
+        Ok(args) => args,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("crier bench: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

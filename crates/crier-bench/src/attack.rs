@@ -366,7 +366,7 @@ impl Attack {
         let _permit = self.gate.acquire().await.map_err(|e| e.to_string())?;
         let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         #[cfg(target_os = "linux")]
-        super::client::bind_address_no_port(&socket)
+        super::subscriber::bind_address_no_port(&socket)
             .map_err(|e| format!("IP_BIND_ADDRESS_NO_PORT: {e}"))?;
         socket
             .bind(SocketAddr::new(IpAddr::V4(source), 0))

@@ -25,8 +25,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 
-use crate::event::{Epoch, Position};
-
 #[derive(Debug, Clone, Args)]
 pub struct BareHubArgs {
     /// Where to listen (a loopback address; port 0 picks one). The address
@@ -51,7 +49,8 @@ struct Topic {
 
 struct Hub {
     topics: Mutex<HashMap<String, Topic>>,
-    epoch: Epoch,
+    /// The hub's epoch, as crier writes one: base 36.
+    epoch: String,
     backlog: usize,
 }
 
@@ -74,15 +73,63 @@ impl Hub {
         let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
         let topic = self.topic(&mut topics, name);
         topic.seq += 1;
-        let id = Position {
-            seq: topic.seq,
-            epoch: Some(self.epoch),
-        }
-        .to_string();
-        let (frame, _) = crate::sse::encode_event(&id, None, data);
+        let frame = event_frame(topic.seq, &self.epoch, data);
         // Nobody subscribed: nothing to do (an error only says so).
         let _ = topic.sender.send(chunk(&frame));
     }
+}
+
+/// What crier writes first on a stream with no start position.
+const PREAMBLE: &[u8] = b"retry: 3000\n: crier stream open\n\n";
+
+/// An event as crier frames it: `id: SEQ.EPOCH`, a `data:` line per line
+/// of `data` (CR, LF and CRLF all end a line), a blank line.
+fn event_frame(seq: u64, epoch: &str, data: &str) -> Bytes {
+    let mut frame = BytesMut::with_capacity(data.len() + 32);
+    frame.put_slice(format!("id: {seq}.{epoch}\n").as_bytes());
+    let bytes = data.as_bytes();
+    let (mut start, mut i) = (0, 0);
+    let line = |frame: &mut BytesMut, line: &[u8]| {
+        frame.put_slice(b"data: ");
+        frame.put_slice(line);
+        frame.put_u8(b'\n');
+    };
+    while i < bytes.len() {
+        if matches!(bytes[i], b'\n' | b'\r') {
+            line(&mut frame, &bytes[start..i]);
+            if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+                i += 1;
+            }
+            start = i + 1;
+        }
+        i += 1;
+    }
+    line(&mut frame, &bytes[start..]);
+    frame.put_u8(b'\n');
+    frame.freeze()
+}
+
+/// A new epoch: 32 random bits in base 36, as crier's are.
+fn random_epoch() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    let mut n = h.finish() & 0xffff_ffff;
+    let mut digits = Vec::new();
+    loop {
+        digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    String::from_utf8(digits).unwrap_or_default()
 }
 
 /// `bytes` as one HTTP/1.1 chunk: size line, bytes, CRLF.
@@ -113,7 +160,7 @@ pub async fn run(args: BareHubArgs) -> Result<serde_json::Value, String> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let hub = Arc::new(Hub {
         topics: Mutex::default(),
-        epoch: Epoch::random(),
+        epoch: random_epoch(),
         backlog: args.backlog,
     });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -258,7 +305,7 @@ async fn subscribe(tcp: TcpStream, hub: &Hub, topic: &str) {
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
           transfer-encoding: chunked\r\n\r\n",
     );
-    opening.put_slice(&chunk(&crate::sse::preamble(3000, None)));
+    opening.put_slice(&chunk(PREAMBLE));
     let writer = tokio::spawn(async move {
         if write.write_all(&opening).await.is_err() {
             return;
@@ -319,5 +366,17 @@ mod tests {
             Some("405 Method Not Allowed")
         );
         assert_eq!(&chunk(b"id: 1\n\n")[..], b"7\r\nid: 1\n\n\r\n");
+    }
+
+    /// Framed as crier frames it: one `data:` line per line, whatever ends
+    /// the line.
+    #[test]
+    fn events_are_framed_as_crier_frames_them() {
+        assert_eq!(&event_frame(3, "ab1", "x")[..], b"id: 3.ab1\ndata: x\n\n");
+        assert_eq!(
+            &event_frame(4, "ab1", "a\r\nb\rc\n")[..],
+            b"id: 4.ab1\ndata: a\ndata: b\ndata: c\ndata: \n\n"
+        );
+        assert!(random_epoch().bytes().all(|b| b.is_ascii_alphanumeric()));
     }
 }

@@ -17,8 +17,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use crate::coding::Codec;
-use crate::compress::Decompressor;
+use crate::coding::{Codec, Decompressor};
 
 #[derive(Debug, Clone, Args)]
 pub struct WireArgs {

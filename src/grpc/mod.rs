@@ -27,11 +27,11 @@ use tonic::{Status, service::Routes};
 pub use error::{code, status};
 
 use crate::auth::{Credentials, Principal};
-use crate::server::connection::{Activity, Peer, StreamActivity};
 use crate::event::{Cursor, EventName, Topic};
 use crate::http::request::{parse_topics, redeem_ticket};
 use crate::http::{ApiError, AppState};
 use crate::limits::{ClientKey, Slot};
+use crate::server::connection::{Activity, Peer, StreamActivity};
 use crate::store::{Appended, IdempotencyKey, NewEvent, Receipt, StoreError};
 use crate::subscription::{IdStyle, Start, StreamSettings, Subscription};
 use crate::transport::Kind;

@@ -16,8 +16,8 @@
 
 pub mod compressed;
 pub mod grpc;
-pub mod plain;
 pub mod permessage_deflate;
+pub mod plain;
 pub mod poll;
 pub mod websocket;
 

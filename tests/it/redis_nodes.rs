@@ -1003,3 +1003,46 @@ async fn concurrent_publishes_after_a_script_flush_are_each_stored_once() {
     }
     server.stop().await;
 }
+
+/// On a Redis Cluster a batch is atomic within one partition: one whose
+/// topics span partitions is refused whole, and one within a partition is
+/// stored whole (API.md, "Several nodes (Redis)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_batch_spanning_partitions_is_refused_whole_and_one_within_is_stored() {
+    on_cluster(async {
+        let server = Server::start().await;
+        // `a` and `t` are in different partitions; `a` and `bcv` in one.
+        let spanning = serde_json::json!([
+            {"topic": "a", "data": "a-1"},
+            {"topic": "t", "data": "t-1"},
+        ]);
+        let response = server
+            .client
+            .post(server.url("/events"))
+            .json(&spanning)
+            .send()
+            .await
+            .unwrap();
+        let body = assert_problem(response, 422, "batch-spans-partitions").await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("separate requests"),
+            "{body}"
+        );
+        // Nothing of it was stored: each topic starts at 1.
+        assert_eq!(seq_of(&server.publish_id("a", "a-first").await), 1);
+        assert_eq!(seq_of(&server.publish_id("t", "t-first").await), 1);
+        let within = serde_json::json!([
+            {"topic": "a", "data": "a-2"},
+            {"topic": "bcv", "data": "bcv-1"},
+        ]);
+        let ids = publish_batch(&server, &within).await;
+        assert_eq!(ids.len(), 2);
+        assert_eq!(seq_of(&ids[0]), 2);
+        assert_eq!(seq_of(&ids[1]), 1);
+        server.stop().await;
+    })
+    .await;
+}

@@ -643,14 +643,41 @@ impl Config {
         self.compression.iter().flatten().copied().collect()
     }
 
-    /// The origin allowlist: `--allowed-origins`, or the former
-    /// CRIER_CORS_ORIGINS when only that is set.
+    /// The origin allowlist: `--allowed-origins` (the former
+    /// CRIER_CORS_ORIGINS already folded in by [`Config::settle`]).
     pub fn origins(&self) -> Vec<String> {
+        self.allowed_origins.clone()
+    }
+
+    /// Settles what depends on the environment, once, at start-up: the
+    /// former CRIER_CORS_ORIGINS stands for `--allowed-origins` when that is
+    /// left at its default and CRIER_ALLOWED_ORIGINS is unset. Nothing reads
+    /// the environment after this.
+    pub fn settle(mut self) -> Config {
         let set_by_env = std::env::var_os("CRIER_ALLOWED_ORIGINS").is_some();
-        match &self.cors_origins_env {
-            Some(old) if !set_by_env && self.allowed_origins == ["*"] => old.clone(),
-            _ => self.allowed_origins.clone(),
+        if let Some(old) = self.cors_origins_env.take()
+            && !set_by_env
+            && self.allowed_origins == ["*"]
+        {
+            self.allowed_origins = old;
         }
+        self
+    }
+
+    /// Checks every setting that can be checked before anything starts,
+    /// in one place: the ways to reach Redis, the store, the proxies'
+    /// networks. The start-up of each part may still refuse what only it
+    /// can tell (a key file, a data directory).
+    pub fn validate(&self) -> Result<(), String> {
+        let redis = self.redis_target()?;
+        if self.data_dir.is_some() && redis.is_some() {
+            return Err(
+                "--data-dir and --redis (or --redis-sentinel, --redis-cluster) cannot be used \
+                 together: events live either on this node's disk or in Redis"
+                    .into(),
+            );
+        }
+        self.limit_settings().map(|_| ())
     }
 
     /// The limits, with `--max-connections` derived from the open-file
@@ -737,13 +764,82 @@ impl Config {
 impl Default for Config {
     /// The documented defaults, as `crier serve` with no flags.
     fn default() -> Config {
-        Cli::parse_from(["crier"]).serve.clone()
+        Cli::parse_from(["crier"]).serve.clone().settle()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parsed(args: &[&str]) -> Config {
+        Cli::parse_from(std::iter::once("crier").chain(args.iter().copied()))
+            .serve
+            .settle()
+    }
+
+    #[test]
+    fn validate_accepts_the_defaults_and_each_way_to_reach_redis() {
+        assert_eq!(parsed(&[]).validate(), Ok(()));
+        for args in [
+            &["--redis", "redis://127.0.0.1:6379"][..],
+            &[
+                "--redis-sentinel",
+                "redis://a:26379,redis://b:26379",
+                "--redis-master",
+                "m",
+            ],
+            &[
+                "--redis-cluster",
+                "redis://a:7000,redis://b:7000",
+                "--redis-wait-replicas",
+                "1",
+            ],
+            &["--data-dir", "/tmp/x"],
+        ] {
+            assert_eq!(parsed(args).validate(), Ok(()), "{args:?}");
+        }
+        let sentinel = parsed(&[
+            "--redis-sentinel",
+            "redis://a:1,redis://b:2",
+            "--redis-master",
+            "m",
+        ]);
+        assert_eq!(
+            sentinel.redis_target(),
+            Ok(Some(RedisTarget::Sentinel {
+                sentinels: vec!["redis://a:1".into(), "redis://b:2".into()],
+                master: "m".into()
+            }))
+        );
+    }
+
+    #[test]
+    fn validate_refuses_settings_that_contradict_each_other_and_says_why() {
+        for (args, why) in [
+            (
+                &["--redis", "redis://x:1", "--redis-cluster", "redis://y:2"][..],
+                "use one of --redis, --redis-sentinel and --redis-cluster",
+            ),
+            (&["--redis-sentinel", "redis://x:1"], "needs --redis-master"),
+            (
+                &["--redis-master", "m"],
+                "--redis-sentinel, which is not set",
+            ),
+            (
+                &["--redis-wait-replicas", "1"],
+                "--redis-wait-replicas needs Redis",
+            ),
+            (
+                &["--data-dir", "/tmp/x", "--redis", "redis://x:1"],
+                "cannot be used together",
+            ),
+            (&["--trusted-proxies", "not-a-network"], "not-a-network"),
+        ] {
+            let refusal = parsed(args).validate().unwrap_err();
+            assert!(refusal.contains(why), "{args:?}: {refusal}");
+        }
+    }
 
     #[test]
     fn listen_takes_an_ip_or_localhost_and_explains_anything_else() {

@@ -54,6 +54,7 @@ pub enum SetupError {
 /// stop when `shutdown` is cancelled. Fails only on a malformed setting (a
 /// Redis that cannot be reached yet is retried in the background).
 pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, SetupError> {
+    config.validate().map_err(SetupError::Config)?;
     let auth = Arc::new(Auth::new(
         &config.jwt,
         &config.origins(),
@@ -74,13 +75,6 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         metrics.clone(),
     );
     let redis = config.redis_target().map_err(SetupError::Config)?;
-    if config.data_dir.is_some() && redis.is_some() {
-        return Err(SetupError::Config(
-            "--data-dir and --redis (or --redis-sentinel, --redis-cluster) cannot be used \
-             together: events live either on this node's disk or in Redis"
-                .into(),
-        ));
-    }
     let store: Arc<dyn Store> = match (redis, &config.data_dir) {
         (None, Some(dir)) => {
             let store = Arc::new(DurableStore::open(

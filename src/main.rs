@@ -17,8 +17,8 @@ async fn main() -> std::process::ExitCode {
     };
     init_logging(format);
     let mut config = match cli.command {
-        None => cli.serve,
-        Some(Command::Serve(config)) => *config,
+        None => cli.serve.settle(),
+        Some(Command::Serve(config)) => config.settle(),
         Some(Command::Token(args)) => return print_token(*args),
         Some(Command::Repair(args)) => return repair(&args.data_dir),
         Some(Command::Bench(bench)) => return crier_bench::main(bench.args).await,

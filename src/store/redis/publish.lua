@@ -69,7 +69,6 @@ local seq = 0
 -- so its numbering cannot be trusted to go on in the same epoch.
 local repl = redis.call('INFO', 'replication')
 local line = string.match(repl, 'master_replid:(%x+)')
-local line2 = string.match(repl, 'master_replid2:(%x+)')
 -- When the oldest retained event expires, at the earliest: trimming by
 -- count only ever removes older events, so it stays a lower bound.
 local expires = tonumber(meta[3] or '0') or 0
@@ -85,7 +84,8 @@ else
   if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
     epoch = fresh_epoch(epoch)
     out[3] = 2
-  elseif meta[4] and meta[4] ~= line and not (ARGV[8] == '1' and meta[4] == line2) then
+  elseif meta[4] and meta[4] ~= line
+      and not (ARGV[8] == '1' and meta[4] == string.match(repl, 'master_replid2:(%x+)')) then
     -- Another history than the one the topic was last written in: a
     -- restart or a failover. Only a failover from that very primary,
     -- with every publish confirmed by replicas (--redis-wait-replicas),

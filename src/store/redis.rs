@@ -527,14 +527,7 @@ impl RedisStore {
                 .collect()
         };
         tracing::info!(%channel, topics = topics.len(), "a live channel of the cluster was subscribed again; catching up its topics");
-        let metrics = self.hub.metrics().redis();
-        for topic in topics.iter().filter(|t| self.hub.is_watched(t)) {
-            let caught_up = self.catch_up_topic(topic).await;
-            metrics.caught_up(caught_up);
-            if !caught_up {
-                self.hub.resync(topic);
-            }
-        }
+        self.catch_up_topics(&topics).await;
     }
 
     /// A canary came back: accounted for, and its round trip measured.
@@ -665,6 +658,13 @@ impl RedisStore {
     /// subscribers check the store themselves.
     async fn catch_up(&self) {
         let topics: Vec<Topic> = self.live.lock().await.topics.iter().cloned().collect();
+        self.catch_up_topics(&topics).await;
+        self.hub.store_back();
+    }
+
+    /// Catches up each of `topics` this node's subscribers watch, or has
+    /// them check the store themselves where that cannot be done.
+    async fn catch_up_topics(&self, topics: &[Topic]) {
         let metrics = self.hub.metrics().redis();
         for topic in topics.iter().filter(|t| self.hub.is_watched(t)) {
             let caught_up = self.catch_up_topic(topic).await;
@@ -673,7 +673,6 @@ impl RedisStore {
                 self.hub.resync(topic);
             }
         }
-        self.hub.store_back();
     }
 
     /// One page for the catch-up. The command connection may still be

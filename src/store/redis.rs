@@ -223,10 +223,37 @@ enum Seen {
 struct LiveLink {
     sink: Option<LiveSink>,
     topics: IndexSet<Topic>,
+    /// Each channel subscribed for `topics`, with how many of them use it
+    /// (one each outside a cluster; a partition's topics share one there).
+    channels: std::collections::HashMap<String, usize>,
     /// On a cluster, the partitions' channels confirmed once: a second
     /// confirmation is a resubscription, after which the partition's
     /// topics are caught up.
     confirmed: std::collections::HashSet<String>,
+}
+
+impl LiveLink {
+    /// Adds `topic`, on `channel`; true if no topic used that channel yet.
+    fn add(&mut self, topic: &Topic, channel: String) -> bool {
+        if !self.topics.insert(topic.clone()) {
+            return false;
+        }
+        let users = self.channels.entry(channel).or_default();
+        *users += 1;
+        *users == 1
+    }
+
+    /// Removes `topic`, on `channel`.
+    fn remove(&mut self, topic: &Topic, channel: &str) {
+        if self.topics.swap_remove(topic)
+            && let Some(users) = self.channels.get_mut(channel)
+        {
+            *users -= 1;
+            if *users == 0 {
+                self.channels.remove(channel);
+            }
+        }
+    }
 }
 
 impl RedisStore {
@@ -429,8 +456,7 @@ impl RedisStore {
             let Some(LiveSink::Cluster(connection)) = &link.sink else {
                 return;
             };
-            let channels: IndexSet<String> =
-                link.topics.iter().map(|t| self.keys.channel(t)).collect();
+            let channels: Vec<String> = link.channels.keys().cloned().collect();
             (connection.clone(), channels)
         };
         let sends = channels.into_iter().map(|channel| {
@@ -490,12 +516,10 @@ impl RedisStore {
             (LiveSink::PubSub(sink), stream.boxed())
         };
         let mut link = self.live.lock().await;
-        let mut channels: IndexSet<String> =
-            link.topics.iter().map(|t| self.keys.channel(t)).collect();
+        let mut channels: Vec<String> = link.channels.keys().cloned().collect();
         if !self.primary.is_cluster() {
-            channels.insert(self.canary.channel.clone());
+            channels.push(self.canary.channel.clone());
         }
-        let channels: Vec<String> = channels.into_iter().collect();
         tokio::time::timeout(self.timeout, sink.subscribe(&channels))
             .await
             .map_err(|_| unavailable("timed out subscribing"))?
@@ -792,26 +816,27 @@ impl RedisStore {
             }
             // A channel stays while a topic that is kept uses it (on a
             // cluster, one channel serves a partition's topics).
-            let kept: std::collections::HashSet<String> = link
-                .topics
-                .iter()
-                .filter(|t| !idle.contains(t))
-                .map(|t| self.keys.channel(t))
-                .collect();
-            let channels: Vec<String> = idle
-                .iter()
-                .map(|t| self.keys.channel(t))
-                .filter(|c| !kept.contains(c))
-                .collect::<IndexSet<String>>()
+            let idle: Vec<(&Topic, String)> = idle
                 .into_iter()
+                .filter(|t| link.topics.contains(*t))
+                .map(|t| (t, self.keys.channel(t)))
+                .collect();
+            let mut leaving: IndexMap<&str, usize> = IndexMap::new();
+            for (_, channel) in &idle {
+                *leaving.entry(channel.as_str()).or_default() += 1;
+            }
+            let channels: Vec<String> = leaving
+                .into_iter()
+                .filter(|(channel, n)| link.channels.get(*channel) == Some(n))
+                .map(|(channel, _)| channel.to_owned())
                 .collect();
             let Some(sink) = link.sink.as_mut() else {
                 break;
             };
             match tokio::time::timeout(self.timeout, sink.unsubscribe(&channels)).await {
                 Ok(Ok(())) => {
-                    for topic in idle {
-                        link.topics.swap_remove(topic);
+                    for (topic, channel) in &idle {
+                        link.remove(topic, channel);
                     }
                     for channel in &channels {
                         self.canary.forget(channel);
@@ -1208,13 +1233,11 @@ impl Store for RedisStore {
             return Ok(());
         }
         let channel = self.keys.channel(topic);
+        // Remember it either way: a reconnect subscribes every known topic.
         // On a cluster, another topic of the partition may have subscribed
         // the channel already.
-        let subscribed =
-            link.sink.is_some() && link.topics.iter().any(|t| self.keys.channel(t) == channel);
-        // Remember it either way: a reconnect subscribes every known topic.
-        link.topics.insert(topic.clone());
-        if subscribed {
+        let first = link.add(topic, channel.clone());
+        if !first && link.sink.is_some() {
             return Ok(());
         }
         let sink = link

@@ -45,29 +45,6 @@ pub enum RedisTarget {
     Cluster(Vec<String>),
 }
 
-impl RedisTarget {
-    /// Host and port of every address, for logs: the URLs may carry a
-    /// password.
-    pub fn describe(&self) -> String {
-        let hosts = |urls: &[String]| {
-            urls.iter()
-                .map(|url| match url.as_str().into_connection_info() {
-                    Ok(info) => info.addr().to_string(),
-                    Err(_) => "(malformed URL)".to_owned(),
-                })
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        match self {
-            RedisTarget::Single(url) => hosts(std::slice::from_ref(url)),
-            RedisTarget::Sentinel { sentinels, master } => {
-                format!("sentinels {} for {master}", hosts(sentinels))
-            }
-            RedisTarget::Cluster(seeds) => format!("cluster {}", hosts(seeds)),
-        }
-    }
-}
-
 /// The server commands go to now.
 #[derive(Clone)]
 struct Current {

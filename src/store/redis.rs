@@ -78,7 +78,7 @@ use canary::Canary;
 pub use canary::CanarySettings;
 use keys::{Keys, partition_tags};
 use live::{LiveMessage, LiveSink, Pushed, parse_live, pushed};
-use outbox::{Outgoing, Wait, send_outbox};
+use outbox::{Confirmable, Outgoing, Request, Wait, publish_call, publish_head, send_outbox};
 use primary::Primary;
 pub use primary::RedisTarget;
 use reply::{as_text, as_u64, is_empty_text, malformed, parse_receipt, store_error, unavailable};
@@ -88,8 +88,14 @@ use reply::{as_text, as_u64, is_empty_text, malformed, parse_receipt, store_erro
 // the read path answers positions beyond it in Rust, without running XRANGE.
 
 /// Numbers, appends, trims and publishes one topic's events, and keeps
-/// their idempotency records.
-/// KEYS: meta, events, then the record key of every idempotency key of the
+/// their idempotency records: for each of the call's requests (the outbox
+/// sends what queued meanwhile as one call, so `TIME`, `INFO` and the
+/// call's own cost are paid once for them all). The call's ARGV starts with
+/// the number R of requests and R pairs of counts (a request's keys, its
+/// arguments); then come the requests' KEYS, and their ARGV, in turn. The
+/// answer has one entry per request: its answer, or its error alone.
+///
+/// A request's KEYS: meta, events, then the record key of every idempotency key of the
 /// whole request (all topics), then, for a request of several topics, the
 /// meta and events keys of each of its topics. ARGV: channel, max events,
 /// max age ms, meta ttl ms, the epoch and number this node has already seen
@@ -98,6 +104,9 @@ use reply::{as_text, as_u64, is_empty_text, malformed, parse_receipt, store_erro
 /// of record keys, K fingerprints (hex), the number G of guarded topics, G
 /// counts of their events, then per event: its record key's index (0:
 /// none), name, data.
+///
+/// When publishes wait for replicas, the script sends nothing live: the
+/// events go live only once `WAIT` confirmed them, by `CONFIRM`.
 ///
 /// A number below what a node has already seen in the same epoch means the
 /// history went back in time (a restored snapshot, a failover to a lagging
@@ -115,7 +124,8 @@ use reply::{as_text, as_u64, is_empty_text, malformed, parse_receipt, store_erro
 /// every topic's script of a batch checks every key of the batch, so they
 /// all see the same records and agree, and a batch is stored whole or not
 /// at all. An event whose key holds a record is not stored: its answer is
-/// the record's `SEQ EPOCH`; a stored event's answer is empty.
+/// the record's `SEQ EPOCH`; a stored event's answer is empty. The answer's
+/// header is {epoch, first number, renewal cause, the topic's head}.
 /// A record is `FINGERPRINT SEQ EPOCH`, expiring after the window.
 const PUBLISH: &str = concat!(
     include_str!("redis/fresh_epoch.lua"),
@@ -136,11 +146,22 @@ const REEPOCH: &str = concat!(
     include_str!("redis/reepoch.lua")
 );
 
+/// Sends live, in order, what `WAIT` confirmed of topics published while
+/// waiting for replicas: each topic's events from the meta's `pub` up to
+/// the head its publish script answered, then notes `pub`. Live messages
+/// keep the numbering's order whichever node confirms first, and an event
+/// a failover could lose is never seen by a subscriber, so a failover to a
+/// replica that confirmed everything needs no `reset`.
+/// KEYS: meta and events of each topic. ARGV: the live command, then per
+/// topic: its channel, the head of its live messages, its confirmed head.
+const CONFIRM: &str = include_str!("redis/confirm.lua");
+
 /// Reads a topic's bounds and up to `limit` events from a number on, in one
 /// consistent snapshot. KEYS: meta, events. ARGV: the first number wanted
 /// (at most `MAX_SEQ + 1`, worked out in Rust: no arithmetic on a client's
 /// position happens here), limit, max age ms. Returns {} when the topic has
-/// no history, else {epoch, head, oldest, then seq, name, data per event}.
+/// no history, else {epoch, head, oldest, then seq, name, data per event};
+/// the head is the last event sent live (see `CONFIRM`).
 const READ: &str = include_str!("redis/read.lua");
 
 pub struct RedisStore {
@@ -154,6 +175,7 @@ pub struct RedisStore {
     publish: Arc<Script>,
     read: Script,
     reepoch: Script,
+    confirm: Arc<Script>,
     /// Single-topic publish calls on their way to Redis (see [`send_outbox`]).
     outbox: tokio::sync::mpsc::UnboundedSender<Outgoing>,
     /// The outbox's other end, until `run_until` starts its sender.
@@ -287,6 +309,7 @@ impl RedisStore {
             publish: Arc::new(Script::new(PUBLISH)),
             read: Script::new(READ),
             reepoch: Script::new(REEPOCH),
+            confirm: Arc::new(Script::new(CONFIRM)),
             outbox,
             outbox_queue: std::sync::Mutex::new(Some(outbox_queue)),
             hub,
@@ -295,6 +318,26 @@ impl RedisStore {
             live_up: tokio::sync::watch::Sender::new(false),
             canary: Canary::new(prefix, canary),
         })
+    }
+
+    /// `--redis-wait-replicas`, with what confirming publishes takes.
+    fn wait(&self) -> Wait {
+        Wait {
+            replicas: self.wait_replicas,
+            timeout: self.timeout,
+            confirm: self.confirm.clone(),
+            live_command: self.keys.live_command(),
+        }
+    }
+
+    /// What `CONFIRM` needs of `topic`.
+    fn confirmable(&self, topic: &Topic) -> Confirmable {
+        Confirmable {
+            meta: self.keys.meta(topic),
+            events: self.keys.events(topic),
+            channel: self.keys.channel(topic),
+            live_head: self.keys.live_head(topic),
+        }
     }
 
     fn max_age_ms(&self) -> u64 {
@@ -335,10 +378,7 @@ impl RedisStore {
                 queue,
                 self.primary.clone(),
                 self.publish.clone(),
-                Wait {
-                    replicas: self.wait_replicas,
-                    timeout: self.timeout,
-                },
+                self.wait(),
             ));
         }
         {
@@ -961,45 +1001,39 @@ impl RedisStore {
         })
     }
 
-    /// The call of the `PUBLISH` script for one topic's events: `EVALSHA`
-    /// with its hash, or `EVAL` with its text (`by_text`). `events` are
+    /// The `PUBLISH` script's request for one topic's events. `events` are
     /// indices into `all`, `keys` the request's distinct idempotency keys
     /// (every topic's script checks them all), and `guarded` the topics of a
     /// request of several (every topic's script checks all their keys
-    /// before it writes). Written straight into the command: no argument is
-    /// built as a string of its own first, and an event's data is copied
-    /// once.
-    #[allow(clippy::too_many_arguments)]
-    fn publish_cmd(
+    /// before it writes). No argument is built as a string of its own
+    /// first.
+    fn publish_request(
         &self,
-        by_text: bool,
         topic: &Topic,
         all: &[(NewEvent, Option<Once>)],
         events: &[usize],
         keys: &IndexMap<KeyDigest, Fingerprint>,
         window: Duration,
         guarded: &[(&Topic, Vec<usize>)],
-    ) -> redis::Cmd {
+    ) -> Request {
         let nkeys = 2 + keys.len() + 2 * guarded.len();
         let data: usize = events.iter().map(|&i| all[i].0.data.len() + 16).sum();
-        let mut cmd = redis::Cmd::with_capacity(
-            3 + nkeys + 13 + keys.len() + guarded.len() + 3 * events.len(),
-            256 + 96 * nkeys + data,
-        );
-        if by_text {
-            cmd.arg("EVAL").arg(PUBLISH);
-        } else {
-            cmd.arg("EVALSHA").arg(self.publish.get_hash());
-        }
-        cmd.arg(nkeys)
+        let mut names = redis::Cmd::with_capacity(nkeys, 96 * nkeys);
+        names
             .arg(self.keys.meta(topic))
             .arg(self.keys.events(topic));
         for key in keys.keys() {
-            cmd.arg(self.keys.once(key, topic));
+            names.arg(self.keys.once(key, topic));
         }
         for (other, _) in guarded {
-            cmd.arg(self.keys.meta(other)).arg(self.keys.events(other));
+            names
+                .arg(self.keys.meta(other))
+                .arg(self.keys.events(other));
         }
+        let mut cmd = redis::Cmd::with_capacity(
+            13 + keys.len() + guarded.len() + 3 * events.len(),
+            256 + 80 * keys.len() + data,
+        );
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
         cmd.arg(self.keys.channel(topic))
             .arg(self.retention.max_events.max(1))
@@ -1030,7 +1064,10 @@ impl RedisStore {
                 .arg(event.name.as_ref().map_or("", EventName::as_str))
                 .arg(event.data.as_str());
         }
-        cmd
+        Request {
+            keys: names,
+            args: cmd,
+        }
     }
 }
 
@@ -1059,16 +1096,17 @@ impl Store for RedisStore {
         let replies: Vec<Value> = match topics.as_slice() {
             [] => Vec::new(),
             [(topic, list)] => {
-                let cmd = self.publish_cmd(false, topic, &events, list, &keys, window, &[]);
+                let request = self.publish_request(topic, &events, list, &keys, window, &[]);
                 let bytes = list.iter().map(|&i| events[i].0.data.len()).sum();
                 let (answer, reply) = tokio::sync::oneshot::channel();
                 let partition = self.keys.partition(topic);
                 self.outbox
                     .send(Outgoing {
-                        cmd,
+                        request,
                         partition,
                         bytes,
                         answer,
+                        confirm: (self.wait_replicas > 0).then(|| self.confirmable(topic)),
                     })
                     .map_err(|_| unavailable("the Redis store has stopped"))?;
                 // Bounded like a command of its own: a publish waiting
@@ -1096,17 +1134,17 @@ impl Store for RedisStore {
                 for (topic, list) in many {
                     // EVAL, not EVALSHA: inside MULTI a missing script
                     // would fail alone and let the rest of the batch in.
-                    pipe.add_command(
-                        self.publish_cmd(true, topic, &events, list, &keys, window, many),
-                    );
+                    let request = self.publish_request(topic, &events, list, &keys, window, many);
+                    pipe.add_command(publish_call(
+                        &self.publish,
+                        Some(PUBLISH),
+                        std::iter::once(&request),
+                    ));
                 }
                 pipe.cmd("EXEC");
                 // In the same write as the transaction: on the connection
                 // that made the writes it waits for.
-                let wait = Wait {
-                    replicas: self.wait_replicas,
-                    timeout: self.timeout,
-                };
+                let wait = self.wait();
                 wait.add_to(&mut pipe);
                 let mut replies: Vec<Value> =
                     pipe.query_async(&mut commands).await.map_err(store_error)?;
@@ -1116,10 +1154,30 @@ impl Store for RedisStore {
                 let Some(Value::Array(results)) = replies.pop() else {
                     return Err(malformed("publish"));
                 };
+                // Each topic's call answers for its one request.
+                let results = results
+                    .into_iter()
+                    .map(|result| match result {
+                        Value::Array(mut one) if one.len() == 1 => Ok(one.remove(0)),
+                        Value::ServerError(error) => Err(store_error(error.into())),
+                        _ => Err(malformed("publish")),
+                    })
+                    .collect::<Result<Vec<Value>, StoreError>>()?;
                 if let Some(Value::ServerError(error)) =
                     results.iter().find(|r| matches!(r, Value::ServerError(_)))
                 {
                     return Err(store_error(error.clone().into()));
+                }
+                if wait.replicas > 0 {
+                    let confirms: Vec<Confirmable> = many
+                        .iter()
+                        .map(|(topic, _)| self.confirmable(topic))
+                        .collect();
+                    let topics = confirms
+                        .iter()
+                        .zip(&results)
+                        .filter_map(|(topic, reply)| Some((topic, publish_head(reply)?)));
+                    wait.send_confirmed(&mut commands, topics).await;
                 }
                 results
             }
@@ -1147,7 +1205,7 @@ impl Store for RedisStore {
                     .ok_or_else(|| malformed("publish"))?;
                 return Err(StoreError::KeyReused { item });
             }
-            let outcomes = parts.get(3..).filter(|o| o.len() == list.len());
+            let outcomes = parts.get(4..).filter(|o| o.len() == list.len());
             match parts.get(2).and_then(as_u64) {
                 Some(1) => {
                     tracing::warn!(%topic, "the topic's data in Redis belongs to another replication history (a restart or a failover): it starts a new epoch");
@@ -1179,7 +1237,11 @@ impl Store for RedisStore {
             for (outcome, &i) in outcomes.iter().zip(list) {
                 let (event, _) = &events[i];
                 answers[i] = Some(if is_empty_text(outcome) {
-                    self.saw(topic, epoch, seq, None);
+                    // Waiting for replicas, only what went live counts as
+                    // seen (reads see no further), and it is seen there.
+                    if self.wait_replicas == 0 {
+                        self.saw(topic, epoch, seq, None);
+                    }
                     let stored = Event::new(
                         event.topic.clone(),
                         seq,

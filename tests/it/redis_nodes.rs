@@ -655,6 +655,79 @@ fn command_calls(redis: &RedisServer, command: &str) -> u64 {
         .sum()
 }
 
+/// Publishes that queue while Redis is busy go as one script call (not one
+/// each), and each is still answered for itself: a topic whose keys are
+/// corrupt is refused alone, the others in the same call are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_publishes_share_one_script_call_and_are_answered_each_for_itself() {
+    const PUBLISHES: usize = 60;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let server = Server::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.redis_timeout = Duration::from_secs(10);
+    })
+    .await;
+    for topic in ["bad", "good-0", "good-1", "good-2"] {
+        server.publish_id(topic, "first").await;
+    }
+    assert_eq!(redis.cli(&["HSET", "crier:{bad}:meta", "seq", "x"]), "0");
+    let calls_before = script_calls(&redis);
+    let fds = server.metric("crier_process_open_fds").await;
+    let answers = {
+        // While Redis is frozen, the publishes queue in the outbox.
+        let _paused = redis.pause();
+        let publishes: Vec<_> = (0..PUBLISHES)
+            .map(|i| {
+                let topic = if i % 10 == 5 {
+                    "bad".to_owned()
+                } else {
+                    format!("good-{}", i % 3)
+                };
+                let client = server.client.clone();
+                let url = server.url(&format!("/topics/{topic}"));
+                tokio::spawn(async move {
+                    let response = client.post(url).body(format!("e{i}")).send().await;
+                    (topic, response.expect("an answer").status().as_u16())
+                })
+            })
+            .collect();
+        // Every request is in (its connection accepted) before Redis goes on.
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while server.metric("crier_process_open_fds").await < fds + PUBLISHES as f64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the publishes never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        publishes
+    };
+    let mut stored = [0usize; 3];
+    for publish in answers {
+        let (topic, status) = publish.await.expect("the publish");
+        if topic == "bad" {
+            assert_eq!(status, 500, "the corrupt topic is refused");
+        } else {
+            assert_eq!(status, 201, "{topic} is stored");
+            stored[topic["good-".len()..].parse::<usize>().unwrap()] += 1;
+        }
+    }
+    for (i, count) in stored.iter().enumerate() {
+        let numbered = redis.cli(&["HGET", &format!("crier:{{good-{i}}}:meta"), "seq"]);
+        assert_eq!(
+            numbered,
+            (count + 1).to_string(),
+            "good-{i}: dense, each once"
+        );
+    }
+    let calls = script_calls(&redis) - calls_before;
+    assert!(
+        calls <= 8,
+        "{PUBLISHES} queued publishes took {calls} script calls"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reconnect_a_node_catches_up_once_per_topic_not_once_per_subscriber() {
     const SUBSCRIBERS: usize = 40;
@@ -804,6 +877,66 @@ async fn a_publish_answered_503_because_redis_was_slow_is_stored_once_when_retri
         ]
     );
     assert_eq!(seq_of(&after), 3, "stored once");
+}
+
+/// With `--redis-wait-replicas 1`, an event its replica has not confirmed
+/// is stored but neither read nor sent live (a failover could lose it), and
+/// goes out, in order, once a later write is confirmed: here the retry with
+/// its idempotency key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_replicas_an_unconfirmed_event_is_neither_read_nor_sent_until_confirmed() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(primary.addr().port(), false);
+    wait_for("the replica to follow the primary", || {
+        replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+    })
+    .await;
+    let start = |url: String| {
+        Server::start_with(move |c| {
+            c.redis_url = Some(url);
+            c.redis_timeout = Duration::from_millis(500);
+            c.redis_wait_replicas = 1;
+            c.poll_timeout = Duration::from_millis(300);
+        })
+    };
+    let (a, b) = (start(primary.url()).await, start(primary.url()).await);
+    let mut on_b = b.subscribe("/topics/t").await;
+    let first = a.publish_id("t", "confirmed").await;
+    let (status, _, body) = {
+        let _paused = replica.pause();
+        publish_keyed(&a, "t", "k-1", "unconfirmed").await
+    };
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:crier:problem:store-unavailable");
+    // Stored, and replicated once the replica went on, but nothing since
+    // has been confirmed: a poll after the first event finds none.
+    assert_eq!(primary.cli(&["HGET", "crier:{t}:meta", "seq"]), "2");
+    let poll: Value = a
+        .client
+        .get(a.url(&format!("/topics/t?poll=1&lastEventId={first}")))
+        .send()
+        .await
+        .expect("a poll")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(poll["events"], serde_json::json!([]), "{poll}");
+    // The retry is confirmed: its replayed event goes live, then the next.
+    let (status, replayed, body) = publish_keyed(&a, "t", "k-1", "unconfirmed").await;
+    assert_eq!((status, replayed), (201, true), "{body}");
+    let id = body["id"].as_str().expect("an id");
+    assert_eq!(seq_of(id), 2);
+    let after = b.publish_id("t", "after").await;
+    assert_eq!(
+        on_b.take(3).await,
+        [
+            Ev::new(&first, "message", "confirmed"),
+            Ev::new(id, "message", "unconfirmed"),
+            Ev::new(&after, "message", "after"),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,7 @@
-//! The outbox: single-topic publish calls grouped into pipelines, one
-//! round trip for what queued meanwhile, and `WAIT` for replicas after them.
+//! The outbox: single-topic publish requests that queued meanwhile go as
+//! one call of the publish script per partition, in one round trip, with
+//! `WAIT` for replicas after them (then `CONFIRM`, which sends live what the
+//! replicas confirmed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,25 +11,91 @@ use indexmap::IndexMap;
 use redis::{Script, Value};
 
 use super::primary::{Commands, Primary};
-use super::reply::{as_u64, store_error, unavailable};
+use super::reply::{as_u64, malformed, store_error, unavailable};
 use crate::store::StoreError;
 
-/// Groups of publish calls in flight to Redis at once (see [`send_outbox`]).
+/// Groups of publish requests in flight to Redis at once (see [`send_outbox`]).
 const OUTBOX_IN_FLIGHT: usize = 2;
 
-/// Most publish calls in one group, and the event bytes past which a group
-/// takes no more.
+/// Most publish requests in one group, and the event bytes past which a
+/// group takes no more.
 const OUTBOX_GROUP: usize = 128;
 const OUTBOX_GROUP_BYTES: usize = 1 << 20;
 
-/// One topic's publish call waiting in the outbox, and where its reply goes.
+/// One topic's request to the publish script: its keys and its arguments,
+/// each written once into a buffer of its own and copied into the call that
+/// carries it (see `PUBLISH` in redis.rs).
+pub(super) struct Request {
+    pub(super) keys: redis::Cmd,
+    pub(super) args: redis::Cmd,
+}
+
+/// The publish script's call for `requests`: by its hash, or by its text
+/// inside a transaction (where a missing script would fail alone).
+pub(super) fn publish_call<'a>(
+    script: &Script,
+    by_text: Option<&str>,
+    requests: impl Iterator<Item = &'a Request> + Clone,
+) -> redis::Cmd {
+    let (mut keys, mut args, mut bytes, mut count) = (0, 0, 0, 0);
+    for request in requests.clone() {
+        keys += request.keys.args_iter().count();
+        args += request.args.args_iter().count();
+        for arg in request.keys.args_iter().chain(request.args.args_iter()) {
+            if let redis::Arg::Simple(arg) = arg {
+                bytes += arg.len();
+            }
+        }
+        count += 1;
+    }
+    let mut cmd = redis::Cmd::with_capacity(4 + keys + 2 * count + args, 64 + bytes);
+    match by_text {
+        Some(text) => cmd.arg("EVAL").arg(text),
+        None => cmd.arg("EVALSHA").arg(script.get_hash()),
+    };
+    cmd.arg(keys);
+    for request in requests.clone() {
+        for key in request.keys.args_iter() {
+            if let redis::Arg::Simple(key) = key {
+                cmd.arg(key);
+            }
+        }
+    }
+    cmd.arg(count);
+    for request in requests.clone() {
+        cmd.arg(request.keys.args_iter().count())
+            .arg(request.args.args_iter().count());
+    }
+    for request in requests {
+        for arg in request.args.args_iter() {
+            if let redis::Arg::Simple(arg) = arg {
+                cmd.arg(arg);
+            }
+        }
+    }
+    cmd
+}
+
+/// One topic's publish request waiting in the outbox, and where its reply
+/// goes.
 pub(super) struct Outgoing {
-    pub(super) cmd: redis::Cmd,
+    pub(super) request: Request,
     /// Its topic's partition: a pipeline to a cluster keeps to one slot.
     pub(super) partition: usize,
     /// Its events' data, in bytes.
     pub(super) bytes: usize,
     pub(super) answer: tokio::sync::oneshot::Sender<Result<Value, StoreError>>,
+    /// Its topic, for `CONFIRM` (when publishes wait for replicas).
+    pub(super) confirm: Option<Confirmable>,
+}
+
+/// What `CONFIRM` needs of one topic: its keys, its channel and the head of
+/// its live messages.
+pub(super) struct Confirmable {
+    pub(super) meta: String,
+    pub(super) events: String,
+    pub(super) channel: String,
+    pub(super) live_head: String,
 }
 
 /// Sends the publish calls of single topics to Redis: what queued while
@@ -78,7 +146,12 @@ pub(super) async fn send_outbox(
                 match primary.commands().await {
                     Ok(commands) => {
                         for (_, part) in parts {
-                            in_flight.push(send_group(commands.clone(), part, script.clone(), wait));
+                            in_flight.push(send_group(
+                                commands.clone(),
+                                part,
+                                script.clone(),
+                                wait.clone(),
+                            ));
                         }
                     }
                     Err(error) => {
@@ -92,24 +165,28 @@ pub(super) async fn send_outbox(
     }
 }
 
-/// Sends one group of publish calls as a pipeline and hands each its reply.
+/// Sends one group's requests as one call of the publish script (then
+/// `WAIT`), in one round trip, and hands each request its own answer.
 pub(super) async fn send_group(
     mut commands: Commands,
     group: Vec<Outgoing>,
     script: Arc<Script>,
     wait: Wait,
 ) {
+    let mut requests = Vec::with_capacity(group.len());
     let mut answers = Vec::with_capacity(group.len());
+    let mut confirms = Vec::with_capacity(group.len());
+    for outgoing in group {
+        requests.push(outgoing.request);
+        answers.push(outgoing.answer);
+        confirms.push(outgoing.confirm);
+    }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for outgoing in group {
-        pipe.add_command(outgoing.cmd);
-        answers.push(outgoing.answer);
-    }
-    let calls = pipe.len();
+    pipe.add_command(publish_call(&script, None, requests.iter()));
     wait.add_to(&mut pipe);
-    let mut replies = match query_group(&mut commands, &pipe).await {
-        Ok(replies) => replies,
+    let (mut reply, mut confirmed) = match send_call(&mut commands, &pipe, &wait).await {
+        Ok(sent) => sent,
         Err(error) => {
             for answer in answers {
                 let _ = answer.send(Err(store_error(error.clone())));
@@ -117,64 +194,78 @@ pub(super) async fn send_group(
             return;
         }
     };
-    // Redis forgot the script (a restart, SCRIPT FLUSH): load it and send
-    // again the calls refused for that, and only those (another node may
-    // have loaded it meanwhile, and the calls after ran).
-    let mut confirmed = if wait.replicas > 0 {
-        let reply = replies.pop().and_then(Result::ok);
-        wait.check(reply.as_ref())
-    } else {
-        Ok(())
-    };
-    let forgotten: Vec<usize> = (0..replies.len())
-        .filter(|&i| matches!(&replies[i], Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)))
-        .collect();
-    if !forgotten.is_empty() {
-        let cmds: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
-        let mut again = redis::pipe();
-        again.ignore_errors();
-        for &i in &forgotten {
-            again.add_command(cmds[i].clone());
-        }
-        wait.add_to(&mut again);
+    // Redis forgot the script (a restart, SCRIPT FLUSH): it ran nothing, so
+    // it is loaded and the call sent again.
+    if matches!(&reply, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+    {
         let resent = match script.load_async(&mut commands).await {
-            Ok(_) => query_group(&mut commands, &again).await,
+            Ok(_) => send_call(&mut commands, &pipe, &wait).await,
             Err(error) => Err(error),
         };
-        match resent {
-            Ok(mut resent) => {
-                if wait.replicas > 0 {
-                    let reply = resent.pop().and_then(Result::ok);
-                    confirmed = confirmed.and(wait.check(reply.as_ref()));
-                }
-                for (i, reply) in forgotten.into_iter().zip(resent) {
-                    replies[i] = reply;
-                }
-            }
-            Err(error) => {
-                for i in forgotten {
-                    replies[i] = Err(error.clone());
-                }
-            }
-        }
+        (reply, confirmed) = match resent {
+            Ok(sent) => sent,
+            Err(error) => (Err(error), Ok(())),
+        };
     }
-    debug_assert!(replies.len() == calls);
+    let replies: Vec<Result<Value, StoreError>> = match reply {
+        Ok(Value::Array(each)) if each.len() == answers.len() => each
+            .into_iter()
+            .map(|reply| match reply {
+                Value::ServerError(error) => Err(store_error(error.into())),
+                reply => Ok(reply),
+            })
+            .collect(),
+        Ok(_) => answers.iter().map(|_| Err(malformed("publish"))).collect(),
+        Err(error) => answers
+            .iter()
+            .map(|_| Err(store_error(error.clone())))
+            .collect(),
+    };
+    if wait.replicas > 0 && confirmed.is_ok() {
+        let topics = confirms.iter().zip(&replies).filter_map(|(topic, reply)| {
+            Some((topic.as_ref()?, publish_head(reply.as_ref().ok()?)?))
+        });
+        wait.send_confirmed(&mut commands, topics).await;
+    }
     for (answer, reply) in answers.into_iter().zip(replies) {
         let reply = match (&confirmed, reply) {
             // Stored, maybe, but not confirmed: not reported as stored.
-            (Err(unconfirmed), Ok(_)) => Err::<Value, _>(unconfirmed.clone()),
-            (_, reply) => reply.map_err(store_error),
+            (Err(unconfirmed), Ok(_)) => Err(unconfirmed.clone()),
+            (_, reply) => reply,
         };
         let _ = answer.send(reply);
     }
 }
 
+/// Sends a publish call (and its `WAIT`): the call's reply, and whether the
+/// replicas confirmed it.
+async fn send_call(
+    commands: &mut Commands,
+    pipe: &redis::Pipeline,
+    wait: &Wait,
+) -> Result<(Result<Value, redis::RedisError>, Result<(), StoreError>), redis::RedisError> {
+    let mut replies = query_group(commands, pipe).await?;
+    let confirmed = if wait.replicas > 0 {
+        let reply = replies.pop().and_then(Result::ok);
+        wait.check(reply.as_ref())
+    } else {
+        Ok(())
+    };
+    let reply = replies.pop().ok_or_else(|| {
+        redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "no reply"))
+    })?;
+    Ok((reply, confirmed))
+}
+
 /// `--redis-wait-replicas`: a `WAIT` after a pipeline's writes, on the
-/// connection that made them.
-#[derive(Debug, Clone, Copy)]
+/// connection that made them, and `CONFIRM` after it.
+#[derive(Clone)]
 pub(super) struct Wait {
     pub(super) replicas: u32,
     pub(super) timeout: Duration,
+    /// The `CONFIRM` script, and the command it sends live messages with.
+    pub(super) confirm: Arc<Script>,
+    pub(super) live_command: &'static str,
 }
 
 impl Wait {
@@ -185,6 +276,32 @@ impl Wait {
                 .unwrap_or(u64::MAX)
                 .max(1);
             pipe.cmd("WAIT").arg(self.replicas).arg(ms);
+        }
+    }
+
+    /// Sends live what `WAIT` confirmed of `topics`, each with the head its
+    /// publish script answered (all of one partition). A failure is logged
+    /// and the publishes still answered as stored, which they are: their
+    /// events go live with the topic's next confirmed publish.
+    pub(super) async fn send_confirmed<'a>(
+        &self,
+        commands: &mut Commands,
+        topics: impl Iterator<Item = (&'a Confirmable, u64)>,
+    ) {
+        let mut invocation = self.confirm.prepare_invoke();
+        invocation.arg(self.live_command);
+        let mut any = false;
+        for (topic, head) in topics.filter(|(_, head)| *head > 0) {
+            invocation
+                .key(&topic.meta)
+                .key(&topic.events)
+                .arg(&topic.channel)
+                .arg(&topic.live_head)
+                .arg(head);
+            any = true;
+        }
+        if any && let Err(error) = invocation.invoke_async::<()>(commands).await {
+            tracing::warn!(%error, "could not send confirmed events live; they go with the topic's next publish");
         }
     }
 
@@ -200,6 +317,14 @@ impl Wait {
             ))),
             None => Err(unavailable("Redis did not confirm the write's replication")),
         }
+    }
+}
+
+/// The topic's head in a publish script's answer (none for a refusal).
+pub(super) fn publish_head(reply: &Value) -> Option<u64> {
+    match reply {
+        Value::Array(parts) if parts.len() >= 4 => as_u64(&parts[3]),
+        _ => None,
     }
 }
 

@@ -1,179 +1,253 @@
--- Numbers, appends, trims and publishes one topic's events, and keeps
--- their idempotency records (see PUBLISH in redis.rs for KEYS and ARGV).
+-- Numbers, appends, trims and publishes the events of one or more
+-- requests, each for one topic, and keeps their idempotency records (see
+-- PUBLISH in redis.rs for KEYS and ARGV).
 --
 -- The common publish (one event, no key, nothing expired) costs TIME,
 -- HMGET, INFO replication, XADD, PUBLISH and HSET: the meta hash remembers
 -- when the oldest retained event expires at the earliest, so the stream is
 -- only read when something may have expired.
-local nkeys = tonumber(ARGV[11])
-local guard = 11 + nkeys + 1
-local nguard = tonumber(ARGV[guard])
-for g = 1, nguard do
-  local meta = KEYS[2 + nkeys + 2 * g - 1]
-  local meta_type = redis.call('TYPE', meta)['ok']
-  local events_type = redis.call('TYPE', KEYS[2 + nkeys + 2 * g])['ok']
-  -- Without a meta hash the topic starts afresh (its events key is
-  -- deleted), so only a topic that has one is checked further.
-  local ok = meta_type == 'none' or meta_type == 'hash'
-  if ok and meta_type == 'hash' then
-    ok = events_type == 'none' or events_type == 'stream'
-  end
-  if ok and meta_type == 'hash' then
-    local n = tonumber(redis.call('HGET', meta, 'seq') or '0')
-    ok = n and n >= 0 and n % 1 == 0 and n + tonumber(ARGV[guard + g]) <= 9007199254740991
-  end
-  if not ok then
-    return redis.error_reply('ERR crier: the number of ' .. meta .. ' is corrupt or would pass 2^53 - 1')
-  end
+--
+-- When publishes wait for replicas (ARGV[8] is 1), events are not sent
+-- live here: CONFIRM sends them once WAIT has confirmed them, and the meta
+-- hash's `pub` says how far that got (readers see no further), so no
+-- client ever holds an event a failover could lose.
+
+-- TIME and INFO replication, read once per call whatever its requests.
+local time, info
+local function clock()
+  time = time or redis.call('TIME')
+  return time
 end
-local records = {}
-for k = 1, nkeys do
-  local record = redis.call('GET', KEYS[2 + k])
-  if record and string.sub(record, 1, 64) ~= ARGV[11 + k] then
-    return {'reused', k}
-  end
-  records[k] = record
+local function replication()
+  info = info or redis.call('INFO', 'replication')
+  return info
 end
-local base = guard + nguard
-local count = (#ARGV - base) / 3
-local fresh = 0
-local claimed = {}
-for i = 0, count - 1 do
-  local k = tonumber(ARGV[base + 3 * i + 1])
-  if k == 0 then
-    fresh = fresh + 1
-  elseif not records[k] and not claimed[k] then
-    claimed[k] = true
-    fresh = fresh + 1
+
+-- The n values of t from index i on, as a table of their own.
+local function slice(t, i, n)
+  local part = {}
+  for j = 1, n do
+    part[j] = t[i + j]
   end
+  return part
 end
--- The epoch, the first number, why the epoch was renewed (0: it was
--- not; 1: another replication history; 2: a node saw the topic further
--- along), then an outcome per event.
-local out = {'0', 1, 0}
-if fresh == 0 then
+
+-- One request: KEYS and ARGV here are its own.
+local function publish(KEYS, ARGV)
+  local waits = ARGV[8] == '1'
+  local nkeys = tonumber(ARGV[11])
+  local guard = 11 + nkeys + 1
+  local nguard = tonumber(ARGV[guard])
+  for g = 1, nguard do
+    local meta = KEYS[2 + nkeys + 2 * g - 1]
+    local meta_type = redis.call('TYPE', meta)['ok']
+    local events_type = redis.call('TYPE', KEYS[2 + nkeys + 2 * g])['ok']
+    -- Without a meta hash the topic starts afresh (its events key is
+    -- deleted), so only a topic that has one is checked further.
+    local ok = meta_type == 'none' or meta_type == 'hash'
+    if ok and meta_type == 'hash' then
+      ok = events_type == 'none' or events_type == 'stream'
+    end
+    if ok and meta_type == 'hash' then
+      local n = tonumber(redis.call('HGET', meta, 'seq') or '0')
+      ok = n and n >= 0 and n % 1 == 0 and n + tonumber(ARGV[guard + g]) <= 9007199254740991
+    end
+    if not ok then
+      return redis.error_reply('ERR crier: the number of ' .. meta .. ' is corrupt or would pass 2^53 - 1')
+    end
+  end
+  local records = {}
+  for k = 1, nkeys do
+    local record = redis.call('GET', KEYS[2 + k])
+    if record and string.sub(record, 1, 64) ~= ARGV[11 + k] then
+      return {'reused', k}
+    end
+    records[k] = record
+  end
+  local base = guard + nguard
+  local count = (#ARGV - base) / 3
+  local fresh = 0
+  local claimed = {}
   for i = 0, count - 1 do
-    table.insert(out, string.sub(records[tonumber(ARGV[base + 3 * i + 1])], 66))
+    local k = tonumber(ARGV[base + 3 * i + 1])
+    if k == 0 then
+      fresh = fresh + 1
+    elseif not records[k] and not claimed[k] then
+      claimed[k] = true
+      fresh = fresh + 1
+    end
   end
-  return out
-end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local max_age = tonumber(ARGV[3])
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'expires', 'line', 'renew')
-local epoch = meta[1]
-local seq = 0
--- The replication history this primary's data belongs to. It changes when
--- the server restarts (from whatever snapshot) and when a replica is
--- promoted: the topic's last acknowledged events may not have survived,
--- so its numbering cannot be trusted to go on in the same epoch.
-local repl = redis.call('INFO', 'replication')
-local line = string.match(repl, 'master_replid:(%x+)')
--- When the oldest retained event expires, at the earliest: trimming by
--- count only ever removes older events, so it stays a lower bound.
-local expires = tonumber(meta[3] or '0') or 0
-if not epoch then
-  epoch = fresh_epoch(nil)
-  redis.call('DEL', KEYS[2])
-  expires = 0
-else
-  seq = tonumber(meta[2] or '0')
-  if not seq or seq < 0 or seq % 1 ~= 0 or seq + fresh > 9007199254740991 then
-    return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
+  -- The epoch, the first number, why the epoch was renewed (0: it was
+  -- not; 1: another replication history; 2: a node saw the topic further
+  -- along), the topic's last number afterwards, then an outcome per event.
+  local out = {'0', 1, 0, 0}
+  if fresh == 0 then
+    if waits then
+      -- A write of its own, so the WAIT after it covers every event numbered
+      -- so far (WAIT waits for this client's last write), the replayed ones
+      -- included: CONFIRM may then send them up to the head.
+      local head = redis.call('HGET', KEYS[1], 'seq')
+      if head then
+        redis.call('HSET', KEYS[1], 'seq', head)
+        out[4] = tonumber(head) or 0
+      end
+    end
+    for i = 0, count - 1 do
+      table.insert(out, string.sub(records[tonumber(ARGV[base + 3 * i + 1])], 66))
+    end
+    return out
   end
-  if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
-    epoch = fresh_epoch(epoch)
-    out[3] = 2
-  elseif meta[4] and meta[4] ~= line
-      and not (ARGV[8] == '1' and meta[4] == string.match(repl, 'master_replid2:(%x+)')) then
-    -- Another history than the one the topic was last written in: a
-    -- restart or a failover. Only a failover from that very primary,
-    -- with every publish confirmed by replicas (--redis-wait-replicas),
-    -- is known to have kept every acknowledged event. (A meta without a
-    -- line was written before crier kept one: it is adopted.)
-    epoch = fresh_epoch(epoch)
-    out[3] = 1
-  end
-end
-out[1] = epoch
-out[2] = seq + 1
--- Trimmed by count once, with the last event: a batch's appends before it
--- do not trim one entry each.
-local left = fresh
-for i = 0, count - 1 do
-  local k = tonumber(ARGV[base + 3 * i + 1])
-  local name = ARGV[base + 3 * i + 2]
-  local data = ARGV[base + 3 * i + 3]
-  if k > 0 and records[k] then
-    table.insert(out, string.sub(records[k], 66))
+  local now = clock()
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local max_age = tonumber(ARGV[3])
+  local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'expires', 'line', 'renew', 'pub')
+  local epoch = meta[1]
+  local seq = 0
+  -- The replication history this primary's data belongs to. It changes when
+  -- the server restarts (from whatever snapshot) and when a replica is
+  -- promoted: the topic's last acknowledged events may not have survived,
+  -- so its numbering cannot be trusted to go on in the same epoch.
+  local repl = replication()
+  local line = string.match(repl, 'master_replid:(%x+)')
+  -- When the oldest retained event expires, at the earliest: trimming by
+  -- count only ever removes older events, so it stays a lower bound.
+  local expires = tonumber(meta[3] or '0') or 0
+  if not epoch then
+    epoch = fresh_epoch(nil)
+    redis.call('DEL', KEYS[2])
+    expires = 0
   else
-    seq = seq + 1
-    left = left - 1
-    local id = string.format('%d-0', seq)
-    if left == 0 then
-      redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id, 't', now_ms, 'e', name, 'd', data)
-    else
-      redis.call('XADD', KEYS[2], id, 't', now_ms, 'e', name, 'd', data)
+    seq = tonumber(meta[2] or '0')
+    if not seq or seq < 0 or seq % 1 ~= 0 or seq + fresh > 9007199254740991 then
+      return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
     end
-    -- PUBLISH, or SPUBLISH on a cluster, whose channel (one per
-    -- partition) shares the keys' slot and whose messages name their topic.
-    redis.call(ARGV[9], ARGV[1], ARGV[10] .. string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
-    if k > 0 then
-      records[k] = ARGV[11 + k] .. string.format(' %d %s', seq, epoch)
-      redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
+    if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
+      epoch = fresh_epoch(epoch)
+      out[3] = 2
+    elseif meta[4] and meta[4] ~= line
+        and not (ARGV[8] == '1' and meta[4] == string.match(repl, 'master_replid2:(%x+)')) then
+      -- Another history than the one the topic was last written in: a
+      -- restart or a failover. Only a failover from that very primary,
+      -- with every publish confirmed by replicas (--redis-wait-replicas),
+      -- is known to have kept every acknowledged event. (A meta without a
+      -- line was written before crier kept one: it is adopted.)
+      epoch = fresh_epoch(epoch)
+      out[3] = 1
     end
-    table.insert(out, '')
   end
-end
-local fields = {'epoch', epoch, 'seq', seq}
-if meta[4] ~= line then
-  table.insert(fields, 'line')
-  table.insert(fields, line)
-end
-if now_ms >= expires then
-  -- Something may have expired: drop what has, a page at a time, and
-  -- note when the oldest event left expires. The events just appended
-  -- are not expired (max age >= 1 ms), so one is always found.
-  local cutoff = now_ms - max_age
-  local start = '-'
-  local size = 1
-  while true do
-    local page = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', size)
-    local kept = nil
-    for _, entry in ipairs(page) do
-      if tonumber(entry[2][2]) >= cutoff then
-        kept = entry
+  out[1] = epoch
+  out[2] = seq + 1
+  -- Trimmed by count once, with the last event: a batch's appends before it
+  -- do not trim one entry each.
+  local left = fresh
+  for i = 0, count - 1 do
+    local k = tonumber(ARGV[base + 3 * i + 1])
+    local name = ARGV[base + 3 * i + 2]
+    local data = ARGV[base + 3 * i + 3]
+    if k > 0 and records[k] then
+      table.insert(out, string.sub(records[k], 66))
+    else
+      seq = seq + 1
+      left = left - 1
+      local id = string.format('%d-0', seq)
+      if left == 0 then
+        redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id, 't', now_ms, 'e', name, 'd', data)
+      else
+        redis.call('XADD', KEYS[2], id, 't', now_ms, 'e', name, 'd', data)
+      end
+      -- PUBLISH, or SPUBLISH on a cluster, whose channel (one per
+      -- partition) shares the keys' slot and whose messages name their topic.
+      if not waits then
+        redis.call(ARGV[9], ARGV[1], ARGV[10] .. string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
+      end
+      if k > 0 then
+        records[k] = ARGV[11 + k] .. string.format(' %d %s', seq, epoch)
+        redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
+      end
+      table.insert(out, '')
+    end
+  end
+  local fields = {'epoch', epoch, 'seq', seq}
+  out[4] = seq
+  -- How far the topic's events were sent live: all of them, unless they
+  -- wait for CONFIRM (a topic first published so, or never before, from
+  -- where it stood).
+  if not waits then
+    table.insert(fields, 'pub')
+    table.insert(fields, seq)
+  elseif not meta[6] then
+    table.insert(fields, 'pub')
+    table.insert(fields, out[2] - 1)
+  end
+  if meta[4] ~= line then
+    table.insert(fields, 'line')
+    table.insert(fields, line)
+  end
+  if now_ms >= expires then
+    -- Something may have expired: drop what has, a page at a time, and
+    -- note when the oldest event left expires. The events just appended
+    -- are not expired (max age >= 1 ms), so one is always found.
+    local cutoff = now_ms - max_age
+    local start = '-'
+    local size = 1
+    while true do
+      local page = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', size)
+      local kept = nil
+      for _, entry in ipairs(page) do
+        if tonumber(entry[2][2]) >= cutoff then
+          kept = entry
+          break
+        end
+      end
+      if kept then
+        if start ~= '-' or kept ~= page[1] then
+          redis.call('XTRIM', KEYS[2], 'MINID', kept[1])
+        end
+        expires = tonumber(kept[2][2]) + max_age
         break
       end
-    end
-    if kept then
-      if start ~= '-' or kept ~= page[1] then
-        redis.call('XTRIM', KEYS[2], 'MINID', kept[1])
+      if #page < size then
+        expires = 0
+        break
       end
-      expires = tonumber(kept[2][2]) + max_age
-      break
+      start = '(' .. page[#page][1]
+      size = 64
     end
-    if #page < size then
-      expires = 0
-      break
-    end
-    start = '(' .. page[#page][1]
-    size = 64
+    table.insert(fields, 'expires')
+    table.insert(fields, string.format('%d', expires))
   end
-  table.insert(fields, 'expires')
-  table.insert(fields, string.format('%d', expires))
+  -- The keys' lifetimes are stretched by half again only every half of the
+  -- shorter one, not on every publish: a key then lives at least as long as
+  -- its newest event is retained (events past their age are trimmed and
+  -- never read), and at most half as long again.
+  local renew = tonumber(meta[5] or '0') or 0
+  if now_ms >= renew then
+    local meta_ttl = tonumber(ARGV[4])
+    redis.call('PEXPIRE', KEYS[2], max_age + math.floor(max_age / 2))
+    redis.call('PEXPIRE', KEYS[1], meta_ttl + math.floor(meta_ttl / 2))
+    table.insert(fields, 'renew')
+    table.insert(fields, string.format('%d', now_ms + math.floor(math.min(max_age, meta_ttl) / 2)))
+  end
+  redis.call('HSET', KEYS[1], unpack(fields))
+  return out
 end
--- The keys' lifetimes are stretched by half again only every half of the
--- shorter one, not on every publish: a key then lives at least as long as
--- its newest event is retained (events past their age are trimmed and
--- never read), and at most half as long again.
-local renew = tonumber(meta[5] or '0') or 0
-if now_ms >= renew then
-  local meta_ttl = tonumber(ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], max_age + math.floor(max_age / 2))
-  redis.call('PEXPIRE', KEYS[1], meta_ttl + math.floor(meta_ttl / 2))
-  table.insert(fields, 'renew')
-  table.insert(fields, string.format('%d', now_ms + math.floor(math.min(max_age, meta_ttl) / 2)))
+
+-- ARGV[1] requests, then each one's number of keys and of arguments; each
+-- request's answer, or its error alone (a failed command ends that request,
+-- not the ones after it).
+local requests = tonumber(ARGV[1])
+local k, a = 0, 1 + 2 * requests
+local answers = {}
+for r = 1, requests do
+  local nk, na = tonumber(ARGV[2 * r]), tonumber(ARGV[2 * r + 1])
+  local ok, answer = pcall(publish, slice(KEYS, k, nk), slice(ARGV, a, na))
+  if ok then
+    answers[r] = answer
+  elseif type(answer) == 'table' and answer.err then
+    answers[r] = answer
+  else
+    answers[r] = redis.error_reply(tostring(answer))
+  end
+  k, a = k + nk, a + na
 end
-redis.call('HSET', KEYS[1], unpack(fields))
-return out
+return answers

@@ -1,7 +1,12 @@
 -- Reads a topic's bounds and events from a number on (see READ in redis.rs).
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then return {} end
-local head = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local state = redis.call('HMGET', KEYS[1], 'seq', 'pub')
+local head = tonumber(state[1] or '0')
+-- Events not yet sent live (waiting for replicas to confirm them, see
+-- publish.lua) are not read either.
+local sent = tonumber(state[2] or '')
+if sent and sent < head then head = sent end
 local now = redis.call('TIME')
 local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
 local oldest = head + 1
@@ -14,7 +19,7 @@ while true do
   local found = false
   for _, entry in ipairs(page) do
     if tonumber(entry[2][2]) >= cutoff then
-      oldest = tonumber(string.match(entry[1], '^(%d+)'))
+      oldest = math.min(tonumber(string.match(entry[1], '^(%d+)')), head + 1)
       found = true
       break
     end
@@ -27,7 +32,8 @@ local result = {epoch, head, oldest}
 local limit = tonumber(ARGV[2])
 if limit > 0 then
   local from = math.max(tonumber(ARGV[1]), oldest)
-  local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from), '+', 'COUNT', limit)
+  local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from),
+    string.format('%d-0', head), 'COUNT', limit)
   for _, entry in ipairs(entries) do
     table.insert(result, string.match(entry[1], '^(%d+)'))
     table.insert(result, entry[2][4])

@@ -478,6 +478,8 @@ pub struct RedisSetup {
     pub cluster: Vec<String>,
     /// `--redis-prefix`: tests sharing one Redis each keep to their own.
     pub prefix: Option<String>,
+    /// `--redis-wait-replicas`.
+    pub wait_replicas: u32,
 }
 
 impl RedisSetup {
@@ -491,6 +493,7 @@ impl RedisSetup {
         if let Some(prefix) = &self.prefix {
             config.redis_prefix = prefix.clone();
         }
+        config.redis_wait_replicas = self.wait_replicas;
     }
 }
 
@@ -539,7 +542,10 @@ pub async fn on_redis<F: std::future::Future>(test: F) -> F::Output {
 }
 
 /// Runs `test` with every `Server` it starts reaching Redis through the
-/// binary's shared Sentinel group, under a key prefix of its own.
+/// binary's shared Sentinel group, under a key prefix of its own, with
+/// publishes waiting for its replica (`--redis-wait-replicas 1`): the
+/// shared suites run once on the path that sends events live only once a
+/// replica has them.
 pub async fn on_sentinel<F: std::future::Future>(test: F) -> F::Output {
     let (sentinels, _) = redis::shared_sentinel();
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -547,6 +553,7 @@ pub async fn on_sentinel<F: std::future::Future>(test: F) -> F::Output {
     let setup = RedisSetup {
         sentinels: sentinels.clone(),
         prefix: Some(format!("crier-test-{n}:")),
+        wait_replicas: 1,
         ..RedisSetup::default()
     };
     STORE.scope(Some(setup), test).await

@@ -725,10 +725,13 @@ async fn relay(client: TcpStream, server: TcpStream, mut frozen: watch::Receiver
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if buf[..n]
-                .windows(9)
-                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
-            {
+            // The command's name as a RESP bulk string (`$9\r\nSUBSCRIBE`,
+            // `$10\r\nSSUBSCRIBE`), not the word anywhere (a script's text).
+            if buf[..n].windows(13).any(|w| {
+                w[..4].eq_ignore_ascii_case(b"$9\r\n") && w[4..].eq_ignore_ascii_case(b"SUBSCRIBE")
+                    || w[..5].eq_ignore_ascii_case(b"$10\r\n")
+                        && w[5..].eq_ignore_ascii_case(b"SSUBSCRIB")
+            }) {
                 subscribed.store(true, Ordering::SeqCst);
             }
             if server_tx.write_all(&buf[..n]).await.is_err() {

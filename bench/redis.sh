@@ -6,7 +6,8 @@
 # BATCH events to one topic; then 2 and 3 crier nodes on the same Redis,
 # the publishers split between them. For Redis runs it adds Redis's own
 # figures: its process CPU per event and, from INFO commandstats, the
-# publish script's calls and usec_per_call, and XADD's.
+# publish script's calls, usec_per_call and time per event (a call carries
+# every publish that queued meanwhile), and XADD's.
 # Prints one JSON result per line; docs/BENCHMARKS.md ("The Redis publish
 # path") has the table.
 #
@@ -99,10 +100,12 @@ run() {
     local ticks=$(($(redis_ticks) - before))
     local published
     published=$(echo "$result" | sed -n 's/.*"published":\([0-9]*\).*/\1/p')
-    extra=$(printf '{"cpu_us_per_event":%s,"script_calls":%s,"script_usec_per_call":%s,"xadd_calls":%s,"xadd_usec_per_call":%s}' \
+    local calls usec xadds
+    calls=$(stat evalsha calls) usec=$(stat evalsha usec_per_call) xadds=$(stat xadd calls)
+    extra=$(printf '{"cpu_us_per_event":%s,"script_calls":%s,"script_usec_per_call":%s,"script_usec_per_event":%s,"xadd_calls":%s,"xadd_usec_per_call":%s}' \
       "$(echo "scale=1; $ticks * 1000000 / $TICK / $published" | bc)" \
-      "$(stat evalsha calls)" "$(stat evalsha usec_per_call)" \
-      "$(stat xadd calls)" "$(stat xadd usec_per_call)")
+      "$calls" "$usec" "$(echo "scale=2; $calls * $usec / $(( xadds > 0 ? xadds : 1 ))" | bc)" \
+      "$xadds" "$(stat xadd usec_per_call)")
   fi
   echo "{\"run\":\"$label\",\"store\":\"$store\",\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"redis\":$extra,\"result\":$result}"
 }

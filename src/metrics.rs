@@ -379,6 +379,8 @@ impl StoreErrorKind {
     }
 }
 
+const CANARY_SECONDS: &str = "crier_redis_canary_seconds";
+
 /// Metrics of the Redis store, registered only when it is used (a hub on
 /// the embedded store shows no Redis connection to alert on).
 pub struct RedisMetrics {
@@ -387,7 +389,9 @@ pub struct RedisMetrics {
     catch_ups: [Counter; 2],
     failovers: Counter,
     renewals: [Counter; 2],
-    canary: Histogram,
+    /// Canary round trips per shard (a cluster's few shards, or `single`),
+    /// registered as each shard is first heard from.
+    canaries: std::sync::Mutex<Vec<(String, Histogram)>>,
 }
 
 /// Why a topic's epoch was renewed in Redis.
@@ -425,11 +429,6 @@ impl RedisMetrics {
     /// A topic's epoch was renewed, and why.
     pub fn renewed(&self, why: Renewal) {
         self.renewals[why as usize].increment(1);
-    }
-
-    /// A canary came back after `took`.
-    pub fn canary_back(&self, took: std::time::Duration) {
-        self.canary.record(took.as_secs_f64());
     }
 }
 
@@ -493,6 +492,12 @@ impl Registrar<'_> {
             .describe_histogram(KeyName::from(name), None, SharedString::from(help));
         self.0
             .register_histogram(&Self::key(name, labels), &metadata())
+    }
+
+    /// A histogram whose one label's value is known only at run time.
+    fn histogram_for(&self, name: &'static str, label: &'static str, value: String) -> Histogram {
+        let key = Key::from_parts(name, vec![Label::new(label, value)]);
+        self.0.register_histogram(&key, &metadata())
     }
 }
 
@@ -704,6 +709,25 @@ impl Metrics {
     }
 
     /// The Redis store's metrics, registered on first use.
+    /// A canary came back through `shard` of Redis after `took`.
+    pub fn redis_canary_back(&self, shard: &str, took: Duration) {
+        let redis = self.redis();
+        let mut canaries = redis.canaries.lock().unwrap_or_else(|e| e.into_inner());
+        let at = match canaries.iter().position(|(s, _)| s == shard) {
+            Some(at) => at,
+            None => {
+                let histogram = Registrar(&self.inner.recorder).histogram_for(
+                    CANARY_SECONDS,
+                    "shard",
+                    shard.to_owned(),
+                );
+                canaries.push((shard.to_owned(), histogram));
+                canaries.len() - 1
+            }
+        };
+        canaries[at].1.record(took.as_secs_f64());
+    }
+
     pub fn redis(&self) -> &RedisMetrics {
         self.inner.redis.get_or_init(|| {
             let r = Registrar(&self.inner.recorder);
@@ -733,11 +757,16 @@ impl Metrics {
                     "cause",
                     ["replication", "went_back"],
                 ),
-                canary: r.histogram(
-                    "crier_redis_canary_seconds",
-                    "Round trip of this node's canaries through the live path of Redis (on a cluster, through every shard it listens to).",
-                    &[],
-                ),
+                canaries: {
+                    self.inner.recorder.describe_histogram(
+                        KeyName::from(CANARY_SECONDS),
+                        None,
+                        SharedString::from(
+                            "Round trip of this node's canaries through the live path of Redis, per shard: on a cluster the slot range of each shard it listens to, else single.",
+                        ),
+                    );
+                    std::sync::Mutex::new(Vec::new())
+                },
             }
         })
     }

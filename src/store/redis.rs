@@ -176,6 +176,8 @@ pub struct RedisStore {
     read: Script,
     reepoch: Script,
     confirm: Arc<Script>,
+    /// On a cluster, its shards' slot ranges (see `learn_shards`).
+    shards: std::sync::Mutex<Vec<(u16, u16)>>,
     /// Single-topic publish calls on their way to Redis (see [`send_outbox`]).
     outbox: tokio::sync::mpsc::UnboundedSender<Outgoing>,
     /// The outbox's other end, until `run_until` starts its sender.
@@ -310,6 +312,7 @@ impl RedisStore {
             read: Script::new(READ),
             reepoch: Script::new(REEPOCH),
             confirm: Arc::new(Script::new(CONFIRM)),
+            shards: std::sync::Mutex::new(Vec::new()),
             outbox,
             outbox_queue: std::sync::Mutex::new(Some(outbox_queue)),
             hub,
@@ -483,6 +486,51 @@ impl RedisStore {
         }
     }
 
+    /// The shard a canary path goes through, as metrics and readiness name
+    /// it: on a cluster the slot range of the shard that owns the channel's
+    /// slot (stable across failovers), else `single`.
+    fn shard_of(&self, path: &str) -> String {
+        if !self.primary.is_cluster() {
+            return "single".to_owned();
+        }
+        let slot = keys::slot_of(path);
+        let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        match shards
+            .iter()
+            .find(|(first, last)| (*first..=*last).contains(&slot))
+        {
+            Some((first, last)) => format!("{first}-{last}"),
+            None => "unknown".to_owned(),
+        }
+    }
+
+    /// On a cluster: the slot ranges of its shards (`CLUSTER SLOTS`), for
+    /// naming the canaries' paths; kept as they were when it cannot tell.
+    async fn learn_shards(&self, connection: &mut redis::cluster_async::ClusterConnection) {
+        let reply = tokio::time::timeout(
+            self.canary.settings.timeout,
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Vec<Value>>(connection),
+        )
+        .await;
+        let Ok(Ok(entries)) = reply else {
+            return;
+        };
+        let mut shards: Vec<(u16, u16)> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                Value::Array(parts) => Some((
+                    u16::try_from(as_u64(parts.first()?)?).ok()?,
+                    u16::try_from(as_u64(parts.get(1)?)?).ok()?,
+                )),
+                _ => None,
+            })
+            .collect();
+        shards.sort_unstable();
+        *self.shards.lock().unwrap_or_else(|e| e.into_inner()) = shards;
+    }
+
     /// On a cluster: a canary on every partition channel the node is
     /// subscribed to, sent through the live connection itself, so a shard
     /// that failed over is noticed there too (the cluster client then learns
@@ -499,6 +547,7 @@ impl RedisStore {
             let channels: Vec<String> = link.channels.keys().cloned().collect();
             (connection.clone(), channels)
         };
+        self.learn_shards(&mut connection.clone()).await;
         let sends = channels.into_iter().map(|channel| {
             let mut connection = connection.clone();
             let late = self.canary.late(&channel);
@@ -597,7 +646,9 @@ impl RedisStore {
     /// A canary came back: accounted for, and its round trip measured.
     fn canary_back(&self, path: &str, n: u64) {
         if let Some(took) = self.canary.back(path, n) {
-            self.hub.metrics().redis().canary_back(took);
+            self.hub
+                .metrics()
+                .redis_canary_back(&self.shard_of(path), took);
         }
     }
 
@@ -1345,10 +1396,11 @@ impl Store for RedisStore {
         }
         // Logged here too, so a stall readiness reports is always in the log.
         self.canary.report();
-        if let Some(age) = self.canary.overdue() {
+        if let Some((age, path)) = self.canary.overdue() {
             return Err(StoreError::Stalled(format!(
-                "a canary sent {:.1} s ago through Redis pub/sub has not come back (allowed: {:?})",
+                "a canary sent {:.1} s ago through Redis pub/sub (shard {}) has not come back (allowed: {:?})",
                 age.as_secs_f64(),
+                self.shard_of(&path),
                 self.canary.settings.timeout
             )));
         }

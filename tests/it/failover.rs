@@ -333,8 +333,26 @@ async fn fail_over_under_load(start: fn() -> Topology, wait_replicas: u32) {
     }
     let mut renewals = 0.0;
     for node in [&a, &b] {
-        // Canaries went through the live path, and came back.
-        assert!(node.metric("crier_redis_canary_seconds_count").await >= 1.0);
+        // Canaries went through the live path, and came back: per shard,
+        // named by its slot range on a cluster.
+        let scrape = node.scrape().await;
+        let shards: Vec<&str> = scrape
+            .lines()
+            .filter_map(|l| l.strip_prefix("crier_redis_canary_seconds_count{shard=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .filter(|(_, count)| count.parse::<f64>().is_ok_and(|c| c >= 1.0))
+            .map(|(shard, _)| shard)
+            .collect();
+        if setup.sentinels.is_empty() {
+            assert!(!shards.is_empty(), "canaries per shard: {scrape}");
+            for shard in &shards {
+                let (first, last) = shard.split_once('-').expect("a slot range");
+                let (first, last): (u16, u16) = (first.parse().unwrap(), last.parse().unwrap());
+                assert!(first <= last && last < 16384, "{shard}");
+            }
+        } else {
+            assert_eq!(shards, ["single"], "{scrape}");
+        }
         if !setup.sentinels.is_empty() {
             assert_eq!(node.metric("crier_redis_failovers_total").await, 1.0);
         }

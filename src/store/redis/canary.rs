@@ -137,16 +137,16 @@ impl Canary {
         self.lock().out.swap_remove(path);
     }
 
-    /// How long the oldest canary not back has been out, if past the timeout.
-    pub(super) fn overdue(&self) -> Option<Duration> {
+    /// How long the oldest canary not back has been out, and on which
+    /// path, if past the timeout.
+    pub(super) fn overdue(&self) -> Option<(Duration, String)> {
         let state = self.lock();
-        let age = state
+        let (age, path) = state
             .out
-            .values()
-            .filter_map(|out| out.front())
-            .map(|(_, sent)| sent.elapsed())
+            .iter()
+            .filter_map(|(path, out)| Some((out.front()?.1.elapsed(), path)))
             .max()?;
-        (age > self.settings.timeout).then_some(age)
+        (age > self.settings.timeout).then(|| (age, path.clone()))
     }
 
     /// Logs a stall when it starts and when it ends, once each.
@@ -154,7 +154,7 @@ impl Canary {
         let overdue = self.overdue();
         let mut state = self.lock();
         match (overdue, state.reported) {
-            (Some(age), false) => {
+            (Some((age, _)), false) => {
                 tracing::warn!(?age, timeout = ?self.settings.timeout, "the live feed from Redis has stalled: a canary has not come back; not ready");
                 state.reported = true;
             }

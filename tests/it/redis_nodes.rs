@@ -7,7 +7,9 @@ use crate::common;
 use std::time::Duration;
 
 use common::process::Process;
-use common::redis::{Proxy, RedisServer};
+use common::redis::{
+    ACL_PASSWORD, ACL_USER, ClusterGroup, MASTER, Proxy, RedisServer, SentinelGroup,
+};
 use common::*;
 use serde_json::Value;
 
@@ -482,6 +484,63 @@ async fn a_password_or_acl_user_in_the_url_is_used() {
     wait_ready(&wrong, 503).await;
     let (status, _) = try_publish(&wrong, "auth", "refused").await;
     assert_eq!(status, 503);
+}
+
+/// A Sentinel group and a cluster whose servers (and sentinels) require
+/// passwords: crier reaches them with the ACL user in its URLs, the
+/// sentinels' credentials serving for the primary too; without them it is
+/// not ready and refuses publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_and_cluster_are_reached_with_the_acl_user_of_their_urls() {
+    let (sentinel, cluster) = tokio::task::spawn_blocking(|| {
+        (
+            SentinelGroup::start_secured(),
+            ClusterGroup::start_secured(),
+        )
+    })
+    .await
+    .expect("secured groups");
+    let through_sentinels = |urls: Vec<String>| {
+        Server::start_with(move |c| {
+            c.redis_sentinel = urls;
+            c.redis_master = Some(MASTER.to_owned());
+            c.redis_timeout = Duration::from_millis(500);
+        })
+    };
+    let through_cluster = |urls: Vec<String>| {
+        Server::start_with(move |c| {
+            c.redis_cluster = urls;
+            c.redis_timeout = Duration::from_millis(500);
+        })
+    };
+    for server in [
+        through_sentinels(sentinel.urls()).await,
+        through_cluster(cluster.urls()).await,
+    ] {
+        wait_ready(&server, 200).await;
+        let first = server.publish_id("auth", "one").await;
+        let mut sub = server.resume("/topics/auth", &first).await;
+        let second = server.publish_id("auth", "two").await;
+        assert_eq!(sub.next().await, Ev::new(&second, "message", "two"));
+        server.stop().await;
+    }
+    let without = |urls: Vec<String>| -> Vec<String> {
+        urls.iter()
+            .map(|u| u.replace(&format!("{ACL_USER}:{ACL_PASSWORD}@"), ""))
+            .collect()
+    };
+    for server in [
+        through_sentinels(without(sentinel.urls())).await,
+        through_cluster(without(cluster.urls())).await,
+    ] {
+        wait_ready(&server, 503).await;
+        let (status, problem) = try_publish(&server, "auth", "refused").await;
+        assert_eq!(status, 503, "{problem}");
+        server.stop().await;
+    }
+    tokio::task::spawn_blocking(move || drop((sentinel, cluster)))
+        .await
+        .expect("stop the groups");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,19 +54,27 @@ impl RedisServer {
     /// Starts a replica of the Redis on `primary` (port), announcing itself
     /// on 127.0.0.1 so sentinels name it by that address.
     pub fn start_replica_of(primary: u16, orphan_safe: bool) -> RedisServer {
-        let extra = vec![
+        RedisServer::start_replica_with(primary, orphan_safe, false)
+    }
+
+    fn start_replica_with(primary: u16, orphan_safe: bool, secured: bool) -> RedisServer {
+        let mut extra = vec![
             "--replicaof".into(),
             "127.0.0.1".into(),
             primary.to_string(),
             "--replica-announce-ip".into(),
             "127.0.0.1".into(),
         ];
+        if secured {
+            extra.extend(secured_args());
+        }
         RedisServer::start_full(false, None, extra, orphan_safe)
     }
 
     /// Starts a primary for a Sentinel group.
-    pub fn start_primary(orphan_safe: bool) -> RedisServer {
-        RedisServer::start_full(false, None, Vec::new(), orphan_safe)
+    fn start_primary(orphan_safe: bool, secured: bool) -> RedisServer {
+        let extra = if secured { secured_args() } else { Vec::new() };
+        RedisServer::start_full(false, None, extra, orphan_safe)
     }
 
     fn start_full(
@@ -201,6 +209,7 @@ impl RedisServer {
     /// Starts it again on the same port, as a replica of the Redis on
     /// `primary` (as Sentinel would reconfigure a returning old primary).
     pub fn restart_as_replica_of(&mut self, primary: u16) {
+        let secured = self.is_secured();
         self.extra = vec![
             "--replicaof".into(),
             "127.0.0.1".into(),
@@ -208,7 +217,15 @@ impl RedisServer {
             "--replica-announce-ip".into(),
             "127.0.0.1".into(),
         ];
+        if secured {
+            self.extra.extend(secured_args());
+        }
         self.restart();
+    }
+
+    /// Whether it requires passwords (see [`secured_args`]).
+    pub fn is_secured(&self) -> bool {
+        self.extra.iter().any(|a| a == "--requirepass")
     }
 
     /// Whether the process is running (not stopped by the test).
@@ -224,8 +241,7 @@ impl RedisServer {
 
     /// Runs a command through `redis-cli` and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+        let output = redis_cli(self.port, self.is_secured())
             .args(args)
             .output()
             .expect("redis-cli");
@@ -260,13 +276,60 @@ pub struct SentinelProcess {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    secured: bool,
 }
 
 /// The name the sentinels monitor the primary under.
 pub const MASTER: &str = "crier-primary";
 
+/// A secured group's passwords: the default user's (what the fixtures and
+/// replication use), and an ACL user's, which crier is given in its URLs.
+const ADMIN_PASSWORD: &str = "admin-secret";
+pub const ACL_USER: &str = "crier";
+pub const ACL_PASSWORD: &str = "crier-secret";
+
+/// `redis-server` arguments that require passwords: the default user's,
+/// replication's, and an ACL user with every right.
+fn secured_args() -> Vec<String> {
+    [
+        "--requirepass",
+        ADMIN_PASSWORD,
+        "--masterauth",
+        ADMIN_PASSWORD,
+        "--user",
+        ACL_USER,
+        "on",
+        &format!(">{ACL_PASSWORD}"),
+        "~*",
+        "&*",
+        "+@all",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `redis-cli` for a server on `port`, with the admin password when
+/// `secured`.
+fn redis_cli(port: u16, secured: bool) -> Command {
+    let mut command = Command::new("redis-cli");
+    command.args(["-p", &port.to_string()]);
+    if secured {
+        command.args(["--no-auth-warning", "-a", ADMIN_PASSWORD]);
+    }
+    command
+}
+
+/// A URL for `port`, with the ACL user's credentials when `secured`.
+fn url_for(port: u16, secured: bool) -> String {
+    if secured {
+        format!("redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{port}")
+    } else {
+        format!("redis://127.0.0.1:{port}")
+    }
+}
+
 impl SentinelProcess {
-    fn start(primary: u16, orphan_safe: bool) -> SentinelProcess {
+    fn start(primary: u16, orphan_safe: bool, secured: bool) -> SentinelProcess {
         let dir = std::env::temp_dir().join(format!(
             "crier-test-sentinel-{}-{}",
             std::process::id(),
@@ -285,8 +348,19 @@ impl SentinelProcess {
                      sentinel monitor {MASTER} 127.0.0.1 {primary} 2\n\
                      sentinel down-after-milliseconds {MASTER} 1000\n\
                      sentinel failover-timeout {MASTER} 2000\n\
-                     sentinel parallel-syncs {MASTER} 1\n",
-                    dir = dir.display()
+                     sentinel parallel-syncs {MASTER} 1\n{auth}",
+                    dir = dir.display(),
+                    // Secured: the sentinel itself requires the passwords,
+                    // and uses the admin's to watch the group.
+                    auth = if secured {
+                        format!(
+                            "requirepass {ADMIN_PASSWORD}\n\
+                             user {ACL_USER} on >{ACL_PASSWORD} allchannels +@all\n\
+                             sentinel auth-pass {MASTER} {ADMIN_PASSWORD}\n"
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             )
             .expect("write sentinel.conf");
@@ -310,6 +384,7 @@ impl SentinelProcess {
                 port,
                 dir: dir.clone(),
                 child: Some(child),
+                secured,
             };
             let deadline = Instant::now() + DEADLINE;
             while Instant::now() < deadline {
@@ -330,7 +405,7 @@ impl SentinelProcess {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        url_for(self.port, self.secured)
     }
 }
 
@@ -358,11 +433,21 @@ impl SentinelGroup {
         SentinelGroup::start_with(false)
     }
 
+    /// Starts a group of its own whose servers and sentinels all require
+    /// passwords: crier is given an ACL user's (see [`ACL_USER`]).
+    pub fn start_secured() -> SentinelGroup {
+        SentinelGroup::start_full(false, true)
+    }
+
     fn start_with(orphan_safe: bool) -> SentinelGroup {
-        let primary = RedisServer::start_primary(orphan_safe);
-        let replica = RedisServer::start_replica_of(primary.port, orphan_safe);
+        SentinelGroup::start_full(orphan_safe, false)
+    }
+
+    fn start_full(orphan_safe: bool, secured: bool) -> SentinelGroup {
+        let primary = RedisServer::start_primary(orphan_safe, secured);
+        let replica = RedisServer::start_replica_with(primary.port, orphan_safe, secured);
         let sentinels = (0..3)
-            .map(|_| SentinelProcess::start(primary.port, orphan_safe))
+            .map(|_| SentinelProcess::start(primary.port, orphan_safe, secured))
             .collect();
         let group = SentinelGroup {
             primary,
@@ -383,8 +468,8 @@ impl SentinelGroup {
                 .contains("master_link_status:up");
             synced
                 && self.sentinels.iter().all(|s| {
-                    let out = Command::new("redis-cli")
-                        .args(["-p", &s.port.to_string(), "sentinel", "replicas", MASTER])
+                    let out = redis_cli(s.port, s.secured)
+                        .args(["sentinel", "replicas", MASTER])
                         .output()
                         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                         .unwrap_or_default();
@@ -400,14 +485,9 @@ impl SentinelGroup {
 
     /// The port the sentinels name as primary now.
     pub fn named_primary(&self) -> Option<u16> {
-        let out = Command::new("redis-cli")
-            .args([
-                "-p",
-                &self.sentinels[0].port.to_string(),
-                "sentinel",
-                "get-master-addr-by-name",
-                MASTER,
-            ])
+        let sentinel = &self.sentinels[0];
+        let out = redis_cli(sentinel.port, sentinel.secured)
+            .args(["sentinel", "get-master-addr-by-name", MASTER])
             .output()
             .ok()?;
         String::from_utf8_lossy(&out.stdout)
@@ -458,12 +538,22 @@ impl ClusterGroup {
         ClusterGroup::start_with(false)
     }
 
+    /// Starts a cluster of its own whose nodes require passwords: crier is
+    /// given an ACL user's (see [`ACL_USER`]).
+    pub fn start_secured() -> ClusterGroup {
+        ClusterGroup::start_full(false, true)
+    }
+
     fn start_with(orphan_safe: bool) -> ClusterGroup {
+        ClusterGroup::start_full(orphan_safe, false)
+    }
+
+    fn start_full(orphan_safe: bool, secured: bool) -> ClusterGroup {
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
                 // Quick to fail over, so failover tests stay short; the
                 // cluster keeps serving the slots that are up meanwhile.
-                let extra = [
+                let mut extra = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-node-timeout",
@@ -475,10 +565,13 @@ impl ClusterGroup {
                 ]
                 .map(String::from)
                 .to_vec();
+                if secured {
+                    extra.extend(secured_args());
+                }
                 RedisServer::start_full(false, None, extra, orphan_safe)
             })
             .collect();
-        let mut create = Command::new("redis-cli");
+        let mut create = redis_cli(nodes[0].port, secured);
         create.arg("--cluster").arg("create");
         for node in &nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
@@ -513,7 +606,11 @@ impl ClusterGroup {
 
     /// The seed URLs, for `--redis-cluster`.
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().take(3).map(RedisServer::url).collect()
+        self.nodes
+            .iter()
+            .take(3)
+            .map(|node| url_for(node.port, node.is_secured()))
+            .collect()
     }
 
     /// The node (index) that is the primary holding keys matching
@@ -631,9 +728,10 @@ fn ping(port: u16) -> bool {
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut reply = [0u8; 7];
+    // A server that requires a password answers, NOAUTH: it is up.
     stream.write_all(b"PING\r\n").is_ok()
         && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
+        && (&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
 }
 
 /// A TCP proxy in front of Redis whose connections can be cut and restored,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::process::Process;
 use common::redis::{
-    ACL_PASSWORD, ACL_USER, ClusterGroup, MASTER, Proxy, RedisServer, SentinelGroup,
+    ACL_PASSWORD, ACL_USER, ClusterGroup, MASTER, Proxy, RedisServer, SentinelGroup, Tls,
 };
 use common::*;
 use serde_json::Value;
@@ -486,33 +486,43 @@ async fn a_password_or_acl_user_in_the_url_is_used() {
     assert_eq!(status, 503);
 }
 
-/// A Sentinel group and a cluster whose servers (and sentinels) require
-/// passwords: crier reaches them with the ACL user in its URLs, the
-/// sentinels' credentials serving for the primary too; without them it is
-/// not ready and refuses publishes.
+/// A Sentinel group and a cluster whose servers (and sentinels) speak only
+/// TLS and require passwords: crier reaches them with `rediss://` URLs, the
+/// private CA, and the ACL user in its URLs, the sentinels' credentials and
+/// TLS serving for the primary too; without the user it is not ready and
+/// refuses publishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sentinel_and_cluster_are_reached_with_the_acl_user_of_their_urls() {
-    let (sentinel, cluster) = tokio::task::spawn_blocking(|| {
+async fn sentinel_and_cluster_are_reached_over_tls_with_the_acl_user_of_their_urls() {
+    let certs = common::tls::TestCerts::new();
+    let tls = Tls::of(&certs);
+    let (sentinel, cluster) = tokio::task::spawn_blocking(move || {
         (
-            SentinelGroup::start_secured(),
-            ClusterGroup::start_secured(),
+            SentinelGroup::start_secured(&tls),
+            ClusterGroup::start_secured(&tls),
         )
     })
     .await
     .expect("secured groups");
+    let ca = certs.ca_cert.clone();
     let through_sentinels = |urls: Vec<String>| {
+        let ca = ca.clone();
         Server::start_with(move |c| {
             c.redis_sentinel = urls;
             c.redis_master = Some(MASTER.to_owned());
+            c.redis_ca_cert = Some(ca);
             c.redis_timeout = Duration::from_millis(500);
         })
     };
     let through_cluster = |urls: Vec<String>| {
+        let ca = ca.clone();
         Server::start_with(move |c| {
             c.redis_cluster = urls;
+            c.redis_ca_cert = Some(ca);
             c.redis_timeout = Duration::from_millis(500);
         })
     };
+    let urls: Vec<String> = sentinel.urls().into_iter().chain(cluster.urls()).collect();
+    assert!(urls.iter().all(|u| u.starts_with("rediss://")), "{urls:?}");
     for server in [
         through_sentinels(sentinel.urls()).await,
         through_cluster(cluster.urls()).await,
@@ -546,7 +556,7 @@ async fn sentinel_and_cluster_are_reached_with_the_acl_user_of_their_urls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_urls_speak_tls_and_verify_the_server_certificate() {
     let certs = common::tls::TestCerts::new();
-    let redis = RedisServer::start_tls(&certs.cert, &certs.key);
+    let redis = RedisServer::start_tls(&Tls::of(&certs));
     let url = format!("rediss://{}", redis.addr());
 
     let ca = certs.ca_cert.clone();
@@ -955,7 +965,9 @@ async fn waiting_for_replicas_an_unconfirmed_event_is_neither_read_nor_sent_unti
     let start = |url: String| {
         Server::start_with(move |c| {
             c.redis_url = Some(url);
-            c.redis_timeout = Duration::from_millis(500);
+            // Long enough for WAIT on a loaded machine; the paused replica makes
+            // the one unconfirmed publish wait it out.
+            c.redis_timeout = Duration::from_secs(2);
             c.redis_wait_replicas = 1;
             c.poll_timeout = Duration::from_millis(300);
         })

@@ -13,14 +13,33 @@ use tokio::sync::watch;
 
 use super::DEADLINE;
 
+/// The certificate, key and CA a TLS-only Redis (or sentinel) serves and
+/// trusts: its replication, cluster bus and sentinels speak TLS too.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl Tls {
+    pub fn of(certs: &super::tls::TestCerts) -> Tls {
+        Tls {
+            cert: certs.cert.clone(),
+            key: certs.key.clone(),
+            ca: certs.ca_cert.clone(),
+        }
+    }
+}
+
 /// A `redis-server` child process. Stopped (and its files removed) on drop.
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
     persistent: bool,
-    /// Certificate and key files: serve TLS only.
-    tls: Option<(PathBuf, PathBuf)>,
+    /// Serve TLS only.
+    tls: Option<Tls>,
     /// More arguments for `redis-server` (a replica's `--replicaof`).
     extra: Vec<String>,
     /// Die with the thread that started it (see [`shared_sentinel`]).
@@ -38,26 +57,31 @@ impl RedisServer {
         RedisServer::start_with(false)
     }
 
-    /// Starts a Redis that speaks only TLS, with this certificate and key.
-    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> RedisServer {
-        RedisServer::start_with_tls(false, Some((cert.to_owned(), key.to_owned())))
+    /// Starts a Redis that speaks only TLS.
+    pub fn start_tls(tls: &Tls) -> RedisServer {
+        RedisServer::start_with_tls(false, Some(tls.clone()))
     }
 
     fn start_with(persistent: bool) -> RedisServer {
         RedisServer::start_with_tls(persistent, None)
     }
 
-    fn start_with_tls(persistent: bool, tls: Option<(PathBuf, PathBuf)>) -> RedisServer {
+    fn start_with_tls(persistent: bool, tls: Option<Tls>) -> RedisServer {
         RedisServer::start_full(persistent, tls, Vec::new(), false)
     }
 
     /// Starts a replica of the Redis on `primary` (port), announcing itself
     /// on 127.0.0.1 so sentinels name it by that address.
     pub fn start_replica_of(primary: u16, orphan_safe: bool) -> RedisServer {
-        RedisServer::start_replica_with(primary, orphan_safe, false)
+        RedisServer::start_replica_with(primary, orphan_safe, false, None)
     }
 
-    fn start_replica_with(primary: u16, orphan_safe: bool, secured: bool) -> RedisServer {
+    fn start_replica_with(
+        primary: u16,
+        orphan_safe: bool,
+        secured: bool,
+        tls: Option<Tls>,
+    ) -> RedisServer {
         let mut extra = vec![
             "--replicaof".into(),
             "127.0.0.1".into(),
@@ -68,18 +92,18 @@ impl RedisServer {
         if secured {
             extra.extend(secured_args());
         }
-        RedisServer::start_full(false, None, extra, orphan_safe)
+        RedisServer::start_full(false, tls, extra, orphan_safe)
     }
 
     /// Starts a primary for a Sentinel group.
-    fn start_primary(orphan_safe: bool, secured: bool) -> RedisServer {
+    fn start_primary(orphan_safe: bool, secured: bool, tls: Option<Tls>) -> RedisServer {
         let extra = if secured { secured_args() } else { Vec::new() };
-        RedisServer::start_full(false, None, extra, orphan_safe)
+        RedisServer::start_full(false, tls, extra, orphan_safe)
     }
 
     fn start_full(
         persistent: bool,
-        tls: Option<(PathBuf, PathBuf)>,
+        tls: Option<Tls>,
         extra: Vec<String>,
         orphan_safe: bool,
     ) -> RedisServer {
@@ -126,19 +150,24 @@ impl RedisServer {
         let mut command = Command::new("redis-server");
         match &self.tls {
             None => command.args(["--port", &self.port.to_string()]),
-            Some((cert, key)) => command
+            Some(tls) => command
                 .args(["--port", "0", "--tls-port", &self.port.to_string()])
                 .arg("--tls-cert-file")
-                .arg(cert)
+                .arg(&tls.cert)
                 .arg("--tls-key-file")
-                .arg(key)
-                .args(["--tls-auth-clients", "no"]),
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .args(["--tls-auth-clients", "no", "--tls-replication", "yes"])
+                .args(["--tls-cluster", "yes"]),
         };
         command
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--daemonize", "no", "--protected-mode", "no"])
             .args(["--appendonly", if self.persistent { "yes" } else { "no" }])
             .args(["--appendfsync", "always"])
+            // A replica syncs at once, not after the default 5 s wait.
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
@@ -241,7 +270,7 @@ impl RedisServer {
 
     /// Runs a command through `redis-cli` and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = redis_cli(self.port, self.is_secured())
+        let output = redis_cli(self.port, self.is_secured(), self.tls.as_ref())
             .args(args)
             .output()
             .expect("redis-cli");
@@ -277,6 +306,7 @@ pub struct SentinelProcess {
     dir: PathBuf,
     child: Option<Child>,
     secured: bool,
+    tls: Option<Tls>,
 }
 
 /// The name the sentinels monitor the primary under.
@@ -309,27 +339,32 @@ fn secured_args() -> Vec<String> {
 }
 
 /// `redis-cli` for a server on `port`, with the admin password when
-/// `secured`.
-fn redis_cli(port: u16, secured: bool) -> Command {
+/// `secured`, over TLS when it speaks it.
+fn redis_cli(port: u16, secured: bool, tls: Option<&Tls>) -> Command {
     let mut command = Command::new("redis-cli");
     command.args(["-p", &port.to_string()]);
     if secured {
         command.args(["--no-auth-warning", "-a", ADMIN_PASSWORD]);
     }
+    if let Some(tls) = tls {
+        command.arg("--tls").arg("--cacert").arg(&tls.ca);
+    }
     command
 }
 
-/// A URL for `port`, with the ACL user's credentials when `secured`.
-fn url_for(port: u16, secured: bool) -> String {
+/// A URL for `port`, with the ACL user's credentials when `secured`,
+/// `rediss://` for TLS.
+fn url_for(port: u16, secured: bool, tls: bool) -> String {
+    let scheme = if tls { "rediss" } else { "redis" };
     if secured {
-        format!("redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{port}")
+        format!("{scheme}://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{port}")
     } else {
-        format!("redis://127.0.0.1:{port}")
+        format!("{scheme}://127.0.0.1:{port}")
     }
 }
 
 impl SentinelProcess {
-    fn start(primary: u16, orphan_safe: bool, secured: bool) -> SentinelProcess {
+    fn start(primary: u16, orphan_safe: bool, secured: bool, tls: Option<Tls>) -> SentinelProcess {
         let dir = std::env::temp_dir().join(format!(
             "crier-test-sentinel-{}-{}",
             std::process::id(),
@@ -344,12 +379,22 @@ impl SentinelProcess {
             std::fs::write(
                 &config,
                 format!(
-                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                    "{listen}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
                      sentinel monitor {MASTER} 127.0.0.1 {primary} 2\n\
                      sentinel down-after-milliseconds {MASTER} 1000\n\
                      sentinel failover-timeout {MASTER} 2000\n\
                      sentinel parallel-syncs {MASTER} 1\n{auth}",
                     dir = dir.display(),
+                    listen = match &tls {
+                        None => format!("port {port}\n"),
+                        Some(tls) => format!(
+                            "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                             tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                            tls.cert.display(),
+                            tls.key.display(),
+                            tls.ca.display()
+                        ),
+                    },
                     // Secured: the sentinel itself requires the passwords,
                     // and uses the admin's to watch the group.
                     auth = if secured {
@@ -385,6 +430,7 @@ impl SentinelProcess {
                 dir: dir.clone(),
                 child: Some(child),
                 secured,
+                tls: tls.clone(),
             };
             let deadline = Instant::now() + DEADLINE;
             while Instant::now() < deadline {
@@ -394,7 +440,11 @@ impl SentinelProcess {
                     sentinel.child = None;
                     break;
                 }
-                if ping(port) {
+                let up = match tls {
+                    None => ping(port),
+                    Some(_) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                };
+                if up {
                     return sentinel;
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -405,7 +455,7 @@ impl SentinelProcess {
     }
 
     pub fn url(&self) -> String {
-        url_for(self.port, self.secured)
+        url_for(self.port, self.secured, self.tls.is_some())
     }
 }
 
@@ -433,21 +483,23 @@ impl SentinelGroup {
         SentinelGroup::start_with(false)
     }
 
-    /// Starts a group of its own whose servers and sentinels all require
-    /// passwords: crier is given an ACL user's (see [`ACL_USER`]).
-    pub fn start_secured() -> SentinelGroup {
-        SentinelGroup::start_full(false, true)
+    /// Starts a group of its own whose servers and sentinels all speak only
+    /// TLS and require passwords: crier is given an ACL user's (see
+    /// [`ACL_USER`]).
+    pub fn start_secured(tls: &Tls) -> SentinelGroup {
+        SentinelGroup::start_full(false, true, Some(tls.clone()))
     }
 
     fn start_with(orphan_safe: bool) -> SentinelGroup {
-        SentinelGroup::start_full(orphan_safe, false)
+        SentinelGroup::start_full(orphan_safe, false, None)
     }
 
-    fn start_full(orphan_safe: bool, secured: bool) -> SentinelGroup {
-        let primary = RedisServer::start_primary(orphan_safe, secured);
-        let replica = RedisServer::start_replica_with(primary.port, orphan_safe, secured);
+    fn start_full(orphan_safe: bool, secured: bool, tls: Option<Tls>) -> SentinelGroup {
+        let primary = RedisServer::start_primary(orphan_safe, secured, tls.clone());
+        let replica =
+            RedisServer::start_replica_with(primary.port, orphan_safe, secured, tls.clone());
         let sentinels = (0..3)
-            .map(|_| SentinelProcess::start(primary.port, orphan_safe, secured))
+            .map(|_| SentinelProcess::start(primary.port, orphan_safe, secured, tls.clone()))
             .collect();
         let group = SentinelGroup {
             primary,
@@ -462,13 +514,11 @@ impl SentinelGroup {
     /// failover before that would have no replica to promote).
     pub fn wait_until_replicated(&self) {
         wait_until("the Sentinel group to settle", DEADLINE, || {
-            let synced = self
-                .replica
-                .cli(&["info", "replication"])
-                .contains("master_link_status:up");
+            let info = self.replica.cli(&["info", "replication"]);
+            let synced = info.contains("master_link_status:up");
             synced
                 && self.sentinels.iter().all(|s| {
-                    let out = redis_cli(s.port, s.secured)
+                    let out = redis_cli(s.port, s.secured, s.tls.as_ref())
                         .args(["sentinel", "replicas", MASTER])
                         .output()
                         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -486,7 +536,7 @@ impl SentinelGroup {
     /// The port the sentinels name as primary now.
     pub fn named_primary(&self) -> Option<u16> {
         let sentinel = &self.sentinels[0];
-        let out = redis_cli(sentinel.port, sentinel.secured)
+        let out = redis_cli(sentinel.port, sentinel.secured, sentinel.tls.as_ref())
             .args(["sentinel", "get-master-addr-by-name", MASTER])
             .output()
             .ok()?;
@@ -538,17 +588,18 @@ impl ClusterGroup {
         ClusterGroup::start_with(false)
     }
 
-    /// Starts a cluster of its own whose nodes require passwords: crier is
-    /// given an ACL user's (see [`ACL_USER`]).
-    pub fn start_secured() -> ClusterGroup {
-        ClusterGroup::start_full(false, true)
+    /// Starts a cluster of its own whose nodes speak only TLS (their bus
+    /// too) and require passwords: crier is given an ACL user's (see
+    /// [`ACL_USER`]).
+    pub fn start_secured(tls: &Tls) -> ClusterGroup {
+        ClusterGroup::start_full(false, true, Some(tls.clone()))
     }
 
     fn start_with(orphan_safe: bool) -> ClusterGroup {
-        ClusterGroup::start_full(orphan_safe, false)
+        ClusterGroup::start_full(orphan_safe, false, None)
     }
 
-    fn start_full(orphan_safe: bool, secured: bool) -> ClusterGroup {
+    fn start_full(orphan_safe: bool, secured: bool, tls: Option<Tls>) -> ClusterGroup {
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
                 // Quick to fail over, so failover tests stay short; the
@@ -568,10 +619,10 @@ impl ClusterGroup {
                 if secured {
                     extra.extend(secured_args());
                 }
-                RedisServer::start_full(false, None, extra, orphan_safe)
+                RedisServer::start_full(false, tls.clone(), extra, orphan_safe)
             })
             .collect();
-        let mut create = redis_cli(nodes[0].port, secured);
+        let mut create = redis_cli(nodes[0].port, secured, tls.as_ref());
         create.arg("--cluster").arg("create");
         for node in &nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
@@ -609,7 +660,7 @@ impl ClusterGroup {
         self.nodes
             .iter()
             .take(3)
-            .map(|node| url_for(node.port, node.is_secured()))
+            .map(|node| url_for(node.port, node.is_secured(), node.tls.is_some()))
             .collect()
     }
 

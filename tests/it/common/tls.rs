@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 /// A CA and the files of one server certificate it signed for 127.0.0.1 and
 /// localhost, in a directory removed on drop.
@@ -23,12 +23,19 @@ impl TestCerts {
         std::fs::create_dir_all(&dir).unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Names of their own: OpenSSL (redis-server, redis-cli) takes a
+        // certificate named like its issuer for a self-signed one.
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "crier test CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
         let server_key = KeyPair::generate().unwrap();
-        let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .unwrap()
-            .signed_by(&server_key, &ca)
-            .unwrap();
+        let mut server_params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        let server = server_params.signed_by(&server_key, &ca).unwrap();
         let write = |name: &str, pem: String| {
             let path = dir.join(name);
             std::fs::write(&path, pem).unwrap();

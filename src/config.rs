@@ -173,7 +173,8 @@ pub struct ListenConfig {
     pub http2_keepalive: Duration,
 }
 
-/// What the embedded store keeps, for how long, and where (memory or a data directory).
+/// What the stores keep and for how long; where the embedded store keeps it
+/// (memory, or a data directory).
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Storage and retention")]
 pub struct StorageConfig {
@@ -228,7 +229,8 @@ pub struct StorageConfig {
     pub fsync_interval: Duration,
 }
 
-/// How much one request, client or connection may take, and how long it may take it.
+/// How much one request, client or connection may take, and how long it may
+/// take it.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Limits")]
 pub struct LimitsConfig {
@@ -337,7 +339,8 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
 }
 
-/// How streams are paced and coded: backlog, heartbeat, retry hint, long-poll wait, compression.
+/// How streams are paced and coded: backlog, heartbeat, retry hint, long-poll
+/// wait, compression.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Transports")]
 pub struct TransportsConfig {
@@ -403,7 +406,8 @@ pub struct ShutdownConfig {
     pub drain_window: Duration,
 }
 
-/// How to reach Redis, when events live there, and how its live feed is watched.
+/// How to reach Redis, when events live there, and how its live feed is
+/// watched.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Redis")]
 pub struct RedisConfig {
@@ -522,7 +526,8 @@ pub struct ObservabilityConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// Who may do what: origins, tokens, the token cookie, public topics, tickets.
+/// Who may do what: origins, tokens, the token cookie, public topics,
+/// tickets.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Access control")]
 pub struct AccessConfig {

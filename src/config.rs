@@ -614,12 +614,11 @@ impl Config {
     }
 
     /// Checks every setting that can be checked before anything starts,
-    /// in one place: each area's own, then those that span areas (events
+    /// in one place: each area's own, and those that span areas (events
     /// live on disk or in Redis, not both). The start-up of each part may
     /// still refuse what only it can tell (a key file, a data directory).
     pub fn validate(&self) -> Result<(), String> {
         let redis = self.redis.target()?;
-        self.limits.validate()?;
         if self.storage.data_dir.is_some() && redis.is_some() {
             return Err(
                 "--data-dir and --redis (or --redis-sentinel, --redis-cluster) cannot be used \
@@ -627,11 +626,12 @@ impl Config {
                     .into(),
             );
         }
-        Ok(())
+        self.limits.validate()
     }
 }
 
 impl StorageConfig {
+    /// What every store keeps for replay, Redis included.
     pub fn retention(&self) -> Retention {
         Retention {
             max_events: self.retention_events,
@@ -639,6 +639,7 @@ impl StorageConfig {
         }
     }
 
+    /// The embedded store's bounds on memory, topics and keys.
     pub fn budget(&self) -> Budget {
         Budget {
             max_bytes: self.max_retained_bytes,
@@ -658,6 +659,8 @@ impl StorageConfig {
 }
 
 impl LimitsConfig {
+    /// What [`LimitsConfig::settings`] refuses: a trusted proxy that is
+    /// neither an address nor a network.
     pub fn validate(&self) -> Result<(), String> {
         self.settings().map(|_| ())
     }

@@ -55,11 +55,12 @@ pub enum SetupError {
 /// Redis that cannot be reached yet is retried in the background).
 pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, SetupError> {
     config.validate().map_err(SetupError::Config)?;
+    let access = &config.access;
     let auth = Arc::new(Auth::new(
-        &config.jwt,
-        &config.origins(),
-        &config.public_topics,
-        config.ticket_ttl,
+        &access.jwt,
+        access.origins(),
+        &access.public_topics,
+        access.ticket_ttl,
     )?);
     // TLS (to Redis, `rediss://`) uses rustls with the ring provider. An
     // error only means a provider is already installed.
@@ -68,42 +69,29 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
     // may share a process (the tests run many), each showing its own.
     let metrics = Metrics::new();
     tokio::spawn(upkeep_until(metrics.clone(), shutdown.clone()));
+    let transports = &config.transports;
     let hub = Hub::with_metrics(
-        config.subscriber_backlog,
-        config.heartbeat,
-        config.max_compression_chains,
+        transports.subscriber_backlog,
+        transports.heartbeat,
+        transports.max_compression_chains,
         metrics.clone(),
     );
-    let redis = config.redis_target().map_err(SetupError::Config)?;
-    let store: Arc<dyn Store> = match (redis, &config.data_dir) {
-        (None, Some(dir)) => {
+    let storage = &config.storage;
+    let redis = config.redis.target().map_err(SetupError::Config)?;
+    let store: Arc<dyn Store> = match (redis, storage.durable()) {
+        (None, Some(durable)) => {
             let store = Arc::new(DurableStore::open(
-                store::DurableSettings {
-                    dir: dir.clone(),
-                    fsync: config.fsync,
-                    fsync_interval: config.fsync_interval,
-                },
+                durable,
                 hub.clone(),
-                config.retention(),
-                config.budget(),
+                storage.retention(),
+                storage.budget(),
             )?);
             tokio::spawn(store.clone().sweep_until(shutdown.clone()));
             store
         }
         (Some(target), _) => {
             let store = Arc::new(RedisStore::new(
-                store::RedisSettings {
-                    target,
-                    ca_cert: config.redis_ca_cert.clone(),
-                    prefix: config.redis_prefix.clone(),
-                    retention: config.retention(),
-                    timeout: config.redis_timeout,
-                    canary: store::CanarySettings {
-                        interval: config.canary_interval,
-                        timeout: config.canary_timeout,
-                    },
-                    wait_replicas: config.redis_wait_replicas,
-                },
+                config.redis.settings(target, storage.retention()),
                 hub.clone(),
             )?);
             tokio::spawn(store.clone().run_until(shutdown.clone()));
@@ -112,8 +100,8 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         (None, None) => {
             let store = Arc::new(MemoryStore::new(
                 hub.clone(),
-                config.retention(),
-                config.budget(),
+                storage.retention(),
+                storage.budget(),
             ));
             tokio::spawn(store.clone().sweep_until(shutdown.clone()));
             store
@@ -121,9 +109,13 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
     };
     let store = Arc::new(Measured::new(store, metrics.clone()));
     let limits = Arc::new(limits::Limits::new(
-        config.limit_settings().map_err(SetupError::Config)?,
+        config.limits.settings().map_err(SetupError::Config)?,
     ));
-    let drain = drain::Drain::new(config.drain_delay, config.drain_window, &shutdown);
+    let drain = drain::Drain::new(
+        config.shutdown.drain_delay,
+        config.shutdown.drain_window,
+        &shutdown,
+    );
     Ok(AppState::new(http::Shared {
         drain,
         hub,
@@ -160,7 +152,7 @@ pub async fn serve_with_drain(
     drain: CancellationToken,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let metrics_listener = match config.metrics_listen {
+    let metrics_listener = match config.observability.metrics_listen {
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|error| {
             std::io::Error::new(
                 error.kind(),
@@ -200,7 +192,7 @@ async fn serve_with(
 ) -> std::io::Result<()> {
     if let Some(metrics_listener) = &metrics_listener {
         // What the router decides by: /metrics is not on the main listener.
-        config.metrics_listen = Some(metrics_listener.local_addr()?);
+        config.observability.metrics_listen = Some(metrics_listener.local_addr()?);
     }
     let state = state(config.clone(), shutdown.clone()).map_err(std::io::Error::other)?;
     let limits = state.limits.clone();
@@ -212,7 +204,7 @@ async fn serve_with(
         }
         let router = http::metrics_app(state.clone());
         let stop = shutdown.clone();
-        let settings = config.clone();
+        let settings = config.limits.clone();
         tokio::spawn(async move {
             server::serve_metrics(metrics_listener, router, &settings, stop).await;
         });
@@ -230,7 +222,13 @@ async fn serve_with(
         http::app_with(state.clone(), Some(grpc::routes(state.clone()))),
         limits,
         metrics,
-        &config,
+        server::ServerSettings {
+            listen: &config.listen,
+            limits: &config.limits,
+            transports: &config.transports,
+            shutdown: &config.shutdown,
+            access: &config.access,
+        },
         shutdown.clone(),
         state.drain.clone(),
     )

@@ -250,7 +250,7 @@ impl LimitError {
     }
 }
 
-/// The limits' settings (see `Config` for what each means).
+/// The limits' settings (see `LimitsConfig` for what each means).
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
     pub max_connections: usize,

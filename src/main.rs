@@ -11,8 +11,8 @@ use crier::config::{Cli, Command, LogFormat};
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let format = match &cli.command {
-        None => cli.serve.log_format,
-        Some(Command::Serve(config)) => config.log_format,
+        None => cli.serve.observability.log_format,
+        Some(Command::Serve(config)) => config.observability.log_format,
         _ => LogFormat::Text,
     };
     init_logging(format);
@@ -24,7 +24,7 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Bench(bench)) => return crier_bench::main(bench.args).await,
     };
 
-    if config.tls_self_signed {
+    if config.listen.tls_self_signed {
         let dir = crier::devcert::default_dir();
         match crier::devcert::ensure(&dir) {
             Ok(files) => {
@@ -33,8 +33,8 @@ async fn main() -> std::process::ExitCode {
                     files.cert.display(),
                     files.cert.display()
                 );
-                config.tls_cert = Some(files.cert);
-                config.tls_key = Some(files.key);
+                config.listen.tls_cert = Some(files.cert);
+                config.listen.tls_key = Some(files.key);
             }
             Err(error) => {
                 tracing::error!(%error, "cannot serve HTTPS");
@@ -48,18 +48,18 @@ async fn main() -> std::process::ExitCode {
         tracing::warn!(%error, "could not raise the open-file limit");
     }
 
-    let listener = match bind(config.listen, config.listen_backlog) {
+    let listener = match bind(config.listen.addr, config.listen.backlog) {
         Ok(listener) => listener,
         Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
             tracing::error!(
                 %error,
-                listen = %config.listen,
+                listen = %config.listen.addr,
                 "cannot listen: another process (another crier?) holds this address; stop it, or give another --listen"
             );
             return std::process::ExitCode::FAILURE;
         }
         Err(error) => {
-            tracing::error!(%error, listen = %config.listen, "cannot listen");
+            tracing::error!(%error, listen = %config.listen.addr, "cannot listen");
             return std::process::ExitCode::FAILURE;
         }
     };

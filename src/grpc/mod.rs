@@ -51,7 +51,7 @@ pub fn routes(state: AppState) -> axum::Router {
     let config = &state.config;
     // A batch's message may be as large as a batch's HTTP body, plus the
     // protobuf framing of its fields.
-    let max_message = config.max_batch_bytes.saturating_add(64 * 1024);
+    let max_message = config.limits.max_batch_bytes.saturating_add(64 * 1024);
     let face = Arc::new(Face {
         state: state.clone(),
     });
@@ -281,18 +281,19 @@ impl Face {
     /// One event of a publish, checked as an HTTP publish checks it.
     fn new_event(&self, request: proto::PublishRequest) -> Result<NewEvent, ApiError> {
         let config = &self.state.config;
-        let topic = Topic::parse(&request.topic, config.max_topic_len).map_err(|reason| {
-            ApiError::InvalidTopic {
-                name: request.topic.clone(),
-                reason,
-            }
-        })?;
+        let topic =
+            Topic::parse(&request.topic, config.limits.max_topic_len).map_err(|reason| {
+                ApiError::InvalidTopic {
+                    name: request.topic.clone(),
+                    reason,
+                }
+            })?;
         let name = (!request.event.is_empty())
             .then(|| EventName::parse(&request.event))
             .transpose()?;
-        if !crate::http::publish::fits(&request.data, config.max_event_bytes) {
+        if !crate::http::publish::fits(&request.data, config.limits.max_event_bytes) {
             return Err(ApiError::EncodedTooLarge {
-                limit: config.max_event_bytes,
+                limit: config.limits.max_event_bytes,
             });
         }
         Ok(NewEvent {
@@ -309,7 +310,7 @@ impl Face {
         let (metadata, extensions, request) = request.into_parts();
         let state = &self.state;
         let config = &state.config;
-        let topics = parse_topics(&request.topics, config)?;
+        let topics = parse_topics(&request.topics, &config.limits)?;
         let style = if topics.len() == 1 {
             IdStyle::Single
         } else {
@@ -340,8 +341,8 @@ impl Face {
             Err(_) => tracing::warn!("subscribing while the store is slow"),
         }
         let settings = StreamSettings {
-            heartbeat: config.heartbeat,
-            retry: config.retry,
+            heartbeat: config.transports.heartbeat,
+            retry: config.transports.retry,
             shutdown: state.shutdown.clone(),
             drain: state.drain.clone(),
             expires: expires.map(crate::http::subscribe::instant_of),
@@ -385,7 +386,7 @@ impl Face {
         let peer = self.peer(&metadata, &extensions);
         let _slot = self.slot(peer.as_ref())?;
         let principal: Principal = state.auth.publisher(&credentials(&metadata))?;
-        let limit = state.config.max_batch_events;
+        let limit = state.config.limits.max_batch_events;
         if request.events.len() > limit {
             return Err(ApiError::BatchTooLong { limit });
         }

@@ -172,7 +172,7 @@ pub fn app_with(state: AppState, grpc: Option<Router>) -> Router {
     // compress themselves, flushing per chunk. The layer wraps only the
     // handlers whose answers it compresses: around a stream its body
     // wrapper would cost every open connection several KiB for nothing.
-    let codecs = state.config.codecs();
+    let codecs = state.config.transports.codecs();
     let compression = CompressionLayer::new()
         .zstd(codecs.contains(&Codec::Zstd))
         .br(codecs.contains(&Codec::Brotli))
@@ -403,7 +403,7 @@ pub async fn ready(state: &AppState) -> Result<(), ApiError> {
     if state.drain.is_draining() {
         return Err(ApiError::Draining);
     }
-    let timeout = state.config.redis_timeout;
+    let timeout = state.config.redis.timeout;
     match tokio::time::timeout(timeout, state.store.check()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.into()),

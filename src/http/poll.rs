@@ -26,7 +26,7 @@ pub async fn answer(
     given: Option<String>,
     codec: Option<Codec>,
 ) -> Response {
-    let deadline = tokio::time::Instant::now() + state.config.poll_timeout;
+    let deadline = tokio::time::Instant::now() + state.config.transports.poll_timeout;
     let stream = subscription.into_stream(settings, Answer::default());
     tokio::pin!(stream);
     let mut entries = Vec::new();

@@ -82,10 +82,11 @@ pub async fn one(
     let topic = parse_topic(path, &state)?;
     let key = idempotency_key(&headers)?;
     // Who is asking, and may they, before the body is read.
-    let principal =
-        state
-            .auth
-            .publisher(&credentials(&headers, origin, &state.config.auth_cookie))?;
+    let principal = state.auth.publisher(&credentials(
+        &headers,
+        origin,
+        &state.config.access.auth_cookie,
+    ))?;
     state.auth.may_publish(&principal, [&topic])?;
     state
         .limits
@@ -99,14 +100,14 @@ pub async fn one(
     let bytes = read_body(
         body,
         &headers,
-        state.config.max_event_bytes,
-        state.config.body_timeout,
+        state.config.limits.max_event_bytes,
+        state.config.limits.body_timeout,
     )
     .await?;
     let data = String::from_utf8(bytes).map_err(|_| ApiError::NotUtf8)?;
-    if !fits(&data, state.config.max_event_bytes) {
+    if !fits(&data, state.config.limits.max_event_bytes) {
         return Err(ApiError::EncodedTooLarge {
-            limit: state.config.max_event_bytes,
+            limit: state.config.limits.max_event_bytes,
         });
     }
     let event = NewEvent { topic, name, data };
@@ -124,7 +125,7 @@ pub(super) async fn store_events(
     principal: &Principal,
     events: Vec<(NewEvent, Option<IdempotencyKey>)>,
 ) -> Result<Vec<Appended>, StoreError> {
-    let window = state.config.idempotency_window;
+    let window = state.config.storage.idempotency_window;
     let scope = principal.key_scope();
     let events: Vec<(NewEvent, Option<Once>)> = events
         .into_iter()
@@ -161,12 +162,12 @@ pub(crate) async fn store_one(
 /// validated against the limits HTTP bodies are held to. The error says
 /// what is wrong (the caller says where).
 pub(super) fn item_event(
-    config: &crate::config::Config,
+    limits: &crate::config::LimitsConfig,
     topic: &str,
     event: Option<&str>,
     data: serde_json::Value,
 ) -> Result<NewEvent, String> {
-    let topic = Topic::parse(topic, config.max_topic_len)
+    let topic = Topic::parse(topic, limits.max_topic_len)
         .map_err(|e| format!("invalid topic `{topic}`: {e}"))?;
     let name = event
         .map(EventName::parse)
@@ -176,10 +177,10 @@ pub(super) fn item_event(
         serde_json::Value::String(s) => s,
         other => other.to_string(),
     };
-    if !fits(&data, config.max_event_bytes) {
+    if !fits(&data, limits.max_event_bytes) {
         return Err(format!(
             "data is larger than the limit of {} bytes once encoded (each line break adds a `data: ` line)",
-            config.max_event_bytes
+            limits.max_event_bytes
         ));
     }
     Ok(NewEvent { topic, name, data })
@@ -221,22 +222,34 @@ pub async fn batch(
     let config = &state.config;
     // A bad token is refused before the body is read; grants are checked
     // once the body says which topics it names.
-    let principal = state
-        .auth
-        .publisher(&credentials(&headers, origin, &config.auth_cookie))?;
-    let bytes = read_body(body, &headers, config.max_batch_bytes, config.body_timeout).await?;
+    let principal =
+        state
+            .auth
+            .publisher(&credentials(&headers, origin, &config.access.auth_cookie))?;
+    let bytes = read_body(
+        body,
+        &headers,
+        config.limits.max_batch_bytes,
+        config.limits.body_timeout,
+    )
+    .await?;
     let items: Vec<BatchItem> =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedBatch(e.to_string()))?;
-    if items.len() > config.max_batch_events {
+    if items.len() > config.limits.max_batch_events {
         return Err(ApiError::BatchTooLong {
-            limit: config.max_batch_events,
+            limit: config.limits.max_batch_events,
         });
     }
     let mut events = Vec::with_capacity(items.len());
     let mut keys = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
-        let event = item_event(config, &item.topic, item.event.as_deref(), item.data)
-            .map_err(|what| ApiError::MalformedBatch(format!("item {i}: {what}")))?;
+        let event = item_event(
+            &config.limits,
+            &item.topic,
+            item.event.as_deref(),
+            item.data,
+        )
+        .map_err(|what| ApiError::MalformedBatch(format!("item {i}: {what}")))?;
         let key = item
             .idempotency_key
             .as_deref()
@@ -280,7 +293,7 @@ pub(crate) async fn store_batch(
     state
         .limits
         .publish(&principal.rate_key(&client), events.len())?;
-    let window = config.idempotency_window;
+    let window = config.storage.idempotency_window;
     let scope = principal.key_scope();
     let onces: Vec<Option<Once>> = events
         .iter()

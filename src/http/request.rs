@@ -10,7 +10,7 @@ use axum::http::HeaderValue;
 
 use super::{ApiError, AppState};
 use crate::auth::{TicketRecord, ticket};
-use crate::config::Config;
+use crate::config::LimitsConfig;
 use crate::event::Topic;
 use crate::limits::ClientKey;
 use crate::store::StoreError;
@@ -40,7 +40,7 @@ pub(super) fn parse_topic(
             });
         }
     };
-    Topic::parse(&name, state.config.max_topic_len)
+    Topic::parse(&name, state.config.limits.max_topic_len)
         .map_err(|reason| ApiError::InvalidTopic { name, reason })
 }
 
@@ -52,18 +52,21 @@ pub(super) fn client_name(client: Option<Extension<ClientKey>>) -> String {
 
 /// The topics a subscription or a ticket names: at least one, at most
 /// `--max-topics-per-subscription`, each parsed, sorted, without repeats.
-pub(crate) fn parse_topics(names: &[String], config: &Config) -> Result<Vec<Topic>, ApiError> {
+pub(crate) fn parse_topics(
+    names: &[String],
+    limits: &LimitsConfig,
+) -> Result<Vec<Topic>, ApiError> {
     if names.is_empty() {
         return Err(ApiError::NoTopic);
     }
-    let limit = config.max_topics_per_subscription;
+    let limit = limits.max_topics_per_subscription;
     if names.len() > limit {
         return Err(ApiError::TooManyTopics { limit });
     }
     let mut topics = names
         .iter()
         .map(|name| {
-            Topic::parse(name, config.max_topic_len).map_err(|reason| ApiError::InvalidTopic {
+            Topic::parse(name, limits.max_topic_len).map_err(|reason| ApiError::InvalidTopic {
                 name: name.clone(),
                 reason,
             })

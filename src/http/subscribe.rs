@@ -228,20 +228,19 @@ impl Params {
             ticket: None,
             poll: false,
         };
-        let limit = state.config.max_topics_per_subscription;
+        let limit = state.config.limits.max_topics_per_subscription;
         for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             match &*key {
                 "topic" if with_topics => {
                     if params.topics.len() >= limit {
                         return Err(ApiError::TooManyTopics { limit });
                     }
-                    let topic =
-                        Topic::parse(&value, state.config.max_topic_len).map_err(|reason| {
-                            ApiError::InvalidTopic {
-                                name: value.to_string(),
-                                reason,
-                            }
-                        })?;
+                    let topic = Topic::parse(&value, state.config.limits.max_topic_len).map_err(
+                        |reason| ApiError::InvalidTopic {
+                            name: value.to_string(),
+                            reason,
+                        },
+                    )?;
                     params.topics.push(topic);
                 }
                 "ticket" if !value.is_empty() => params.ticket = Some(value.into_owned()),
@@ -321,8 +320,8 @@ async fn open(
         Err(_) => tracing::warn!("subscribing while the store is slow"),
     }
     let settings = StreamSettings {
-        heartbeat: state.config.heartbeat,
-        retry: state.config.retry,
+        heartbeat: state.config.transports.heartbeat,
+        retry: state.config.transports.retry,
         shutdown: state.shutdown.clone(),
         drain: state.drain.clone(),
         expires: expires.map(instant_of),
@@ -337,13 +336,14 @@ async fn open(
             // per idle plain connection").
             let codec = negotiate(
                 request_headers.get(header::ACCEPT_ENCODING),
-                &state.config.codecs(),
+                &state.config.transports.codecs(),
             );
             let answer = super::poll::answer(&state, subscription, settings, given, codec);
             return Ok(Box::pin(answer).await);
         }
         Transport::WebSocket(upgrade) => {
-            let credentials = credentials(request_headers, origin, &state.config.auth_cookie);
+            let credentials =
+                credentials(request_headers, origin, &state.config.access.auth_cookie);
             let publisher = state
                 .auth
                 .publisher(&credentials)
@@ -367,7 +367,7 @@ async fn open(
     }
     let codec = negotiate(
         request_headers.get(header::ACCEPT_ENCODING),
-        &state.config.codecs(),
+        &state.config.transports.codecs(),
     );
     let holds = Holds {
         written: state.metrics.written(crate::transport::Kind::Sse, codec),
@@ -505,7 +505,7 @@ async fn authorize(
         let record = redeem_ticket(state, presented).await?;
         return Ok(auth.by_ticket(record, topics)?);
     }
-    let credentials = credentials(headers, origin, &state.config.auth_cookie);
+    let credentials = credentials(headers, origin, &state.config.access.auth_cookie);
     Ok(auth.subscriber(&credentials, topics)?)
 }
 

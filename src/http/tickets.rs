@@ -34,16 +34,17 @@ pub async fn create(
     if !auth.enabled() {
         return Err(AuthError::TicketsDisabled.into());
     }
-    let credentials = credentials(&headers, origin, &state.config.auth_cookie);
+    let credentials = credentials(&headers, origin, &state.config.access.auth_cookie);
     let principal = auth.identify(&credentials, origin.may_use_cookie())?;
     let Principal::Token(verified) = &principal else {
         return Err(AuthError::Missing.into());
     };
     let bytes =
-        super::publish::read_body(body, &headers, MAX_BODY, state.config.body_timeout).await?;
+        super::publish::read_body(body, &headers, MAX_BODY, state.config.limits.body_timeout)
+            .await?;
     let request: TicketRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::MalformedTicketRequest(e.to_string()))?;
-    let topics = parse_topics(&request.topics, &state.config)?;
+    let topics = parse_topics(&request.topics, &state.config.limits)?;
     auth.may_subscribe(&principal, &topics)?;
 
     let record = TicketRecord {

@@ -166,8 +166,10 @@ pub fn upgrade(
     settings: StreamSettings,
     socket: Socket,
 ) -> Response {
-    let limit = socket.state.config.max_batch_bytes;
-    let deflate = handshake.deflate.filter(|_| socket.state.config.ws_deflate);
+    let limit = socket.state.config.limits.max_batch_bytes;
+    let deflate = handshake
+        .deflate
+        .filter(|_| socket.state.config.transports.ws_deflate);
     // tungstenite's defaults (128 KiB each, the read buffer allocated up
     // front) would cost an idle socket ~8 times an idle SSE stream. A
     // write of several frames still goes out as one.
@@ -429,8 +431,13 @@ impl Socket {
             ))));
         }
         let config = &self.state.config;
-        let event = item_event(config, &frame.topic, frame.event.as_deref(), frame.data)
-            .map_err(|what| problem(ApiError::MalformedFrame(what)))?;
+        let event = item_event(
+            &config.limits,
+            &frame.topic,
+            frame.event.as_deref(),
+            frame.data,
+        )
+        .map_err(|what| problem(ApiError::MalformedFrame(what)))?;
         let key = frame
             .idempotency_key
             .as_deref()

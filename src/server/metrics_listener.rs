@@ -16,7 +16,7 @@ use super::AcceptErrors;
 use super::connection::Peer;
 use super::protocol::{PeerService, http1_builder};
 use super::refuse::refuse;
-use crate::config::Config;
+use crate::config::LimitsConfig;
 use crate::metrics::ConnectionRefusal;
 
 /// Connections the `--metrics-listen` listener serves at once: a scraper
@@ -37,10 +37,10 @@ pub const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 pub async fn serve_metrics(
     listener: TcpListener,
     router: Router,
-    config: &Config,
+    limits: &LimitsConfig,
     shutdown: CancellationToken,
 ) {
-    let http1 = http1_builder(config);
+    let http1 = http1_builder(limits);
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
     let lingering = Arc::new(AtomicUsize::new(0));
     let mut accept_errors = AcceptErrors::new();

@@ -42,7 +42,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{AccessConfig, LimitsConfig, ListenConfig, ShutdownConfig, TransportsConfig};
 use crate::drain::Drain;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -55,21 +55,33 @@ use refuse::refuse;
 /// How often a failing accept is reported (with a count), at most.
 const ACCEPT_ERROR_REPORT: Duration = Duration::from_secs(10);
 
+/// The areas of the configuration the server reads: what it listens with,
+/// holds connections to, paces streams by and stops by; and whether tokens
+/// are required (for the line that says it listens).
+#[derive(Clone, Copy)]
+pub struct ServerSettings<'a> {
+    pub listen: &'a ListenConfig,
+    pub limits: &'a LimitsConfig,
+    pub transports: &'a TransportsConfig,
+    pub shutdown: &'a ShutdownConfig,
+    pub access: &'a AccessConfig,
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled, or until
 /// the drain delay has passed once `drain` began; then stops accepting, lets
 /// open connections finish (streams end themselves: at once on shutdown,
 /// spread over the drain window when draining) and returns, waiting at most
-/// `config.shutdown_timeout` past the window (past now, on shutdown).
+/// `--shutdown-timeout` past the window (past now, on shutdown).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Arc<Limits>,
     metrics: Metrics,
-    config: &Config,
+    settings: ServerSettings<'_>,
     shutdown: CancellationToken,
     drain: Drain,
 ) -> io::Result<()> {
-    let tls = match (&config.tls_cert, &config.tls_key) {
+    let tls = match (&settings.listen.tls_cert, &settings.listen.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
         (None, None) => None,
         _ => {
@@ -83,7 +95,7 @@ pub async fn serve(
     match listener.local_addr() {
         Ok(addr) => {
             let scheme = if tls.is_some() { "https" } else { "http" };
-            if config.jwt.enabled() {
+            if settings.access.jwt.enabled() {
                 tracing::info!("crier listening on {scheme}://{addr} (tokens required)");
             } else if addr.ip().is_loopback() {
                 tracing::info!(
@@ -97,7 +109,11 @@ pub async fn serve(
         }
         Err(error) => tracing::warn!(%error, "listening on an unknown address"),
     }
-    let protocols = Arc::new(Protocols::new(config));
+    let protocols = Arc::new(Protocols::new(
+        settings.listen,
+        settings.limits,
+        settings.transports,
+    ));
     let graceful = GracefulShutdown::new();
     let mut accept_errors = AcceptErrors::new();
     let lingering = Arc::new(AtomicUsize::new(0));
@@ -110,7 +126,7 @@ pub async fn serve(
         drain.signal().cancelled().await;
         match drain.stop_accepting_at() {
             Some(at) => {
-                tracing::info!(delay = ?config.drain_delay, window = ?config.drain_window, "draining: not ready; closing streams after the delay, spread over the window");
+                tracing::info!(delay = ?settings.shutdown.drain_delay, window = ?settings.shutdown.drain_window, "draining: not ready; closing streams after the delay, spread over the window");
                 tokio::select! {
                     () = tokio::time::sleep_until(at) => {}
                     () = shutdown.cancelled() => {}
@@ -140,7 +156,7 @@ pub async fn serve(
         };
         // SSE is small writes that must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        set_write_timeout(&stream, config.write_timeout);
+        set_write_timeout(&stream, settings.limits.write_timeout);
         let conn = Conn {
             protocols: protocols.clone(),
             router: router.clone(),
@@ -162,20 +178,20 @@ pub async fn serve(
     tokio::pin!(finished);
     // Draining: streams close until the window ends; then the timeout runs.
     let mut deadline = match drain.window_end() {
-        Some(end) if !shutdown.is_cancelled() => end + config.shutdown_timeout,
-        _ => tokio::time::Instant::now() + config.shutdown_timeout,
+        Some(end) if !shutdown.is_cancelled() => end + settings.shutdown.shutdown_timeout,
+        _ => tokio::time::Instant::now() + settings.shutdown.shutdown_timeout,
     };
     loop {
         tokio::select! {
             () = &mut finished => return Ok(()),
             () = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(grace = ?config.shutdown_timeout, "shutdown timeout reached; closing remaining connections");
+                tracing::warn!(grace = ?settings.shutdown.shutdown_timeout, "shutdown timeout reached; closing remaining connections");
                 return Ok(());
             }
             // Ctrl-C or a second SIGTERM while draining: streams end now.
             () = shutdown.cancelled(), if !shutdown.is_cancelled() => {
                 tracing::info!("draining cut short");
-                deadline = deadline.min(tokio::time::Instant::now() + config.shutdown_timeout);
+                deadline = deadline.min(tokio::time::Instant::now() + settings.shutdown.shutdown_timeout);
             }
         }
     }

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{Activity, ConnectionHold, Peer};
 use super::http1;
-use crate::config::Config;
+use crate::config::{LimitsConfig, ListenConfig, TransportsConfig};
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Metrics, Protocol};
 
@@ -92,52 +92,56 @@ pub(super) struct Protocols {
 }
 
 /// HTTP/1.1 as both listeners serve it: the header timeout and size limit.
-pub(super) fn http1_builder(config: &Config) -> hyper::server::conn::http1::Builder {
+pub(super) fn http1_builder(limits: &LimitsConfig) -> hyper::server::conn::http1::Builder {
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())
         // Also how long a keep-alive connection may idle between
         // requests: hyper starts the timer as soon as it waits for one.
-        .header_read_timeout(config.header_timeout)
+        .header_read_timeout(limits.header_timeout)
         // Bounds the request head, and the read buffer a connection
         // keeps for its whole life.
-        .max_buf_size(config.max_header_bytes.max(8192))
+        .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     http1
 }
 
 impl Protocols {
-    pub(super) fn new(config: &Config) -> Protocols {
-        let http1 = http1_builder(config);
+    pub(super) fn new(
+        listen: &ListenConfig,
+        limits: &LimitsConfig,
+        transports: &TransportsConfig,
+    ) -> Protocols {
+        let http1 = http1_builder(limits);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
             // Many EventSources share one connection; each is one stream.
-            .max_concurrent_streams(config.http2_max_streams)
+            .max_concurrent_streams(listen.http2_max_streams)
             // Pings find dead peers on connections that only ever receive.
-            .keep_alive_interval(Some(config.http2_keepalive))
-            .keep_alive_timeout(config.http2_keepalive)
+            .keep_alive_interval(Some(listen.http2_keepalive))
+            .keep_alive_timeout(listen.http2_keepalive)
             // Windows for what clients send us (publishes); streams to
             // clients are paced by the client's window and bounded by the
             // send buffer.
             .initial_stream_window_size(256 * 1024)
             .initial_connection_window_size(1024 * 1024)
             .max_send_buf_size(128 * 1024)
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             // WebSockets over HTTP/2 (RFC 8441): a stream opened with an
             // extended CONNECT carries one socket.
             .enable_connect_protocol();
         Protocols {
             http1,
             http2,
-            max_header_bytes: config.max_header_bytes,
-            header_timeout: config.header_timeout,
-            tls_handshake_timeout: config.tls_handshake_timeout,
-            idle_timeout: config.idle_timeout,
+            max_header_bytes: limits.max_header_bytes,
+            header_timeout: limits.header_timeout,
+            tls_handshake_timeout: limits.tls_handshake_timeout,
+            idle_timeout: limits.idle_timeout,
             // A healthy stream is asked for more at least every heartbeat:
             // its heartbeat timer wakes it. Twice that leaves room for a
             // busy machine.
-            stall_timeout: config.write_timeout.max(config.heartbeat * 2),
+            stall_timeout: limits.write_timeout.max(transports.heartbeat * 2),
         }
     }
 }

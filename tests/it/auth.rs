@@ -245,7 +245,7 @@ async fn tokens_signed_with_another_key_or_algorithm_are_invalid() {
     // --jwt-algorithm chooses the one HMAC algorithm accepted.
     let hs384 = Server::start_with(|c| {
         with_secret(c);
-        c.jwt.jwt_algorithm = Some(Algorithm::HS384);
+        c.access.jwt.jwt_algorithm = Some(Algorithm::HS384);
     })
     .await;
     refused_everywhere(&hs384, &signed(&claims), "invalid-token").await;
@@ -266,7 +266,7 @@ async fn an_expired_token_is_refused_token_expired_after_the_leeway() {
 
     let strict = Server::start_with(|c| {
         with_secret(c);
-        c.jwt.jwt_leeway = Duration::ZERO;
+        c.access.jwt.jwt_leeway = Duration::ZERO;
     })
     .await;
     let just_expired = signed(&claims(&["*"], &["*"], now() - 2));
@@ -297,8 +297,8 @@ async fn a_token_not_yet_valid_is_invalid() {
 async fn issuer_and_audience_are_checked_when_configured() {
     let server = Server::start_with(|c| {
         with_secret(c);
-        c.jwt.jwt_issuer = Some("https://issuer.example".into());
-        c.jwt.jwt_audience = Some("crier".into());
+        c.access.jwt.jwt_issuer = Some("https://issuer.example".into());
+        c.access.jwt.jwt_audience = Some("crier".into());
     })
     .await;
     let with = |iss: Option<&str>, aud: Option<Value>| {
@@ -345,7 +345,7 @@ async fn ec_and_ed25519_public_key_tokens_are_accepted_and_others_refused() {
         ("ed.pem", TestKey::ed25519(), TestKey::ed25519()),
     ] {
         let path = keys.write(name, &key.public_pem());
-        let server = Server::start_with(|c| c.jwt.jwt_public_key = Some(path)).await;
+        let server = Server::start_with(|c| c.access.jwt.jwt_public_key = Some(path)).await;
         accepted(&server, &key.sign(&everything(), None)).await;
         // The same kind of key, not the configured one.
         refused_everywhere(
@@ -370,7 +370,7 @@ async fn an_hmac_token_keyed_with_the_public_key_is_refused() {
     for (name, key) in [("ec.pem", TestKey::ec()), ("ed.pem", TestKey::ed25519())] {
         let pem = key.public_pem();
         let path = keys.write(name, &pem);
-        let server = Server::start_with(|c| c.jwt.jwt_public_key = Some(path)).await;
+        let server = Server::start_with(|c| c.access.jwt.jwt_public_key = Some(path)).await;
         for algorithm in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
             let forged = sign_hmac(&everything(), pem.as_bytes(), algorithm);
             refused_everywhere(&server, &forged, "invalid-token").await;
@@ -388,7 +388,7 @@ async fn in_a_jwk_set_the_kid_chooses_the_key() {
     let (first, second, ed) = (TestKey::ec(), TestKey::ec(), TestKey::ed25519());
     let set = json!({ "keys": [first.jwk("first"), second.jwk("second"), ed.jwk("ed")] });
     let path = keys.write("jwks.json", &set.to_string());
-    let server = Server::start_with(|c| c.jwt.jwks_file = Some(path)).await;
+    let server = Server::start_with(|c| c.access.jwt.jwks_file = Some(path)).await;
     accepted(&server, &first.sign(&everything(), Some("first"))).await;
     accepted(&server, &second.sign(&everything(), Some("second"))).await;
     accepted(&server, &ed.sign(&everything(), Some("ed"))).await;
@@ -419,19 +419,19 @@ async fn in_a_jwk_set_the_kid_chooses_the_key() {
 async fn the_secret_comes_from_a_file_and_must_be_32_bytes() {
     let keys = KeyDir::new();
     let path = keys.write("secret", &format!("  {SECRET}\n"));
-    let server = Server::start_with(|c| c.jwt.jwt_secret_file = Some(path)).await;
+    let server = Server::start_with(|c| c.access.jwt.jwt_secret_file = Some(path)).await;
     accepted(&server, &signed(&everything())).await;
 
     let short = "31 bytes is not enough, really.";
     assert_eq!(short.len(), 31);
     let mut config = Config::default();
-    config.jwt.jwt_secret = Some(short.parse().unwrap());
+    config.access.jwt.jwt_secret = Some(short.parse().unwrap());
     let error = crier::state(config, tokio_util::sync::CancellationToken::new())
         .err()
         .expect("a short secret is refused at start-up");
     assert!(error.to_string().contains("32 bytes"), "{error}");
     let mut config = Config::default();
-    config.jwt.jwt_secret_file = Some(keys.write("short", short));
+    config.access.jwt.jwt_secret_file = Some(keys.write("short", short));
     assert!(
         crier::state(config, tokio_util::sync::CancellationToken::new()).is_err(),
         "a short secret file is refused at start-up"
@@ -548,7 +548,7 @@ async fn a_subscription_with_one_ungranted_topic_is_refused_naming_it() {
 async fn public_topics_need_no_token_to_read_only() {
     let server = Server::start_with(|c| {
         with_secret(c);
-        c.public_topics = vec!["lobby".into(), "open.*".into()];
+        c.access.public_topics = vec!["lobby".into(), "open.*".into()];
     })
     .await;
     let writer = token(&["*"], &[]);
@@ -656,7 +656,7 @@ async fn a_ticket_opens_its_topic_once() {
 async fn a_ticket_is_refused_after_its_ttl() {
     let server = Server::start_with(|c| {
         with_secret(c);
-        c.ticket_ttl = Duration::from_secs(1);
+        c.access.ticket_ttl = Duration::from_secs(1);
     })
     .await;
     let reader = token(&[], &["t"]);
@@ -739,7 +739,7 @@ async fn a_ticket_minted_on_one_node_is_redeemed_once_on_any_node() {
     let node = |url: String| {
         Server::start_with(move |c| {
             with_secret(c);
-            c.redis_url = Some(url);
+            c.redis.url = Some(url);
         })
     };
     let a = node(url.clone()).await;
@@ -773,7 +773,7 @@ async fn a_ticket_minted_on_one_node_is_redeemed_once_on_any_node() {
 
 fn listing(config: &mut Config) {
     with_secret(config);
-    config.allowed_origins = vec![LISTED.into(), "https://*.partner.example".into()];
+    config.access.allowed_origins = vec![LISTED.into(), "https://*.partner.example".into()];
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -970,7 +970,7 @@ async fn a_cookie_counts_without_origin_and_from_listed_origins_only() {
     // Another cookie name is not the auth cookie; the name is a setting.
     let renamed = Server::start_with(|c| {
         with_secret(c);
-        c.auth_cookie = "session".into();
+        c.access.auth_cookie = "session".into();
     })
     .await;
     let response = send(get(&renamed, "/topics/c").header("cookie", cookie(&reader))).await;
@@ -1016,7 +1016,7 @@ async fn a_publish_counts_a_cookie_only_from_the_hubs_own_or_a_listed_origin() {
 /// A hub that ends streams exactly at `exp`.
 fn strict(config: &mut Config) {
     with_secret(config);
-    config.jwt.jwt_leeway = Duration::ZERO;
+    config.access.jwt.jwt_leeway = Duration::ZERO;
 }
 
 /// Asserts that the wall clock has reached `at` (allowing for the
@@ -1148,7 +1148,7 @@ async fn a_ticket_stream_ends_with_reauth_when_its_minting_token_expires() {
 async fn a_stream_outlives_exp_by_the_leeway() {
     let server = Server::start_with(|c| {
         with_secret(c);
-        c.jwt.jwt_leeway = Duration::from_secs(2);
+        c.access.jwt.jwt_leeway = Duration::from_secs(2);
     })
     .await;
     let writer = token(&["*"], &[]);
@@ -1567,8 +1567,8 @@ async fn crier_token_prints_a_jwt_the_hub_accepts_with_its_grants_and_subject() 
     );
     let checking = Server::start_with(|c| {
         with_secret(c);
-        c.jwt.jwt_issuer = Some("https://issuer.example".into());
-        c.jwt.jwt_audience = Some("crier".into());
+        c.access.jwt.jwt_issuer = Some("https://issuer.example".into());
+        c.access.jwt.jwt_audience = Some("crier".into());
     })
     .await;
     let response = send(get(&checking, "/topics/t").bearer_auth(&for_issuer)).await;

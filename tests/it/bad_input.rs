@@ -273,7 +273,7 @@ async fn topic_path_segment_that_is_not_utf8_is_an_invalid_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_max_topic_len_is_enforced_everywhere() {
-    let server = Server::start_with(|c| c.max_topic_len = 8).await;
+    let server = Server::start_with(|c| c.limits.max_topic_len = 8).await;
     let mut good = Seeded::new(&server, "eight888").await;
     let nine = "nine99999";
     expect_problem(
@@ -317,7 +317,7 @@ async fn configured_max_topic_len_is_enforced_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_over_max_event_bytes_is_refused_with_413_with_or_without_content_length() {
-    let server = Server::start_with(|c| c.max_event_bytes = 100).await;
+    let server = Server::start_with(|c| c.limits.max_event_bytes = 100).await;
     let mut good = Seeded::new(&server, "good").await;
     let path = "/topics/good";
 
@@ -409,7 +409,7 @@ async fn body_over_the_default_64_kib_limit_is_refused_with_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_over_max_batch_bytes_is_refused_with_413() {
-    let server = Server::start_with(|c| c.max_batch_bytes = 200).await;
+    let server = Server::start_with(|c| c.limits.max_batch_bytes = 200).await;
     let mut good = Seeded::new(&server, "good").await;
 
     // A valid batch of exactly `len` bytes.
@@ -623,7 +623,7 @@ async fn last_parameter_must_be_a_non_negative_integer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_subscription_needs_at_least_one_and_at_most_the_configured_topics() {
-    let server = Server::start_with(|c| c.max_topics_per_subscription = 3).await;
+    let server = Server::start_with(|c| c.limits.max_topics_per_subscription = 3).await;
     let mut good = Seeded::new(&server, "good").await;
 
     for path in [
@@ -662,8 +662,8 @@ async fn events_subscription_needs_at_least_one_and_at_most_the_configured_topic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_batches_are_refused_whole_and_store_nothing() {
     let server = Server::start_with(|c| {
-        c.max_event_bytes = 100;
-        c.max_batch_events = 3;
+        c.limits.max_event_bytes = 100;
+        c.limits.max_batch_events = 3;
     })
     .await;
     let mut good = Seeded::new(&server, "good").await;
@@ -967,7 +967,7 @@ async fn refused_body_announces_close_or_keeps_serving(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_with_a_body_says_connection_close_or_keeps_serving() {
-    let server = Server::start_with(|c| c.max_event_bytes = 100).await;
+    let server = Server::start_with(|c| c.limits.max_event_bytes = 100).await;
     let mut good = Seeded::new(&server, "good").await;
     let mut chunked =
         b"POST /topics/good HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
@@ -1029,7 +1029,7 @@ async fn unknown_paths_get_404() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_keeps_serving_after_a_volley_of_bad_requests() {
-    let server = Server::start_with(|c| c.max_event_bytes = 100).await;
+    let server = Server::start_with(|c| c.limits.max_event_bytes = 100).await;
     let mut good = Seeded::new(&server, "good").await;
     let requests: Vec<(Method, &str, Vec<u8>, u16, &str)> = vec![
         (

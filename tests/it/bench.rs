@@ -135,7 +135,7 @@ async fn fanout_decodes_each_coding_and_counts_every_event() {
 /// the result says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_reports_identity_from_a_hub_without_compression() {
-    let server = Server::start_with(|config| config.compression = vec![None]).await;
+    let server = Server::start_with(|config| config.transports.compression = vec![None]).await;
     let result = fanout_with(&server, "none", Some("zstd")).await;
     assert_eq!(result["accept_encoding"], "zstd", "{result}");
     assert_eq!(result["content_encoding"], "identity", "{result}");
@@ -176,7 +176,7 @@ async fn idle_holds_compressed_streams() {
 /// sockets held (their pings answered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_and_idle_over_websockets_count_every_delivery_exactly() {
-    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(100)).await;
+    let server = Server::start_with(|c| c.transports.heartbeat = Duration::from_millis(100)).await;
     let mut bytes_per_event = Vec::new();
     for transport in ["ws", "ws-deflate"] {
         let result = bench(
@@ -400,7 +400,7 @@ async fn replay_resumes_a_compressed_stream_exactly() {
 /// events retained, a subscriber 100 behind gets a `reset` and misses some.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_fails_and_reports_the_reset_when_retention_is_short() {
-    let server = Server::start_with(|config| config.retention_events = 10).await;
+    let server = Server::start_with(|config| config.storage.retention_events = 10).await;
     let result = bench(
         &server,
         &[
@@ -423,7 +423,7 @@ async fn replay_fails_and_reports_the_reset_when_retention_is_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_counts_the_hubs_refusals_and_measures_its_descriptors() {
     let server =
-        Server::start_with(|config| config.body_timeout = Duration::from_millis(300)).await;
+        Server::start_with(|config| config.limits.body_timeout = Duration::from_millis(300)).await;
     let result = bench(
         &server,
         &[
@@ -470,8 +470,8 @@ async fn attack_counts_the_hubs_refusals_and_measures_its_descriptors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_flood_is_refused_past_the_rate_and_what_is_stored_is_dense() {
     let server = Server::start_with(|config| {
-        config.publish_rate = 20;
-        config.publish_burst = 20;
+        config.limits.publish_rate = 20;
+        config.limits.publish_burst = 20;
     })
     .await;
     let result = bench(
@@ -510,9 +510,9 @@ async fn publish_measures_rate_and_latency_of_concurrent_publishers_on_the_durab
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let server = Server::start_with(|config| {
-        config.data_dir = Some(dir.clone());
-        config.publish_rate = 1_000_000;
-        config.publish_burst = 1_000_000;
+        config.storage.data_dir = Some(dir.clone());
+        config.limits.publish_rate = 1_000_000;
+        config.limits.publish_burst = 1_000_000;
     })
     .await;
     let result = bench(
@@ -550,8 +550,8 @@ async fn publish_measures_rate_and_latency_of_concurrent_publishers_on_the_durab
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_in_batches_posts_that_many_events_per_request_round_the_topics() {
     let server = Server::start_with(|config| {
-        config.publish_rate = 1_000_000;
-        config.publish_burst = 1_000_000;
+        config.limits.publish_rate = 1_000_000;
+        config.limits.publish_burst = 1_000_000;
     })
     .await;
     let result = bench(
@@ -700,8 +700,8 @@ fn assert_every_event_once(result: &Value, subscribers: u64, published: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_refused_by_the_rate_limit_says_to_lift_it() {
     let server = Server::start_with(|c| {
-        c.publish_rate = 1;
-        c.publish_burst = 1;
+        c.limits.publish_rate = 1;
+        c.limits.publish_burst = 1;
     })
     .await;
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))

@@ -52,8 +52,8 @@ async fn a_browser_multiplexes_twelve_event_sources_over_http2_with_compression(
     let certs = TestCerts::new();
     let (cert, key) = (certs.cert.clone(), certs.key.clone());
     let server = Server::start_with(move |config: &mut Config| {
-        config.tls_cert = Some(cert);
-        config.tls_key = Some(key);
+        config.listen.tls_cert = Some(cert);
+        config.listen.tls_key = Some(key);
     })
     .await;
     let origin = format!("https://{}", server.addr);
@@ -158,10 +158,10 @@ async fn a_browser_decodes_shared_compressed_units_whenever_its_event_sources_jo
         let certs = TestCerts::new();
         let (cert, key) = (certs.cert.clone(), certs.key.clone());
         let server = Server::start_with(move |config: &mut Config| {
-            config.tls_cert = Some(cert);
-            config.tls_key = Some(key);
-            config.compression = vec![Some(coding)];
-            config.heartbeat = Duration::from_millis(100);
+            config.listen.tls_cert = Some(cert);
+            config.listen.tls_key = Some(key);
+            config.transports.compression = vec![Some(coding)];
+            config.transports.heartbeat = Duration::from_millis(100);
         })
         .await;
         let origin = format!("https://{}", server.addr);
@@ -1024,7 +1024,7 @@ async fn crier_js_rides_out_a_token_expiry_and_a_hub_restart_with_every_event_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_page_on_a_locked_hub_says_why_it_is_refused_and_works_with_a_token() {
     let server = Server::start_with(|config: &mut Config| {
-        config.jwt.jwt_secret = Some(SECRET.parse().unwrap());
+        config.access.jwt.jwt_secret = Some(SECRET.parse().unwrap());
     })
     .await;
     let chromium = Chromium::launch().await;
@@ -1356,8 +1356,8 @@ fn token(publish: &[&str], subscribe: &[&str]) -> String {
 async fn page_server(certs: &TestCerts) -> Server {
     let (cert, key) = (certs.cert.clone(), certs.key.clone());
     Server::start_with(move |config: &mut Config| {
-        config.tls_cert = Some(cert);
-        config.tls_key = Some(key);
+        config.listen.tls_cert = Some(cert);
+        config.listen.tls_key = Some(key);
     })
     .await
 }

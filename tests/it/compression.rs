@@ -209,7 +209,7 @@ async fn subscribers_joining_at_any_moment_decode_the_same_events_on_arrival() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_between_events_keep_every_stream_decodable() {
-    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(50)).await;
+    let server = Server::start_with(|c| c.transports.heartbeat = Duration::from_millis(50)).await;
     for coding in SHARED {
         let topic = format!("hb-{coding}");
         let path = format!("/topics/{topic}");
@@ -283,7 +283,7 @@ async fn multi_topic_streams_write_their_own_ids_and_decode_on_arrival() {
 /// zstd frame, a brotli stream ending in its last meta-block; single-topic and multi-topic, with heartbeats in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_ends_cleanly_is_a_complete_gzip_member_zstd_frames_or_brotli_stream() {
-    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(100)).await;
+    let server = Server::start_with(|c| c.transports.heartbeat = Duration::from_millis(100)).await;
     let mut streams = Vec::new();
     for coding in SHARED {
         for path in ["/topics/end", "/events?topic=end&topic=other"] {
@@ -386,8 +386,8 @@ async fn cached_compressed_units_count_against_the_retained_bytes_budget() {
     const BUDGET: usize = 512 * 1024;
     let path = "/events?topic=u&topic=v";
     let configure = |c: &mut Config| {
-        c.max_retained_bytes = BUDGET;
-        c.retention_age = Duration::from_secs(600);
+        c.storage.max_retained_bytes = BUDGET;
+        c.storage.retention_age = Duration::from_secs(600);
     };
     let plain_hub = Server::start_with(configure).await;
     let mut reference = plain_hub.subscribe(path).await;
@@ -455,7 +455,7 @@ async fn publish_to_each(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chained_compressors_past_their_limit_leave_streams_on_units_compressed_alone() {
     for coding in SHARED {
-        let server = Server::start_with(|c| c.max_compression_chains = 1).await;
+        let server = Server::start_with(|c| c.transports.max_compression_chains = 1).await;
         let (a, b) = (format!("chain-a-{coding}"), format!("chain-b-{coding}"));
         let mut on_a = Compressed::open(&server, &format!("/topics/{a}"), coding, None).await;
         let mut on_b = Compressed::open(&server, &format!("/topics/{b}"), coding, None).await;
@@ -594,7 +594,7 @@ async fn httpx_sse_receives_a_zstd_stream() {
         "this test needs python3 with httpx-sse and httpx[zstd]: \
          `pip install httpx-sse 'httpx[zstd]'` (.ci/run installs them): {probe:?}"
     );
-    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(150)).await;
+    let server = Server::start_with(|c| c.transports.heartbeat = Duration::from_millis(150)).await;
     let mut published = publish_all(&server, "py", 0..2).await;
     let paths = ["/topics/py?last=2", "/events?topic=py&topic=other"];
     let mut subscribers = Vec::new();

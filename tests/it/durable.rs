@@ -359,10 +359,10 @@ async fn publishing_many_events_to_a_topic_keeping_few_leaves_the_directory_boun
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let server = Server::start_with(|config| {
-        config.data_dir = Some(dir.clone());
-        config.retention_events = 100;
-        config.publish_rate = 1_000_000;
-        config.publish_burst = 1_000_000;
+        config.storage.data_dir = Some(dir.clone());
+        config.storage.retention_events = 100;
+        config.limits.publish_rate = 1_000_000;
+        config.limits.publish_burst = 1_000_000;
     })
     .await;
     let pad = "x".repeat(900);
@@ -808,11 +808,11 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
     std::fs::write(&filler, vec![1u8; 3 * 1024 * 1024]).unwrap();
     let dir = mnt.join("data");
     let server = Server::start_with(|config| {
-        config.data_dir = Some(dir.clone());
-        config.publish_rate = 1_000_000;
-        config.publish_burst = 1_000_000;
+        config.storage.data_dir = Some(dir.clone());
+        config.limits.publish_rate = 1_000_000;
+        config.limits.publish_burst = 1_000_000;
         // Every acknowledged event stays readable, to be checked.
-        config.retention_events = 100_000;
+        config.storage.retention_events = 100_000;
     })
     .await;
     let mut acked = Vec::new();
@@ -884,8 +884,8 @@ async fn a_full_disk_answers_507_stores_nothing_half_and_recovers_when_space_ret
     server.stop().await;
     // Nor on disk: a restart reads back exactly the same.
     let server = Server::start_with(|config| {
-        config.data_dir = Some(dir.clone());
-        config.retention_events = 100_000;
+        config.storage.data_dir = Some(dir.clone());
+        config.storage.retention_events = 100_000;
     })
     .await;
     let mut sub = server.resume("/topics/d", &format!("0.{epoch}")).await;

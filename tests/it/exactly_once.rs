@@ -197,7 +197,7 @@ async fn concurrent_publishes_with_one_key_store_one_event_and_share_its_answer(
 
 async fn a_key_is_forgotten_after_the_idempotency_window() {
     let window = Duration::from_millis(400);
-    let server = Server::start_with(|c| c.idempotency_window = window).await;
+    let server = Server::start_with(|c| c.storage.idempotency_window = window).await;
     let mut sub = server.subscribe("/topics/w").await;
     let started = tokio::time::Instant::now();
     let first = publish_keyed(&server, "w", "k", "tick").await;
@@ -234,7 +234,7 @@ async fn a_key_is_forgotten_after_the_idempotency_window() {
 }
 
 async fn a_zero_window_checks_keys_but_remembers_none() {
-    let server = Server::start_with(|c| c.idempotency_window = Duration::ZERO).await;
+    let server = Server::start_with(|c| c.storage.idempotency_window = Duration::ZERO).await;
     assert_stored(&publish_keyed(&server, "z", "k", "same").await, "z", 1);
     assert_stored(&publish_keyed(&server, "z", "k", "same").await, "z", 2);
     let bad = server

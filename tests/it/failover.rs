@@ -198,10 +198,10 @@ async fn fail_over_under_load(start: fn() -> Topology, wait_replicas: u32) {
     let start = |setup: RedisSetup| {
         Server::start_with(move |config| {
             setup.apply(config);
-            config.redis_wait_replicas = wait_replicas;
-            config.redis_timeout = Duration::from_secs(1);
+            config.redis.wait_replicas = wait_replicas;
+            config.redis.timeout = Duration::from_secs(1);
             // Canaries often enough to have come back by the end.
-            config.canary_interval = Duration::from_millis(200);
+            config.redis.canary_interval = Duration::from_millis(200);
         })
     };
     let a = Arc::new(start(setup.clone()).await);

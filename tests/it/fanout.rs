@@ -81,7 +81,7 @@ impl SlowSubscriber {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_is_disconnected_while_a_fast_one_keeps_receiving() {
     const EVENTS: usize = 600;
-    let server = Server::start_with(|c| c.subscriber_backlog = 16).await;
+    let server = Server::start_with(|c| c.transports.subscriber_backlog = 16).await;
     let slow = SlowSubscriber::connect(&server, "/topics/t").await;
     let mut fast = server.subscribe("/topics/t").await;
 
@@ -119,7 +119,7 @@ async fn a_slow_subscriber_is_disconnected_while_a_fast_one_keeps_receiving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_stream_carries_heartbeats_and_still_delivers() {
-    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(100)).await;
+    let server = Server::start_with(|c| c.transports.heartbeat = Duration::from_millis(100)).await;
     let mut sub = server.subscribe("/topics/quiet").await;
     let raw = sub.raw.clone();
     let heartbeats = || {

@@ -426,8 +426,8 @@ async fn slowloris_headers_and_dribbled_bodies_are_cut_with_bounded_memory_and_n
 #[tokio::test]
 async fn a_publisher_over_its_rate_gets_429_and_nothing_refused_is_stored() {
     let server = Server::start_with(|c| {
-        c.publish_rate = 2;
-        c.publish_burst = 5;
+        c.limits.publish_rate = 2;
+        c.limits.publish_burst = 5;
     })
     .await;
     let mut sub = server.subscribe("/topics/rated?last=100").await;
@@ -498,8 +498,8 @@ async fn a_publisher_over_its_rate_gets_429_and_nothing_refused_is_stored() {
 #[tokio::test]
 async fn streams_per_client_are_capped_and_released_when_a_stream_ends() {
     let server = Server::start_with(|c| {
-        c.max_streams_per_ip = 3;
-        c.heartbeat = Duration::from_millis(200);
+        c.limits.max_streams_per_ip = 3;
+        c.transports.heartbeat = Duration::from_millis(200);
     })
     .await;
     let mut open = Vec::new();
@@ -544,11 +544,11 @@ async fn streams_per_client_are_capped_and_released_when_a_stream_ends() {
 #[tokio::test]
 async fn behind_a_trusted_proxy_limits_apply_per_forwarded_address_and_not_otherwise() {
     let trusted = Server::start_with(|c| {
-        c.max_streams_per_ip = 2;
-        c.trusted_proxies = vec!["127.0.0.1".into()];
+        c.limits.max_streams_per_ip = 2;
+        c.limits.trusted_proxies = vec!["127.0.0.1".into()];
     })
     .await;
-    let untrusted = Server::start_with(|c| c.max_streams_per_ip = 2).await;
+    let untrusted = Server::start_with(|c| c.limits.max_streams_per_ip = 2).await;
     for (server, forwarded_counts) in [(&trusted, true), (&untrusted, false)] {
         let open = |xff: &'static str| {
             server
@@ -638,8 +638,8 @@ async fn open_streams(
 async fn forged_forwarded_headers_do_not_escape_the_per_client_cap() {
     for via in EVERY_PATH {
         let server = Server::start_with(|c| {
-            c.max_streams_per_ip = 4;
-            c.trusted_proxies = vec!["127.0.0.1".into()];
+            c.limits.max_streams_per_ip = 4;
+            c.limits.trusted_proxies = vec!["127.0.0.1".into()];
         })
         .await;
         let requests: Vec<_> = (1..=8)
@@ -694,9 +694,9 @@ async fn each_client_ip_header_names_the_client_and_the_others_are_ignored() {
     for (kind, name, chained, alone) in kinds {
         for via in EVERY_PATH {
             let server = Server::start_with(|c| {
-                c.max_streams_per_ip = 2;
-                c.trusted_proxies = vec!["127.0.0.1".into()];
-                c.client_ip_header = kind;
+                c.limits.max_streams_per_ip = 2;
+                c.limits.trusted_proxies = vec!["127.0.0.1".into()];
+                c.limits.client_ip_header = kind;
             })
             .await;
             // Client A, named by the header, with the other two headers
@@ -761,7 +761,7 @@ fn an_unknown_client_ip_header_is_refused_at_start_up() {
 
 #[tokio::test]
 async fn a_request_head_over_the_limit_gets_431() {
-    let server = Server::start_with(|c| c.max_header_bytes = 16 * 1024).await;
+    let server = Server::start_with(|c| c.limits.max_header_bytes = 16 * 1024).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let big = "a".repeat(20 * 1024);
     let request = format!("GET /topics/x HTTP/1.1\r\nHost: hub\r\nX-Big: {big}\r\n\r\n");
@@ -776,7 +776,7 @@ async fn a_request_head_over_the_limit_gets_431() {
 
 #[tokio::test]
 async fn an_http2_connection_without_streams_is_closed_after_the_idle_timeout() {
-    let server = Server::start_with(|c| c.idle_timeout = Duration::from_millis(500)).await;
+    let server = Server::start_with(|c| c.limits.idle_timeout = Duration::from_millis(500)).await;
     let connect = || async {
         let io = hyper_util::rt::TokioIo::new(TcpStream::connect(server.addr).await.unwrap());
         hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
@@ -823,8 +823,8 @@ async fn an_http2_connection_without_streams_is_closed_after_the_idle_timeout() 
 async fn a_publisher_filling_the_retained_budget_cannot_stop_another() {
     const BUDGET: usize = 2 * 1024 * 1024;
     let server = Server::start_with(|c| {
-        c.max_retained_bytes = BUDGET;
-        c.publish_rate = 0;
+        c.storage.max_retained_bytes = BUDGET;
+        c.limits.publish_rate = 0;
     })
     .await;
     let url = |path: &str| server.url(path);
@@ -952,8 +952,8 @@ async fn a_publisher_filling_the_retained_budget_cannot_stop_another_on_durable(
 /// all), and a watched topic keeps its history throughout.
 async fn a_publisher_making_topics_past_the_budget_cannot_stop_another() {
     let server = Server::start_with(|c| {
-        c.max_topics = 200;
-        c.publish_rate = 0;
+        c.storage.max_topics = 200;
+        c.limits.publish_rate = 0;
     })
     .await;
     let url = |path: &str| server.url(path);

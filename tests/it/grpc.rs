@@ -152,9 +152,9 @@ async fn a_batch_stores_every_event_or_none() {
 async fn refusals_are_status_codes_carrying_the_problem_type() {
     let server = Server::start_with(|config| {
         with_secret(config);
-        config.max_event_bytes = 16;
-        config.publish_rate = 1;
-        config.publish_burst = 1;
+        config.limits.max_event_bytes = 16;
+        config.limits.publish_rate = 1;
+        config.limits.publish_burst = 1;
     })
     .await;
     let mut client = grpc_client(&server).await;
@@ -666,7 +666,7 @@ async fn a_client_that_asks_for_gzip_gets_gzip_messages_with_the_same_items() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_reader_that_falls_behind_is_cut_off_like_a_slow_sse_one() {
     const EVENTS: usize = 300;
-    let server = Server::start_with(|c| c.subscriber_backlog = 16).await;
+    let server = Server::start_with(|c| c.transports.subscriber_backlog = 16).await;
     let mut slow = grpc_client(&server).await;
     let request = SubscribeRequest {
         topics: vec!["t".into()],
@@ -753,8 +753,8 @@ async fn grpc_is_served_over_tls_by_alpn_h2_on_the_same_port() {
     let certs = common::tls::TestCerts::new();
     let (cert, key) = (certs.cert.clone(), certs.key.clone());
     let server = Server::start_with(|config| {
-        config.tls_cert = Some(cert);
-        config.tls_key = Some(key);
+        config.listen.tls_cert = Some(cert);
+        config.listen.tls_key = Some(key);
     })
     .await;
     let mut roots = rustls::RootCertStore::empty();

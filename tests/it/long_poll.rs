@@ -13,7 +13,8 @@ use serde_json::json;
 
 #[tokio::test]
 async fn an_idle_poll_answers_no_events_after_the_timeout_with_where_to_ask_from() {
-    let server = Server::start_with(|c| c.poll_timeout = Duration::from_millis(300)).await;
+    let server =
+        Server::start_with(|c| c.transports.poll_timeout = Duration::from_millis(300)).await;
     let first = server.publish_id("news", "a").await;
     let second = server.publish_id("news", "b").await;
     let url = server.url("/topics/news");
@@ -38,7 +39,7 @@ async fn an_idle_poll_answers_no_events_after_the_timeout_with_where_to_ask_from
 
 #[tokio::test]
 async fn a_waiting_poll_answers_as_soon_as_an_event_is_published() {
-    let server = Server::start_with(|c| c.poll_timeout = Duration::from_secs(20)).await;
+    let server = Server::start_with(|c| c.transports.poll_timeout = Duration::from_secs(20)).await;
     let first = server.publish_id("news", "a").await;
     let poll = {
         let client = server.client.clone();
@@ -64,7 +65,8 @@ async fn a_waiting_poll_answers_as_soon_as_an_event_is_published() {
 
 #[tokio::test]
 async fn accept_application_json_is_a_long_poll_and_event_stream_wins() {
-    let server = Server::start_with(|c| c.poll_timeout = Duration::from_millis(300)).await;
+    let server =
+        Server::start_with(|c| c.transports.poll_timeout = Duration::from_millis(300)).await;
     let id = server.publish_id("news", "a").await;
     let response = server
         .client

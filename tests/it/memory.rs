@@ -191,7 +191,7 @@ async fn replay_is_written_in_chunks_within_the_cap() {
 
 #[tokio::test]
 async fn line_breaks_count_against_the_event_size_limit() {
-    let server = Server::start_with(|c| c.max_event_bytes = 1000).await;
+    let server = Server::start_with(|c| c.limits.max_event_bytes = 1000).await;
     let post = |body: String| {
         server
             .client
@@ -357,7 +357,7 @@ async fn publishing_past_the_retained_bytes_budget_drops_the_oldest_and_memory_s
 
 #[tokio::test]
 async fn an_event_larger_than_the_whole_retained_budget_is_refused() {
-    let server = Server::start_with(|c| c.max_retained_bytes = 32 * 1024).await;
+    let server = Server::start_with(|c| c.storage.max_retained_bytes = 32 * 1024).await;
     let kept = server.publish_id("kept", "small").await;
     let refused = server
         .client
@@ -379,7 +379,7 @@ async fn an_event_larger_than_the_whole_retained_budget_is_refused() {
 /// a new topic is refused whole.
 #[tokio::test]
 async fn new_topics_past_the_topic_budget_forget_an_unwatched_one() {
-    let server = Server::start_with(|c| c.max_topics = 3).await;
+    let server = Server::start_with(|c| c.storage.max_topics = 3).await;
     let mut a = server.subscribe("/topics/a").await;
     let mut b = server.subscribe("/topics/b").await;
     let a1 = server.publish_id("a", "a1").await;

@@ -298,7 +298,7 @@ impl Hub {
     async fn start(configure: impl FnOnce(&mut Config)) -> Hub {
         let server = Server::start_with_metrics_listener(|c| {
             // No heartbeats during a test: byte counts stay exact.
-            c.heartbeat = Duration::from_secs(3600);
+            c.transports.heartbeat = Duration::from_secs(3600);
             configure(c);
         })
         .await;
@@ -539,9 +539,9 @@ async fn stream_bytes_are_counted_by_content_coding_as_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compression_chains_are_counted_by_coding_and_refusals_past_the_cap() {
     let hub = Hub::start(|c| {
-        c.max_compression_chains = 2;
+        c.transports.max_compression_chains = 2;
         // Quick heartbeats: a stream whose client left is noticed at once.
-        c.heartbeat = Duration::from_millis(50);
+        c.transports.heartbeat = Duration::from_millis(50);
     })
     .await;
     let server = &hub.server;
@@ -609,8 +609,8 @@ async fn compression_chains_are_counted_by_coding_and_refusals_past_the_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_cut_is_counted_as_such() {
     let hub = Hub::start(|c| {
-        c.subscriber_backlog = 4;
-        c.retention_events = 4;
+        c.transports.subscriber_backlog = 4;
+        c.storage.retention_events = 4;
     })
     .await;
     let server = &hub.server;
@@ -647,7 +647,7 @@ async fn a_slow_consumer_cut_is_counted_as_such() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumes_are_counted_by_outcome_with_the_events_they_replay() {
-    let hub = Hub::start(|c| c.retention_events = 2).await;
+    let hub = Hub::start(|c| c.storage.retention_events = 2).await;
     let server = &hub.server;
     let mut ids = Vec::new();
     for n in 1..=5 {
@@ -794,7 +794,7 @@ async fn an_open_hub_serves_its_metrics_on_the_main_listener() {
 async fn a_stream_whose_token_expires_ends_counted_as_expired() {
     let hub = Hub::start(|c| {
         auth::with_secret(c);
-        c.jwt.jwt_leeway = Duration::ZERO;
+        c.access.jwt.jwt_leeway = Duration::ZERO;
     })
     .await;
     let token = auth::signed(&auth::claims(&[], &["secret-alpha"], auth::now() + 2));
@@ -821,11 +821,11 @@ async fn a_redis_outage_and_its_reconnect_are_counted() {
     let proxy = Proxy::start(redis.addr()).await;
     let url = proxy.url();
     let hub = Hub::start(|c| {
-        c.redis_url = Some(url);
-        c.redis_timeout = Duration::from_millis(500);
+        c.redis.url = Some(url);
+        c.redis.timeout = Duration::from_millis(500);
     })
     .await;
-    let healthy = Server::start_with(|c| c.redis_url = Some(redis.url())).await;
+    let healthy = Server::start_with(|c| c.redis.url = Some(redis.url())).await;
     let server = &hub.server;
     hub.wait("crier_redis_connected", &[], 1.0).await;
     let mut sub = server.subscribe("/topics/secret-alpha").await;
@@ -923,7 +923,7 @@ fn the_parser_is_strict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_listener_serves_a_bounded_number_of_connections_and_closes_silent_ones() {
     let server = Server::start_with_metrics_listener(|c| {
-        c.header_timeout = Duration::from_secs(1);
+        c.limits.header_timeout = Duration::from_secs(1);
     })
     .await;
     let addr = server.metrics_addr.unwrap();

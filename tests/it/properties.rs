@@ -61,10 +61,10 @@ impl Hub {
         let redis = on_redis.then(RedisServer::start);
         let url = redis.as_ref().map(RedisServer::url);
         let server = runtime.block_on(Server::start_with(|c| {
-            c.redis_url = url;
+            c.redis.url = url;
             // Cases come fast, all from 127.0.0.1.
-            c.publish_rate = 0;
-            c.connection_rate = 0;
+            c.limits.publish_rate = 0;
+            c.limits.connection_rate = 0;
             configure(c);
         }));
         Hub {
@@ -598,9 +598,9 @@ async fn any_last_event_id(server: &Server, case: ResumeCase) -> Result<(), Test
 
 /// Limits small enough for generated batches to cross them.
 fn batch_limits(c: &mut Config) {
-    c.max_event_bytes = 64;
-    c.max_batch_events = 4;
-    c.max_batch_bytes = 1024;
+    c.limits.max_event_bytes = 64;
+    c.limits.max_batch_events = 4;
+    c.limits.max_batch_bytes = 1024;
 }
 
 fn json_value() -> impl Strategy<Value = Value> {
@@ -1017,7 +1017,7 @@ async fn any_query(server: &Server, case: QueryCase) -> Result<(), TestCaseError
 // ---------------------------------------------------------------------------
 
 fn max_topics(c: &mut Config) {
-    c.max_topics_per_subscription = MAX_TOPICS;
+    c.limits.max_topics_per_subscription = MAX_TOPICS;
 }
 
 macro_rules! on_each_store {

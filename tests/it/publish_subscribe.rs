@@ -180,7 +180,7 @@ async fn a_client_that_leaves_before_the_first_event_resumes_from_its_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preamble_carries_the_configured_retry_in_milliseconds() {
-    let server = Server::start_with(|c| c.retry = Duration::from_millis(2500)).await;
+    let server = Server::start_with(|c| c.transports.retry = Duration::from_millis(2500)).await;
     let mut sub = server.subscribe("/topics/r").await;
     let id = server.publish_id("r", "x").await;
     assert_eq!(sub.next().await, Ev::new(&id, "message", "x"));

@@ -17,9 +17,9 @@ use serde_json::Value;
 async fn node(url: &str) -> Server {
     let url = url.to_owned();
     Server::start_with(move |c| {
-        c.redis_url = Some(url);
-        c.redis_timeout = Duration::from_millis(500);
-        c.heartbeat = Duration::from_millis(100);
+        c.redis.url = Some(url);
+        c.redis.timeout = Duration::from_millis(500);
+        c.transports.heartbeat = Duration::from_millis(100);
     })
     .await
 }
@@ -452,8 +452,8 @@ async fn keys_follow_the_prefix_and_database_of_the_url() {
     let redis = RedisServer::start();
     let url = format!("{}/3", redis.url());
     let server = Server::start_with(move |c| {
-        c.redis_url = Some(url);
-        c.redis_prefix = "hub1:".into();
+        c.redis.url = Some(url);
+        c.redis.prefix = "hub1:".into();
     })
     .await;
     server.publish("news", "x").await;
@@ -507,18 +507,18 @@ async fn sentinel_and_cluster_are_reached_over_tls_with_the_acl_user_of_their_ur
     let through_sentinels = |urls: Vec<String>| {
         let ca = ca.clone();
         Server::start_with(move |c| {
-            c.redis_sentinel = urls;
-            c.redis_master = Some(MASTER.to_owned());
-            c.redis_ca_cert = Some(ca);
-            c.redis_timeout = Duration::from_millis(500);
+            c.redis.sentinel = urls;
+            c.redis.master = Some(MASTER.to_owned());
+            c.redis.ca_cert = Some(ca);
+            c.redis.timeout = Duration::from_millis(500);
         })
     };
     let through_cluster = |urls: Vec<String>| {
         let ca = ca.clone();
         Server::start_with(move |c| {
-            c.redis_cluster = urls;
-            c.redis_ca_cert = Some(ca);
-            c.redis_timeout = Duration::from_millis(500);
+            c.redis.cluster = urls;
+            c.redis.ca_cert = Some(ca);
+            c.redis.timeout = Duration::from_millis(500);
         })
     };
     let urls: Vec<String> = sentinel.urls().into_iter().chain(cluster.urls()).collect();
@@ -562,9 +562,9 @@ async fn rediss_urls_speak_tls_and_verify_the_server_certificate() {
     let ca = certs.ca_cert.clone();
     let trusted_url = url.clone();
     let server = Server::start_with(move |c| {
-        c.redis_url = Some(trusted_url);
-        c.redis_ca_cert = Some(ca);
-        c.redis_timeout = Duration::from_millis(500);
+        c.redis.url = Some(trusted_url);
+        c.redis.ca_cert = Some(ca);
+        c.redis.timeout = Duration::from_millis(500);
     })
     .await;
     wait_ready(&server, 200).await;
@@ -733,8 +733,8 @@ async fn queued_publishes_share_one_script_call_and_are_answered_each_for_itself
     let redis = RedisServer::start();
     let url = redis.url();
     let server = Server::start_with(move |c| {
-        c.redis_url = Some(url);
-        c.redis_timeout = Duration::from_secs(10);
+        c.redis.url = Some(url);
+        c.redis.timeout = Duration::from_secs(10);
     })
     .await;
     for topic in ["bad", "good-0", "good-1", "good-2"] {
@@ -844,8 +844,8 @@ async fn topics_nobody_watches_are_unsubscribed_and_watched_ones_come_back() {
     let url = redis.url();
     // Housekeeping every retention-age / 3: 100 ms.
     let server = Server::start_with(move |c| {
-        c.redis_url = Some(url);
-        c.retention_age = Duration::from_millis(300);
+        c.redis.url = Some(url);
+        c.storage.retention_age = Duration::from_millis(300);
     })
     .await;
     // More topics than one slice of housekeeping.
@@ -964,12 +964,12 @@ async fn waiting_for_replicas_an_unconfirmed_event_is_neither_read_nor_sent_unti
     .await;
     let start = |url: String| {
         Server::start_with(move |c| {
-            c.redis_url = Some(url);
+            c.redis.url = Some(url);
             // Long enough for WAIT on a loaded machine; the paused replica makes
             // the one unconfirmed publish wait it out.
-            c.redis_timeout = Duration::from_secs(2);
-            c.redis_wait_replicas = 1;
-            c.poll_timeout = Duration::from_millis(300);
+            c.redis.timeout = Duration::from_secs(2);
+            c.redis.wait_replicas = 1;
+            c.transports.poll_timeout = Duration::from_millis(300);
         })
     };
     let (a, b) = (start(primary.url()).await, start(primary.url()).await);
@@ -1066,8 +1066,8 @@ async fn a_batch_to_one_topic_is_one_script_call_trimmed_by_count_once() {
     let redis = RedisServer::start_volatile();
     let url = redis.url();
     let server = Server::start_with(move |c| {
-        c.redis_url = Some(url);
-        c.retention_events = 40;
+        c.redis.url = Some(url);
+        c.storage.retention_events = 40;
     })
     .await;
     let mut live = server.subscribe("/topics/t").await;
@@ -1124,8 +1124,8 @@ async fn a_publish_trims_exactly_the_expired_events_and_keeps_the_rest() {
     let redis = RedisServer::start_volatile();
     let url = redis.url();
     let server = Server::start_with(move |c| {
-        c.redis_url = Some(url);
-        c.retention_age = Duration::from_secs(3);
+        c.redis.url = Some(url);
+        c.storage.retention_age = Duration::from_secs(3);
     })
     .await;
     let old = publish_numbered(&server, "t", "old", 1..=3).await;

@@ -177,7 +177,7 @@ async fn a_leading_topic_prefix_in_last_event_id_is_ignored() {
 async fn last_event_id_zero_on_trimmed_history_sends_reset_trimmed_then_every_retained_event() {
     // `0` is a position like any other: before the oldest retained event,
     // with events in between gone.
-    let server = Server::start_with(|c| c.retention_events = 5).await;
+    let server = Server::start_with(|c| c.storage.retention_events = 5).await;
     let all = publish_n(&server, "news", 1..=8).await;
     let epoch = epoch_of(&all[0].id);
 
@@ -420,11 +420,11 @@ fn race_expected(ids: &[String]) -> Vec<Ev> {
 /// Enough retention and backlog for the races below, so that neither a
 /// `reset` nor a lagging subscriber's disconnection is a legitimate outcome.
 fn roomy(config: &mut Config) {
-    config.retention_events = 10_000;
-    config.subscriber_backlog = 10_000;
+    config.storage.retention_events = 10_000;
+    config.transports.subscriber_backlog = 10_000;
     // These publishers race the subscriber as fast as they can: the race
     // is the point, not the publish rate limit.
-    config.publish_rate = 0;
+    config.limits.publish_rate = 0;
 }
 
 /// A subscriber that drops its connection and resumes with `Last-Event-ID`
@@ -563,7 +563,7 @@ async fn last_larger_than_history_replays_everything_without_reset() {
 }
 
 async fn last_larger_than_trimmed_history_replays_what_is_retained_without_reset() {
-    let server = Server::start_with(|c| c.retention_events = 5).await;
+    let server = Server::start_with(|c| c.storage.retention_events = 5).await;
     let all = publish_n(&server, "news", 1..=10).await;
     let mut sub = server.subscribe("/topics/news?last=100").await;
     assert_eq!(sub.take(5).await, all[5..10]);
@@ -617,7 +617,7 @@ async fn last_n_on_several_topics_applies_per_topic() {
 // ---------------------------------------------------------------------------
 
 async fn resume_from_a_trimmed_position_sends_reset_trimmed_then_every_retained_event() {
-    let server = Server::start_with(|c| c.retention_events = 5).await;
+    let server = Server::start_with(|c| c.storage.retention_events = 5).await;
     let all = publish_n(&server, "news", 1..=10).await;
     let epoch = epoch_of(&all[0].id);
 
@@ -634,7 +634,7 @@ async fn resume_from_a_trimmed_position_sends_reset_trimmed_then_every_retained_
 }
 
 async fn resume_from_an_expired_position_sends_reset_trimmed_then_only_unexpired_events() {
-    let server = Server::start_with(|c| c.retention_age = Duration::from_millis(200)).await;
+    let server = Server::start_with(|c| c.storage.retention_age = Duration::from_millis(200)).await;
     // A subscriber keeps the topic alive: a topic with no retained event and
     // no subscriber is forgotten (and would restart in a new epoch).
     let mut watcher = server.subscribe("/topics/news").await;
@@ -683,9 +683,9 @@ async fn resume_from_an_expired_position_sends_reset_trimmed_then_only_unexpired
 
 async fn topic_forgotten_after_expiry_restarts_at_seq_1_and_old_positions_get_reset_epoch() {
     let server = Server::start_with(|c| {
-        c.retention_age = Duration::from_millis(100);
+        c.storage.retention_age = Duration::from_millis(100);
         // Quick heartbeats let the hub notice dropped probes promptly.
-        c.heartbeat = Duration::from_millis(50);
+        c.transports.heartbeat = Duration::from_millis(50);
     })
     .await;
     let old = publish_n(&server, "news", 1..=3).await;
@@ -937,7 +937,7 @@ async fn resume_from_another_epoch_sends_reset_epoch_then_every_retained_event()
 }
 
 async fn multi_topic_reset_names_its_topic_and_leaves_the_other_topics_replay_intact() {
-    let server = Server::start_with(|c| c.retention_events = 5).await;
+    let server = Server::start_with(|c| c.storage.retention_events = 5).await;
     let a = publish_n(&server, "a", 1..=10).await;
     let b = publish_n(&server, "b", 1..=3).await;
     let ea = epoch_of(&a[0].id);
@@ -991,7 +991,7 @@ async fn multi_topic_reset_names_its_topic_and_leaves_the_other_topics_replay_in
 }
 
 async fn resuming_from_a_reset_id_sends_no_second_reset_and_nothing_twice() {
-    let server = Server::start_with(|c| c.retention_events = 5).await;
+    let server = Server::start_with(|c| c.storage.retention_events = 5).await;
     let all = publish_n(&server, "news", 1..=10).await;
 
     let mut first = server.resume("/topics/news", &all[1].id).await;
@@ -1015,7 +1015,7 @@ async fn resuming_from_a_reset_id_sends_no_second_reset_and_nothing_twice() {
 }
 
 async fn resuming_from_a_multi_topic_reset_id_sends_no_second_reset_and_nothing_twice() {
-    let server = Server::start_with(|c| c.retention_events = 5).await;
+    let server = Server::start_with(|c| c.storage.retention_events = 5).await;
     let a = publish_n(&server, "a", 1..=10).await;
     let b = publish_n(&server, "b", 1..=3).await;
     let eb = epoch_of(&b[0].id);
@@ -1077,7 +1077,7 @@ async fn heartbeats(sub: &mut SseClient, n: usize) {
 /// it rejoins the topic's chain), and at shutdown the stream ends with a
 /// proper end of body after its last event.
 async fn heartbeats_between_replayed_and_live_events_then_a_clean_end_at_shutdown() {
-    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(50)).await;
+    let server = Server::start_with(|c| c.transports.heartbeat = Duration::from_millis(50)).await;
     let old = publish_n(&server, "news", 1..=3).await;
     let mut sub = server.resume("/topics/news", &old[0].id).await;
     assert_eq!(sub.take(2).await, old[1..]);

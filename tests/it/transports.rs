@@ -52,7 +52,7 @@ fn assert_reset(ev: &Ev, id: &str, data: Value) {
 
 /// Short long-polls, so an idle poll loop turns over within the tests.
 fn quick_polls(config: &mut Config) {
-    config.poll_timeout = Duration::from_millis(500);
+    config.transports.poll_timeout = Duration::from_millis(500);
 }
 
 async fn resume_with_the_last_id_replays_exactly_the_missed_events_then_live() {
@@ -120,7 +120,7 @@ async fn multi_topic_resume_replays_each_topics_missed_events_then_live() {
 async fn resume_from_a_trimmed_position_sends_reset_trimmed_then_every_retained_event() {
     let server = Server::start_with(|c| {
         quick_polls(c);
-        c.retention_events = 5;
+        c.storage.retention_events = 5;
     })
     .await;
     let all = publish_n(&server, "news", 1..=10).await;
@@ -144,9 +144,9 @@ async fn reconnects_during_concurrent_publishing_lose_and_duplicate_nothing() {
     const TOTAL: u64 = 400;
     let server = Server::start_with(|c| {
         quick_polls(c);
-        c.retention_events = 10_000;
-        c.subscriber_backlog = 10_000;
-        c.publish_rate = 0;
+        c.storage.retention_events = 10_000;
+        c.transports.subscriber_backlog = 10_000;
+        c.limits.publish_rate = 0;
     })
     .await;
     let published = Arc::new(AtomicU64::new(0));

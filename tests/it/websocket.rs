@@ -79,7 +79,7 @@ async fn stored(server: &Server, topic: &str) -> u64 {
 #[tokio::test]
 async fn a_cross_site_origin_is_refused_at_the_handshake() {
     let server = Server::start_with(|c| {
-        c.allowed_origins = vec!["https://listed.example".into()];
+        c.access.allowed_origins = vec!["https://listed.example".into()];
     })
     .await;
     let refused = connect(
@@ -113,7 +113,7 @@ async fn a_cross_site_origin_is_refused_at_the_handshake() {
 
 #[tokio::test]
 async fn a_peer_that_answers_no_pings_is_closed() {
-    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(200)).await;
+    let server = Server::start_with(|c| c.transports.heartbeat = Duration::from_millis(200)).await;
     let mut socket = open(&server, "/topics/quiet", &[]).await;
     // Not reading: no pong goes back. A ping after 200ms, no answer by
     // 400ms: the hub ends the socket's stream.
@@ -144,7 +144,7 @@ async fn a_peer_that_answers_no_pings_is_closed() {
 
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009_and_stores_nothing() {
-    let server = Server::start_with(|c| c.max_batch_bytes = 1024).await;
+    let server = Server::start_with(|c| c.limits.max_batch_bytes = 1024).await;
     let mut socket = open(&server, "/topics/big", &[]).await;
     let frame = json!({"type": "publish", "topic": "big", "data": "x".repeat(2000)});
     send_text(&mut socket, &frame.to_string()).await;
@@ -273,7 +273,7 @@ async fn handshake(server: &Server, http2: bool, headers: &[(&str, &str)]) -> An
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_with_a_bad_key_two_origins_or_another_version_is_refused() {
     let server = Server::start_with(|c| {
-        c.allowed_origins = vec!["https://a.example".into(), "https://b.example".into()];
+        c.access.allowed_origins = vec!["https://a.example".into(), "https://b.example".into()];
     })
     .await;
     let key = ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
@@ -433,8 +433,8 @@ async fn a_thousand_sockets_receive_the_identical_sequence() {
     const SOCKETS: usize = 1000;
     const EVENTS: usize = 20;
     let server = Server::start_with(|c| {
-        c.max_streams_per_ip = 10_000;
-        c.max_connections_per_ip = 10_000;
+        c.limits.max_streams_per_ip = 10_000;
+        c.limits.max_connections_per_ip = 10_000;
     })
     .await;
     let mut sockets = Vec::with_capacity(SOCKETS);
@@ -468,7 +468,7 @@ async fn a_thousand_sockets_receive_the_identical_sequence() {
 
 #[tokio::test]
 async fn sockets_count_against_the_stream_cap_until_they_close() {
-    let server = Server::start_with(|c| c.max_streams_per_ip = 2).await;
+    let server = Server::start_with(|c| c.limits.max_streams_per_ip = 2).await;
     let first = open(&server, "/topics/cap", &[]).await;
     let _second = open(&server, "/topics/cap", &[]).await;
     match connect(&server, "/topics/cap", &[]).await {
@@ -553,8 +553,8 @@ async fn a_socket_whose_token_expires_gets_reauth_then_1008() {
 async fn a_socket_on_a_public_topic_stops_publishing_when_its_token_expires() {
     let server = Server::start_with(|c| {
         with_secret(c);
-        c.public_topics = vec!["lobby".into()];
-        c.jwt.jwt_leeway = Duration::ZERO;
+        c.access.public_topics = vec!["lobby".into()];
+        c.access.jwt.jwt_leeway = Duration::ZERO;
     })
     .await;
     let exp = common::auth::now() + 2;
@@ -615,8 +615,8 @@ async fn a_socket_over_http2_opens_with_an_extended_connect_and_resumes_exactly(
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     let server = Server::start_with(|c| {
-        c.idle_timeout = Duration::from_secs(1);
-        c.heartbeat = Duration::from_millis(300);
+        c.limits.idle_timeout = Duration::from_secs(1);
+        c.transports.heartbeat = Duration::from_millis(300);
     })
     .await;
     let first = server.publish("h2", "one").await;
@@ -814,7 +814,7 @@ async fn a_deflate_socket_gets_each_event_compressed_and_may_publish_compressed(
 /// one that is not deflate data ends the socket.
 #[tokio::test]
 async fn a_compressed_message_inflating_past_the_limit_closes_with_1009() {
-    let server = Server::start_with(|c| c.max_batch_bytes = 2048).await;
+    let server = Server::start_with(|c| c.limits.max_batch_bytes = 2048).await;
     let (mut socket, answer) = DeflateSocket::connect(&server, "/topics/bomb", DEFLATE_OFFER).await;
     assert_eq!(answer.as_deref(), Some(DEFLATE_ANSWER));
     assert_eq!(next_deflated(&mut socket).await.1["type"], "open");
@@ -899,7 +899,7 @@ async fn permessage_deflate_offers_are_answered_or_declined_cleanly() {
     );
     server.stop().await;
 
-    let server = Server::start_with(|c| c.ws_deflate = false).await;
+    let server = Server::start_with(|c| c.transports.ws_deflate = false).await;
     let (mut socket, answer) = DeflateSocket::connect(&server, "/topics/off", DEFLATE_OFFER).await;
     assert_eq!(answer, None);
     assert_eq!(next_deflated(&mut socket).await.1["type"], "open");

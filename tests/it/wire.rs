@@ -137,7 +137,7 @@ async fn each_codec_delivers_an_event_on_an_idle_stream_within_100ms_and_stays_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_are_flushed_through_the_compressor() {
-    let server = Server::start_with(|c| c.heartbeat = Duration::from_millis(50)).await;
+    let server = Server::start_with(|c| c.transports.heartbeat = Duration::from_millis(50)).await;
     let response = server
         .client
         .get(server.url("/topics/hb"))
@@ -166,7 +166,7 @@ async fn heartbeats_are_flushed_through_the_compressor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compression_can_be_switched_off_and_identity_is_always_possible() {
-    let server = Server::start_with(|c| c.compression = vec![None]).await;
+    let server = Server::start_with(|c| c.transports.compression = vec![None]).await;
     let response = server
         .client
         .get(server.url("/topics/plain"))
@@ -268,8 +268,8 @@ async fn two_hundred_streams_multiplexed_on_one_http2_tls_connection_all_receive
     let certs = TestCerts::new();
     let (cert, key) = (certs.cert.clone(), certs.key.clone());
     let server = Server::start_with(move |c| {
-        c.tls_cert = Some(cert);
-        c.tls_key = Some(key);
+        c.listen.tls_cert = Some(cert);
+        c.listen.tls_key = Some(key);
     })
     .await;
 
@@ -437,8 +437,8 @@ async fn bench_wire_reports_bytes_per_event_for_every_coding() {
 async fn an_http2_stream_starved_of_window_closes_its_connection_in_bounded_time() {
     // Stall timeout: the larger of the write timeout and two heartbeats.
     let server = Server::start_with(|c| {
-        c.write_timeout = Duration::from_secs(1);
-        c.heartbeat = Duration::from_millis(200);
+        c.limits.write_timeout = Duration::from_secs(1);
+        c.transports.heartbeat = Duration::from_millis(200);
     })
     .await;
     let tcp = TcpStream::connect(server.addr).await.unwrap();
@@ -659,9 +659,9 @@ async fn an_http1_event_stream_sends_each_event_as_one_chunk_and_frees_its_slot_
  {
     use tokio::io::AsyncWriteExt;
     let server = Server::start_with(|c| {
-        c.max_streams_per_ip = 2;
-        c.retry = Duration::from_millis(1500);
-        c.heartbeat = Duration::from_secs(600);
+        c.limits.max_streams_per_ip = 2;
+        c.transports.retry = Duration::from_millis(1500);
+        c.transports.heartbeat = Duration::from_secs(600);
     })
     .await;
     let request = "GET /topics/raw HTTP/1.1\r\nHost: hub\r\n\r\n";

@@ -27,7 +27,7 @@ pub fn now() -> u64 {
 
 /// Turns access control on with [`SECRET`].
 pub fn with_secret(config: &mut Config) {
-    config.jwt.jwt_secret = Some(SECRET.parse().unwrap());
+    config.access.jwt.jwt_secret = Some(SECRET.parse().unwrap());
 }
 
 /// Claims granting `publish` and `subscribe`, expiring at `exp`.

@@ -59,7 +59,7 @@ impl Server {
             setup.apply(&mut config);
         }
         if let Ok(dir) = DATA_DIR.try_with(|dir| dir.clone()) {
-            config.data_dir = Some(dir);
+            config.storage.data_dir = Some(dir);
         }
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -484,16 +484,16 @@ pub struct RedisSetup {
 
 impl RedisSetup {
     pub fn apply(&self, config: &mut Config) {
-        config.redis_url = self.url.clone();
+        config.redis.url = self.url.clone();
         if !self.sentinels.is_empty() {
-            config.redis_sentinel = self.sentinels.clone();
-            config.redis_master = Some(redis::MASTER.to_owned());
+            config.redis.sentinel = self.sentinels.clone();
+            config.redis.master = Some(redis::MASTER.to_owned());
         }
-        config.redis_cluster = self.cluster.clone();
+        config.redis.cluster = self.cluster.clone();
         if let Some(prefix) = &self.prefix {
-            config.redis_prefix = prefix.clone();
+            config.redis.prefix = prefix.clone();
         }
-        config.redis_wait_replicas = self.wait_replicas;
+        config.redis.wait_replicas = self.wait_replicas;
     }
 }
 

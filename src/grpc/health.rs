@@ -20,15 +20,15 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// The service names this server answers for.
 const SERVICES: [&str; 2] = ["", "crier.v1.Crier"];
 
-pub fn service(state: AppState) -> HealthServer<Readiness> {
-    HealthServer::new(Readiness { state })
+pub fn service(state: AppState) -> HealthServer<HealthService> {
+    HealthServer::new(HealthService { state })
 }
 
-pub struct Readiness {
+pub struct HealthService {
     state: AppState,
 }
 
-impl Readiness {
+impl HealthService {
     fn known(request: &HealthCheckRequest) -> Result<(), Status> {
         if SERVICES.contains(&request.service.as_str()) {
             Ok(())
@@ -52,14 +52,14 @@ async fn status(state: &AppState) -> HealthCheckResponse {
 }
 
 #[tonic::async_trait]
-impl Health for Readiness {
+impl Health for HealthService {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
 
     async fn check(
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<HealthCheckResponse>, Status> {
-        Readiness::known(request.get_ref())?;
+        HealthService::known(request.get_ref())?;
         Ok(Response::new(status(&self.state).await))
     }
 
@@ -67,7 +67,7 @@ impl Health for Readiness {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Readiness::known(request.get_ref())?;
+        HealthService::known(request.get_ref())?;
         let state = self.state.clone();
         let stream = async_stream::stream! {
             let mut last = None;

@@ -9,7 +9,7 @@
 //! of times a second): `trace.rs`, each request's span (method and path only:
 //! a query string may hold a ticket) and its answer's log line with the
 //! refusal's problem type (`/readyz` logs its own changes of state instead,
-//! through `Readiness` in `http/mod.rs`), without wrapping bodies; then
+//! through `ReadyzLog` in `http/mod.rs`), without wrapping bodies; then
 //! `edge.rs`, the first thing every request passes (the `Origin` check of
 //! `access.rs`, 403 before any work; on the way back, refusals counted by
 //! reason and `Connection: close` on refused requests with a body), then
@@ -125,16 +125,16 @@ pub struct Shared {
     /// This hub's metrics (its own recorder, not a process-wide one).
     pub metrics: crate::metrics::Metrics,
     /// What `/readyz` last answered, so a change is logged once.
-    pub readiness: Readiness,
+    pub readiness: ReadyzLog,
 }
 
 /// The last answer of `/readyz`: `None` ready, else the problem type. A
 /// load balancer probes every few seconds; the log says when the answer
 /// changes, at WARN when it turns unready, not at ERROR on every probe.
 #[derive(Debug, Default)]
-pub struct Readiness(std::sync::Mutex<Option<&'static str>>);
+pub struct ReadyzLog(std::sync::Mutex<Option<&'static str>>);
 
-impl Readiness {
+impl ReadyzLog {
     fn observe(&self, answer: Result<(), &ApiError>) {
         let now = answer.err().map(ApiError::problem_kind);
         let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -154,7 +154,7 @@ impl Readiness {
 }
 
 /// Marks a readiness probe's answer, which the request log leaves to
-/// [`Readiness`].
+/// [`ReadyzLog`].
 #[derive(Debug, Clone, Copy)]
 struct Probe;
 

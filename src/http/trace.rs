@@ -120,7 +120,7 @@ where
 /// [`REFUSALS_PER_SECOND`] a second, with a count of those left out.
 /// Server errors (5xx) are also logged at ERROR, each one.
 /// A readiness probe's 503 is neither: `/readyz` logs its changes itself
-/// ([`super::Readiness`]), not every probe a load balancer sends.
+/// ([`super::ReadyzLog`]), not every probe a load balancer sends.
 fn log_response(response: &Response, latency: Duration) {
     let status = response.status().as_u16();
     let latency_us = latency.as_micros() as u64;

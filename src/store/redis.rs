@@ -78,7 +78,7 @@ use canary::Canary;
 pub use canary::CanarySettings;
 use keys::{Keys, partition_tags};
 use live::{LiveMessage, LiveSink, Pushed, parse_live, pushed};
-use outbox::{Confirmable, Outgoing, Request, Wait, publish_call, publish_head, send_outbox};
+use outbox::{Confirmable, Queued, ScriptRequest, Wait, publish_call, publish_head, send_outbox};
 use primary::Primary;
 pub use primary::RedisTarget;
 use reply::{as_text, as_u64, is_empty_text, malformed, parse_receipt, store_error, unavailable};
@@ -179,9 +179,9 @@ pub struct RedisStore {
     /// On a cluster, its shards' slot ranges (see `learn_shards`).
     shards: std::sync::Mutex<Vec<(u16, u16)>>,
     /// Single-topic publish calls on their way to Redis (see [`send_outbox`]).
-    outbox: tokio::sync::mpsc::UnboundedSender<Outgoing>,
+    outbox: tokio::sync::mpsc::UnboundedSender<Queued>,
     /// The outbox's other end, until `run_until` starts its sender.
-    outbox_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Outgoing>>>,
+    outbox_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Queued>>>,
     hub: Hub,
     /// How far this node has seen each watched topic go.
     floors: std::sync::Mutex<IndexMap<Topic, Floor>>,
@@ -1066,7 +1066,7 @@ impl RedisStore {
         keys: &IndexMap<KeyDigest, Fingerprint>,
         window: Duration,
         guarded: &[(&Topic, Vec<usize>)],
-    ) -> Request {
+    ) -> ScriptRequest {
         let nkeys = 2 + keys.len() + 2 * guarded.len();
         let data: usize = events.iter().map(|&i| all[i].0.data.len() + 16).sum();
         let mut names = redis::Cmd::with_capacity(nkeys, 96 * nkeys);
@@ -1115,7 +1115,7 @@ impl RedisStore {
                 .arg(event.name.as_ref().map_or("", EventName::as_str))
                 .arg(event.data.as_str());
         }
-        Request {
+        ScriptRequest {
             keys: names,
             args: cmd,
         }
@@ -1152,7 +1152,7 @@ impl Store for RedisStore {
                 let (answer, reply) = tokio::sync::oneshot::channel();
                 let partition = self.keys.partition(topic);
                 self.outbox
-                    .send(Outgoing {
+                    .send(Queued {
                         request,
                         partition,
                         bytes,

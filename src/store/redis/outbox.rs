@@ -25,7 +25,7 @@ const OUTBOX_GROUP_BYTES: usize = 1 << 20;
 /// One topic's request to the publish script: its keys and its arguments,
 /// each written once into a buffer of its own and copied into the call that
 /// carries it (see `PUBLISH` in redis.rs).
-pub(super) struct Request {
+pub(super) struct ScriptRequest {
     pub(super) keys: redis::Cmd,
     pub(super) args: redis::Cmd,
 }
@@ -35,7 +35,7 @@ pub(super) struct Request {
 pub(super) fn publish_call<'a>(
     script: &Script,
     by_text: Option<&str>,
-    requests: impl Iterator<Item = &'a Request> + Clone,
+    requests: impl Iterator<Item = &'a ScriptRequest> + Clone,
 ) -> redis::Cmd {
     let (mut keys, mut args, mut bytes, mut count) = (0, 0, 0, 0);
     for request in requests.clone() {
@@ -78,8 +78,8 @@ pub(super) fn publish_call<'a>(
 
 /// One topic's publish request waiting in the outbox, and where its reply
 /// goes.
-pub(super) struct Outgoing {
-    pub(super) request: Request,
+pub(super) struct Queued {
+    pub(super) request: ScriptRequest,
     /// Its topic's partition: a pipeline to a cluster keeps to one slot.
     pub(super) partition: usize,
     /// Its events' data, in bytes.
@@ -105,7 +105,7 @@ pub(super) struct Confirmable {
 /// is still its own script, atomic for its topic alone, as when sent one by
 /// one. Ends once the store is dropped and every group is answered.
 pub(super) async fn send_outbox(
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>,
     primary: Arc<Primary>,
     script: Arc<Script>,
     wait: Wait,
@@ -139,7 +139,7 @@ pub(super) async fn send_outbox(
                 }
                 // One pipeline per partition (all of them outside a
                 // cluster are partition 0).
-                let mut parts: IndexMap<usize, Vec<Outgoing>> = IndexMap::new();
+                let mut parts: IndexMap<usize, Vec<Queued>> = IndexMap::new();
                 for outgoing in group {
                     parts.entry(outgoing.partition).or_default().push(outgoing);
                 }
@@ -169,7 +169,7 @@ pub(super) async fn send_outbox(
 /// `WAIT`), in one round trip, and hands each request its own answer.
 pub(super) async fn send_group(
     mut commands: Commands,
-    group: Vec<Outgoing>,
+    group: Vec<Queued>,
     script: Arc<Script>,
     wait: Wait,
 ) {

@@ -53,7 +53,7 @@ pub async fn topic(
     };
     let topic = parse_topic(path, &state)?;
     let params = Params::parse(query.as_deref(), &state, false)?;
-    let transport = Transport::of(&params, &method, &headers, upgrade)?;
+    let transport = Requested::of(&params, &method, &headers, upgrade)?;
     let (metrics, kind) = (state.metrics.clone(), transport.kind());
     open(
         state,
@@ -90,7 +90,7 @@ pub async fn topics(
     if topics.is_empty() {
         return Err(ApiError::NoTopic);
     }
-    let transport = Transport::of(&params, &method, &headers, upgrade)?;
+    let transport = Requested::of(&params, &method, &headers, upgrade)?;
     let (metrics, kind) = (state.metrics.clone(), transport.kind());
     open(
         state,
@@ -126,23 +126,24 @@ struct PeerParts {
     hold: Option<Extension<ConnectionHold>>,
 }
 
-/// How the subscription travels. A WebSocket handshake (`Upgrade:
-/// websocket`) wins; then a long-poll (`poll=` other than `0`/`false`, or an
-/// `Accept` naming `application/json` and not `text/event-stream`); SSE
-/// otherwise.
-enum Transport {
+/// The transport a subscribe request asks for (unlike `transport::Kind`,
+/// its label, it holds the WebSocket handshake). A WebSocket handshake
+/// (`Upgrade: websocket`) wins; then a long-poll (`poll=` other than
+/// `0`/`false`, or an `Accept` naming `application/json` and not
+/// `text/event-stream`); SSE otherwise.
+enum Requested {
     Sse,
     Poll,
     WebSocket(Handshake),
 }
 
-impl Transport {
+impl Requested {
     /// Its `transport` label in the metrics.
     fn kind(&self) -> crate::transport::Kind {
         match self {
-            Transport::Sse => crate::transport::Kind::Sse,
-            Transport::Poll => crate::transport::Kind::LongPoll,
-            Transport::WebSocket(_) => crate::transport::Kind::WebSocket,
+            Requested::Sse => crate::transport::Kind::Sse,
+            Requested::Poll => crate::transport::Kind::LongPoll,
+            Requested::WebSocket(_) => crate::transport::Kind::WebSocket,
         }
     }
 
@@ -151,7 +152,7 @@ impl Transport {
         method: &Method,
         headers: &HeaderMap,
         upgrade: Result<Handshake, WebSocketUpgradeRejection>,
-    ) -> Result<Transport, ApiError> {
+    ) -> Result<Requested, ApiError> {
         // A CONNECT is only ever a WebSocket handshake over HTTP/2.
         let asks_websocket = method == Method::CONNECT
             || headers.get_all(header::UPGRADE).iter().any(|v| {
@@ -161,7 +162,7 @@ impl Transport {
         match upgrade {
             Ok(upgrade) => {
                 check_key(method, headers)?;
-                return Ok(Transport::WebSocket(upgrade));
+                return Ok(Requested::WebSocket(upgrade));
             }
             Err(WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_)) if asks_websocket => {
                 return Err(ApiError::WebSocketVersion);
@@ -172,7 +173,7 @@ impl Transport {
             Err(_) => {}
         }
         if params.poll {
-            return Ok(Transport::Poll);
+            return Ok(Requested::Poll);
         }
         let accept: Vec<&str> = headers
             .get_all(header::ACCEPT)
@@ -181,9 +182,9 @@ impl Transport {
             .collect();
         let accept = accept.join(",").to_ascii_lowercase();
         if accept.contains("application/json") && !accept.contains("text/event-stream") {
-            return Ok(Transport::Poll);
+            return Ok(Requested::Poll);
         }
-        Ok(Transport::Sse)
+        Ok(Requested::Sse)
     }
 }
 
@@ -297,7 +298,7 @@ async fn open(
     params: Params,
     request_headers: &HeaderMap,
     origin: OriginKind,
-    transport: Transport,
+    transport: Requested,
     peer: PeerParts,
 ) -> Result<Response, ApiError> {
     let start = start(&params, request_headers, topics.len())?;
@@ -327,8 +328,8 @@ async fn open(
         expires: expires.map(instant_of),
     };
     match transport {
-        Transport::Sse => {}
-        Transport::Poll => {
+        Requested::Sse => {}
+        Requested::Poll => {
             // Boxed: the long-poll holds a whole event stream while it
             // waits, and inline that would size every subscribe request's
             // future (an SSE stream's too) for it. Measured: ~1.5 KB less
@@ -341,7 +342,7 @@ async fn open(
             let answer = super::poll::answer(&state, subscription, settings, given, codec);
             return Ok(Box::pin(answer).await);
         }
-        Transport::WebSocket(upgrade) => {
+        Requested::WebSocket(upgrade) => {
             let credentials =
                 credentials(request_headers, origin, &state.config.access.auth_cookie);
             let publisher = state

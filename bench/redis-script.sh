@@ -29,7 +29,7 @@ for _ in $(seq 100); do
   sleep 0.05
 done
 
-SHA=$(cat "$SCRIPTS/fresh_epoch.lua" "$SCRIPTS/publish.lua" | redis-cli -p "$PORT" -x SCRIPT LOAD | tr -d '\r')
+SHA=$(cat "$SCRIPTS/fresh_epoch.lua" "$SCRIPTS/first_kept.lua" "$SCRIPTS/publish.lua" | redis-cli -p "$PORT" -x SCRIPT LOAD | tr -d '\r')
 DATA=$(head -c 200 /dev/zero | tr '\0' x)
 KEYS=() COUNTS=() ARGS=()
 for r in $(seq "$REQUESTS"); do

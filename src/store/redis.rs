@@ -129,6 +129,7 @@ use reply::{as_text, as_u64, is_empty_text, malformed, parse_receipt, store_erro
 /// A record is `FINGERPRINT SEQ EPOCH`, expiring after the window.
 const PUBLISH: &str = concat!(
     include_str!("redis/fresh_epoch.lua"),
+    include_str!("redis/first_kept.lua"),
     include_str!("redis/publish.lua")
 );
 
@@ -162,7 +163,10 @@ const CONFIRM: &str = include_str!("redis/confirm.lua");
 /// position happens here), limit, max age ms. Returns {} when the topic has
 /// no history, else {epoch, head, oldest, then seq, name, data per event};
 /// the head is the last event sent live (see `CONFIRM`).
-const READ: &str = include_str!("redis/read.lua");
+const READ: &str = concat!(
+    include_str!("redis/first_kept.lua"),
+    include_str!("redis/read.lua")
+);
 
 pub struct RedisStore {
     /// The server commands and the live feed go to.

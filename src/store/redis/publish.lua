@@ -199,31 +199,13 @@ local function publish(KEYS, ARGV)
     -- Something may have expired: drop what has, a page at a time, and
     -- note when the oldest event left expires. The events just appended
     -- are not expired (max age >= 1 ms), so one is always found.
-    local cutoff = now_ms - max_age
-    local start = '-'
-    local size = 1
-    while true do
-      local page = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', size)
-      local kept = nil
-      for _, entry in ipairs(page) do
-        if tonumber(entry[2][2]) >= cutoff then
-          kept = entry
-          break
-        end
+    local kept, older = first_kept(KEYS[2], now_ms - max_age)
+    expires = 0
+    if kept then
+      if older then
+        redis.call('XTRIM', KEYS[2], 'MINID', kept[1])
       end
-      if kept then
-        if start ~= '-' or kept ~= page[1] then
-          redis.call('XTRIM', KEYS[2], 'MINID', kept[1])
-        end
-        expires = tonumber(kept[2][2]) + max_age
-        break
-      end
-      if #page < size then
-        expires = 0
-        break
-      end
-      start = '(' .. page[#page][1]
-      size = 64
+      expires = tonumber(kept[2][2]) + max_age
     end
     table.insert(fields, 'expires')
     table.insert(fields, string.format('%d', expires))

@@ -10,23 +10,9 @@ if sent and sent < head then head = sent end
 local now = redis.call('TIME')
 local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
 local oldest = head + 1
-local start = '-'
--- Publishing trims what expired, so the first entry is almost always the
--- oldest retained one: look at it alone before reading pages.
-local size = 1
-while true do
-  local page = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', size)
-  local found = false
-  for _, entry in ipairs(page) do
-    if tonumber(entry[2][2]) >= cutoff then
-      oldest = math.min(tonumber(string.match(entry[1], '^(%d+)')), head + 1)
-      found = true
-      break
-    end
-  end
-  if found or #page < size then break end
-  start = '(' .. page[#page][1]
-  size = 64
+local kept = first_kept(KEYS[2], cutoff)
+if kept then
+  oldest = math.min(tonumber(string.match(kept[1], '^(%d+)')), head + 1)
 end
 local result = {epoch, head, oldest}
 local limit = tonumber(ARGV[2])

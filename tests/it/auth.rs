@@ -1033,7 +1033,9 @@ fn assert_reached(at: u64) {
 async fn a_stream_ends_with_reauth_at_expiry_and_a_fresh_cookie_resumes_it_exactly() {
     let server = Server::start_with(strict).await;
     let writer = token(&["*"], &[]);
-    let exp = now() + 3;
+    // Whole seconds: at least 4 s, time for the first event on a loaded
+    // machine (with --redis-wait-replicas on Sentinel, two round trips).
+    let exp = now() + 5;
     let short = signed(&claims(&[], &["news"], exp));
     let mut sub =
         SseClient::open(get(&server, "/topics/news").header("cookie", cookie(&short))).await;

@@ -17,6 +17,10 @@ use crate::store::StoreError;
 /// Groups of publish requests in flight to Redis at once (see [`send_outbox`]).
 const OUTBOX_IN_FLIGHT: usize = 2;
 
+/// Times a failed `CONFIRM` is tried again, backing off from 50 ms to 2 s
+/// (about 10 s in all).
+const CONFIRM_RETRIES: usize = 8;
+
 /// Most publish requests in one group, and the event bytes past which a
 /// group takes no more.
 const OUTBOX_GROUP: usize = 128;
@@ -91,6 +95,7 @@ pub(super) struct Queued {
 
 /// What `CONFIRM` needs of one topic: its keys, its channel and the head of
 /// its live messages.
+#[derive(Clone)]
 pub(super) struct Confirmable {
     pub(super) meta: String,
     pub(super) events: String,
@@ -280,29 +285,60 @@ impl Wait {
     }
 
     /// Sends live what `WAIT` confirmed of `topics`, each with the head its
-    /// publish script answered (all of one partition). A failure is logged
-    /// and the publishes still answered as stored, which they are: their
-    /// events go live with the topic's next confirmed publish.
+    /// publish script answered (all of one partition). The publishes are
+    /// answered as stored either way, which they are; a failed `CONFIRM` is
+    /// tried again in the background for a while (it is idempotent: `pub`
+    /// only moves forward), and after that the events go live with the
+    /// topic's next confirmed publish.
     pub(super) async fn send_confirmed<'a>(
         &self,
         commands: &mut Commands,
         topics: impl Iterator<Item = (&'a Confirmable, u64)>,
     ) {
+        let topics: Vec<(Confirmable, u64)> = topics
+            .filter(|(_, head)| *head > 0)
+            .map(|(topic, head)| (topic.clone(), head))
+            .collect();
+        if topics.is_empty() {
+            return;
+        }
+        let Err(error) = self.confirm_once(commands, &topics).await else {
+            return;
+        };
+        tracing::warn!(%error, "could not send confirmed events live; trying again");
+        let (wait, mut commands) = (self.clone(), commands.clone());
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(50);
+            for _ in 0..CONFIRM_RETRIES {
+                tokio::time::sleep(delay).await;
+                if wait.confirm_once(&mut commands, &topics).await.is_ok() {
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            tracing::warn!(
+                "gave up sending confirmed events live; they go with the topic's next publish"
+            );
+        });
+    }
+
+    /// One `CONFIRM` call for `topics`.
+    async fn confirm_once(
+        &self,
+        commands: &mut Commands,
+        topics: &[(Confirmable, u64)],
+    ) -> Result<(), redis::RedisError> {
         let mut invocation = self.confirm.prepare_invoke();
         invocation.arg(self.live_command);
-        let mut any = false;
-        for (topic, head) in topics.filter(|(_, head)| *head > 0) {
+        for (topic, head) in topics {
             invocation
                 .key(&topic.meta)
                 .key(&topic.events)
                 .arg(&topic.channel)
                 .arg(&topic.live_head)
-                .arg(head);
-            any = true;
+                .arg(*head);
         }
-        if any && let Err(error) = invocation.invoke_async::<()>(commands).await {
-            tracing::warn!(%error, "could not send confirmed events live; they go with the topic's next publish");
-        }
+        invocation.invoke_async::<()>(commands).await
     }
 
     /// Whether the `WAIT`'s answer confirms enough replicas.

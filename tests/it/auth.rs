@@ -1096,7 +1096,8 @@ async fn a_stream_ends_with_reauth_at_expiry_and_a_fresh_cookie_resumes_it_exact
 async fn a_ticket_stream_ends_with_reauth_when_its_minting_token_expires() {
     let server = Server::start_with(strict).await;
     let writer = token(&["*"], &[]);
-    let exp = now() + 3;
+    // At least 4 s: a ticket is minted and an event sent before it expires.
+    let exp = now() + 5;
     let short = signed(&claims(&[], &["a", "b"], exp));
     let ticket = mint_ticket(&server, &short, &["a", "b"], 30).await;
     let mut sub = SseClient::open(get(

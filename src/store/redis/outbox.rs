@@ -41,43 +41,48 @@ pub(super) fn publish_call<'a>(
     by_text: Option<&str>,
     requests: impl Iterator<Item = &'a ScriptRequest> + Clone,
 ) -> redis::Cmd {
-    let (mut keys, mut args, mut bytes, mut count) = (0, 0, 0, 0);
-    for request in requests.clone() {
-        keys += request.keys.args_iter().count();
-        args += request.args.args_iter().count();
-        for arg in request.keys.args_iter().chain(request.args.args_iter()) {
-            if let redis::Arg::Simple(arg) = arg {
-                bytes += arg.len();
-            }
-        }
-        count += 1;
-    }
-    let mut cmd = redis::Cmd::with_capacity(4 + keys + 2 * count + args, 64 + bytes);
+    // Each request's counts of keys and arguments, which the call's ARGV
+    // starts with.
+    let counts: Vec<(usize, usize)> = requests
+        .clone()
+        .map(|r| (r.keys.args_iter().count(), r.args.args_iter().count()))
+        .collect();
+    let bytes: usize = requests
+        .clone()
+        .flat_map(|r| r.keys.args_iter().chain(r.args.args_iter()))
+        .map(|arg| match arg {
+            redis::Arg::Simple(arg) => arg.len(),
+            _ => 0,
+        })
+        .sum();
+    let keys: usize = counts.iter().map(|(k, _)| k).sum();
+    let args: usize = counts.iter().map(|(_, a)| a).sum();
+    let mut cmd = redis::Cmd::with_capacity(4 + keys + 2 * counts.len() + args, 64 + bytes);
     match by_text {
         Some(text) => cmd.arg("EVAL").arg(text),
         None => cmd.arg("EVALSHA").arg(script.get_hash()),
     };
     cmd.arg(keys);
     for request in requests.clone() {
-        for key in request.keys.args_iter() {
-            if let redis::Arg::Simple(key) = key {
-                cmd.arg(key);
-            }
-        }
+        copy_args(&mut cmd, &request.keys);
     }
-    cmd.arg(count);
-    for request in requests.clone() {
-        cmd.arg(request.keys.args_iter().count())
-            .arg(request.args.args_iter().count());
+    cmd.arg(counts.len());
+    for (keys, args) in &counts {
+        cmd.arg(keys).arg(args);
     }
     for request in requests {
-        for arg in request.args.args_iter() {
-            if let redis::Arg::Simple(arg) = arg {
-                cmd.arg(arg);
-            }
-        }
+        copy_args(&mut cmd, &request.args);
     }
     cmd
+}
+
+/// Appends `from`'s arguments to `cmd`.
+fn copy_args(cmd: &mut redis::Cmd, from: &redis::Cmd) {
+    for arg in from.args_iter() {
+        if let redis::Arg::Simple(arg) = arg {
+            cmd.arg(arg);
+        }
+    }
 }
 
 /// One topic's publish request waiting in the outbox, and where its reply
@@ -295,10 +300,7 @@ impl Wait {
         commands: &mut Commands,
         topics: impl Iterator<Item = (&'a Confirmable, u64)>,
     ) {
-        let topics: Vec<(Confirmable, u64)> = topics
-            .filter(|(_, head)| *head > 0)
-            .map(|(topic, head)| (topic.clone(), head))
-            .collect();
+        let topics: Vec<(&Confirmable, u64)> = topics.filter(|(_, head)| *head > 0).collect();
         if topics.is_empty() {
             return;
         }
@@ -306,12 +308,18 @@ impl Wait {
             return;
         };
         tracing::warn!(%error, "could not send confirmed events live; trying again");
+        let topics: Vec<(Confirmable, u64)> = topics
+            .into_iter()
+            .map(|(t, head)| (t.clone(), head))
+            .collect();
         let (wait, mut commands) = (self.clone(), commands.clone());
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(50);
             for _ in 0..CONFIRM_RETRIES {
                 tokio::time::sleep(delay).await;
-                if wait.confirm_once(&mut commands, &topics).await.is_ok() {
+                let borrowed: Vec<(&Confirmable, u64)> =
+                    topics.iter().map(|(t, head)| (t, *head)).collect();
+                if wait.confirm_once(&mut commands, &borrowed).await.is_ok() {
                     return;
                 }
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -326,7 +334,7 @@ impl Wait {
     async fn confirm_once(
         &self,
         commands: &mut Commands,
-        topics: &[(Confirmable, u64)],
+        topics: &[(&Confirmable, u64)],
     ) -> Result<(), redis::RedisError> {
         let mut invocation = self.confirm.prepare_invoke();
         invocation.arg(self.live_command);

@@ -977,7 +977,16 @@ async fn waiting_for_replicas_an_unconfirmed_event_is_neither_read_nor_sent_unti
     let first = a.publish_id("t", "confirmed").await;
     let (status, _, body) = {
         let _paused = replica.pause();
-        publish_keyed(&a, "t", "k-1", "unconfirmed").await
+        let answer = publish_keyed(&a, "t", "k-1", "unconfirmed").await;
+        // The publisher may be answered just before WAIT gives up: the
+        // replica goes on only once it has, or it would confirm the event.
+        wait_for("the WAIT to give up", || {
+            primary
+                .cli(&["INFO", "clients"])
+                .contains("blocked_clients:0")
+        })
+        .await;
+        answer
     };
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["type"], "urn:crier:problem:store-unavailable");

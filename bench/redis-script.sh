@@ -46,5 +46,5 @@ redis-benchmark -p "$PORT" -n $((1000 + 100)) -c 1 "${call[@]}" >/dev/null
 rcli CONFIG RESETSTAT >/dev/null
 redis-benchmark -p "$PORT" -n "$CALLS" -c "$CLIENTS" "${call[@]}" >/dev/null
 usec=$(rcli INFO commandstats | sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')
-echo "requests per call: $REQUESTS, usec_per_call: $usec, per request: $(echo "scale=2; $usec / $REQUESTS" | bc) µs"
+echo "requests per call: $REQUESTS, usec_per_call: $usec, per request: $(awk -v u="$usec" -v r="$REQUESTS" 'BEGIN { printf "%.2f", u / r }') µs"
 rcli INFO commandstats | grep -E '^cmdstat_(xadd|hmget|hset|publish|time|info):' | sed 's/,rejected_calls.*//'

@@ -7,6 +7,9 @@ local head = tonumber(state[1] or '0')
 -- publish.lua) are not read either.
 local sent = tonumber(state[2] or '')
 if sent and sent < head then head = sent end
+-- Nothing sent yet: to readers the topic has no history, as before its
+-- first publish (its epoch comes with its first event).
+if head == 0 then return {} end
 local now = redis.call('TIME')
 local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
 local oldest = head + 1

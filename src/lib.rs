@@ -123,7 +123,7 @@ pub fn state(config: Config, shutdown: CancellationToken) -> Result<AppState, Se
         metrics,
         auth,
         limits,
-        config: Arc::new(config),
+        config: http::HandlerConfig::of(&config),
         shutdown,
         readiness: Default::default(),
     }))

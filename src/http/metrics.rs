@@ -18,7 +18,7 @@ pub async fn scrape(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if state.config.observability.metrics_listen.is_some() {
+    if state.config.metrics_elsewhere {
         return Err(ApiError::NotFound("/metrics".into()));
     }
     state.auth.may_scrape(super::access::bearer(&headers))?;

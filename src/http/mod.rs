@@ -83,7 +83,7 @@ pub use metrics::metrics_app;
 
 use crate::auth::Auth;
 use crate::coding::Codec;
-use crate::config::Config;
+use crate::config::{Config, LimitsConfig, TransportsConfig};
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};
 
@@ -113,7 +113,8 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     pub hub: Hub,
     pub store: Arc<dyn Store>,
-    pub config: Arc<Config>,
+    /// The settings handlers read, and no others.
+    pub config: HandlerConfig,
     /// Who may publish and read; checked before any store work.
     pub auth: Arc<Auth>,
     /// Caps and rates per client.
@@ -126,6 +127,40 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// What `/readyz` last answered, so a change is logged once.
     pub readiness: ReadyzLog,
+}
+
+/// What the handlers read of the configuration: two areas whole, and four
+/// settings of others. The listener's, the stores' and the drain's settings
+/// go to those alone, so a handler cannot come to depend on them.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// Sizes and times of requests: bodies, batches, topics.
+    pub limits: LimitsConfig,
+    /// Heartbeat, retry hint, long-poll wait, codecs, permessage-deflate.
+    pub transports: TransportsConfig,
+    /// The cookie a browser's token may come in (`--auth-cookie`).
+    pub auth_cookie: String,
+    /// How long an idempotency key's record is kept (`--idempotency-window`).
+    pub idempotency_window: std::time::Duration,
+    /// How long `/readyz` waits for the store (`--redis-timeout`).
+    pub readiness_timeout: std::time::Duration,
+    /// `/metrics` is served on its own listener (`--metrics-listen`), not
+    /// on the main one.
+    pub metrics_elsewhere: bool,
+}
+
+impl HandlerConfig {
+    /// The handlers' part of `config`.
+    pub fn of(config: &Config) -> HandlerConfig {
+        HandlerConfig {
+            limits: config.limits.clone(),
+            transports: config.transports.clone(),
+            auth_cookie: config.access.auth_cookie.clone(),
+            idempotency_window: config.storage.idempotency_window,
+            readiness_timeout: config.redis.timeout,
+            metrics_elsewhere: config.observability.metrics_listen.is_some(),
+        }
+    }
 }
 
 /// The last answer of `/readyz`: `None` ready, else the problem type. A
@@ -403,7 +438,7 @@ pub async fn ready(state: &AppState) -> Result<(), ApiError> {
     if state.drain.is_draining() {
         return Err(ApiError::Draining);
     }
-    let timeout = state.config.redis.timeout;
+    let timeout = state.config.readiness_timeout;
     match tokio::time::timeout(timeout, state.store.check()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.into()),
@@ -413,7 +448,39 @@ pub async fn ready(state: &AppState) -> Result<(), ApiError> {
 
 #[cfg(test)]
 mod tests {
-    use super::nearest_path;
+    use clap::Parser;
+
+    use super::{HandlerConfig, nearest_path};
+    use crate::config::Cli;
+
+    #[test]
+    fn handlers_get_the_settings_they_read_from_the_flags_that_set_them() {
+        let cli = Cli::parse_from([
+            "crier",
+            "--auth-cookie",
+            "pass",
+            "--idempotency-window",
+            "7m",
+            "--redis-timeout",
+            "3s",
+            "--metrics-listen",
+            "127.0.0.1:9100",
+            "--max-event-bytes",
+            "1234",
+            "--poll-timeout",
+            "9s",
+        ]);
+        let config = HandlerConfig::of(&cli.serve);
+        assert_eq!(config.auth_cookie, "pass");
+        assert_eq!(config.idempotency_window.as_secs(), 420);
+        assert_eq!(config.readiness_timeout.as_secs(), 3);
+        assert!(config.metrics_elsewhere);
+        assert_eq!(config.limits.max_event_bytes, 1234);
+        assert_eq!(config.transports.poll_timeout.as_secs(), 9);
+        let defaults = HandlerConfig::of(&Cli::parse_from(["crier"]).serve);
+        assert!(!defaults.metrics_elsewhere);
+        assert_ne!(defaults.auth_cookie, "pass");
+    }
 
     #[test]
     fn a_mistyped_path_is_answered_with_the_real_one() {

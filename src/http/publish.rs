@@ -82,11 +82,10 @@ pub async fn one(
     let topic = parse_topic(path, &state)?;
     let key = idempotency_key(&headers)?;
     // Who is asking, and may they, before the body is read.
-    let principal = state.auth.publisher(&credentials(
-        &headers,
-        origin,
-        &state.config.access.auth_cookie,
-    ))?;
+    let principal =
+        state
+            .auth
+            .publisher(&credentials(&headers, origin, &state.config.auth_cookie))?;
     state.auth.may_publish(&principal, [&topic])?;
     state
         .limits
@@ -125,7 +124,7 @@ pub(super) async fn store_events(
     principal: &Principal,
     events: Vec<(NewEvent, Option<IdempotencyKey>)>,
 ) -> Result<Vec<Appended>, StoreError> {
-    let window = state.config.storage.idempotency_window;
+    let window = state.config.idempotency_window;
     let scope = principal.key_scope();
     let events: Vec<(NewEvent, Option<Once>)> = events
         .into_iter()
@@ -222,10 +221,9 @@ pub async fn batch(
     let config = &state.config;
     // A bad token is refused before the body is read; grants are checked
     // once the body says which topics it names.
-    let principal =
-        state
-            .auth
-            .publisher(&credentials(&headers, origin, &config.access.auth_cookie))?;
+    let principal = state
+        .auth
+        .publisher(&credentials(&headers, origin, &config.auth_cookie))?;
     let bytes = read_body(
         body,
         &headers,
@@ -293,7 +291,7 @@ pub(crate) async fn store_batch(
     state
         .limits
         .publish(&principal.rate_key(&client), events.len())?;
-    let window = config.storage.idempotency_window;
+    let window = config.idempotency_window;
     let scope = principal.key_scope();
     let onces: Vec<Option<Once>> = events
         .iter()

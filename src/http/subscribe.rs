@@ -343,8 +343,7 @@ async fn open(
             return Ok(Box::pin(answer).await);
         }
         Requested::WebSocket(upgrade) => {
-            let credentials =
-                credentials(request_headers, origin, &state.config.access.auth_cookie);
+            let credentials = credentials(request_headers, origin, &state.config.auth_cookie);
             let publisher = state
                 .auth
                 .publisher(&credentials)
@@ -506,7 +505,7 @@ async fn authorize(
         let record = redeem_ticket(state, presented).await?;
         return Ok(auth.by_ticket(record, topics)?);
     }
-    let credentials = credentials(headers, origin, &state.config.access.auth_cookie);
+    let credentials = credentials(headers, origin, &state.config.auth_cookie);
     Ok(auth.subscriber(&credentials, topics)?)
 }
 

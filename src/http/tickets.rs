@@ -34,7 +34,7 @@ pub async fn create(
     if !auth.enabled() {
         return Err(AuthError::TicketsDisabled.into());
     }
-    let credentials = credentials(&headers, origin, &state.config.access.auth_cookie);
+    let credentials = credentials(&headers, origin, &state.config.auth_cookie);
     let principal = auth.identify(&credentials, origin.may_use_cookie())?;
     let Principal::Token(verified) = &principal else {
         return Err(AuthError::Missing.into());

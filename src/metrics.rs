@@ -15,24 +15,11 @@
 //! series carry a `transport` label ([`crate::transport::Kind`]), fixed when
 //! the stream's wire is chosen.
 //!
-//! Every metric's name, labels and help text, and the handles the rest of the
-//! code counts with (`Metrics`, a cheap clone); nothing else formats metrics
-//! text. Each `state()` builds its own recorder
-//! (`metrics-exporter-prometheus`'s `build_recorder`, used only to render:
-//! default features off, so none of its HTTP listener, push gateway or hyper
-//! client) instead of installing a process-wide one, because the tests run
-//! many hubs in one process and each must show exactly its own numbers. Every
-//! handle is registered once, at start, against that recorder and kept in
-//! `Metrics`, so counting never hashes a label set; labels are enums with
-//! fixed values, never a topic, an address or a token. The two counters
-//! bumped per event per subscriber (bytes written, and deliveries, bumped
-//! once per event per topic as "subscribers × 1") are plain atomics on their
-//! own cache lines, copied into the recorder when scraped. Process CPU,
-//! memory and descriptors are read from /proc at scrape time; a task folds
-//! histogram samples into buckets every 5 s. Why this crate rather than
-//! `prometheus`: handles are cheap `Arc`s of atomics behind the `metrics`
-//! facade, and the exporter renders histograms with fixed buckets; we serve
-//! the text ourselves through axum, so its own server is not needed.
+//! Process CPU, memory and descriptors are read from /proc at scrape time;
+//! a task folds histogram samples into buckets every 5 s. Why this crate
+//! rather than `prometheus`: handles are cheap `Arc`s of atomics behind the
+//! `metrics` facade, and the exporter renders histograms with fixed
+//! buckets; we serve the text ourselves through axum.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -17,8 +17,10 @@
 //! and the close frame; a batch of the engine's frames (already the bytes
 //! of the wire, `transport::websocket::Batch`) is written to the
 //! connection directly, once tungstenite has nothing pending: through
-//! tungstenite each frame cost a message, a copy into its buffer and a
-//! reference count on the shared bytes per socket.
+//! tungstenite each frame cost a message and a copy into its buffer. The
+//! batches are written inside one poll ([`Pump`]), as crier's own HTTP/1.1
+//! writes an SSE stream's; the socket's async loop wakes only for what
+//! needs tungstenite or the handler.
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -28,16 +30,18 @@ use axum::http::header::{self, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Buf, Bytes};
+use futures_util::{SinkExt, Stream, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -46,11 +50,12 @@ use super::client_slot::HeldSlot;
 use super::publish::{Published, item_event, store_one};
 use super::{ApiError, AppState};
 use crate::auth::Principal;
+use crate::metrics::BytesWritten;
 use crate::server::connection::{ConnectionHold, StreamActivity};
 use crate::store::{Appended, IdempotencyKey};
 use crate::subscription::{StreamSettings, Subscription};
 use crate::transport::permessage_deflate::{Inflating, negotiate};
-use crate::transport::websocket::{Frames, close, close_frame};
+use crate::transport::websocket::{Batch, Frames, close, close_frame};
 
 /// A WebSocket handshake that passed axum's checks, with what crier needs
 /// to answer it: the connection's upgrade, the key (HTTP/1.1), and the
@@ -215,6 +220,23 @@ pub fn upgrade(
 /// The socket: the upgraded connection, through [`Inflating`].
 type Ws = WebSocketStream<Inflating<TokioIo<Upgraded>>>;
 
+/// What the socket's loop must do besides writing the engine's batches,
+/// which [`Pump`] does itself, without leaving its poll.
+enum Turn {
+    /// The peer sent something (or its side failed).
+    Read(Option<Result<Message, tungstenite::Error>>),
+    /// The stream's last batch is written: its close frame goes through
+    /// tungstenite, which must know the socket is closing.
+    Close(Message),
+    /// The stream ended.
+    Ended,
+    /// A ping went out and the peer answered nothing by the next
+    /// heartbeat.
+    Silent,
+    /// The connection failed under a write.
+    Failed,
+}
+
 async fn serve(
     ws: Ws,
     subscription: Subscription,
@@ -223,100 +245,186 @@ async fn serve(
     deflate: bool,
 ) {
     let heartbeat = settings.heartbeat;
-    let written = socket
-        .state
-        .metrics
-        .written(crate::transport::Kind::WebSocket, None);
     let frames = subscription.into_stream(settings, Frames::new(deflate));
     tokio::pin!(frames);
-    // Not split: both halves would take a lock on every poll. Reading is
-    // cancel-safe, so a read pending when a batch is ready is dropped, and
-    // the socket written, between two turns; the gate keeps those turns
-    // from trying a read the connection has not signalled.
+    // Armed when a ping goes out unanswered: the peer must have answered
+    // by then (any frame counts). Registered with the timer only then.
+    let silence = tokio::time::sleep(heartbeat);
+    tokio::pin!(silence);
     let mut ws = ws;
     let gate = ReadGate::new().await;
-    let gate_waker = Waker::from(gate.clone());
-    // Set when a ping goes out unanswered: the peer must have answered by
-    // then (any frame counts).
-    let mut answer_by: Option<tokio::time::Instant> = None;
+    let mut pump = Pump {
+        gate_waker: Waker::from(gate.clone()),
+        gate,
+        unwritten: Bytes::new(),
+        closing: None,
+        read: false,
+        answer_by: None,
+        heartbeat,
+        written: socket
+            .state
+            .metrics
+            .written(crate::transport::Kind::WebSocket, None),
+        stream: socket.stream.as_ref(),
+    };
     loop {
-        let silence = async {
-            match answer_by {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            batch = frames.next() => {
-                // The stream ended: its last batch carried the close frame.
-                let Some(batch) = batch else { break };
-                if batch.pings && answer_by.is_none() {
-                    answer_by = Some(tokio::time::Instant::now() + heartbeat);
-                }
-                if !batch.bytes.is_empty() {
-                    // tungstenite's own frames (a pong a read queued) go
-                    // out whole first; then the batch's, as one write.
-                    if gate.read_since() && ws.flush().await.is_err() {
-                        return;
-                    }
-                    written.add(batch.bytes.len());
-                    let io = ws.get_mut();
-                    if io.write_all(&batch.bytes).await.is_err() || io.flush().await.is_err() {
-                        return;
-                    }
-                }
-                if let Some(close) = batch.close
-                    && ws.send(close).await.is_err()
-                {
+        let turn = std::future::poll_fn(|cx| {
+            pump.poll_turn(cx, &mut ws, frames.as_mut(), silence.as_mut())
+        })
+        .await;
+        let reply = match turn {
+            Turn::Ended => break,
+            Turn::Failed => return,
+            Turn::Close(close) => {
+                if ws.send(close).await.is_err() {
                     return;
                 }
-                if let Some(stream) = &socket.stream {
-                    stream.polled();
-                }
+                continue;
             }
-            message = gate.next(&mut ws, &gate_waker) => {
-                answer_by = None;
-                let reply = match message {
-                    None | Some(Ok(Message::Close(_))) => break,
-                    // Raw frames are what the socket sends, never what it reads.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Binary(_))) => {
-                        close_frame(close::UNSUPPORTED, "binary frames are not understood")
-                    }
-                    Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
-                        Ok(frame) => Message::Text(socket.publish(frame).await.into()),
-                        Err(_) => close_frame(close::INVALID, "not a client frame"),
-                    },
-                    Some(Err(error)) => match error {
-                        tungstenite::Error::Capacity(_) => {
-                            close_frame(close::TOO_BIG, "frame over the size limit")
-                        }
-                        // RFC 6455 §8.1: close with 1007, not a cut.
-                        tungstenite::Error::Utf8(_) => {
-                            close_frame(close::INVALID, "a text frame is not UTF-8")
-                        }
-                        _ => {
-                            tracing::debug!(%error, "a WebSocket failed");
-                            return;
-                        }
-                    },
-                };
-                let closing = matches!(reply, Message::Close(_));
-                if ws.send(reply).await.is_err() || closing {
-                    break;
-                }
-                if let Some(stream) = &socket.stream {
-                    stream.polled();
-                }
-            }
-            () = silence => {
+            Turn::Silent => {
                 tracing::debug!("closing a WebSocket whose peer answers no pings");
                 let _ = ws.send(close_frame(close::INTERNAL, "no pong")).await;
                 break;
             }
+            Turn::Read(message) => match message {
+                None | Some(Ok(Message::Close(_))) => break,
+                // Raw frames are what the socket sends, never what it reads.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Binary(_))) => {
+                    close_frame(close::UNSUPPORTED, "binary frames are not understood")
+                }
+                Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
+                    Ok(frame) => Message::Text(socket.publish(frame).await.into()),
+                    Err(_) => close_frame(close::INVALID, "not a client frame"),
+                },
+                Some(Err(error)) => match error {
+                    tungstenite::Error::Capacity(_) => {
+                        close_frame(close::TOO_BIG, "frame over the size limit")
+                    }
+                    // RFC 6455 §8.1: close with 1007, not a cut.
+                    tungstenite::Error::Utf8(_) => {
+                        close_frame(close::INVALID, "a text frame is not UTF-8")
+                    }
+                    _ => {
+                        tracing::debug!(%error, "a WebSocket failed");
+                        return;
+                    }
+                },
+            },
+        };
+        let closing = matches!(reply, Message::Close(_));
+        if ws.send(reply).await.is_err() || closing {
+            break;
+        }
+        if let Some(stream) = &socket.stream {
+            stream.polled();
         }
     }
     let _ = SinkExt::close(&mut ws).await;
+}
+
+/// Writes a socket's batches as the engine makes them, in one poll, the
+/// way crier's own HTTP/1.1 writes an SSE stream's: no turn of an async
+/// loop, no `select!` re-armed, per batch; it stops only for what needs
+/// tungstenite or the handler (a read, the close frame, a silent peer).
+struct Pump<'a> {
+    gate: Arc<ReadGate>,
+    /// Wakes the gate, for the reads.
+    gate_waker: Waker,
+    /// What is left to write of the last batch.
+    unwritten: Bytes,
+    /// The close frame that follows `unwritten`.
+    closing: Option<Message>,
+    /// A read went through tungstenite since the last batch: it may have
+    /// frames of its own (a pong) not fully written.
+    read: bool,
+    /// When the peer must have answered the ping that went out.
+    answer_by: Option<tokio::time::Instant>,
+    heartbeat: std::time::Duration,
+    written: BytesWritten,
+    /// Over HTTP/2, noted on each write (see [`Socket::stream`]).
+    stream: Option<&'a StreamActivity>,
+}
+
+impl Pump<'_> {
+    fn poll_turn<F: Stream<Item = Batch>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut Ws,
+        mut frames: Pin<&mut F>,
+        mut silence: Pin<&mut tokio::time::Sleep>,
+    ) -> Poll<Turn> {
+        loop {
+            // The last batch goes out whole before anything else: a reply
+            // through tungstenite must not land inside it.
+            if !self.unwritten.is_empty() {
+                match self.poll_write(cx, ws) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(())) => return Poll::Ready(Turn::Failed),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if let Some(close) = self.closing.take() {
+                return Poll::Ready(Turn::Close(close));
+            }
+            if let Poll::Ready(message) = self.gate.poll_next(ws, &self.gate_waker) {
+                self.read = true;
+                self.answer_by = None;
+                return Poll::Ready(Turn::Read(message));
+            }
+            match frames.as_mut().poll_next(cx) {
+                Poll::Ready(Some(batch)) => {
+                    if batch.pings && self.answer_by.is_none() {
+                        let at = tokio::time::Instant::now() + self.heartbeat;
+                        self.answer_by = Some(at);
+                        silence.as_mut().reset(at);
+                    }
+                    self.written.add(batch.bytes.len());
+                    self.unwritten = batch.bytes;
+                    self.closing = batch.close;
+                }
+                // The stream ended: its last batch carried the close frame.
+                Poll::Ready(None) => return Poll::Ready(Turn::Ended),
+                Poll::Pending => break,
+            }
+        }
+        if self.answer_by.is_some() && silence.poll(cx).is_ready() {
+            return Poll::Ready(Turn::Silent);
+        }
+        Poll::Pending
+    }
+
+    /// Writes what is left of the batch to the connection.
+    fn poll_write(&mut self, cx: &mut Context<'_>, ws: &mut Ws) -> Poll<Result<(), ()>> {
+        // tungstenite's own frames (a pong a read queued) go out whole
+        // first.
+        if self.read {
+            match ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => self.read = false,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let io = ws.get_mut();
+        while !self.unwritten.is_empty() {
+            match Pin::new(&mut *io).poll_write(cx, &self.unwritten) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(())),
+                Poll::Ready(Ok(n)) => self.unwritten.advance(n),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Nothing held between batches.
+        self.unwritten = Bytes::new();
+        match Pin::new(io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+            Poll::Pending => return Poll::Pending,
+        }
+        if let Some(stream) = self.stream {
+            stream.polled();
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Wakes a socket's task for its reads and remembers that it did, so a
@@ -326,9 +434,6 @@ async fn serve(
 /// dearer than an SSE one.
 struct ReadGate {
     woken: AtomicBool,
-    /// A read was tried since the last batch: tungstenite may have frames
-    /// of its own (a pong) not fully written.
-    read: AtomicBool,
     /// The socket's task, which alone polls the gate.
     task: Waker,
 }
@@ -351,35 +456,26 @@ impl ReadGate {
         Arc::new(ReadGate {
             // The first turn reads: bytes may have come with the handshake.
             woken: AtomicBool::new(true),
-            read: AtomicBool::new(false),
             task,
         })
     }
 
     /// The socket's next message, read with `waker` (this gate's) when the
     /// gate was woken since the last read found nothing.
-    fn next<'a>(
-        &'a self,
-        ws: &'a mut Ws,
-        waker: &'a Waker,
-    ) -> impl Future<Output = Option<Result<Message, tungstenite::Error>>> + 'a {
-        std::future::poll_fn(move |_| {
-            if !self.woken.swap(false, Ordering::AcqRel) {
-                return Poll::Pending;
-            }
-            self.read.store(true, Ordering::Release);
-            let polled = ws.poll_next_unpin(&mut Context::from_waker(waker));
-            if polled.is_ready() {
-                // More may be buffered already, with no wake to come.
-                self.woken.store(true, Ordering::Release);
-            }
-            polled
-        })
-    }
-
-    /// Whether a read was tried since the last call.
-    fn read_since(&self) -> bool {
-        self.read.swap(false, Ordering::AcqRel)
+    fn poll_next(
+        &self,
+        ws: &mut Ws,
+        waker: &Waker,
+    ) -> Poll<Option<Result<Message, tungstenite::Error>>> {
+        if !self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let polled = ws.poll_next_unpin(&mut Context::from_waker(waker));
+        if polled.is_ready() {
+            // More may be buffered already, with no wake to come.
+            self.woken.store(true, Ordering::Release);
+        }
+        polled
     }
 }
 

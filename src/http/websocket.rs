@@ -41,7 +41,8 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -51,6 +52,7 @@ use super::publish::{Published, item_event, store_one};
 use super::{ApiError, AppState};
 use crate::auth::Principal;
 use crate::metrics::BytesWritten;
+use crate::server::Prefixed;
 use crate::server::connection::{ConnectionHold, StreamActivity};
 use crate::store::{Appended, IdempotencyKey};
 use crate::subscription::{StreamSettings, Subscription};
@@ -193,7 +195,7 @@ pub fn upgrade(
                 return;
             }
         };
-        let io = Inflating::new(TokioIo::new(upgraded), compressed.then_some(limit));
+        let io = Inflating::new(Conn::of(upgraded), compressed.then_some(limit));
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         serve(ws, subscription, settings, socket, compressed).await;
     });
@@ -218,7 +220,92 @@ pub fn upgrade(
 }
 
 /// The socket: the upgraded connection, through [`Inflating`].
-type Ws = WebSocketStream<Inflating<TokioIo<Upgraded>>>;
+type Ws = WebSocketStream<Inflating<Conn>>;
+
+/// The connection a socket runs on. Over plain HTTP/1.1, the `TcpStream`
+/// itself, taken back from hyper's upgrade: a batch goes to it with no
+/// layer between, and a read is tried only when it is readable, as on an
+/// SSE stream (through the upgrade's layers, and a gate of its own for
+/// reads, each of the socket's turns touched two more allocations, which
+/// thousands of sockets keep out of the cache). Otherwise (TLS, HTTP/2)
+/// hyper's upgraded connection.
+enum Conn {
+    Tcp {
+        /// Bytes read from the connection before the socket took it.
+        unread: Bytes,
+        tcp: TcpStream,
+    },
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl Conn {
+    fn of(upgraded: Upgraded) -> Conn {
+        match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
+            Ok(parts) => {
+                let (mut unread, tcp) = parts.io.into_inner().into_parts();
+                unread.extend_from_slice(&parts.read_buf);
+                Conn::Tcp {
+                    unread: Bytes::from(unread),
+                    tcp,
+                }
+            }
+            Err(upgraded) => Conn::Upgraded(TokioIo::new(upgraded)),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp { unread, .. } if !unread.is_empty() => {
+                let n = buf.remaining().min(unread.len());
+                buf.put_slice(&unread.split_to(n));
+                Poll::Ready(Ok(()))
+            }
+            Conn::Tcp { tcp, .. } => Pin::new(tcp).poll_read(cx, buf),
+            Conn::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp { tcp, .. } => Pin::new(tcp).poll_write(cx, buf),
+            Conn::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp { tcp, .. } => Pin::new(tcp).poll_flush(cx),
+            Conn::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp { tcp, .. } => Pin::new(tcp).poll_shutdown(cx),
+            Conn::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How a socket learns that its connection may have something to read.
+enum Reads {
+    /// The `TcpStream`'s readiness, with the task's own waker.
+    Tcp,
+    /// A gate the connection's reads wake (hyper's upgraded connection).
+    Gate { gate: Arc<ReadGate>, waker: Waker },
+}
 
 /// What the socket's loop must do besides writing the engine's batches,
 /// which [`Pump`] does itself, without leaving its poll.
@@ -252,10 +339,20 @@ async fn serve(
     let silence = tokio::time::sleep(heartbeat);
     tokio::pin!(silence);
     let mut ws = ws;
-    let gate = ReadGate::new().await;
+    let reads = match ws.get_ref().get_ref() {
+        Conn::Tcp { .. } => Reads::Tcp,
+        Conn::Upgraded(_) => {
+            let gate = ReadGate::new().await;
+            Reads::Gate {
+                waker: Waker::from(gate.clone()),
+                gate,
+            }
+        }
+    };
     let mut pump = Pump {
-        gate_waker: Waker::from(gate.clone()),
-        gate,
+        reads,
+        // The first turn reads: bytes may have come with the handshake.
+        more: true,
         unwritten: Bytes::new(),
         closing: None,
         read: false,
@@ -328,9 +425,10 @@ async fn serve(
 /// loop, no `select!` re-armed, per batch; it stops only for what needs
 /// tungstenite or the handler (a read, the close frame, a silent peer).
 struct Pump<'a> {
-    gate: Arc<ReadGate>,
-    /// Wakes the gate, for the reads.
-    gate_waker: Waker,
+    reads: Reads,
+    /// The last read found a message: more may be buffered already, with
+    /// no wake to come.
+    more: bool,
     /// What is left to write of the last batch.
     unwritten: Bytes,
     /// The close frame that follows `unwritten`.
@@ -367,7 +465,7 @@ impl Pump<'_> {
             if let Some(close) = self.closing.take() {
                 return Poll::Ready(Turn::Close(close));
             }
-            if let Poll::Ready(message) = self.gate.poll_next(ws, &self.gate_waker) {
+            if let Poll::Ready(message) = self.poll_read(cx, ws) {
                 self.read = true;
                 self.answer_by = None;
                 return Poll::Ready(Turn::Read(message));
@@ -392,6 +490,38 @@ impl Pump<'_> {
             return Poll::Ready(Turn::Silent);
         }
         Poll::Pending
+    }
+
+    /// The socket's next message, read when the connection may have
+    /// something for it: a read that finds nothing still costs a pass
+    /// through tungstenite and the I/O driver.
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut Ws,
+    ) -> Poll<Option<Result<Message, tungstenite::Error>>> {
+        let polled = match &self.reads {
+            Reads::Tcp => {
+                let readable = match ws.get_ref().get_ref() {
+                    Conn::Tcp { unread, tcp } => {
+                        !unread.is_empty() || tcp.poll_read_ready(cx).is_ready()
+                    }
+                    Conn::Upgraded(_) => true,
+                };
+                if !self.more && !readable {
+                    return Poll::Pending;
+                }
+                ws.poll_next_unpin(cx)
+            }
+            Reads::Gate { gate, waker } => {
+                if !self.more && !gate.take() {
+                    return Poll::Pending;
+                }
+                ws.poll_next_unpin(&mut Context::from_waker(waker))
+            }
+        };
+        self.more = polled.is_ready();
+        polled
     }
 
     /// Writes what is left of the batch to the connection.
@@ -427,11 +557,9 @@ impl Pump<'_> {
     }
 }
 
-/// Wakes a socket's task for its reads and remembers that it did, so a
-/// read is tried only when the connection may have something for it: a
-/// read that finds nothing still costs a pass through tungstenite and the
-/// I/O driver, which after every batch written made a WebSocket delivery
-/// dearer than an SSE one.
+/// Wakes a socket's task for its reads through hyper's upgraded
+/// connection and remembers that it did, so a read is tried only when the
+/// connection may have something for it.
 struct ReadGate {
     woken: AtomicBool,
     /// The socket's task, which alone polls the gate.
@@ -454,28 +582,14 @@ impl ReadGate {
     async fn new() -> Arc<ReadGate> {
         let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
         Arc::new(ReadGate {
-            // The first turn reads: bytes may have come with the handshake.
-            woken: AtomicBool::new(true),
+            woken: AtomicBool::new(false),
             task,
         })
     }
 
-    /// The socket's next message, read with `waker` (this gate's) when the
-    /// gate was woken since the last read found nothing.
-    fn poll_next(
-        &self,
-        ws: &mut Ws,
-        waker: &Waker,
-    ) -> Poll<Option<Result<Message, tungstenite::Error>>> {
-        if !self.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        let polled = ws.poll_next_unpin(&mut Context::from_waker(waker));
-        if polled.is_ready() {
-            // More may be buffered already, with no wake to come.
-            self.woken.store(true, Ordering::Release);
-        }
-        polled
+    /// Whether the gate was woken since the last call.
+    fn take(&self) -> bool {
+        self.woken.load(Ordering::Relaxed) && self.woken.swap(false, Ordering::AcqRel)
     }
 }
 

@@ -20,7 +20,8 @@
 //! tungstenite each frame cost a message and a copy into its buffer. The
 //! batches are written inside one poll ([`Pump`]), as crier's own HTTP/1.1
 //! writes an SSE stream's; the socket's async loop wakes only for what
-//! needs tungstenite or the handler.
+//! needs tungstenite or the handler. Over plain HTTP/1.1 the socket runs on
+//! its `TcpStream`, taken back from hyper's upgrade ([`Conn`]).
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;

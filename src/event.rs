@@ -342,8 +342,9 @@ impl RetainedBytes {
 /// message; then its permessage-deflate messages.
 const UNIT_SLOTS: usize = 10;
 
-/// The slot of [`Event::unit`] that holds the event's JSON
-/// (`crate::transport::websocket::event_json`).
+/// The slot of [`Event::unit`] that holds the event's WebSocket text
+/// frame, whose payload is its JSON
+/// (`crate::transport::websocket::event_frame`, `event_json`).
 pub const JSON_UNIT: usize = 6;
 
 /// The slot of [`Event::unit`] that holds the event's gRPC `Item` message
@@ -351,7 +352,8 @@ pub const JSON_UNIT: usize = 6;
 pub const PROTO_UNIT: usize = 7;
 
 /// The slot of [`Event::unit`] that holds the event's permessage-deflate
-/// message under its own id (`crate::transport::websocket::event_deflated`).
+/// frame under its own id
+/// (`crate::transport::websocket::event_deflated_frame`).
 pub const DEFLATED_UNIT: usize = 8;
 
 /// The slot of [`Event::unit`] that holds the event's JSON after its id,

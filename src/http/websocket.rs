@@ -17,8 +17,11 @@
 //! and the close frame; a batch of the engine's frames (already the bytes
 //! of the wire, `transport::websocket::Batch`) is written to the
 //! connection directly, once tungstenite has nothing pending: through
-//! tungstenite each frame cost a message, a copy into its buffer and a
-//! reference count on the shared bytes per socket.
+//! tungstenite each frame cost a message and a copy into its buffer. The
+//! batches are written inside one poll ([`Pump`]), as crier's own HTTP/1.1
+//! writes an SSE stream's; the socket's async loop wakes only for what
+//! needs tungstenite or the handler. Over plain HTTP/1.1 the socket runs on
+//! its `TcpStream`, taken back from hyper's upgrade ([`Conn`]).
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -28,16 +31,19 @@ use axum::http::header::{self, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Buf, Bytes};
+use futures_util::{SinkExt, Stream, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -46,11 +52,13 @@ use super::client_slot::HeldSlot;
 use super::publish::{Published, item_event, store_one};
 use super::{ApiError, AppState};
 use crate::auth::Principal;
+use crate::metrics::BytesWritten;
+use crate::server::Prefixed;
 use crate::server::connection::{ConnectionHold, StreamActivity};
 use crate::store::{Appended, IdempotencyKey};
 use crate::subscription::{StreamSettings, Subscription};
 use crate::transport::permessage_deflate::{Inflating, negotiate};
-use crate::transport::websocket::{Frames, close, close_frame};
+use crate::transport::websocket::{Batch, Frames, close, close_frame};
 
 /// A WebSocket handshake that passed axum's checks, with what crier needs
 /// to answer it: the connection's upgrade, the key (HTTP/1.1), and the
@@ -188,7 +196,7 @@ pub fn upgrade(
                 return;
             }
         };
-        let io = Inflating::new(TokioIo::new(upgraded), compressed.then_some(limit));
+        let io = Inflating::new(Conn::of(upgraded), compressed.then_some(limit));
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         serve(ws, subscription, settings, socket, compressed).await;
     });
@@ -213,7 +221,109 @@ pub fn upgrade(
 }
 
 /// The socket: the upgraded connection, through [`Inflating`].
-type Ws = WebSocketStream<Inflating<TokioIo<Upgraded>>>;
+type Ws = WebSocketStream<Inflating<Conn>>;
+
+/// The connection a socket runs on. Over plain HTTP/1.1, the `TcpStream`
+/// itself, taken back from hyper's upgrade: a batch goes to it with no
+/// layer between, and a read is tried only when it is readable, as on an
+/// SSE stream (through the upgrade's layers, and a gate of its own for
+/// reads, each of the socket's turns touched two more allocations, which
+/// thousands of sockets keep out of the cache). Otherwise (TLS, HTTP/2)
+/// hyper's upgraded connection.
+enum Conn {
+    Tcp {
+        /// Bytes read from the connection before the socket took it.
+        unread: Bytes,
+        tcp: TcpStream,
+    },
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl Conn {
+    fn of(upgraded: Upgraded) -> Conn {
+        match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
+            Ok(parts) => {
+                let (mut unread, tcp) = parts.io.into_inner().into_parts();
+                unread.extend_from_slice(&parts.read_buf);
+                Conn::Tcp {
+                    unread: Bytes::from(unread),
+                    tcp,
+                }
+            }
+            Err(upgraded) => Conn::Upgraded(TokioIo::new(upgraded)),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp { unread, .. } if !unread.is_empty() => {
+                let n = buf.remaining().min(unread.len());
+                buf.put_slice(&unread.split_to(n));
+                Poll::Ready(Ok(()))
+            }
+            Conn::Tcp { tcp, .. } => Pin::new(tcp).poll_read(cx, buf),
+            Conn::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp { tcp, .. } => Pin::new(tcp).poll_write(cx, buf),
+            Conn::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp { tcp, .. } => Pin::new(tcp).poll_flush(cx),
+            Conn::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp { tcp, .. } => Pin::new(tcp).poll_shutdown(cx),
+            Conn::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How a socket learns that its connection may have something to read.
+enum Reads {
+    /// The `TcpStream`'s readiness, with the task's own waker.
+    Tcp,
+    /// A gate the connection's reads wake (hyper's upgraded connection).
+    Gate { gate: Arc<ReadGate>, waker: Waker },
+}
+
+/// What the socket's loop must do besides writing the engine's batches,
+/// which [`Pump`] does itself, without leaving its poll.
+enum Turn {
+    /// The peer sent something (or its side failed).
+    Read(Option<Result<Message, tungstenite::Error>>),
+    /// The stream's last batch is written: its close frame goes through
+    /// tungstenite, which must know the socket is closing.
+    Close(Message),
+    /// The stream ended.
+    Ended,
+    /// A ping went out and the peer answered nothing by the next
+    /// heartbeat.
+    Silent,
+    /// The connection failed under a write.
+    Failed,
+}
 
 async fn serve(
     ws: Ws,
@@ -223,112 +333,236 @@ async fn serve(
     deflate: bool,
 ) {
     let heartbeat = settings.heartbeat;
-    let written = socket
-        .state
-        .metrics
-        .written(crate::transport::Kind::WebSocket, None);
     let frames = subscription.into_stream(settings, Frames::new(deflate));
     tokio::pin!(frames);
-    // Not split: both halves would take a lock on every poll. Reading is
-    // cancel-safe, so a read pending when a batch is ready is dropped, and
-    // the socket written, between two turns; the gate keeps those turns
-    // from trying a read the connection has not signalled.
+    // Armed when a ping goes out unanswered: the peer must have answered
+    // by then (any frame counts). Registered with the timer only then.
+    let silence = tokio::time::sleep(heartbeat);
+    tokio::pin!(silence);
     let mut ws = ws;
-    let gate = ReadGate::new().await;
-    let gate_waker = Waker::from(gate.clone());
-    // Set when a ping goes out unanswered: the peer must have answered by
-    // then (any frame counts).
-    let mut answer_by: Option<tokio::time::Instant> = None;
-    loop {
-        let silence = async {
-            match answer_by {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+    let reads = match ws.get_ref().get_ref() {
+        Conn::Tcp { .. } => Reads::Tcp,
+        Conn::Upgraded(_) => {
+            let gate = ReadGate::new().await;
+            Reads::Gate {
+                waker: Waker::from(gate.clone()),
+                gate,
             }
-        };
-        tokio::select! {
-            batch = frames.next() => {
-                // The stream ended: its last batch carried the close frame.
-                let Some(batch) = batch else { break };
-                if batch.pings && answer_by.is_none() {
-                    answer_by = Some(tokio::time::Instant::now() + heartbeat);
-                }
-                if !batch.bytes.is_empty() {
-                    // tungstenite's own frames (a pong a read queued) go
-                    // out whole first; then the batch's, as one write.
-                    if gate.read_since() && ws.flush().await.is_err() {
-                        return;
-                    }
-                    written.add(batch.bytes.len());
-                    let io = ws.get_mut();
-                    if io.write_all(&batch.bytes).await.is_err() || io.flush().await.is_err() {
-                        return;
-                    }
-                }
-                if let Some(close) = batch.close
-                    && ws.send(close).await.is_err()
-                {
+        }
+    };
+    let mut pump = Pump {
+        reads,
+        // The first turn reads: bytes may have come with the handshake.
+        more: true,
+        unwritten: Bytes::new(),
+        closing: None,
+        read: false,
+        answer_by: None,
+        heartbeat,
+        written: socket
+            .state
+            .metrics
+            .written(crate::transport::Kind::WebSocket, None),
+        stream: socket.stream.as_ref(),
+    };
+    loop {
+        let turn = std::future::poll_fn(|cx| {
+            pump.poll_turn(cx, &mut ws, frames.as_mut(), silence.as_mut())
+        })
+        .await;
+        let reply = match turn {
+            Turn::Ended => break,
+            Turn::Failed => return,
+            Turn::Close(close) => {
+                if ws.send(close).await.is_err() {
                     return;
                 }
-                if let Some(stream) = &socket.stream {
-                    stream.polled();
-                }
+                continue;
             }
-            message = gate.next(&mut ws, &gate_waker) => {
-                answer_by = None;
-                let reply = match message {
-                    None | Some(Ok(Message::Close(_))) => break,
-                    // Raw frames are what the socket sends, never what it reads.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Binary(_))) => {
-                        close_frame(close::UNSUPPORTED, "binary frames are not understood")
-                    }
-                    Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
-                        Ok(frame) => Message::Text(socket.publish(frame).await.into()),
-                        Err(_) => close_frame(close::INVALID, "not a client frame"),
-                    },
-                    Some(Err(error)) => match error {
-                        tungstenite::Error::Capacity(_) => {
-                            close_frame(close::TOO_BIG, "frame over the size limit")
-                        }
-                        // RFC 6455 §8.1: close with 1007, not a cut.
-                        tungstenite::Error::Utf8(_) => {
-                            close_frame(close::INVALID, "a text frame is not UTF-8")
-                        }
-                        _ => {
-                            tracing::debug!(%error, "a WebSocket failed");
-                            return;
-                        }
-                    },
-                };
-                let closing = matches!(reply, Message::Close(_));
-                if ws.send(reply).await.is_err() || closing {
-                    break;
-                }
-                if let Some(stream) = &socket.stream {
-                    stream.polled();
-                }
-            }
-            () = silence => {
+            Turn::Silent => {
                 tracing::debug!("closing a WebSocket whose peer answers no pings");
                 let _ = ws.send(close_frame(close::INTERNAL, "no pong")).await;
                 break;
             }
+            Turn::Read(message) => match message {
+                None | Some(Ok(Message::Close(_))) => break,
+                // Raw frames are what the socket sends, never what it reads.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Binary(_))) => {
+                    close_frame(close::UNSUPPORTED, "binary frames are not understood")
+                }
+                Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
+                    Ok(frame) => Message::Text(socket.publish(frame).await.into()),
+                    Err(_) => close_frame(close::INVALID, "not a client frame"),
+                },
+                Some(Err(error)) => match error {
+                    tungstenite::Error::Capacity(_) => {
+                        close_frame(close::TOO_BIG, "frame over the size limit")
+                    }
+                    // RFC 6455 §8.1: close with 1007, not a cut.
+                    tungstenite::Error::Utf8(_) => {
+                        close_frame(close::INVALID, "a text frame is not UTF-8")
+                    }
+                    _ => {
+                        tracing::debug!(%error, "a WebSocket failed");
+                        return;
+                    }
+                },
+            },
+        };
+        let closing = matches!(reply, Message::Close(_));
+        if ws.send(reply).await.is_err() || closing {
+            break;
+        }
+        if let Some(stream) = &socket.stream {
+            stream.polled();
         }
     }
     let _ = SinkExt::close(&mut ws).await;
 }
 
-/// Wakes a socket's task for its reads and remembers that it did, so a
-/// read is tried only when the connection may have something for it: a
-/// read that finds nothing still costs a pass through tungstenite and the
-/// I/O driver, which after every batch written made a WebSocket delivery
-/// dearer than an SSE one.
+/// Writes a socket's batches as the engine makes them, in one poll, the
+/// way crier's own HTTP/1.1 writes an SSE stream's: no turn of an async
+/// loop, no `select!` re-armed, per batch; it stops only for what needs
+/// tungstenite or the handler (a read, the close frame, a silent peer).
+struct Pump<'a> {
+    reads: Reads,
+    /// The last read found a message: more may be buffered already, with
+    /// no wake to come.
+    more: bool,
+    /// What is left to write of the last batch.
+    unwritten: Bytes,
+    /// The close frame that follows `unwritten`.
+    closing: Option<Message>,
+    /// A read went through tungstenite since the last batch: it may have
+    /// frames of its own (a pong) not fully written.
+    read: bool,
+    /// When the peer must have answered the ping that went out.
+    answer_by: Option<tokio::time::Instant>,
+    heartbeat: std::time::Duration,
+    written: BytesWritten,
+    /// Over HTTP/2, noted on each write (see [`Socket::stream`]).
+    stream: Option<&'a StreamActivity>,
+}
+
+impl Pump<'_> {
+    fn poll_turn<F: Stream<Item = Batch>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut Ws,
+        mut frames: Pin<&mut F>,
+        mut silence: Pin<&mut tokio::time::Sleep>,
+    ) -> Poll<Turn> {
+        loop {
+            // The last batch goes out whole before anything else: a reply
+            // through tungstenite must not land inside it.
+            if !self.unwritten.is_empty() {
+                match self.poll_write(cx, ws) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(())) => return Poll::Ready(Turn::Failed),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if let Some(close) = self.closing.take() {
+                return Poll::Ready(Turn::Close(close));
+            }
+            if let Poll::Ready(message) = self.poll_read(cx, ws) {
+                self.read = true;
+                self.answer_by = None;
+                return Poll::Ready(Turn::Read(message));
+            }
+            match frames.as_mut().poll_next(cx) {
+                Poll::Ready(Some(batch)) => {
+                    if batch.pings && self.answer_by.is_none() {
+                        let at = tokio::time::Instant::now() + self.heartbeat;
+                        self.answer_by = Some(at);
+                        silence.as_mut().reset(at);
+                    }
+                    self.written.add(batch.bytes.len());
+                    self.unwritten = batch.bytes;
+                    self.closing = batch.close;
+                }
+                // The stream ended: its last batch carried the close frame.
+                Poll::Ready(None) => return Poll::Ready(Turn::Ended),
+                Poll::Pending => break,
+            }
+        }
+        if self.answer_by.is_some() && silence.poll(cx).is_ready() {
+            return Poll::Ready(Turn::Silent);
+        }
+        Poll::Pending
+    }
+
+    /// The socket's next message, read when the connection may have
+    /// something for it: a read that finds nothing still costs a pass
+    /// through tungstenite and the I/O driver.
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut Ws,
+    ) -> Poll<Option<Result<Message, tungstenite::Error>>> {
+        let polled = match &self.reads {
+            Reads::Tcp => {
+                let readable = match ws.get_ref().get_ref() {
+                    Conn::Tcp { unread, tcp } => {
+                        !unread.is_empty() || tcp.poll_read_ready(cx).is_ready()
+                    }
+                    Conn::Upgraded(_) => true,
+                };
+                if !self.more && !readable {
+                    return Poll::Pending;
+                }
+                ws.poll_next_unpin(cx)
+            }
+            Reads::Gate { gate, waker } => {
+                if !self.more && !gate.take() {
+                    return Poll::Pending;
+                }
+                ws.poll_next_unpin(&mut Context::from_waker(waker))
+            }
+        };
+        self.more = polled.is_ready();
+        polled
+    }
+
+    /// Writes what is left of the batch to the connection.
+    fn poll_write(&mut self, cx: &mut Context<'_>, ws: &mut Ws) -> Poll<Result<(), ()>> {
+        // tungstenite's own frames (a pong a read queued) go out whole
+        // first.
+        if self.read {
+            match ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => self.read = false,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let io = ws.get_mut();
+        while !self.unwritten.is_empty() {
+            match Pin::new(&mut *io).poll_write(cx, &self.unwritten) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(())),
+                Poll::Ready(Ok(n)) => self.unwritten.advance(n),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Nothing held between batches.
+        self.unwritten = Bytes::new();
+        match Pin::new(io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+            Poll::Pending => return Poll::Pending,
+        }
+        if let Some(stream) = self.stream {
+            stream.polled();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Wakes a socket's task for its reads through hyper's upgraded
+/// connection and remembers that it did, so a read is tried only when the
+/// connection may have something for it.
 struct ReadGate {
     woken: AtomicBool,
-    /// A read was tried since the last batch: tungstenite may have frames
-    /// of its own (a pong) not fully written.
-    read: AtomicBool,
     /// The socket's task, which alone polls the gate.
     task: Waker,
 }
@@ -349,37 +583,14 @@ impl ReadGate {
     async fn new() -> Arc<ReadGate> {
         let task = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
         Arc::new(ReadGate {
-            // The first turn reads: bytes may have come with the handshake.
-            woken: AtomicBool::new(true),
-            read: AtomicBool::new(false),
+            woken: AtomicBool::new(false),
             task,
         })
     }
 
-    /// The socket's next message, read with `waker` (this gate's) when the
-    /// gate was woken since the last read found nothing.
-    fn next<'a>(
-        &'a self,
-        ws: &'a mut Ws,
-        waker: &'a Waker,
-    ) -> impl Future<Output = Option<Result<Message, tungstenite::Error>>> + 'a {
-        std::future::poll_fn(move |_| {
-            if !self.woken.swap(false, Ordering::AcqRel) {
-                return Poll::Pending;
-            }
-            self.read.store(true, Ordering::Release);
-            let polled = ws.poll_next_unpin(&mut Context::from_waker(waker));
-            if polled.is_ready() {
-                // More may be buffered already, with no wake to come.
-                self.woken.store(true, Ordering::Release);
-            }
-            polled
-        })
-    }
-
-    /// Whether a read was tried since the last call.
-    fn read_since(&self) -> bool {
-        self.read.swap(false, Ordering::AcqRel)
+    /// Whether the gate was woken since the last call.
+    fn take(&self) -> bool {
+        self.woken.load(Ordering::Relaxed) && self.woken.swap(false, Ordering::AcqRel)
     }
 }
 

@@ -465,6 +465,14 @@ impl<I> Prefixed<I> {
     pub fn new(prefix: Vec<u8>, io: I) -> Prefixed<I> {
         Prefixed { prefix, at: 0, io }
     }
+
+    /// The prefix's bytes not yet read, and the connection: what a
+    /// WebSocket takes back from hyper's upgrade.
+    pub fn into_parts(self) -> (Vec<u8>, I) {
+        let mut prefix = self.prefix;
+        prefix.drain(..self.at);
+        (prefix, self.io)
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {

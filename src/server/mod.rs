@@ -31,6 +31,10 @@ mod metrics_listener;
 mod protocol;
 mod refuse;
 
+/// The connection hyper serves after crier's own HTTP/1.1, which a
+/// WebSocket takes back from hyper's upgrade.
+pub use http1::Prefixed;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;

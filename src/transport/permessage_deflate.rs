@@ -2,9 +2,9 @@
 //! offers answered, and client messages inflated before tungstenite reads
 //! them.
 //!
-//! An event's message is compressed once and its bytes shared by every
-//! socket (`crate::transport::websocket::event_deflated`), so the server
-//! never takes its context over (`server_no_context_takeover`); it asks
+//! An event's message is compressed once and its frame shared by every
+//! socket (`crate::transport::websocket::event_deflated_frame`), so the
+//! server never takes its context over (`server_no_context_takeover`); it asks
 //! clients not to either (`client_no_context_takeover`, which RFC 7692
 //! §7.1.1.2 lets a server answer unasked), so a client's message is
 //! inflated alone and no socket keeps a window. tungstenite refuses every
@@ -348,6 +348,11 @@ impl<S> Inflating<S> {
             ready: Vec::new(),
             at: 0,
         }
+    }
+
+    /// The connection under it.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 

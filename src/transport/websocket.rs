@@ -1,22 +1,23 @@
 //! The WebSocket transport: the engine's items as frames.
 //!
 //! Each event is one text frame holding a JSON object,
-//! `{"id","type":"event","topic","seq","event"?,"data"}`, made once per
-//! event and shared by every single-topic socket (multi-topic sockets put
-//! their own `id` in front of the same bytes). Control items are text
+//! `{"id","type":"event","topic","seq","event"?,"data"}`. The whole frame,
+//! header and JSON, is made once per event ([`event_frame`]) and shared by
+//! every single-topic socket, as an SSE frame is (multi-topic sockets put
+//! their own `id` in front of the same JSON). Control items are text
 //! frames told apart by `type` (`open`, `reset`, `reauth`, `farewell`);
 //! heartbeats are pings; each way a stream ends has its close code.
 //!
-//! A batch of frames is the bytes that go on the wire, the shared JSON
-//! copied in behind each frame's header (a copy, not a reference count,
-//! which every socket of a busy topic would contend on), written to the
-//! connection as one; only the close frame goes through tungstenite, which
-//! must know the socket is closing.
+//! A batch of frames is the bytes that go on the wire, written to the
+//! connection as one: a lone shared frame as the shared `Bytes` it is (no
+//! copy, as `Plain` passes an SSE frame on), several copied into one
+//! buffer; only the close frame goes through tungstenite, which must know
+//! the socket is closing.
 //!
 //! A socket that negotiated permessage-deflate gets each event's message
-//! compressed once per event and shared the same way
-//! ([`event_deflated`]), sent as a frame with RSV1 set; its control items
-//! go plain (the extension lets each message choose).
+//! compressed once per event and its frame (RSV1 set) shared the same way
+//! ([`event_deflated_frame`]); its control items go plain (the extension
+//! lets each message choose).
 //!
 //! Long-poll answers carry the same JSON objects (`crate::transport::poll`).
 
@@ -52,15 +53,21 @@ pub mod close {
     pub const UNSUPPORTED: u16 = 1003;
 }
 
-/// The JSON of `event` under its own id (`SEQ.EPOCH`): made on first use,
-/// then shared by every socket and long-poll answer that carries it.
-pub fn event_json(event: &Event) -> Bytes {
-    event.unit(JSON_UNIT, || encode_event(event))
+/// The text frame of `event` under its own id (`SEQ.EPOCH`), header and
+/// JSON: made on first use, then shared by every single-topic socket.
+pub fn event_frame(event: &Event) -> Bytes {
+    event.unit(JSON_UNIT, || text_frame(event))
 }
 
-/// What `f` makes of [`event_json`], borrowed when it is cached.
-fn with_event_json<R>(event: &Event, f: impl FnOnce(&[u8]) -> R) -> R {
-    event.with_unit(JSON_UNIT, || encode_event(event), f)
+fn text_frame(event: &Event) -> Bytes {
+    frame_of(FIN | TEXT, &encode_event(event))
+}
+
+/// The JSON of `event` under its own id (`SEQ.EPOCH`): its frame's payload,
+/// shared by every long-poll answer that carries it.
+pub fn event_json(event: &Event) -> Bytes {
+    let frame = event_frame(event);
+    frame.slice(header_len(&frame)..)
 }
 
 /// The JSON of `event` under a stream's own `id` (multi-topic streams): the
@@ -88,16 +95,17 @@ fn id_prefix(id: &str) -> String {
     format!("{{\"id\":{}", serde_json::Value::from(id))
 }
 
-/// The permessage-deflate message of `event` under its own id: its JSON
-/// compressed alone (no context before it, as `server_no_context_takeover`
-/// promises), made on first use, then shared by every socket that
-/// negotiated the extension.
-pub fn event_deflated(event: &Event) -> Bytes {
-    event.unit(DEFLATED_UNIT, || deflate_event(event))
+/// The permessage-deflate frame of `event` under its own id (RSV1 set):
+/// its JSON compressed alone (no context before it, as
+/// `server_no_context_takeover` promises), made on first use, then shared
+/// by every single-topic socket that negotiated the extension.
+pub fn event_deflated_frame(event: &Event) -> Bytes {
+    event.unit(DEFLATED_UNIT, || deflated_frame(event))
 }
 
-fn deflate_event(event: &Event) -> Bytes {
-    message_of(crate::compress::alone(Codec::Gzip, &event_json(event)))
+fn deflated_frame(event: &Event) -> Bytes {
+    let message = message_of(crate::compress::alone(Codec::Gzip, &event_json(event)));
+    frame_of(FIN | RSV1 | TEXT, &message)
 }
 
 /// The permessage-deflate message of `event` under a stream's own `id`
@@ -179,6 +187,24 @@ const TEXT: u8 = 0x1;
 /// A ping with no payload.
 const PING: [u8; 2] = [0x89, 0x00];
 
+/// A server frame (unmasked, RFC 6455 §5.2) of `payload`, alone.
+fn frame_of(first: u8, payload: &[u8]) -> Bytes {
+    let mut frame = BytesMut::new();
+    put_frame(&mut frame, first, payload);
+    frame.freeze()
+}
+
+/// The length of a server frame's header: 2 bytes, then 2 or 8 more for
+/// a payload of 126 bytes or more.
+fn header_len(frame: &[u8]) -> usize {
+    match frame.get(1).map(|len| len & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => frame.len(),
+    }
+}
+
 /// Puts a server frame (unmasked, RFC 6455 §5.2) of `payload` in `out`.
 fn put_frame(out: &mut BytesMut, first: u8, payload: &[u8]) {
     out.reserve(payload.len() + 10);
@@ -220,8 +246,14 @@ pub struct Batch {
 /// One socket's frames, handed out a batch per write.
 #[derive(Default)]
 pub struct Frames {
-    /// The frames since the last batch, as they go on the wire.
+    /// A lone ready frame since the last batch, the shared bytes it is.
+    single: Option<Bytes>,
+    /// The frames since the last batch, as they go on the wire, when
+    /// there are several or they were made for this socket alone.
     wire: BytesMut,
+    /// Bytes said to come before the next batch ([`Wire::reserve`]): room
+    /// made for them at once when a second frame comes.
+    expected: usize,
     pings: bool,
     close: Option<Message>,
     /// The socket negotiated permessage-deflate: events go compressed.
@@ -236,6 +268,23 @@ impl Frames {
             ..Frames::default()
         }
     }
+
+    /// Gathers what waits into `wire`, before a frame goes in behind it.
+    fn spill(&mut self) {
+        let single = self.single.take();
+        let expected = std::mem::take(&mut self.expected);
+        self.wire
+            .reserve(single.as_ref().map_or(0, Bytes::len) + expected);
+        if let Some(single) = single {
+            self.wire.extend_from_slice(&single);
+        }
+    }
+
+    /// Adds a frame made for this socket alone.
+    fn put(&mut self, first: u8, payload: &[u8]) {
+        self.spill();
+        put_frame(&mut self.wire, first, payload);
+    }
 }
 
 impl Wire for Frames {
@@ -243,7 +292,7 @@ impl Wire for Frames {
     const TRANSPORT: super::Kind = super::Kind::WebSocket;
 
     fn control(&mut self, control: &Control) {
-        put_frame(&mut self.wire, FIN | TEXT, &control_json(control));
+        self.put(FIN | TEXT, &control_json(control));
         match control {
             Control::Reauth => {
                 self.close = Some(close_frame(close::POLICY, "token-expired"));
@@ -256,43 +305,59 @@ impl Wire for Frames {
     }
 
     fn heartbeat(&mut self) {
-        self.wire.extend_from_slice(&PING);
+        if self.pending() == 0 {
+            self.single = Some(Bytes::from_static(&PING));
+        } else {
+            self.spill();
+            self.wire.extend_from_slice(&PING);
+        }
         self.pings = true;
     }
 
     fn event(&mut self, event: &Event, _: Option<&Chained>) {
-        let wire = &mut self.wire;
-        if self.deflate {
-            event.with_unit(
-                DEFLATED_UNIT,
-                || deflate_event(event),
-                |message| put_frame(wire, FIN | RSV1 | TEXT, message),
-            );
+        let (slot, make): (usize, fn(&Event) -> Bytes) = if self.deflate {
+            (DEFLATED_UNIT, deflated_frame)
         } else {
-            with_event_json(event, |json| put_frame(wire, FIN | TEXT, json));
+            (JSON_UNIT, text_frame)
+        };
+        if self.pending() == 0 {
+            self.single = Some(event.unit(slot, || make(event)));
+        } else {
+            // Copied from the cached frame, borrowed: no reference count.
+            self.spill();
+            let wire = &mut self.wire;
+            event.with_unit(slot, || make(event), |frame| wire.extend_from_slice(frame));
         }
     }
 
     fn event_with_id(&mut self, id: &str, event: &Event) {
         match self.deflate.then(|| event_deflated_with_id(id, event)) {
-            Some(Some(message)) => put_frame(&mut self.wire, FIN | RSV1 | TEXT, &message),
-            Some(None) | None => {
-                put_frame(&mut self.wire, FIN | TEXT, &event_json_with_id(id, event));
-            }
+            Some(Some(message)) => self.put(FIN | RSV1 | TEXT, &message),
+            Some(None) | None => self.put(FIN | TEXT, &event_json_with_id(id, event)),
         }
     }
 
     fn pending(&self) -> usize {
-        self.wire.len()
+        self.single.as_ref().map_or(0, Bytes::len) + self.wire.len()
     }
 
     fn take(&mut self) -> Option<Batch> {
-        // Taken whole: an idle socket keeps no buffer.
-        (!self.wire.is_empty()).then(|| Batch {
-            bytes: std::mem::take(&mut self.wire).freeze(),
+        self.expected = 0;
+        let bytes = match self.single.take() {
+            Some(single) => single,
+            // Taken whole: an idle socket keeps no buffer.
+            None if !self.wire.is_empty() => std::mem::take(&mut self.wire).freeze(),
+            None => return None,
+        };
+        Some(Batch {
+            bytes,
             pings: std::mem::take(&mut self.pings),
             close: None,
         })
+    }
+
+    fn reserve(&mut self, bytes: usize) {
+        self.expected = bytes;
     }
 
     fn ended(&mut self, end: StreamEnd) {
@@ -362,29 +427,94 @@ mod tests {
         out
     }
 
-    /// Every socket of a topic gets the same frame bytes, copied from one
-    /// JSON (or one compressed message) made once per event: the cache
-    /// holds a single allocation however many sockets wrote it.
+    /// Every single-topic socket of a topic writes the frame made once per
+    /// event: a lone frame goes out as the cached bytes themselves (no
+    /// copy, no buffer), plain or compressed.
     #[test]
-    fn every_socket_of_a_topic_writes_the_frame_made_once_per_event() {
+    fn a_lone_event_frame_is_written_as_the_shared_bytes_it_is() {
         let event = event(Some("update"), "shared shared shared");
-        let mut batches = Vec::new();
         for deflate in [false, false, true, true] {
             let mut frames = Frames::new(deflate);
+            frames.reserve(4096);
             frames.event(&event, None);
-            batches.push(frames.take().expect("a batch").bytes);
+            let batch = frames.take().expect("a batch");
+            let cached = if deflate {
+                event_deflated_frame(&event)
+            } else {
+                event_frame(&event)
+            };
+            assert_eq!(batch.bytes, cached);
+            assert_eq!(batch.bytes.as_ptr(), cached.as_ptr(), "copied");
+            assert_eq!(frames.wire.capacity(), 0, "room was made for nothing");
+            assert!(frames.take().is_none());
         }
         let json = event_json(&event);
-        let message = event_deflated(&event);
-        // Made once: the cached units are the same allocation each time.
-        assert_eq!(json.as_ptr(), event_json(&event).as_ptr());
-        assert_eq!(message.as_ptr(), event_deflated(&event).as_ptr());
         let mut plain = vec![FIN | TEXT, json.len() as u8];
         plain.extend_from_slice(&json);
-        let mut compressed = vec![FIN | RSV1 | TEXT, message.len() as u8];
-        compressed.extend_from_slice(&message);
-        assert_eq!(batches, [&plain, &plain, &compressed, &compressed]);
-        assert_eq!(inflated(&message), json.to_vec());
+        assert_eq!(event_frame(&event), plain);
+        let compressed = event_deflated_frame(&event);
+        assert_eq!(compressed[0], FIN | RSV1 | TEXT);
+        assert_eq!(usize::from(compressed[1]), compressed.len() - 2);
+        assert_eq!(inflated(&compressed[2..]), json.to_vec());
+    }
+
+    /// Several frames (a ping, events, a control item) go out as one
+    /// batch, in order, and the batch takes its buffer with it: an idle
+    /// socket keeps none.
+    #[test]
+    fn gathered_frames_go_out_in_one_batch_that_takes_its_buffer() {
+        let events: Vec<Event> = (1..=3)
+            .map(|seq| Event::new(Topic::parse("news", 64).unwrap(), seq, Epoch(46), None, "x"))
+            .collect();
+        for deflate in [false, true] {
+            let mut frames = Frames::new(deflate);
+            frames.heartbeat();
+            for event in &events {
+                frames.event(event, None);
+            }
+            let farewell = Control::Farewell {
+                retry: std::time::Duration::from_millis(1500),
+            };
+            frames.control(&farewell);
+            let batch = frames.take().expect("a batch");
+            let mut expected = PING.to_vec();
+            for event in &events {
+                let frame = if deflate {
+                    event_deflated_frame(event)
+                } else {
+                    event_frame(event)
+                };
+                expected.extend_from_slice(&frame);
+            }
+            let control = control_json(&farewell);
+            expected.extend_from_slice(&[FIN | TEXT, control.len() as u8]);
+            expected.extend_from_slice(&control);
+            assert_eq!(batch.bytes, expected);
+            assert!(batch.pings);
+            assert_eq!(frames.wire.capacity(), 0, "the socket kept the buffer");
+            assert!(frames.take().is_none());
+            let last = frames.finish().expect("the close frame");
+            assert_eq!(last.close, Some(close_frame(close::RESTART, "draining")));
+            assert!(last.bytes.is_empty());
+        }
+    }
+
+    /// The JSON a long-poll answer carries is the frame's payload, after a
+    /// header of each of its three sizes.
+    #[test]
+    fn an_events_json_is_its_frame_after_the_header() {
+        for (len, header) in [(10, 2), (200, 4), (70_000, 10)] {
+            let event = event(None, &"x".repeat(len));
+            let frame = event_frame(&event);
+            let json = event_json(&event);
+            assert_eq!(header_len(&frame), header, "{len}");
+            assert_eq!(&frame[header..], &json[..]);
+            let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            assert_eq!(value["data"].as_str().map(str::len), Some(len));
+            let mut out = BytesMut::new();
+            put_frame(&mut out, FIN | TEXT, &json);
+            assert_eq!(out, frame);
+        }
     }
 
     #[test]

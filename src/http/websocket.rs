@@ -243,8 +243,12 @@ impl Conn {
     fn of(upgraded: Upgraded) -> Conn {
         match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
             Ok(parts) => {
-                let (mut unread, tcp) = parts.io.into_inner().into_parts();
+                // hyper read what it holds through the prefix, so any of
+                // the prefix it left comes after it.
+                let (rest, tcp) = parts.io.into_inner().into_parts();
+                let mut unread = Vec::with_capacity(parts.read_buf.len() + rest.len());
                 unread.extend_from_slice(&parts.read_buf);
+                unread.extend_from_slice(&rest);
                 Conn::Tcp {
                     unread: Bytes::from(unread),
                     tcp,

@@ -316,6 +316,8 @@ impl Conn {
         let mut conn = Running::new(conn, &streams);
         // Polled only when one of them fired, not on each of the
         // connection's wake-ups (every delivery of every stream on it).
+        // The stall check's ticks fire its waker, so from the first one on
+        // every `WokenOnly` in the process also loads its own flag.
         let mut ends = WokenOnly::new(async {
             tokio::select! {
                 () = self.shutdown.cancelled() => Ending::Shutdown,

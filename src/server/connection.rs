@@ -1,6 +1,6 @@
 //! What a connection tells the requests it carries (as request extensions):
-//! its peer, its HTTP/2 activity (open streams, and when hyper last polled
-//! each one's body), and the hold that keeps a graceful shutdown waiting
+//! its peer, its HTTP/2 activity (open streams, and whether hyper polled
+//! each one's body lately), and the hold that keeps a graceful shutdown waiting
 //! for a WebSocket it upgraded to. The accept loop (`server`) makes them;
 //! handlers read them. No I/O.
 
@@ -25,26 +25,28 @@ pub struct Peer(pub SocketAddr);
 pub struct ConnectionHold(#[allow(dead_code)] pub(crate) Arc<Watcher>);
 
 /// How many streams an HTTP/2 connection has open, since when none, and
-/// when hyper last asked each open stream's body for more.
+/// whether hyper asked each open stream's body for more lately.
 pub struct Activity {
-    /// The instants below are milliseconds after this one.
-    epoch: tokio::time::Instant,
     state: std::sync::Mutex<ActivityState>,
 }
 
 struct ActivityState {
     open: usize,
     since: tokio::time::Instant,
-    /// Per open stream, when its body was last polled.
+    /// Per open stream, the looks of [`Activity::stalled`] since its body
+    /// was last polled: a poll stores 0, a look adds 1 (no clock read on a
+    /// stream's path).
     streams: std::collections::HashMap<u64, Arc<AtomicU64>>,
     next_id: u64,
 }
+
+/// Looks of [`Activity::stalled`] per timeout.
+const LOOKS_PER_TIMEOUT: u64 = 4;
 
 impl Activity {
     pub(crate) fn new() -> Activity {
         let now = tokio::time::Instant::now();
         Activity {
-            epoch: now,
             state: std::sync::Mutex::new(ActivityState {
                 open: 0,
                 since: now,
@@ -58,13 +60,9 @@ impl Activity {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn millis_now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
     /// Counts a stream as open until the guard is dropped.
     pub fn open(self: &Arc<Self>) -> StreamActivity {
-        let polled = Arc::new(AtomicU64::new(self.millis_now()));
+        let polled = Arc::new(AtomicU64::new(0));
         let mut state = self.lock();
         state.open += 1;
         let id = state.next_id;
@@ -98,24 +96,26 @@ impl Activity {
     }
 
     /// Resolves once an open stream's body has not been polled for
-    /// `timeout`. hyper polls a body only when the stream has flow-control
-    /// window to send into, so such a stream belongs to a client that stopped
-    /// reading it while the connection lives on (the kernel's write timeout
-    /// does not see that). Looked at four times per `timeout`, at a lock and
-    /// a load per open stream.
+    /// `timeout` (within a quarter more). hyper polls a body only when the
+    /// stream has flow-control window to send into, so such a stream
+    /// belongs to a client that stopped reading it while the connection
+    /// lives on (the kernel's write timeout does not see that). Looked at
+    /// four times per `timeout`, at a lock and an atomic add per open
+    /// stream.
     pub(crate) async fn stalled(&self, timeout: Duration) {
-        let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
+        let look = (timeout / LOOKS_PER_TIMEOUT as u32).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + look, look);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let now = self.millis_now();
             let state = self.lock();
-            if state
-                .streams
-                .values()
-                .any(|polled| now.saturating_sub(polled.load(Ordering::Relaxed)) >= limit)
-            {
+            // Every stream's count goes up: one unpolled for the last
+            // LOOKS_PER_TIMEOUT looks has gone a timeout without a poll.
+            let mut stalled = false;
+            for looks in state.streams.values() {
+                stalled |= looks.fetch_add(1, Ordering::Relaxed) >= LOOKS_PER_TIMEOUT;
+            }
+            if stalled {
                 return;
             }
         }
@@ -132,8 +132,7 @@ pub struct StreamActivity {
 impl StreamActivity {
     /// Notes that hyper asked the stream's body for more.
     pub fn polled(&self) {
-        self.polled
-            .store(self.activity.millis_now(), Ordering::Relaxed);
+        self.polled.store(0, Ordering::Relaxed);
     }
 }
 

@@ -20,6 +20,7 @@
 //! - `http1.rs` — crier's own HTTP/1.1 for subscribe requests;
 //! - `connection.rs` — what a connection tells its requests (peer, HTTP/2
 //!   activity, the hold a WebSocket keeps);
+//! - `streams.rs` — an HTTP/2 connection's streams, run in its own task;
 //! - `refuse.rs` — the canned answer to a connection turned away;
 //! - `metrics_listener.rs` — the `--metrics-listen` listener.
 //!
@@ -30,6 +31,7 @@ mod http1;
 mod metrics_listener;
 mod protocol;
 mod refuse;
+mod streams;
 
 /// The connection hyper serves after crier's own HTTP/1.1, which a
 /// WebSocket takes back from hyper's upgrade.

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
@@ -39,7 +39,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{Activity, ConnectionHold, Peer};
 use super::http1;
+use super::streams::{Running, Streams};
 use crate::config::{LimitsConfig, ListenConfig, TransportsConfig};
+use crate::drain::WokenOnly;
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Metrics, Protocol};
 
@@ -81,7 +83,9 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
 /// read buffer from 8 to 16 KiB, on every connection.
 pub(super) struct Protocols {
     http1: hyper::server::conn::http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    /// HTTP/2's settings; each connection gets a builder of its own, whose
+    /// executor runs the connection's streams in its task (`streams.rs`).
+    http2: Http2Settings,
     max_header_bytes: usize,
     header_timeout: Duration,
     tls_handshake_timeout: Duration,
@@ -113,27 +117,13 @@ impl Protocols {
         transports: &TransportsConfig,
     ) -> Protocols {
         let http1 = http1_builder(limits);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            // Many EventSources share one connection; each is one stream.
-            .max_concurrent_streams(listen.http2_max_streams)
-            // Pings find dead peers on connections that only ever receive.
-            .keep_alive_interval(Some(listen.http2_keepalive))
-            .keep_alive_timeout(listen.http2_keepalive)
-            // Windows for what clients send us (publishes); streams to
-            // clients are paced by the client's window and bounded by the
-            // send buffer.
-            .initial_stream_window_size(256 * 1024)
-            .initial_connection_window_size(1024 * 1024)
-            .max_send_buf_size(128 * 1024)
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-            // WebSockets over HTTP/2 (RFC 8441): a stream opened with an
-            // extended CONNECT carries one socket.
-            .enable_connect_protocol();
         Protocols {
             http1,
-            http2,
+            http2: Http2Settings {
+                max_streams: listen.http2_max_streams,
+                keepalive: listen.http2_keepalive,
+                max_header_bytes: limits.max_header_bytes,
+            },
             max_header_bytes: limits.max_header_bytes,
             header_timeout: limits.header_timeout,
             tls_handshake_timeout: limits.tls_handshake_timeout,
@@ -143,6 +133,38 @@ impl Protocols {
             // busy machine.
             stall_timeout: limits.write_timeout.max(transports.heartbeat * 2),
         }
+    }
+}
+
+/// What an HTTP/2 connection's builder is made with.
+struct Http2Settings {
+    max_streams: u32,
+    keepalive: Duration,
+    max_header_bytes: usize,
+}
+
+impl Http2Settings {
+    /// The builder of one connection, whose streams `streams` runs.
+    fn builder(&self, streams: Streams) -> http2::Builder<Streams> {
+        let mut http2 = http2::Builder::new(streams);
+        http2
+            .timer(TokioTimer::new())
+            // Many EventSources share one connection; each is one stream.
+            .max_concurrent_streams(self.max_streams)
+            // Pings find dead peers on connections that only ever receive.
+            .keep_alive_interval(Some(self.keepalive))
+            .keep_alive_timeout(self.keepalive)
+            // Windows for what clients send us (publishes); streams to
+            // clients are paced by the client's window and bounded by the
+            // send buffer.
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024)
+            .max_send_buf_size(128 * 1024)
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+            // WebSockets over HTTP/2 (RFC 8441): a stream opened with an
+            // extended CONNECT carries one socket.
+            .enable_connect_protocol();
+        http2
     }
 }
 
@@ -279,26 +301,41 @@ impl Conn {
     {
         let _open = self.metrics.connection(Protocol::Http2, self.tls);
         let activity = Arc::new(Activity::new());
+        let streams = Streams::default();
         let conn = self
             .protocols
             .http2
+            .builder(streams.clone())
             .serve_connection(TokioIo::new(io), self.service(Some(activity.clone())));
         // Holding the watcher keeps graceful shutdown waiting for this task;
         // the connection hears of shutdown from `self.shutdown`.
         let _watcher = self.watcher;
-        // Boxed: HTTP/2 carries many streams on one connection, and its
-        // larger state would otherwise be carried by every HTTP/1.1
-        // connection's task.
-        let mut conn = Box::pin(conn);
-        let idle = activity.idle_for(self.protocols.idle_timeout);
-        tokio::pin!(idle);
-        let stalled = activity.stalled(self.protocols.stall_timeout);
-        tokio::pin!(stalled);
-        tokio::select! {
-            result = conn.as_mut() => return Ok(result?),
-            () = self.shutdown.cancelled() => {}
-            () = &mut idle => tracing::debug!(peer = %self.peer, "closing an idle HTTP/2 connection"),
-            () = &mut stalled => {
+        // The connection boxed (HTTP/2 carries many streams on one
+        // connection, and its larger state would otherwise be carried by
+        // every HTTP/1.1 connection's task), its streams run beside it.
+        let mut conn = Running::new(conn, &streams);
+        // Polled only when one of them fired, not on each of the
+        // connection's wake-ups (every delivery of every stream on it).
+        // The stall check's ticks fire its waker, so from the first one on
+        // every `WokenOnly` in the process also loads its own flag.
+        let mut ends = WokenOnly::new(async {
+            tokio::select! {
+                () = self.shutdown.cancelled() => Ending::Shutdown,
+                () = activity.idle_for(self.protocols.idle_timeout) => Ending::Idle,
+                () = activity.stalled(self.protocols.stall_timeout) => Ending::Stalled,
+            }
+        });
+        let ending = tokio::select! {
+            biased;
+            result = &mut conn => return Ok(result?),
+            ending = &mut ends => ending,
+        };
+        match ending {
+            Ending::Shutdown => {}
+            Ending::Idle => {
+                tracing::debug!(peer = %self.peer, "closing an idle HTTP/2 connection");
+            }
+            Ending::Stalled => {
                 // A graceful close would wait for the starved stream, which
                 // never ends: drop the connection, and every stream on it
                 // resumes exactly when the client reconnects.
@@ -310,9 +347,16 @@ impl Conn {
                 return Ok(());
             }
         }
-        conn.as_mut().graceful_shutdown();
+        conn.connection().graceful_shutdown();
         Ok(conn.await?)
     }
+}
+
+/// Why an HTTP/2 connection is closed before its client closes it.
+enum Ending {
+    Shutdown,
+    Idle,
+    Stalled,
 }
 
 /// The router for one connection: it adds the peer (and, on HTTP/2, the

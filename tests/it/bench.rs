@@ -282,6 +282,50 @@ async fn fanout_idle_and_storm_over_grpc_count_every_delivery_exactly() {
     server.stop().await;
 }
 
+/// `--calls-per-connection`: gRPC calls share connections, as a service's
+/// calls share its channel; the hub serves 50 calls on two connections,
+/// each call still gets every event exactly, and the flag is refused for a
+/// transport without calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_share_connections_and_each_gets_every_event_exactly() {
+    let server = Server::start().await;
+    let shared = ["--transport", "grpc", "--calls-per-connection", "25"];
+    let idle = [
+        &["idle"][..],
+        &shared,
+        &["--subscribers", "50", "--hold", "3s"],
+    ]
+    .concat();
+    let (result, ()) = tokio::join!(
+        bench(&server, &idle),
+        server.wait_for_metric(r#"crier_open_connections{protocol="h2",tls="no"} 2"#)
+    );
+    assert_eq!(result["calls_per_connection"], 25, "{result}");
+    assert_eq!(result["still_connected"], 50, "{result}");
+    let fanout = [
+        &["fanout"][..],
+        &shared,
+        &["--subscribers", "50", "--rate", "50", "--duration", "1s"],
+    ]
+    .concat();
+    let result = bench(&server, &fanout).await;
+    assert_every_event_once(&result, 50, 50);
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        .args(["bench", "idle", "--calls-per-connection", "2"])
+        .args(["--url", &format!("http://{}", server.addr)])
+        .output()
+        .await
+        .expect("run crier bench");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("--calls-per-connection is for --transport grpc"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_reports_the_hubs_memory_per_connection() {
     let server = Server::start().await;

@@ -35,7 +35,7 @@ use super::decode::{
     Body, DataLines, LastId, Line, WS_CLOSE, WS_PING, WS_PONG, WS_TEXT, WS_TEXT_DEFLATED, WsFrames,
     response_head,
 };
-use super::grpc::{Call, GrpcStream};
+use super::grpc::{Call, Channel, GrpcStream};
 #[cfg(target_os = "linux")]
 use super::subscriber::bind_address_no_port;
 pub use super::subscriber::{Ending, Listener, unix_micros};
@@ -84,6 +84,12 @@ pub struct SubscribeArgs {
     /// connection of its own; crier only).
     #[arg(long, value_enum, default_value = "sse")]
     pub transport: Transport,
+    /// With `--transport grpc`: calls sharing each HTTP/2 connection, as a
+    /// service's calls share its channel (subscribers 0..N-1 on the first
+    /// connection, and so on); 1: a connection per subscriber, like the
+    /// SSE and WebSocket crowds.
+    #[arg(long, default_value_t = 1)]
+    pub calls_per_connection: usize,
 }
 
 /// The transport a crowd subscribes with.
@@ -448,8 +454,8 @@ impl Stream {
 enum Request {
     /// The whole HTTP/1.1 request (SSE, or a WebSocket handshake).
     Http(Arc<[u8]>),
-    /// A gRPC `Subscribe` call.
-    Grpc(Arc<Call>),
+    /// A gRPC `Subscribe` call, on its channel's connection.
+    Grpc(Arc<Call>, Arc<Channel>),
 }
 
 /// An open subscription on either kind of connection. Neither is boxed: a
@@ -472,9 +478,11 @@ impl Subscription {
             Request::Http(bytes) => Stream::open(addr, source, bytes, listener, last_id)
                 .await
                 .map(Subscription::Http),
-            Request::Grpc(call) => GrpcStream::open(addr, source, call, listener, last_id)
-                .await
-                .map(Subscription::Grpc),
+            Request::Grpc(call, channel) => {
+                GrpcStream::open(addr, source, call, channel, listener, last_id)
+                    .await
+                    .map(Subscription::Grpc)
+            }
         }
     }
 
@@ -669,7 +677,7 @@ impl Task {
                     Request::Http(rejoin_request(&rejoin.request_head, &last_id)?.into())
                 }
                 // The call carries the last id itself.
-                Request::Grpc(call) => Request::Grpc(call.clone()),
+                Request::Grpc(call, channel) => Request::Grpc(call.clone(), channel.clone()),
             };
             let sent_us = unix_micros();
             let opened = Subscription::open(self.addr, self.source, &request, listener, last_id);
@@ -807,9 +815,24 @@ impl<L: Listener> Crowd<L> {
         path: Option<&dyn Fn(usize) -> String>,
     ) -> Result<Crowd<L>, String> {
         let sources = sources(target, args)?;
+        let per_connection = args.calls_per_connection;
+        if per_connection == 0 {
+            return Err("--calls-per-connection must be at least 1".into());
+        }
+        if per_connection > 1 && args.transport != Transport::Grpc {
+            return Err("--calls-per-connection is for --transport grpc".into());
+        }
+        // Subscriber i calls on connection i / N, from that connection's
+        // source address.
+        let channels: Vec<Arc<Channel>> = (0..args.subscribers.div_ceil(per_connection))
+            .map(|_| Arc::default())
+            .collect();
         let one_path = target.path(&args.subscribe_path, &args.topic);
         let request = match args.transport {
-            Transport::Grpc => Request::Grpc(Call::new(&target.authority, &one_path)?.into()),
+            Transport::Grpc => Request::Grpc(
+                Call::new(&target.authority, &one_path)?.into(),
+                Arc::default(),
+            ),
             Transport::Sse | Transport::Ws | Transport::WsDeflate => Request::Http(
                 format!("{}\r\n", request_head(target, args))
                     .into_bytes()
@@ -817,16 +840,21 @@ impl<L: Listener> Crowd<L> {
             ),
         };
         let request_of = |i: usize| -> Result<Request, String> {
+            let channel = || channels[i / per_connection].clone();
             match (path, args.transport) {
                 (Some(path), Transport::Grpc) => Ok(Request::Grpc(
                     Call::new(&target.authority, &target.path(&path(i), ""))?.into(),
+                    channel(),
                 )),
                 (Some(path), Transport::Sse | Transport::Ws | Transport::WsDeflate) => {
                     let path = target.path(&path(i), "");
                     let head = head_for(target, &path, args);
                     Ok(Request::Http(format!("{head}\r\n").into_bytes().into()))
                 }
-                (None, _) => Ok(request.clone()),
+                (None, _) => Ok(match &request {
+                    Request::Grpc(call, _) => Request::Grpc(call.clone(), channel()),
+                    Request::Http(bytes) => Request::Http(bytes.clone()),
+                }),
             }
         };
         let gate = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
@@ -839,7 +867,7 @@ impl<L: Listener> Crowd<L> {
             .map(|i| {
                 let task = Task {
                     addr: target.addr,
-                    source: sources[i % sources.len()],
+                    source: sources[(i / per_connection) % sources.len()],
                     timeout: args.connect_timeout,
                     request: request_of(i)?,
                     gate: gate.clone(),

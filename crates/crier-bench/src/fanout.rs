@@ -322,6 +322,7 @@ pub async fn run(mut args: FanoutArgs) -> Result<serde_json::Value, String> {
         "scenario": "fanout",
         "url": sub.url,
         "subscribers": sub.subscribers,
+        "calls_per_connection": sub.calls_per_connection,
         "accept_encoding": sub.accept_encoding,
         "content_encoding": content_encoding,
         "content_encodings": content_encodings,

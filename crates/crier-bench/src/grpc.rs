@@ -1,19 +1,23 @@
 //! A gRPC subscriber of the crowd (`--transport grpc`): one `Subscribe`
-//! call over an h2c connection of its own (hyper's HTTP/2 client, as
-//! grpcurl or a generated client would open one per process), its `Item`
-//! messages decoded with prost and handed to the [`Listener`] as the lines
-//! an SSE stream would give: `id`, `data`, end of event.
+//! call over an h2c connection (hyper's HTTP/2 client, as grpcurl or a
+//! generated client would open one per channel), its `Item` messages
+//! decoded with prost and handed to the [`Listener`] as the lines an SSE
+//! stream would give: `id`, `data`, end of event.
 //!
-//! One connection per subscriber, like the SSE and WebSocket crowds, so
-//! the hub's memory and CPU per subscriber compare line for line. The
-//! bytes counted are the gRPC messages (with their 5-byte prefix), not
-//! HTTP/2's frame headers.
+//! By default one connection per subscriber, like the SSE and WebSocket
+//! crowds, so the hub's memory and CPU per subscriber compare line for
+//! line; with `--calls-per-connection N`, N calls share each connection
+//! (a [`Channel`]), as a service's calls share its channel. The bytes
+//! counted are the gRPC messages (with their 5-byte prefix), not HTTP/2's
+//! frame headers.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Weak};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 use tokio::net::TcpSocket;
@@ -82,36 +86,44 @@ impl Call {
     }
 }
 
-/// An open `Subscribe` call, past its `Open` item.
-pub struct GrpcStream {
-    body: Incoming,
-    /// Drives the connection; aborted when the stream is dropped.
-    connection: JoinHandle<()>,
-    /// A message read in part.
-    pending: BytesMut,
-    id: LastId,
-    pub last_id: LastId,
-    pub opening_bytes: u64,
-    pub stream_bytes: u64,
+/// One HTTP/2 connection that several calls share: the first call to
+/// need it connects; the others reuse it while any call holds it (then it
+/// closes, as a crowd that leaves closes its connections).
+#[derive(Default)]
+pub struct Channel(tokio::sync::Mutex<Option<Shared>>);
+
+/// A channel's live connection: its request handle and its driver, held
+/// by the calls on it.
+struct Shared {
+    sender: SendRequest<Full<Bytes>>,
+    driver: Weak<Driver>,
 }
 
-impl Drop for GrpcStream {
+/// Drives a connection; aborted (the connection closed) when its last
+/// call drops it.
+struct Driver(JoinHandle<()>);
+
+impl Drop for Driver {
     fn drop(&mut self) {
-        self.connection.abort();
+        self.0.abort();
     }
 }
 
-impl GrpcStream {
-    /// Connects from `source`, calls `Subscribe` and waits for the answer's
-    /// head and its first message (the `Open` item), when the hub has the
-    /// subscription in place.
-    pub async fn open(
+impl Channel {
+    /// The channel's connection, opened from `source` when it has none
+    /// alive.
+    async fn connection(
+        &self,
         addr: SocketAddr,
         source: Option<IpAddr>,
-        call: &Call,
-        listener: &mut impl Listener,
-        last_id: LastId,
-    ) -> Result<GrpcStream, String> {
+    ) -> Result<(SendRequest<Full<Bytes>>, Arc<Driver>), String> {
+        let mut shared = self.0.lock().await;
+        if let Some(live) = shared.as_ref()
+            && let Some(driver) = live.driver.upgrade()
+            && !live.sender.is_closed()
+        {
+            return Ok((live.sender.clone(), driver));
+        }
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()
         } else {
@@ -130,18 +142,57 @@ impl GrpcStream {
             .connect(addr)
             .await
             .map_err(|e| format!("connect to {addr}: {e}"))?;
-        let (mut sender, connection) =
+        let (sender, connection) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
                 .await
                 .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        let connection = tokio::spawn(async move {
+        let driver = Arc::new(Driver(tokio::spawn(async move {
             let _ = connection.await;
+        })));
+        *shared = Some(Shared {
+            sender: sender.clone(),
+            driver: Arc::downgrade(&driver),
         });
+        Ok((sender, driver))
+    }
+}
+
+/// An open `Subscribe` call, past its `Open` item.
+pub struct GrpcStream {
+    body: Incoming,
+    /// The connection, held open while this call is.
+    _connection: Arc<Driver>,
+    /// A message read in part.
+    pending: BytesMut,
+    id: LastId,
+    pub last_id: LastId,
+    pub opening_bytes: u64,
+    pub stream_bytes: u64,
+}
+
+impl GrpcStream {
+    /// Calls `Subscribe` on `channel` (connecting from `source` when it
+    /// has no connection alive) and waits for the answer's head and its
+    /// first message (the `Open` item), when the hub has the subscription
+    /// in place.
+    pub async fn open(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        call: &Call,
+        channel: &Channel,
+        listener: &mut impl Listener,
+        last_id: LastId,
+    ) -> Result<GrpcStream, String> {
+        let (mut sender, connection) = channel.connection(addr, source).await?;
         let request = hyper::Request::post(call.uri.clone())
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(Full::new(call.body(&last_id)?))
             .map_err(|e| format!("the request: {e}"))?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("the connection: {e}"))?;
         let response = sender
             .send_request(request)
             .await
@@ -162,7 +213,7 @@ impl GrpcStream {
         }
         let mut stream = GrpcStream {
             body: response.into_body(),
-            connection,
+            _connection: connection,
             pending: BytesMut::new(),
             id: last_id,
             last_id,

@@ -87,6 +87,7 @@ pub async fn run(mut args: IdleArgs) -> Result<serde_json::Value, String> {
         "scenario": "idle",
         "url": sub.url,
         "subscribers": sub.subscribers,
+        "calls_per_connection": sub.calls_per_connection,
         "topics_per_subscription": k,
         "accept_encoding": sub.accept_encoding,
         "content_encoding": content_encoding,

@@ -4,9 +4,12 @@
 //! Layout, per topic (the `{topic}` hash tag keeps a topic's keys in one
 //! Redis Cluster slot; the prefix lets several hubs share one Redis):
 //!
-//! - `PREFIX{topic}:meta` — a hash: `epoch`, `seq` (the last number given)
-//!   and `expires` (when the oldest retained event expires, at the earliest:
-//!   a publish reads the stream to trim by age only once that time came).
+//! - `PREFIX{topic}:meta` — a hash: `epoch`, `seq` (the last number given),
+//!   `expires` (when the oldest retained event expires, at the earliest:
+//!   a publish reads the stream to trim by age only once that time came),
+//!   `line` (the replication history it was written in), `renew` (when its
+//!   keys' lifetimes are stretched next) and `pub` (how far its events were
+//!   sent live, when publishes wait for replicas; none: all of them).
 //! - `PREFIX{topic}:events` — a stream; entry id `SEQ-0`, fields `t` (ms),
 //!   `e` (event name, may be empty), `d` (data).
 //! - `PREFIX{topic}:live` — the pub/sub channel that carries new events.
@@ -78,7 +81,7 @@ use canary::Canary;
 pub use canary::CanarySettings;
 use keys::{Keys, partition_tags};
 use live::{LiveMessage, LiveSink, Pushed, parse_live, pushed};
-use outbox::{Confirmable, Queued, ScriptRequest, Wait, publish_call, publish_head, send_outbox};
+use outbox::{Confirmable, Outbox, ScriptRequest, Wait, publish_call, publish_head};
 use primary::Primary;
 pub use primary::RedisTarget;
 use reply::{as_text, as_u64, is_empty_text, malformed, parse_receipt, store_error, unavailable};
@@ -182,10 +185,8 @@ pub struct RedisStore {
     confirm: Arc<Script>,
     /// On a cluster, its shards' slot ranges (see `learn_shards`).
     shards: std::sync::Mutex<Vec<(u16, u16)>>,
-    /// Single-topic publish calls on their way to Redis (see [`send_outbox`]).
-    outbox: tokio::sync::mpsc::UnboundedSender<Queued>,
-    /// The outbox's other end, until `run_until` starts its sender.
-    outbox_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Queued>>>,
+    /// Single-topic publish calls on their way to Redis.
+    outbox: Arc<Outbox>,
     hub: Hub,
     /// How far this node has seen each watched topic go.
     floors: std::sync::Mutex<IndexMap<Topic, Floor>>,
@@ -300,25 +301,36 @@ impl RedisStore {
         let primary = Arc::new(Primary::new(&target, ca_cert.as_deref(), timeout)?);
         let partitions = primary.is_cluster().then(|| partition_tags().into());
         let prefix = prefix.as_str();
-        let (outbox, outbox_queue) = tokio::sync::mpsc::unbounded_channel();
+        let publish = Arc::new(Script::new(PUBLISH));
+        let confirm = Arc::new(Script::new(CONFIRM));
+        let keys = Keys {
+            prefix: prefix.to_owned(),
+            partitions,
+        };
+        let outbox = Arc::new(Outbox::new(
+            primary.clone(),
+            publish.clone(),
+            Wait {
+                replicas: wait_replicas,
+                timeout,
+                confirm: confirm.clone(),
+                live_command: keys.live_command(),
+            },
+        ));
         // Shown (as down) from the start, not from the first connection.
         hub.metrics().redis().set_connected(false);
         Ok(RedisStore {
             primary,
             wait_replicas,
-            keys: Keys {
-                prefix: prefix.to_owned(),
-                partitions,
-            },
+            keys,
             retention,
             timeout,
-            publish: Arc::new(Script::new(PUBLISH)),
+            publish,
             read: Script::new(READ),
             reepoch: Script::new(REEPOCH),
-            confirm: Arc::new(Script::new(CONFIRM)),
+            confirm,
             shards: std::sync::Mutex::new(Vec::new()),
             outbox,
-            outbox_queue: std::sync::Mutex::new(Some(outbox_queue)),
             hub,
             floors: std::sync::Mutex::new(IndexMap::new()),
             live: tokio::sync::Mutex::new(LiveLink::default()),
@@ -373,21 +385,6 @@ impl RedisStore {
     /// carries to the hub, and after every (re)connection resubscribes and
     /// asks subscribers to check for anything missed meanwhile.
     pub async fn run_until(self: Arc<Self>, stop: CancellationToken) {
-        // The outbox's sender runs until the store is dropped, not until
-        // `stop`: publishes still answered during a drain go through it.
-        let queue = self
-            .outbox_queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(queue) = queue {
-            tokio::spawn(send_outbox(
-                queue,
-                self.primary.clone(),
-                self.publish.clone(),
-                self.wait(),
-            ));
-        }
         {
             let store = self.clone();
             let stop = stop.clone();
@@ -1153,25 +1150,13 @@ impl Store for RedisStore {
             [(topic, list)] => {
                 let request = self.publish_request(topic, &events, list, &keys, window, &[]);
                 let bytes = list.iter().map(|&i| events[i].0.data.len()).sum();
-                let (answer, reply) = tokio::sync::oneshot::channel();
+                let confirm = (self.wait_replicas > 0).then(|| self.confirmable(topic));
                 let partition = self.keys.partition(topic);
-                self.outbox
-                    .send(Queued {
-                        request,
-                        partition,
-                        bytes,
-                        answer,
-                        confirm: (self.wait_replicas > 0).then(|| self.confirmable(topic)),
-                    })
-                    .map_err(|_| unavailable("the Redis store has stopped"))?;
-                // Bounded like a command of its own: a publish waiting
-                // behind groups in flight is answered within the timeout
-                // too (and is not sent at all if it has not been yet).
-                match tokio::time::timeout(self.timeout, reply).await {
-                    Ok(Ok(reply)) => vec![reply?],
-                    Ok(Err(_)) => return Err(unavailable("the Redis store has stopped")),
-                    Err(_) => return Err(unavailable("Redis did not answer in time")),
-                }
+                let reply = self
+                    .outbox
+                    .publish(request, partition, bytes, confirm, self.timeout)
+                    .await?;
+                vec![reply]
             }
             // Several topics: one atomic pipeline, so the batch is stored
             // whole or not at all.

@@ -1,12 +1,12 @@
 //! The outbox: single-topic publish requests that queued meanwhile go as
-//! one call of the publish script per partition, in one round trip, with
-//! `WAIT` for replicas after them (then `CONFIRM`, which sends live what the
-//! replicas confirmed).
+//! one call of the publish script per partition, in one round trip, sent
+//! by a publisher of the group (no task of its own), with `WAIT` for
+//! replicas after them (then `CONFIRM`, which sends live what the replicas
+//! confirmed).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use indexmap::IndexMap;
 use redis::{Script, Value};
 
@@ -14,7 +14,7 @@ use super::primary::{Commands, Primary};
 use super::reply::{as_u64, malformed, store_error, unavailable};
 use crate::store::StoreError;
 
-/// Groups of publish requests in flight to Redis at once (see [`send_outbox`]).
+/// Groups of publish requests in flight to Redis at once (see [`Outbox`]).
 const OUTBOX_IN_FLIGHT: usize = 2;
 
 /// Times a failed `CONFIRM` is tried again, backing off from 50 ms to 2 s
@@ -93,9 +93,16 @@ pub(super) struct Queued {
     pub(super) partition: usize,
     /// Its events' data, in bytes.
     pub(super) bytes: usize,
-    pub(super) answer: tokio::sync::oneshot::Sender<Result<Value, StoreError>>,
+    answer: tokio::sync::oneshot::Sender<Turn>,
     /// Its topic, for `CONFIRM` (when publishes wait for replicas).
     pub(super) confirm: Option<Confirmable>,
+}
+
+/// What a queued publisher is handed: its answer, or a group to send (its
+/// own request among them).
+enum Turn {
+    Answer(Result<Value, StoreError>),
+    Lead(Lead),
 }
 
 /// What `CONFIRM` needs of one topic: its keys, its channel and the head of
@@ -108,81 +115,287 @@ pub(super) struct Confirmable {
     pub(super) live_head: String,
 }
 
-/// Sends the publish calls of single topics to Redis: what queued while
-/// the groups before were in flight goes as one pipeline, one write and one
-/// round trip, so concurrent publishes (to any topics) share Redis round
-/// trips, system calls and wake-ups instead of paying one each. Each call
-/// is still its own script, atomic for its topic alone, as when sent one by
-/// one. Ends once the store is dropped and every group is answered.
-pub(super) async fn send_outbox(
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>,
+/// Single-topic publish calls on their way to Redis. What queued while the
+/// groups before were in flight goes as one call of the publish script per
+/// partition, one write and one round trip, so concurrent publishes (to
+/// any topics) share Redis round trips, system calls and wake-ups instead
+/// of paying one each; each request in it is still answered, and fails,
+/// for itself.
+///
+/// No task of its own: a publisher that finds fewer than
+/// [`OUTBOX_IN_FLIGHT`] groups in flight sends its group itself, and the
+/// one that finishes a group hands what queued meanwhile to a publisher
+/// waiting in it. A request then goes from its own task to the socket and
+/// back, with no hop through a sender task.
+pub(super) struct Outbox {
+    queue: std::sync::Mutex<Queue>,
     primary: Arc<Primary>,
     script: Arc<Script>,
     wait: Wait,
-) {
-    let mut in_flight = futures_util::stream::FuturesUnordered::new();
-    let mut open = true;
-    while open || !in_flight.is_empty() {
-        tokio::select! {
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            first = queue.recv(), if open && in_flight.len() < OUTBOX_IN_FLIGHT.max(1) => {
-                let Some(first) = first else {
-                    open = false;
-                    continue;
-                };
-                // A call whose publisher stopped waiting (it was answered
-                // that Redis did not answer in time) is not sent.
-                let mut bytes = 0;
-                let mut group = Vec::new();
-                let mut next = Some(first);
-                while let Some(outgoing) = next.take() {
-                    if !outgoing.answer.is_closed() {
-                        bytes += outgoing.bytes;
-                        group.push(outgoing);
-                    }
-                    if group.len() < OUTBOX_GROUP && bytes < OUTBOX_GROUP_BYTES {
-                        next = queue.try_recv().ok();
-                    }
-                }
-                if group.is_empty() {
-                    continue;
-                }
-                // One pipeline per partition (all of them outside a
-                // cluster are partition 0).
-                let mut parts: IndexMap<usize, Vec<Queued>> = IndexMap::new();
-                for outgoing in group {
-                    parts.entry(outgoing.partition).or_default().push(outgoing);
-                }
-                match primary.commands().await {
-                    Ok(commands) => {
-                        for (_, part) in parts {
-                            in_flight.push(send_group(
-                                commands.clone(),
-                                part,
-                                script.clone(),
-                                wait.clone(),
-                            ));
-                        }
-                    }
-                    Err(error) => {
-                        for outgoing in parts.into_values().flatten() {
-                            let _ = outgoing.answer.send(Err(error.clone()));
-                        }
-                    }
-                }
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: std::collections::VecDeque<Queued>,
+    in_flight: usize,
+}
+
+impl Queue {
+    /// The next group: what waits, up to [`OUTBOX_GROUP`] requests or
+    /// [`OUTBOX_GROUP_BYTES`], without those nobody waits for any more (it
+    /// was answered that Redis did not answer in time: not sent).
+    fn take_group(&mut self) -> Vec<Queued> {
+        let mut bytes = 0;
+        let mut group = Vec::new();
+        while group.len() < OUTBOX_GROUP && bytes < OUTBOX_GROUP_BYTES {
+            let Some(next) = self.waiting.pop_front() else {
+                break;
+            };
+            if !next.answer.is_closed() {
+                bytes += next.bytes;
+                group.push(next);
             }
+        }
+        group
+    }
+}
+
+impl Outbox {
+    pub(super) fn new(primary: Arc<Primary>, script: Arc<Script>, wait: Wait) -> Outbox {
+        Outbox {
+            queue: std::sync::Mutex::new(Queue::default()),
+            primary,
+            script,
+            wait,
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends one topic's request with whatever else queues, and answers
+    /// its reply within `timeout` (a publish waiting behind groups in
+    /// flight is bounded like a command of its own, and is not sent at all
+    /// once it stopped waiting).
+    pub(super) async fn publish(
+        self: &Arc<Self>,
+        request: ScriptRequest,
+        partition: usize,
+        bytes: usize,
+        confirm: Option<Confirmable>,
+        timeout: Duration,
+    ) -> Result<Value, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (answer, mut reply) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut queue = self.queue();
+            queue.waiting.push_back(Queued {
+                request,
+                partition,
+                bytes,
+                answer,
+                confirm,
+            });
+            (queue.in_flight < OUTBOX_IN_FLIGHT.max(1)).then(|| {
+                queue.in_flight += 1;
+                queue.take_group()
+            })
+        };
+        if let Some(group) = lead {
+            let _ = tokio::time::timeout_at(deadline, Sending::new(self.clone(), group)).await;
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, &mut reply).await {
+                Ok(Ok(Turn::Answer(reply))) => return reply,
+                Ok(Ok(Turn::Lead(mut lead))) => {
+                    // This publisher's request is the first of the group:
+                    // its answer comes back on a channel of its own.
+                    let mut group = lead.group.take().unwrap_or_default();
+                    let (answer, mine) = tokio::sync::oneshot::channel();
+                    reply = mine;
+                    if let Some(first) = lead.first.take() {
+                        group.insert(
+                            0,
+                            Queued {
+                                request: first.request,
+                                partition: first.partition,
+                                bytes: first.bytes,
+                                answer,
+                                confirm: first.confirm,
+                            },
+                        );
+                    }
+                    let sending = Sending::new(self.clone(), group);
+                    let _ = tokio::time::timeout_at(deadline, sending).await;
+                }
+                Ok(Err(_)) => return Err(unavailable("the Redis store has stopped")),
+                Err(_) => return Err(unavailable("Redis did not answer in time")),
+            }
+        }
+    }
+
+    /// Sends `group`, then the groups that queue meanwhile, handing each
+    /// to a publisher waiting in it.
+    async fn send(self: Arc<Self>, group: Vec<Queued>) {
+        self.send_parts(group).await;
+        loop {
+            let next = {
+                let mut queue = self.queue();
+                let next = queue.take_group();
+                if next.is_empty() {
+                    queue.in_flight -= 1;
+                    return;
+                }
+                next
+            };
+            // Nobody in it waiting any more, it is not sent: the next.
+            if self.hand_over(next) {
+                return;
+            }
+        }
+    }
+
+    /// Hands `group` to its first publisher still waiting; false when none
+    /// is.
+    fn hand_over(self: &Arc<Self>, group: Vec<Queued>) -> bool {
+        let mut group = std::collections::VecDeque::from(group);
+        while let Some(first) = group.pop_front() {
+            let Queued {
+                request,
+                partition,
+                bytes,
+                answer,
+                confirm,
+            } = first;
+            let lead = Lead {
+                outbox: self.clone(),
+                first: Some(First {
+                    request,
+                    partition,
+                    bytes,
+                    confirm,
+                }),
+                group: Some(group.drain(..).collect()),
+            };
+            match answer.send(Turn::Lead(lead)) {
+                Ok(()) => return true,
+                Err(Turn::Lead(mut lead)) => {
+                    // It stopped waiting: its request is not sent.
+                    group = lead.group.take().unwrap_or_default().into();
+                }
+                Err(Turn::Answer(_)) => return true,
+            }
+        }
+        false
+    }
+
+    /// Sends one group: one call per partition (all of them outside a
+    /// cluster are partition 0), at once.
+    async fn send_parts(&self, group: Vec<Queued>) {
+        let Some(partition) = group.first().map(|q| q.partition) else {
+            return;
+        };
+        let commands = match self.primary.commands().await {
+            Ok(commands) => commands,
+            Err(error) => {
+                for outgoing in group {
+                    let _ = outgoing.answer.send(Turn::Answer(Err(error.clone())));
+                }
+                return;
+            }
+        };
+        if group.iter().all(|q| q.partition == partition) {
+            send_group(commands, group, &self.script, &self.wait).await;
+            return;
+        }
+        let mut parts: IndexMap<usize, Vec<Queued>> = IndexMap::new();
+        for outgoing in group {
+            parts.entry(outgoing.partition).or_default().push(outgoing);
+        }
+        let sends = parts
+            .into_values()
+            .map(|part| send_group(commands.clone(), part, &self.script, &self.wait));
+        futures_util::future::join_all(sends).await;
+    }
+}
+
+/// A group handed to a waiting publisher to send. Should that publisher be
+/// gone before it takes the group (its wait just ran out), the group is
+/// sent from a task of its own: nobody else would.
+struct Lead {
+    outbox: Arc<Outbox>,
+    first: Option<First>,
+    group: Option<Vec<Queued>>,
+}
+
+/// The request of the publisher a group is handed to.
+struct First {
+    request: ScriptRequest,
+    partition: usize,
+    bytes: usize,
+    confirm: Option<Confirmable>,
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        let Some(group) = self.group.take() else {
+            return;
+        };
+        // Its own request is not sent: it stopped waiting.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.outbox.clone().send(group));
+        }
+    }
+}
+
+/// A group being sent by a publisher. If that publisher stops waiting
+/// halfway (its client went, or its time ran out), the sending goes on in a
+/// task of its own, so the group's other publishers are still answered and
+/// the groups queued behind it still sent.
+struct Sending {
+    send: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl Sending {
+    fn new(outbox: Arc<Outbox>, group: Vec<Queued>) -> Sending {
+        Sending {
+            send: Some(Box::pin(outbox.send(group))),
+        }
+    }
+}
+
+impl std::future::Future for Sending {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let Some(send) = self.send.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        let done = send.as_mut().poll(cx);
+        if done.is_ready() {
+            self.send = None;
+        }
+        done
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let Some(send) = self.send.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(send);
         }
     }
 }
 
 /// Sends one group's requests as one call of the publish script (then
 /// `WAIT`), in one round trip, and hands each request its own answer.
-pub(super) async fn send_group(
-    mut commands: Commands,
-    group: Vec<Queued>,
-    script: Arc<Script>,
-    wait: Wait,
-) {
+async fn send_group(mut commands: Commands, group: Vec<Queued>, script: &Script, wait: &Wait) {
     let mut requests = Vec::with_capacity(group.len());
     let mut answers = Vec::with_capacity(group.len());
     let mut confirms = Vec::with_capacity(group.len());
@@ -193,13 +406,13 @@ pub(super) async fn send_group(
     }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    pipe.add_command(publish_call(&script, None, requests.iter()));
+    pipe.add_command(publish_call(script, None, requests.iter()));
     wait.add_to(&mut pipe);
-    let (mut reply, mut confirmed) = match send_call(&mut commands, &pipe, &wait).await {
+    let (mut reply, mut confirmed) = match send_call(&mut commands, &pipe, wait).await {
         Ok(sent) => sent,
         Err(error) => {
             for answer in answers {
-                let _ = answer.send(Err(store_error(error.clone())));
+                let _ = answer.send(Turn::Answer(Err(store_error(error.clone()))));
             }
             return;
         }
@@ -209,7 +422,7 @@ pub(super) async fn send_group(
     if matches!(&reply, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
     {
         let resent = match script.load_async(&mut commands).await {
-            Ok(_) => send_call(&mut commands, &pipe, &wait).await,
+            Ok(_) => send_call(&mut commands, &pipe, wait).await,
             Err(error) => Err(error),
         };
         (reply, confirmed) = match resent {
@@ -243,7 +456,7 @@ pub(super) async fn send_group(
             (Err(unconfirmed), Ok(_)) => Err(unconfirmed.clone()),
             (_, reply) => reply,
         };
-        let _ = answer.send(reply);
+        let _ = answer.send(Turn::Answer(reply));
     }
 }
 

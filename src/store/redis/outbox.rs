@@ -102,7 +102,8 @@ pub(super) struct Queued {
 /// own request among them).
 enum Turn {
     Answer(Result<Value, StoreError>),
-    Lead(Lead),
+    /// Boxed: rare, and the size of a request.
+    Lead(Box<Lead>),
 }
 
 /// What `CONFIRM` needs of one topic: its keys, its channel and the head of
@@ -278,7 +279,7 @@ impl Outbox {
                 }),
                 group: Some(group.drain(..).collect()),
             };
-            match answer.send(Turn::Lead(lead)) {
+            match answer.send(Turn::Lead(Box::new(lead))) {
                 Ok(()) => return true,
                 Err(Turn::Lead(mut lead)) => {
                     // It stopped waiting: its request is not sent.

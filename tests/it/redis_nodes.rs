@@ -1177,6 +1177,39 @@ async fn a_batch_to_one_topic_is_one_script_call_trimmed_by_count_once() {
     server.stop().await;
 }
 
+/// Single publishes trim the stream by count every 16 events, so it holds
+/// at most 15 beyond the retention count, and readers never see those: a
+/// resume from before the retained ones is told `reset` with the oldest
+/// retained, then gets exactly those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_publishes_trim_every_16_events_and_readers_see_only_the_retained() {
+    let redis = RedisServer::start_volatile();
+    let url = redis.url();
+    let server = Server::start_with(move |c| {
+        c.redis.url = Some(url);
+        c.storage.retention_events = 5;
+    })
+    .await;
+    let all = publish_numbered(&server, "t", "e", 1..=20).await;
+    // Trimmed to 5 at the 16th (12 to 16), then 17 to 20 appended.
+    assert_eq!(redis.cli(&["XLEN", "crier:{t}:events"]), "9");
+    let epoch = epoch_of(&all[0].id);
+    let mut replay = server.subscribe("/topics/t?lastEventId=0").await;
+    let reset = replay.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(reset.id, pos(15, &epoch));
+    let data: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(
+        data,
+        serde_json::json!({"topic": "t", "reason": "trimmed", "requested": "0", "oldest": all[15].id})
+    );
+    assert_eq!(replay.take(5).await, all[15..]);
+    // From just before the oldest retained one: exact, no reset.
+    let mut exact = server.resume("/topics/t", &all[14].id).await;
+    assert_eq!(exact.take(5).await, all[15..]);
+    server.stop().await;
+}
+
 /// The common publish (one event, no key, nothing expired) never reads the
 /// stream: the topic's meta remembers when its oldest event expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,9 @@
 -- hash's `pub` says how far that got (readers see no further), so no
 -- client ever holds an event a failover could lose.
 
+-- Single events trim the stream by count once every so many (see below).
+local TRIM_EVERY = 16
+
 -- TIME and INFO replication, read once per call whatever its requests.
 -- The time in ms, also as text: a number handed to redis.call is
 -- formatted on every call.
@@ -170,7 +173,11 @@ local function publish(k, a, na)
       left = left - 1
       number = string.format('%d', seq)
       local name, data = ARGV[at + 2], ARGV[at + 3]
-      if left == 0 then
+      -- The stream is trimmed by count exactly after a request of several
+      -- events, and after a single one only every TRIM_EVERY events: one
+      -- trim of several entries costs Redis what a trim of one does.
+      -- Readers hide what is kept beyond the count (read.lua).
+      if left == 0 and (count > 1 or seq % TRIM_EVERY == 0) then
         redis.call('XADD', events_key, 'MAXLEN', ARGV[a + 2], number .. '-0', 't', now_text, 'e', name, 'd', data)
       else
         redis.call('XADD', events_key, number .. '-0', 't', now_text, 'e', name, 'd', data)

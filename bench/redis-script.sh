@@ -6,13 +6,14 @@
 # for the commands the script made.
 #
 # Settings (environment): REQUESTS=8  CALLS=5000  CLIENTS=4  PORT=18960
+#   SCRIPTS=src/store/redis (another build's scripts, to compare)
 #
 # The redis-server it starts is stopped by its PID on exit; it listens on
 # 127.0.0.1 and keeps nothing on disk.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SCRIPTS=$(dirname "$HERE")/src/store/redis
+SCRIPTS=${SCRIPTS:-$(dirname "$HERE")/src/store/redis}
 REQUESTS=${REQUESTS:-8}
 CALLS=${CALLS:-5000}
 CLIENTS=${CLIENTS:-4}

@@ -13,7 +13,10 @@
 #
 # Settings (environment):
 #   DURATION=8s   PUBLISHERS=16   TOPICS=64   SIZE=200   BATCH=100
-#   ROUNDS=2      CRIER=target/release/crier
+#   ROUNDS=2      CRIER=target/release/crier   NODES="2 3"
+#   CRIERS="before=/path/to/crier after=target/release/crier": builds to
+#     compare, each (embedded, then Redis) in turn within every round; the
+#     tool is always $CRIER's. Default: $CRIER alone.
 #
 # Every process it starts is stopped by its PID on exit. All traffic is to
 # 127.0.0.1; Redis keeps nothing on disk.
@@ -28,6 +31,9 @@ SIZE=${SIZE:-200}
 BATCH=${BATCH:-100}
 ROUNDS=${ROUNDS:-2}
 CRIER=${CRIER:-$ROOT/target/release/crier}
+CRIERS=${CRIERS:-"$(basename "$CRIER")=$CRIER"}
+NODES=${NODES-2 3}
+SERVER=$CRIER
 REDIS_PORT=18940
 PORTS=(18941 18942 18943)
 TICK=$(getconf CLK_TCK)
@@ -63,7 +69,7 @@ start_redis() {
 start_crier() {
   local port=$1
   shift
-  RUST_LOG=warn "$CRIER" --listen 127.0.0.1:"$port" --publish-rate 0 \
+  RUST_LOG=warn "$SERVER" --listen 127.0.0.1:"$port" --publish-rate 0 \
     --max-connections-per-ip 100000 --max-streams-per-ip 100000 --connection-rate 0 \
     --drain-delay 0 --drain-window 0 \
     "$@" 2>>"$TMP/crier.log" &
@@ -103,29 +109,33 @@ run() {
     local calls usec xadds
     calls=$(stat evalsha calls) usec=$(stat evalsha usec_per_call) xadds=$(stat xadd calls)
     extra=$(printf '{"cpu_us_per_event":%s,"script_calls":%s,"script_usec_per_call":%s,"script_usec_per_event":%s,"xadd_calls":%s,"xadd_usec_per_call":%s}' \
-      "$(echo "scale=1; $ticks * 1000000 / $TICK / $published" | bc)" \
-      "$calls" "$usec" "$(echo "scale=2; $calls * $usec / $(( xadds > 0 ? xadds : 1 ))" | bc)" \
+      "$(awk -v t="$ticks" -v k="$TICK" -v n="$published" 'BEGIN { printf "%.1f", t * 1000000 / k / n }')" \
+      "$calls" "$usec" "$(awk -v c="$calls" -v u="$usec" -v x="$(( xadds > 0 ? xadds : 1 ))" 'BEGIN { printf "%.2f", c * u / x }')" \
       "$xadds" "$(stat xadd usec_per_call)")
   fi
-  echo "{\"run\":\"$label\",\"store\":\"$store\",\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"redis\":$extra,\"result\":$result}"
+  echo "{\"run\":\"$label\",\"build\":\"$BUILD\",\"store\":\"$store\",\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"redis\":$extra,\"result\":$result}"
 }
 
 start_redis
 for round in $(seq "$ROUNDS"); do
-  for store in embedded redis; do
-    case $store in
-      embedded) start_crier "${PORTS[0]}" ;;
-      redis) rcli FLUSHALL >/dev/null; start_crier "${PORTS[0]}" --redis "redis://127.0.0.1:$REDIS_PORT" ;;
-    esac
-    run "single-$round" $store
-    run "batch-$round" $store --batch "$BATCH"
-    kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true; PIDS=()
+  for build in $CRIERS; do
+    BUILD=${build%%=*} SERVER=${build#*=}
+    for store in embedded redis; do
+      case $store in
+        embedded) start_crier "${PORTS[0]}" ;;
+        redis) rcli FLUSHALL >/dev/null; start_crier "${PORTS[0]}" --redis "redis://127.0.0.1:$REDIS_PORT" ;;
+      esac
+      run "single-$round" $store
+      run "batch-$round" $store --batch "$BATCH"
+      kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true; PIDS=()
+    done
   done
 done
+SERVER=$CRIER BUILD=$(basename "$CRIER")
 
 # Several nodes on one Redis: the publishers split between them, each
 # node's tool run at once; every line is one node's share.
-for nodes in 2 3; do
+for nodes in $NODES; do
   rcli FLUSHALL >/dev/null
   for n in $(seq 0 $((nodes - 1))); do
     start_crier "${PORTS[$n]}" --redis "redis://127.0.0.1:$REDIS_PORT"
@@ -145,7 +155,7 @@ for nodes in 2 3; do
   for n in $(seq 0 $((nodes - 1))); do
     echo "{\"run\":\"nodes-$nodes\",\"node\":$n,\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"result\":$(cat "$TMP/node-$n.json")}"
   done
-  echo "{\"run\":\"nodes-$nodes\",\"redis_cpu_s\":$(echo "scale=2; $ticks / $TICK" | bc),\"script_calls\":$(stat evalsha calls),\"script_usec_per_call\":$(stat evalsha usec_per_call)}"
+  echo "{\"run\":\"nodes-$nodes\",\"redis_cpu_s\":$(awk -v t="$ticks" -v k="$TICK" 'BEGIN { printf "%.2f", t / k }'),\"script_calls\":$(stat evalsha calls),\"script_usec_per_call\":$(stat evalsha usec_per_call)}"
   for pid in "${PIDS[@]}"; do kill "$pid"; wait "$pid" 2>/dev/null || true; done
   PIDS=()
 done

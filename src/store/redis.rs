@@ -4,11 +4,16 @@
 //! Layout, per topic (the `{topic}` hash tag keeps a topic's keys in one
 //! Redis Cluster slot; the prefix lets several hubs share one Redis):
 //!
-//! - `PREFIX{topic}:meta` — a hash: `epoch`, `seq` (the last number given)
-//!   and `expires` (when the oldest retained event expires, at the earliest:
-//!   a publish reads the stream to trim by age only once that time came).
+//! - `PREFIX{topic}:meta` — a hash: `epoch`, `seq` (the last number given),
+//!   `expires` (when the oldest retained event expires, at the earliest:
+//!   a publish reads the stream to trim by age only once that time came),
+//!   `line` (the replication history it was written in), `renew` (when its
+//!   keys' lifetimes are stretched next) and `pub` (how far its events were
+//!   sent live, when publishes wait for replicas; none: all of them).
 //! - `PREFIX{topic}:events` — a stream; entry id `SEQ-0`, fields `t` (ms),
-//!   `e` (event name, may be empty), `d` (data).
+//!   `e` (event name, may be empty), `d` (data). It may hold up to 15
+//!   events more than `--retention-events` (single publishes trim it every
+//!   16 events, a batch after its last); readers never see them.
 //! - `PREFIX{topic}:live` — the pub/sub channel that carries new events.
 //!
 //! Publishing is one Lua script per topic: it numbers the events, appends
@@ -156,9 +161,11 @@ const CONFIRM: &str = include_str!("redis/confirm.lua");
 /// Reads a topic's bounds and up to `limit` events from a number on, in one
 /// consistent snapshot. KEYS: meta, events. ARGV: the first number wanted
 /// (at most `MAX_SEQ + 1`, worked out in Rust: no arithmetic on a client's
-/// position happens here), limit, max age ms. Returns {} when the topic has
-/// no history, else {epoch, head, oldest, then seq, name, data per event};
-/// the head is the last event sent live (see `CONFIRM`).
+/// position happens here), limit, max age ms, max events (the stream may
+/// hold a few more: single publishes trim it a few at a time). Returns {}
+/// when the topic has no history, else {epoch, head, oldest, then seq,
+/// name, data per event}; the head is the last event sent live (see
+/// `CONFIRM`).
 const READ: &str = concat!(
     include_str!("redis/first_kept.lua"),
     include_str!("redis/read.lua")
@@ -314,6 +321,7 @@ impl RedisStore {
             .arg(from)
             .arg(limit)
             .arg(self.max_age_ms())
+            .arg(self.retention.max_events.max(1))
             .invoke_async(&mut commands)
             .await
             .map_err(store_error)?;

@@ -797,6 +797,75 @@ async fn queued_publishes_share_one_script_call_and_are_answered_each_for_itself
     );
 }
 
+/// Publishers whose clients leave while their calls are in flight (the
+/// server drops their requests) do not take the outbox down with them:
+/// their calls, which Redis has, still finish, and a publish queued behind
+/// them is sent and answered, numbered after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_that_leave_mid_call_do_not_stall_those_queued_behind() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let server = Server::start_with(move |c| {
+        c.redis.url = Some(url);
+        c.redis.timeout = Duration::from_secs(10);
+    })
+    .await;
+    let warm = server.publish_id("t", "warm").await;
+    let fds = server.metric("crier_process_open_fds").await;
+    let open_fds = || server.metric("crier_process_open_fds");
+    let queued = {
+        let _paused = redis.pause();
+        // As many as may be in flight at once: each publisher sends its
+        // call itself, then its client gives up and the server drops it.
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        for n in 1..=2 {
+            let answer = impatient
+                .post(server.url("/topics/t"))
+                .body(format!("gone {n}"))
+                .send()
+                .await;
+            assert!(answer.is_err(), "answered while Redis was frozen");
+        }
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while open_fds().await > fds {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server never closed the abandoned connections"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A publish that queues behind the two calls in flight.
+        let client = server.client.clone();
+        let url = server.url("/topics/t");
+        let queued = tokio::spawn(async move {
+            let response = client.post(url).body("queued").send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        });
+        while open_fds().await < fds + 1.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the queued publish never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        queued
+    };
+    let (status, body) = queued.await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap();
+    assert_eq!(id, format!("4.{}", epoch_of(&warm)), "after the two calls");
+    let mut replay = server.resume("/topics/t", &warm).await;
+    assert_eq!(
+        data_of(&replay.take(3).await),
+        ["gone 1", "gone 2", "queued"]
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reconnect_a_node_catches_up_once_per_topic_not_once_per_subscriber() {
     const SUBSCRIBERS: usize = 40;
@@ -1105,6 +1174,39 @@ async fn a_batch_to_one_topic_is_one_script_call_trimmed_by_count_once() {
     assert_eq!(live.take(100).await, expected);
     let mut replay = server.resume("/topics/t", &ids[59]).await;
     assert_eq!(replay.take(40).await, expected[60..]);
+    server.stop().await;
+}
+
+/// Single publishes trim the stream by count every 16 events, so it holds
+/// at most 15 beyond the retention count, and readers never see those: a
+/// resume from before the retained ones is told `reset` with the oldest
+/// retained, then gets exactly those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_publishes_trim_every_16_events_and_readers_see_only_the_retained() {
+    let redis = RedisServer::start_volatile();
+    let url = redis.url();
+    let server = Server::start_with(move |c| {
+        c.redis.url = Some(url);
+        c.storage.retention_events = 5;
+    })
+    .await;
+    let all = publish_numbered(&server, "t", "e", 1..=20).await;
+    // Trimmed to 5 at the 16th (12 to 16), then 17 to 20 appended.
+    assert_eq!(redis.cli(&["XLEN", "crier:{t}:events"]), "9");
+    let epoch = epoch_of(&all[0].id);
+    let mut replay = server.subscribe("/topics/t?lastEventId=0").await;
+    let reset = replay.next().await;
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(reset.id, pos(15, &epoch));
+    let data: Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(
+        data,
+        serde_json::json!({"topic": "t", "reason": "trimmed", "requested": "0", "oldest": all[15].id})
+    );
+    assert_eq!(replay.take(5).await, all[15..]);
+    // From just before the oldest retained one: exact, no reset.
+    let mut exact = server.resume("/topics/t", &all[14].id).await;
+    assert_eq!(exact.take(5).await, all[15..]);
     server.stop().await;
 }
 

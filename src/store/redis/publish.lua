@@ -12,11 +12,20 @@
 -- hash's `pub` says how far that got (readers see no further), so no
 -- client ever holds an event a failover could lose.
 
+-- Single events trim the stream by count once every so many (see below).
+local TRIM_EVERY = 16
+
 -- TIME and INFO replication, read once per call whatever its requests.
-local time, info
-local function clock()
-  time = time or redis.call('TIME')
-  return time
+-- The time in ms, also as text: a number handed to redis.call is
+-- formatted on every call.
+local now_ms, now_text, info
+local function clock_ms()
+  if not now_ms then
+    local time = redis.call('TIME')
+    now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    now_text = string.format('%d', now_ms)
+  end
+  return now_ms, now_text
 end
 local function replication()
   info = info or redis.call('INFO', 'replication')
@@ -36,25 +45,18 @@ local function line_now()
   return current_line
 end
 
--- The n values of t from index i on, as a table of their own.
-local function slice(t, i, n)
-  local part = {}
-  for j = 1, n do
-    part[j] = t[i + j]
-  end
-  return part
-end
-
--- One request: KEYS and ARGV here are its own.
-local function publish(KEYS, ARGV)
-  local waits = ARGV[8] == '1'
-  local nkeys = tonumber(ARGV[11])
-  local guard = 11 + nkeys + 1
+-- One request: its keys are KEYS[k + 1] on, its na arguments ARGV[a + 1]
+-- on. Offsets, not copies: the common publish is paid mostly in Lua, by
+-- the tables and strings it makes, and in its redis.calls.
+local function publish(k, a, na)
+  local waits = ARGV[a + 8] == '1'
+  local nkeys = tonumber(ARGV[a + 11])
+  local guard = a + 11 + nkeys + 1
   local nguard = tonumber(ARGV[guard])
   for g = 1, nguard do
-    local meta = KEYS[2 + nkeys + 2 * g - 1]
+    local meta = KEYS[k + 2 + nkeys + 2 * g - 1]
     local meta_type = redis.call('TYPE', meta)['ok']
-    local events_type = redis.call('TYPE', KEYS[2 + nkeys + 2 * g])['ok']
+    local events_type = redis.call('TYPE', KEYS[k + 2 + nkeys + 2 * g])['ok']
     -- Without a meta hash the topic starts afresh (its events key is
     -- deleted), so only a topic that has one is checked further.
     local ok = meta_type == 'none' or meta_type == 'hash'
@@ -69,25 +71,29 @@ local function publish(KEYS, ARGV)
       return redis.error_reply('ERR crier: the number of ' .. meta .. ' is corrupt or would pass 2^53 - 1')
     end
   end
+  local meta_key, events_key = KEYS[k + 1], KEYS[k + 2]
   local records = {}
-  for k = 1, nkeys do
-    local record = redis.call('GET', KEYS[2 + k])
-    if record and string.sub(record, 1, 64) ~= ARGV[11 + k] then
-      return {'reused', k}
+  for r = 1, nkeys do
+    local record = redis.call('GET', KEYS[k + 2 + r])
+    if record and string.sub(record, 1, 64) ~= ARGV[a + 11 + r] then
+      return {'reused', r}
     end
-    records[k] = record
+    records[r] = record
   end
   local base = guard + nguard
-  local count = (#ARGV - base) / 3
-  local fresh = 0
-  local claimed = {}
-  for i = 0, count - 1 do
-    local k = tonumber(ARGV[base + 3 * i + 1])
-    if k == 0 then
-      fresh = fresh + 1
-    elseif not records[k] and not claimed[k] then
-      claimed[k] = true
-      fresh = fresh + 1
+  local count = (a + na - base) / 3
+  local fresh = count
+  if nkeys > 0 then
+    fresh = 0
+    local claimed = {}
+    for i = 0, count - 1 do
+      local r = tonumber(ARGV[base + 3 * i + 1])
+      if r == 0 then
+        fresh = fresh + 1
+      elseif not records[r] and not claimed[r] then
+        claimed[r] = true
+        fresh = fresh + 1
+      end
     end
   end
   -- The epoch, the first number, why the epoch was renewed (0: it was
@@ -99,21 +105,20 @@ local function publish(KEYS, ARGV)
       -- A write of its own, so the WAIT after it covers every event numbered
       -- so far (WAIT waits for this client's last write), the replayed ones
       -- included: CONFIRM may then send them up to the head.
-      local head = redis.call('HGET', KEYS[1], 'seq')
+      local head = redis.call('HGET', meta_key, 'seq')
       if head then
-        redis.call('HSET', KEYS[1], 'seq', head)
+        redis.call('HSET', meta_key, 'seq', head)
         out[4] = tonumber(head) or 0
       end
     end
     for i = 0, count - 1 do
-      table.insert(out, string.sub(records[tonumber(ARGV[base + 3 * i + 1])], 66))
+      out[5 + i] = string.sub(records[tonumber(ARGV[base + 3 * i + 1])], 66)
     end
     return out
   end
-  local now = clock()
-  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local max_age = tonumber(ARGV[3])
-  local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'expires', 'line', 'renew', 'pub')
+  local now_ms, now_text = clock_ms()
+  local max_age = tonumber(ARGV[a + 3])
+  local meta = redis.call('HMGET', meta_key, 'epoch', 'seq', 'expires', 'line', 'renew', 'pub')
   local epoch = meta[1]
   local seq = 0
   -- The replication history this primary's data belongs to. It changes when
@@ -124,20 +129,23 @@ local function publish(KEYS, ARGV)
   -- When the oldest retained event expires, at the earliest: trimming by
   -- count only ever removes older events, so it stays a lower bound.
   local expires = tonumber(meta[3] or '0') or 0
+  local renewed = false
   if not epoch then
     epoch = fresh_epoch(nil)
-    redis.call('DEL', KEYS[2])
+    redis.call('DEL', events_key)
     expires = 0
+    renewed = true
   else
     seq = tonumber(meta[2] or '0')
     if not seq or seq < 0 or seq % 1 ~= 0 or seq + fresh > 9007199254740991 then
-      return redis.error_reply('ERR crier: the number of ' .. KEYS[1] .. ' is corrupt or would pass 2^53 - 1')
+      return redis.error_reply('ERR crier: the number of ' .. meta_key .. ' is corrupt or would pass 2^53 - 1')
     end
-    if ARGV[5] == epoch and seq < tonumber(ARGV[6]) then
+    if ARGV[a + 5] == epoch and seq < tonumber(ARGV[a + 6]) then
       epoch = fresh_epoch(epoch)
       out[3] = 2
+      renewed = true
     elseif meta[4] and meta[4] ~= line
-        and not (ARGV[8] == '1' and meta[4] == replication_field('master_replid2')) then
+        and not (waits and meta[4] == replication_field('master_replid2')) then
       -- Another history than the one the topic was last written in: a
       -- restart or a failover. Only a failover from that very primary,
       -- with every publish confirmed by replicas (--redis-wait-replicas),
@@ -145,6 +153,7 @@ local function publish(KEYS, ARGV)
       -- line was written before crier kept one: it is adopted.)
       epoch = fresh_epoch(epoch)
       out[3] = 1
+      renewed = true
     end
   end
   out[1] = epoch
@@ -152,63 +161,77 @@ local function publish(KEYS, ARGV)
   -- Trimmed by count once, with the last event: a batch's appends before it
   -- do not trim one entry each.
   local left = fresh
+  local channel, live_head = ARGV[a + 1], ARGV[a + 10]
+  local number
   for i = 0, count - 1 do
-    local k = tonumber(ARGV[base + 3 * i + 1])
-    local name = ARGV[base + 3 * i + 2]
-    local data = ARGV[base + 3 * i + 3]
-    if k > 0 and records[k] then
-      table.insert(out, string.sub(records[k], 66))
+    local at = base + 3 * i
+    local r = tonumber(ARGV[at + 1])
+    if r > 0 and records[r] then
+      out[5 + i] = string.sub(records[r], 66)
     else
       seq = seq + 1
       left = left - 1
-      local id = string.format('%d-0', seq)
-      if left == 0 then
-        redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], id, 't', now_ms, 'e', name, 'd', data)
+      number = string.format('%d', seq)
+      local name, data = ARGV[at + 2], ARGV[at + 3]
+      -- The stream is trimmed by count exactly after a request of several
+      -- events, and after a single one only every TRIM_EVERY events: one
+      -- trim of several entries costs Redis what a trim of one does.
+      -- Readers hide what is kept beyond the count (read.lua).
+      if left == 0 and (count > 1 or seq % TRIM_EVERY == 0) then
+        redis.call('XADD', events_key, 'MAXLEN', ARGV[a + 2], number .. '-0', 't', now_text, 'e', name, 'd', data)
       else
-        redis.call('XADD', KEYS[2], id, 't', now_ms, 'e', name, 'd', data)
+        redis.call('XADD', events_key, number .. '-0', 't', now_text, 'e', name, 'd', data)
       end
       -- PUBLISH, or SPUBLISH on a cluster, whose channel (one per
       -- partition) shares the keys' slot and whose messages name their topic.
       if not waits then
-        redis.call(ARGV[9], ARGV[1], ARGV[10] .. string.format('%d %s\n', seq, epoch) .. name .. '\n' .. data)
+        redis.call(ARGV[a + 9], channel, live_head .. number .. ' ' .. epoch .. '\n' .. name .. '\n' .. data)
       end
-      if k > 0 then
-        records[k] = ARGV[11 + k] .. string.format(' %d %s', seq, epoch)
-        redis.call('SET', KEYS[2 + k], records[k], 'PX', ARGV[7])
+      if r > 0 then
+        records[r] = ARGV[a + 11 + r] .. ' ' .. number .. ' ' .. epoch
+        redis.call('SET', KEYS[k + 2 + r], records[r], 'PX', ARGV[a + 7])
       end
-      table.insert(out, '')
+      out[5 + i] = ''
     end
   end
-  local fields = {'epoch', epoch, 'seq', seq}
   out[4] = seq
+  -- Only what changed: the number always; the epoch when renewed.
+  local fields = {'seq', number or string.format('%d', seq)}
+  if renewed then
+    fields[#fields + 1] = 'epoch'
+    fields[#fields + 1] = epoch
+  end
   -- How far the topic's events were sent live: all of them, unless they
   -- wait for CONFIRM (a topic first published so, or never before, from
-  -- where it stood).
+  -- where it stood). Readers take a missing `pub` for all of them, so a
+  -- topic never published while waiting has none to keep up.
   if not waits then
-    table.insert(fields, 'pub')
-    table.insert(fields, seq)
+    if meta[6] then
+      fields[#fields + 1] = 'pub'
+      fields[#fields + 1] = fields[2]
+    end
   elseif not meta[6] then
-    table.insert(fields, 'pub')
-    table.insert(fields, out[2] - 1)
+    fields[#fields + 1] = 'pub'
+    fields[#fields + 1] = string.format('%d', out[2] - 1)
   end
   if meta[4] ~= line then
-    table.insert(fields, 'line')
-    table.insert(fields, line)
+    fields[#fields + 1] = 'line'
+    fields[#fields + 1] = line
   end
   if now_ms >= expires then
     -- Something may have expired: drop what has, a page at a time, and
     -- note when the oldest event left expires. The events just appended
     -- are not expired (max age >= 1 ms), so one is always found.
-    local kept, older = first_kept(KEYS[2], now_ms - max_age)
+    local kept, older = first_kept(events_key, now_ms - max_age)
     expires = 0
     if kept then
       if older then
-        redis.call('XTRIM', KEYS[2], 'MINID', kept[1])
+        redis.call('XTRIM', events_key, 'MINID', kept[1])
       end
       expires = tonumber(kept[2][2]) + max_age
     end
-    table.insert(fields, 'expires')
-    table.insert(fields, string.format('%d', expires))
+    fields[#fields + 1] = 'expires'
+    fields[#fields + 1] = string.format('%d', expires)
   end
   -- The keys' lifetimes are stretched by half again only every half of the
   -- shorter one, not on every publish: a key then lives at least as long as
@@ -216,13 +239,13 @@ local function publish(KEYS, ARGV)
   -- never read), and at most half as long again.
   local renew = tonumber(meta[5] or '0') or 0
   if now_ms >= renew then
-    local meta_ttl = tonumber(ARGV[4])
-    redis.call('PEXPIRE', KEYS[2], max_age + math.floor(max_age / 2))
-    redis.call('PEXPIRE', KEYS[1], meta_ttl + math.floor(meta_ttl / 2))
-    table.insert(fields, 'renew')
-    table.insert(fields, string.format('%d', now_ms + math.floor(math.min(max_age, meta_ttl) / 2)))
+    local meta_ttl = tonumber(ARGV[a + 4])
+    redis.call('PEXPIRE', events_key, max_age + math.floor(max_age / 2))
+    redis.call('PEXPIRE', meta_key, meta_ttl + math.floor(meta_ttl / 2))
+    fields[#fields + 1] = 'renew'
+    fields[#fields + 1] = string.format('%d', now_ms + math.floor(math.min(max_age, meta_ttl) / 2))
   end
-  redis.call('HSET', KEYS[1], unpack(fields))
+  redis.call('HSET', meta_key, unpack(fields))
   return out
 end
 
@@ -234,7 +257,7 @@ local k, a = 0, 1 + 2 * requests
 local answers = {}
 for r = 1, requests do
   local nk, na = tonumber(ARGV[2 * r]), tonumber(ARGV[2 * r + 1])
-  local ok, answer = pcall(publish, slice(KEYS, k, nk), slice(ARGV, a, na))
+  local ok, answer = pcall(publish, k, a, na)
   if ok then
     answers[r] = answer
   elseif type(answer) == 'table' and answer.err then

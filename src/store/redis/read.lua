@@ -2,7 +2,8 @@
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then return {} end
 local state = redis.call('HMGET', KEYS[1], 'seq', 'pub')
-local head = tonumber(state[1] or '0')
+local last = tonumber(state[1] or '0')
+local head = last
 -- Events not yet sent live (waiting for replicas to confirm them, see
 -- publish.lua) are not read either.
 local sent = tonumber(state[2] or '')
@@ -16,6 +17,12 @@ local oldest = head + 1
 local kept = first_kept(KEYS[2], cutoff)
 if kept then
   oldest = math.min(tonumber(string.match(kept[1], '^(%d+)')), head + 1)
+end
+-- Retention by count: the stream may hold a few events more than it keeps
+-- (publish.lua trims single events a few at a time), hidden here.
+local counted = last - tonumber(ARGV[4]) + 1
+if oldest < counted then
+  oldest = math.min(counted, head + 1)
 end
 local result = {epoch, head, oldest}
 local limit = tonumber(ARGV[2])

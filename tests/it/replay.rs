@@ -473,10 +473,23 @@ async fn reconnect_during_publishing(total: u64, batch: u64, lead: u64, per_conn
 /// Subscribers that join with `lastEventId=0` once `join_points` events of
 /// `total` (published `batch` at a time) are stored, one per join point, and
 /// must each read exactly all of them once, then the next live event.
+///
+/// The publisher keeps at most a batch and a step between join points
+/// ahead of the last subscriber to start joining, so every join races the
+/// batches after it however fast publishing is; each join request goes out
+/// while the publisher goes on.
 async fn join_from_zero_during_publishing(total: u64, batch: u64, join_points: &[u64]) {
     let server = Server::start_with(roomy).await;
     let published = Arc::new(AtomicU64::new(0));
-    let publisher = spawn_publisher(&server, total, batch, published.clone(), None);
+    let joining = Arc::new(AtomicU64::new(0));
+    let step = std::iter::once(&0)
+        .chain(join_points)
+        .zip(join_points)
+        .map(|(before, point)| point - before)
+        .max()
+        .unwrap_or(0);
+    let pace = Some((joining.clone(), batch + step));
+    let publisher = spawn_publisher(&server, total, batch, published.clone(), pace);
 
     let mut readers = Vec::new();
     let mut joined_while_publishing = 0;
@@ -486,6 +499,7 @@ async fn join_from_zero_during_publishing(total: u64, batch: u64, join_points: &
             progress.load(Ordering::SeqCst) >= point
         })
         .await;
+        joining.store(point, Ordering::SeqCst);
         let mut sub = server.subscribe("/topics/race?lastEventId=0").await;
         assert_eq!(sub.status, 200);
         if published.load(Ordering::SeqCst) < total {
@@ -496,6 +510,8 @@ async fn join_from_zero_during_publishing(total: u64, batch: u64, join_points: &
             (sub, received)
         }));
     }
+    // Every subscriber has joined: the publisher may finish.
+    joining.store(total, Ordering::SeqCst);
     let expected = race_expected(&publisher.await.expect("publisher"));
     assert!(
         joined_while_publishing * 2 >= join_points.len(),

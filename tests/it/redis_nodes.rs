@@ -829,14 +829,11 @@ async fn publishers_that_leave_mid_call_do_not_stall_those_queued_behind() {
                 .await;
             assert!(answer.is_err(), "answered while Redis was frozen");
         }
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while open_fds().await > fds {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the server never closed the abandoned connections"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the server closing the abandoned connections", || async {
+            let open = open_fds().await;
+            (open <= fds).then_some(()).ok_or(open)
+        })
+        .await;
         // A publish that queues behind the two calls in flight.
         let client = server.client.clone();
         let url = server.url("/topics/t");
@@ -845,13 +842,11 @@ async fn publishers_that_leave_mid_call_do_not_stall_those_queued_behind() {
             let status = response.status().as_u16();
             (status, response.json::<Value>().await.unwrap())
         });
-        while open_fds().await < fds + 1.0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the queued publish never arrived"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the queued publish arriving", || async {
+            let open = open_fds().await;
+            (open >= fds + 1.0).then_some(()).ok_or(open)
+        })
+        .await;
         queued
     };
     let (status, body) = queued.await.unwrap();
